@@ -1,0 +1,113 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RankShard(_message.Message):
+    __slots__ = ("rank", "world_size", "kv_head_start", "kv_head_end", "mlp_start", "mlp_end")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    MLP_START_FIELD_NUMBER: _ClassVar[int]
+    MLP_END_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    world_size: int
+    kv_head_start: int
+    kv_head_end: int
+    mlp_start: int
+    mlp_end: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_start: _Optional[int] = ..., mlp_end: _Optional[int] = ...) -> None: ...
+
+class ConfigureRequest(_message.Message):
+    __slots__ = ("shard", "model_dir", "config_json", "hub_address", "max_batch", "max_context", "dtype")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    HUB_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    shard: RankShard
+    model_dir: str
+    config_json: str
+    hub_address: str
+    max_batch: int
+    max_context: int
+    dtype: str
+    def __init__(self, shard: _Optional[_Union[RankShard, _Mapping]] = ..., model_dir: _Optional[str] = ..., config_json: _Optional[str] = ..., hub_address: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class ConfigureReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LoadProgress(_message.Message):
+    __slots__ = ("layers_loaded", "layers_total", "ready")
+    LAYERS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    layers_loaded: int
+    layers_total: int
+    ready: bool
+    def __init__(self, layers_loaded: _Optional[int] = ..., layers_total: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("state", "detail", "rank")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[HealthReply.State]
+        IDLE: _ClassVar[HealthReply.State]
+        CONFIGURED: _ClassVar[HealthReply.State]
+        LOADING: _ClassVar[HealthReply.State]
+        READY: _ClassVar[HealthReply.State]
+        FAILED: _ClassVar[HealthReply.State]
+    STATE_UNSPECIFIED: HealthReply.State
+    IDLE: HealthReply.State
+    CONFIGURED: HealthReply.State
+    LOADING: HealthReply.State
+    READY: HealthReply.State
+    FAILED: HealthReply.State
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    state: HealthReply.State
+    detail: str
+    rank: int
+    def __init__(self, state: _Optional[_Union[HealthReply.State, str]] = ..., detail: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("rss_bytes", "weight_bytes", "kv_cache_bytes", "steps", "threads")
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    rss_bytes: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    steps: int
+    threads: int
+    def __init__(self, rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+
+class ShutdownRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShutdownReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

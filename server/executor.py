@@ -1,0 +1,53 @@
+"""Rank 0 and the hub: turns token ids of a batch into next-token logits across the cluster.
+
+The embedding, final norm and LM head stay here (one copy, on the coordinator); every
+rank, this one included, runs its shard of the decoder layers between two allreduces.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from worker.collective import StarHub
+from worker.kv_cache import KVCache
+from worker.models import model_class
+from worker.models.llama import rms_norm
+from worker.runtime import RankSpec, load_layers, new_kv_cache, spans_to_tensor
+from worker.step import SeqSpan, StepPlan
+from worker.weights import HubWeights, load_hub
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """Runs forward steps over the whole cluster; used by one engine thread at a time."""
+
+    def __init__(self, spec: RankSpec, hub: StarHub, hub_weights: HubWeights | None = None):
+        self.spec = spec
+        self.config = spec.config
+        self.hub = hub
+        self.weights = hub_weights or load_hub(spec.model_dir, spec.dtype)
+        self.kv: KVCache = new_kv_cache(spec)
+        self.model = model_class(self.config.architecture)(
+            self.config, spec.shard, load_layers(spec), self.kv, hub.allreduce)
+
+    @torch.inference_mode()
+    def step(self, tokens: list[list[int]], spans: list[SeqSpan], all_logits: bool = False) -> torch.Tensor:
+        """Feed each span its new ``tokens``; returns logits (S, V) for each span's last token,
+        or (T, V) for every token when ``all_logits``."""
+        ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)  # (T,)
+        hidden = F.embedding(ids, self.weights.embed)  # (T, d)
+        self.hub.start_step(spans_to_tensor(spans), hidden)
+        hidden = self.model.forward(hidden, StepPlan.build(spans, self.config.sliding_window))
+        if not all_logits:
+            last = torch.tensor([sum(s.length for s in spans[: i + 1]) - 1 for i in range(len(spans))])
+            hidden = hidden[last]  # (S, d)
+        hidden = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
+        return F.linear(hidden, self.weights.lm_head).float()  # (S or T, V)
+
+    def close(self) -> None:
+        self.hub.stop()
+        self.hub.close()

@@ -1,0 +1,183 @@
+"""The star allreduce over ZeroMQ (TPI-LLM): every rank sends its partial to the hub, the
+hub sums them and sends the sum back. Two hops whatever the number of ranks.
+
+The hub is rank 0 and lives in the coordinator; it binds a ROUTER socket. Each worker
+rank connects a DEALER whose identity is its rank. All collectives of the project go
+through :meth:`StarHub.allreduce` and :meth:`StarRank.allreduce`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import torch
+import zmq
+
+from worker.wire import Kind, Message, WireError, decode_message, encode_message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class CollectiveError(RuntimeError):
+    """A peer is gone, too slow, or sent something that does not fit the step."""
+
+
+def token_digest(token: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(hashlib.sha256(token.encode()).digest()), dtype=torch.uint8)
+
+
+def _identity(rank: int) -> bytes:
+    return f"rank-{rank}".encode()
+
+
+class StarHub:
+    """Hub side, used by rank 0 in the coordinator's engine thread (not thread-safe)."""
+
+    def __init__(self, world_size: int, bind: str = "tcp://127.0.0.1:0", token: str = "",
+                 timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None):
+        self.world_size = world_size
+        self.timeout_ms = int(timeout_s * 1000)
+        self._digest = token_digest(token)
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(bind)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._peers = [_identity(r) for r in range(1, world_size)]
+        self._step = 0
+        self._seq = 0
+
+    def wait_for_ranks(self, timeout_s: float) -> None:
+        """Block until every worker rank said HELLO with the right token."""
+        missing = set(self._peers)
+        deadline = time.monotonic() + timeout_s
+        while missing:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self.sock.poll(left_ms):
+                names = ", ".join(sorted(m.decode() for m in missing))
+                raise CollectiveError(f"ranks never joined the data plane: {names}")
+            ident, *frames = self.sock.recv_multipart(copy=False)
+            sender = ident.bytes
+            try:
+                msg = decode_message(frames)
+            except WireError as exc:
+                log.warning("dropping malformed frames from %r: %s", sender, exc)
+                continue
+            if msg.kind != Kind.HELLO or len(msg.tensors) != 2:
+                log.warning("dropping unexpected %s from %r before start", msg.kind.name, sender)
+                continue
+            if not torch.equal(msg.tensors[1], self._digest):
+                log.warning("rank %r presented a wrong cluster token; ignored", sender)
+                continue
+            if sender in missing:
+                missing.discard(sender)
+                self.sock.send_multipart([sender, *encode_message(Kind.WELCOME)])
+
+    def _broadcast(self, frames: list) -> None:
+        for peer in self._peers:
+            try:
+                self.sock.send_multipart([peer, *frames], copy=False)
+            except zmq.ZMQError as exc:
+                raise CollectiveError(f"{peer.decode()} is not connected ({exc})") from None
+
+    def start_step(self, spans: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Send the step's batch layout (S, 3) and input hidden states (T, d) to every rank."""
+        self._step += 1
+        self._seq = 0
+        self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step))
+
+    def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum rank 0's ``partial`` with every worker's, in rank order, and send the sum back."""
+        if self.world_size == 1:
+            return partial
+        self._seq += 1
+        received: dict[bytes, torch.Tensor] = {}
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while len(received) < len(self._peers):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self.sock.poll(left_ms):
+                late = [p.decode() for p in self._peers if p not in received]
+                raise CollectiveError(f"timed out waiting for partial sums from {', '.join(late)}")
+            ident, *frames = self.sock.recv_multipart(copy=False)
+            sender = ident.bytes
+            try:
+                msg = decode_message(frames)
+            except WireError as exc:
+                log.warning("dropping malformed frames from %r: %s", sender, exc)
+                continue
+            if msg.kind != Kind.PARTIAL or (msg.step, msg.seq) != (self._step, self._seq):
+                log.warning("dropping stale %s step=%d seq=%d from %r", msg.kind.name, msg.step, msg.seq, sender)
+                continue
+            if sender not in self._peers or msg.tensors[0].shape != partial.shape:
+                raise CollectiveError(f"{sender!r} sent a partial of shape {tuple(msg.tensors[0].shape)}")
+            received[sender] = msg.tensors[0]
+        total = partial.clone()
+        for peer in self._peers:
+            total += received[peer].to(total.dtype)
+        self._broadcast(encode_message(Kind.REDUCED, [total], step=self._step, seq=self._seq))
+        return total
+
+    def stop(self) -> None:
+        for peer in self._peers:
+            try:
+                self.sock.send_multipart([peer, *encode_message(Kind.STOP)])
+            except zmq.ZMQError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class StarRank:
+    """A worker rank's end of the star (used by the worker's data-plane thread only)."""
+
+    def __init__(self, rank: int, hub_address: str, token: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
+                 context: zmq.Context | None = None):
+        self.rank = rank
+        self.timeout_ms = int(timeout_s * 1000)
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, _identity(rank))
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(hub_address)
+        self.step = 0
+        self._seq = 0
+        self.sock.send_multipart(encode_message(Kind.HELLO, [torch.tensor([rank]), token_digest(token)]))
+
+    def wait_welcome(self, timeout_s: float) -> None:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise CollectiveError("the hub did not accept this rank (wrong cluster token or hub down)")
+        msg = self.recv(timeout_ms=0)
+        if msg.kind != Kind.WELCOME:
+            raise CollectiveError(f"expected WELCOME from the hub, got {msg.kind.name}")
+
+    def recv(self, timeout_ms: int | None = None) -> Message:
+        wait = self.timeout_ms if timeout_ms is None else timeout_ms
+        if wait and not self.sock.poll(wait):
+            raise CollectiveError("timed out waiting for the hub")
+        return decode_message(self.sock.recv_multipart(copy=False))
+
+    def begin(self, msg: Message) -> None:
+        """Adopt the step id of a STEP message."""
+        self.step = msg.step
+        self._seq = 0
+
+    def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
+        self._seq += 1
+        self.sock.send_multipart(encode_message(Kind.PARTIAL, [partial], step=self.step, seq=self._seq),
+                                 copy=False)
+        msg = self.recv()
+        if msg.kind == Kind.STOP:
+            raise CollectiveError("hub stopped the step")
+        if msg.kind != Kind.REDUCED or (msg.step, msg.seq) != (self.step, self._seq):
+            raise CollectiveError(f"expected REDUCED {self.step}/{self._seq}, got {msg.kind.name} "
+                                  f"{msg.step}/{msg.seq}")
+        return msg.tensors[0]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,126 @@
+"""One worker rank: its loaded shard, its KV cache and the data-plane loop that runs steps.
+
+The gRPC service (control) and the tests both drive this class; the loop itself only
+talks ZeroMQ to the hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from worker.collective import CollectiveError, StarRank
+from worker.config import ModelConfig
+from worker.kv_cache import KVCache
+from worker.models import model_class
+from worker.sharding import RankShard
+from worker.step import SeqSpan, StepPlan
+from worker.weights import LayerWeights, iter_rank_layers
+from worker.wire import Kind, WireError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (layers loaded, total layers)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Everything a rank needs to know to load and join: sent by the coordinator."""
+
+    model_dir: str
+    config: ModelConfig
+    shard: RankShard
+    max_batch: int
+    max_context: int
+    dtype: torch.dtype = torch.float32
+
+
+def load_layers(spec: RankSpec, progress: Progress | None = None) -> list[LayerWeights]:
+    layers = []
+    total = spec.config.num_layers
+    for index, layer in enumerate(iter_rank_layers(spec.model_dir, spec.shard, total, spec.dtype)):
+        layers.append(layer)
+        if progress:
+            progress(index + 1, total)
+    return layers
+
+
+def new_kv_cache(spec: RankSpec) -> KVCache:
+    return KVCache(spec.config.num_layers, spec.max_batch, spec.max_context, spec.shard.num_kv_heads,
+                   spec.config.head_dim, spec.dtype)
+
+
+def spans_from_tensor(spans: torch.Tensor) -> list[SeqSpan]:
+    """(S, 3) int64 rows of (slot, start, length) -> spans."""
+    return [SeqSpan(int(s), int(b), int(n)) for s, b, n in spans.tolist()]
+
+
+def spans_to_tensor(spans: list[SeqSpan]) -> torch.Tensor:
+    return torch.tensor([[s.slot, s.start, s.length] for s in spans], dtype=torch.int64).view(-1, 3)
+
+
+def validate_spans(spans: list[SeqSpan], num_tokens: int, max_batch: int, max_context: int) -> None:
+    """Refuse a step that would index outside the KV cache."""
+    if sum(s.length for s in spans) != num_tokens:
+        raise WireError("span lengths do not add up to the hidden rows")
+    for s in spans:
+        if not (0 <= s.slot < max_batch and s.start >= 0 and s.length > 0 and s.start + s.length <= max_context):
+            raise WireError(f"span {s} outside the KV cache ({max_batch} slots x {max_context})")
+
+
+class WorkerRank:
+    """A loaded rank attached to the hub, serving steps until stopped."""
+
+    def __init__(self, spec: RankSpec, hub_address: str, token: str, progress: Progress | None = None,
+                 timeout_s: float = 30.0):
+        self.spec = spec
+        self.layers = load_layers(spec, progress)
+        self.link = StarRank(spec.shard.rank, hub_address, token, timeout_s)
+        self.model = model_class(spec.config.architecture)(
+            spec.config, spec.shard, self.layers, new_kv_cache(spec), self.link.allreduce)
+        self.steps = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, join_timeout_s: float = 30.0) -> None:
+        self.link.wait_welcome(join_timeout_s)
+        self._thread = threading.Thread(target=self._loop, name=f"rank-{self.spec.shard.rank}", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.link.sock.poll(200):
+                    continue
+                msg = self.link.recv(timeout_ms=0)
+                if msg.kind == Kind.STOP:
+                    break
+                if msg.kind != Kind.STEP or len(msg.tensors) != 2:
+                    log.warning("ignoring %s outside a step", msg.kind.name)
+                    continue
+                spans_t, hidden = msg.tensors
+                spans = spans_from_tensor(spans_t)
+                validate_spans(spans, hidden.shape[0], self.spec.max_batch, self.spec.max_context)
+                self.link.begin(msg)
+                with torch.inference_mode():
+                    self.model.forward(hidden.to(self.spec.dtype), StepPlan.build(spans, self.spec.config.sliding_window))
+                self.steps += 1
+            except (CollectiveError, WireError) as exc:
+                # A broken step is abandoned; the hub notices and decides what to do.
+                log.warning("rank %d: step abandoned: %s", self.spec.shard.rank, exc)
+        log.info("rank %d: data plane stopped", self.spec.shard.rank)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self.link.close()

@@ -1,0 +1,106 @@
+"""``edgellm shard``: write one safetensors file per rank, streaming layer by layer.
+
+safetensors puts its header first, so a streaming writer appends each tensor's bytes to a
+scratch file while recording offsets, then writes header + data. Peak memory is one
+layer's slices, never the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+from dataclasses import asdict
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from tqdm import tqdm
+
+from worker.checkpoint import Checkpoint
+from worker.sharding import RankShard
+from worker.weights import (
+    HUB_FILE,
+    SHARD_FORMAT,
+    SHARD_MANIFEST,
+    SIDE_FILES,
+    load_hub_weights,
+    shard_file_name,
+    slice_layer,
+)
+
+log = logging.getLogger(__name__)
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+              torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+
+
+class StreamingSafetensorsWriter:
+    """Append tensors one at a time; ``close`` writes a valid safetensors file."""
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+        self.path = path
+        self._scratch_path = path.with_suffix(path.suffix + ".partial")
+        self._scratch: BinaryIO = open(self._scratch_path, "wb")  # noqa: SIM115 (closed in close())
+        self._header: dict[str, object] = {"__metadata__": metadata or {}}
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+        self._scratch.write(data)
+        self._header[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self._offset, self._offset + len(data)]}
+        self._offset += len(data)
+
+    def close(self) -> None:
+        self._scratch.close()
+        header = json.dumps(self._header, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
+        with open(self.path, "wb") as out, open(self._scratch_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, length=1 << 22)
+        self._scratch_path.unlink()
+
+
+def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | Path,
+                 dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
+    """Write ``rank-RR-of-NN.safetensors`` per rank, ``hub.safetensors`` and a manifest.
+
+    The output directory is itself servable: config and tokenizer files are copied in.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = len(shards)
+    with Checkpoint(model_dir) as ckpt:
+        cfg = ckpt.config
+        writers = [
+            StreamingSafetensorsWriter(out / shard_file_name(s.rank, world),
+                                       {"format": str(SHARD_FORMAT), "shard": json.dumps(asdict(s))})
+            for s in shards
+        ]
+        with tqdm(total=cfg.num_layers * world, desc="sharding", unit="slice", disable=not progress) as bar:
+            for layer in range(cfg.num_layers):
+                for shard, writer in zip(shards, writers, strict=True):
+                    for name, tensor in slice_layer(ckpt, shard, layer, dtype).to_flat(layer).items():
+                        writer.add(name, tensor)
+                    bar.update(1)
+        for writer in writers:
+            writer.close()
+        hub = load_hub_weights(ckpt, dtype)
+        hub_writer = StreamingSafetensorsWriter(out / HUB_FILE)
+        hub_writer.add("embed", hub.embed)
+        hub_writer.add("norm", hub.norm)
+        if hub.lm_head is not hub.embed:
+            hub_writer.add("lm_head", hub.lm_head)
+        hub_writer.close()
+    for name in SIDE_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+    manifest = {"format": SHARD_FORMAT, "world_size": world, "dtype": str(dtype).removeprefix("torch."),
+                "shards": [asdict(s) | {"file": shard_file_name(s.rank, world)} for s in shards]}
+    (out / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    log.info("wrote %d rank shards to %s", world, out)
+    return out

@@ -1,0 +1,105 @@
+"""Pure tensor-parallel split plans (Megatron style, as in TPI-LLM).
+
+q/k/v are split by KV-head groups (column-parallel) and o_proj by the matching input
+columns (row-parallel); gate/up are split by output rows and down by input columns.
+Each rank then produces a partial ``[T, hidden]`` per block and one allreduce per block
+sums them. Splits follow per-rank weights, so they may be uneven and N need not divide
+anything: the only limit is one KV head per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from worker.config import ModelConfig
+
+
+class ShardingError(ValueError):
+    """The requested split cannot be made for this model."""
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """What one rank owns in every layer. Ranges are half-open ``[start, end)``."""
+
+    rank: int
+    world_size: int
+    kv_heads: tuple[int, int]
+    mlp_columns: tuple[int, int]
+    group_size: int  # query heads per KV head
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def q_heads(self) -> tuple[int, int]:
+        return self.kv_heads[0] * self.group_size, self.kv_heads[1] * self.group_size
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.num_kv_heads * self.group_size
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_columns[1] - self.mlp_columns[0]
+
+
+def apportion(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
+    """Split ``total`` into integer parts proportional to ``weights``, each >= ``minimum``.
+
+    Largest-remainder rounding, so parts always sum to ``total`` and ties go to lower ranks.
+    """
+    n = len(weights)
+    if n == 0:
+        raise ShardingError("need at least one rank")
+    if any(w <= 0 for w in weights):
+        raise ShardingError(f"rank weights must be positive, got {list(weights)}")
+    if total < minimum * n:
+        raise ShardingError(f"cannot split {total} into {n} parts of at least {minimum}")
+    spare = total - minimum * n
+    wsum = float(sum(weights))
+    exact = [spare * w / wsum for w in weights]
+    parts = [int(x) for x in exact]
+    by_remainder = sorted(range(n), key=lambda i: (-(exact[i] - parts[i]), i))
+    for i in by_remainder[: spare - sum(parts)]:
+        parts[i] += 1
+    return [p + minimum for p in parts]
+
+
+def _ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def plan_shards(config: ModelConfig, weights: Sequence[float]) -> list[RankShard]:
+    """Each rank's KV-head range and MLP column range for ``len(weights)`` ranks."""
+    n = len(weights)
+    if n > config.num_kv_heads:
+        raise ShardingError(
+            f"{n} ranks requested but the model has {config.num_kv_heads} KV heads; "
+            f"at most {config.num_kv_heads} ranks are possible (one KV head each)"
+        )
+    kv = _ranges(apportion(config.num_kv_heads, weights))
+    mlp = _ranges(apportion(config.intermediate_size, weights))
+    return [
+        RankShard(rank=r, world_size=n, kv_heads=kv[r], mlp_columns=mlp[r], group_size=config.group_size)
+        for r in range(n)
+    ]
+
+
+def parse_weights(text: str | None, world_size: int) -> list[float]:
+    """``"2,1,1"`` -> ``[2.0, 1.0, 1.0]``; ``None`` -> an even split."""
+    if not text:
+        return [1.0] * world_size
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ShardingError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    if len(weights) != world_size:
+        raise ShardingError(f"--weights has {len(weights)} entries but there are {world_size} ranks")
+    return weights
