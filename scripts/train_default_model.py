@@ -81,21 +81,22 @@ SYSTEM_PROMPTS = [
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo"}
 
 _WORD = re.compile(r"[A-Za-z]+")
-_CODEY = re.compile(r"[{}\[\]()=<>_*#`|\\@$%^~]")
+_CODEY = re.compile(r"[{}\[\]=<>_#`|\\@$^~]")
+_SKIP_LINE_PREFIXES = (">>>", "...", "$ ", "%", "--", "==", "..", "+-", ":", "#")
 
 
 def _is_prose(paragraph: str) -> bool:
     """True for a paragraph that reads as English sentences rather than code or tables."""
     lines = paragraph.splitlines()
-    if any(line.startswith((" ", "\t")) for line in lines):
-        return False  # indented block: code sample, option table, continuation of a list
-    if any(line.lstrip().startswith((">>>", "...", "$ ", "%", "--", "==", "..", "+-", ":")) for line in lines):
+    if lines[0].startswith((" ", "\t")):
+        return False  # indented block: code sample, option table, literal text
+    if any(line.lstrip().startswith(_SKIP_LINE_PREFIXES) for line in lines):
         return False
     text = " ".join(line.strip() for line in lines)
     words = _WORD.findall(text)
-    if len(words) < 4:
+    if len(words) < 3:
         return False
-    if len(_CODEY.findall(text)) > 0.04 * len(text):
+    if len(_CODEY.findall(text)) > 0.03 * len(text):
         return False
     letters = sum(len(w) for w in words)
     return letters >= 0.6 * len(text)
@@ -233,6 +234,24 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenize
     return fast
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """Save tokenizer.json and a tokenizer_config.json that any transformers >= 4.50 can read.
+
+    The chat template goes into tokenizer_config.json (not a separate .jinja file) so that a
+    server reading only that file with Jinja2 finds it, and the class is named by its
+    version-neutral name, PreTrainedTokenizerFast.
+    """
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["add_bos_token"] = True  # carried out by tokenizer.json's post-processor
+    cfg["add_eos_token"] = False
+    cfg["additional_special_tokens"] = list(ROLE_TOKENS)
+    cfg["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def build_stream(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
     """Tokenize texts (each already starting with <s>) and join them, each followed by </s>."""
     eos = tokenizer.eos_token_id
@@ -274,10 +293,10 @@ def evaluate(model: LlamaForCausalLM, stream: torch.Tensor, seq_len: int, batche
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--steps", type=int, default=1400)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=1100)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--chat-fraction", type=float, default=0.35)
     parser.add_argument("--seed", type=int, default=1234)
@@ -371,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         repetition_penalty=1.1,
     )
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     stats = {
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -52,15 +53,23 @@ class StarHub:
         self._step = 0
         self._seq = 0
 
-    def wait_for_ranks(self, timeout_s: float) -> None:
-        """Block until every worker rank said HELLO with the right token."""
+    def wait_for_ranks(self, timeout_s: float, still_loading: Callable[[], bool] = lambda: False) -> None:
+        """Block until every worker rank said HELLO with the right token.
+
+        The ``timeout_s`` clock restarts while ``still_loading()`` is true: loading a big
+        shard may take minutes, joining after it should take seconds.
+        """
         missing = set(self._peers)
         deadline = time.monotonic() + timeout_s
         while missing:
+            if still_loading():
+                deadline = time.monotonic() + timeout_s
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not self.sock.poll(left_ms):
+            if left_ms <= 0:
                 names = ", ".join(sorted(m.decode() for m in missing))
                 raise CollectiveError(f"ranks never joined the data plane: {names}")
+            if not self.sock.poll(min(left_ms, 200)):
+                continue
             ident, *frames = self.sock.recv_multipart(copy=False)
             sender = ident.bytes
             try:

@@ -24,7 +24,7 @@ SHARD_MANIFEST = "edgellm_shards.json"
 HUB_FILE = "hub.safetensors"
 SHARD_FORMAT = 1
 # Files copied next to the shards so a shard directory is also a servable model directory.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "special_tokens_map.json")
 
 

@@ -1,0 +1,100 @@
+"""The FastAPI application: error handling, health, models; generation routes live in routes.py."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine import Engine
+from server.protocol import error_body, now
+from server.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client should see, with its HTTP status and OpenAI-style fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
+@dataclass
+class ServerState:
+    """What the routes need; filled in when the cluster has loaded."""
+
+    model_name: str
+    tokenizer: TextTokenizer | None = None
+    engine: Engine | None = None
+    max_context: int = 0
+    status: str = "loading"  # loading | ready | failed
+    detail: str = "loading the model across the cluster"
+    created: int = field(default_factory=now)
+
+    def ready_engine(self) -> tuple[Engine, TextTokenizer]:
+        if self.status != "ready" or self.engine is None or self.tokenizer is None:
+            raise APIError(503, f"the server is not ready: {self.detail}", "service_unavailable",
+                           code="not_ready", headers={"Retry-After": "5"})
+        if self.engine.error:
+            raise APIError(503, self.engine.error, "service_unavailable", code="cluster_unavailable")
+        return self.engine, self.tokenizer
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    what = first.get("msg", "invalid request")
+    return (f"{param}: {what}" if param else what), param
+
+
+def create_app(state: ServerState) -> FastAPI:
+    from server.routes import router
+
+    app = FastAPI(title="edgellm", version="0.1.0")
+    app.state.edgellm = state
+    app.include_router(router)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, param=param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal server error", "server_error"), 500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        engine_error = state.engine.error if state.engine else None
+        ok = state.status == "ready" and not engine_error
+        body = {"status": "ok" if ok else state.status, "detail": engine_error or state.detail}
+        return JSONResponse(body, 200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "edgellm", "max_model_len": state.max_context}]}
+
+    return app

@@ -1,0 +1,175 @@
+"""The ``edgellm`` command: ``serve`` (coordinator), ``worker`` (a rank), ``shard`` (split a checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("edgellm")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="Hugging Face checkpoint directory or `edgellm shard` output (default: the embedded model)")
+    p.add_argument("--workers", default="", help="comma-separated host:port of running `edgellm worker`s")
+    p.add_argument("--local-workers", type=int, default=0, help="spawn K worker processes on loopback")
+    p.add_argument("--weights", default=None, help="per-rank split weights, rank 0 first, e.g. 2,1,1")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--cluster-token", default=os.environ.get("EDGELLM_CLUSTER_TOKEN"),
+                   help="shared secret of the cluster (default: $EDGELLM_CLUSTER_TOKEN; random for local workers)")
+    p.add_argument("--model-name", default=None, help="name clients use in `model` (default: the directory name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens per sequence, prompt included (default: min(2048, the model's limit))")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
+    p.add_argument("--hub-port", type=int, default=0, help="ZeroMQ hub port (default: any free port)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for each worker")
+
+
+def _shard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--ranks", type=int, required=True, help="number of ranks (coordinator included)")
+    p.add_argument("--weights", default=None, help="per-rank split weights, e.g. 2,1,1")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    from worker.config import ModelConfig
+    from worker.service import DTYPES
+    from worker.shard_writer import write_shards
+    from worker.sharding import parse_weights, plan_shards
+
+    config = ModelConfig.from_dir(args.model)
+    shards = plan_shards(config, parse_weights(args.weights, args.ranks))
+    out = write_shards(args.model, shards, args.out, DTYPES[args.dtype])
+    for s in shards:
+        log.info("rank %d: kv heads [%d, %d), mlp columns [%d, %d)", s.rank, *s.kv_heads, *s.mlp_columns)
+    log.info("shards written to %s; serve them with: edgellm serve --model %s", out, out)
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from server.cluster import ClusterError
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ClusterError(f"cannot serve HTTP on {host}:{port}: {exc.strerror}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import ServerState, create_app
+    from server.cluster import Cluster, ClusterOptions, check_workers, spawn_local_workers, start_cluster
+    from server.engine import Engine
+    from server.tokenizer import TextTokenizer
+    from worker.config import ModelConfig
+    from worker.sharding import parse_weights, plan_shards
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = ModelConfig.from_dir(args.model)
+    tokenizer = TextTokenizer(args.model)
+    remote = [w.strip() for w in args.workers.split(",") if w.strip()]
+    world = 1 + len(remote) + args.local_workers
+    weights = parse_weights(args.weights, world)
+    plan_shards(config, weights)  # fail now, not after spawning anything
+    max_context = min(args.max_context or 2048, config.max_position_embeddings)
+    token = args.cluster_token or (secrets.token_hex(16) if not remote else "")
+    opts = ClusterOptions(model_dir=args.model, weights=weights, token=token, max_batch=args.max_batch,
+                          max_context=max_context, dtype=args.dtype, hub_host=args.hub_host,
+                          hub_port=args.hub_port, connect_timeout_s=args.connect_timeout)
+    _check_port_free(args.host, args.port)
+    clients = check_workers(remote, token, args.connect_timeout)
+    local_addresses, procs = spawn_local_workers(args.local_workers, token, args.threads)
+    name = args.model_name or Path(args.model).resolve().name
+    state = ServerState(model_name=name, max_context=max_context)
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
+                                           log_level="info", timeout_graceful_shutdown=3))
+    cluster: list[Cluster] = []
+    failed: list[str] = []
+
+    def load() -> None:
+        try:
+            all_clients = clients + check_workers(local_addresses, token, 60.0)
+            executor = start_cluster(opts, all_clients, lambda who, i, n: log.info("%s: %d/%d layers", who, i, n))
+            cluster.append(Cluster(executor, all_clients, procs))
+            engine = Engine(executor, tokenizer, args.max_batch, max_context)
+            engine.start()
+            state.engine, state.tokenizer = engine, tokenizer
+            state.status, state.detail = "ready", f"{world} ranks"
+            url = f"http://{args.host}:{args.port}"
+            log.info("ready: %d ranks serving %r at %s", world, name, url)
+            print(f"\nedgellm is serving {name!r} on {world} ranks at {url}\n  try:\n"
+                  f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+                  f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
+                  f"\"max_tokens\": 40}}'\n", flush=True)
+        except Exception as exc:
+            log.error("could not start the cluster: %s", exc)
+            failed.append(str(exc))
+            state.status, state.detail = "failed", str(exc)
+            server.should_exit = True
+
+    threading.Thread(target=load, name="cluster-load", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        if state.engine:
+            state.engine.stop()
+        if cluster:
+            cluster[0].close()
+        else:
+            for client in clients:
+                client.close()
+            for proc in procs:
+                proc.terminate()
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="edgellm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_arguments(sub.add_parser("serve", help="run the coordinator and the HTTP API"))
+    from worker.cli import add_arguments as worker_arguments
+
+    worker_arguments(sub.add_parser("worker", help="run a worker rank"))
+    _shard_arguments(sub.add_parser("shard", help="write one shard file per rank"))
+    args = parser.parse_args(argv)
+    from server.cluster import ClusterError
+    from worker.config import CheckpointError
+    from worker.sharding import ShardingError
+
+    try:
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "shard":
+            return run_shard(args)
+        from worker.cli import run as run_worker
+
+        return run_worker(args)
+    except (CheckpointError, ShardingError, ClusterError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

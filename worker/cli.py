@@ -1,0 +1,62 @@
+"""``edgellm worker``: a rank daemon waiting for a coordinator to configure it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from worker.service import serve
+
+log = logging.getLogger("edgellm.worker")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC control port (default: 50051)")
+    parser.add_argument("--cluster-token", default=os.environ.get("EDGELLM_CLUSTER_TOKEN", ""),
+                        help="shared secret every peer must present (default: $EDGELLM_CLUSTER_TOKEN)")
+    parser.add_argument("--threads", type=int, default=None, help="torch compute threads (default: all cores)")
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker spawned by ``serve --local-workers`` must not outlive its coordinator."""
+    import threading
+    import time
+
+    import psutil
+
+    def watch() -> None:
+        while psutil.pid_exists(parent_pid):
+            time.sleep(1.0)
+        log.warning("coordinator (pid %d) is gone; exiting", parent_pid)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run(args: argparse.Namespace) -> int:
+    if parent := os.environ.get("EDGELLM_PARENT_PID"):
+        _exit_with_parent(int(parent))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        serve(args.host, args.port, args.cluster_token)
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot start the worker: %s", exc)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="edgellm worker", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

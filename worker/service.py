@@ -1,0 +1,181 @@
+"""The worker's gRPC control service: configure, load (joining the data plane), health,
+stats, shutdown. Every call must carry the cluster token in its metadata."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import psutil
+import torch
+
+from protos.edgellm.v1 import control_pb2 as pb
+from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
+from worker.config import CheckpointError, ModelConfig
+from worker.runtime import RankSpec, WorkerRank
+from worker.sharding import RankShard
+
+log = logging.getLogger(__name__)
+
+TOKEN_METADATA_KEY = "x-edgellm-token"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every call whose metadata lacks the cluster token."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing cluster token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        given = dict(details.invocation_metadata or ()).get(TOKEN_METADATA_KEY, "")
+        if hmac.compare_digest(str(given).encode(), self._token):
+            return continuation(details)
+        log.warning("refused %s: wrong or missing cluster token", details.method)
+        return self._deny_stream if details.method.endswith("/Load") else self._deny
+
+
+def shard_from_proto(msg: pb.RankShard, group_size: int) -> RankShard:
+    return RankShard(rank=msg.rank, world_size=msg.world_size, kv_heads=(msg.kv_head_start, msg.kv_head_end),
+                     mlp_columns=(msg.mlp_start, msg.mlp_end), group_size=group_size)
+
+
+def shard_to_proto(shard: RankShard) -> pb.RankShard:
+    return pb.RankShard(rank=shard.rank, world_size=shard.world_size, kv_head_start=shard.kv_heads[0],
+                        kv_head_end=shard.kv_heads[1], mlp_start=shard.mlp_columns[0],
+                        mlp_end=shard.mlp_columns[1])
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, token: str, on_shutdown: Callable[[], None]):
+        self.token = token
+        self._on_shutdown = on_shutdown
+        self._lock = threading.Lock()
+        self._spec: RankSpec | None = None
+        self._hub = ""
+        self._rank: WorkerRank | None = None
+        self._state = pb.HealthReply.IDLE
+        self._detail = "waiting for a coordinator"
+
+    def _set(self, state: int, detail: str) -> None:
+        self._state, self._detail = state, detail
+
+    def Configure(self, request: pb.ConfigureRequest, context: grpc.ServicerContext) -> pb.ConfigureReply:
+        try:
+            config = ModelConfig.from_dict(json.loads(request.config_json))
+            if os.path.isdir(request.model_dir):
+                local = ModelConfig.from_dir(request.model_dir)
+                if local != config:
+                    raise CheckpointError(f"{request.model_dir} on this worker holds a different model")
+            else:
+                raise CheckpointError(f"model directory {request.model_dir!r} does not exist on this worker")
+            if request.dtype not in DTYPES:
+                raise CheckpointError(f"unknown dtype {request.dtype!r}")
+        except (CheckpointError, json.JSONDecodeError) as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        with self._lock:
+            self._release()
+            shard = shard_from_proto(request.shard, config.group_size)
+            self._spec = RankSpec(request.model_dir, config, shard, request.max_batch, request.max_context,
+                                  DTYPES[request.dtype])
+            self._hub = request.hub_address
+            self._set(pb.HealthReply.CONFIGURED, f"rank {shard.rank} of {shard.world_size}")
+        log.info("configured as rank %d of %d, hub %s", shard.rank, shard.world_size, self._hub)
+        return pb.ConfigureReply()
+
+    def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> Iterator[pb.LoadProgress]:
+        spec = self._spec
+        if spec is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Configure first")
+        assert spec is not None
+        self._set(pb.HealthReply.LOADING, "loading weights")
+        progress: list[tuple[int, int]] = []
+        done = threading.Event()
+        failure: list[str] = []
+
+        def load() -> None:
+            try:
+                rank = WorkerRank(spec, self._hub, self.token, lambda i, n: progress.append((i, n)))
+                rank.start()
+                with self._lock:
+                    self._rank = rank
+                self._set(pb.HealthReply.READY, f"rank {spec.shard.rank} in the data plane")
+            except Exception as exc:  # reported to the coordinator, not raised into gRPC's pool
+                log.error("load failed: %s", exc)
+                failure.append(str(exc))
+                self._set(pb.HealthReply.FAILED, str(exc))
+            finally:
+                done.set()
+
+        threading.Thread(target=load, daemon=True).start()
+        sent = 0
+        total = spec.config.num_layers
+        while not done.wait(0.2) or sent < len(progress):
+            while sent < len(progress):
+                loaded, total = progress[sent]
+                sent += 1
+                yield pb.LoadProgress(layers_loaded=loaded, layers_total=total)
+        if failure:
+            context.abort(grpc.StatusCode.INTERNAL, f"rank {spec.shard.rank} failed to load: {failure[0]}")
+        yield pb.LoadProgress(layers_loaded=total, layers_total=total, ready=True)
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        rank = self._spec.shard.rank if self._spec else 0
+        if self._rank is not None and not self._rank.running:
+            self._set(pb.HealthReply.IDLE, "the coordinator stopped the data plane")
+        return pb.HealthReply(state=self._state, detail=self._detail, rank=rank)
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
+        rank = self._rank
+        return pb.StatsReply(
+            rss_bytes=psutil.Process().memory_info().rss,
+            weight_bytes=sum(layer.nbytes() for layer in rank.layers) if rank else 0,
+            kv_cache_bytes=rank.model.kv.nbytes() if rank else 0,
+            steps=rank.steps if rank else 0,
+            threads=torch.get_num_threads(),
+        )
+
+    def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
+        log.info("shutdown requested")
+        with self._lock:
+            self._release()
+        threading.Timer(0.2, self._on_shutdown).start()
+        return pb.ShutdownReply()
+
+    def _release(self) -> None:
+        if self._rank is not None:
+            self._rank.stop()
+            self._rank = None
+
+
+def serve(host: str, port: int, token: str) -> None:
+    """Run the worker until Shutdown or a signal."""
+    stopped = threading.Event()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[TokenInterceptor(token)])
+    service = WorkerService(token, stopped.set)
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    log.info("edgellm worker listening on %s:%d", host, bound)
+    try:
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service._release()
+        server.stop(grace=1)
