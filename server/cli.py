@@ -34,6 +34,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
     p.add_argument("--hub-port", type=int, default=0, help="ZeroMQ hub port (default: any free port)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for each worker")
+    p.add_argument("--step-timeout", type=float, default=30.0,
+                   help="seconds a step waits for a rank before the request fails (default: 30)")
 
 
 def _shard_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,11 +98,12 @@ def run_serve(args: argparse.Namespace) -> int:
     token = args.cluster_token or (secrets.token_hex(16) if not remote else "")
     opts = ClusterOptions(model_dir=args.model, weights=weights, token=token, max_batch=args.max_batch,
                           max_context=max_context, dtype=args.dtype, hub_host=args.hub_host,
-                          hub_port=args.hub_port, connect_timeout_s=args.connect_timeout)
+                          hub_port=args.hub_port, connect_timeout_s=args.connect_timeout,
+                          step_timeout_s=args.step_timeout)
     _check_port_free(args.host, args.port)
     clients = check_workers(remote, token, args.connect_timeout)
     local_addresses, procs = spawn_local_workers(args.local_workers, token, args.threads)
-    name = args.model_name or Path(args.model).resolve().name
+    name = args.model_name or Path(args.model).absolute().name
     state = ServerState(model_name=name, max_context=max_context)
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                            log_level="info", timeout_graceful_shutdown=3))
@@ -131,6 +134,8 @@ def run_serve(args: argparse.Namespace) -> int:
     threading.Thread(target=load, name="cluster-load", daemon=True).start()
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the signal it handled
+        pass
     finally:
         if state.engine:
             state.engine.stop()

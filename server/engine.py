@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from server.executor import Executor
 from server.sampler import SamplingParams, make_generator, sample
 from server.tokenizer import IncrementalDecoder, StopMatcher, TextTokenizer
+from worker.collective import CollectiveError
 from worker.step import SeqSpan
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,10 @@ class Engine:
             try:
                 self._step()
             except Exception as exc:  # a dead rank, a broken step: fail the batch, not the server
-                log.exception("step failed")
+                if isinstance(exc, CollectiveError):
+                    log.error("step failed: %s", exc)
+                else:
+                    log.exception("step failed")
                 self.error = f"cluster step failed: {exc}"
                 for run in list(self._running):
                     self._finish(run, Event(error=self.error))
@@ -160,14 +164,17 @@ class Engine:
     def _accept(self, run: _Running, token: int) -> None:
         req = run.req
         req.output.append(token)
-        if token in self.tokenizer.eos_ids:
-            self._finish(run, Event(text=run.stops.flush(), finish_reason="stop"))
-            return
-        text, hit_stop = run.stops.feed(run.decoder.push(token))
+        is_eos = token in self.tokenizer.eos_ids
+        out_of_room = len(req.output) >= req.params.max_tokens or req.position + 1 >= self.max_context
+        delta = run.decoder.push(token)
+        if is_eos or out_of_room:
+            delta += run.decoder.flush()
+        text, hit_stop = run.stops.feed(delta)
         if hit_stop:
             self._finish(run, Event(text=text, token=token, finish_reason="stop"))
-        elif len(req.output) >= req.params.max_tokens or req.position + 1 >= self.max_context:
-            self._finish(run, Event(text=text + run.stops.flush(), token=token, finish_reason="length"))
+        elif is_eos or out_of_room:
+            reason = "stop" if is_eos else "length"
+            self._finish(run, Event(text=text + run.stops.flush(), token=token, finish_reason=reason))
         else:
             req.emit(Event(text=text, token=token))
 

@@ -48,10 +48,11 @@ def _params(body: _Request, prompt_len: int, max_tokens: int | None, state: Serv
 
 async def _collect(req: EngineRequest, http: Request) -> tuple[str, str]:
     """Wait for the whole output; cancel the request if the client goes away."""
-    text, events = [], req.stream().__aiter__()
+    text = []
     while True:
         try:
-            event = await asyncio.wait_for(events.__anext__(), DISCONNECT_POLL_S)
+            # waiting on the queue itself (not on an async generator) is safe to time out
+            event = await asyncio.wait_for(req.events.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
             if await http.is_disconnected():
                 req.cancelled = True

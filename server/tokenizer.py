@@ -127,6 +127,13 @@ class IncrementalDecoder:
             return after[len(before):]
         return ""
 
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the end), emitted as is."""
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]
+
 
 class StopMatcher:
     """Finds stop strings in generated text and holds back a tail that could begin one."""

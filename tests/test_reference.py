@@ -33,3 +33,41 @@ def test_logits_match_transformers(checkpoints, arch: str, ranks: int) -> None:
     assert ours.shape == expected.shape
     diff = (ours - expected).abs().max().item()
     assert diff <= TOL, f"{arch} with {ranks} ranks: max abs logit diff {diff}"
+
+
+def _generate_with_engine(model_dir, weights: list[float], prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy generation through the real engine, all prompts batched together."""
+    import asyncio
+
+    from server.engine import Engine
+    from server.sampler import SamplingParams
+    from server.tokenizer import TextTokenizer
+
+    async def run(engine: Engine) -> list[list[int]]:
+        requests = [engine.submit(p, SamplingParams(max_tokens=max_tokens, temperature=0.0)) for p in prompts]
+        for req in requests:
+            async for _ in req.stream():
+                pass
+        return [req.output for req in requests]
+
+    with inprocess_cluster(model_dir, weights) as executor:
+        engine = Engine(executor, TextTokenizer(model_dir), max_batch=4, max_context=128)
+        engine.start()
+        try:
+            return asyncio.run(run(engine))
+        finally:
+            engine.stop()
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_greedy_tokens_match_transformers_generate(checkpoints, arch: str, ranks: int) -> None:
+    model_dir = checkpoints(arch)
+    reference = load_reference(model_dir)
+    prompts = [PROMPT, PROMPT[:5], [1, 300, 2, 150]]
+    expected = []
+    for prompt in prompts:
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
+        expected.append(out[0, len(prompt):].tolist())
+    got = _generate_with_engine(model_dir, RANK_WEIGHTS[ranks], prompts, max_tokens=20)
+    assert got == expected

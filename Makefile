@@ -1,0 +1,32 @@
+# The two commands of the README: `make serve` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup serve test lint bench protos
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# A local cluster: the coordinator (rank 0, HTTP on :8000) plus 2 worker processes,
+# serving the embedded default model.
+serve: setup
+	$(VENV)/bin/edgellm serve --local-workers 2
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy server worker bench
+
+test: lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/decode_and_allreduce.py
+
+protos: setup
+	PATH=$(VENV)/bin:$$PATH protos/generate.sh

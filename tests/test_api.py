@@ -1,0 +1,175 @@
+"""The HTTP API against a real coordinator with two real worker processes on loopback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.processes import served
+from tests.tiny_models import load_reference
+
+pytestmark = pytest.mark.cluster
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoints, tmp_path_factory) -> Path:
+    # served under the name "tiny" so requests can name it
+    link = tmp_path_factory.mktemp("served") / MODEL
+    link.symlink_to(checkpoints("llama"))
+    return link
+
+
+@pytest.fixture(scope="module")
+def url(model_dir: Path, tmp_path_factory) -> str:
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with served(model_dir, "--local-workers", "2", log_path=log) as base:
+        yield base
+
+
+def _post(url: str, path: str, body: object) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def test_health_and_models(url: str) -> None:
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    models = httpx.get(f"{url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_greedy_completion_over_three_processes_matches_transformers(url: str, model_dir: Path) -> None:
+    prompt = [1, 17, 42, 99, 7, 250]
+    expected = load_reference(model_dir).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    from server.tokenizer import TextTokenizer
+
+    expected_text = TextTokenizer(model_dir).decode(expected[0, len(prompt):].tolist())
+    body = _post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12,
+                                          "temperature": 0}).json()
+    assert body["choices"][0]["text"] == expected_text
+    assert body["usage"]["prompt_tokens"] == 6
+    assert body["usage"]["completion_tokens"] == 12 or body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streaming_completion_equals_non_streaming(url: str) -> None:
+    req = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 10, "temperature": 0}
+    whole = _post(url, "/v1/completions", req).json()["choices"][0]["text"]
+    pieces, finish, done = [], None, False
+    with httpx.stream("POST", f"{url}/v1/completions", json=req | {"stream": True}, timeout=60) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: ")
+            if line == "data: [DONE]":
+                done = True
+                continue
+            assert not done, "data after [DONE]"
+            choice = json.loads(line[6:])["choices"][0]
+            pieces.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+    assert done and finish == "length"
+    assert "".join(pieces) == whole
+
+
+def test_sampling_with_seed_is_reproducible(url: str) -> None:
+    req = {"model": MODEL, "prompt": "Hello", "max_tokens": 12, "temperature": 0.9, "top_p": 0.9,
+           "top_k": 50, "seed": 1234}
+    first = _post(url, "/v1/completions", req).json()["choices"][0]["text"]
+    second = _post(url, "/v1/completions", req).json()["choices"][0]["text"]
+    other = _post(url, "/v1/completions", req | {"seed": 99}).json()["choices"][0]["text"]
+    assert first == second
+    assert first != other
+
+
+def test_stop_string_ends_the_text_before_it(url: str) -> None:
+    req = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 20, "temperature": 0}
+    text = _post(url, "/v1/completions", req).json()["choices"][0]["text"]
+    stop = text[3:5]
+    assert stop, "need some generated text"
+    body = _post(url, "/v1/completions", req | {"stop": [stop]}).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["text"] == text[: text.index(stop)]
+
+
+def test_openai_client_chat_and_stream(url: str) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    completion = client.completions.create(model=MODEL, prompt="The quick", max_tokens=5, temperature=0)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", None),
+    ("/v1/completions", b"[1, 2]", None),
+    ("/v1/completions", {"prompt": "hi"}, "model"),
+    ("/v1/completions", {"model": MODEL}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 10 ** 9]}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, "model"),
+    ("/v1/completions", {"model": MODEL, "prompt": [3] * 300}, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+     "stream"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), BAD_REQUESTS)
+def test_bad_input_is_400_with_openai_error_body(url: str, path: str, body: object, param: str | None) -> None:
+    resp = _post(url, path, body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert "Traceback" not in resp.text
+
+
+def test_unknown_route_is_404_with_error_body(url: str) -> None:
+    resp = httpx.get(f"{url}/v1/nothing")
+    assert resp.status_code == 404 and "error" in resp.json()
+
+
+def test_server_still_serves_after_bad_input(url: str) -> None:
+    body = _post(url, "/v1/completions", {"model": MODEL, "prompt": "ok", "max_tokens": 3, "temperature": 0})
+    assert body.status_code == 200
+
+
+def test_long_non_streaming_request_completes(url: str) -> None:
+    # longer than the disconnect poll interval, so the wait loop runs several rounds
+    body = _post(url, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 200,
+                                          "temperature": 0.8, "seed": 1}).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop" or body["usage"]["completion_tokens"] == 200
+
+
+def test_concurrent_greedy_requests_equal_their_solo_runs(url: str) -> None:
+    import concurrent.futures
+
+    prompts = ["The quick brown fox", "Hello world", "A cluster of", "Raspberry Pi boards"]
+    req = {"model": MODEL, "max_tokens": 16, "temperature": 0}
+    solo = [_post(url, "/v1/completions", req | {"prompt": p}).json()["choices"][0]["text"] for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: _post(url, "/v1/completions", req | {"prompt": p}).json(), prompts))
+    assert [r["choices"][0]["text"] for r in together] == solo

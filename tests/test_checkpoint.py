@@ -1,0 +1,92 @@
+"""Loading checkpoints: supported layouts work, broken ones fail with a message that says why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.harness import inprocess_cluster
+from tests.tiny_models import build_checkpoint, load_reference
+from worker.config import CheckpointError, ModelConfig
+from worker.shard_writer import write_shards
+from worker.sharding import plan_shards
+from worker.step import SeqSpan
+
+PROMPT = [1, 5, 9, 33, 2, 71, 18]
+
+
+def _reference_logits(model_dir: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return load_reference(model_dir)(torch.tensor([PROMPT])).logits[0]
+
+
+def _our_logits(model_dir: Path, weights: list[float]) -> torch.Tensor:
+    with inprocess_cluster(model_dir, weights) as executor:
+        return executor.step([PROMPT], [SeqSpan(0, 0, len(PROMPT))], all_logits=True)
+
+
+def test_sharded_index_checkpoint(tmp_path: Path) -> None:
+    model_dir = build_checkpoint(tmp_path / "m", "llama", max_shard_size="100KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()
+    assert (_our_logits(model_dir, [1, 1]) - _reference_logits(model_dir)).abs().max() <= 1e-4
+
+
+def test_shard_files_match_on_the_fly_slicing(checkpoints, tmp_path: Path) -> None:
+    model_dir = checkpoints("qwen2")
+    shards = plan_shards(ModelConfig.from_dir(model_dir), [2.0, 1.0, 1.0])
+    out = write_shards(model_dir, shards, tmp_path / "shards", progress=False)
+    assert sorted(p.name for p in out.glob("rank-*.safetensors")) == [
+        "rank-00-of-03.safetensors", "rank-01-of-03.safetensors", "rank-02-of-03.safetensors"]
+    assert torch.equal(_our_logits(out, [2, 1, 1]), _our_logits(model_dir, [2, 1, 1]))
+
+
+def test_shard_dir_refuses_another_split(checkpoints, tmp_path: Path) -> None:
+    model_dir = checkpoints("llama")
+    write_shards(model_dir, plan_shards(ModelConfig.from_dir(model_dir), [1, 1]), tmp_path / "s", progress=False)
+    with pytest.raises(CheckpointError, match="re-run `edgellm shard`"):
+        _our_logits(tmp_path / "s", [2, 1])
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    (lambda d: (d / "config.json").unlink(), "no config.json"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "model.safetensors").unlink(), "neither model.safetensors"),
+    (lambda d: _edit_config(d, architectures=["GPT2LMHeadModel"]), "supported: LlamaForCausalLM"),
+    (lambda d: _edit_config(d, hidden_act="gelu"), "hidden_act"),
+    (lambda d: _edit_config(d, hidden_size=None), "hidden_size"),
+])
+def test_malformed_directory_is_a_clear_error(checkpoints, tmp_path: Path, breakage, message: str) -> None:
+    model_dir = _copy(checkpoints("llama"), tmp_path / "broken")
+    breakage(model_dir)
+    with pytest.raises(CheckpointError, match=message):
+        _our_logits(model_dir, [1])
+
+
+def _edit_config(model_dir: Path, **changes: object) -> None:
+    raw = json.loads((model_dir / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key)
+        else:
+            raw[key] = value
+    (model_dir / "config.json").write_text(json.dumps(raw))
+
+
+def test_old_style_rope_scaling_keys_parse() -> None:
+    cfg = ModelConfig.from_dict({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    })
+    assert cfg.rope.theta == 500000.0 and cfg.rope.rope_type == "llama3" and cfg.rope.factor == 8.0
+    assert cfg.num_kv_heads == 4 and cfg.head_dim == 16
