@@ -126,10 +126,7 @@ def _iter_stdlib_docstrings(stdlib: Path) -> Iterator[tuple[str, str, str]]:
         if parts[-1] == "__init__":
             parts = parts[:-1]
         module = ".".join(parts)
-        if not module or module.startswith("_") or "._" in module:
-            public_module = False
-        else:
-            public_module = True
+        public_module = not (not module or module.startswith("_") or "._" in module)
 
         def walk(node: ast.AST, prefix: str, public: bool) -> Iterator[tuple[str, str, str]]:
             for child in ast.iter_child_nodes(node):

@@ -3,6 +3,8 @@ start-up sequence that turns them into a running cluster (configure, load, join 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -76,10 +78,8 @@ class WorkerClient:
         return self._call("stats", self.stub.Stats, pb.StatsRequest())  # type: ignore[return-value]
 
     def shutdown(self) -> None:
-        try:
+        with contextlib.suppress(grpc.RpcError):
             self.stub.Shutdown(pb.ShutdownRequest(), metadata=self._meta, timeout=2)
-        except grpc.RpcError:
-            pass
 
     def close(self) -> None:
         self.channel.close()
@@ -189,9 +189,13 @@ def start_cluster(opts: ClusterOptions, clients: list[WorkerClient],
                 shard=shard_to_proto(shard), model_dir=str(Path(opts.model_dir).resolve()),
                 config_json=config_json, hub_address=f"tcp://{host}:{port}",
                 max_batch=opts.max_batch, max_context=opts.max_context, dtype=opts.dtype))
-        report = on_progress or (lambda who, i, n: None)
+
+        def report(who: str, loaded: int, total: int) -> None:
+            if on_progress:
+                on_progress(who, loaded, total)
+
         with ThreadPoolExecutor(max(1, len(clients))) as pool:
-            loads = [pool.submit(c.load, lambda i, n, a=c.address: report(a, i, n)) for c in clients]
+            loads = [pool.submit(c.load, functools.partial(report, c.address)) for c in clients]
             spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
                             DTYPES[opts.dtype])
             executor = Executor(spec, hub)

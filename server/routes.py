@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.app import APIError, ServerState
-from server.engine import Event, Request as EngineRequest
+from server.engine import Event
+from server.engine import Request as EngineRequest
 from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, error_body, new_id, now
 from server.sampler import SamplingParams
 from server.tokenizer import ChatTemplateError

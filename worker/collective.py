@@ -8,6 +8,7 @@ through :meth:`StarHub.allreduce` and :meth:`StarRank.allreduce`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -133,10 +134,8 @@ class StarHub:
 
     def stop(self) -> None:
         for peer in self._peers:
-            try:
+            with contextlib.suppress(zmq.ZMQError):
                 self.sock.send_multipart([peer, *encode_message(Kind.STOP)])
-            except zmq.ZMQError:
-                pass
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -67,10 +67,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._spec: RankSpec | None = None
         self._hub = ""
         self._rank: WorkerRank | None = None
-        self._state = pb.HealthReply.IDLE
+        self._state: pb.HealthReply.State = pb.HealthReply.IDLE
         self._detail = "waiting for a coordinator"
 
-    def _set(self, state: int, detail: str) -> None:
+    def _set(self, state: pb.HealthReply.State, detail: str) -> None:
         self._state, self._detail = state, detail
 
     def Configure(self, request: pb.ConfigureRequest, context: grpc.ServicerContext) -> pb.ConfigureReply:

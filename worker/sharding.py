@@ -29,6 +29,12 @@ class RankShard:
     mlp_columns: tuple[int, int]
     group_size: int  # query heads per KV head
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> RankShard:
+        """Inverse of ``dataclasses.asdict`` (JSON turns the range tuples into lists)."""
+        return cls(rank=int(raw["rank"]), world_size=int(raw["world_size"]), kv_heads=tuple(raw["kv_heads"]),
+                   mlp_columns=tuple(raw["mlp_columns"]), group_size=int(raw["group_size"]))
+
     @property
     def num_kv_heads(self) -> int:
         return self.kv_heads[1] - self.kv_heads[0]

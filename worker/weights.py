@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from worker.checkpoint import Checkpoint
-from worker.config import CheckpointError, ModelConfig
+from worker.config import CheckpointError
 from worker.sharding import RankShard
 
 SHARD_MANIFEST = "edgellm_shards.json"
@@ -137,8 +137,7 @@ def iter_rank_layers(model_dir: str | Path, shard: RankShard, num_layers: int,
         if not path.is_file():
             raise CheckpointError(f"{path}: shard file missing")
         with safe_open(str(path), framework="pt") as f:
-            stored = RankShard(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in json.loads(f.metadata()["shard"]).items()})
+            stored = RankShard.from_dict(json.loads(f.metadata()["shard"]))
             if stored != shard:
                 raise CheckpointError(f"{path} holds {stored}, but this rank needs {shard}; re-run `edgellm shard`")
             for layer in range(num_layers):

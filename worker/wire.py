@@ -83,7 +83,7 @@ def encode_message(kind: Kind, tensors: list[torch.Tensor] = (), step: int = 0, 
     for tensor in tensors:
         tensor = tensor.detach().contiguous()
         frames.append(Header(kind, step, seq, tensor.dtype, tuple(tensor.shape)).pack())
-        frames.append(memoryview(tensor.view(torch.uint8).numpy()))
+        frames.append(tensor.view(torch.uint8).numpy().data)
     return frames
 
 
