@@ -152,8 +152,11 @@ def _chat_example(kind: str, name: str, text: str, rng: random.Random) -> list[d
         return None
     short = name.rsplit(".", 1)[-1]
     if kind == "module":
-        questions = [f"What is the {name} module for?", f"Tell me about the {name} module.",
-                     f"What does the {name} module do?"]
+        questions = [
+            f"What is the {name} module for?",
+            f"Tell me about the {name} module.",
+            f"What does the {name} module do?",
+        ]
     elif kind == "class":
         questions = [f"What is {name}?", f"What is the {short} class?", f"Explain the {name} class."]
     else:
@@ -188,9 +191,13 @@ def gather_corpus(rng: random.Random, chat_fraction: float) -> tuple[list[str], 
         text = clean_doc(topics[key])
         if len(text) >= 40:
             documents.append(text)
-    log.info("corpus: %d docstrings + %d reference topics = %.2f MB of text, %d chat examples",
-             n_docstrings, len(documents) - n_docstrings,
-             sum(len(d) for d in documents) / 1e6, len(chats))
+    log.info(
+        "corpus: %d docstrings + %d reference topics = %.2f MB of text, %d chat examples",
+        n_docstrings,
+        len(documents) - n_docstrings,
+        sum(len(d) for d in documents) / 1e6,
+        len(chats),
+    )
     return documents, chats
 
 
@@ -209,14 +216,16 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenize
     for i, token in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(token) == i, token
     # Like Llama: encoding a text prepends <s>; apply_chat_template renders <s> itself.
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single=f"{BOS} $A",
-            pair=f"{BOS} $A {BOS}:1 $B:1",
-            special_tokens=[(BOS, tok.token_to_id(BOS))],
-        ),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A",
+                pair=f"{BOS} $A {BOS}:1 $B:1",
+                special_tokens=[(BOS, tok.token_to_id(BOS))],
+            ),
+        ]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -260,8 +269,9 @@ def build_stream(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> torch.
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_texts(documents: list[str], chats: list[list[dict[str, str]]],
-               tokenizer: PreTrainedTokenizerFast) -> list[str]:
+def make_texts(
+    documents: list[str], chats: list[list[dict[str, str]]], tokenizer: PreTrainedTokenizerFast
+) -> list[str]:
     texts = [tokenizer.bos_token + d for d in documents]
     texts += [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
     return texts
@@ -275,7 +285,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: LlamaForCausalLM, stream: torch.Tensor, seq_len: int, batches: int, batch_size: int) -> float:
+def evaluate(
+    model: LlamaForCausalLM, stream: torch.Tensor, seq_len: int, batches: int, batch_size: int
+) -> float:
     model.eval()
     n = (len(stream) - 1) // seq_len
     starts = torch.arange(n)[: batches * batch_size] * seq_len
@@ -327,7 +339,6 @@ def main(argv: list[str] | None = None) -> int:
         num_key_value_heads=4,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
         hidden_act="silu",
         initializer_range=0.02,
         tie_word_embeddings=True,
@@ -346,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     gen = torch.Generator().manual_seed(args.seed)
     warmup = max(1, args.steps // 20)
@@ -368,8 +381,16 @@ def main(argv: list[str] | None = None) -> int:
         if step % 50 == 0 or step == args.steps - 1:
             elapsed = time.monotonic() - t_train
             eta = elapsed / (step + 1) * (args.steps - step - 1)
-            log.info("step %d/%d loss %.3f (smoothed %.3f) lr %.2e elapsed %.0fs eta %.0fs",
-                     step + 1, args.steps, loss.item(), running, optimizer.param_groups[0]["lr"], elapsed, eta)
+            log.info(
+                "step %d/%d loss %.3f (smoothed %.3f) lr %.2e elapsed %.0fs eta %.0fs",
+                step + 1,
+                args.steps,
+                loss.item(),
+                running,
+                optimizer.param_groups[0]["lr"],
+                elapsed,
+                eta,
+            )
     train_seconds = time.monotonic() - t_train
     val_loss = evaluate(model, val_stream, args.seq_len, batches=8, batch_size=args.batch_size)
     log.info("validation loss %.3f (perplexity %.1f)", val_loss, math.exp(val_loss))
@@ -386,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         top_p=0.9,
         repetition_penalty=1.1,
     )
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.bfloat16().save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; keep it readable when packaged
     stats = {
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,
@@ -404,9 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     log.info("training stats: %s", json.dumps(stats))
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"saved {out} ({size / 1e6:.1f} MB): {n_params / 1e6:.2f}M params, "
-          f"train loss {stats['final_train_loss_smoothed']}, val loss {stats['validation_loss']}, "
-          f"trained {train_seconds / 60:.1f} min")
+    print(
+        f"saved {out} ({size / 1e6:.1f} MB): {n_params / 1e6:.2f}M params, "
+        f"train loss {stats['final_train_loss_smoothed']}, val loss {stats['validation_loss']}, "
+        f"trained {train_seconds / 60:.1f} min"
+    )
     return 0
 
 

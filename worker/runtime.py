@@ -56,6 +56,8 @@ def new_kv_cache(spec: RankSpec) -> KVCache:
 
 def spans_from_tensor(spans: torch.Tensor) -> list[SeqSpan]:
     """(S, 3) int64 rows of (slot, start, length) -> spans."""
+    if spans.dtype != torch.int64 or spans.dim() != 2 or spans.shape[1] != 3:
+        raise WireError(f"step spans must be (S, 3) int64, got {tuple(spans.shape)} {spans.dtype}")
     return [SeqSpan(int(s), int(b), int(n)) for s, b, n in spans.tolist()]
 
 
@@ -63,9 +65,12 @@ def spans_to_tensor(spans: list[SeqSpan]) -> torch.Tensor:
     return torch.tensor([[s.slot, s.start, s.length] for s in spans], dtype=torch.int64).view(-1, 3)
 
 
-def validate_spans(spans: list[SeqSpan], num_tokens: int, max_batch: int, max_context: int) -> None:
-    """Refuse a step that would index outside the KV cache."""
-    if sum(s.length for s in spans) != num_tokens:
+def validate_step(spans: list[SeqSpan], hidden: torch.Tensor, hidden_size: int, max_batch: int,
+                  max_context: int) -> None:
+    """Refuse a step that would index outside the KV cache or has the wrong width."""
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
+        raise WireError(f"hidden states of shape {tuple(hidden.shape)}, expected (T, {hidden_size})")
+    if sum(s.length for s in spans) != hidden.shape[0]:
         raise WireError("span lengths do not add up to the hidden rows")
     for s in spans:
         if not (0 <= s.slot < max_batch and s.start >= 0 and s.length > 0 and s.start + s.length <= max_context):
@@ -109,7 +114,8 @@ class WorkerRank:
                     continue
                 spans_t, hidden = msg.tensors
                 spans = spans_from_tensor(spans_t)
-                validate_spans(spans, hidden.shape[0], self.spec.max_batch, self.spec.max_context)
+                validate_step(spans, hidden, self.spec.config.hidden_size, self.spec.max_batch,
+                              self.spec.max_context)
                 self.link.begin(msg)
                 with torch.inference_mode():
                     self.model.forward(hidden.to(self.spec.dtype), StepPlan.build(spans, self.spec.config.sliding_window))
@@ -117,6 +123,8 @@ class WorkerRank:
             except (CollectiveError, WireError) as exc:
                 # A broken step is abandoned; the hub notices and decides what to do.
                 log.warning("rank %d: step abandoned: %s", self.spec.shard.rank, exc)
+            except Exception:  # a bug must not silently kill the data plane
+                log.exception("rank %d: step failed", self.spec.shard.rank)
         log.info("rank %d: data plane stopped", self.spec.shard.rank)
 
     def stop(self) -> None:

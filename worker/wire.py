@@ -112,5 +112,7 @@ def decode_tensor(header: Header, payload: bytes | memoryview) -> torch.Tensor:
     expected = int(np.prod(header.shape, dtype=np.int64)) * itemsize
     if len(payload) != expected:
         raise WireError(f"payload of {len(payload)} bytes, header says {header.shape} {header.dtype}")
+    if expected == 0:
+        return torch.empty(header.shape, dtype=header.dtype)
     raw = np.frombuffer(payload, dtype=np.uint8).copy()  # own the memory; frames are reused
     return torch.from_numpy(raw).view(header.dtype).view(header.shape)
