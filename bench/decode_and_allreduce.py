@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ from worker.step import SeqSpan  # noqa: E402
 
 log = logging.getLogger("bench")
 
-SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+SHAPE: dict[str, Any] = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
              intermediate_size=1536, vocab_size=8000, max_position_embeddings=1024)
 PROMPT_LEN = 16
 
