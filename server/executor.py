@@ -7,6 +7,7 @@ rank, this one included, runs its shard of the decoder layers between two allred
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,21 @@ class Executor:
         self.hub = hub
         self.weights = hub_weights or load_hub(spec.model_dir, spec.dtype)
         self.kv: KVCache = new_kv_cache(spec)
+        self.allreduce_seconds: list[float] = []  # hub time of each allreduce in the last step
         self.model = model_class(self.config.architecture)(
-            self.config, spec.shard, load_layers(spec), self.kv, hub.allreduce)
+            self.config, spec.shard, load_layers(spec), self.kv, self._timed_allreduce)
+
+    def _timed_allreduce(self, partial: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        total = self.hub.allreduce(partial)
+        self.allreduce_seconds.append(time.perf_counter() - start)
+        return total
 
     @torch.inference_mode()
     def step(self, tokens: list[list[int]], spans: list[SeqSpan], all_logits: bool = False) -> torch.Tensor:
         """Feed each span its new ``tokens``; returns logits (S, V) for each span's last token,
         or (T, V) for every token when ``all_logits``."""
+        self.allreduce_seconds.clear()
         ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)  # (T,)
         hidden = F.embedding(ids, self.weights.embed)  # (T, d)
         self.hub.start_step(spans_to_tensor(spans), hidden)
