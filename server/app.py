@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine import Engine
+from server.metrics import Metrics
 from server.protocol import error_body, now
 from server.tokenizer import TextTokenizer
 
@@ -35,6 +36,8 @@ class ServerState:
     tokenizer: TextTokenizer | None = None
     engine: Engine | None = None
     max_context: int = 0
+    api_key: str | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     status: str = "loading"  # loading | ready | failed
     detail: str = "loading the model across the cluster"
     created: int = field(default_factory=now)
@@ -48,11 +51,19 @@ class ServerState:
         return self.engine, self.tokenizer
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # drop "body" and pydantic's union-branch tags ("str", "list[int]", ...) from the location
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = ".".join(loc) or None
     what = first.get("msg", "invalid request")
     return (f"{param}: {what}" if param else what), param
@@ -92,9 +103,8 @@ def create_app(state: ServerState) -> FastAPI:
         body = {"status": "ok" if ok else state.status, "detail": engine_error or state.detail}
         return JSONResponse(body, 200 if ok else 503)
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "edgellm", "max_model_len": state.max_context}]}
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -29,6 +29,15 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens per sequence, prompt included (default: min(2048, the model's limit))")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per step, so long prompts don't stall streams (default: 256)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default: 64)")
+    p.add_argument("--max-queued-tokens", type=int, default=65536,
+                   help="prompt tokens waiting for a slot before 503 (default: 65536)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds after which a request is abandoned (default: none)")
+    p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the API (default: $EDGELLM_API_KEY; none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
@@ -79,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from server.app import ServerState, create_app
     from server.cluster import Cluster, ClusterOptions, check_workers, spawn_local_workers, start_cluster
-    from server.engine import Engine
+    from server.engine import Engine, EngineLimits
     from server.tokenizer import TextTokenizer
     from worker.config import ModelConfig
     from worker.sharding import parse_weights, plan_shards
@@ -104,7 +113,10 @@ def run_serve(args: argparse.Namespace) -> int:
     clients = check_workers(remote, token, args.connect_timeout)
     local_addresses, procs = spawn_local_workers(args.local_workers, token, args.threads)
     name = args.model_name or Path(args.model).absolute().name
-    state = ServerState(model_name=name, max_context=max_context)
+    state = ServerState(model_name=name, max_context=max_context, api_key=args.api_key)
+    limits = EngineLimits(max_batch=args.max_batch, max_context=max_context, prefill_chunk=args.prefill_chunk,
+                          max_waiting=args.max_queue, max_waiting_tokens=args.max_queued_tokens,
+                          request_timeout_s=args.request_timeout)
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                            log_level="info", timeout_graceful_shutdown=3))
     cluster: list[Cluster] = []
@@ -115,7 +127,9 @@ def run_serve(args: argparse.Namespace) -> int:
             all_clients = clients + check_workers(local_addresses, token, 60.0)
             executor = start_cluster(opts, all_clients, lambda who, i, n: log.info("%s: %d/%d layers", who, i, n))
             cluster.append(Cluster(executor, all_clients, procs))
-            engine = Engine(executor, tokenizer, args.max_batch, max_context)
+            state.metrics.workers_up.set(len(all_clients))
+            state.metrics.watch_ranks(cluster[0].rank_stats)
+            engine = Engine(executor, tokenizer, limits, state.metrics)
             engine.start()
             state.engine, state.tokenizer = engine, tokenizer
             state.status, state.detail = "ready", f"{world} ranks"

@@ -147,6 +147,14 @@ class Cluster:
                         "kv_cache_bytes": s.kv_cache_bytes, "steps": s.steps, "threads": s.threads})
         return out
 
+    def rank_stats(self) -> dict[int, dict[str, float]]:
+        """Numeric stats of every worker rank, keyed by rank (for /metrics)."""
+        out = {}
+        for rank, client in enumerate(self.clients, start=1):
+            reply = client.stats()
+            out[rank] = {f.name: float(v) for f, v in reply.ListFields() if isinstance(v, (int, float))}
+        return out
+
     def close(self) -> None:
         self.executor.close()
         for client in self.clients:

@@ -1,8 +1,11 @@
-"""The generation engine: a thread that batches every running request into each step.
+"""The generation engine: continuous batching over the cluster, in one thread.
 
-Between steps it admits waiting requests into free KV slots, so a new request joins the
-running batch at once (its prompt is prefilled in the same step in which the others
-decode one token). Events go back to each request's asyncio queue on the HTTP loop.
+Between two steps the engine drops cancelled and timed-out requests, admits waiting ones into
+free KV slots, and builds the next step: one token for every decoding sequence plus at most
+``prefill_chunk`` prompt tokens of the sequences being prefilled, so a long prompt never
+stalls the running streams for long. A slot is freed on every rank simply by being reused
+(the next sequence writes its KV from position 0). Events go back to each request's asyncio
+queue on the HTTP loop.
 """
 
 from __future__ import annotations
@@ -10,13 +13,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
+
 from server.executor import Executor
-from server.sampler import SamplingParams, make_generator, sample
+from server.metrics import Metrics
+from server.sampler import (
+    SamplingParams,
+    TokenLogprob,
+    apply_penalties,
+    make_generator,
+    sample,
+    token_logprob,
+)
 from server.tokenizer import IncrementalDecoder, StopMatcher, TextTokenizer
 from worker.collective import CollectiveError
 from worker.step import SeqSpan
@@ -26,12 +40,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Event:
-    """A piece of a request's output: new text and token, then a finish reason or error."""
+    """A piece of a request's output: new text and token, then a finish reason or an error."""
 
     text: str = ""
     token: int | None = None
+    logprob: TokenLogprob | None = None
     finish_reason: str | None = None  # "stop" | "length"
     error: str | None = None
+    error_code: str | None = None  # "cluster_unavailable" | "timeout"
 
 
 @dataclass
@@ -40,12 +56,14 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic() after which the request is abandoned
+    arrival: float = field(default_factory=time.monotonic)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    finished: bool = False
     slot: int = -1
     position: int = 0  # tokens already in the KV cache
     output: list[int] = field(default_factory=list)
-    finished: bool = False
 
     def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -63,6 +81,20 @@ class EngineError(RuntimeError):
     pass
 
 
+class QueueFull(EngineError):
+    """Admission refused: the waiting queue is at its request or token limit."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch: int = 8
+    max_context: int = 2048
+    prefill_chunk: int = 256  # prompt tokens per step, over all prefilling sequences
+    max_waiting: int = 64  # queued requests
+    max_waiting_tokens: int = 65536  # queued prompt tokens
+    request_timeout_s: float | None = None
+
+
 class _Running:
     """Engine-thread state of an admitted request."""
 
@@ -71,20 +103,29 @@ class _Running:
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = StopMatcher(list(req.params.stop))
         self.generator = make_generator(req.params.seed)
+        self.counts: Counter[int] = Counter()
+        self.last_token_time: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.req.position < len(self.req.prompt)
 
 
 class Engine:
-    def __init__(self, executor: Executor, tokenizer: TextTokenizer, max_batch: int, max_context: int):
+    def __init__(self, executor: Executor, tokenizer: TextTokenizer, limits: EngineLimits,
+                 metrics: Metrics | None = None):
         self.executor = executor
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
-        self.max_context = max_context
+        self.limits = limits
+        self.metrics = metrics or Metrics()
         self.error: str | None = None
         self.steps = 0
         self._ids = itertools.count(1)
-        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._lock = threading.Lock()  # guards _waiting and _waiting_tokens
+        self._waiting: deque[Request] = deque()
+        self._waiting_tokens = 0
         self._running: list[_Running] = []
-        self._free_slots = list(range(max_batch))
+        self._free_slots = list(range(limits.max_batch))
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -102,12 +143,30 @@ class Engine:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
-        """Queue a request (call from the event loop); read its events with ``stream()``."""
+        """Queue a request (call from the event loop); read its events with ``stream()``.
+
+        Raises QueueFull at once when the queue is at a limit: the caller answers 503.
+        """
         if self.error:
             raise EngineError(self.error)
-        req = Request(next(self._ids), list(prompt), params, asyncio.get_running_loop())
-        self._waiting.put(req)
+        timeout = self.limits.request_timeout_s
+        req = Request(next(self._ids), list(prompt), params, asyncio.get_running_loop(),
+                      deadline=time.monotonic() + timeout if timeout else None)
+        with self._lock:
+            if len(self._waiting) >= self.limits.max_waiting:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise QueueFull(f"the queue is full ({self.limits.max_waiting} requests waiting)")
+            if self._waiting_tokens + len(prompt) > self.limits.max_waiting_tokens:
+                self.metrics.rejected.labels("queue_tokens").inc()
+                raise QueueFull(f"the queue is full ({self._waiting_tokens} prompt tokens waiting)")
+            self._waiting.append(req)
+            self._waiting_tokens += len(prompt)
+            self.metrics.waiting.set(len(self._waiting))
         self._wake.set()
         return req
 
@@ -115,10 +174,11 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drop_cancelled()
+            self._drop_finished_early()
             self._admit()
+            self.metrics.running.set(len(self._running))
             if not self._running:
-                self._wake.wait(0.1)
+                self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
@@ -130,61 +190,112 @@ class Engine:
                     log.exception("step failed")
                 self.error = f"cluster step failed: {exc}"
                 for run in list(self._running):
-                    self._finish(run, Event(error=self.error))
+                    self._finish(run, Event(error=self.error, error_code="cluster_unavailable"), "error")
+        self.metrics.running.set(0)
 
-    def _drop_cancelled(self) -> None:
-        for run in [r for r in self._running if r.req.cancelled]:
-            log.info("request %d cancelled", run.req.id)
-            self._release(run)
+    def _drop_finished_early(self) -> None:
+        now = time.monotonic()
+        for run in list(self._running):
+            req = run.req
+            if req.cancelled:
+                log.info("request %d cancelled by its client", req.id)
+                self._finish(run, Event(error="cancelled", error_code="cancelled"), "cancelled")
+            elif req.deadline is not None and now > req.deadline:
+                self._finish(run, Event(error="request timed out", error_code="timeout"), "timeout")
 
     def _admit(self) -> None:
+        now = time.monotonic()
         while self._free_slots:
-            try:
-                req = self._waiting.get_nowait()
-            except queue.Empty:
-                return
+            with self._lock:
+                if not self._waiting:
+                    break
+                req = self._waiting.popleft()
+                self._waiting_tokens -= len(req.prompt)
+                self.metrics.waiting.set(len(self._waiting))
             if req.cancelled:
+                self.metrics.requests.labels("cancelled").inc()
+                continue
+            if req.deadline is not None and now > req.deadline:
+                req.emit(Event(error="request timed out in the queue", error_code="timeout"))
+                self.metrics.requests.labels("timeout").inc()
                 continue
             req.slot = self._free_slots.pop(0)
+            self.metrics.queue_time.observe(now - req.arrival)
             self._running.append(_Running(req, self.tokenizer))
 
     def _step(self) -> None:
-        spans, tokens = [], []
+        spans, tokens, sampled = [], [], []
+        prefill_budget = self.limits.prefill_chunk
         for run in self._running:
             req = run.req
-            new = req.prompt if req.position == 0 else [req.output[-1]]
+            if run.prefilling:
+                if prefill_budget <= 0:
+                    continue
+                new = req.prompt[req.position:req.position + prefill_budget]
+                prefill_budget -= len(new)
+            else:
+                new = [req.output[-1]]
             spans.append(SeqSpan(req.slot, req.position, len(new)))
             tokens.append(new)
+            sampled.append(run)
+        start = time.perf_counter()
         logits = self.executor.step(tokens, spans)  # (S, V)
+        self.metrics.step_time.observe(time.perf_counter() - start)
+        self.metrics.step_tokens.observe(sum(s.length for s in spans))
+        for seconds in self.executor.allreduce_seconds:
+            self.metrics.allreduce_time.observe(seconds)
         self.steps += 1
-        for run, span, row in zip(list(self._running), spans, logits, strict=True):
-            run.req.position += span.length
-            self._accept(run, sample(row, run.req.params, run.generator))
+        for run, span, row in zip(sampled, spans, logits, strict=True):
+            req = run.req
+            was_prefill = run.prefilling
+            req.position += span.length
+            if was_prefill:
+                self.metrics.prompt_tokens.inc(span.length)
+                if run.prefilling:
+                    continue  # more prompt chunks to come before the first token
+            self._accept(run, row)
 
-    def _accept(self, run: _Running, token: int) -> None:
-        req = run.req
+    def _accept(self, run: _Running, logits_row: torch.Tensor) -> None:
+        req, params = run.req, run.req.params
+        scores = apply_penalties(logits_row, params, req.prompt, run.counts) if params.penalized else logits_row
+        token = sample(scores, params, run.generator)
+        logprob = token_logprob(logits_row, token, params.logprobs) if params.logprobs is not None else None
         req.output.append(token)
-        is_eos = token in self.tokenizer.eos_ids
-        out_of_room = len(req.output) >= req.params.max_tokens or req.position + 1 >= self.max_context
+        run.counts[token] += 1
+        self._record_token_time(run)
+        is_eos = token in self.tokenizer.eos_ids and not params.ignore_eos
+        out_of_room = len(req.output) >= params.max_tokens or req.position + 1 >= self.limits.max_context
         delta = run.decoder.push(token)
         if is_eos or out_of_room:
             delta += run.decoder.flush()
         text, hit_stop = run.stops.feed(delta)
         if hit_stop:
-            self._finish(run, Event(text=text, token=token, finish_reason="stop"))
+            self._finish(run, Event(text=text, token=token, logprob=logprob, finish_reason="stop"), "stop")
         elif is_eos or out_of_room:
             reason = "stop" if is_eos else "length"
-            self._finish(run, Event(text=text + run.stops.flush(), token=token, finish_reason=reason))
+            self._finish(run, Event(text=text + run.stops.flush(), token=token, logprob=logprob,
+                                    finish_reason=reason), reason)
         else:
-            req.emit(Event(text=text, token=token))
+            req.emit(Event(text=text, token=token, logprob=logprob))
 
-    def _finish(self, run: _Running, event: Event) -> None:
-        run.req.finished = True
-        run.req.emit(event)
-        self._release(run)
+    def _record_token_time(self, run: _Running) -> None:
+        now = time.monotonic()
+        if run.last_token_time is None:
+            self.metrics.ttft.observe(now - run.req.arrival)
+        else:
+            self.metrics.itl.observe(now - run.last_token_time)
+        run.last_token_time = now
+        self.metrics.generation_tokens.inc()
 
-    def _release(self, run: _Running) -> None:
+    def _finish(self, run: _Running, event: Event, reason: str) -> None:
+        req = run.req
+        req.finished = True
+        if not req.cancelled:
+            req.emit(event)
+        self.metrics.requests.labels(reason).inc()
+        if reason in ("stop", "length"):
+            self.metrics.e2e.observe(time.monotonic() - req.arrival)
         if run in self._running:
             self._running.remove(run)
-        self._free_slots.append(run.req.slot)
+        self._free_slots.append(req.slot)
         self._free_slots.sort()

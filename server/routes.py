@@ -1,23 +1,35 @@
-"""``/v1/completions`` and ``/v1/chat/completions``: validate, submit, stream or collect."""
+"""Generation endpoints: validate, fan a request out into engine requests (one per prompt and
+per ``n``), then stream their merged events as SSE or collect them into one response."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.app import APIError, ServerState
-from server.engine import Event
+from server.engine import Engine, EngineError, Event, QueueFull
 from server.engine import Request as EngineRequest
-from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, error_body, new_id, now
-from server.sampler import SamplingParams
-from server.tokenizer import ChatTemplateError
-
-router = APIRouter()
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LogprobFormatter,
+    TokenizeRequest,
+    _Request,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
+from server.sampler import SamplingParams, TokenLogprob
+from server.tokenizer import ChatTemplateError, TextTokenizer
 
 DISCONNECT_POLL_S = 0.5
 
@@ -26,11 +38,34 @@ def _state(request: Request) -> ServerState:
     return request.app.state.edgellm
 
 
-def _params(body: _Request, prompt_len: int, max_tokens: int | None, state: ServerState,
-            prompt_param: str) -> SamplingParams:
+async def require_api_key(request: Request) -> None:
+    key = _state(request).api_key
+    if not key:
+        return
+    given = request.headers.get("authorization", "")
+    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       "authentication_error", code="invalid_api_key")
+
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.get("/v1/models")
+async def models(http: Request) -> dict:
+    state = _state(http)
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                        "owned_by": "edgellm", "max_model_len": state.max_context}]}
+
+
+def _check_model(body: _Request, state: ServerState) -> None:
     if body.model != state.model_name:
         raise APIError(400, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
                        param="model", code="model_not_found")
+
+
+def _params(body: _Request, prompt_len: int, max_tokens: int | None, state: ServerState, prompt_param: str,
+            logprobs: int | None) -> SamplingParams:
     room = state.max_context - prompt_len
     if room < 1:
         raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {state.max_context} "
@@ -43,114 +78,286 @@ def _params(body: _Request, prompt_len: int, max_tokens: int | None, state: Serv
         raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
                             f"context of {state.max_context} tokens", param="max_tokens",
                        code="context_length_exceeded")
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          top_k=max(body.top_k, 0), seed=body.seed, stop=body.stop_list())
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+        min_p=body.min_p, seed=body.seed, stop=body.stop_list(), presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+        logprobs=logprobs, ignore_eos=body.ignore_eos)
 
 
-async def _collect(req: EngineRequest, http: Request) -> tuple[str, str]:
-    """Wait for the whole output; cancel the request if the client goes away."""
-    text = []
-    while True:
-        try:
-            # waiting on the queue itself (not on an async generator) is safe to time out
-            event = await asyncio.wait_for(req.events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await http.is_disconnected():
-                req.cancelled = True
-                raise asyncio.CancelledError from None
-            continue
-        if event.error:
-            raise APIError(503, event.error, "service_unavailable", code="cluster_unavailable")
-        text.append(event.text)
-        if event.finish_reason:
-            return "".join(text), event.finish_reason
+def _check_token_ids(ids: list[int], tokenizer: TextTokenizer, param: str) -> list[int]:
+    if not ids or not all(0 <= t < tokenizer.vocab_size for t in ids):
+        raise APIError(400, f"token ids must be a non-empty list of integers in [0, {tokenizer.vocab_size})",
+                       param=param)
+    return ids
 
 
-def _usage(req: EngineRequest) -> dict[str, int]:
-    return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
-            "total_tokens": len(req.prompt) + len(req.output)}
+def _completion_prompts(body: CompletionRequest, tokenizer: TextTokenizer) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+    if all(isinstance(p, int) for p in prompt):
+        return [_check_token_ids(prompt, tokenizer, "prompt")]  # type: ignore[arg-type]
+    return [_check_token_ids(p, tokenizer, "prompt") for p in prompt]  # type: ignore[arg-type]
 
 
-def _sse(req: EngineRequest, chunk: Callable[[Event], dict[str, Any] | None],
-         first: dict[str, Any] | None = None) -> StreamingResponse:
+@dataclass
+class _Choice:
+    """Progress of one choice (one engine request) of a response."""
+
+    req: EngineRequest
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def _submit_all(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], n: int) -> list[_Choice]:
+    """One engine request per prompt and per ``n``; choice ``i * n + j`` is prompt i's j-th."""
+    choices: list[_Choice] = []
+    try:
+        for prompt, base in zip(prompts, params, strict=True):
+            for j in range(n):
+                seeded = base if base.seed is None else _with_seed(base, base.seed + j)
+                choices.append(_Choice(engine.submit(prompt, seeded)))
+    except QueueFull as exc:
+        _cancel(choices)
+        raise APIError(503, str(exc), "service_unavailable", code="queue_full", headers={"Retry-After": "1"}) from None
+    except EngineError as exc:
+        _cancel(choices)
+        raise APIError(503, str(exc), "service_unavailable", code="cluster_unavailable") from None
+    return choices
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+def _cancel(choices: list[_Choice]) -> None:
+    for choice in choices:
+        if not choice.req.finished:
+            choice.req.cancelled = True
+
+
+async def _merged(choices: list[_Choice]) -> AsyncGenerator[tuple[int, Event], None]:
+    """Events of all choices as they come, until each has finished or failed."""
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(index: int, req: EngineRequest) -> None:
+        async for event in req.stream():
+            await queue.put((index, event))
+
+    tasks = [asyncio.create_task(pump(i, c.req)) for i, c in enumerate(choices)]
+    remaining = len(choices)
+    try:
+        while remaining:
+            index, event = await queue.get()
+            if event.finish_reason or event.error:
+                remaining -= 1
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _error_for(event: Event) -> APIError:
+    if event.error_code == "timeout":
+        return APIError(504, event.error or "timed out", "timeout", code="timeout")
+    return APIError(503, event.error or "failed", "service_unavailable", code=event.error_code)
+
+
+async def _collect(choices: list[_Choice], http: Request) -> None:
+    """Fill every choice; cancel them all if the client goes away or one fails."""
+    events = _merged(choices)
+    next_event: asyncio.Task | None = None
+    try:
+        while True:
+            if next_event is None:
+                next_event = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({next_event}, timeout=DISCONNECT_POLL_S)
+            if not done:
+                if await http.is_disconnected():
+                    raise asyncio.CancelledError
+                continue
+            try:
+                index, event = next_event.result()
+            except StopAsyncIteration:
+                return
+            next_event = None
+            if event.error:
+                raise _error_for(event)
+            choice = choices[index]
+            choice.text.append(event.text)
+            if event.logprob:
+                choice.logprobs.append(event.logprob)
+            choice.finish_reason = event.finish_reason or choice.finish_reason
+    finally:
+        if next_event is not None:
+            next_event.cancel()
+        _cancel(choices)
+        await events.aclose()
+
+
+def _usage_of(choices: list[_Choice], prompts: list[list[int]]) -> dict[str, int]:
+    return usage(sum(len(p) for p in prompts), sum(len(c.req.output) for c in choices))
+
+
+class _Shape:
+    """How one API shapes its chunks and its final choices (completions vs chat)."""
+
+    object_name: str
+    chunk_name: str
+
+    def __init__(self, logprobs: LogprobFormatter, want_logprobs: bool):
+        self.fmt = logprobs
+        self.want_logprobs = want_logprobs
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return None
+
+    def chunk(self, index: int, event: Event) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def final(self, index: int, choice: _Choice) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _CompletionShape(_Shape):
+    object_name = chunk_name = "text_completion"
+
+    def chunk(self, index: int, event: Event) -> dict[str, Any]:
+        lp = self.fmt.completion([event.logprob]) if self.want_logprobs and event.logprob else None
+        return {"index": index, "text": event.text, "logprobs": lp, "finish_reason": event.finish_reason}
+
+    def final(self, index: int, choice: _Choice) -> dict[str, Any]:
+        lp = self.fmt.completion(choice.logprobs) if self.want_logprobs else None
+        return {"index": index, "text": "".join(choice.text), "logprobs": lp, "finish_reason": choice.finish_reason}
+
+
+class _ChatShape(_Shape):
+    object_name, chunk_name = "chat.completion", "chat.completion.chunk"
+
+    def opening(self, index: int) -> dict[str, Any]:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def chunk(self, index: int, event: Event) -> dict[str, Any]:
+        lp = self.fmt.chat([event.logprob]) if self.want_logprobs and event.logprob else None
+        return {"index": index, "delta": {"content": event.text} if event.text else {}, "logprobs": lp,
+                "finish_reason": event.finish_reason}
+
+    def final(self, index: int, choice: _Choice) -> dict[str, Any]:
+        lp = self.fmt.chat(choice.logprobs) if self.want_logprobs else None
+        return {"index": index, "message": {"role": "assistant", "content": "".join(choice.text)}, "logprobs": lp,
+                "finish_reason": choice.finish_reason}
+
+
+def _sse(choices: list[_Choice], prompts: list[list[int]], shape: _Shape, state: ServerState,
+         include_usage: bool) -> StreamingResponse:
+    rid, created = new_id("cmpl" if isinstance(shape, _CompletionShape) else "chatcmpl"), now()
+    extra = {"usage": None} if include_usage else {}
+
+    def frame(choice_list: list[dict[str, Any]], **more: Any) -> str:
+        body = {"id": rid, "object": shape.chunk_name, "created": created, "model": state.model_name,
+                "choices": choice_list, **extra, **more}
+        return f"data: {json.dumps(body)}\n\n"
+
     async def body() -> AsyncIterator[str]:
         try:
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
-            async for event in req.stream():
+            for i in range(len(choices)):
+                if (opening := shape.opening(i)) is not None:
+                    yield frame([opening])
+            async for index, event in _merged(choices):
                 if event.error:
-                    err = error_body(event.error, "service_unavailable", code="cluster_unavailable")
-                    yield f"data: {json.dumps(err)}\n\n"
+                    err = _error_for(event)
+                    yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
                     break
-                payload = chunk(event)
-                if payload is not None:
-                    yield f"data: {json.dumps(payload)}\n\n"
+                if event.text or event.finish_reason or (shape.want_logprobs and event.logprob):
+                    yield frame([shape.chunk(index, event)])
+            else:
+                if include_usage:
+                    yield frame([], usage=_usage_of(choices, prompts))
             yield "data: [DONE]\n\n"
         finally:
-            if not req.finished:
-                req.cancelled = True  # the client went away mid-stream
+            _cancel(choices)  # the client went away, or one choice failed
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+async def _respond(http: Request, body: _Request, prompts: list[list[int]], params: list[SamplingParams],
+                   shape: _Shape) -> JSONResponse | StreamingResponse:
+    state = _state(http)
+    engine, _ = state.ready_engine()
+    choices = _submit_all(engine, prompts, params, body.n)
+    if body.stream:
+        return _sse(choices, prompts, shape, state, body.include_usage)
+    await _collect(choices, http)
+    return JSONResponse({
+        "id": new_id("cmpl" if isinstance(shape, _CompletionShape) else "chatcmpl"),
+        "object": shape.object_name, "created": now(), "model": state.model_name,
+        "choices": [shape.final(i, c) for i, c in enumerate(choices)], "usage": _usage_of(choices, prompts)})
+
+
+def _token_text(tokenizer: TextTokenizer) -> Any:
+    """A token's text for logprobs; a token holding part of a UTF-8 character has no text of its
+    own, so it is named by its vocabulary entry instead (unique, unlike U+FFFD)."""
+    def text(token: int) -> str:
+        decoded = tokenizer.decode([token], skip_special_tokens=False)
+        return decoded if "\ufffd" not in decoded else tokenizer.token_name(token)
+
+    return text
+
+
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
     state = _state(http)
-    engine, tokenizer = state.ready_engine()
-    if isinstance(body.prompt, str):
-        prompt = tokenizer.encode(body.prompt)
-    else:
-        prompt = body.prompt
-        if not prompt or not all(0 <= t < state_vocab(state) for t in prompt):
-            raise APIError(400, f"prompt token ids must be non-empty and in [0, {state_vocab(state)})", param="prompt")
-    params = _params(body, len(prompt), body.max_tokens, state, "prompt")
-    req = engine.submit(prompt, params)
-    rid, created = new_id("cmpl"), now()
-
-    def frame(text: str, finish: str | None) -> dict[str, Any]:
-        return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-    if body.stream:
-        return _sse(req, lambda e: frame(e.text, e.finish_reason) if e.text or e.finish_reason else None)
-    text, finish = await _collect(req, http)
-    return JSONResponse(frame(text, finish) | {"usage": _usage(req)})
-
-
-def state_vocab(state: ServerState) -> int:
-    assert state.tokenizer is not None
-    return state.tokenizer.vocab_size
+    _, tokenizer = state.ready_engine()
+    _check_model(body, state)
+    prompts = _completion_prompts(body, tokenizer)
+    params = [_params(body, len(p), body.max_tokens, state, "prompt", body.logprobs) for p in prompts]
+    shape = _CompletionShape(LogprobFormatter(_token_text(tokenizer)), body.logprobs is not None)
+    return await _respond(http, body, prompts, params, shape)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
     state = _state(http)
-    engine, tokenizer = state.ready_engine()
+    _, tokenizer = state.ready_engine()
+    _check_model(body, state)
     try:
         prompt = tokenizer.encode_chat([m.model_dump() for m in body.messages])
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _params(body, len(prompt), max_tokens, state, "messages")
-    req = engine.submit(prompt, params)
-    rid, created = new_id("chatcmpl"), now()
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    params = _params(body, len(prompt), max_tokens, state, "messages", top)
+    shape = _ChatShape(LogprobFormatter(_token_text(tokenizer)), body.logprobs)
+    return await _respond(http, body, [prompt], [params], shape)
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-    if body.stream:
-        def on_event(e: Event) -> dict[str, Any] | None:
-            if not (e.text or e.finish_reason):
-                return None
-            return chunk({"content": e.text} if e.text else {}, e.finish_reason)
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, http: Request) -> dict:
+    state = _state(http)
+    _, tokenizer = state.ready_engine()
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+    try:
+        if body.messages is not None:
+            tokens = tokenizer.encode_chat([m.model_dump() for m in body.messages])
+        else:
+            tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+    except ChatTemplateError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_context}
 
-        return _sse(req, on_event, first=chunk({"role": "assistant", "content": ""}, None))
-    text, finish = await _collect(req, http)
-    return JSONResponse({
-        "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish}],
-        "usage": _usage(req),
-    })
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, http: Request) -> dict:
+    _, tokenizer = _state(http).ready_engine()
+    return {"prompt": tokenizer.decode(_check_token_ids(body.tokens, tokenizer, "tokens"))}

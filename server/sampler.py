@@ -1,7 +1,13 @@
-"""Next-token choice from logits: greedy, or temperature / top-k / top-p sampling."""
+"""Next-token choice from logits: penalties, then greedy or temperature / top-k / top-p / min-p
+sampling, plus the log-probabilities clients ask for.
+
+Penalties follow the usual definitions: presence and frequency penalties (OpenAI) count
+generated tokens; the repetition penalty (CTRL, as in transformers) covers prompt and output.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -13,12 +19,29 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's plus the top k
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, logprob), most likely first
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -30,8 +53,24 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int],
+                    output_counts: Counter[int]) -> torch.Tensor:
+    """Penalized copy of ``logits`` (V,)."""
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output_counts)), dtype=torch.long)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                   picked * params.repetition_penalty)
+    if output_counts and (params.presence_penalty or params.frequency_penalty):
+        ids = torch.tensor(list(output_counts), dtype=torch.long)
+        counts = torch.tensor(list(output_counts.values()), dtype=logits.dtype)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return logits
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick one token from ``logits`` (V,) float32."""
+    """Pick one token from ``logits`` (V,) float32 (penalties already applied)."""
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
@@ -39,10 +78,21 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+        drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p * sorted_probs.sum()
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Log-probability of ``token`` and the ``top`` most likely tokens, under the model's
+    unmodified distribution (before penalties and temperature), as vLLM reports them."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top > 0 else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
+    return TokenLogprob(token, float(logprobs[token]), pairs)

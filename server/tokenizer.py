@@ -77,6 +77,10 @@ class TextTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_name(self, token: int) -> str:
+        """The vocabulary entry of ``token`` (e.g. ``Ġthe`` or ``<0xE2>``)."""
+        return self._tok.id_to_token(token) or f"<{token}>"
+
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")

@@ -39,7 +39,7 @@ def _generate_with_engine(model_dir, weights: list[float], prompts: list[list[in
     """Greedy generation through the real engine, all prompts batched together."""
     import asyncio
 
-    from server.engine import Engine
+    from server.engine import Engine, EngineLimits
     from server.sampler import SamplingParams
     from server.tokenizer import TextTokenizer
 
@@ -51,7 +51,7 @@ def _generate_with_engine(model_dir, weights: list[float], prompts: list[list[in
         return [req.output for req in requests]
 
     with inprocess_cluster(model_dir, weights) as executor:
-        engine = Engine(executor, TextTokenizer(model_dir), max_batch=4, max_context=128)
+        engine = Engine(executor, TextTokenizer(model_dir), EngineLimits(max_batch=4, max_context=128))
         engine.start()
         try:
             return asyncio.run(run(engine))
@@ -71,3 +71,36 @@ def test_greedy_tokens_match_transformers_generate(checkpoints, arch: str, ranks
         expected.append(out[0, len(prompt):].tolist())
     got = _generate_with_engine(model_dir, RANK_WEIGHTS[ranks], prompts, max_tokens=20)
     assert got == expected
+
+
+def test_chunked_prefill_generates_the_same_tokens(checkpoints) -> None:
+    """A prompt prefilled 4 tokens per step, beside other sequences, equals one whole prefill."""
+    import asyncio
+
+    from server.engine import Engine, EngineLimits
+    from server.sampler import SamplingParams
+    from server.tokenizer import TextTokenizer
+
+    model_dir = checkpoints("llama")
+    prompts = [PROMPT * 3, PROMPT[:3], PROMPT[::-1]]
+
+    async def run(engine: Engine) -> list[list[int]]:
+        reqs = [engine.submit(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for p in prompts]
+        for req in reqs:
+            async for _ in req.stream():
+                pass
+        return [r.output for r in reqs]
+
+    outputs = []
+    for chunk in (4, 256):
+        with inprocess_cluster(model_dir, [1.0, 1.0]) as executor:
+            engine = Engine(executor, TextTokenizer(model_dir), EngineLimits(max_batch=4, max_context=128,
+                                                                             prefill_chunk=chunk))
+            engine.start()
+            try:
+                outputs.append(asyncio.run(run(engine)))
+            finally:
+                engine.stop()
+            if chunk == 4:
+                assert engine.steps > 12 + len(PROMPT * 3) // 4, "the long prompt must take several steps"
+    assert outputs[0] == outputs[1]

@@ -1,0 +1,60 @@
+"""Sampling decisions are pure functions of logits, parameters and a seeded generator."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from server.sampler import SamplingParams, apply_penalties, make_generator, sample, token_logprob
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+
+
+def _draws(params: SamplingParams, n: int = 400, seed: int = 0) -> Counter[int]:
+    gen = make_generator(seed)
+    return Counter(sample(LOGITS, params, gen) for _ in range(n))
+
+
+def test_greedy_is_argmax() -> None:
+    assert sample(LOGITS, SamplingParams(temperature=0.0), make_generator(0)) == 0
+
+
+@pytest.mark.parametrize(("params", "allowed"), [
+    (SamplingParams(temperature=1.0, top_k=2), {0, 1}),
+    (SamplingParams(temperature=1.0, top_p=0.5), {0}),  # p(0) ≈ 0.57 already covers 0.5
+    (SamplingParams(temperature=1.0, top_p=0.8), {0, 1}),
+    (SamplingParams(temperature=1.0, min_p=0.3), {0, 1}),  # p(1)/p(0) = e^-1 ≈ 0.37, p(2)/p(0) ≈ 0.22
+])
+def test_cuts_keep_only_allowed_tokens(params: SamplingParams, allowed: set[int]) -> None:
+    drawn = _draws(params)
+    assert set(drawn) == allowed
+
+
+def test_seed_reproduces_and_temperature_flattens() -> None:
+    params = SamplingParams(temperature=1.0)
+    assert _draws(params, seed=3) == _draws(params, seed=3)
+    hot = _draws(SamplingParams(temperature=2.0), n=2000)
+    cold = _draws(SamplingParams(temperature=0.3), n=2000)
+    assert hot[0] < cold[0]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
+    out = apply_penalties(LOGITS, SamplingParams(repetition_penalty=2.0), prompt=[0], output_counts=Counter({3: 1}))
+    assert out.tolist() == [1.0, 1.0, 0.5, -2.0, -3.0]
+
+
+def test_presence_and_frequency_penalties_count_output_tokens() -> None:
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(LOGITS, params, prompt=[1], output_counts=Counter({0: 2, 2: 1}))
+    assert out.tolist() == [2.0 - 0.5 - 0.5, 1.0, 0.5 - 0.5 - 0.25, -1.0, -3.0]
+    assert torch.equal(LOGITS, torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])), "input must not be modified"
+
+
+def test_logprobs_are_the_model_distribution() -> None:
+    entry = token_logprob(LOGITS, token=2, top=2)
+    expected = torch.log_softmax(LOGITS, -1)
+    assert entry.logprob == pytest.approx(float(expected[2]))
+    assert [t for t, _ in entry.top] == [0, 1]
+    assert token_logprob(LOGITS, token=1, top=0).top == []

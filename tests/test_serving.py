@@ -1,0 +1,200 @@
+"""Serving under load: the fuller OpenAI API, batching equivalence, cancellation, overload, auth,
+metrics. Real coordinator and worker processes on loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.processes import served
+
+pytestmark = pytest.mark.cluster
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def url(checkpoints, tmp_path_factory) -> str:
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with served(checkpoints("llama"), "--local-workers", "1", "--model-name", MODEL, "--max-batch", "8",
+                log_path=log) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def test_stream_with_include_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 6
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_choices_differ_and_are_reproducible(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, prompt="The quick", max_tokens=12, temperature=1.0, n=3, seed=7,
+                  extra_body={"ignore_eos": True})
+    first = client.completions.create(**kwargs)
+    assert sorted(c.index for c in first.choices) == [0, 1, 2]
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1, "n samples with one seed must still differ from each other"
+    again = client.completions.create(**kwargs)
+    assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts
+    assert first.usage is not None and first.usage.completion_tokens == 36
+
+
+def test_list_of_prompts(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt=["Hello", "The quick brown"], max_tokens=4,
+                                      temperature=0)
+    solo = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0).choices[0].text
+            for p in ["Hello", "The quick brown"]]
+    assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == solo
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logprobs=3,
+                                      extra_body={"ignore_eos": True})
+    lp = reply.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == 5 and len(lp.token_logprobs) == 5
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and chosen <= 0.0
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the most likely
+
+
+def test_chat_logprobs_and_stop(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Hello!"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    assert content is not None and len(content) == 8
+    assert all(len(item.top_logprobs) == 2 for item in content)
+    text = reply.choices[0].message.content
+    stop = text[2:4]
+    stopped = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                             stop=[stop], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+
+
+def test_seed_gives_the_same_text_alone_or_batched_with_seven_others(client: openai.OpenAI) -> None:
+    def ask(seed: int, prompt: str = "Raspberry Pi boards") -> str:
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0.9, top_p=0.95,
+                                         seed=seed, extra_body={"ignore_eos": True}).choices[0].text
+
+    alone = ask(1234)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        others = [pool.submit(ask, s, f"prompt number {s}") for s in range(7)]
+        batched = pool.submit(ask, 1234)
+        concurrent.futures.wait(others)
+    assert batched.result() == alone
+
+
+def test_eight_concurrent_greedy_streams_equal_their_solo_runs(client: openai.OpenAI) -> None:
+    prompts = [f"Stream {i}: the quick brown fox" * (1 + i % 3) for i in range(8)]
+
+    def stream(prompt: str) -> str:
+        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    solo = [stream(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(stream, prompts))
+    assert together == solo
+
+
+def test_client_that_drops_mid_stream_frees_its_slot(url: str, client: openai.OpenAI) -> None:
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
+        lines = resp.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert _metric(url, "edgellm_requests_running") == 1
+    deadline = time.monotonic() + 10
+    while _metric(url, "edgellm_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(url, "edgellm_requests_running") == 0
+    assert _metric(url, 'edgellm_requests_total{finish_reason="cancelled"}') >= 1
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3).choices[0].finish_reason
+
+
+def test_tokenize_detokenize(url: str) -> None:
+    tokens = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 1
+    text = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]}).json()["prompt"]
+    assert text == "Hello world"
+    chat = httpx.post(f"{url}/tokenize", json={"messages": [{"role": "user", "content": "x"}]}).json()
+    assert chat["count"] > 1
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [-1]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_metrics_are_exported(url: str, client: openai.OpenAI) -> None:
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=3)
+    text = httpx.get(f"{url}/metrics").text
+    for name in ["edgellm_requests_total", "edgellm_time_to_first_token_seconds_bucket",
+                 "edgellm_inter_token_latency_seconds_bucket", "edgellm_e2e_request_latency_seconds_bucket",
+                 "edgellm_queue_time_seconds_bucket", "edgellm_requests_running", "edgellm_requests_waiting",
+                 "edgellm_prompt_tokens_total", "edgellm_generation_tokens_total", "edgellm_step_seconds_bucket",
+                 "edgellm_allreduce_seconds_bucket", "edgellm_workers_up", 'edgellm_rank_steps{rank="1"}']:
+        assert name in text, name
+    assert _metric(url, "edgellm_workers_up") == 1
+
+
+def test_overload_gets_503_at_once_and_loses_nothing(checkpoints, tmp_path: Path) -> None:
+    with served(checkpoints("llama"), "--model-name", MODEL, "--max-batch", "1", "--max-queue", "1",
+                log_path=tmp_path / "serve.log") as url:
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
+            deadline = time.monotonic() + 10
+            while _metric(url, "edgellm_requests_running") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            queued = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
+            while _metric(url, "edgellm_requests_waiting") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            start = time.monotonic()
+            refused = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            refused_after = time.monotonic() - start
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert refused_after < 5, "a refusal must not wait for a slot"
+            for future in (running, queued):
+                done = future.result()
+                assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 200
+
+
+def test_api_key_and_request_timeout(checkpoints, tmp_path: Path) -> None:
+    with served(checkpoints("llama"), "--model-name", MODEL, "--api-key", "k3y", "--request-timeout", "0.1",
+                log_path=tmp_path / "serve.log") as url:
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+        missing = httpx.post(f"{url}/v1/completions", json=body)
+        wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        for resp in (missing, wrong):
+            assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
+        # one step: far inside the timeout
+        assert good.completions.create(model=MODEL, prompt="Hello", max_tokens=1).choices[0].finish_reason
+        # 250 steps of at least a millisecond each: past the 0.1 s timeout
+        slow = httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer k3y"},
+                          json={"model": MODEL, "prompt": "Hello", "max_tokens": 250, "ignore_eos": True}, timeout=60)
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
