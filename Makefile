@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	bash deploy/install-system-deps.sh
 	touch $(STAMP)
 
 # A local cluster: the coordinator (rank 0, HTTP on :8000) plus 2 worker processes,
