@@ -43,6 +43,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
     p.add_argument("--hub-port", type=int, default=0, help="ZeroMQ hub port (default: any free port)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for each worker")
+    p.add_argument("--recovery-wait", type=float, default=30.0,
+                   help="seconds running requests wait for a failed rank to rejoin before they fail (default: 30)")
     p.add_argument("--step-timeout", type=float, default=30.0,
                    help="seconds a step waits for a rank before the request fails (default: 30)")
 
@@ -73,7 +75,7 @@ def run_shard(args: argparse.Namespace) -> int:
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
-    from server.cluster import ClusterError
+    from server.workers import ClusterError
 
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -87,9 +89,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import ServerState, create_app
-    from server.cluster import Cluster, ClusterOptions, check_workers, spawn_local_workers, start_cluster
+    from server.cluster import Cluster, ClusterOptions
     from server.engine import Engine, EngineLimits
     from server.tokenizer import TextTokenizer
+    from server.workers import LocalWorker, check_workers
     from worker.config import ModelConfig
     from worker.sharding import parse_weights, plan_shards
 
@@ -111,12 +114,12 @@ def run_serve(args: argparse.Namespace) -> int:
                           step_timeout_s=args.step_timeout)
     _check_port_free(args.host, args.port)
     clients = check_workers(remote, token, args.connect_timeout)
-    local_addresses, procs = spawn_local_workers(args.local_workers, token, args.threads)
+    local = [LocalWorker(token, args.threads) for _ in range(args.local_workers)]
     name = args.model_name or Path(args.model).absolute().name
     state = ServerState(model_name=name, max_context=max_context, api_key=args.api_key)
     limits = EngineLimits(max_batch=args.max_batch, max_context=max_context, prefill_chunk=args.prefill_chunk,
                           max_waiting=args.max_queue, max_waiting_tokens=args.max_queued_tokens,
-                          request_timeout_s=args.request_timeout)
+                          request_timeout_s=args.request_timeout, recovery_wait_s=args.recovery_wait)
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                            log_level="info", timeout_graceful_shutdown=3))
     cluster: list[Cluster] = []
@@ -124,12 +127,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
-            all_clients = clients + check_workers(local_addresses, token, 60.0)
-            executor = start_cluster(opts, all_clients, lambda who, i, n: log.info("%s: %d/%d layers", who, i, n))
-            cluster.append(Cluster(executor, all_clients, procs))
+            all_clients = clients + check_workers([w.address for w in local], token, 60.0)
+            cluster.append(Cluster.start(opts, all_clients, local,
+                                         lambda who, i, n: log.info("%s: %d/%d layers", who, i, n)))
             state.metrics.workers_up.set(len(all_clients))
             state.metrics.watch_ranks(cluster[0].rank_stats)
-            engine = Engine(executor, tokenizer, limits, state.metrics)
+            engine = Engine(cluster[0].executor, tokenizer, limits, state.metrics, recover=cluster[0].recover)
             engine.start()
             state.engine, state.tokenizer = engine, tokenizer
             state.status, state.detail = "ready", f"{world} ranks"
@@ -158,8 +161,8 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             for client in clients:
                 client.close()
-            for proc in procs:
-                proc.terminate()
+            for worker in local:
+                worker.stop()
     return 1 if failed else 0
 
 
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_arguments(sub.add_parser("worker", help="run a worker rank"))
     _shard_arguments(sub.add_parser("shard", help="write one shard file per rank"))
     args = parser.parse_args(argv)
-    from server.cluster import ClusterError
+    from server.workers import ClusterError
     from worker.config import CheckpointError
     from worker.sharding import ShardingError
 

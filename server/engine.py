@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +93,7 @@ class EngineLimits:
     max_waiting: int = 64  # queued requests
     max_waiting_tokens: int = 65536  # queued prompt tokens
     request_timeout_s: float | None = None
+    recovery_wait_s: float = 30.0  # how long running requests wait for a failed rank to come back
 
 
 class _Running:
@@ -105,20 +106,29 @@ class _Running:
         self.generator = make_generator(req.params.seed)
         self.counts: Counter[int] = Counter()
         self.last_token_time: float | None = None
+        self.context = req.prompt  # tokens to (re)build the KV cache from
 
     @property
     def prefilling(self) -> bool:
-        return self.req.position < len(self.req.prompt)
+        return self.req.position < len(self.context)
+
+    def rewind(self) -> None:
+        """Rebuild this sequence's KV cache from scratch (after a rank was replaced): replay the
+        prompt and every generated token but the last, which the next decode step feeds."""
+        self.context = self.req.prompt + self.req.output[:-1]
+        self.req.position = 0
 
 
 class Engine:
     def __init__(self, executor: Executor, tokenizer: TextTokenizer, limits: EngineLimits,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, recover: Callable[[float], bool] | None = None):
         self.executor = executor
         self.tokenizer = tokenizer
         self.limits = limits
         self.metrics = metrics or Metrics()
-        self.error: str | None = None
+        self.error: str | None = None  # set while the cluster is broken: new requests get 503
+        self._recover = recover
+        self._next_repair = 0.0
         self.steps = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # guards _waiting and _waiting_tokens
@@ -174,6 +184,9 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self.error and not self._repair_in_background():
+                self._wake.wait(0.2)
+                continue
             self._drop_finished_early()
             self._admit()
             self.metrics.running.set(len(self._running))
@@ -183,15 +196,51 @@ class Engine:
                 continue
             try:
                 self._step()
-            except Exception as exc:  # a dead rank, a broken step: fail the batch, not the server
-                if isinstance(exc, CollectiveError):
-                    log.error("step failed: %s", exc)
-                else:
-                    log.exception("step failed")
-                self.error = f"cluster step failed: {exc}"
-                for run in list(self._running):
-                    self._finish(run, Event(error=self.error, error_code="cluster_unavailable"), "error")
+            except Exception as exc:  # a dead rank, a broken step: repair, replay, or fail cleanly
+                self._on_step_failure(exc)
         self.metrics.running.set(0)
+
+    def _on_step_failure(self, exc: Exception) -> None:
+        if isinstance(exc, CollectiveError):
+            log.error("step failed: %s", exc)
+        else:
+            log.exception("step failed")
+        self.error = f"a rank failed ({exc}); the cluster is recovering"
+        self.metrics.workers_up.dec()
+        deadline = time.monotonic() + self.limits.recovery_wait_s
+        if self._recover is not None and self._try_recover(deadline):
+            for run in self._running:
+                run.rewind()
+            log.info("cluster repaired; replaying %d running sequences", len(self._running))
+            return
+        self.error = f"a rank failed and did not come back within {self.limits.recovery_wait_s:.0f} s: {exc}"
+        for run in list(self._running):
+            self._finish(run, Event(error=self.error, error_code="cluster_unavailable"), "error")
+        with self._lock:
+            waiting, self._waiting, self._waiting_tokens = list(self._waiting), deque(), 0
+            self.metrics.waiting.set(0)
+        for req in waiting:
+            req.emit(Event(error=self.error, error_code="cluster_unavailable"))
+            self.metrics.requests.labels("error").inc()
+
+    def _try_recover(self, deadline: float) -> bool:
+        assert self._recover is not None
+        try:
+            repaired = self._recover(deadline)
+        except Exception:
+            log.exception("repair failed")
+            repaired = False
+        if repaired:
+            self.error = None
+            self.metrics.workers_up.set(self.executor.hub.world_size - 1)
+        return repaired
+
+    def _repair_in_background(self) -> bool:
+        """While broken with nothing running, retry the repair every few seconds."""
+        if self._recover is None or time.monotonic() < self._next_repair:
+            return False
+        self._next_repair = time.monotonic() + 2.0
+        return self._try_recover(time.monotonic() + 5.0)
 
     def _drop_finished_early(self) -> None:
         now = time.monotonic()
@@ -231,7 +280,7 @@ class Engine:
             if run.prefilling:
                 if prefill_budget <= 0:
                     continue
-                new = req.prompt[req.position:req.position + prefill_budget]
+                new = run.context[req.position:req.position + prefill_budget]
                 prefill_budget -= len(new)
             else:
                 new = [req.output[-1]]
@@ -251,8 +300,8 @@ class Engine:
             req.position += span.length
             if was_prefill:
                 self.metrics.prompt_tokens.inc(span.length)
-                if run.prefilling:
-                    continue  # more prompt chunks to come before the first token
+                if run.prefilling or req.output:
+                    continue  # more prompt to come, or a replay: its next token is already known
             self._accept(run, row)
 
     def _accept(self, run: _Running, logits_row: torch.Tensor) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,21 +83,96 @@ def test_wrong_cluster_token_is_refused(checkpoints) -> None:
         stop(worker)
 
 
-def test_killed_worker_gives_a_clean_error_and_the_coordinator_stays_up(checkpoints, tmp_path: Path) -> None:
+def _coordinator(url: str) -> psutil.Process:
+    port = url.rsplit(":", 1)[1]
+    return next(p for p in psutil.process_iter(["cmdline"]) if port in " ".join(p.info["cmdline"] or []))
+
+
+def _kill(proc: psutil.Process) -> None:
+    proc.kill()  # SIGKILL: no goodbye on any socket, like a Pi losing power
+    deadline = time.monotonic() + 10
+    while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class HealthWatch(threading.Thread):
+    """Polls /health and records every status code it sees, in order (bounded in time)."""
+
+    def __init__(self, url: str, seconds: float = 90.0):
+        super().__init__(daemon=True)
+        self.url, self.codes, self.done = url, [], threading.Event()
+        self.deadline = time.monotonic() + seconds
+
+    def run(self) -> None:
+        while not self.done.is_set() and time.monotonic() < self.deadline:
+            try:
+                code = httpx.get(f"{self.url}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                code = 0
+            if not self.codes or self.codes[-1] != code:
+                self.codes.append(code)
+            time.sleep(0.05)
+
+
+def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(checkpoints, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    with served(checkpoints("llama"), "--local-workers", "1", "--model-name", "m", "--step-timeout", "5",
+    body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    with served(checkpoints("llama"), "--local-workers", "2", "--model-name", "m", "--step-timeout", "3",
                 log_path=log) as url:
-        assert _complete(url, "m").status_code == 200
-        coordinator = next(p for p in psutil.process_iter(["cmdline"])
-                           if url.rsplit(":", 1)[1] in " ".join(p.info["cmdline"] or []))
-        worker = next(c for c in coordinator.children() if "worker.cli" in " ".join(c.cmdline()))
-        worker.kill()  # the coordinator is its parent and reaps it; until then it is a zombie
-        deadline = time.monotonic() + 10
-        while worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        undisturbed = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        coordinator = _coordinator(url)
+        watch = HealthWatch(url)
+        watch.start()
+        pieces, error = [], None
+        with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=90) as resp:
+            for i, line in enumerate(resp.iter_lines()):
+                if i == 10:
+                    worker = next(c for c in coordinator.children() if "worker.cli" in " ".join(c.cmdline()))
+                    _kill(worker)
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    error = chunk["error"]
+                    break
+                pieces.append(chunk["choices"][0]["text"])
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
-        resp = _complete(url, "m")
-        assert resp.status_code == 503
-        assert resp.json()["error"]["code"] == "cluster_unavailable"
-        assert httpx.get(f"{url}/health").status_code == 503
+        watch.done.set()
+        watch.join()
         assert coordinator.is_running()
+        if error is None:
+            assert "".join(pieces) == undisturbed
+        else:
+            assert error["code"] == "cluster_unavailable" and error["message"]
+        assert 503 in watch.codes and watch.codes[-1] == 200, watch.codes
+        again = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert again == undisturbed
+    assert "Traceback" not in log.read_text()
+
+
+def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_path: Path) -> None:
+    port = free_port()
+    worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(port), "--cluster-token", "t")
+    log = tmp_path / "serve.log"
+    try:
+        with served(checkpoints("llama"), "--workers", f"127.0.0.1:{port}", "--cluster-token", "t",
+                    "--model-name", "m", "--step-timeout", "2", "--recovery-wait", "2", log_path=log) as url:
+            assert _complete(url, "m").status_code == 200
+            _kill(psutil.Process(worker.pid))
+            worker.wait(10)
+            resp = _complete(url, "m")
+            assert resp.status_code == 503
+            assert resp.json()["error"]["code"] == "cluster_unavailable"
+            assert httpx.get(f"{url}/health").status_code == 503
+            assert _coordinator(url).is_running()
+            # the worker comes back at the same address: the cluster repairs itself
+            worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(port), "--cluster-token", "t")
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _complete(url, "m").status_code == 200
+    finally:
+        stop(worker)
     assert "Traceback" not in log.read_text()

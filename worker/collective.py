@@ -22,6 +22,16 @@ from worker.wire import Kind, Message, WireError, decode_message, encode_message
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
+# ZeroMQ heartbeats find a peer that vanished without closing its socket (an unplugged Pi).
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+
+
+def _keepalive(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
 
 class CollectiveError(RuntimeError):
@@ -46,21 +56,23 @@ class StarHub:
         self._digest = token_digest(token)
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished rank raises at once
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted rank takes its identity back
+        _keepalive(self.sock)
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peers = [_identity(r) for r in range(1, world_size)]
         self._step = 0
         self._seq = 0
 
-    def wait_for_ranks(self, timeout_s: float, still_loading: Callable[[], bool] = lambda: False) -> None:
-        """Block until every worker rank said HELLO with the right token.
+    def wait_for_ranks(self, timeout_s: float, still_loading: Callable[[], bool] = lambda: False,
+                       ranks: list[int] | None = None) -> None:
+        """Block until every worker rank (or those of ``ranks``) said HELLO with the right token.
 
         The ``timeout_s`` clock restarts while ``still_loading()`` is true: loading a big
         shard may take minutes, joining after it should take seconds.
         """
-        missing = set(self._peers)
+        missing = set(self._peers) if ranks is None else {_identity(r) for r in ranks}
         deadline = time.monotonic() + timeout_s
         while missing:
             if still_loading():
@@ -132,6 +144,13 @@ class StarHub:
         self._broadcast(encode_message(Kind.REDUCED, [total], step=self._step, seq=self._seq))
         return total
 
+    def abort_step(self) -> None:
+        """Tell every reachable rank to drop the current step (one of them failed)."""
+        for peer in self._peers:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send_multipart([peer, *encode_message(Kind.ABORT, step=self._step)])
+        # partials of the dead step still in flight are dropped later by their step id
+
     def stop(self) -> None:
         for peer in self._peers:
             with contextlib.suppress(zmq.ZMQError):
@@ -151,7 +170,7 @@ class StarRank:
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, _identity(rank))
-        self.sock.setsockopt(zmq.LINGER, 0)
+        _keepalive(self.sock)
         self.sock.connect(hub_address)
         self.step = 0
         self._seq = 0
@@ -180,8 +199,8 @@ class StarRank:
         self.sock.send_multipart(encode_message(Kind.PARTIAL, [partial], step=self.step, seq=self._seq),
                                  copy=False)
         msg = self.recv()
-        if msg.kind == Kind.STOP:
-            raise CollectiveError("hub stopped the step")
+        if msg.kind in (Kind.STOP, Kind.ABORT):
+            raise CollectiveError(f"hub sent {msg.kind.name} during the step")
         if msg.kind != Kind.REDUCED or (msg.step, msg.seq) != (self.step, self._seq):
             raise CollectiveError(f"expected REDUCED {self.step}/{self._seq}, got {msg.kind.name} "
                                   f"{msg.step}/{msg.seq}")

@@ -109,6 +109,8 @@ class WorkerRank:
                 msg = self.link.recv(timeout_ms=0)
                 if msg.kind == Kind.STOP:
                     break
+                if msg.kind == Kind.ABORT:
+                    continue  # the step it aborts had already ended here
                 if msg.kind != Kind.STEP or len(msg.tensors) != 2:
                     log.warning("ignoring %s outside a step", msg.kind.name)
                     continue

@@ -30,6 +30,7 @@ class Kind(enum.IntEnum):
     REDUCED = 4  # hub -> ranks: the summed block output (T, d)
     STOP = 5  # hub -> ranks: leave the data-plane loop
     WELCOME = 6  # hub -> rank: HELLO accepted
+    ABORT = 7  # hub -> ranks: the current step is abandoned (a rank failed); wait for the next
 
 
 DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.int64,

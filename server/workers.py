@@ -1,0 +1,136 @@
+"""The coordinator's handles on its workers: gRPC clients, and the local worker processes that
+``serve --local-workers`` spawns and keeps alive."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from protos.edgellm.v1 import control_pb2 as pb
+from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
+from worker.service import TOKEN_METADATA_KEY
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 10.0
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be started or repaired; the message names the worker and the reason."""
+
+
+class WorkerClient:
+    def __init__(self, address: str, token: str):
+        self.address = address
+        # reconnect fast: a restarted worker should be found in a second, not after gRPC's
+        # default backoff of up to two minutes
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000)])
+        self.stub = pb_grpc.WorkerStub(self.channel)
+        self._meta = ((TOKEN_METADATA_KEY, token),)
+
+    def _call(self, what: str, fn: Callable, request: object, timeout: float | None = RPC_TIMEOUT_S) -> object:
+        try:
+            return fn(request, metadata=self._meta, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "ERROR"
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise ClusterError(f"worker {self.address}: {what} failed ({code}): {detail}") from None
+
+    def health(self, timeout: float = RPC_TIMEOUT_S) -> pb.HealthReply:
+        return self._call("health check", self.stub.Health, pb.HealthRequest(), timeout)  # type: ignore[return-value]
+
+    def is_ready(self, timeout: float = 1.0) -> bool:
+        """In the data plane right now (False when unreachable)."""
+        try:
+            return self.health(timeout).state == pb.HealthReply.READY
+        except ClusterError:
+            return False
+
+    def wait_reachable(self, timeout_s: float) -> None:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise ClusterError(f"worker {self.address} is not reachable (nothing answered within "
+                               f"{timeout_s:.0f} s; is `edgellm worker` running there?)") from None
+        self.health()
+
+    def configure(self, request: pb.ConfigureRequest) -> None:
+        self._call("configure", self.stub.Configure, request)
+
+    def load(self, on_progress: Callable[[int, int], None]) -> None:
+        stream = self._call("load", self.stub.Load, pb.LoadRequest(), timeout=None)
+        try:
+            for update in stream:  # type: ignore[attr-defined]
+                on_progress(update.layers_loaded, update.layers_total)
+        except grpc.RpcError as exc:
+            raise ClusterError(f"worker {self.address}: load failed: {exc.details()}") from None
+
+    def stats(self) -> pb.StatsReply:
+        return self._call("stats", self.stub.Stats, pb.StatsRequest(), timeout=2.0)  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            self.stub.Shutdown(pb.ShutdownRequest(), metadata=self._meta, timeout=2)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def check_workers(addresses: list[str], token: str, timeout_s: float) -> list[WorkerClient]:
+    """Connect to every worker, failing fast with the address of the first that is missing."""
+    clients = [WorkerClient(a, token) for a in addresses]
+    with ThreadPoolExecutor(max(1, len(clients))) as pool:
+        for future in [pool.submit(c.wait_reachable, timeout_s) for c in clients]:
+            future.result()
+    return clients
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalWorker:
+    """A worker process on loopback, started (and restarted) by the coordinator."""
+
+    def __init__(self, token: str, threads: int | None, extra_args: list[str] | None = None):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._cmd = [sys.executable, "-m", "worker.cli", "--host", "127.0.0.1", "--port", str(self.port),
+                     *(["--threads", str(threads)] if threads else []), *(extra_args or [])]
+        self._env = dict(os.environ, EDGELLM_CLUSTER_TOKEN=token, EDGELLM_PARENT_PID=str(os.getpid()))
+        self.restarts = 0
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self._cmd, env=self._env, cwd=str(Path(__file__).resolve().parents[1]))
+
+    def restart_if_dead(self) -> bool:
+        """Start the process again if it has exited; True when it did."""
+        if self.proc.poll() is None:
+            return False
+        log.warning("local worker %s exited with %s; restarting it", self.address, self.proc.returncode)
+        self.restarts += 1
+        self.proc = self._spawn()
+        return True
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
