@@ -47,6 +47,13 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running requests wait for a failed rank to rejoin before they fail (default: 30)")
     p.add_argument("--step-timeout", type=float, default=30.0,
                    help="seconds a step waits for a rank before the request fails (default: 30)")
+    from worker.budget import parse_size
+
+    p.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+                   help="weights + KV cache bytes of rank 0 and of each --local-workers rank, e.g. 2GiB; "
+                        "a larger shard streams from disk (default: all resident)")
+    p.add_argument("--expert-cache", type=parse_size, default=None, metavar="SIZE",
+                   help="routed-expert cache bytes of rank 0 and each local worker (MoE; default: all resident)")
 
 
 def _shard_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,10 +118,13 @@ def run_serve(args: argparse.Namespace) -> int:
     opts = ClusterOptions(model_dir=args.model, weights=weights, token=token, max_batch=args.max_batch,
                           max_context=max_context, dtype=args.dtype, hub_host=args.hub_host,
                           hub_port=args.hub_port, connect_timeout_s=args.connect_timeout,
-                          step_timeout_s=args.step_timeout)
+                          step_timeout_s=args.step_timeout, memory_budget=args.memory_budget,
+                          expert_cache=args.expert_cache)
     _check_port_free(args.host, args.port)
     clients = check_workers(remote, token, args.connect_timeout)
-    local = [LocalWorker(token, args.threads) for _ in range(args.local_workers)]
+    budgets = [*(["--memory-budget", str(args.memory_budget)] if args.memory_budget else []),
+               *(["--expert-cache", str(args.expert_cache)] if args.expert_cache else [])]
+    local = [LocalWorker(token, args.threads, budgets) for _ in range(args.local_workers)]
     name = args.model_name or Path(args.model).absolute().name
     state = ServerState(model_name=name, max_context=max_context, api_key=args.api_key)
     limits = EngineLimits(max_batch=args.max_batch, max_context=max_context, prefill_chunk=args.prefill_chunk,

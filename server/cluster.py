@@ -60,6 +60,8 @@ class ClusterOptions:
     hub_port: int = 0
     step_timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
+    memory_budget: int | None = None  # rank 0's (workers have their own `--memory-budget`)
+    expert_cache: int | None = None  # rank 0's expert cache bytes
 
 
 @dataclass
@@ -89,7 +91,8 @@ class Cluster:
                 loads = [pool.submit(cls._join, opts, client, shard, hub_address, on_progress)
                          for client, shard in zip(clients, shards[1:], strict=True)]
                 spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
-                                DTYPES[opts.dtype])
+                                DTYPES[opts.dtype], memory_budget=opts.memory_budget,
+                                expert_cache_bytes=opts.expert_cache)
                 executor = Executor(spec, hub)
                 if on_progress:
                     on_progress("rank 0", config.num_layers, config.num_layers)
@@ -167,6 +170,19 @@ class Cluster:
                 return False
             log.info("rank %d (%s) rejoined", rank, client.address)
         return True
+
+    def stats(self) -> list[dict]:
+        """Every rank's numbers, rank 0 (this process) first: ``{"rank", "address", <StatsReply fields>}``;
+        an unreachable worker gets only ``rank``, ``address`` and ``"error"``."""
+        from worker.service import stats_dict
+
+        out: list[dict] = [{"rank": 0, "address": "coordinator", **self.executor.stats()}]
+        for rank, client in enumerate(self.clients, start=1):
+            try:
+                out.append({"rank": rank, "address": client.address, **stats_dict(client.stats())})
+            except ClusterError as exc:
+                out.append({"rank": rank, "address": client.address, "error": str(exc)})
+        return out
 
     def rank_stats(self) -> dict[int, dict[str, float]]:
         """Numeric stats of every reachable worker rank, keyed by rank (for /metrics)."""

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from worker.collective import StarHub
 from worker.kv_cache import KVCache
-from worker.models import model_class
+from worker.loader import load_rank
 from worker.models.llama import rms_norm
-from worker.runtime import RankSpec, load_layers, new_kv_cache, spans_to_tensor
+from worker.runtime import RankSpec, spans_to_tensor
 from worker.step import SeqSpan, StepPlan
 from worker.weights import HubWeights, load_hub
 
@@ -31,10 +31,13 @@ class Executor:
         self.config = spec.config
         self.hub = hub
         self.weights = hub_weights or load_hub(spec.model_dir, spec.dtype)
-        self.kv: KVCache = new_kv_cache(spec)
         self.allreduce_seconds: list[float] = []  # hub time of each allreduce in the last step
-        self.model = model_class(self.config.architecture)(
-            self.config, spec.shard, load_layers(spec), self.kv, self._timed_allreduce)
+        # Rank 0's shard goes through the same weight store / expert cache as a worker's.
+        self.rank = load_rank(spec, self._timed_allreduce)
+        self.model = self.rank.model
+        self.kv: KVCache = self.model.kv
+        self.steps = 0
+        self.tokens = 0
 
     def _timed_allreduce(self, partial: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -51,12 +54,21 @@ class Executor:
         hidden = F.embedding(ids, self.weights.embed)  # (T, d)
         self.hub.start_step(spans_to_tensor(spans), hidden)
         hidden = self.model.forward(hidden, StepPlan.build(spans, self.config.sliding_window))
+        self.steps += 1
+        self.tokens += int(ids.shape[0])
         if not all_logits:
             last = torch.tensor([sum(s.length for s in spans[: i + 1]) - 1 for i in range(len(spans))])
             hidden = hidden[last]  # (S, d)
         hidden = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
         return F.linear(hidden, self.weights.lm_head).float()  # (S or T, V)
 
+    def stats(self) -> dict[str, float]:
+        """Rank 0's numbers, the same keys as a worker's ``Stats`` reply (see ``rank_stats``)."""
+        from worker.service import process_memory
+
+        return process_memory() | self.rank.stats() | {"steps": self.steps, "tokens": self.tokens}
+
     def close(self) -> None:
         self.hub.stop()
         self.hub.close()
+        self.rank.close()

@@ -22,10 +22,13 @@ from worker.sharding import plan_shards
 
 @contextmanager
 def inprocess_cluster(model_dir: Path, weights: list[float], max_batch: int = 4, max_context: int = 128,
-                      dtype: torch.dtype = torch.float32, token: str = "test") -> Iterator[Executor]:
+                      dtype: torch.dtype = torch.float32, token: str = "test",
+                      **spec_options: object) -> Iterator[Executor]:
+    """``spec_options`` go to every rank's ``RankSpec`` (memory_budget, expert_cache_bytes, ...)."""
     config = ModelConfig.from_dir(model_dir)
     shards = plan_shards(config, weights)
-    specs = [RankSpec(str(model_dir), config, s, max_batch, max_context, dtype) for s in shards]
+    specs = [RankSpec(str(model_dir), config, s, max_batch, max_context, dtype, **spec_options)  # type: ignore[arg-type]
+             for s in shards]
     hub = StarHub(len(shards), token=token, timeout_s=20)
     workers = [WorkerRank(spec, hub.address, token) for spec in specs[1:]]
     executor = None

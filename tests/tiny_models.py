@@ -35,7 +35,19 @@ ARCHS: dict[str, dict[str, Any]] = {
                    rope_theta=10000.0),
     "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", sliding_window=12, tie_word_embeddings=False),
     "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", tie_word_embeddings=False),
+    # Mixture of experts: 4 experts, top-2, so tokens of one prompt use different experts.
+    "mixtral": dict(cls="MixtralForCausalLM", cfg="MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
+                    intermediate_size=96, tie_word_embeddings=False),
+    # Layer 1 keeps a dense MLP (mlp_only_layers); shared expert behind its sigmoid gate.
+    "qwen2_moe": dict(cls="Qwen2MoeForCausalLM", cfg="Qwen2MoeConfig", num_hidden_layers=3, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                      mlp_only_layers=[1], norm_topk_prob=False, tie_word_embeddings=False),
+    "qwen3_moe": dict(cls="Qwen3MoeForCausalLM", cfg="Qwen3MoeConfig", num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=48, norm_topk_prob=True, tie_word_embeddings=False),
+    "olmoe": dict(cls="OlmoeForCausalLM", cfg="OlmoeConfig", num_experts=4, num_experts_per_tok=2,
+                  intermediate_size=64, norm_topk_prob=False, tie_word_embeddings=False),
 }
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def build_tokenizer(out_dir: Path) -> Any:
@@ -73,18 +85,25 @@ def build_checkpoint(out_dir: Path, arch: str = "llama", seed: int = 0, max_shar
     )
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(cfg).eval()
-    if arch == "qwen2":  # biases init to zero; make them matter
-        with torch.no_grad():
-            for layer in model.model.layers:
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if arch in ("qwen2", "qwen2_moe"):  # biases init to zero; make them matter
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
+            for name in ("q_norm", "k_norm"):  # norms init to one; make them matter
+                if hasattr(layer.self_attn, name):
+                    getattr(layer.self_attn, name).weight.normal_(1.0, 0.2)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     return out_dir
 
 
 def load_reference(model_dir: Path) -> Any:
+    import json
+
     import transformers
 
+    arch = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
+    moe = {"experts_implementation": "eager"} if "Moe" in arch or "Mixtral" in arch else {}
     return transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        model_dir, dtype=torch.float32, attn_implementation="eager", **moe).eval()

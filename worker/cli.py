@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from worker.budget import parse_size
 from worker.service import serve
 
 log = logging.getLogger("edgellm.worker")
@@ -20,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-token", default=os.environ.get("EDGELLM_CLUSTER_TOKEN", ""),
                         help="shared secret every peer must present (default: $EDGELLM_CLUSTER_TOKEN)")
     parser.add_argument("--threads", type=int, default=None, help="torch compute threads (default: all cores)")
+    parser.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+                        help="bytes for this rank's weights and KV cache, e.g. 2GiB; a larger shard streams "
+                             "from disk through a sliding window (default: no budget, all resident)")
+    parser.add_argument("--expert-cache", type=parse_size, default=None, metavar="SIZE",
+                        help="bytes for routed experts of an MoE model (default: all resident)")
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        serve(args.host, args.port, args.cluster_token)
+        serve(args.host, args.port, args.cluster_token, args.memory_budget, args.expert_cache)
     except (OSError, RuntimeError) as exc:
         log.error("cannot start the worker: %s", exc)
         return 2

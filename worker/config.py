@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
+# Architectures whose q/k/v projections carry a bias whatever "attention_bias" says (and o_proj none).
+_QKV_BIAS_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 
 # Rope types whose inverse frequencies we know how to compute.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -51,6 +55,24 @@ class ModelConfig:
     sliding_window: int | None  # None: full causal attention
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Mixture of experts (num_experts == 0: a dense model).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0  # columns of one routed expert
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    norm_topk_prob: bool = False  # renormalize the top-k routing weights to sum to 1
+    dense_mlp_layers: tuple[int, ...] = ()  # layers of an MoE model that keep a dense MLP
+    # q/k RMSNorm before RoPE: "head" normalizes each head (Qwen3-MoE), "full" the whole
+    # projection (OLMoE, which under tensor parallelism needs the sum of squares of all ranks).
+    qk_norm: str | None = None
+    clip_qkv: float | None = None  # OLMoE: clamp q/k/v to [-clip, clip]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer not in self.dense_mlp_layers
 
     @property
     def group_size(self) -> int:
@@ -84,12 +106,13 @@ class ModelConfig:
                 rope=_parse_rope(raw),
                 max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
-                o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
+                attention_bias=_qkv_bias(arch, raw),
+                o_bias=arch not in _QKV_BIAS_ARCHITECTURES and bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
                 sliding_window=_parse_sliding_window(arch, raw),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
+                **_parse_moe(arch, raw),
             )
         except KeyError as exc:
             raise CheckpointError(f"config.json is missing required key {exc.args[0]!r}") from None
@@ -142,11 +165,50 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
+def _qkv_bias(arch: str, raw: dict[str, Any]) -> bool:
+    if arch == "Qwen2ForCausalLM":
+        return True
+    if arch == "Qwen2MoeForCausalLM":
+        return bool(raw.get("qkv_bias", True))
+    return bool(raw.get("attention_bias", False))
+
+
+def _parse_moe(arch: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of ``ModelConfig`` for ``arch`` (empty for a dense architecture)."""
+    if arch not in MOE_ARCHITECTURES:
+        return {}
+    if arch == "MixtralForCausalLM":
+        # Mixtral always renormalizes its top-k weights (softmax, top-k, divide by the sum).
+        return dict(num_experts=int(raw["num_local_experts"]), experts_per_token=int(raw["num_experts_per_tok"]),
+                    moe_intermediate_size=int(raw["intermediate_size"]), norm_topk_prob=True)
+    experts = raw.get("num_experts", raw.get("num_local_experts"))  # Qwen3-MoE in transformers 5 writes the latter
+    if experts is None:
+        raise KeyError("num_experts")
+    out: dict[str, Any] = dict(num_experts=int(experts), experts_per_token=int(raw["num_experts_per_tok"]),
+                               norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
+    if arch == "OlmoeForCausalLM":
+        clip = raw.get("clip_qkv")
+        return out | dict(moe_intermediate_size=int(raw["intermediate_size"]), qk_norm="full",
+                          clip_qkv=float(clip) if clip is not None else None)
+    out["moe_intermediate_size"] = int(raw["moe_intermediate_size"])
+    step = int(raw.get("decoder_sparse_step", 1) or 1)
+    only = {int(i) for i in raw.get("mlp_only_layers") or []}
+    layers = int(raw["num_hidden_layers"])
+    out["dense_mlp_layers"] = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    if arch == "Qwen2MoeForCausalLM":
+        out["shared_expert_intermediate_size"] = int(raw.get("shared_expert_intermediate_size") or 0)
+    else:
+        out["qk_norm"] = "head"
+    return out
+
+
 def _parse_sliding_window(arch: str, raw: dict[str, Any]) -> int | None:
     window = raw.get("sliding_window")
     if not window:
         return None
-    if arch == "Qwen2ForCausalLM":
+    if arch == "Qwen3MoeForCausalLM" and not raw.get("use_sliding_window", False):
+        return None
+    if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         if not raw.get("use_sliding_window", False):
             return None
         # Qwen2 mixes window and full layers (max_window_layers); not implemented yet.

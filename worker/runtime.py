@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from worker.collective import CollectiveError, StarRank
 from worker.config import ModelConfig
-from worker.kv_cache import KVCache
-from worker.models import model_class
+from worker.loader import Progress, load_rank
 from worker.sharding import RankShard
 from worker.step import SeqSpan, StepPlan
-from worker.weights import LayerWeights, iter_rank_layers
 from worker.wire import Kind, WireError
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]  # (layers loaded, total layers)
+__all__ = ["Progress", "RankSpec", "WorkerRank"]
 
 
 @dataclass(frozen=True)
@@ -37,21 +34,10 @@ class RankSpec:
     max_batch: int
     max_context: int
     dtype: torch.dtype = torch.float32
-
-
-def load_layers(spec: RankSpec, progress: Progress | None = None) -> list[LayerWeights]:
-    layers = []
-    total = spec.config.num_layers
-    for index, layer in enumerate(iter_rank_layers(spec.model_dir, spec.shard, total, spec.dtype)):
-        layers.append(layer)
-        if progress:
-            progress(index + 1, total)
-    return layers
-
-
-def new_kv_cache(spec: RankSpec) -> KVCache:
-    return KVCache(spec.config.num_layers, spec.max_batch, spec.max_context, spec.shard.num_kv_heads,
-                   spec.config.head_dim, spec.dtype)
+    memory_budget: int | None = None  # bytes for weights + KV cache; None: everything resident
+    expert_cache_bytes: int | None = None  # bytes of routed experts (MoE); None: all resident
+    expert_policy: str = "distance"  # expert cache eviction: "distance" or "lru"
+    prefetch: bool = True  # MoE: predict and prefetch the next layer's experts
 
 
 def spans_from_tensor(spans: torch.Tensor) -> list[SeqSpan]:
@@ -83,11 +69,15 @@ class WorkerRank:
     def __init__(self, spec: RankSpec, hub_address: str, token: str, progress: Progress | None = None,
                  timeout_s: float = 30.0):
         self.spec = spec
-        self.layers = load_layers(spec, progress)
         self.link = StarRank(spec.shard.rank, hub_address, token, timeout_s)
-        self.model = model_class(spec.config.architecture)(
-            spec.config, spec.shard, self.layers, new_kv_cache(spec), self.link.allreduce)
+        try:
+            self.loaded = load_rank(spec, self.link.allreduce, progress)
+        except BaseException:
+            self.link.close()
+            raise
+        self.model = self.loaded.model
         self.steps = 0
+        self.tokens = 0
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -122,6 +112,7 @@ class WorkerRank:
                 with torch.inference_mode():
                     self.model.forward(hidden.to(self.spec.dtype), StepPlan.build(spans, self.spec.config.sliding_window))
                 self.steps += 1
+                self.tokens += hidden.shape[0]
             except (CollectiveError, WireError) as exc:
                 # A broken step is abandoned; the hub notices and decides what to do.
                 log.warning("rank %d: step abandoned: %s", self.spec.shard.rank, exc)
@@ -134,3 +125,7 @@ class WorkerRank:
         if self._thread:
             self._thread.join(timeout=5)
         self.link.close()
+        self.loaded.close()
+
+    def stats(self) -> dict[str, float]:
+        return self.loaded.stats() | {"steps": self.steps, "tokens": self.tokens}

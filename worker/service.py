@@ -3,6 +3,7 @@ stats, shutdown. Every call must carry the cluster token in its metadata."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -59,9 +60,39 @@ def shard_to_proto(shard: RankShard) -> pb.RankShard:
                         mlp_end=shard.mlp_columns[1])
 
 
+def process_memory() -> dict[str, float]:
+    """RSS now (psutil) and its peak: the kernel's high-water mark, exact where sampling is not."""
+    info = psutil.Process().memory_info()
+    peak = info.rss
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    return {"rss_bytes": info.rss, "peak_rss_bytes": peak, "threads": torch.get_num_threads()}
+
+
+def stats_reply(numbers: dict[str, float]) -> pb.StatsReply:
+    """The reply for a stats dict; integer fields get integers, unknown keys are left out."""
+    fields = pb.StatsReply.DESCRIPTOR.fields_by_name
+    out: dict[str, Any] = {}
+    for key, value in numbers.items():
+        if key in fields:
+            double = fields[key].type == fields[key].TYPE_DOUBLE
+            out[key] = float(value) if double else int(value)
+    return pb.StatsReply(**out)
+
+
+def stats_dict(reply: pb.StatsReply) -> dict[str, float]:
+    """Every numeric field of a reply, zeros included."""
+    return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+
+
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, token: str, on_shutdown: Callable[[], None]):
+    def __init__(self, token: str, on_shutdown: Callable[[], None], memory_budget: int | None = None,
+                 expert_cache_bytes: int | None = None):
         self.token = token
+        self.memory_budget = memory_budget
+        self.expert_cache_bytes = expert_cache_bytes
         self._on_shutdown = on_shutdown
         self._lock = threading.Lock()
         self._spec: RankSpec | None = None
@@ -90,7 +121,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             self._release()
             shard = shard_from_proto(request.shard, config.group_size)
             self._spec = RankSpec(request.model_dir, config, shard, request.max_batch, request.max_context,
-                                  DTYPES[request.dtype])
+                                  DTYPES[request.dtype], memory_budget=self.memory_budget,
+                                  expert_cache_bytes=self.expert_cache_bytes)
             self._hub = request.hub_address
             self._set(pb.HealthReply.CONFIGURED, f"rank {shard.rank} of {shard.world_size}")
         log.info("configured as rank %d of %d, hub %s", shard.rank, shard.world_size, self._hub)
@@ -140,13 +172,9 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         rank = self._rank
-        return pb.StatsReply(
-            rss_bytes=psutil.Process().memory_info().rss,
-            weight_bytes=sum(layer.nbytes() for layer in rank.layers) if rank else 0,
-            kv_cache_bytes=rank.model.kv.nbytes() if rank else 0,
-            steps=rank.steps if rank else 0,
-            threads=torch.get_num_threads(),
-        )
+        numbers = process_memory() | (rank.stats() if rank else {})
+        numbers["memory_budget_bytes"] = self.memory_budget or 0
+        return stats_reply(numbers)
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
         log.info("shutdown requested")
@@ -161,11 +189,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             self._rank = None
 
 
-def serve(host: str, port: int, token: str) -> None:
+def serve(host: str, port: int, token: str, memory_budget: int | None = None,
+          expert_cache_bytes: int | None = None) -> None:
     """Run the worker until Shutdown or a signal."""
     stopped = threading.Event()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[TokenInterceptor(token)])
-    service = WorkerService(token, stopped.set)
+    service = WorkerService(token, stopped.set, memory_budget, expert_cache_bytes)
     pb_grpc.add_WorkerServicer_to_server(service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -83,8 +83,10 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
         with tqdm(total=cfg.num_layers * world, desc="sharding", unit="slice", disable=not progress) as bar:
             for layer in range(cfg.num_layers):
                 for shard, writer in zip(shards, writers, strict=True):
-                    for name, tensor in slice_layer(ckpt, shard, layer, dtype).to_flat(layer).items():
-                        writer.add(name, tensor)
+                    # Block by block, field by field: every block is one contiguous byte range.
+                    for block, fields in slice_layer(ckpt, shard, layer, dtype).items():
+                        for name, tensor in fields.items():
+                            writer.add(f"{block}.{name}", tensor)
                     bar.update(1)
         for writer in writers:
             writer.close()

@@ -28,12 +28,16 @@ class RankShard:
     kv_heads: tuple[int, int]
     mlp_columns: tuple[int, int]
     group_size: int  # query heads per KV head
+    expert_columns: tuple[int, int] = (0, 0)  # of every routed expert (MoE), split like a dense MLP
+    shared_columns: tuple[int, int] = (0, 0)  # of the shared expert (Qwen2-MoE)
 
     @classmethod
     def from_dict(cls, raw: dict) -> RankShard:
         """Inverse of ``dataclasses.asdict`` (JSON turns the range tuples into lists)."""
         return cls(rank=int(raw["rank"]), world_size=int(raw["world_size"]), kv_heads=tuple(raw["kv_heads"]),
-                   mlp_columns=tuple(raw["mlp_columns"]), group_size=int(raw["group_size"]))
+                   mlp_columns=tuple(raw["mlp_columns"]), group_size=int(raw["group_size"]),
+                   expert_columns=tuple(raw.get("expert_columns", (0, 0))),
+                   shared_columns=tuple(raw.get("shared_columns", (0, 0))))
 
     @property
     def num_kv_heads(self) -> int:
@@ -92,8 +96,13 @@ def plan_shards(config: ModelConfig, weights: Sequence[float]) -> list[RankShard
         )
     kv = _ranges(apportion(config.num_kv_heads, weights))
     mlp = _ranges(apportion(config.intermediate_size, weights))
+    none = [(0, 0)] * n
+    experts = _ranges(apportion(config.moe_intermediate_size, weights)) if config.is_moe else none
+    shared = (_ranges(apportion(config.shared_expert_intermediate_size, weights))
+              if config.shared_expert_intermediate_size else none)
     return [
-        RankShard(rank=r, world_size=n, kv_heads=kv[r], mlp_columns=mlp[r], group_size=config.group_size)
+        RankShard(rank=r, world_size=n, kv_heads=kv[r], mlp_columns=mlp[r], group_size=config.group_size,
+                  expert_columns=experts[r], shared_columns=shared[r])
         for r in range(n)
     ]
 

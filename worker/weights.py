@@ -1,7 +1,9 @@
 """A rank's weights: sliced from a checkpoint on the fly or read from a shard file.
 
-Both paths produce the same flat ``{name: tensor}`` per layer, with q/k/v fused into one
-column-parallel matrix and gate/up into another, so compute does one matmul each.
+Both paths produce the same blocks per layer (``layers.L.attn``, ``layers.L.mlp`` and, for
+MoE, ``layers.L.experts.E``), each a ``{field: tensor}`` dict, with q/k/v fused into one
+column-parallel matrix and gate/up into another, so compute does one matmul each. A block is
+the unit the weight store loads and releases.
 Row-parallel biases (o_proj, down_proj) are kept on rank 0 only: the allreduce then adds
 them exactly once.
 """
@@ -9,9 +11,9 @@ them exactly once.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
@@ -22,38 +24,84 @@ from worker.sharding import RankShard
 
 SHARD_MANIFEST = "edgellm_shards.json"
 HUB_FILE = "hub.safetensors"
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: blocks (attn, mlp, experts.E) per layer
 # Files copied next to the shards so a shard directory is also a servable model directory.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "special_tokens_map.json")
 
 
-@dataclass
-class LayerWeights:
-    """One rank's slice of one decoder layer (shapes for ``qh`` q heads, ``kh`` kv heads, ``w`` mlp cols)."""
+Fields = dict[str, torch.Tensor]  # one block's tensors by field name
+T = TypeVar("T")
 
-    attn_norm: torch.Tensor  # (d,)
+
+@dataclass
+class AttentionWeights:
+    """One rank's attention block (``qh`` q heads, ``kh`` kv heads of ``hd``)."""
+
+    norm: torch.Tensor  # (d,)
     wqkv: torch.Tensor  # ((qh + 2*kh) * hd, d)
     bqkv: torch.Tensor | None  # ((qh + 2*kh) * hd,)
     wo: torch.Tensor  # (d, qh * hd)
     bo: torch.Tensor | None  # (d,) on rank 0 only
-    mlp_norm: torch.Tensor  # (d,)
+    q_norm: torch.Tensor | None = None  # (hd,) per head, or this rank's (qh * hd,) of a full q norm
+    k_norm: torch.Tensor | None = None  # (hd,) per head, or this rank's (kh * hd,)
+
+
+@dataclass
+class MlpWeights:
+    """One rank's dense MLP block (``w`` columns)."""
+
+    norm: torch.Tensor  # (d,)
     w_gate_up: torch.Tensor  # (2 * w, d)
     b_gate_up: torch.Tensor | None  # (2 * w,)
     w_down: torch.Tensor  # (d, w)
     b_down: torch.Tensor | None  # (d,) on rank 0 only
 
+
+@dataclass
+class MoeWeights:
+    """The non-routed part of an MoE block: norm, router (replicated on every rank), shared expert."""
+
+    norm: torch.Tensor  # (d,)
+    router: torch.Tensor  # (E, d), the same on every rank
+    shared_gate_up: torch.Tensor | None = None  # (2 * ws, d)
+    shared_down: torch.Tensor | None = None  # (d, ws)
+    shared_gate: torch.Tensor | None = None  # (1, d), the same on every rank
+
+
+@dataclass
+class ExpertWeights:
+    """One rank's columns of one routed expert (``we`` columns)."""
+
+    w_gate_up: torch.Tensor  # (2 * we, d)
+    w_down: torch.Tensor  # (d, we)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
 
-    def to_flat(self, layer: int) -> dict[str, torch.Tensor]:
-        return {f"layers.{layer}.{k}": v.contiguous() for k, v in vars(self).items() if v is not None}
 
-    @classmethod
-    def from_flat(cls, flat: dict[str, torch.Tensor], layer: int) -> LayerWeights:
-        prefix = f"layers.{layer}."
-        fields = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-        return cls(**{name: fields.get(name) for name in cls.__dataclass_fields__})  # type: ignore[arg-type]
+def from_fields(cls: type[T], fields: Fields) -> T:
+    """Build a block dataclass from its tensors; a missing optional field is None."""
+    try:
+        return cls(**{name: fields.get(name) for name in cls.__dataclass_fields__})  # type: ignore[attr-defined]
+    except TypeError as exc:
+        raise CheckpointError(f"block does not fit {cls.__name__}: {exc}") from None
+
+
+def attn_block(layer: int) -> str:
+    return f"layers.{layer}.attn"
+
+
+def mlp_block(layer: int) -> str:
+    return f"layers.{layer}.mlp"
+
+
+def expert_block(layer: int, expert: int) -> str:
+    return f"layers.{layer}.experts.{expert}"
+
+
+def fields_nbytes(fields: Fields) -> int:
+    return sum(t.numel() * t.element_size() for t in fields.values())
 
 
 @dataclass
@@ -69,42 +117,78 @@ def _hf(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{name}"
 
 
-def slice_layer(ckpt: Checkpoint, shard: RankShard, layer: int, dtype: torch.dtype) -> LayerWeights:
-    """Read this rank's part of ``layer`` from a Hugging Face checkpoint."""
+def _moe_names(architecture: str) -> tuple[str, tuple[str, str, str]]:
+    """(router prefix, expert (gate, up, down) names) in the Hugging Face checkpoint."""
+    if architecture == "MixtralForCausalLM":
+        return "block_sparse_moe", ("w1", "w3", "w2")
+    return "mlp", ("gate_proj", "up_proj", "down_proj")
+
+
+def slice_layer(ckpt: Checkpoint, shard: RankShard, layer: int, dtype: torch.dtype) -> dict[str, Fields]:
+    """Read this rank's part of ``layer`` from a Hugging Face checkpoint, as blocks in file order
+    (attention, MLP, then each routed expert)."""
     cfg = ckpt.config
     hd = cfg.head_dim
     q0, q1 = (h * hd for h in shard.q_heads)
     k0, k1 = (h * hd for h in shard.kv_heads)
-    c0, c1 = shard.mlp_columns
+    lead = shard.rank == 0
     attn = lambda n: _hf(layer, f"self_attn.{n}")  # noqa: E731
-    mlp = lambda n: _hf(layer, f"mlp.{n}")  # noqa: E731
+
+    def get(name: str) -> torch.Tensor:
+        return ckpt.get(name).to(dtype)
 
     def rows(name: str, a: int, b: int) -> torch.Tensor:
         return ckpt.get_rows(name, a, b).to(dtype)
 
-    wqkv = torch.cat([rows(attn("q_proj.weight"), q0, q1), rows(attn("k_proj.weight"), k0, k1),
-                      rows(attn("v_proj.weight"), k0, k1)])
-    bqkv = None
+    def cols(name: str, a: int, b: int) -> torch.Tensor:
+        return ckpt.get_columns(name, a, b).to(dtype).contiguous()
+
+    attention: Fields = {
+        "norm": get(_hf(layer, "input_layernorm.weight")),
+        "wqkv": torch.cat([rows(attn("q_proj.weight"), q0, q1), rows(attn("k_proj.weight"), k0, k1),
+                           rows(attn("v_proj.weight"), k0, k1)]),
+        "wo": cols(attn("o_proj.weight"), q0, q1),
+    }
     if cfg.attention_bias:
-        bqkv = torch.cat([rows(attn("q_proj.bias"), q0, q1), rows(attn("k_proj.bias"), k0, k1),
-                          rows(attn("v_proj.bias"), k0, k1)])
-    w_gate_up = torch.cat([rows(mlp("gate_proj.weight"), c0, c1), rows(mlp("up_proj.weight"), c0, c1)])
-    b_gate_up = None
-    if cfg.mlp_bias:
-        b_gate_up = torch.cat([rows(mlp("gate_proj.bias"), c0, c1), rows(mlp("up_proj.bias"), c0, c1)])
-    lead = shard.rank == 0
-    return LayerWeights(
-        attn_norm=ckpt.get(_hf(layer, "input_layernorm.weight")).to(dtype),
-        wqkv=wqkv,
-        bqkv=bqkv,
-        wo=ckpt.get_columns(attn("o_proj.weight"), q0, q1).to(dtype).contiguous(),
-        bo=ckpt.get(attn("o_proj.bias")).to(dtype) if cfg.o_bias and lead else None,
-        mlp_norm=ckpt.get(_hf(layer, "post_attention_layernorm.weight")).to(dtype),
-        w_gate_up=w_gate_up,
-        b_gate_up=b_gate_up,
-        w_down=ckpt.get_columns(mlp("down_proj.weight"), c0, c1).to(dtype).contiguous(),
-        b_down=ckpt.get(mlp("down_proj.bias")).to(dtype) if cfg.mlp_bias and lead else None,
-    )
+        attention["bqkv"] = torch.cat([rows(attn("q_proj.bias"), q0, q1), rows(attn("k_proj.bias"), k0, k1),
+                                       rows(attn("v_proj.bias"), k0, k1)])
+    if cfg.o_bias and lead:
+        attention["bo"] = get(attn("o_proj.bias"))
+    if cfg.qk_norm == "head":
+        attention["q_norm"], attention["k_norm"] = get(attn("q_norm.weight")), get(attn("k_norm.weight"))
+    elif cfg.qk_norm == "full":
+        attention["q_norm"] = rows(attn("q_norm.weight"), q0, q1)
+        attention["k_norm"] = rows(attn("k_norm.weight"), k0, k1)
+
+    def gated_mlp(prefix: str, names: tuple[str, str, str], columns: tuple[int, int]) -> Fields:
+        gate, up, down = (f"{prefix}.{n}.weight" for n in names)
+        c0, c1 = columns
+        return {"w_gate_up": torch.cat([rows(gate, c0, c1), rows(up, c0, c1)]), "w_down": cols(down, c0, c1)}
+
+    blocks = {attn_block(layer): attention}
+    mlp_norm = get(_hf(layer, "post_attention_layernorm.weight"))
+    if not cfg.is_moe_layer(layer):
+        mlp = {"norm": mlp_norm, **gated_mlp(_hf(layer, "mlp"), ("gate_proj", "up_proj", "down_proj"),
+                                             shard.mlp_columns)}
+        if cfg.mlp_bias:
+            c0, c1 = shard.mlp_columns
+            mlp["b_gate_up"] = torch.cat([rows(_hf(layer, "mlp.gate_proj.bias"), c0, c1),
+                                          rows(_hf(layer, "mlp.up_proj.bias"), c0, c1)])
+            if lead:
+                mlp["b_down"] = get(_hf(layer, "mlp.down_proj.bias"))
+        blocks[mlp_block(layer)] = mlp
+        return blocks
+    prefix, names = _moe_names(cfg.architecture)
+    moe: Fields = {"norm": mlp_norm, "router": get(_hf(layer, f"{prefix}.gate.weight"))}
+    if cfg.shared_expert_intermediate_size:
+        shared = gated_mlp(_hf(layer, "mlp.shared_expert"), ("gate_proj", "up_proj", "down_proj"),
+                           shard.shared_columns)
+        moe |= {"shared_gate_up": shared["w_gate_up"], "shared_down": shared["w_down"],
+                "shared_gate": get(_hf(layer, "mlp.shared_expert_gate.weight"))}
+    blocks[mlp_block(layer)] = moe
+    for e in range(cfg.num_experts):
+        blocks[expert_block(layer, e)] = gated_mlp(_hf(layer, f"{prefix}.experts.{e}"), names, shard.expert_columns)
+    return blocks
 
 
 def load_hub_weights(ckpt: Checkpoint, dtype: torch.dtype) -> HubWeights:
@@ -128,26 +212,20 @@ def read_manifest(model_dir: str | Path) -> dict:
     return json.loads((Path(model_dir) / SHARD_MANIFEST).read_text())
 
 
-def iter_rank_layers(model_dir: str | Path, shard: RankShard, num_layers: int,
-                     dtype: torch.dtype) -> Iterator[LayerWeights]:
-    """Yield this rank's layers, from a shard file when ``model_dir`` is a shard directory,
-    else sliced from the Hugging Face checkpoint."""
-    if is_shard_dir(model_dir):
-        path = Path(model_dir) / shard_file_name(shard.rank, shard.world_size)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: shard file missing")
-        with safe_open(str(path), framework="pt") as f:
-            stored = RankShard.from_dict(json.loads(f.metadata()["shard"]))
-            if stored != shard:
-                raise CheckpointError(f"{path} holds {stored}, but this rank needs {shard}; re-run `edgellm shard`")
-            for layer in range(num_layers):
-                prefix = f"layers.{layer}."
-                flat = {k: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
-                yield LayerWeights.from_flat(flat, layer)
-        return
-    with Checkpoint(model_dir) as ckpt:
-        for layer in range(num_layers):
-            yield slice_layer(ckpt, shard, layer, dtype)
+def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
+    """This rank's file in a shard directory, checked against the split it must hold."""
+    manifest = read_manifest(model_dir)
+    if manifest.get("format") != SHARD_FORMAT:
+        raise CheckpointError(f"{model_dir} holds shards of format {manifest.get('format')}, this edgellm reads "
+                              f"format {SHARD_FORMAT}; re-run `edgellm shard`")
+    path = Path(model_dir) / shard_file_name(shard.rank, shard.world_size)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: shard file missing")
+    with safe_open(str(path), framework="pt") as f:
+        stored = RankShard.from_dict(json.loads(f.metadata()["shard"]))
+    if stored != shard:
+        raise CheckpointError(f"{path} holds {stored}, but this rank needs {shard}; re-run `edgellm shard`")
+    return path
 
 
 def load_hub(model_dir: str | Path, dtype: torch.dtype) -> HubWeights:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from worker.config import SUPPORTED_ARCHITECTURES, CheckpointError
 from worker.models.llama import RankModel
+from worker.models.mixtral import MixtralRankModel
+from worker.models.olmoe import OlmoeRankModel
+from worker.models.qwen2_moe import Qwen2MoeRankModel
+from worker.models.qwen3_moe import Qwen3MoeRankModel
 
 MODEL_REGISTRY: dict[str, type[RankModel]] = {
     "LlamaForCausalLM": RankModel,
     "MistralForCausalLM": RankModel,  # Llama math plus a sliding window (in StepPlan masks)
     "Qwen2ForCausalLM": RankModel,  # Llama math plus q/k/v bias (in the weights)
+    "MixtralForCausalLM": MixtralRankModel,
+    "Qwen2MoeForCausalLM": Qwen2MoeRankModel,
+    "Qwen3MoeForCausalLM": Qwen3MoeRankModel,
+    "OlmoeForCausalLM": OlmoeRankModel,
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
 

@@ -8,7 +8,7 @@ A rank computes its heads and MLP columns and hands each block's partial ``[T, d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from worker.config import ModelConfig, RopeConfig
 from worker.kv_cache import KVCache
 from worker.sharding import RankShard
 from worker.step import StepPlan
-from worker.weights import LayerWeights
+from worker.weight_store import WeightStore
+from worker.weights import AttentionWeights, Fields, MlpWeights, from_fields
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,13 +53,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RankModel:
-    """One rank's shard of every decoder layer, plus its KV cache."""
+    """One rank's shard of every decoder layer (from its weight store), plus its KV cache.
 
-    def __init__(self, config: ModelConfig, shard: RankShard, layers: Sequence[LayerWeights],
-                 kv_cache: KVCache, allreduce: AllReduce):
+    Subclasses (other families) override the hooks ``_qkv_hook`` and ``_feed_forward``.
+    """
+
+    def __init__(self, config: ModelConfig, shard: RankShard, store: WeightStore, kv_cache: KVCache,
+                 allreduce: AllReduce):
         self.config = config
         self.shard = shard
-        self.layers = list(layers)
+        self.store = store
         self.kv = kv_cache
         self.allreduce = allreduce
         self.inv_freq = rope_inv_freq(config.rope, config.head_dim)
@@ -70,23 +74,36 @@ class RankModel:
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, hidden: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """Run every layer on ``hidden`` (T, d); returns the final hidden states (T, d), unnormed."""
+        """Run every layer on ``hidden`` (T, d); returns the final hidden states (T, d), unnormed.
+
+        Each block's weights are held only while it computes: the allreduce that follows runs
+        after the release, so a streaming store refills the buffer during communication too.
+        """
         cos, sin = self._rope(plan, hidden.dtype)
         eps = self.config.rms_norm_eps
-        for index, w in enumerate(self.layers):
-            attn = self._attention(index, w, rms_norm(hidden, w.attn_norm, eps), plan, cos, sin)
-            hidden = hidden + self.allreduce(attn)
-            hidden = hidden + self.allreduce(self._mlp(w, rms_norm(hidden, w.mlp_norm, eps)))
+        for layer in range(self.config.num_layers):
+            with self.store.attention(layer) as w:
+                partial = self._attention(layer, w, rms_norm(hidden, w.norm, eps), plan, cos, sin)
+            hidden = hidden + self.allreduce(partial)
+            with self.store.mlp(layer) as fields:
+                partial = self._feed_forward(layer, fields, hidden)
+            hidden = hidden + self.allreduce(partial)
         return hidden
 
-    def _attention(self, layer: int, w: LayerWeights, x: torch.Tensor, plan: StepPlan,
+    def _qkv_hook(self, w: AttentionWeights, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hook on the flat projections q (T, qh*hd), k and v (T, kh*hd) before RoPE; Llama has none."""
+        return q, k, v
+
+    def _attention(self, layer: int, w: AttentionWeights, x: torch.Tensor, plan: StepPlan,
                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qh, kh, hd = self.shard.num_q_heads, self.shard.num_kv_heads, self.config.head_dim
         qkv = F.linear(x, w.wqkv, w.bqkv)  # (T, (qh + 2kh) * hd)
         q, k, v = qkv.split([qh * hd, kh * hd, kh * hd], dim=-1)
-        q = q.view(-1, qh, hd)  # (T, qh, hd)
-        k = k.view(-1, kh, hd)  # (T, kh, hd)
-        v = v.view(-1, kh, hd)
+        q, k, v = self._qkv_hook(w, q, k, v)
+        q = q.reshape(-1, qh, hd)  # (T, qh, hd)
+        k = k.reshape(-1, kh, hd)  # (T, kh, hd)
+        v = v.reshape(-1, kh, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = torch.empty_like(q)  # (T, qh, hd)
@@ -101,6 +118,15 @@ class RankModel:
             out[tokens] = attended[0].transpose(0, 1)
         return F.linear(out.view(-1, qh * hd), w.wo, w.bo)  # (T, d) partial sum
 
-    def _mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)  # (T, w) each
-        return F.linear(F.silu(gate) * up, w.w_down, w.b_down)  # (T, d) partial sum
+    def _feed_forward(self, layer: int, fields: Fields, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLP block's partial (T, d) for the residual stream ``hidden`` (T, d)."""
+        w = from_fields(MlpWeights, fields)
+        return gated_mlp(rms_norm(hidden, w.norm, self.config.rms_norm_eps), w.w_gate_up, w.w_down,
+                         w.b_gate_up, w.b_down)
+
+
+def gated_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, b_gate_up: torch.Tensor | None = None,
+              b_down: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU-gated MLP on this rank's columns: (T, d) -> partial (T, d)."""
+    gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)  # (T, w) each
+    return F.linear(F.silu(gate) * up, w_down, b_down)

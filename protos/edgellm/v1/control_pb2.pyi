@@ -91,18 +91,58 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("rss_bytes", "weight_bytes", "kv_cache_bytes", "steps", "threads")
+    __slots__ = ("rss_bytes", "weight_bytes", "kv_cache_bytes", "steps", "threads", "peak_rss_bytes", "tokens", "memory_budget_bytes", "window_slots", "weight_bytes_read", "io_read_seconds", "io_stall_seconds", "overlap_ratio", "expert_cache_bytes", "expert_cache_slots", "expert_hits", "expert_misses", "expert_hit_rate", "expert_late_prefetches", "expert_prefetches", "expert_prediction_recall", "expert_prediction_precision", "expert_bytes_read", "expert_read_seconds", "expert_stall_seconds")
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    IO_READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IO_STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CACHE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_HITS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_MISSES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LATE_PREFETCHES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREFETCHES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREDICTION_RECALL_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREDICTION_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     rss_bytes: int
     weight_bytes: int
     kv_cache_bytes: int
     steps: int
     threads: int
-    def __init__(self, rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+    peak_rss_bytes: int
+    tokens: int
+    memory_budget_bytes: int
+    window_slots: int
+    weight_bytes_read: int
+    io_read_seconds: float
+    io_stall_seconds: float
+    overlap_ratio: float
+    expert_cache_bytes: int
+    expert_cache_slots: int
+    expert_hits: int
+    expert_misses: int
+    expert_hit_rate: float
+    expert_late_prefetches: int
+    expert_prefetches: int
+    expert_prediction_recall: float
+    expert_prediction_precision: float
+    expert_bytes_read: int
+    expert_read_seconds: float
+    expert_stall_seconds: float
+    def __init__(self, rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., threads: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., window_slots: _Optional[int] = ..., weight_bytes_read: _Optional[int] = ..., io_read_seconds: _Optional[float] = ..., io_stall_seconds: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., expert_cache_bytes: _Optional[int] = ..., expert_cache_slots: _Optional[int] = ..., expert_hits: _Optional[int] = ..., expert_misses: _Optional[int] = ..., expert_hit_rate: _Optional[float] = ..., expert_late_prefetches: _Optional[int] = ..., expert_prefetches: _Optional[int] = ..., expert_prediction_recall: _Optional[float] = ..., expert_prediction_precision: _Optional[float] = ..., expert_bytes_read: _Optional[int] = ..., expert_read_seconds: _Optional[float] = ..., expert_stall_seconds: _Optional[float] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,81 @@
+"""Pure memory decisions: sizes, the window plan, the expert-cache size, the eviction choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.budget import BudgetError, WindowPlan, parse_size, plan_expert_slots, plan_window
+from worker.expert_cache import Entry, choose_victim
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1048576", 1 << 20), ("512MiB", 512 * MiB), ("512M", 512 * MiB), ("2GiB", 2 << 30), ("2g", 2 << 30),
+    ("300MB", 300_000_000), ("1.5GiB", 3 << 29), ("64 KiB", 64 << 10), ("7b", 7),
+])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "12 parsecs", "-1GiB", "1,5GiB"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(BudgetError, match="not a size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("blocks", "budget", "reserved", "expected"), [
+    ([10, 20, 10, 20], None, 5, WindowPlan(True, 4, 0)),  # no budget: resident
+    ([10, 20, 10, 20], 65, 5, WindowPlan(True, 4, 0)),  # fits exactly
+    ([10, 20, 10, 20], 64, 5, WindowPlan(False, 2, 20)),  # one byte short: a window of 2 x 20
+    ([10, 20, 10, 20, 10, 20], 70, 5, WindowPlan(False, 3, 20)),
+    ([10, 20] * 100, 1005, 5, WindowPlan(False, 50, 20)),
+    ([10, 20] * 3, 10_000, 9_950, WindowPlan(False, 2, 20)),  # the KV cache takes most of it
+])
+def test_plan_window(blocks: list[int], budget: int | None, reserved: int, expected: WindowPlan) -> None:
+    assert plan_window(blocks, budget, reserved) == expected
+
+
+@pytest.mark.parametrize(("blocks", "budget", "reserved"), [
+    ([10, 20, 10, 20], 44, 5),  # room for 1.95 blocks
+    ([10, 20, 10, 20], 5, 5),  # nothing left after the KV cache
+    ([10, 20, 10, 20], 3, 5),  # not even the KV cache
+])
+def test_plan_window_too_small_says_the_minimum(blocks: list[int], budget: int, reserved: int) -> None:
+    with pytest.raises(BudgetError, match=r"at least 2 blocks.*\(45 bytes\)"):
+        plan_window(blocks, budget, reserved)
+
+
+@pytest.mark.parametrize(("size", "total", "budget", "minimum", "expected"), [
+    (100, 64, None, 2, 64), (100, 64, 6400, 2, 64), (100, 64, 6399, 2, 63), (100, 64, 250, 2, 2),
+])
+def test_plan_expert_slots(size: int, total: int, budget: int | None, minimum: int, expected: int) -> None:
+    assert plan_expert_slots(size, total, budget, minimum) == expected
+
+
+def test_plan_expert_slots_too_small() -> None:
+    with pytest.raises(BudgetError, match="at least 2 experts"):
+        plan_expert_slots(100, 64, 199, 2)
+
+
+def _entry(layer: int, expert: int, last_use: int, uses: int) -> Entry:
+    return Entry((layer, expert), buffer=0, fields={}, last_use=last_use, uses=uses)
+
+
+# Model at layer 2 of 4. Entries: (layer, expert, last_use, uses).
+ENTRIES = [(1, 0, 9, 5), (3, 1, 1, 1), (2, 2, 2, 1), (1, 3, 8, 1)]
+
+
+@pytest.mark.parametrize(("policy", "layer", "expected"), [
+    ("lru", 2, (3, 1)),  # least recent, although layer 3 comes next
+    ("distance", 2, (1, 3)),  # layer 1 is farthest ahead from 2; of its two, the less used
+    ("distance", 0, (3, 1)),  # from layer 0, layer 3 is the farthest
+    ("distance", 3, (2, 2)),
+])
+def test_choose_victim(policy: str, layer: int, expected: tuple[int, int]) -> None:
+    victim = choose_victim([_entry(*e) for e in ENTRIES], layer, 4, policy)
+    assert victim is not None and victim.key == expected
+
+
+def test_choose_victim_without_candidates() -> None:
+    assert choose_victim([], 0, 4, "distance") is None

@@ -1,0 +1,208 @@
+"""A rank's cache of routed experts (EdgeMoE), with its own byte budget.
+
+Every expert of a rank has the same size, so the cache is a pool of equal preallocated
+buffers. An expert is loaded on a miss (in the compute thread: it is needed now) or
+prefetched on the I/O thread when the predictor expects the next layer to use it. Buffers
+in use (pinned) and the experts the current layer still needs are never evicted.
+
+Eviction policies (``choose_victim`` is pure and table-tested):
+
+- ``lru``: the least recently used expert.
+- ``distance`` (EdgeMoE's idea): layers are visited cyclically, so an expert of the layer
+  just computed is needed again only after every other layer; evict the expert whose layer
+  is farthest ahead in that cycle, then the least often used, then the least recent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from worker.io_thread import PREFETCH, IoThread
+from worker.shard_file import ShardFile
+from worker.weights import ExpertWeights, Fields, expert_block, from_fields
+
+POLICIES = ("distance", "lru")
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class Entry:
+    key: Key
+    buffer: int
+    fields: Fields | None  # None while its read is in flight
+    last_use: int = 0
+    uses: int = 0
+
+
+def choose_victim(candidates: Iterable[Entry], layer: int, num_layers: int, policy: str) -> Entry | None:
+    """The entry to evict when the model is at ``layer``; None when there is no candidate."""
+    if policy == "lru":
+        return min(candidates, key=lambda e: e.last_use, default=None)
+
+    def keep(e: Entry) -> tuple[int, int, int]:  # smallest is evicted first
+        ahead = (e.key[0] - layer) % num_layers  # 0: this layer, num_layers-1: just used
+        return -ahead, e.uses, e.last_use
+
+    return min(candidates, key=keep, default=None)
+
+
+class ExpertCache:
+    """``slots`` buffers of ``slot_bytes``; experts of ``file`` (a rank's shard) move through them."""
+
+    def __init__(self, file: ShardFile | None, num_layers: int, num_experts: int, slots: int, slot_bytes: int,
+                 io: IoThread | None, policy: str = "distance", preloaded: dict[Key, Fields] | None = None):
+        """``preloaded``: every expert already in memory (sliced from a checkpoint); no file, no I/O."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown eviction policy {policy!r}; choose from {POLICIES}")
+        self.file = file
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.policy = policy
+        self.io = io
+        self.slot_bytes = slot_bytes
+        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(0 if preloaded else slots)]
+        self._free = list(range(slots))
+        self._entries: dict[Key, Entry] = {}
+        self._pinned: set[Key] = set()
+        self._protected: set[Key] = set()  # still needed by the layer computing now
+        self._layer = 0
+        self._clock = 0
+        self._cond = threading.Condition()
+        self.hits = self.misses = self.late = 0
+        self.stall_seconds = 0.0
+        self.predicted = self.predicted_used = self.used = 0  # for recall: |P ∩ A| / |A|
+        self.prefetches = 0
+        if preloaded is not None:
+            self._entries = {key: Entry(key, -1, fields) for key, fields in preloaded.items()}
+        elif slots >= num_layers * num_experts:  # everything fits: load it all now
+            assert file is not None
+            for layer in range(num_layers):
+                for expert in range(num_experts):
+                    if file.has(expert_block(layer, expert)):
+                        self._insert((layer, expert), self._free.pop(), sync=True)
+
+    @property
+    def nbytes(self) -> int:
+        if not self.buffers:
+            return sum(sum(t.numel() * t.element_size() for t in e.fields.values())
+                       for e in self._entries.values() if e.fields is not None)
+        return len(self.buffers) * self.slot_bytes
+
+    def begin_layer(self, layer: int, needed: Iterable[int]) -> None:
+        """The model enters ``layer``'s experts; ``needed`` are those it will ask for."""
+        with self._cond:
+            self._layer = layer
+            self._protected = {(layer, e) for e in needed}
+
+    def end_layer(self) -> None:
+        with self._cond:
+            self._protected = set()
+
+    def _victim(self, evict_protected: bool = False) -> int | None:
+        """A free buffer, or one freed by evicting (caller holds the lock). Experts the current
+        layer still needs are spared unless ``evict_protected`` (a demand miss with no other choice)."""
+        if self._free:
+            return self._free.pop()
+        candidates = (e for k, e in self._entries.items() if e.fields is not None and k not in self._pinned
+                      and (evict_protected or k not in self._protected))
+        victim = choose_victim(candidates, self._layer, self.num_layers, self.policy)
+        if victim is None:
+            return None
+        del self._entries[victim.key]
+        return victim.buffer
+
+    def _insert(self, key: Key, buffer: int, sync: bool) -> None:
+        assert self.file is not None and self.io is not None
+        file = self.file
+        entry = Entry(key, buffer, None)
+        self._entries[key] = entry
+        block = expert_block(*key)
+        if sync:
+            entry.fields = file.read_into(block, self.buffers[buffer])
+            return
+
+        def load() -> None:
+            fields = file.read_into(block, self.buffers[buffer])
+            with self._cond:
+                entry.fields = fields
+                self._cond.notify_all()
+
+        self.io.submit(PREFETCH, load)
+
+    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
+        """Start reading ``layer``'s ``experts`` that are not cached, as far as buffers allow."""
+        with self._cond:
+            for expert in experts:
+                key = (layer, expert)
+                if key in self._entries:
+                    continue
+                buffer = self._victim()
+                if buffer is None:
+                    return
+                self.prefetches += 1
+                self._insert(key, buffer, sync=False)
+
+    def record_prediction(self, predicted: set[int], actual: set[int]) -> None:
+        self.predicted += len(predicted)
+        self.predicted_used += len(predicted & actual)
+        self.used += len(actual)
+
+    @contextmanager
+    def get(self, layer: int, expert: int) -> Iterator[ExpertWeights]:
+        """The expert's weights, pinned until the block exits; loads it on a miss."""
+        key = (layer, expert)
+        start = time.perf_counter()
+        with self._cond:
+            self._clock += 1
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                buffer = self._victim()
+                while buffer is None:
+                    buffer = self._victim(evict_protected=True)
+                    if buffer is None:  # every buffer is pinned or still being read: wait for a read
+                        if all(e.fields is not None for e in self._entries.values()):
+                            raise RuntimeError("expert cache: every buffer is pinned (the cache is too small)")
+                        self._cond.wait(1.0)
+                self._insert(key, buffer, sync=True)  # under the lock: nothing else may take it meanwhile
+                entry = self._entries[key]
+            elif entry.fields is None:
+                self.late += 1  # prefetched, still reading
+                while entry.fields is None:
+                    self._cond.wait(1.0)
+            else:
+                self.hits += 1
+            entry.last_use, entry.uses = self._clock, entry.uses + 1
+            self._pinned.add(key)
+            self.stall_seconds += time.perf_counter() - start
+            fields = entry.fields
+        assert fields is not None
+        try:
+            yield from_fields(ExpertWeights, fields)
+        finally:
+            with self._cond:
+                self._pinned.discard(key)
+                self._protected.discard(key)  # each expert runs once per layer
+
+    def stats(self) -> dict[str, float]:
+        lookups = self.hits + self.misses + self.late
+        return {
+            "expert_cache_bytes": self.nbytes,
+            "expert_cache_slots": len(self.buffers) or len(self._entries),
+            "expert_hits": self.hits + self.late,
+            "expert_misses": self.misses,
+            "expert_hit_rate": (self.hits + self.late) / lookups if lookups else 1.0,
+            "expert_late_prefetches": self.late,
+            "expert_prefetches": self.prefetches,
+            "expert_prediction_recall": self.predicted_used / self.used if self.used else 0.0,
+            "expert_prediction_precision": self.predicted_used / self.predicted if self.predicted else 0.0,
+            "expert_bytes_read": self.file.bytes_read if self.file else 0,
+            "expert_read_seconds": self.file.read_seconds if self.file else 0.0,
+            "expert_stall_seconds": self.stall_seconds,
+        }

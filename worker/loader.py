@@ -1,0 +1,177 @@
+"""Builds a rank's model from its ``RankSpec``: the weight store (resident or sliding window
+under the memory budget), the expert cache and predictor (MoE), the KV cache.
+
+Streaming needs ``edgellm shard`` output: a rank then reads its blocks straight from its own
+file. A Hugging Face checkpoint is sliced on the fly and must fit the budgets resident; if it
+does not, the error says to shard it first (slicing on every pass would re-read and re-slice
+the whole checkpoint for every token).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from worker.budget import BudgetError, format_size, plan_expert_slots, plan_window
+from worker.checkpoint import Checkpoint
+from worker.expert_cache import ExpertCache
+from worker.io_thread import IoThread
+from worker.kv_cache import KVCache
+from worker.models import model_class
+from worker.models.llama import AllReduce, RankModel
+from worker.models.moe import MoeRankModel, Predictor
+from worker.shard_file import ShardFile
+from worker.weight_store import ResidentStore, WeightStore, WindowStore, dense_order
+from worker.weights import (
+    Fields,
+    expert_block,
+    fields_nbytes,
+    is_shard_dir,
+    mlp_block,
+    rank_shard_path,
+    slice_layer,
+)
+
+if TYPE_CHECKING:
+    from worker.runtime import RankSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (layers loaded, total layers)
+
+
+@dataclass
+class LoadedRank:
+    model: RankModel
+    store: WeightStore
+    experts: ExpertCache | None
+    io: IoThread | None
+
+    def stats(self) -> dict[str, float]:
+        out = self.store.stats()
+        out["kv_cache_bytes"] = self.model.kv.nbytes()
+        if self.experts is not None:
+            out |= self.experts.stats()
+        return out
+
+    def close(self) -> None:
+        if self.io is not None:
+            self.io.close()
+
+
+def new_kv_cache(spec: RankSpec) -> KVCache:
+    return KVCache(spec.config.num_layers, spec.max_batch, spec.max_context, spec.shard.num_kv_heads,
+                   spec.config.head_dim, spec.dtype)
+
+
+def _to(fields: Fields, dtype: torch.dtype) -> Fields:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in fields.items()}
+
+
+def load_rank(spec: RankSpec, allreduce: AllReduce, progress: Progress | None = None) -> LoadedRank:
+    kv = new_kv_cache(spec)
+    if is_shard_dir(spec.model_dir):
+        return _load_from_shard(spec, kv, allreduce, progress)
+    return _load_from_checkpoint(spec, kv, allreduce, progress)
+
+
+def _build(spec: RankSpec, store: WeightStore, kv: KVCache, allreduce: AllReduce, experts: ExpertCache | None,
+           predictor: Predictor | None, io: IoThread | None) -> LoadedRank:
+    cls = model_class(spec.config.architecture)
+    if issubclass(cls, MoeRankModel):
+        assert experts is not None
+        model: RankModel = cls(spec.config, spec.shard, store, kv, allreduce, experts, predictor)
+    else:
+        model = cls(spec.config, spec.shard, store, kv, allreduce)
+    return LoadedRank(model, store, experts, io)
+
+
+def _moe_layers(spec: RankSpec) -> list[int]:
+    return [layer for layer in range(spec.config.num_layers) if spec.config.is_moe_layer(layer)]
+
+
+def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress: Progress | None) -> LoadedRank:
+    cfg = spec.config
+    path = rank_shard_path(spec.model_dir, spec.shard)
+    file = ShardFile(path)
+    order = dense_order(cfg.num_layers)
+    predictor = None
+    if cfg.is_moe and spec.prefetch:
+        layers = _moe_layers(spec)
+        predictor = Predictor({m: file.read_field(mlp_block(m), "router").to(spec.dtype) for m in layers},
+                              {m: file.read_field(mlp_block(m), "norm").to(spec.dtype) for m in layers},
+                              cfg.rms_norm_eps, cfg.experts_per_token)
+    reserved = kv.nbytes() + (predictor.nbytes() if predictor else 0)
+    plan = plan_window([file.block_bytes(b) for b in order], spec.memory_budget, reserved)
+    io = IoThread(f"weights-io-{spec.shard.rank}") if (not plan.resident or cfg.is_moe) else None
+    store: WeightStore
+    if plan.resident:
+        blocks = {}
+        for layer in range(cfg.num_layers):
+            for name in order[2 * layer: 2 * layer + 2]:
+                blocks[name] = _to(file.read(name), spec.dtype)
+            if progress:
+                progress(layer + 1, cfg.num_layers)
+        store = ResidentStore(blocks)
+        file.close()
+    else:
+        stored = {t.dtype for b in order for t in file.blocks[b].tensors if t.dtype.is_floating_point}
+        if stored != {spec.dtype}:
+            raise BudgetError(f"{path} holds {sorted(map(str, stored))} weights but this rank computes in "
+                              f"{spec.dtype}; a streamed shard must be written in that dtype (edgellm shard --dtype)")
+        store = WindowStore(file, order, plan, io)  # type: ignore[arg-type]
+        log.info("rank %d streams its %s shard through %d buffers of %s (budget %s)", spec.shard.rank,
+                 format_size(sum(file.block_bytes(b) for b in order)), plan.slots, format_size(plan.slot_bytes),
+                 format_size(spec.memory_budget or 0))
+        if progress:
+            progress(cfg.num_layers, cfg.num_layers)
+    experts = None
+    if cfg.is_moe:
+        expert_file = ShardFile(path)  # its own descriptor and byte counters
+        keys = [expert_block(m, e) for m in _moe_layers(spec) for e in range(cfg.num_experts)]
+        slot_bytes = max(expert_file.block_bytes(k) for k in keys)
+        slots = plan_expert_slots(slot_bytes, len(keys), spec.expert_cache_bytes, cfg.experts_per_token)
+        experts = ExpertCache(expert_file, cfg.num_layers, cfg.num_experts, slots, slot_bytes, io,
+                              spec.expert_policy)
+    return _build(spec, store, kv, allreduce, experts, predictor, io)
+
+
+def _load_from_checkpoint(spec: RankSpec, kv: KVCache, allreduce: AllReduce,
+                          progress: Progress | None) -> LoadedRank:
+    cfg = spec.config
+    blocks: dict[str, Fields] = {}
+    experts: dict[tuple[int, int], Fields] = {}
+    dense_bytes = expert_bytes = 0
+    with Checkpoint(spec.model_dir) as ckpt:
+        for layer in range(cfg.num_layers):
+            for name, fields in slice_layer(ckpt, spec.shard, layer, spec.dtype).items():
+                parts = name.split(".")
+                if parts[2] == "experts":
+                    experts[(layer, int(parts[3]))] = fields
+                    expert_bytes += fields_nbytes(fields)
+                else:
+                    blocks[name] = fields
+                    dense_bytes += fields_nbytes(fields)
+            if spec.memory_budget is not None and dense_bytes + kv.nbytes() > spec.memory_budget:
+                raise BudgetError(
+                    f"rank {spec.shard.rank}'s weights exceed its memory budget of "
+                    f"{format_size(spec.memory_budget)}; streaming reads `edgellm shard` output: run "
+                    f"`edgellm shard --model {spec.model_dir} --ranks {spec.shard.world_size} --out DIR` "
+                    f"and serve DIR")
+            if spec.expert_cache_bytes is not None and expert_bytes > spec.expert_cache_bytes:
+                raise BudgetError(
+                    f"rank {spec.shard.rank}'s experts exceed its expert cache of "
+                    f"{format_size(spec.expert_cache_bytes)}; an expert cache smaller than the experts reads "
+                    f"`edgellm shard` output: shard the checkpoint first and serve that directory")
+            if progress:
+                progress(layer + 1, cfg.num_layers)
+    cache = None
+    predictor = None
+    if cfg.is_moe:
+        cache = ExpertCache(None, cfg.num_layers, cfg.num_experts, len(experts), 0, None, spec.expert_policy,
+                            preloaded=experts)
+    return _build(spec, ResidentStore(blocks), kv, allreduce, cache, predictor, None)
