@@ -4,18 +4,25 @@ hub sums them and sends the sum back. Two hops whatever the number of ranks.
 The hub is rank 0 and lives in the coordinator; it binds a ROUTER socket. Each worker
 rank connects a DEALER whose identity is its rank. All collectives of the project go
 through :meth:`StarHub.allreduce` and :meth:`StarRank.allreduce`.
+
+Every connection is ZeroMQ CURVE, with keys derived from the cluster token: a peer without
+the token fails the handshake (the hub's ZAP handler refuses its key) and never gets to send
+a frame; the frames of those who pass are encrypted and authenticated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
 
 import torch
 import zmq
+import zmq.utils.z85
+from zmq.auth.thread import ThreadAuthenticator
 
 from worker.wire import Kind, Message, WireError, decode_message, encode_message
 
@@ -38,8 +45,23 @@ class CollectiveError(RuntimeError):
     """A peer is gone, too slow, or sent something that does not fit the step."""
 
 
-def token_digest(token: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(hashlib.sha256(token.encode()).digest()), dtype=torch.uint8)
+def _curve_keypair(token: str, role: str) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys derived from the cluster token: any 32 bytes are a valid secret."""
+    secret = zmq.utils.z85.encode(hashlib.sha256(f"edgellm/{role}/{token}".encode()).digest())
+    return zmq.curve_public(secret), secret
+
+
+class _TokenKeys:
+    """ZAP credentials check: only the rank key derived from our token may connect."""
+
+    def __init__(self, token: str):
+        self.rank_public = _curve_keypair(token, "rank")[0]
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = hmac.compare_digest(zmq.utils.z85.encode(key) if len(key) == 32 else key, self.rank_public)
+        if not allowed:
+            log.warning("refused a data-plane peer with a wrong cluster token")
+        return allowed
 
 
 def _identity(rank: int) -> bytes:
@@ -53,9 +75,14 @@ class StarHub:
                  timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None):
         self.world_size = world_size
         self.timeout_ms = int(timeout_s * 1000)
-        self._digest = token_digest(token)
-        self._ctx = context or zmq.Context.instance()
+        # a context of our own: its ZAP handler (one per context) checks this hub's token only
+        self._ctx = context or zmq.Context()
+        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".zap"))
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=_TokenKeys(token))
         self.sock = self._ctx.socket(zmq.ROUTER)
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = _curve_keypair(token, "hub")[1]
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished rank raises at once
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted rank takes its identity back
         _keepalive(self.sock)
@@ -90,11 +117,8 @@ class StarHub:
             except WireError as exc:
                 log.warning("dropping malformed frames from %r: %s", sender, exc)
                 continue
-            if msg.kind != Kind.HELLO or len(msg.tensors) != 2:
+            if msg.kind != Kind.HELLO:
                 log.warning("dropping unexpected %s from %r before start", msg.kind.name, sender)
-                continue
-            if not torch.equal(msg.tensors[1], self._digest):
-                log.warning("rank %r presented a wrong cluster token; ignored", sender)
                 continue
             if sender in missing:
                 missing.discard(sender)
@@ -158,6 +182,8 @@ class StarHub:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        self._auth.stop()
+        self._ctx.term()
 
 
 class StarRank:
@@ -170,11 +196,13 @@ class StarRank:
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, _identity(rank))
+        self.sock.curve_serverkey = _curve_keypair(token, "hub")[0]
+        self.sock.curve_publickey, self.sock.curve_secretkey = _curve_keypair(token, "rank")
         _keepalive(self.sock)
         self.sock.connect(hub_address)
         self.step = 0
         self._seq = 0
-        self.sock.send_multipart(encode_message(Kind.HELLO, [torch.tensor([rank]), token_digest(token)]))
+        self.sock.send_multipart(encode_message(Kind.HELLO, [torch.tensor([rank])]))
 
     def wait_welcome(self, timeout_s: float) -> None:
         if not self.sock.poll(int(timeout_s * 1000)):

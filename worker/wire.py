@@ -24,7 +24,7 @@ class WireError(ValueError):
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1  # rank -> hub after loading: payload = rank (int64) and token digest (uint8)
+    HELLO = 1  # rank -> hub after loading: payload = rank (int64); CURVE has checked its token
     STEP = 2  # hub -> ranks: payload = spans (S, 3) int64 and hidden (T, d)
     PARTIAL = 3  # rank -> hub: this rank's partial block output (T, d)
     REDUCED = 4  # hub -> ranks: the summed block output (T, d)
