@@ -152,6 +152,7 @@ class WindowStore(WeightStore):
             if generation != self._generation:
                 self._free.append(buffer)  # a read for a window that was restarted
                 self._schedule()
+                self._cond.notify_all()  # an acquire may be waiting for a buffer to schedule into
                 return
             del self._pending[name]
             self._ready[name] = (buffer, fields)
@@ -175,6 +176,10 @@ class WindowStore(WeightStore):
             self.acquires += 1
             if not self._window or self._window[0] != name:  # not the next block: a step was cut short
                 self._restart(name)
+            while not self._window:  # every buffer still busy with a stale read: wait for one
+                if self._error is not None:
+                    raise RuntimeError(f"reading {name} failed: {self._error}")
+                self._cond.wait(1.0)
             self._window.popleft()
             start = time.perf_counter()
             while name not in self._ready:
