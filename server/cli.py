@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
     worker_arguments(sub.add_parser("worker", help="run a worker rank"))
     _shard_arguments(sub.add_parser("shard", help="write one shard file per rank"))
+    from planner.cli import add_plan_arguments, add_probe_arguments
+
+    add_probe_arguments(sub.add_parser("probe", help="measure this node for the planner"))
+    add_plan_arguments(sub.add_parser("plan", help="predict a cluster's speed and choose its split"))
     args = parser.parse_args(argv)
     from server.workers import ClusterError
     from worker.config import CheckpointError
@@ -195,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "shard":
             return run_shard(args)
+        if args.command in ("probe", "plan"):
+            from planner.cli import run_plan, run_probe
+
+            return run_probe(args) if args.command == "probe" else run_plan(args)
         from worker.cli import run as run_worker
 
         return run_worker(args)

@@ -1,0 +1,186 @@
+"""The planner's predictions against measured runs on this machine, as JSON.
+
+    .venv/bin/python bench/planner_check.py [--tokens 32] [--prompt 128] [--big] [--out FILE]
+
+1. Probe this machine (``planner.probe``) at 1 thread and at each ``--threads`` count.
+2. For each configuration, predict decode tokens/s and time to first token with
+   ``planner.model.predict`` and measure them with the real code:
+   - the random Llama 512 x 8 layers (8 heads, 4 KV heads, intermediate 1536, vocab 8000), 1 rank,
+     at each ``--threads`` count (``server.executor.Executor``, as in bench/decode_and_allreduce.py);
+   - the same model on 2 ranks on loopback: rank 0 here and rank 1 a real ``WorkerRank`` in a
+     spawned process, 1 thread each. Both ranks share this machine, so each rank's node is the
+     1-thread probe with its matvec bandwidth capped at half the all-threads figure (they stream
+     weights at the same moments), and its link is loopback;
+   - with ``--big``: the 1.1B shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate
+     5632, vocab 32000) at 1 rank, fp32, at the largest ``--threads`` count.
+3. Print predicted vs measured and the relative error (predicted / measured - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from planner.model import Node, Workload, predict  # noqa: E402
+from planner.probe import probe_node  # noqa: E402
+from planner.synthetic import write_random_llama  # noqa: E402
+from server.executor import Executor  # noqa: E402
+from worker.collective import StarHub  # noqa: E402
+from worker.config import ModelConfig  # noqa: E402
+from worker.runtime import RankSpec, WorkerRank  # noqa: E402
+from worker.sharding import plan_shards  # noqa: E402
+from worker.step import SeqSpan  # noqa: E402
+
+log = logging.getLogger("bench.planner_check")
+
+SMALL: dict[str, Any] = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                             intermediate_size=1536, vocab_size=8000, max_position_embeddings=1024)
+BIG: dict[str, Any] = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+TOKEN = "planner-check"
+
+
+def _decode(executor: Executor, prompt_len: int, tokens: int, rounds: int) -> tuple[float, float]:
+    """(best decode tokens/s, best prefill seconds) over ``rounds``; the first round warms up."""
+    prompt = [(7 * i) % 97 + 3 for i in range(prompt_len)]
+    best_tps, best_ttft = 0.0, float("inf")
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        logits = executor.step([prompt], [SeqSpan(0, 0, prompt_len)])
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(tokens):
+            token = int(logits[0].argmax())
+            logits = executor.step([[token]], [SeqSpan(0, prompt_len + i, 1)])
+        tps = tokens / (time.perf_counter() - start)
+        if r:  # round 0 is the warm-up
+            best_tps, best_ttft = max(best_tps, tps), min(best_ttft, ttft)
+    return best_tps, best_ttft
+
+
+def _worker_process(spec: RankSpec, address: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    worker = WorkerRank(spec, address, TOKEN)
+    worker.start()
+    while worker.running:
+        time.sleep(0.1)
+    worker.stop()
+
+
+def measure(model_dir: Path, ranks: int, threads: int, prompt: int, tokens: int, rounds: int,
+            max_context: int) -> tuple[float, float]:
+    config = ModelConfig.from_dir(model_dir)
+    shards = plan_shards(config, [1.0] * ranks)
+    specs = [RankSpec(str(model_dir), config, s, max_batch=1, max_context=max_context) for s in shards]
+    torch.set_num_threads(threads)
+    hub = StarHub(ranks, token=TOKEN, timeout_s=120)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_process, args=(spec, hub.address, threads), daemon=True) for spec in specs[1:]]
+    for p in procs:
+        p.start()
+    executor = Executor(specs[0], hub)
+    try:
+        hub.wait_for_ranks(120)
+        return _decode(executor, prompt, tokens, rounds)
+    finally:
+        executor.close()
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+
+
+def node_of(probe: dict[str, Any], name: str) -> Node:
+    return Node.from_dict({**probe, "name": name})
+
+
+def check(name: str, config: ModelConfig, nodes: list[Node], work: Workload, measured: tuple[float, float]
+          ) -> dict[str, Any]:
+    shards = plan_shards(config, [1.0] * len(nodes))
+    pred = predict(config, shards, nodes, work)
+    tps, ttft = measured
+    return {"config": name, "ranks": len(nodes),
+            "predicted_tok_s": round(pred.tokens_per_s, 2), "measured_tok_s": round(tps, 2),
+            "tok_s_error": round(pred.tokens_per_s / tps - 1, 3),
+            "predicted_ttft_ms": round(pred.ttft_s * 1e3, 2), "measured_ttft_ms": round(ttft * 1e3, 2),
+            "ttft_error": round(pred.ttft_s / ttft - 1, 3),
+            "predicted_breakdown_ms": {"rank_compute": [round(r.compute_s * 1e3, 3) for r in pred.ranks],
+                                       "comm": round(pred.comm_s * 1e3, 3), "hub": round(pred.hub_s * 1e3, 3)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per round")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (time to first token)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds after a warm-up; best kept")
+    parser.add_argument("--threads", default="1",
+                        help="thread counts of the 1-rank runs, e.g. 1,2 (on a shared 2-core machine 2 threads "
+                             "suffer from neighbours; 1 is the default)")
+    parser.add_argument("--big", action="store_true", help="also the 1.1B shape at 1 rank (4.4 GB fp32, ~2 min)")
+    parser.add_argument("--probe-mib", type=int, default=256, help="matvec/copy probe size")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+
+    threads = sorted({int(t) for t in args.threads.split(",")} | {1})
+    probes = {}
+    for t in threads:
+        log.info("probe: %d thread(s)", t)
+        probes[t] = probe_node(threads=t, dtypes=("float32",), matvec_bytes=args.probe_mib << 20)
+    torch.set_num_threads(1)
+    # Two ranks on this machine, 1 thread each, stream weights at the same moments: each gets at
+    # most half of what the machine gives with all its cores.
+    whole = probes[max(threads)]["matvec_by_width"]["float32"]
+    alone = probes[1]["matvec_by_width"]["float32"]
+    shared = {w: min(alone[w], whole[w] / (2 if max(threads) >= 2 else 1)) for w in alone}
+    half = node_of({**probes[1], "matvec_by_width": {"float32": shared},
+                    "matvec_gb_s": {"float32": max(shared.values())}}, "rank0")
+    colocated = [half, replace(half, name="rank1", rtt_us=probes[1]["loopback_rtt_us"])]
+    result: dict[str, Any] = {"probes": {str(t): p for t, p in probes.items()}, "checks": []}
+    max_context = args.prompt + args.tokens + 8
+    work = Workload(context=args.prompt + args.tokens // 2, prompt_tokens=args.prompt, prefill_chunk=args.prompt,
+                    max_context=max_context)
+    with tempfile.TemporaryDirectory() as tmp:
+        small = write_random_llama(Path(tmp) / "small", SMALL)
+        config = ModelConfig.from_dir(small)
+        for t in threads:
+            log.info("measure: small, 1 rank, %d thread(s)", t)
+            m = measure(small, 1, t, args.prompt, args.tokens, args.rounds, max_context)
+            result["checks"].append(check(f"llama-512x8, 1 rank, {t} thread(s)", config,
+                                          [node_of(probes[t], "this-vm")], work, m))
+        log.info("measure: small, 2 ranks, 1 thread each")
+        m = measure(small, 2, 1, args.prompt, args.tokens, args.rounds, max_context)
+        result["checks"].append(check("llama-512x8, 2 ranks on loopback, 1 thread each", config, colocated, work, m))
+        if args.big:
+            log.info("writing the 1.1B shape")
+            big = write_random_llama(Path(tmp) / "big", BIG)
+            t = max(threads)
+            log.info("measure: 1.1B, 1 rank, %d thread(s)", t)
+            m = measure(big, 1, t, args.prompt, max(8, args.tokens // 4), 1, max_context)
+            result["checks"].append(check(f"llama-1.1B shape, 1 rank, {t} thread(s)", ModelConfig.from_dir(big),
+                                          [node_of(probes[t], "this-vm")], work, m))
+    errors = [abs(c["tok_s_error"]) for c in result["checks"]]
+    result["max_abs_tok_s_error"] = max(errors)
+    result["within_25_percent"] = all(e <= 0.25 for e in errors)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

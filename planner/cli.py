@@ -1,0 +1,128 @@
+"""``edgellm probe`` (measure this node) and ``edgellm plan`` (predict a cluster and choose its split)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk", default=None, metavar="PATH",
+                   help="measure cold sequential reads here (a directory: a temporary file is written; a file: read)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="measure the link to a coordinator running `edgellm probe --serve-link PORT`")
+    p.add_argument("--serve-link", type=int, default=None, metavar="PORT",
+                   help="run the link echo/sink for workers' probes instead of probing (until Ctrl-C)")
+    p.add_argument("--host", default="127.0.0.1", help="interface of --serve-link (default: 127.0.0.1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to measure")
+    p.add_argument("--size-mib", type=int, default=256, help="matvec/copy/disk working set (default: 256)")
+    p.add_argument("--out", default=None, help="also write the YAML here (node.yaml)")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--coordinator must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    if args.serve_link is not None:
+        from planner.link import LinkServer
+
+        server = LinkServer(args.host, args.serve_link).start()
+        log.info("link probe sink on %s:%d; workers run: edgellm probe --coordinator HOST:%d",
+                 args.host, server.port, server.port)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            server.stop()
+        return 0
+    from planner.probe import probe_node
+
+    size = args.size_mib << 20
+    result = probe_node(threads=args.threads, dtypes=tuple(d for d in args.dtypes.split(",") if d),
+                        matvec_bytes=size, disk=args.disk, disk_bytes=size,
+                        coordinator=_host_port(args.coordinator) if args.coordinator else None)
+    text = yaml.safe_dump(result, sort_keys=False)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    from planner.model import BYTES_PER_PARAM
+    from planner.shapes import NAMED_SHAPES
+
+    p.add_argument("--model", required=True,
+                   help=f"a checkpoint or config.json-only directory, or a shape: {', '.join(NAMED_SHAPES)}")
+    p.add_argument("--nodes", required=True, help="nodes.yaml (probe outputs / profiles; the first is the coordinator)")
+    p.add_argument("--weight-dtype", default="float32", choices=sorted(BYTES_PER_PARAM))
+    p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weight dtype, float16 if integer)")
+    p.add_argument("--weights", default=None, help="price this split (e.g. 2,1,1) instead of choosing one")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
+    p.add_argument("--context", type=int, default=512, help="tokens in the KV cache while decoding (default: 512)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens for the time to first token")
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=1, help="KV-cache slots (memory; default: 1)")
+    p.add_argument("--max-context", type=int, default=2048, help="tokens per slot (memory; default: 2048)")
+    p.add_argument("--json", action="store_true", help="print only the JSON (the table goes to stderr otherwise)")
+
+
+def _table(plan: dict[str, Any]) -> str:
+    pred = plan["prediction"]
+    lines = [f"tokens/s {pred['tokens_per_s']:.3g}  (decode step {pred['decode_ms']:.1f} ms: comm "
+             f"{pred['comm_ms']:.1f} ms, hub {pred['hub_ms']:.1f} ms)  time to first token {pred['ttft_ms']:.0f} ms",
+             f"--weights {plan['weights_arg']}  --sync-dtype {plan['sync_dtype']}",
+             f"{'rank':>4}  {'node':<14} {'kv':>3} {'mlp cols':>8} {'weights MiB':>11} {'memory MiB':>10} "
+             f"{'budget MiB':>10} {'compute ms':>10} {'disk ms':>8}"]
+    for r, budget in zip(pred["ranks"], plan["memory_budgets_mib"], strict=True):
+        lines.append(f"{r['rank']:>4}  {r['node']:<14} {r['kv_heads']:>3} {r['mlp_columns']:>8} "
+                     f"{r['weight_bytes'] / 2**20:>11.0f} {r['memory_bytes'] / 2**20:>10.0f} {budget:>10} "
+                     f"{r['compute_ms']:>10.2f} {r['disk_ms']:>8.1f}{'  (streams)' if r['streams'] else ''}")
+    lines.append(f"coordinator also holds the embedding and LM head: {plan['hub_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from planner.model import PlanError, Workload
+    from planner.nodes import load_nodes
+    from planner.plan import make_plan
+    from planner.shapes import load_shape
+    from worker.sharding import parse_weights
+
+    config = load_shape(args.model)
+    try:
+        nodes = load_nodes(args.nodes)
+    except PlanError as exc:
+        log.error("%s", exc)
+        return 2
+    integer = args.weight_dtype.startswith("int")
+    work = Workload(weight_dtype=args.weight_dtype,
+                    kv_dtype=args.kv_dtype or ("float16" if integer else args.weight_dtype),
+                    batch=args.batch, context=args.context, prompt_tokens=args.prompt,
+                    prefill_chunk=args.prefill_chunk, max_batch=max(args.max_batch, args.batch),
+                    max_context=args.max_context)
+    try:
+        weights = parse_weights(args.weights, len(nodes)) if args.weights else None
+        plan = make_plan(config, nodes, work, weights).as_dict()
+    except PlanError as exc:
+        log.error("%s", exc)
+        return 2
+    plan = {"model": args.model, "nodes": [n.name for n in nodes], "weight_dtype": args.weight_dtype, **plan}
+    print(json.dumps(plan, indent=2))
+    if not args.json:
+        print(_table(plan), file=sys.stderr)  # stdout stays one JSON document
+    return 0

@@ -1,0 +1,339 @@
+"""The cost model: pure functions from a model shape, a split and measured nodes to predicted speed.
+
+One decode step (batch B, L layers, N ranks, rank 0 is the coordinator and the star hub):
+
+    compute_r = max(sum_m bytes_m / matvec_bw_r(width_m), flops_r / gemm_r) + L * layer_overhead_r
+    allreduce = hub software overhead + max_r rtt_r
+                + 2 * max((N - 1) * payload / hub_link_bw, max_r payload / link_bw_r)
+    token     = max(max_r compute_r + 2 L * allreduce + hub, max_r disk_r)
+
+``bytes_m`` are the weights of each matrix a rank reads per token (its slice of every layer),
+streamed at the node's matvec bandwidth for that input width, ``payload`` is
+``B * hidden * sync_dtype bytes``; the hub link carries N - 1 payloads in (gather) and N - 1 out
+(broadcast), one after the other. ``hub`` is rank 0's final norm and LM head plus the step's
+fixed cost. The per-layer and per-step overheads are measured on this code by ``edgellm probe``. A rank whose shard
+does not fit its memory streams it from disk every step (the sliding window), so its step takes
+max(compute + comm, disk) rather than the sum. Prefill (time to first token) runs the prompt in
+chunks; each chunk is compute-bound (GEMM flops) once it has more than a few tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from worker.config import ModelConfig
+from worker.sharding import RankShard
+
+MIB = 1 << 20
+# Peak RSS of a rank beyond its budget (Python, torch, gRPC, ZeroMQ, activations): README "Memory budget".
+FIXED_OVERHEAD_BYTES = 384 * MIB
+# Bytes per weight. int8: per-channel scales are negligible; int4: groups of 32 with a 16-bit
+# scale (4.5 bits, like distributed-llama's Q40 and llama.cpp's Q4_0).
+BYTES_PER_PARAM: dict[str, float] = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5625}
+
+
+class PlanError(ValueError):
+    """The nodes or settings cannot describe a working cluster; the message says why."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine as the cost model sees it (from ``edgellm probe`` or a profile file).
+
+    Bandwidths: ``matvec_gb_s`` is the rate (GB/s, 1e9 bytes) at which a matrix-vector product
+    streams weights of each dtype from memory; ``matmul_gflop_s`` is dense GEMM throughput;
+    ``link_mbit_s`` the link to the coordinator (on the coordinator: its own NIC, the hub link).
+    """
+
+    name: str
+    matvec_gb_s: Mapping[str, float]
+    matmul_gflop_s: Mapping[str, float]
+    memory_bytes: int  # usable by the rank: weights + KV cache + the fixed overhead
+    layer_overhead_us: float = 200.0  # our decode step's cost per layer beyond its matrix work
+    step_overhead_us: float = 500.0  # and per step (embedding, plan, final norm, sampling input)
+    disk_mb_s: float | None = None  # sequential cold-cache read, MB/s (1e6 bytes)
+    rtt_us: float = 0.0  # round trip to the coordinator (0 on the coordinator itself)
+    link_mbit_s: float | None = None  # None: not measured (loopback or the coordinator without a NIC figure)
+    allreduce_overhead_us: float = 0.0  # software cost of one star allreduce beyond the wire time
+    # matvec GB/s by dtype and input width (narrow matrices stream slower); empty: ``matvec_gb_s``
+    matvec_by_width: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+
+    def bandwidth(self, dtype: str, width: int | None = None) -> float:
+        """Bytes/s streamed by a matvec over weights of ``dtype`` with ``width`` input features,
+        interpolated in log(width) between the probed widths and clamped at the ends. A dtype
+        the node was not measured in falls back to the best measured rate (memory-bound kernels
+        move bytes, not numbers): optimistic for a kernel that is slower than memory."""
+        table = self.matvec_by_width.get(dtype)
+        if width and table:
+            gb = _interpolate(sorted(table.items()), width)
+        else:
+            gb = self.matvec_gb_s.get(dtype) or max(self.matvec_gb_s.values(), default=0.0)
+        if gb <= 0:
+            raise PlanError(f"node {self.name!r} has no matvec bandwidth")
+        return gb * 1e9
+
+    def flops(self, dtype: str) -> float:
+        """GEMM flop/s in ``dtype`` (weights of an integer dtype are computed in float32 here)."""
+        gf = self.matmul_gflop_s.get(dtype) or self.matmul_gflop_s.get("float32") or \
+            max(self.matmul_gflop_s.values(), default=0.0)
+        if gf <= 0:
+            raise PlanError(f"node {self.name!r} has no matmul throughput")
+        return gf * 1e9
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Node:
+        """From a probe/profile mapping (see ``planner/probe.py`` and ``planner/profiles/pi5.yaml``)."""
+        try:
+            disk = raw.get("disk") or {}
+            link = raw.get("link") or {}
+            rates = [float(link[k]) for k in ("up_mbit_s", "down_mbit_s", "mbit_s") if link.get(k)]
+            memory = raw.get("memory_budget_bytes") or raw.get("memory_available_bytes") or raw["memory_bytes"]
+            return cls(name=str(raw.get("name", "node")),
+                       matvec_gb_s={str(k): float(v) for k, v in dict(raw["matvec_gb_s"]).items()},
+                       matmul_gflop_s={str(k): float(v) for k, v in dict(raw["matmul_gflop_s"]).items()},
+                       memory_bytes=int(memory),
+                       layer_overhead_us=float(raw.get("layer_overhead_us", cls.layer_overhead_us)),
+                       step_overhead_us=float(raw.get("step_overhead_us", cls.step_overhead_us)),
+                       matvec_by_width={str(k): {int(w): float(g) for w, g in dict(v).items()}
+                                        for k, v in dict(raw.get("matvec_by_width") or {}).items()},
+                       disk_mb_s=float(disk["read_mb_s"]) if disk.get("read_mb_s") else None,
+                       rtt_us=float(link.get("rtt_us", 0.0)),
+                       link_mbit_s=float(min(rates)) if rates else None,
+                       allreduce_overhead_us=float(raw.get("allreduce_overhead_us", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"node {raw.get('name', '?')!r}: bad or missing field ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is being served: dtypes, batch and lengths."""
+
+    weight_dtype: str = "float32"
+    sync_dtype: str = "float32"  # allreduce payload
+    kv_dtype: str = "float32"
+    batch: int = 1  # sequences decoded per step
+    context: int = 128  # tokens already in each sequence's KV cache while decoding
+    prompt_tokens: int = 128  # for the time to first token
+    prefill_chunk: int = 256  # prompt tokens per step (serve --prefill-chunk)
+    max_batch: int = 1  # KV-cache slots (memory)
+    max_context: int = 2048  # tokens per slot (memory)
+
+    def bytes_per(self, dtype: str) -> float:
+        if dtype not in BYTES_PER_PARAM:
+            raise PlanError(f"unknown dtype {dtype!r}; known: {', '.join(BYTES_PER_PARAM)}")
+        return BYTES_PER_PARAM[dtype]
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """Parameters one rank holds and reads per decoded token, from its shard."""
+
+    held_params: int  # decoder-layer parameters resident or streamed
+    active_params: int  # read per decoded token (MoE: only the routed experts used)
+    kv_heads: int
+    q_heads: int
+    mlp_width: int = 0  # columns of the dense MLP on this rank
+
+
+def rank_load(config: ModelConfig, shard: RankShard) -> RankLoad:
+    """Count the decoder parameters of ``shard`` (norms included, biases ignored)."""
+    d, hd = config.hidden_size, config.head_dim
+    qh, kh = shard.num_q_heads, shard.num_kv_heads
+    attention = d * (qh + 2 * kh) * hd + qh * hd * d + d
+    held = active = 0
+    for layer in range(config.num_layers):
+        held += attention
+        active += attention
+        if config.is_moe_layer(layer):
+            ew = shard.expert_columns[1] - shard.expert_columns[0]
+            sw = shard.shared_columns[1] - shard.shared_columns[0]
+            router = config.num_experts * d
+            shared = 3 * d * sw + (d if sw else 0)
+            held += router + config.num_experts * 3 * d * ew + shared + d
+            active += router + config.experts_per_token * 3 * d * ew + shared + d
+        else:
+            mlp = 3 * d * shard.mlp_width + d
+            held += mlp
+            active += mlp
+    return RankLoad(held_params=held, active_params=active, kv_heads=kh, q_heads=qh, mlp_width=shard.mlp_width)
+
+
+def _interpolate(points: Sequence[tuple[int, float]], width: int) -> float:
+    if width <= points[0][0]:
+        return points[0][1]
+    for (w0, g0), (w1, g1) in zip(points, points[1:], strict=False):
+        if width <= w1:
+            t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return g0 + t * (g1 - g0)
+    return points[-1][1]
+
+
+def _matvec_seconds(config: ModelConfig, load: RankLoad, node: Node, dtype: str, params: int, bpp: float) -> float:
+    """Time to stream ``params`` weights of a rank: each dense matrix at its own input width
+    (q/k/v and gate/up: hidden; o_proj: the rank's q heads x head_dim; down: its MLP columns),
+    anything else (experts, norms) at the hidden width."""
+    d, hd, layers = config.hidden_size, config.head_dim, config.num_layers
+    parts = [((load.q_heads + 2 * load.kv_heads) * hd * d, d), (load.q_heads * hd * d, load.q_heads * hd)]
+    if not config.is_moe:
+        parts += [(2 * load.mlp_width * d, d), (load.mlp_width * d, load.mlp_width)]
+    parts = [(n * layers, w) for n, w in parts if n]
+    rest = max(params - sum(n for n, _ in parts), 0)
+    parts.append((rest, d))
+    return sum(n * bpp / node.bandwidth(dtype, max(w, 1)) for n, w in parts if n)
+
+
+def hub_params(config: ModelConfig) -> tuple[int, int]:
+    """(held, read per token) parameters of the coordinator's embedding, final norm and LM head."""
+    table = config.vocab_size * config.hidden_size
+    return table * (1 if config.tie_word_embeddings else 2) + config.hidden_size, table + config.hidden_size
+
+
+def kv_cache_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
+    """KV cache a rank allocates: slots x tokens x layers x (k, v) x its heads x head_dim."""
+    return int(work.max_batch * work.max_context * config.num_layers * 2 * load.kv_heads * config.head_dim
+               * work.bytes_per(work.kv_dtype))
+
+
+def rank_memory_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
+    """Resident footprint of a rank that holds its whole shard (hub weights not included)."""
+    return int(load.held_params * work.bytes_per(work.weight_dtype)) + kv_cache_bytes(config, load, work) \
+        + FIXED_OVERHEAD_BYTES
+
+
+def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
+    """One star allreduce of ``payload_bytes`` per rank: up to the hub, summed, back down."""
+    n = len(nodes)
+    if n == 1:
+        return 0.0
+    hub, workers = nodes[0], nodes[1:]
+    worker_links = [w.link_mbit_s for w in workers if w.link_mbit_s]
+    hub_link = hub.link_mbit_s or (min(worker_links) if worker_links else None)
+    wire = 0.0
+    if hub_link:
+        wire = (n - 1) * payload_bytes / (hub_link * 1e6 / 8)
+    if worker_links:
+        wire = max(wire, payload_bytes / (min(worker_links) * 1e6 / 8))
+    return (hub.allreduce_overhead_us + max(w.rtt_us for w in workers)) * 1e-6 + 2 * wire
+
+
+def _rank_pass_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload, tokens: int,
+                       past: int) -> float:
+    """Compute time of one rank for a step of ``tokens`` new tokens per sequence over ``past``
+    cached ones (batch ``work.batch``): weight reads or flops, whichever binds, plus dispatch."""
+    bpp = work.bytes_per(work.weight_dtype)
+    rows = work.batch * tokens
+    read_params = load.held_params if rows > 1 and load.held_params != load.active_params else load.active_params
+    kv_read = work.batch * (past + tokens) * config.num_layers * 2 * load.kv_heads * config.head_dim \
+        * work.bytes_per(work.kv_dtype)
+    mm_flops = 2.0 * load.active_params * rows
+    # causal attention: q.k and p.v over (past + tokens / 2) keys on average
+    attn_flops = 4.0 * rows * (past + tokens / 2) * load.q_heads * config.head_dim * config.num_layers
+    dtype = work.weight_dtype if work.weight_dtype in ("float32", "bfloat16", "float16") else "float32"
+    read = _matvec_seconds(config, load, node, work.weight_dtype, min(load.held_params, read_params), bpp)
+    read += kv_read / node.bandwidth(work.weight_dtype)
+    busy = max(read, (mm_flops + attn_flops) / node.flops(dtype))
+    return busy + config.num_layers * node.layer_overhead_us * 1e-6
+
+
+def _hub_seconds(config: ModelConfig, node: Node, work: Workload, rows: int) -> float:
+    """Final norm and LM head for ``rows`` rows on the coordinator, plus the step's bookkeeping."""
+    _, read = hub_params(config)
+    dtype = work.weight_dtype if work.weight_dtype in ("float32", "bfloat16", "float16") else "float32"
+    busy = max(read * work.bytes_per(work.weight_dtype) / node.bandwidth(work.weight_dtype, config.hidden_size),
+               2.0 * read * rows / node.flops(dtype))
+    return busy + node.step_overhead_us * 1e-6
+
+
+@dataclass(frozen=True)
+class RankPrediction:
+    rank: int
+    node: str
+    kv_heads: int
+    mlp_columns: int
+    weight_bytes: int
+    memory_bytes: int  # the rank's predicted peak: weights (or its window budget) + KV + overhead
+    streams: bool  # shard larger than the memory: streamed from disk every step
+    compute_s: float  # per decoded token
+    disk_s: float  # per decoded token (0 when resident)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    tokens_per_s: float  # per sequence
+    decode_s: float  # one decode step
+    ttft_s: float
+    comm_s: float  # per decode step: 2 L allreduces + the step broadcast
+    hub_s: float
+    ranks: list[RankPrediction] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens_per_s": round(self.tokens_per_s, 3), "decode_ms": round(self.decode_s * 1e3, 3),
+                "ttft_ms": round(self.ttft_s * 1e3, 2), "comm_ms": round(self.comm_s * 1e3, 3),
+                "hub_ms": round(self.hub_s * 1e3, 3),
+                "ranks": [{**r.__dict__, "compute_ms": round(r.compute_s * 1e3, 3),
+                           "disk_ms": round(r.disk_s * 1e3, 3)} for r in self.ranks]}
+
+
+def streams(config: ModelConfig, load: RankLoad, node: Node, work: Workload) -> bool:
+    """Whether the rank's shard plus KV cache exceeds its node's memory (it must stream)."""
+    return rank_memory_bytes(config, load, work) > node.memory_bytes
+
+
+def _step_comm_seconds(config: ModelConfig, nodes: Sequence[Node], work: Workload, rows: int) -> float:
+    if len(nodes) == 1:
+        return 0.0
+    payload = rows * config.hidden_size * work.bytes_per(work.sync_dtype)
+    # the step header broadcast: half a round trip and N - 1 copies of the hidden rows out of the hub
+    start = allreduce_seconds(nodes, payload) / 2
+    return 2 * config.num_layers * allreduce_seconds(nodes, payload) + start
+
+
+def _disk_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload) -> float:
+    if not streams(config, load, node, work):
+        return 0.0
+    if not node.disk_mb_s:
+        raise PlanError(f"node {node.name!r} must stream its shard from disk but has no disk speed")
+    return load.held_params * work.bytes_per(work.weight_dtype) / (node.disk_mb_s * 1e6)
+
+
+def predict(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node],
+            work: Workload = Workload()) -> Prediction:
+    """Predicted decode speed, time to first token and per-rank memory of ``shards`` on ``nodes``
+    (``nodes[0]`` is the coordinator: rank 0 and the hub)."""
+    if len(shards) != len(nodes):
+        raise PlanError(f"{len(shards)} shards for {len(nodes)} nodes")
+    loads = [rank_load(config, s) for s in shards]
+    bpp = work.bytes_per(work.weight_dtype)
+    compute = [_rank_pass_seconds(config, ld, nd, work, 1, work.context) for ld, nd in zip(loads, nodes, strict=True)]
+    disk = [_disk_seconds(config, ld, nd, work) for ld, nd in zip(loads, nodes, strict=True)]
+    comm = _step_comm_seconds(config, nodes, work, work.batch)
+    hub = _hub_seconds(config, nodes[0], work, work.batch)
+    decode = max(max(compute) + comm + hub, max(disk))
+    ttft = _ttft_seconds(config, loads, nodes, work, disk)
+    ranks = []
+    for s, ld, nd, c, dk in zip(shards, loads, nodes, compute, disk, strict=True):
+        resident = rank_memory_bytes(config, ld, work)
+        ranks.append(RankPrediction(rank=s.rank, node=nd.name, kv_heads=s.num_kv_heads, mlp_columns=s.mlp_width,
+                                    weight_bytes=int(ld.held_params * bpp),
+                                    memory_bytes=min(resident, nd.memory_bytes) if dk else resident,
+                                    streams=dk > 0, compute_s=c, disk_s=dk))
+    return Prediction(tokens_per_s=1.0 / decode, decode_s=decode, ttft_s=ttft, comm_s=comm, hub_s=hub, ranks=ranks)
+
+
+def _ttft_seconds(config: ModelConfig, loads: Sequence[RankLoad], nodes: Sequence[Node], work: Workload,
+                  disk: Sequence[float]) -> float:
+    """Prefill of ``work.prompt_tokens`` for one sequence in chunks, then the LM head of its last token."""
+    one = replace(work, batch=1)
+    total, done = 0.0, 0
+    chunks = max(1, math.ceil(work.prompt_tokens / work.prefill_chunk))
+    for i in range(chunks):
+        n = min(work.prefill_chunk, work.prompt_tokens - done) if work.prompt_tokens else 1
+        compute = max(_rank_pass_seconds(config, ld, nd, one, n, done) for ld, nd in zip(loads, nodes, strict=True))
+        total += max(compute + _step_comm_seconds(config, nodes, one, n), max(disk))
+        done += n
+        if i == chunks - 1:
+            total += _hub_seconds(config, nodes[0], one, 1)
+    return total

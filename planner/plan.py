@@ -1,0 +1,180 @@
+"""Decisions: split weights, memory budgets and the sync dtype, as pure functions of the model
+shape, the measured nodes and the workload.
+
+Split: each rank's decode time grows with its share ``s`` of the layer weights (``s * bytes /
+bandwidth``, or ``max(that + comm, s * bytes / disk)`` once the share no longer fits in its
+memory). The chooser finds the smallest step time T whose affordable shares
+``s_r(T) = max{s : t_r(s) <= T}`` add up to the whole model (bisection on T), so shares come out
+proportional to bandwidth where memory allows and a node without memory for its share gets less.
+The shares are then rounded to whole KV heads and MLP columns by ``worker.sharding.plan_shards``
+and the resulting plan is priced by ``planner.model.predict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from planner.model import (
+    FIXED_OVERHEAD_BYTES,
+    MIB,
+    Node,
+    PlanError,
+    Prediction,
+    RankLoad,
+    Workload,
+    hub_params,
+    predict,
+    rank_load,
+    streams,
+)
+from worker.config import ModelConfig
+from worker.sharding import RankShard, ShardingError, plan_shards
+
+SYNC_DTYPES = ("float32", "bfloat16")
+# A reduced-precision allreduce must buy at least this much speed to be worth its rounding error.
+SYNC_GAIN_THRESHOLD = 0.05
+MIN_SHARE = 1e-3  # plan_shards needs positive weights; a useless node still gets one KV head
+
+
+def _full_load(config: ModelConfig) -> RankLoad:
+    return rank_load(config, plan_shards(config, [1.0])[0])
+
+
+def _rank_time(share: float, full: RankLoad, config: ModelConfig, node: Node, work: Workload) -> float:
+    """Decode seconds of a rank holding ``share`` of every layer (continuous approximation)."""
+    bpp = work.bytes_per(work.weight_dtype)
+    compute = share * full.active_params * bpp / node.bandwidth(work.weight_dtype, config.hidden_size)
+    if _resident(share, full, config, node, work):
+        return compute
+    held = share * full.held_params * bpp
+    if not node.disk_mb_s:
+        return math.inf
+    return max(compute, held / (node.disk_mb_s * 1e6))
+
+
+def _max_share(time_of: Callable[[float], float], budget: float) -> float:
+    """Largest share in [0, 1] whose time is within ``budget`` (``time_of`` is non-decreasing)."""
+    if time_of(1.0) <= budget:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if time_of(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def choose_shares(config: ModelConfig, nodes: Sequence[Node], work: Workload) -> list[float]:
+    """Fractions of every layer per node (summing to 1) that minimize the slowest rank's time."""
+    if not nodes:
+        raise PlanError("no nodes")
+    full = _full_load(config)
+    times = [lambda s, n=n: _rank_time(s, full, config, n, work) for n in nodes]
+    finite = [t(1.0) for t in times if math.isfinite(t(1.0))]
+    hi = max(finite) if finite else None
+    if hi is None:  # no node can hold (or stream) everything alone: grow until the shares cover it
+        hi = 1e-3
+        while sum(_max_share(t, hi) for t in times) < 1.0:
+            hi *= 2
+            if hi > 1e9:
+                raise PlanError("the nodes cannot hold this model: not enough memory and no disk to stream from")
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(_max_share(t, mid) for t in times) >= 1.0:
+            hi = mid
+        else:
+            lo = mid
+    shares = [_max_share(t, hi) for t in times]
+    total = sum(shares)
+    return [max(s / total, MIN_SHARE) for s in shares]
+
+
+def memory_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node],
+                   work: Workload) -> list[int]:
+    """``--memory-budget`` per rank (weights + KV cache, the fixed overhead excluded): the shard
+    rounded up to a MiB when it fits, else what the node can give (the rank then streams)."""
+    out = []
+    for shard, node in zip(shards, nodes, strict=True):
+        load = rank_load(config, shard)
+        need = load.held_params * work.bytes_per(work.weight_dtype) + work.max_batch * work.max_context \
+            * config.num_layers * 2 * load.kv_heads * config.head_dim * work.bytes_per(work.kv_dtype)
+        room = node.memory_bytes - FIXED_OVERHEAD_BYTES
+        out.append(int(math.ceil(min(need, max(room, 0)) / MIB)) * MIB)
+    return out
+
+
+def choose_sync_dtype(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node],
+                      work: Workload) -> tuple[str, dict[str, float]]:
+    """float32 (exact) unless bfloat16 payloads make decode at least ``SYNC_GAIN_THRESHOLD`` faster."""
+    speeds = {d: predict(config, shards, nodes, replace(work, sync_dtype=d)).tokens_per_s for d in SYNC_DTYPES}
+    best = "bfloat16" if speeds["bfloat16"] >= speeds["float32"] * (1 + SYNC_GAIN_THRESHOLD) else "float32"
+    return best, speeds
+
+
+def _fit_rounding(config: ModelConfig, nodes: Sequence[Node], work: Workload, shares: list[float],
+                  shards: list[RankShard], tries: int = 40) -> tuple[list[float], list[RankShard]]:
+    """Rounding to whole KV heads and columns can push a rank the chooser meant to keep resident
+    over its memory: shrink such a rank's share a little until its shard fits (or give up)."""
+    full = _full_load(config)
+    for _ in range(tries):
+        over = [r for r, (shard, node) in enumerate(zip(shards, nodes, strict=True))
+                if streams(config, rank_load(config, shard), node, work)
+                and _resident(shares[r], full, config, node, work)]
+        if not over:
+            break
+        shares = [s * (0.97 if r in over else 1.0) for r, s in enumerate(shares)]
+        total = sum(shares)
+        shares = [s / total for s in shares]
+        shards = plan_shards(config, shares)
+    return shares, shards
+
+
+def _resident(share: float, full: RankLoad, config: ModelConfig, node: Node, work: Workload) -> bool:
+    held = share * full.held_params * work.bytes_per(work.weight_dtype)
+    kv = share * work.max_batch * work.max_context * config.num_layers * 2 * config.num_kv_heads \
+        * config.head_dim * work.bytes_per(work.kv_dtype)
+    return held + kv + FIXED_OVERHEAD_BYTES <= node.memory_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    weights: list[float]  # --weights, rank 0 first
+    shards: list[RankShard]
+    budgets: list[int]  # --memory-budget per rank, bytes
+    sync_dtype: str
+    sync_speeds: dict[str, float]  # predicted tokens/s per sync dtype
+    prediction: Prediction
+    hub_bytes: int  # embedding + LM head on the coordinator, outside rank 0's budget
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"weights": [round(w, 4) for w in self.weights], "weights_arg": ",".join(f"{w:.3g}" for w in self.weights),
+                "memory_budgets_mib": [b // MIB for b in self.budgets], "sync_dtype": self.sync_dtype,
+                "sync_tokens_per_s": {k: round(v, 3) for k, v in self.sync_speeds.items()},
+                "hub_bytes": self.hub_bytes, "prediction": self.prediction.as_dict()}
+
+
+def make_plan(config: ModelConfig, nodes: Sequence[Node], work: Workload | None = None,
+              weights: Sequence[float] | None = None) -> Plan:
+    """Choose (or take) the split, then budgets, then the sync dtype, and predict the result."""
+    work = work or Workload()
+    if len(nodes) > config.num_kv_heads:
+        raise PlanError(f"{len(nodes)} nodes but the model has {config.num_kv_heads} KV heads (one per rank at most)")
+    chosen = list(weights) if weights else choose_shares(config, nodes, work)
+    try:
+        shards = plan_shards(config, chosen)
+        if not weights:
+            chosen, shards = _fit_rounding(config, nodes, work, chosen, shards)
+    except ShardingError as exc:
+        raise PlanError(str(exc)) from None
+    sync, speeds = choose_sync_dtype(config, shards, nodes, work)
+    prediction = predict(config, shards, nodes, replace(work, sync_dtype=sync))
+    held, _ = hub_params(config)
+    return Plan(weights=chosen, shards=shards, budgets=memory_budgets(config, shards, nodes, work), sync_dtype=sync,
+                sync_speeds=speeds, prediction=prediction,
+                hub_bytes=int(held * work.bytes_per(work.weight_dtype)))

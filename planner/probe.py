@@ -1,0 +1,258 @@
+"""Measure one node for the cost model: compute, memory bandwidth, disk, link, dispatch overhead.
+
+Every measurement is bounded: a fixed amount of work, repeated a few times, best kept (the
+best run is the machine's capability; the others saw noise from neighbours).
+
+- ``matmul_gflop_s``: dense (n x n) @ (n x n) in each dtype (prefill is GEMM-bound).
+- ``matvec_gb_s``: a vector times a set of weight matrices larger than the last-level cache,
+  as bytes of weights per second (decode at batch 1 is bound by this), at an input width of
+  4096; ``matvec_by_width`` also at 512 and 1024 (narrow matrices stream less efficiently).
+- ``copy_gb_s``: a large tensor copy (read + write bytes per second), for reference.
+- ``layer_overhead_us`` / ``step_overhead_us``: what our own decode step costs beyond its matrix
+  work, per layer and per step, measured by running it on tiny random models.
+- ``allreduce_overhead_us``: one 2-rank star allreduce of a small payload over loopback
+  (ZeroMQ, CURVE, Python, the real ``worker.collective`` code), minus the loopback round trip:
+  the software cost each allreduce adds beyond the wire.
+- ``disk``: sequential read of a file, with the page cache dropped first
+  (``posix_fadvise(POSIX_FADV_DONTNEED)``), so it is a cold read: a hypervisor's own cache
+  below a VM is out of reach and can still flatter the figure.
+- ``link``: round trip and bandwidth to the coordinator's ``edgellm probe --serve-link``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MATVEC_WIDTHS = (512, 1024, 4096)  # input features of the probed matrices; the last is the headline
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
+    """Fastest of up to ``repeats`` calls (at least one), stopping once ``budget_s`` is spent."""
+    fn()  # warm-up
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+def matmul_gflop_s(dtype: str, n: int = 1024, repeats: int = 5, budget_s: float = 3.0) -> float:
+    a = torch.randn(n, n).to(DTYPES[dtype])
+    b = torch.randn(n, n).to(DTYPES[dtype])
+    seconds = _best_seconds(lambda: torch.mm(a, b), repeats, budget_s)
+    return 2.0 * n ** 3 / seconds / 1e9
+
+
+def matvec_gb_s(dtype: str, total_bytes: int = 256 << 20, cols: int = 4096, repeats: int = 3,
+                budget_s: float = 5.0) -> float:
+    """Weight bytes per second of ``x @ W.T`` over matrices adding up to ``total_bytes``."""
+    elem = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    rows = max(1, min(2048, total_bytes // (cols * elem)))
+    count = max(1, total_bytes // (rows * cols * elem))
+    mats = [torch.randn(rows, cols).to(DTYPES[dtype]) for _ in range(count)]
+    x = torch.randn(1, cols).to(DTYPES[dtype])
+
+    def run() -> None:
+        with torch.inference_mode():
+            for w in mats:
+                F.linear(x, w)
+
+    seconds = _best_seconds(run, repeats, budget_s)
+    return count * rows * cols * elem / seconds / 1e9
+
+
+def copy_gb_s(total_bytes: int = 256 << 20, repeats: int = 3, budget_s: float = 3.0) -> float:
+    src = torch.ones(total_bytes // 4)
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda: dst.copy_(src), repeats, budget_s)
+    return 2.0 * total_bytes / seconds / 1e9
+
+
+def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
+    """Framework cost of our own decode step, measured on two tiny random Llamas (hidden 64) of
+    2 and 6 layers at 1 rank, where the matrix work is negligible: ``layer_overhead_us`` is the
+    cost of one decoder layer's ops (norms, RoPE, KV cache, attention, the allreduce call...),
+    ``step_overhead_us`` that of the rest of a step (embedding, plan, final norm, head)."""
+    from planner.synthetic import write_random_llama
+    from server.executor import Executor
+    from worker.collective import StarHub
+    from worker.config import ModelConfig
+    from worker.runtime import RankSpec
+    from worker.sharding import plan_shards
+    from worker.step import SeqSpan
+
+    def step_seconds(model_dir: Path) -> float:
+        config = ModelConfig.from_dir(model_dir)
+        spec = RankSpec(str(model_dir), config, plan_shards(config, [1.0])[0], max_batch=1, max_context=steps + 16)
+        executor = Executor(spec, StarHub(1))
+        try:
+            best = float("inf")
+            for _ in range(rounds):
+                executor.step([[1, 2, 3, 4]], [SeqSpan(0, 0, 4)])
+                times = []
+                for i in range(steps):
+                    start = time.perf_counter()
+                    executor.step([[5]], [SeqSpan(0, 4 + i, 1)])
+                    times.append(time.perf_counter() - start)
+                best = min(best, statistics.median(times))
+            return best
+        finally:
+            executor.close()
+
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                 vocab_size=256, max_position_embeddings=256)
+    with tempfile.TemporaryDirectory() as tmp:
+        two = step_seconds(write_random_llama(Path(tmp) / "l2", {**shape, "num_hidden_layers": 2}))
+        six = step_seconds(write_random_llama(Path(tmp) / "l6", {**shape, "num_hidden_layers": 6}))
+    layer = max((six - two) / 4, 0.0)
+    return {"layer_overhead_us": round(layer * 1e6, 1), "step_overhead_us": round(max(two - 2 * layer, 0.0) * 1e6, 1)}
+
+
+def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]:
+    """p50 of a 2-rank star allreduce on loopback (rank 1 in a thread) and the loopback round trip."""
+    from planner.link import LinkServer, measure_link
+    from worker.collective import StarHub, StarRank
+
+    hub = StarHub(2, token="probe", timeout_s=30)
+    done = threading.Event()
+
+    def rank() -> None:
+        link = StarRank(1, hub.address, token="probe", timeout_s=30)
+        try:
+            link.wait_welcome(30)
+            link.begin(link.recv())
+            partial = torch.ones(numel)
+            for _ in range(iters):
+                link.allreduce(partial)
+        finally:
+            link.close()
+            done.set()
+
+    thread = threading.Thread(target=rank, name="probe-rank", daemon=True)
+    thread.start()
+    times = []
+    try:
+        hub.wait_for_ranks(30)
+        hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+        partial = torch.ones(numel)
+        for _ in range(iters):
+            start = time.perf_counter()
+            hub.allreduce(partial)
+            times.append(time.perf_counter() - start)
+        done.wait(30)
+    finally:
+        hub.close()
+    server = LinkServer().start()
+    try:
+        rtt = measure_link("127.0.0.1", server.port, pings=iters, transfer_bytes=1 << 20)["rtt_us"]
+    finally:
+        server.stop()
+    p50 = statistics.median(times[len(times) // 10:]) * 1e6
+    return {"allreduce_loopback_us": round(p50, 1), "loopback_rtt_us": rtt,
+            "allreduce_overhead_us": round(max(p50 - rtt, 0.0), 1)}
+
+
+def _drop_cache(fd: int) -> bool:
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return True
+
+
+def disk_read_mb_s(path: str | Path, size_bytes: int = 256 << 20, block: int = 4 << 20) -> dict[str, Any]:
+    """Cold sequential read speed of ``path``: a file is read (up to ``size_bytes``); in a
+    directory a temporary file of ``size_bytes`` is written, synced, dropped from the cache and read."""
+    path = Path(path)
+    made = None
+    if path.is_dir():
+        fd, name = tempfile.mkstemp(prefix=".edgellm-probe-", dir=path)
+        made = Path(name)
+        chunk = os.urandom(min(block, size_bytes))
+        with os.fdopen(fd, "wb") as f:
+            left = size_bytes
+            while left > 0:
+                f.write(chunk[: min(left, len(chunk))])
+                left -= len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        target = made
+    elif path.is_file():
+        target = path
+    else:
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    try:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            dropped = _drop_cache(fd)
+            buf = bytearray(block)
+            total, start = 0, time.perf_counter()
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                while total < size_bytes:
+                    n = f.readinto(buf)
+                    if not n:
+                        break
+                    total += n
+            seconds = time.perf_counter() - start
+            _drop_cache(fd)
+        finally:
+            os.close(fd)
+    finally:
+        if made is not None:
+            made.unlink(missing_ok=True)
+    return {"path": str(path), "bytes_read": total, "read_mb_s": round(total / seconds / 1e6, 1),
+            "page_cache_dropped": dropped}
+
+
+def probe_node(threads: int | None = None, dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+               matvec_bytes: int = 256 << 20, matmul_n: int = 1024, disk: str | None = None,
+               disk_bytes: int = 256 << 20, coordinator: tuple[str, int] | None = None,
+               link_bytes: int = 64 << 20, allreduce_iters: int = 200) -> dict[str, Any]:
+    """All measurements of this node as a mapping that ``planner.model.Node.from_dict`` reads."""
+    if threads:
+        torch.set_num_threads(threads)
+    vm = psutil.virtual_memory()
+    out: dict[str, Any] = {"name": socket.gethostname(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "memory_bytes": int(vm.total), "memory_available_bytes": int(vm.available)}
+    start = time.perf_counter()
+    log.info("probe: matmul and matvec in %s", ", ".join(dtypes))
+    out["matmul_gflop_s"] = {d: round(matmul_gflop_s(d, matmul_n), 2) for d in dtypes}
+    widths = {d: {w: round(matvec_gb_s(d, matvec_bytes, cols=w), 3) for w in MATVEC_WIDTHS} for d in dtypes}
+    out["matvec_gb_s"] = {d: widths[d][MATVEC_WIDTHS[-1]] for d in dtypes}
+    out["matvec_by_width"] = widths
+    out["copy_gb_s"] = round(copy_gb_s(matvec_bytes), 3)
+    log.info("probe: decode dispatch overhead")
+    out.update(dispatch_overhead_us())
+    log.info("probe: star allreduce overhead on loopback")
+    out.update(allreduce_overhead_us(allreduce_iters))
+    if disk:
+        log.info("probe: disk read on %s", disk)
+        out["disk"] = disk_read_mb_s(disk, disk_bytes)
+    if coordinator:
+        log.info("probe: link to %s:%d", *coordinator)
+        from planner.link import measure_link
+
+        out["link"] = {"coordinator": f"{coordinator[0]}:{coordinator[1]}",
+                       **measure_link(coordinator[0], coordinator[1], transfer_bytes=link_bytes)}
+    out["probe_seconds"] = round(time.perf_counter() - start, 2)
+    return out
