@@ -31,3 +31,8 @@ bench: setup
 
 protos: setup
 	PATH=$(VENV)/bin:$$PATH protos/generate.sh
+
+# Every benchmark of bench/ with modest sizes: bench/results/<timestamp>/{results.json,summary.md,*.png}
+.PHONY: bench-all
+bench-all: setup
+	$(PY) bench/run_all.py

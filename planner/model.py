@@ -191,6 +191,14 @@ def hub_params(config: ModelConfig) -> tuple[int, int]:
     return table * (1 if config.tie_word_embeddings else 2) + config.hidden_size, table + config.hidden_size
 
 
+def hub_room(config: ModelConfig, nodes: Sequence[Node], work: Workload) -> list[Node]:
+    """``nodes`` with the coordinator's memory less its embedding and LM head (outside rank 0's budget
+    but on the same machine)."""
+    held, _ = hub_params(config)
+    hub_bytes = int(held * work.bytes_per(work.weight_dtype))
+    return [replace(nodes[0], memory_bytes=nodes[0].memory_bytes - hub_bytes), *nodes[1:]]
+
+
 def kv_cache_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
     """KV cache a rank allocates: slots x tokens x layers x (k, v) x its heads x head_dim."""
     return int(work.max_batch * work.max_context * config.num_layers * 2 * load.kv_heads * config.head_dim
@@ -305,6 +313,7 @@ def predict(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[No
     (``nodes[0]`` is the coordinator: rank 0 and the hub)."""
     if len(shards) != len(nodes):
         raise PlanError(f"{len(shards)} shards for {len(nodes)} nodes")
+    nodes = hub_room(config, nodes, work)
     loads = [rank_load(config, s) for s in shards]
     bpp = work.bytes_per(work.weight_dtype)
     compute = [_rank_pass_seconds(config, ld, nd, work, 1, work.context) for ld, nd in zip(loads, nodes, strict=True)]

@@ -26,6 +26,7 @@ from planner.model import (
     RankLoad,
     Workload,
     hub_params,
+    hub_room,
     predict,
     rank_load,
     streams,
@@ -73,6 +74,7 @@ def choose_shares(config: ModelConfig, nodes: Sequence[Node], work: Workload) ->
     """Fractions of every layer per node (summing to 1) that minimize the slowest rank's time."""
     if not nodes:
         raise PlanError("no nodes")
+    nodes = hub_room(config, nodes, work)
     full = _full_load(config)
     times = [lambda s, n=n: _rank_time(s, full, config, n, work) for n in nodes]
     finite = [t(1.0) for t in times if math.isfinite(t(1.0))]
@@ -169,12 +171,13 @@ def make_plan(config: ModelConfig, nodes: Sequence[Node], work: Workload | None 
     try:
         shards = plan_shards(config, chosen)
         if not weights:
-            chosen, shards = _fit_rounding(config, nodes, work, chosen, shards)
+            chosen, shards = _fit_rounding(config, hub_room(config, nodes, work), work, chosen, shards)
     except ShardingError as exc:
         raise PlanError(str(exc)) from None
     sync, speeds = choose_sync_dtype(config, shards, nodes, work)
     prediction = predict(config, shards, nodes, replace(work, sync_dtype=sync))
     held, _ = hub_params(config)
-    return Plan(weights=chosen, shards=shards, budgets=memory_budgets(config, shards, nodes, work), sync_dtype=sync,
+    budgets = memory_budgets(config, shards, hub_room(config, nodes, work), work)
+    return Plan(weights=chosen, shards=shards, budgets=budgets, sync_dtype=sync,
                 sync_speeds=speeds, prediction=prediction,
                 hub_bytes=int(held * work.bytes_per(work.weight_dtype)))

@@ -10,8 +10,9 @@ best run is the machine's capability; the others saw noise from neighbours).
 - ``copy_gb_s``: a large tensor copy (read + write bytes per second), for reference.
 - ``layer_overhead_us`` / ``step_overhead_us``: what our own decode step costs beyond its matrix
   work, per layer and per step, measured by running it on tiny random models.
-- ``allreduce_overhead_us``: one 2-rank star allreduce of a small payload over loopback
-  (ZeroMQ, CURVE, Python, the real ``worker.collective`` code), minus the loopback round trip:
+- ``allreduce_overhead_us``: one 2-rank star allreduce of a small payload over loopback, rank 1
+  in its own process (ZeroMQ, CURVE, Python, the real ``worker.collective`` code), minus the
+  loopback round trip:
   the software cost each allreduce adds beyond the wire.
 - ``disk``: sequential read of a file, with the page cache dropped first
   (``posix_fadvise(POSIX_FADV_DONTNEED)``), so it is a cold read: a hypervisor's own cache
@@ -27,7 +28,6 @@ import platform
 import socket
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +90,7 @@ def copy_gb_s(total_bytes: int = 256 << 20, repeats: int = 3, budget_s: float = 
 
 def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
     """Framework cost of our own decode step, measured on two tiny random Llamas (hidden 64) of
-    2 and 6 layers at 1 rank, where the matrix work is negligible: ``layer_overhead_us`` is the
+    2 and 10 layers at 1 rank, where the matrix work is negligible: ``layer_overhead_us`` is the
     cost of one decoder layer's ops (norms, RoPE, KV cache, attention, the allreduce call...),
     ``step_overhead_us`` that of the rest of a step (embedding, plan, final norm, head)."""
     from planner.synthetic import write_random_llama
@@ -123,53 +123,67 @@ def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
                  vocab_size=256, max_position_embeddings=256)
     with tempfile.TemporaryDirectory() as tmp:
         two = step_seconds(write_random_llama(Path(tmp) / "l2", {**shape, "num_hidden_layers": 2}))
-        six = step_seconds(write_random_llama(Path(tmp) / "l6", {**shape, "num_hidden_layers": 6}))
-    layer = max((six - two) / 4, 0.0)
+        ten = step_seconds(write_random_llama(Path(tmp) / "l10", {**shape, "num_hidden_layers": 10}))
+    layer = max((ten - two) / 8, 0.0)
     return {"layer_overhead_us": round(layer * 1e6, 1), "step_overhead_us": round(max(two - 2 * layer, 0.0) * 1e6, 1)}
 
 
+def _probe_rank(address: str, iters: int, numel: int) -> None:
+    """Rank 1 of the allreduce probe, in its own process as on a real worker."""
+    from worker.collective import StarRank
+
+    torch.set_num_threads(1)
+    link = StarRank(1, address, token="probe", timeout_s=30)
+    try:
+        link.wait_welcome(30)
+        link.begin(link.recv())
+        partial = torch.ones(numel)
+        for _ in range(iters):
+            link.allreduce(partial)
+    finally:
+        link.close()
+
+
 def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]:
-    """p50 of a 2-rank star allreduce on loopback (rank 1 in a thread) and the loopback round trip."""
+    """A 2-rank star allreduce on loopback (rank 1 in a spawned process) and the loopback round
+    trip, both as the median of their quietest stretch."""
+    import multiprocessing as mp
+
     from planner.link import LinkServer, measure_link
-    from worker.collective import StarHub, StarRank
+    from worker.collective import StarHub
 
-    hub = StarHub(2, token="probe", timeout_s=30)
-    done = threading.Event()
-
-    def rank() -> None:
-        link = StarRank(1, hub.address, token="probe", timeout_s=30)
-        try:
-            link.wait_welcome(30)
-            link.begin(link.recv())
-            partial = torch.ones(numel)
-            for _ in range(iters):
-                link.allreduce(partial)
-        finally:
-            link.close()
-            done.set()
-
-    thread = threading.Thread(target=rank, name="probe-rank", daemon=True)
-    thread.start()
+    hub = StarHub(2, token="probe", timeout_s=60)
+    proc = mp.get_context("spawn").Process(target=_probe_rank, args=(hub.address, iters, numel), daemon=True)
+    proc.start()
     times = []
     try:
-        hub.wait_for_ranks(30)
+        hub.wait_for_ranks(60)
         hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
         partial = torch.ones(numel)
         for _ in range(iters):
             start = time.perf_counter()
             hub.allreduce(partial)
             times.append(time.perf_counter() - start)
-        done.wait(30)
+        proc.join(30)
     finally:
+        if proc.is_alive():
+            proc.kill()
         hub.close()
     server = LinkServer().start()
     try:
         rtt = measure_link("127.0.0.1", server.port, pings=iters, transfer_bytes=1 << 20)["rtt_us"]
     finally:
         server.stop()
-    p50 = statistics.median(times[len(times) // 10:]) * 1e6
+    p50 = quiet_median(times[len(times) // 10:]) * 1e6
     return {"allreduce_loopback_us": round(p50, 1), "loopback_rtt_us": rtt,
             "allreduce_overhead_us": round(max(p50 - rtt, 0.0), 1)}
+
+
+def quiet_median(samples: list[float], batches: int = 5) -> float:
+    """The lowest median of ``batches`` consecutive batches: the figure of the quietest stretch,
+    so neighbours' load on a shared machine does not pass for the node's own cost."""
+    size = max(1, len(samples) // batches)
+    return min(statistics.median(samples[i:i + size]) for i in range(0, len(samples), size))
 
 
 def _drop_cache(fd: int) -> bool:

@@ -1,0 +1,184 @@
+"""Run every benchmark of bench/ with modest sizes and collect their JSON, a markdown summary and plots.
+
+    .venv/bin/python bench/run_all.py [--only NAME,...] [--quick]      (make bench-all)
+
+Each script runs as a subprocess with ``--out FILE`` (all of them print JSON and accept it);
+a script that fails or times out is recorded with its error and the rest still run. Output:
+``bench/results/<timestamp>/results.json``, ``summary.md`` and PNG plots (matplotlib, headless).
+About 3-6 minutes on 2 cores; numbers of one run compare with each other, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+log = logging.getLogger("bench.run_all")
+
+# script -> arguments sized so the whole suite stays within ~10 minutes on 2 cores
+SUITE: dict[str, list[str]] = {
+    "decode_and_allreduce": ["--tokens", "32", "--iters", "200"],
+    "planner_check": ["--tokens", "32", "--rounds", "2"],
+    "streaming": ["--tokens", "16"],
+    "moe_cache": ["--tokens", "16"],
+}
+TIMEOUT_S = 300
+
+
+def run_script(name: str, args: list[str], out_dir: Path) -> dict[str, Any]:
+    out = out_dir / f"{name}.json"
+    cmd = [sys.executable, str(BENCH / f"{name}.py"), *args, "--out", str(out)]
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "seconds": TIMEOUT_S, "error": f"timed out after {TIMEOUT_S} s", "command": cmd}
+    seconds = round(time.perf_counter() - start, 1)
+    (out_dir / f"{name}.log").write_text(proc.stderr)
+    if proc.returncode != 0 or not out.is_file():
+        return {"ok": False, "seconds": seconds, "error": proc.stderr.strip().splitlines()[-5:], "command": cmd}
+    return {"ok": True, "seconds": seconds, "command": cmd, "result": json.loads(out.read_text())}
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(benchmark, what, number) rows of the key series, from whatever ran."""
+    rows: list[tuple[str, str, str]] = []
+    for name, entry in results.items():
+        if not entry["ok"]:
+            rows.append((name, "FAILED", str(entry["error"])[:120]))
+    dec = results.get("decode_and_allreduce", {}).get("result")
+    if dec:
+        d = dec["decode_batch1_fp32"]
+        rows.append(("decode_and_allreduce", "decode tok/s, 512x8 fp32, edgellm 1 rank / transformers",
+                     f"{d['edgellm_1rank_tok_s']} / {d['transformers_tok_s']} (x{d['ratio']})"))
+        for key, ar in dec["allreduce_fp32"].items():
+            if isinstance(ar, dict):
+                rows.append(("decode_and_allreduce", f"allreduce {dec['allreduce_fp32']['numel']} floats, {key}, "
+                             "p50 star / gloo (us)", f"{ar['star']['p50_us']} / {ar['gloo']['p50_us']}"))
+    check = results.get("planner_check", {}).get("result")
+    if check:
+        for c in check["checks"]:
+            rows.append(("planner_check", f"{c['config']}: tok/s predicted / measured",
+                         f"{c['predicted_tok_s']} / {c['measured_tok_s']} ({c['tok_s_error']:+.0%})"))
+            rows.append(("planner_check", f"{c['config']}: TTFT ms predicted / measured",
+                         f"{c['predicted_ttft_ms']} / {c['measured_ttft_ms']} ({c['ttft_error']:+.0%})"))
+    for name in ("streaming", "moe_cache"):
+        res = results.get(name, {}).get("result")
+        if res:
+            for key, value in _scalars(res):
+                rows.append((name, key, value))
+    return rows
+
+
+def _scalars(tree: Any, prefix: str = "", limit: int = 12) -> list[tuple[str, str]]:
+    """The first ``limit`` numeric leaves of a JSON tree, as (dotted key, value)."""
+    out: list[tuple[str, str]] = []
+
+    def walk(node: Any, key: str) -> None:
+        if len(out) >= limit:
+            return
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and "machine" not in key:
+            out.append((key, str(node)))
+
+    walk(tree, prefix)
+    return out
+
+
+def write_summary(results: dict[str, Any], path: Path) -> None:
+    lines = ["# Benchmark suite", "", f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} CPUs. "
+             "Only ratios within this one run are meaningful.", "",
+             "| benchmark | what | number |", "| --- | --- | --- |"]
+    lines += [f"| {b} | {w} | {n} |" for b, w, n in summary_rows(results)]
+    lines += ["", "| benchmark | ok | seconds |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v['ok']} | {v['seconds']} |" for k, v in results.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    dec = results.get("decode_and_allreduce", {}).get("result")
+    if dec:
+        ar = {k: v for k, v in dec["allreduce_fp32"].items() if isinstance(v, dict)}
+        labels = list(ar)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = range(len(labels))
+        for offset, impl in ((-0.2, "star"), (0.2, "gloo")):
+            ax.bar([x + offset for x in xs], [ar[k][impl]["p50_us"] for k in labels], width=0.4, label=f"{impl} p50")
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel("µs")
+        ax.set_title(f"allreduce of {dec['allreduce_fp32']['numel']} floats")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "allreduce.png", dpi=100)
+        plt.close(fig)
+        made.append("allreduce.png")
+    bars: list[tuple[str, float, float | None]] = []
+    if dec:
+        d = dec["decode_batch1_fp32"]
+        bars += [("transformers", d["transformers_tok_s"], None), ("edgellm 1 rank", d["edgellm_1rank_tok_s"], None)]
+    check = results.get("planner_check", {}).get("result")
+    if check:
+        bars += [(c["config"].replace("llama-", "").replace(", ", "\n"), c["measured_tok_s"], c["predicted_tok_s"])
+                 for c in check["checks"]]
+    if bars:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4))
+        xs = range(len(bars))
+        ax.bar(list(xs), [b[1] for b in bars], width=0.5, label="measured")
+        pred = [(x, b[2]) for x, b in zip(xs, bars, strict=True) if b[2] is not None]
+        if pred:
+            ax.scatter([p[0] for p in pred], [p[1] for p in pred], color="black", marker="_", s=400,
+                       label="planner prediction", zorder=3)
+        ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=7)
+        ax.set_ylabel("tokens/s (batch 1)")
+        ax.set_title("decode speed by configuration")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "decode.png", dpi=100)
+        plt.close(fig)
+        made.append("decode.png")
+    return made
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help="comma-separated benchmark names (default: all present)")
+    parser.add_argument("--out-root", default=str(BENCH / "results"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    present = {p.stem for p in BENCH.glob("*.py")}
+    names = [n for n in SUITE if n in present]
+    if args.only:
+        names = [n for n in names if n in set(args.only.split(","))]
+    out_dir = Path(args.out_root) / time.strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for name in names:
+        log.info("running %s", name)
+        results[name] = run_script(name, SUITE[name], out_dir)
+        log.info("%s: %s in %.0f s", name, "ok" if results[name]["ok"] else "FAILED", results[name]["seconds"])
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_summary(results, out_dir / "summary.md")
+    plots = write_plots(results, out_dir)
+    log.info("wrote %s (results.json, summary.md, %s)", out_dir, ", ".join(plots) or "no plots")
+    print((out_dir / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
