@@ -246,7 +246,7 @@ def probe_node(threads: int | None = None, dtypes: tuple[str, ...] = ("float32",
         torch.set_num_threads(threads)
     vm = psutil.virtual_memory()
     out: dict[str, Any] = {"name": socket.gethostname(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "torch": str(torch.__version__),
                            "memory_bytes": int(vm.total), "memory_available_bytes": int(vm.available)}
     start = time.perf_counter()
     log.info("probe: matmul and matvec in %s", ", ".join(dtypes))

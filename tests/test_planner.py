@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from planner.link import LinkServer, measure_link
 from planner.model import (
@@ -139,6 +140,7 @@ def test_probe_tiny(tmp_path: Path) -> None:
     assert result["layer_overhead_us"] >= 0
     assert not list(tmp_path.iterdir()), "the disk probe must remove its file"
     assert Node.from_dict(result).bandwidth("float32", 700) > 0
+    assert yaml.safe_load(yaml.safe_dump(result)) == result  # what `edgellm probe --out` writes
 
 
 def test_pi5_profile_and_named_shapes(tmp_path: Path) -> None:
