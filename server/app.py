@@ -98,7 +98,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        engine_error = state.engine.error if state.engine else None
+        engine_error = state.engine.health_problem() if state.engine else None
         ok = state.status == "ready" and not engine_error
         body = {"status": "ok" if ok else state.status, "detail": engine_error or state.detail}
         return JSONResponse(body, 200 if ok else 503)

@@ -39,9 +39,15 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $EDGELLM_API_KEY; none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process and of each local worker (default: cores / processes)")
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
     p.add_argument("--hub-port", type=int, default=0, help="ZeroMQ hub port (default: any free port)")
+    p.add_argument("--ship-shards", action="store_true",
+                   help="workers fetch their files from the coordinator (sha256-checked, cached) even when "
+                        "the model's path exists on their disk (default: only when it does not)")
+    p.add_argument("--shard-port", type=int, default=0,
+                   help="gRPC port from which workers without the model fetch its files (default: any free port)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for each worker")
     p.add_argument("--recovery-wait", type=float, default=30.0,
                    help="seconds running requests wait for a failed rank to rejoin before they fail (default: 30)")
@@ -93,6 +99,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from server.app import ServerState, create_app
@@ -103,10 +110,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from worker.config import ModelConfig
     from worker.sharding import parse_weights, plan_shards
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    # the coordinator and its local workers share this machine's cores: oversubscribing them
+    # (each process taking every core) made batched steps 4-25x slower in the load tests
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (1 + args.local_workers))
+    torch.set_num_threads(threads)
     config = ModelConfig.from_dir(args.model)
     tokenizer = TextTokenizer(args.model)
     remote = [w.strip() for w in args.workers.split(",") if w.strip()]
@@ -117,14 +124,14 @@ def run_serve(args: argparse.Namespace) -> int:
     token = args.cluster_token or (secrets.token_hex(16) if not remote else "")
     opts = ClusterOptions(model_dir=args.model, weights=weights, token=token, max_batch=args.max_batch,
                           max_context=max_context, dtype=args.dtype, hub_host=args.hub_host,
-                          hub_port=args.hub_port, connect_timeout_s=args.connect_timeout,
+                          hub_port=args.hub_port, shard_port=args.shard_port, ship_shards=args.ship_shards, connect_timeout_s=args.connect_timeout,
                           step_timeout_s=args.step_timeout, memory_budget=args.memory_budget,
                           expert_cache=args.expert_cache)
     _check_port_free(args.host, args.port)
     clients = check_workers(remote, token, args.connect_timeout)
     budgets = [*(["--memory-budget", str(args.memory_budget)] if args.memory_budget else []),
                *(["--expert-cache", str(args.expert_cache)] if args.expert_cache else [])]
-    local = [LocalWorker(token, args.threads, budgets) for _ in range(args.local_workers)]
+    local = [LocalWorker(token, threads, budgets) for _ in range(args.local_workers)]
     name = args.model_name or Path(args.model).absolute().name
     state = ServerState(model_name=name, max_context=max_context, api_key=args.api_key)
     limits = EngineLimits(max_batch=args.max_batch, max_context=max_context, prefill_chunk=args.prefill_chunk,
@@ -142,7 +149,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                          lambda who, i, n: log.info("%s: %d/%d layers", who, i, n)))
             state.metrics.workers_up.set(len(all_clients))
             state.metrics.watch_ranks(cluster[0].rank_stats)
-            engine = Engine(cluster[0].executor, tokenizer, limits, state.metrics, recover=cluster[0].recover)
+            engine = Engine(cluster[0].executor, tokenizer, limits, state.metrics, recover=cluster[0].recover,
+                            missing_ranks=lambda: cluster[0].missing)
             engine.start()
             state.engine, state.tokenizer = engine, tokenizer
             state.status, state.detail = "ready", f"{world} ranks"

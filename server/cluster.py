@@ -14,8 +14,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from protos.edgellm.v1 import control_pb2 as pb
 from server.executor import Executor
+from server.shard_source import serve_shards
 from server.workers import ClusterError, LocalWorker, WorkerClient
 from worker.collective import CollectiveError, StarHub
 from worker.config import ModelConfig
@@ -62,6 +65,8 @@ class ClusterOptions:
     connect_timeout_s: float = 10.0
     memory_budget: int | None = None  # rank 0's (workers have their own `--memory-budget`)
     expert_cache: int | None = None  # rank 0's expert cache bytes
+    shard_port: int = 0  # ShardSource port for workers that fetch the model (0: any free port)
+    ship_shards: bool = False  # every worker fetches its files from us, even if it sees the path
 
 
 @dataclass
@@ -69,10 +74,13 @@ class Cluster:
     opts: ClusterOptions
     shards: list[RankShard]
     hub_address: str  # as the workers reach it
+    shard_source: str  # host:port of our ShardSource, as the workers reach it
+    shard_server: grpc.Server
     executor: Executor
     clients: list[WorkerClient]  # rank r is clients[r - 1]
     local: list[LocalWorker] = field(default_factory=list)
     on_progress: Progress | None = None
+    missing: set[int] = field(default_factory=set)  # ranks the heartbeat found out of the data plane
     _closing: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -86,9 +94,11 @@ class Cluster:
         hub = StarHub(len(shards), bind=f"tcp://{bind_host}:{opts.hub_port}", token=opts.token,
                       timeout_s=opts.step_timeout_s)
         hub_address = f"tcp://{host}:{hub.address.rsplit(':', 1)[1]}"
+        shard_server, shard_port = serve_shards(opts.model_dir, bind_host, opts.shard_port, opts.token)
+        shard_source = f"{host}:{shard_port}"
         try:
             with ThreadPoolExecutor(max(1, len(clients))) as pool:
-                loads = [pool.submit(cls._join, opts, client, shard, hub_address, on_progress)
+                loads = [pool.submit(cls._join, opts, client, shard, hub_address, shard_source, on_progress)
                          for client, shard in zip(clients, shards[1:], strict=True)]
                 spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
                                 DTYPES[opts.dtype], memory_budget=opts.memory_budget,
@@ -108,30 +118,42 @@ class Cluster:
                     future.result()
         except Exception:
             hub.close()
+            shard_server.stop(grace=None)
             raise
         log.info("cluster ready: %d ranks, split %s", len(shards),
                  json.dumps([[s.kv_heads, s.mlp_columns] for s in shards]))
-        cluster = cls(opts, shards, hub_address, executor, clients, local, on_progress)
-        if local:
-            threading.Thread(target=cluster._supervise, name="supervisor", daemon=True).start()
+        cluster = cls(opts, shards, hub_address, shard_source, shard_server, executor, clients, local, on_progress)
+        hub.missing_ranks = lambda: cluster.missing
+        threading.Thread(target=cluster._supervise, name="supervisor", daemon=True).start()
         return cluster
 
     @staticmethod
-    def _join(opts: ClusterOptions, client: WorkerClient, shard: RankShard, hub_address: str,
+    def _join(opts: ClusterOptions, client: WorkerClient, shard: RankShard, hub_address: str, shard_source: str,
               on_progress: Progress | None) -> None:
-        """Configure one worker as ``shard.rank`` and load it (it then says HELLO to the hub)."""
+        """Configure one worker as ``shard.rank`` and load it (it then says HELLO to the hub).
+
+        A worker without the model directory fetches the files from ``shard_source`` first."""
         config_json = (Path(opts.model_dir) / "config.json").read_text()
         client.configure(pb.ConfigureRequest(
-            shard=shard_to_proto(shard), model_dir=str(Path(opts.model_dir).resolve()), config_json=config_json,
-            hub_address=hub_address, max_batch=opts.max_batch, max_context=opts.max_context, dtype=opts.dtype))
+            shard=shard_to_proto(shard), config_json=config_json,
+            model_dir="" if opts.ship_shards else str(Path(opts.model_dir).resolve()),
+            hub_address=hub_address, max_batch=opts.max_batch, max_context=opts.max_context, dtype=opts.dtype,
+            shard_source=shard_source))
         report = functools.partial(on_progress, client.address) if on_progress else (lambda i, n: None)
         client.load(report)
 
     def _supervise(self) -> None:
-        """Restart local worker processes that died; `recover` then takes them back in."""
+        """Heartbeat every worker over gRPC and restart local worker processes that died.
+
+        A rank that does not answer READY within a second is reported missing (``missing``):
+        /health turns 503 and the engine repairs the cluster without waiting for a step to
+        time out. An unplugged Pi is found this way in about two seconds.
+        """
         while not self._closing.wait(SUPERVISE_INTERVAL_S):
             for worker in self.local:
                 worker.restart_if_dead()
+            self.missing = {rank for rank, client in enumerate(self.clients, start=1)
+                            if not self._closing.is_set() and not client.is_ready(timeout=1.0)}
 
     def workers_up(self) -> int:
         return sum(client.is_ready() for client in self.clients)
@@ -161,7 +183,7 @@ class Cluster:
                         continue
                 with ThreadPoolExecutor(1) as pool:  # its Load ends only once the hub welcomed it
                     joining = pool.submit(self._join, self.opts, client, self.shards[rank], self.hub_address,
-                                          self.on_progress)
+                                          self.shard_source, self.on_progress)
                     hub.wait_for_ranks(max(0.1, deadline - time.monotonic()),
                                        functools.partial(_running, joining), ranks=[rank])
                     joining.result()
@@ -169,6 +191,7 @@ class Cluster:
                 log.warning("rank %d not back yet: %s", rank, exc)
                 return False
             log.info("rank %d (%s) rejoined", rank, client.address)
+        self.missing = set()
         return True
 
     def stats(self) -> list[dict]:
@@ -197,6 +220,7 @@ class Cluster:
 
     def close(self) -> None:
         self._closing.set()
+        self.shard_server.stop(grace=None)
         self.executor.close()
         local_addresses = {w.address for w in self.local}
         for client in self.clients:

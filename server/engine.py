@@ -121,13 +121,15 @@ class _Running:
 
 class Engine:
     def __init__(self, executor: Executor, tokenizer: TextTokenizer, limits: EngineLimits,
-                 metrics: Metrics | None = None, recover: Callable[[float], bool] | None = None):
+                 metrics: Metrics | None = None, recover: Callable[[float], bool] | None = None,
+                 missing_ranks: Callable[[], set[int]] | None = None):
         self.executor = executor
         self.tokenizer = tokenizer
         self.limits = limits
         self.metrics = metrics or Metrics()
         self.error: str | None = None  # set while the cluster is broken: new requests get 503
         self._recover = recover
+        self._missing_ranks = missing_ranks or set
         self._next_repair = 0.0
         self.steps = 0
         self._ids = itertools.count(1)
@@ -148,6 +150,14 @@ class Engine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+
+    def health_problem(self) -> str | None:
+        """Why the server cannot serve right now (None: it can)."""
+        if self.error:
+            return self.error
+        if missing := self._missing_ranks():
+            return f"rank(s) {sorted(missing)} missing; the cluster is recovering"
+        return None
 
     @property
     def num_running(self) -> int:
@@ -184,6 +194,8 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if not self._running and self._missing_ranks() and not self.error:
+                self.error = "a rank is missing; the cluster is recovering"  # idle: repair before the next request
             if self.error and not self._repair_in_background():
                 self._wake.wait(0.2)
                 continue
@@ -195,6 +207,8 @@ class Engine:
                 self._wake.clear()
                 continue
             try:
+                if missing := self._missing_ranks():  # the heartbeat saw a rank go: don't wait for a timeout
+                    raise CollectiveError(f"rank(s) {sorted(missing)} stopped answering heartbeats")
                 self._step()
             except Exception as exc:  # a dead rank, a broken step: repair, replay, or fail cleanly
                 self._on_step_failure(exc)

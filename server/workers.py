@@ -69,9 +69,18 @@ class WorkerClient:
         self._call("configure", self.stub.Configure, request)
 
     def load(self, on_progress: Callable[[int, int], None]) -> None:
+        """Load, reporting (layers loaded, total); a fetch of the model is logged every 10%."""
         stream = self._call("load", self.stub.Load, pb.LoadRequest(), timeout=None)
+        logged_tenth = -1
         try:
             for update in stream:  # type: ignore[attr-defined]
+                if update.bytes_total:
+                    tenth = 10 * update.bytes_fetched // update.bytes_total
+                    if tenth != logged_tenth:
+                        logged_tenth = tenth
+                        log.info("worker %s: fetched %.1f of %.1f MB of the model", self.address,
+                                 update.bytes_fetched / 1e6, update.bytes_total / 1e6)
+                    continue
                 on_progress(update.layers_loaded, update.layers_total)
         except grpc.RpcError as exc:
             raise ClusterError(f"worker {self.address}: load failed: {exc.details()}") from None

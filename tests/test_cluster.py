@@ -13,6 +13,7 @@ import httpx
 import psutil
 import pytest
 
+from server.cli import DEFAULT_MODEL
 from tests.processes import ROOT, edgellm, free_port, served, stop
 
 pytestmark = pytest.mark.cluster
@@ -114,10 +115,11 @@ class HealthWatch(threading.Thread):
             time.sleep(0.05)
 
 
-def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(checkpoints, tmp_path: Path) -> None:
+def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
-    with served(checkpoints("llama"), "--local-workers", "2", "--model-name", "m", "--step-timeout", "3",
+    # the embedded model, 400 tokens: seconds of decoding left when the worker dies at chunk 3
+    body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with served(DEFAULT_MODEL, "--local-workers", "2", "--model-name", "m", "--step-timeout", "3",
                 log_path=log) as url:
         undisturbed = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         coordinator = _coordinator(url)
@@ -126,7 +128,7 @@ def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(checkpoi
         pieces, error = [], None
         with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=90) as resp:
             for i, line in enumerate(resp.iter_lines()):
-                if i == 10:
+                if i == 3:
                     worker = next(c for c in coordinator.children() if "worker.cli" in " ".join(c.cmdline()))
                     _kill(worker)
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -149,7 +151,9 @@ def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(checkpoi
         assert 503 in watch.codes and watch.codes[-1] == 200, watch.codes
         again = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         assert again == undisturbed
-    assert "Traceback" not in log.read_text()
+    text = log.read_text()
+    assert "replaying 1 running sequences" in text, "the kill must have hit the request mid-stream"
+    assert "Traceback" not in text
 
 
 def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_path: Path) -> None:

@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from worker.budget import parse_size
-from worker.service import serve
+from worker.service import DEFAULT_CACHE_DIR, serve
 
 log = logging.getLogger("edgellm.worker")
 
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from disk through a sliding window (default: no budget, all resident)")
     parser.add_argument("--expert-cache", type=parse_size, default=None, metavar="SIZE",
                         help="bytes for routed experts of an MoE model (default: all resident)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                        help="where model files fetched from the coordinator are kept (default: $EDGELLM_CACHE "
+                             "or ~/.cache/edgellm)")
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        serve(args.host, args.port, args.cluster_token, args.memory_budget, args.expert_cache)
+        serve(args.host, args.port, args.cluster_token, args.memory_budget, args.expert_cache, args.cache_dir)
     except (OSError, RuntimeError) as exc:
         log.error("cannot start the worker: %s", exc)
         return 2

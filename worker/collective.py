@@ -32,6 +32,7 @@ DEFAULT_TIMEOUT_S = 30.0
 # ZeroMQ heartbeats find a peer that vanished without closing its socket (an unplugged Pi).
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+LIVENESS_POLL_MS = 200  # how often a waiting allreduce looks at the heartbeat's verdict
 
 
 def _keepalive(sock: zmq.Socket) -> None:
@@ -89,6 +90,8 @@ class StarHub:
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peers = [_identity(r) for r in range(1, world_size)]
+        # ranks known to be gone (a heartbeat says so): an allreduce waiting on one fails at once
+        self.missing_ranks: Callable[[], set[int]] = set
         self._step = 0
         self._seq = 0
 
@@ -146,9 +149,14 @@ class StarHub:
         deadline = time.monotonic() + self.timeout_ms / 1000
         while len(received) < len(self._peers):
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not self.sock.poll(left_ms):
+            if left_ms <= 0:
                 late = [p.decode() for p in self._peers if p not in received]
                 raise CollectiveError(f"timed out waiting for partial sums from {', '.join(late)}")
+            if not self.sock.poll(min(left_ms, LIVENESS_POLL_MS)):
+                if gone := {_identity(r) for r in self.missing_ranks()} - received.keys():
+                    raise CollectiveError(f"{', '.join(sorted(g.decode() for g in gone))} stopped answering "
+                                          f"heartbeats mid-step")
+                continue
             ident, *frames = self.sock.recv_multipart(copy=False)
             sender = ident.bytes
             try:

@@ -11,6 +11,8 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,11 +23,13 @@ from protos.edgellm.v1 import control_pb2 as pb
 from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
 from worker.config import CheckpointError, ModelConfig
 from worker.runtime import RankSpec, WorkerRank
+from worker.shard_fetch import fetch_model, verify_rank_file
 from worker.sharding import RankShard
 
 log = logging.getLogger(__name__)
 
 TOKEN_METADATA_KEY = "x-edgellm-token"
+DEFAULT_CACHE_DIR = Path(os.environ.get("EDGELLM_CACHE", Path.home() / ".cache" / "edgellm"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,7 +50,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if hmac.compare_digest(str(given).encode(), self._token):
             return continuation(details)
         log.warning("refused %s: wrong or missing cluster token", details.method)
-        return self._deny_stream if details.method.endswith("/Load") else self._deny
+        return self._deny_stream if details.method.endswith(("/Load", "/Fetch")) else self._deny
 
 
 def shard_from_proto(msg: pb.RankShard, group_size: int) -> RankShard:
@@ -89,8 +93,10 @@ def stats_dict(reply: pb.StatsReply) -> dict[str, float]:
 
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, token: str, on_shutdown: Callable[[], None], memory_budget: int | None = None,
-                 expert_cache_bytes: int | None = None):
+                 expert_cache_bytes: int | None = None, cache_dir: Path = DEFAULT_CACHE_DIR):
         self.token = token
+        self.cache_dir = cache_dir
+        self._shard_source = ""  # set when the model must be fetched from the coordinator
         self.memory_budget = memory_budget
         self.expert_cache_bytes = expert_cache_bytes
         self._on_shutdown = on_shutdown
@@ -111,7 +117,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 local = ModelConfig.from_dir(request.model_dir)
                 if local != config:
                     raise CheckpointError(f"{request.model_dir} on this worker holds a different model")
-            else:
+            elif not request.shard_source:
                 raise CheckpointError(f"model directory {request.model_dir!r} does not exist on this worker")
             if request.dtype not in DTYPES:
                 raise CheckpointError(f"unknown dtype {request.dtype!r}")
@@ -124,6 +130,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                                   DTYPES[request.dtype], memory_budget=self.memory_budget,
                                   expert_cache_bytes=self.expert_cache_bytes)
             self._hub = request.hub_address
+            self._shard_source = "" if os.path.isdir(request.model_dir) else request.shard_source
             self._set(pb.HealthReply.CONFIGURED, f"rank {shard.rank} of {shard.world_size}")
         log.info("configured as rank %d of %d, hub %s", shard.rank, shard.world_size, self._hub)
         return pb.ConfigureReply()
@@ -133,14 +140,26 @@ class WorkerService(pb_grpc.WorkerServicer):
         if spec is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Configure first")
         assert spec is not None
+        rank_spec: RankSpec = spec
         self._set(pb.HealthReply.LOADING, "loading weights")
-        progress: list[tuple[int, int]] = []
+        progress: list[pb.LoadProgress] = []
         done = threading.Event()
         failure: list[str] = []
+        source = self._shard_source
 
         def load() -> None:
+            spec = rank_spec
             try:
-                rank = WorkerRank(spec, self._hub, self.token, lambda i, n: progress.append((i, n)))
+                if source:
+                    self._set(pb.HealthReply.LOADING, f"fetching the model from {source}")
+                    local = fetch_model(source, self.token, spec.shard.rank, spec.shard.world_size, self.cache_dir,
+                                        lambda d, t: progress.append(pb.LoadProgress(bytes_fetched=d, bytes_total=t)))
+                    if ModelConfig.from_dir(local) != spec.config:
+                        raise CheckpointError(f"the files fetched from {source} hold a different model")
+                    spec = replace(spec, model_dir=str(local))
+                verify_rank_file(spec.model_dir, spec.shard.rank, spec.shard.world_size)
+                rank = WorkerRank(spec, self._hub, self.token,
+                                  lambda i, n: progress.append(pb.LoadProgress(layers_loaded=i, layers_total=n)))
                 rank.start()
                 with self._lock:
                     self._rank = rank
@@ -157,9 +176,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         total = spec.config.num_layers
         while not done.wait(0.2) or sent < len(progress):
             while sent < len(progress):
-                loaded, total = progress[sent]
+                yield progress[sent]
                 sent += 1
-                yield pb.LoadProgress(layers_loaded=loaded, layers_total=total)
         if failure:
             context.abort(grpc.StatusCode.INTERNAL, f"rank {spec.shard.rank} failed to load: {failure[0]}")
         yield pb.LoadProgress(layers_loaded=total, layers_total=total, ready=True)
@@ -190,11 +208,11 @@ class WorkerService(pb_grpc.WorkerServicer):
 
 
 def serve(host: str, port: int, token: str, memory_budget: int | None = None,
-          expert_cache_bytes: int | None = None) -> None:
+          expert_cache_bytes: int | None = None, cache_dir: Path = DEFAULT_CACHE_DIR) -> None:
     """Run the worker until Shutdown or a signal."""
     stopped = threading.Event()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[TokenInterceptor(token)])
-    service = WorkerService(token, stopped.set, memory_budget, expert_cache_bytes)
+    service = WorkerService(token, stopped.set, memory_budget, expert_cache_bytes, cache_dir)
     pb_grpc.add_WorkerServicer_to_server(service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from worker.checkpoint import Checkpoint
+from worker.shard_fetch import file_sha256
 from worker.sharding import RankShard
 from worker.weights import (
     HUB_FILE,
@@ -102,7 +103,10 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
         if src.is_file():
             shutil.copyfile(src, out / name)
     manifest = {"format": SHARD_FORMAT, "world_size": world, "dtype": str(dtype).removeprefix("torch."),
-                "shards": [asdict(s) | {"file": shard_file_name(s.rank, world)} for s in shards]}
+                "shards": [asdict(s) | {"file": shard_file_name(s.rank, world)} for s in shards],
+                # checked before a rank loads its file: a corrupted copy is refused, not computed with
+                "sha256": {shard_file_name(s.rank, world): file_sha256(out / shard_file_name(s.rank, world))
+                           for s in shards}}
     (out / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=2))
     log.info("wrote %d rank shards to %s", world, out)
     return out

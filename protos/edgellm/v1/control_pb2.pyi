@@ -23,7 +23,7 @@ class RankShard(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_start: _Optional[int] = ..., mlp_end: _Optional[int] = ...) -> None: ...
 
 class ConfigureRequest(_message.Message):
-    __slots__ = ("shard", "model_dir", "config_json", "hub_address", "max_batch", "max_context", "dtype")
+    __slots__ = ("shard", "model_dir", "config_json", "hub_address", "max_batch", "max_context", "dtype", "shard_source")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class ConfigureRequest(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SOURCE_FIELD_NUMBER: _ClassVar[int]
     shard: RankShard
     model_dir: str
     config_json: str
@@ -38,7 +39,8 @@ class ConfigureRequest(_message.Message):
     max_batch: int
     max_context: int
     dtype: str
-    def __init__(self, shard: _Optional[_Union[RankShard, _Mapping]] = ..., model_dir: _Optional[str] = ..., config_json: _Optional[str] = ..., hub_address: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    shard_source: str
+    def __init__(self, shard: _Optional[_Union[RankShard, _Mapping]] = ..., model_dir: _Optional[str] = ..., config_json: _Optional[str] = ..., hub_address: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., shard_source: _Optional[str] = ...) -> None: ...
 
 class ConfigureReply(_message.Message):
     __slots__ = ()
@@ -49,14 +51,18 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadProgress(_message.Message):
-    __slots__ = ("layers_loaded", "layers_total", "ready")
+    __slots__ = ("layers_loaded", "layers_total", "ready", "bytes_fetched", "bytes_total")
     LAYERS_LOADED_FIELD_NUMBER: _ClassVar[int]
     LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     layers_loaded: int
     layers_total: int
     ready: bool
-    def __init__(self, layers_loaded: _Optional[int] = ..., layers_total: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    bytes_fetched: int
+    bytes_total: int
+    def __init__(self, layers_loaded: _Optional[int] = ..., layers_total: _Optional[int] = ..., ready: _Optional[bool] = ..., bytes_fetched: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,101 @@
+"""Workers without the model fetch their own shard from the coordinator (sha256-checked,
+cached, resumable); a corrupted shard file is refused with a clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.processes import ROOT, edgellm, free_port, served, stop
+from worker.shard_fetch import file_sha256
+
+pytestmark = pytest.mark.cluster
+BODY = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def shard_dir(checkpoints, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sharded") / "llama-3"
+    subprocess.run([sys.executable, "-m", "server.cli", "shard", "--model", str(checkpoints("llama")), "--ranks", "3",
+                    "--weights", "2,1,1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _serve_with_fetching_workers(shard_dir: Path, caches: list[Path], log: Path) -> str:
+    ports = [free_port(), free_port()]
+    workers = [edgellm("worker", "--host", "127.0.0.1", "--port", str(p), "--cluster-token", "t", "--cache-dir",
+                       str(c)) for p, c in zip(ports, caches, strict=True)]
+    try:
+        with served(shard_dir, "--workers", ",".join(f"127.0.0.1:{p}" for p in ports), "--weights", "2,1,1",
+                    "--cluster-token", "t", "--ship-shards", "--model-name", "m", log_path=log) as url:
+            return httpx.post(f"{url}/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+    finally:
+        for w in workers:
+            stop(w)
+
+
+def test_workers_fetch_only_their_own_shard_then_reuse_the_cache(shard_dir: Path, tmp_path: Path) -> None:
+    with served(shard_dir, "--weights", "2,1,1", "--local-workers", "2", "--model-name", "m") as url:
+        expected = httpx.post(f"{url}/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+    caches = [tmp_path / "cache1", tmp_path / "cache2"]
+    assert _serve_with_fetching_workers(shard_dir, caches, tmp_path / "first.log") == expected
+    for rank, cache in enumerate(caches, start=1):
+        files = {p.name for p in cache.rglob("*.safetensors")}
+        assert files == {f"rank-{rank:02d}-of-03.safetensors"}, files  # its own slice, nothing else
+    log = (tmp_path / "first.log").read_text()
+    assert "fetched" in log and "Traceback" not in log
+
+    cached = next(caches[0].rglob("*.safetensors"))
+    mtime = cached.stat().st_mtime_ns
+    assert _serve_with_fetching_workers(shard_dir, caches, tmp_path / "second.log") == expected
+    assert cached.stat().st_mtime_ns == mtime, "a cached, verified file must not be fetched again"
+    assert not list(caches[0].rglob("*.partial"))
+
+
+def test_an_interrupted_fetch_resumes_where_it_stopped(shard_dir: Path, tmp_path: Path) -> None:
+    source = shard_dir / "rank-01-of-03.safetensors"
+    caches = [tmp_path / "c1", tmp_path / "c2"]
+    # a previous attempt got the first half of rank 1's file into its model cache directory
+    first = _serve_with_fetching_workers(shard_dir, caches, tmp_path / "a.log")
+    model_cache = next(caches[0].iterdir())
+    half = source.read_bytes()[: source.stat().st_size // 2]
+    (model_cache / source.name).unlink()
+    (model_cache / (source.name + ".sha256")).unlink()
+    (model_cache / (source.name + ".partial")).write_bytes(half)
+    worker_port = free_port()
+    worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(worker_port), "--cluster-token", "t",
+                     "--cache-dir", str(caches[0]), log_path=tmp_path / "worker.log")
+    other_port = free_port()
+    other = edgellm("worker", "--host", "127.0.0.1", "--port", str(other_port), "--cluster-token", "t",
+                    "--cache-dir", str(caches[1]))
+    try:
+        with served(shard_dir, "--workers", f"127.0.0.1:{worker_port},127.0.0.1:{other_port}", "--weights", "2,1,1",
+                    "--cluster-token", "t", "--ship-shards", "--model-name", "m") as url:
+            again = httpx.post(f"{url}/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+    finally:
+        stop(worker)
+        stop(other)
+    assert again == first
+    assert f"resuming {source.name} at byte {len(half)}" in (tmp_path / "worker.log").read_text()
+    assert file_sha256(model_cache / source.name) == file_sha256(source)
+
+
+def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in shard_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    victim = broken / "rank-01-of-03.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte inside a weight: safetensors itself would not notice
+    victim.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--weights",
+                             "2,1,1", "--local-workers", "2", "--port", str(free_port())],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "rank-01-of-03.safetensors is corrupted" in result.stderr
+    assert "Traceback" not in result.stderr
