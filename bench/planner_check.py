@@ -81,7 +81,9 @@ def _worker_process(spec: RankSpec, address: str, threads: int) -> None:
 
 
 def measure(model_dir: Path, ranks: int, threads: int, prompt: int, tokens: int, rounds: int,
-            max_context: int) -> tuple[float, float]:
+            max_context: int, rss_out: list[int] | None = None) -> tuple[float, float]:
+    """(decode tokens/s, time to first token s); ``rss_out`` gets each rank's resident bytes
+    (rank 0 first) after the runs, read with psutil from outside the worker processes."""
     config = ModelConfig.from_dir(model_dir)
     shards = plan_shards(config, [1.0] * ranks)
     specs = [RankSpec(str(model_dir), config, s, max_batch=1, max_context=max_context) for s in shards]
@@ -94,7 +96,12 @@ def measure(model_dir: Path, ranks: int, threads: int, prompt: int, tokens: int,
     executor = Executor(specs[0], hub)
     try:
         hub.wait_for_ranks(120)
-        return _decode(executor, prompt, tokens, rounds)
+        measured = _decode(executor, prompt, tokens, rounds)
+        if rss_out is not None:
+            import psutil
+
+            rss_out[:] = [psutil.Process(pid).memory_info().rss for pid in (os.getpid(), *(p.pid for p in procs))]
+        return measured
     finally:
         executor.close()
         for p in procs:

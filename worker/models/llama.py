@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from worker.config import ModelConfig, RopeConfig
 from worker.kv_cache import KVCache
 from worker.sharding import RankShard
-from worker.step import StepPlan
+from worker.step import SeqSpan, StepPlan
 from worker.weight_store import WeightStore
 from worker.weights import AttentionWeights, Fields, MlpWeights, from_fields
 
@@ -24,6 +24,9 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in fp32 as transformers does."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one fused op; bitwise the same as below in fp32
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -47,9 +50,10 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on ``x`` (T, h, hd): ``x*cos + rotate_half(x)*sin``, with rotate_half's
+    negation folded into ``signed_sin`` (-sin on the first half), so the rotation is one roll."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class RankModel:
@@ -69,9 +73,11 @@ class RankModel:
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
     def _rope(self, plan: StepPlan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (see ``apply_rope``), each (T, 1, hd), computed once per step."""
         freqs = plan.positions.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        return (torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype),  # (T, 1, hd)
+                torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype))
 
     def forward(self, hidden: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Run every layer on ``hidden`` (T, d); returns the final hidden states (T, d), unnormed.
@@ -104,19 +110,29 @@ class RankModel:
         q = q.reshape(-1, qh, hd)  # (T, qh, hd)
         k = k.reshape(-1, kh, hd)  # (T, kh, hd)
         v = v.reshape(-1, kh, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = torch.empty_like(q)  # (T, qh, hd)
-        for span, offset, mask in zip(plan.spans, plan.offsets, plan.masks, strict=True):
-            tokens = slice(offset, offset + span.length)
-            self.kv.write(layer, span.slot, span.start, k[tokens], v[tokens])
-            keys, values = self.kv.view(layer, span.slot, span.start + span.length)  # (kh, S, hd)
-            attended = F.scaled_dot_product_attention(
-                q[tokens].transpose(0, 1)[None],  # (1, qh, n, hd)
-                keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True,
-            )  # (1, qh, n, hd)
-            out[tokens] = attended[0].transpose(0, 1)
-        return F.linear(out.view(-1, qh * hd), w.wo, w.bo)  # (T, d) partial sum
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if len(plan.spans) == 1:  # the common decode / prefill step: no per-span scatter
+            out = self._attend(layer, plan.spans[0], plan.masks[0], q, k, v).reshape(-1, qh * hd)  # (T, qh*hd)
+        else:
+            out = torch.empty_like(q)  # (T, qh, hd)
+            for span, offset, mask in zip(plan.spans, plan.offsets, plan.masks, strict=True):
+                tokens = slice(offset, offset + span.length)
+                out[tokens] = self._attend(layer, span, mask, q[tokens], k[tokens], v[tokens])
+            out = out.view(-1, qh * hd)
+        return F.linear(out, w.wo, w.bo)  # (T, d) partial sum
+
+    def _attend(self, layer: int, span: SeqSpan, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        """One sequence's new tokens: cache their k/v (n, kh, hd), attend q (n, qh, hd) to the
+        whole cached prefix; returns (n, qh, hd), a transposed view."""
+        self.kv.write(layer, span.slot, span.start, k, v)
+        keys, values = self.kv.view(layer, span.slot, span.start + span.length)  # (kh, S, hd)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],  # (1, qh, n, hd)
+            keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True,
+        )  # (1, qh, n, hd)
+        return attended[0].transpose(0, 1)
 
     def _feed_forward(self, layer: int, fields: Fields, hidden: torch.Tensor) -> torch.Tensor:
         """The MLP block's partial (T, d) for the residual stream ``hidden`` (T, d)."""

@@ -1,0 +1,112 @@
+"""Time to first token by prompt length, scaling from 1 to 2 ranks, memory per rank, and the
+fp32 decode speed of the 1.1B shape against its memory-bandwidth bound, as JSON.
+
+    .venv/bin/python bench/latency.py [--prompts 32,256,1024] [--tokens 16] [--big] [--out FILE]
+
+- TTFT: the random Llama 512 x 8 layers (8 heads, 4 KV heads, intermediate 1536, vocab 8000),
+  one prefill step of each prompt length, best of ``--rounds`` after a warm-up; 1 rank, and
+  2 ranks on loopback (rank 1 a real ``WorkerRank`` process), 1 thread per rank.
+- Scaling: decode tokens/s of the same model at 1 and 2 ranks, 1 thread per rank.
+- Memory: each rank's resident set (psutil, read from outside the worker process). Rank 0 is
+  this bench process, which also ran the configurations before it: its figure is an upper bound.
+- ``--big``: the 1.1B shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate 5632,
+  vocab 32000) at 1 rank, fp32, ``--threads`` threads: measured decode tokens/s beside the bound
+  weight bytes per token / measured matvec bandwidth (``planner.probe.matvec_gb_s``), both
+  measured in this run. Writing the 4.4 GB checkpoint takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from planner_check import BIG, SMALL, measure  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from planner.probe import matvec_gb_s  # noqa: E402
+from planner.synthetic import write_random_llama  # noqa: E402
+
+log = logging.getLogger("bench.latency")
+MIB = 1 << 20
+
+
+def decode_weight_bytes(shape: dict[str, Any], bytes_per_param: int = 4) -> int:
+    """Weight bytes one decode step reads: every decoder layer's matrices and the LM head
+    (the embedding is a row lookup, norms are negligible)."""
+    d, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
+    per_layer = d * (2 * d + 2 * kv) + 3 * d * f  # q, o, k, v; gate, up, down
+    return (shape["num_hidden_layers"] * per_layer + v * d) * bytes_per_param
+
+
+def small_model_series(model_dir: Path, prompts: list[int], tokens: int, rounds: int) -> dict[str, Any]:
+    """TTFT per prompt length, decode tokens/s and resident memory per rank, at 1 and 2 ranks."""
+    out: dict[str, Any] = {}
+    for ranks in (1, 2):
+        series: dict[str, Any] = {"ttft_ms": {}, "decode_tok_s": {}}
+        for prompt in prompts:
+            log.info("small model, %d rank(s), prompt %d", ranks, prompt)
+            rss: list[int] = []
+            tps, ttft = measure(model_dir, ranks, 1, prompt, tokens, rounds, prompt + tokens + 8, rss_out=rss)
+            series["ttft_ms"][str(prompt)] = round(ttft * 1e3, 1)
+            series["decode_tok_s"][str(prompt)] = round(tps, 1)
+            series["rss_mib_per_rank"] = [round(r / MIB, 1) for r in rss]
+        out[f"{ranks}_rank{'s' if ranks > 1 else ''}"] = series
+    one, two = out["1_rank"], out["2_ranks"]
+    out["speedup_2_over_1"] = {
+        "decode": {p: round(two["decode_tok_s"][p] / one["decode_tok_s"][p], 2) for p in one["decode_tok_s"]},
+        "ttft": {p: round(one["ttft_ms"][p] / two["ttft_ms"][p], 2) for p in one["ttft_ms"]},
+    }
+    return out
+
+
+def big_model_bound(model_dir: Path, threads: int, tokens: int) -> dict[str, Any]:
+    """fp32 1.1B decode at 1 rank against weight bytes / measured matvec bandwidth."""
+    torch.set_num_threads(threads)
+    bandwidth = matvec_gb_s("float32", total_bytes=512 * MIB)
+    weight_bytes = decode_weight_bytes(BIG)
+    bound = bandwidth * 1e9 / weight_bytes
+    rss: list[int] = []
+    tps, ttft = measure(model_dir, 1, threads, 32, tokens, 1, 32 + tokens + 8, rss_out=rss)
+    return {"threads": threads, "matvec_gb_s": round(bandwidth, 2), "weight_mib_per_token": round(weight_bytes / MIB),
+            "bound_tok_s": round(bound, 2), "measured_tok_s": round(tps, 2),
+            "fraction_of_bound": round(tps / bound, 3), "ttft_ms_32": round(ttft * 1e3, 1),
+            "rss_mib": round(rss[0] / MIB, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", default="32,256,1024", help="prompt lengths for time to first token")
+    parser.add_argument("--tokens", type=int, default=16, help="decode steps timed per round")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds after a warm-up; best kept")
+    parser.add_argument("--big", action="store_true", help="also the 1.1B shape against its bandwidth bound")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the --big run")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    prompts = [int(p) for p in args.prompts.split(",")]
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    with tempfile.TemporaryDirectory() as tmp:
+        small = write_random_llama(Path(tmp) / "small", SMALL | {"max_position_embeddings": max(prompts) + 64})
+        result["small_llama_512x8"] = small_model_series(small, prompts, args.tokens, args.rounds)
+        if args.big:
+            log.info("writing the 1.1B shape")
+            big = write_random_llama(Path(tmp) / "big", BIG)
+            result["llama_1.1B_fp32"] = big_model_bound(big, args.threads, max(8, args.tokens // 2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
