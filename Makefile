@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup serve test lint bench protos
+.PHONY: setup serve test lint bench bench-all protos
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ serve: setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m mypy server worker bench
+	$(PY) -m mypy server worker bench loadtest planner
 
 test: lint
 	$(PY) -m pytest
@@ -33,6 +33,5 @@ protos: setup
 	PATH=$(VENV)/bin:$$PATH protos/generate.sh
 
 # Every benchmark of bench/ with modest sizes: bench/results/<timestamp>/{results.json,summary.md,*.png}
-.PHONY: bench-all
 bench-all: setup
 	$(PY) bench/run_all.py
