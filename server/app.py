@@ -100,7 +100,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> JSONResponse:
         engine_error = state.engine.health_problem() if state.engine else None
         ok = state.status == "ready" and not engine_error
-        body = {"status": "ok" if ok else state.status, "detail": engine_error or state.detail}
+        status = "ok" if ok else ("degraded" if engine_error and state.status == "ready" else state.status)
+        body = {"status": status, "detail": engine_error or state.detail}
         return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/metrics")

@@ -169,7 +169,9 @@ def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_pa
             resp = _complete(url, "m")
             assert resp.status_code == 503
             assert resp.json()["error"]["code"] == "cluster_unavailable"
-            assert httpx.get(f"{url}/health").status_code == 503
+            health = httpx.get(f"{url}/health")
+            assert health.status_code == 503
+            assert health.json()["status"] == "degraded" and health.json()["detail"], health.json()
             assert _coordinator(url).is_running()
             # the worker comes back at the same address: the cluster repairs itself
             worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(port), "--cluster-token", "t")
