@@ -1,4 +1,6 @@
-"""Decode speed against transformers, and star-allreduce latency against gloo, as JSON.
+"""Decode speed against transformers, and star-allreduce latency against gloo, as JSON
+(the allreduce part is bench/allreduce.py's, at one size; that script has every size, the
+sync dtypes and a ring).
 
     .venv/bin/python bench/decode_and_allreduce.py [--tokens 64] [--iters 300] [--out FILE]
 
@@ -11,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -25,8 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from allreduce import compare  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+
 from server.executor import Executor  # noqa: E402
-from worker.collective import StarHub, StarRank  # noqa: E402
+from worker.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
 from worker.runtime import RankSpec  # noqa: E402
 from worker.sharding import plan_shards  # noqa: E402
@@ -39,11 +41,11 @@ SHAPE: dict[str, Any] = dict(hidden_size=512, num_hidden_layers=8, num_attention
 PROMPT_LEN = 16
 
 
-def build_model(out: Path) -> Path:
+def build_model(out: Path, shape: dict[str, Any] | None = None) -> Path:
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(**(shape or SHAPE), tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).save_pretrained(out)
     return out
 
@@ -68,10 +70,11 @@ def bench_transformers(model_dir: Path, tokens: int) -> float:
     return tokens / (full - prefill)
 
 
-def bench_ours(model_dir: Path, tokens: int) -> float:
+def bench_ours(model_dir: Path, tokens: int, dtype: torch.dtype = torch.float32) -> float:
     config = ModelConfig.from_dir(model_dir)
     shard = plan_shards(config, [1.0])[0]
-    executor = Executor(RankSpec(str(model_dir), config, shard, max_batch=1, max_context=1024), StarHub(1))
+    executor = Executor(RankSpec(str(model_dir), config, shard, max_batch=1, max_context=1024, dtype=dtype),
+                        StarHub(1))
     prompt = list(range(1, PROMPT_LEN + 1))
     best = 0.0
     for _ in range(3):  # first round warms up; keep the best
@@ -85,82 +88,11 @@ def bench_ours(model_dir: Path, tokens: int) -> float:
     return best
 
 
-def _star_rank(rank: int, address: str, numel: int, iters: int) -> None:
-    torch.set_num_threads(1)
-    link = StarRank(rank, address, token="bench")
-    link.wait_welcome(30)
-    link.begin(link.recv())  # as in serving: partials only flow inside a step
-    partial = torch.full((numel,), float(rank + 1))
-    for _ in range(iters):
-        link.allreduce(partial)
-    link.close()
-
-
-def bench_star(world: int, numel: int, iters: int) -> dict[str, float]:
-    hub = StarHub(world, token="bench", timeout_s=60)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_star_rank, args=(r, hub.address, numel, iters)) for r in range(1, world)]
-    for p in procs:
-        p.start()
-    hub.wait_for_ranks(60)
-    hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
-    partial = torch.full((numel,), 1.0)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        total = hub.allreduce(partial)
-        times.append(time.perf_counter() - start)
-    expected = world * (world + 1) / 2  # arange-style check: rank r sends r + 1
-    assert torch.all(total == expected), "star allreduce gave a wrong sum"
-    for p in procs:
-        p.join(30)
-    hub.close()
-    return _percentiles(times[iters // 10:])
-
-
-def _gloo_rank(rank: int, world: int, port: int, numel: int, iters: int, out: mp.Queue) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    times = []
-    for _ in range(iters):
-        tensor = torch.full((numel,), float(rank + 1))
-        start = time.perf_counter()
-        dist.all_reduce(tensor)
-        times.append(time.perf_counter() - start)
-    assert torch.all(tensor == world * (world + 1) / 2)
-    if rank == 0:
-        out.put(times)
-    dist.destroy_process_group()
-
-
-def bench_gloo(world: int, numel: int, iters: int) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_gloo_rank, args=(r, world, port, numel, iters, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    times = out.get(timeout=300)
-    for p in procs:
-        p.join(30)
-    return _percentiles(times[iters // 10:])
-
-
-def _percentiles(times: list[float]) -> dict[str, float]:
-    ordered = sorted(times)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6  # noqa: E731
-    return {"p50_us": round(pick(0.50), 1), "p99_us": round(pick(0.99), 1), "samples": len(ordered)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="decode steps timed")
     parser.add_argument("--iters", type=int, default=300, help="allreduce iterations per configuration")
-    parser.add_argument("--numel", type=int, default=4096, help="floats per allreduce")
+    parser.add_argument("--numel", type=int, default=4096, help="floats per allreduce (a multiple of 256)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -180,13 +112,13 @@ def main() -> None:
                                     "transformers_tok_s": round(hf, 1), "edgellm_1rank_tok_s": round(ours, 1),
                                     "ratio": round(ours / hf, 2)}
     allreduce = {}
+    kb = max(1, args.numel // 256)  # bench/allreduce.py sizes payloads in KB of float32
     for world in (2, 4):
-        log.info("allreduce: %d ranks", world)
-        star = bench_star(world, args.numel, args.iters)
-        gloo = bench_gloo(world, args.numel, args.iters)
+        both = compare(world, [kb], ["fp32"], args.iters, seconds=30.0, methods=("star", "gloo"))
+        star, gloo = both["star_fp32"][str(kb)], both["gloo"][str(kb)]
         allreduce[f"{world}_ranks"] = {"star": star, "gloo": gloo,
                                        "p50_ratio_star_over_gloo": round(star["p50_us"] / gloo["p50_us"], 2)}
-    result["allreduce_fp32"] = {"numel": args.numel, **allreduce}
+    result["allreduce_fp32"] = {"numel": kb * 256, **allreduce}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -26,6 +26,7 @@ log = logging.getLogger("bench.run_all")
 # script -> arguments sized so the whole suite stays within ~10 minutes on 2 cores
 SUITE: dict[str, list[str]] = {
     "decode_and_allreduce": ["--tokens", "32", "--iters", "200"],
+    "allreduce": ["--worlds", "2,4", "--sizes-kb", "16,1024", "--seconds", "1"],
     "planner_check": ["--tokens", "32", "--rounds", "2"],
     "streaming": ["--tokens", "16"],
     "moe_cache": ["--tokens", "16"],
@@ -64,6 +65,13 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             if isinstance(ar, dict):
                 rows.append(("decode_and_allreduce", f"allreduce {dec['allreduce_fp32']['numel']} floats, {key}, "
                              "p50 star / gloo (us)", f"{ar['star']['p50_us']} / {ar['gloo']['p50_us']}"))
+    collective = results.get("allreduce", {}).get("result")
+    if collective:
+        methods = ("star_fp32", "star_fp16", "star_int8", "gloo", "ring")
+        for world, entry in collective.items():
+            for kb in entry.get("gloo", {}) if world.endswith("_ranks") else ():
+                rows.append(("allreduce", f"{world}, {kb} KB: p50 {' / '.join(methods)} (us)",
+                             " / ".join(str(entry[m][kb]["p50_us"]) if m in entry else "-" for m in methods)))
     check = results.get("planner_check", {}).get("result")
     if check:
         for c in check["checks"]:

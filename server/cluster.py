@@ -25,6 +25,7 @@ from worker.config import ModelConfig
 from worker.runtime import RankSpec
 from worker.service import DTYPES, shard_to_proto
 from worker.sharding import RankShard, plan_shards
+from worker.wire import sync_dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class ClusterOptions:
     expert_cache: int | None = None  # rank 0's expert cache bytes
     shard_port: int = 0  # ShardSource port for workers that fetch the model (0: any free port)
     ship_shards: bool = False  # every worker fetches its files from us, even if it sees the path
+    sync_dtype: str = "fp32"  # allreduce payload dtype of every rank: fp32 (exact), fp16, bf16, int8
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Cluster:
         host = opts.hub_host or advertised_host([c.address for c in clients])
         bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         hub = StarHub(len(shards), bind=f"tcp://{bind_host}:{opts.hub_port}", token=opts.token,
-                      timeout_s=opts.step_timeout_s)
+                      timeout_s=opts.step_timeout_s, sync_dtype=opts.sync_dtype)
         hub_address = f"tcp://{host}:{hub.address.rsplit(':', 1)[1]}"
         shard_server, shard_port = serve_shards(opts.model_dir, bind_host, opts.shard_port, opts.token)
         shard_source = f"{host}:{shard_port}"
@@ -102,7 +104,7 @@ class Cluster:
                          for client, shard in zip(clients, shards[1:], strict=True)]
                 spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
                                 DTYPES[opts.dtype], memory_budget=opts.memory_budget,
-                                expert_cache_bytes=opts.expert_cache)
+                                expert_cache_bytes=opts.expert_cache, sync_dtype=hub.sync_dtype)
                 executor = Executor(spec, hub)
                 if on_progress:
                     on_progress("rank 0", config.num_layers, config.num_layers)
@@ -138,7 +140,7 @@ class Cluster:
             shard=shard_to_proto(shard), config_json=config_json,
             model_dir="" if opts.ship_shards else str(Path(opts.model_dir).resolve()),
             hub_address=hub_address, max_batch=opts.max_batch, max_context=opts.max_context, dtype=opts.dtype,
-            shard_source=shard_source))
+            shard_source=shard_source, sync_dtype=sync_dtype_name(opts.sync_dtype)))
         report = functools.partial(on_progress, client.address) if on_progress else (lambda i, n: None)
         client.load(report)
 

@@ -8,6 +8,11 @@ through :meth:`StarHub.allreduce` and :meth:`StarRank.allreduce`.
 Every connection is ZeroMQ CURVE, with keys derived from the cluster token: a peer without
 the token fails the handshake (the hub's ZAP handler refuses its key) and never gets to send
 a frame; the frames of those who pass are encrypted and authenticated.
+
+Payloads travel in the cluster's sync dtype (``worker.wire.SYNC_DTYPES``): fp32 is exact (the
+model's own dtype), fp16/bf16/int8 cut the bytes; the hub always sums in float32. No extra
+copies: tensors are sent from their own memory and received as views of the ZeroMQ frames
+(CURVE decrypts into a fresh buffer anyway, so a ``recv_into`` would only add a copy).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -24,7 +30,19 @@ import zmq
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from worker.wire import Kind, Message, WireError, decode_message, encode_message
+from worker.wire import (
+    Kind,
+    Message,
+    WireError,
+    add_sync_payload,
+    check_sync_payload,
+    decode_message,
+    effective_sync,
+    encode_message,
+    sync_dtype_name,
+    sync_payload,
+    sync_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +87,35 @@ def _identity(rank: int) -> bytes:
     return f"rank-{rank}".encode()
 
 
+def _recv_frames(sock: zmq.Socket, timeout_ms: int) -> list[zmq.Frame] | None:
+    """The next multipart message as frames, or None after ``timeout_ms``; a message already
+    queued is taken without a poll (one system call less per allreduce)."""
+    try:
+        return sock.recv_multipart(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        pass
+    if timeout_ms <= 0 or not sock.poll(timeout_ms):
+        return None
+    return sock.recv_multipart(copy=False)
+
+
+def _io_threads(world_size: int) -> int:
+    """ZeroMQ I/O threads of the hub: CURVE en/decrypts each rank's link in the I/O thread that
+    owns it, so with one thread a large payload is encrypted N - 1 times in a row."""
+    return max(1, min(world_size - 1, (os.cpu_count() or 1) // 2, 4))
+
+
 class StarHub:
     """Hub side, used by rank 0 in the coordinator's engine thread (not thread-safe)."""
 
     def __init__(self, world_size: int, bind: str = "tcp://127.0.0.1:0", token: str = "",
-                 timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None,
+                 sync_dtype: str = "fp32"):
         self.world_size = world_size
         self.timeout_ms = int(timeout_s * 1000)
+        self.sync_dtype = sync_dtype
         # a context of our own: its ZAP handler (one per context) checks this hub's token only
-        self._ctx = context or zmq.Context()
+        self._ctx = context or zmq.Context(io_threads=_io_threads(world_size))
         self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(__name__ + ".zap"))
         self._auth.start()
         self._auth.configure_curve_callback("*", credentials_provider=_TokenKeys(token))
@@ -94,6 +132,15 @@ class StarHub:
         self.missing_ranks: Callable[[], set[int]] = set
         self._step = 0
         self._seq = 0
+
+    @property
+    def sync_dtype(self) -> str:
+        """Payload dtype of the allreduce, agreed with every rank (``fp32``, ``fp16``, ``bf16``, ``int8``)."""
+        return self._sync
+
+    @sync_dtype.setter
+    def sync_dtype(self, name: str) -> None:
+        self._sync = sync_dtype_name(name)
 
     def wait_for_ranks(self, timeout_s: float, still_loading: Callable[[], bool] = lambda: False,
                        ranks: list[int] | None = None) -> None:
@@ -128,6 +175,7 @@ class StarHub:
                 self.sock.send_multipart([sender, *encode_message(Kind.WELCOME)])
 
     def _broadcast(self, frames: list) -> None:
+        frames = [zmq.Frame(f) for f in frames]  # built once; each send shares the frame's buffer
         for peer in self._peers:
             try:
                 self.sock.send_multipart([peer, *frames], copy=False)
@@ -141,23 +189,30 @@ class StarHub:
         self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step))
 
     def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """Sum rank 0's ``partial`` with every worker's, in rank order, and send the sum back."""
+        """Sum rank 0's ``partial`` with every worker's, in rank order, and send the sum back.
+
+        Each worker's payload must be ``partial``'s shape in the agreed sync dtype; the sum is
+        float32, and what the hub returns is what the ranks decode (they all see one value).
+        The result may still be being sent from its own memory: read it, never modify it in place.
+        """
         if self.world_size == 1:
             return partial
         self._seq += 1
-        received: dict[bytes, torch.Tensor] = {}
+        shape = tuple(partial.shape)
+        received: dict[bytes, list[torch.Tensor]] = {}
         deadline = time.monotonic() + self.timeout_ms / 1000
         while len(received) < len(self._peers):
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 late = [p.decode() for p in self._peers if p not in received]
                 raise CollectiveError(f"timed out waiting for partial sums from {', '.join(late)}")
-            if not self.sock.poll(min(left_ms, LIVENESS_POLL_MS)):
+            got = _recv_frames(self.sock, min(left_ms, LIVENESS_POLL_MS))
+            if got is None:
                 if gone := {_identity(r) for r in self.missing_ranks()} - received.keys():
                     raise CollectiveError(f"{', '.join(sorted(g.decode() for g in gone))} stopped answering "
                                           f"heartbeats mid-step")
                 continue
-            ident, *frames = self.sock.recv_multipart(copy=False)
+            ident, *frames = got
             sender = ident.bytes
             try:
                 msg = decode_message(frames)
@@ -167,14 +222,22 @@ class StarHub:
             if msg.kind != Kind.PARTIAL or (msg.step, msg.seq) != (self._step, self._seq):
                 log.warning("dropping stale %s step=%d seq=%d from %r", msg.kind.name, msg.step, msg.seq, sender)
                 continue
-            if sender not in self._peers or msg.tensors[0].shape != partial.shape:
-                raise CollectiveError(f"{sender!r} sent a partial of shape {tuple(msg.tensors[0].shape)}")
-            received[sender] = msg.tensors[0]
-        total = partial.clone()
+            if sender not in self._peers:
+                raise CollectiveError(f"{sender!r} is not a rank of this cluster")
+            try:
+                check_sync_payload(msg.tensors, self._sync, shape, partial.dtype)
+            except WireError as exc:
+                raise CollectiveError(f"{sender.decode()} sent a bad partial: {exc}") from None
+            received[sender] = msg.tensors  # views of the frames: no copy until the sum
+        total = partial.to(torch.float32, copy=True)  # (T, d) float32 accumulator, summed in place
         for peer in self._peers:
-            total += received[peer].to(total.dtype)
-        self._broadcast(encode_message(Kind.REDUCED, [total], step=self._step, seq=self._seq))
-        return total
+            add_sync_payload(total, received[peer], self._sync)
+        exact = effective_sync(self._sync, shape) == "fp32"
+        payload = sync_payload(total.to(partial.dtype) if exact else total, self._sync)
+        self._broadcast(encode_message(Kind.REDUCED, payload, step=self._step, seq=self._seq))
+        if exact:
+            return payload[0]
+        return sync_value(payload, self._sync, shape, partial.dtype).to(partial.dtype)
 
     def abort_step(self) -> None:
         """Tell every reachable rank to drop the current step (one of them failed)."""
@@ -198,9 +261,10 @@ class StarRank:
     """A worker rank's end of the star (used by the worker's data-plane thread only)."""
 
     def __init__(self, rank: int, hub_address: str, token: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, sync_dtype: str = "fp32"):
         self.rank = rank
         self.timeout_ms = int(timeout_s * 1000)
+        self.sync_dtype = sync_dtype_name(sync_dtype)  # must equal the hub's
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, _identity(rank))
@@ -221,9 +285,10 @@ class StarRank:
 
     def recv(self, timeout_ms: int | None = None) -> Message:
         wait = self.timeout_ms if timeout_ms is None else timeout_ms
-        if wait and not self.sock.poll(wait):
+        frames = _recv_frames(self.sock, wait)
+        if frames is None:
             raise CollectiveError("timed out waiting for the hub")
-        return decode_message(self.sock.recv_multipart(copy=False))
+        return decode_message(frames)
 
     def begin(self, msg: Message) -> None:
         """Adopt the step id of a STEP message."""
@@ -231,8 +296,11 @@ class StarRank:
         self._seq = 0
 
     def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Send ``partial`` in the sync dtype (from its own memory when it needs no conversion)
+        and return the hub's sum in ``partial``'s dtype."""
         self._seq += 1
-        self.sock.send_multipart(encode_message(Kind.PARTIAL, [partial], step=self.step, seq=self._seq),
+        payload = sync_payload(partial, self.sync_dtype)
+        self.sock.send_multipart(encode_message(Kind.PARTIAL, payload, step=self.step, seq=self._seq),
                                  copy=False)
         msg = self.recv()
         if msg.kind in (Kind.STOP, Kind.ABORT):
@@ -240,7 +308,11 @@ class StarRank:
         if msg.kind != Kind.REDUCED or (msg.step, msg.seq) != (self.step, self._seq):
             raise CollectiveError(f"expected REDUCED {self.step}/{self._seq}, got {msg.kind.name} "
                                   f"{msg.step}/{msg.seq}")
-        return msg.tensors[0]
+        try:
+            total = sync_value(msg.tensors, self.sync_dtype, tuple(partial.shape), partial.dtype)
+        except WireError as exc:
+            raise CollectiveError(f"the hub sent a bad sum: {exc}") from None
+        return total.to(partial.dtype)
 
     def close(self) -> None:
         self.sock.close(linger=0)

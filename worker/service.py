@@ -25,6 +25,7 @@ from worker.config import CheckpointError, ModelConfig
 from worker.runtime import RankSpec, WorkerRank
 from worker.shard_fetch import fetch_model, verify_rank_file
 from worker.sharding import RankShard
+from worker.wire import sync_dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +122,20 @@ class WorkerService(pb_grpc.WorkerServicer):
                 raise CheckpointError(f"model directory {request.model_dir!r} does not exist on this worker")
             if request.dtype not in DTYPES:
                 raise CheckpointError(f"unknown dtype {request.dtype!r}")
-        except (CheckpointError, json.JSONDecodeError) as exc:
+            sync_dtype = sync_dtype_name(request.sync_dtype or "fp32")
+        except (CheckpointError, ValueError) as exc:  # JSONDecodeError is a ValueError
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         with self._lock:
             self._release()
             shard = shard_from_proto(request.shard, config.group_size)
             self._spec = RankSpec(request.model_dir, config, shard, request.max_batch, request.max_context,
                                   DTYPES[request.dtype], memory_budget=self.memory_budget,
-                                  expert_cache_bytes=self.expert_cache_bytes)
+                                  expert_cache_bytes=self.expert_cache_bytes, sync_dtype=sync_dtype)
             self._hub = request.hub_address
             self._shard_source = "" if os.path.isdir(request.model_dir) else request.shard_source
             self._set(pb.HealthReply.CONFIGURED, f"rank {shard.rank} of {shard.world_size}")
-        log.info("configured as rank %d of %d, hub %s", shard.rank, shard.world_size, self._hub)
+        log.info("configured as rank %d of %d, hub %s, sync dtype %s", shard.rank, shard.world_size, self._hub,
+                 sync_dtype)
         return pb.ConfigureReply()
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> Iterator[pb.LoadProgress]:

@@ -7,10 +7,10 @@ dtype and shape the header names. Decoding validates sizes before touching the b
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 MAGIC = b"EDG1"
@@ -100,7 +100,7 @@ def decode_message(frames: list) -> Message:
         raise WireError(f"odd number of frames ({len(raw)}) in a tensor message")
     tensors = []
     for i in range(0, len(raw), 2):
-        header = Header.unpack(raw[i])
+        header = first if i == 0 else Header.unpack(raw[i])
         if (header.kind, header.step, header.seq) != (first.kind, first.step, first.seq):
             raise WireError("frames of one message disagree on kind/step/seq")
         tensors.append(decode_tensor(header, raw[i + 1]))
@@ -109,11 +109,98 @@ def decode_message(frames: list) -> Message:
 
 def decode_tensor(header: Header, payload: bytes | memoryview) -> torch.Tensor:
     """Rebuild the tensor a header describes, checking the byte count first."""
-    itemsize = torch.empty((), dtype=header.dtype).element_size()
-    expected = int(np.prod(header.shape, dtype=np.int64)) * itemsize
+    itemsize = header.dtype.itemsize
+    expected = math.prod(header.shape) * itemsize  # exact: huge header dims cannot wrap around
     if len(payload) != expected:
         raise WireError(f"payload of {len(payload)} bytes, header says {header.shape} {header.dtype}")
     if expected == 0:
         return torch.empty(header.shape, dtype=header.dtype)
-    raw = np.frombuffer(payload, dtype=np.uint8).copy()  # own the memory; frames are reused
-    return torch.from_numpy(raw).view(header.dtype).view(header.shape)
+    # Zero-copy: the tensor views the received frame's memory (a writable zmq.Frame buffer, kept
+    # alive by the tensor). Read-only ``bytes`` and misaligned buffers are copied first.
+    view = memoryview(payload)
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    tensor = torch.frombuffer(view, dtype=header.dtype)
+    if tensor.data_ptr() % itemsize:
+        tensor = tensor.clone()
+    return tensor.view(header.shape)
+
+
+# --- allreduce payloads in the cluster's sync dtype ---------------------------------------------
+# fp32 is exact: partials travel in the model's own dtype. fp16/bf16 halve the bytes; int8
+# quarters them and adds one float32 absmax scale per row (per token), shape (..., 1).
+SYNC_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                                       "int8": torch.int8}
+_SYNC_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # the planner's spelling
+INT8_LEVELS = 127
+# Narrower payloads go exact whatever the setting: their bytes are negligible, and they are
+# statistics (OLMoE's (T, 2) sums of squares) whose range fp16 cannot hold.
+LOSSY_MIN_WIDTH = 64
+
+
+def sync_dtype_name(name: str) -> str:
+    """The canonical sync dtype name (``fp32``, ``fp16``, ``bf16``, ``int8``) of a name or alias."""
+    canonical = _SYNC_ALIASES.get(name, name)
+    if canonical not in SYNC_DTYPES:
+        raise ValueError(f"unknown sync dtype {name!r} (choose from {', '.join(SYNC_DTYPES)})")
+    return canonical
+
+
+def effective_sync(sync: str, shape: tuple[int, ...]) -> str:
+    """The sync dtype a payload of ``shape`` travels in: ``sync``, or fp32 below ``LOSSY_MIN_WIDTH``."""
+    return sync if shape and shape[-1] >= LOSSY_MIN_WIDTH else "fp32"
+
+
+def sync_payload(tensor: torch.Tensor, sync: str) -> list[torch.Tensor]:
+    """The tensors that carry ``tensor`` in ``sync``: one, or (int8) the values and their row scales."""
+    sync = effective_sync(sync, tuple(tensor.shape))
+    if sync == "fp32":
+        return [tensor]
+    if sync != "int8":
+        return [tensor.to(SYNC_DTYPES[sync])]
+    values = tensor.float()
+    # (..., 1); the floor keeps an all-zero row's scale positive: its values stay exactly 0
+    scale = values.abs().amax(dim=-1, keepdim=True).div_(INT8_LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
+    quantized = values.div(scale).round_().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return [quantized, scale]
+
+
+def check_sync_payload(tensors: list[torch.Tensor], sync: str, shape: tuple[int, ...],
+                       exact_dtype: torch.dtype) -> None:
+    """Refuse (``WireError``) anything but a ``sync`` payload of ``shape``: tensor count, dtypes,
+    shapes, and (int8) a finite float32 scale per row. ``exact_dtype``: what fp32 sync travels in
+    (the model's dtype)."""
+    sync = effective_sync(sync, shape)
+    expected = exact_dtype if sync == "fp32" else SYNC_DTYPES[sync]
+    count = 2 if sync == "int8" else 1
+    if len(tensors) != count:
+        raise WireError(f"{sync} payload of {len(tensors)} tensors, expected {count}")
+    values = tensors[0]
+    if values.dtype != expected or tuple(values.shape) != tuple(shape):
+        raise WireError(f"{sync} payload is {tuple(values.shape)} {values.dtype}, expected {tuple(shape)} {expected}")
+    if sync != "int8":
+        return
+    scale = tensors[1]
+    scale_shape = (*shape[:-1], 1)
+    if scale.dtype != torch.float32 or tuple(scale.shape) != scale_shape:
+        raise WireError(f"int8 scale is {tuple(scale.shape)} {scale.dtype}, expected {scale_shape} float32")
+    if not bool(torch.isfinite(scale).all()):
+        raise WireError("int8 scale holds a non-finite value")
+
+
+def sync_value(tensors: list[torch.Tensor], sync: str, shape: tuple[int, ...],
+               exact_dtype: torch.dtype) -> torch.Tensor:
+    """The values of a checked ``sync`` payload: a view of the received bytes where no
+    conversion is needed, a float32 tensor otherwise."""
+    check_sync_payload(tensors, sync, shape, exact_dtype)
+    if effective_sync(sync, shape) != "int8":
+        return tensors[0]
+    return tensors[0].float().mul_(tensors[1])
+
+
+def add_sync_payload(total: torch.Tensor, tensors: list[torch.Tensor], sync: str) -> None:
+    """``total += value`` of a payload ``sync_value`` has checked, in place, without temporaries."""
+    if effective_sync(sync, tuple(total.shape)) == "int8":
+        total.addcmul_(tensors[0], tensors[1])
+    else:
+        total.add_(tensors[0])

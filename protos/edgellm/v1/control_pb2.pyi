@@ -23,7 +23,7 @@ class RankShard(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_start: _Optional[int] = ..., mlp_end: _Optional[int] = ...) -> None: ...
 
 class ConfigureRequest(_message.Message):
-    __slots__ = ("shard", "model_dir", "config_json", "hub_address", "max_batch", "max_context", "dtype", "shard_source")
+    __slots__ = ("shard", "model_dir", "config_json", "hub_address", "max_batch", "max_context", "dtype", "shard_source", "sync_dtype")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class ConfigureRequest(_message.Message):
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHARD_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_DTYPE_FIELD_NUMBER: _ClassVar[int]
     shard: RankShard
     model_dir: str
     config_json: str
@@ -40,7 +41,8 @@ class ConfigureRequest(_message.Message):
     max_context: int
     dtype: str
     shard_source: str
-    def __init__(self, shard: _Optional[_Union[RankShard, _Mapping]] = ..., model_dir: _Optional[str] = ..., config_json: _Optional[str] = ..., hub_address: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., shard_source: _Optional[str] = ...) -> None: ...
+    sync_dtype: str
+    def __init__(self, shard: _Optional[_Union[RankShard, _Mapping]] = ..., model_dir: _Optional[str] = ..., config_json: _Optional[str] = ..., hub_address: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., shard_source: _Optional[str] = ..., sync_dtype: _Optional[str] = ...) -> None: ...
 
 class ConfigureReply(_message.Message):
     __slots__ = ()

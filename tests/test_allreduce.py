@@ -1,0 +1,261 @@
+"""The star allreduce's sync dtypes: format error bounds, a real multi-process allreduce for each,
+malformed payloads refused, and a served cluster with ``--sync-dtype fp16``."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import httpx
+import pytest
+import torch
+import zmq
+
+from tests.processes import served
+from worker.collective import CollectiveError, StarHub, StarRank
+from worker.wire import (
+    INT8_LEVELS,
+    LOSSY_MIN_WIDTH,
+    SYNC_DTYPES,
+    Header,
+    Kind,
+    WireError,
+    decode_message,
+    decode_tensor,
+    encode_message,
+    sync_dtype_name,
+    sync_payload,
+    sync_value,
+)
+
+UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}  # half a unit in the last place, relative
+SUBNORMAL_HALF_STEP = {"fp16": 2.0 ** -25, "bf16": 2.0 ** -134}
+
+
+def _rows_of_every_magnitude() -> torch.Tensor:
+    """(6, 256): rows from 1e-3 to 1e2 in scale, one all-zero row, signs mixed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 256, generator=g) * torch.tensor([1e-3, 1e-1, 1.0, 10.0, 100.0, 0.0])[:, None]
+    return x
+
+
+def _round_trip(x: torch.Tensor, sync: str) -> torch.Tensor:
+    return sync_value(sync_payload(x, sync), sync, tuple(x.shape), x.dtype).float()
+
+
+def test_received_tensors_view_the_frame_without_a_copy() -> None:
+    partial = torch.randn(4, 256)
+    frames = [zmq.Frame(bytes(f)) for f in encode_message(Kind.PARTIAL, [partial], step=1, seq=1)]
+    (tensor,) = decode_message(frames).tensors
+    assert torch.equal(tensor, partial)
+    assert tensor.data_ptr() == torch.frombuffer(frames[1].buffer, dtype=torch.uint8).data_ptr()
+    misaligned = memoryview(bytearray(1 + partial.nbytes))[1:]
+    misaligned[:] = partial.numpy().tobytes()
+    copied = decode_tensor(Header(Kind.PARTIAL, dtype=torch.float32, shape=(4, 256)), misaligned)
+    assert torch.equal(copied, partial) and copied.data_ptr() % 4 == 0
+
+
+def test_fp32_is_exact_and_sends_the_tensor_itself() -> None:
+    x = _rows_of_every_magnitude()
+    (payload,) = sync_payload(x, "fp32")
+    assert payload is x  # no conversion, no copy
+    assert torch.equal(_round_trip(x, "fp32"), x)
+
+
+@pytest.mark.parametrize("sync", ["fp16", "bf16"])
+def test_half_formats_round_within_half_an_ulp(sync: str) -> None:
+    x = _rows_of_every_magnitude()
+    (payload,) = sync_payload(x, sync)
+    assert payload.dtype == SYNC_DTYPES[sync] and payload.element_size() == 2
+    bound = x.abs() * UNIT_ROUNDOFF[sync] + SUBNORMAL_HALF_STEP[sync]
+    assert torch.all((_round_trip(x, sync) - x).abs() <= bound)
+
+
+def test_int8_error_is_bounded_by_each_rows_scale() -> None:
+    x = _rows_of_every_magnitude()
+    values, scale = sync_payload(x, "int8")
+    assert values.dtype == torch.int8 and scale.shape == (6, 1) and scale.dtype == torch.float32
+    row_max = x.abs().amax(dim=-1, keepdim=True)
+    step = row_max / INT8_LEVELS  # the scale: one quantization step per row
+    err = (_round_trip(x, "int8") - x).abs()
+    assert torch.all(err <= step / 2 * (1 + 1e-5))
+    assert torch.all(_round_trip(x, "int8")[5] == 0)  # the zero row stays exactly zero
+    assert torch.equal(values.abs().amax(dim=-1)[:5], torch.full((5,), INT8_LEVELS, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("sync", ["fp16", "bf16", "int8"])
+def test_narrow_payloads_stay_exact(sync: str) -> None:
+    stats = torch.randn(5, 2) * 1e6  # OLMoE's sums of squares: out of fp16's range
+    assert LOSSY_MIN_WIDTH > 2
+    assert sync_payload(stats, sync) == [stats]
+    assert torch.equal(_round_trip(stats, sync), stats)
+
+
+def test_sync_dtype_names() -> None:
+    assert [sync_dtype_name(n) for n in ("fp32", "float32", "bfloat16", "int8")] == ["fp32", "fp32", "bf16", "int8"]
+    with pytest.raises(ValueError, match="unknown sync dtype"):
+        sync_dtype_name("fp8")
+
+
+def _bad(sync: str, shape: tuple[int, ...] = (3, 64)) -> list[list[torch.Tensor]]:
+    """Payloads a rank must never get away with when the cluster agreed on ``sync``."""
+    x = torch.randn(shape)
+    values, scale = sync_payload(x, "int8")
+    cases = {
+        "fp32": [[x.half()], [x[:2]], [x, x]],
+        "fp16": [[x], [x.bfloat16()], [x.half()[:, :32]]],
+        "bf16": [[x.half()], [x]],
+        "int8": [
+            [values],  # no scale
+            [x, scale],  # float values where int8 was agreed
+            [values, scale.half()],  # scale of the wrong dtype
+            [values, scale.view(-1)],  # scale of the wrong shape
+            [values, torch.ones(shape[0] + 1, 1)],  # one scale too many
+            [values, torch.full_like(scale, float("nan"))],  # non-finite scale
+        ],
+    }
+    return cases[sync]
+
+
+@pytest.mark.parametrize("sync", list(SYNC_DTYPES))
+def test_malformed_payloads_are_refused_by_the_codec(sync: str) -> None:
+    for tensors in _bad(sync):
+        with pytest.raises(WireError):
+            sync_value(tensors, sync, (3, 64), torch.float32)
+
+
+def _start(hub: StarHub, rank: StarRank) -> None:
+    hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+    rank.begin(rank.recv())
+
+
+@pytest.mark.parametrize("sync", ["fp16", "int8"])
+def test_hub_refuses_a_partial_that_breaks_the_agreed_sync_dtype_and_goes_on(sync: str) -> None:
+    hub = StarHub(2, token="t", timeout_s=5, sync_dtype=sync)
+    rank = StarRank(1, hub.address, token="t", timeout_s=5, sync_dtype=sync)
+    try:
+        hub.wait_for_ranks(5)
+        rank.wait_welcome(5)
+        for tensors in _bad(sync):
+            _start(hub, rank)
+            rank.sock.send_multipart(encode_message(Kind.PARTIAL, tensors, step=rank.step, seq=1))
+            with pytest.raises(CollectiveError, match="rank-1 sent a bad partial"):
+                hub.allreduce(torch.zeros(3, 64))
+            hub.abort_step()
+            assert rank.recv().kind == Kind.ABORT
+        _start(hub, rank)  # the next step is served normally
+        partial = torch.ones(3, 64)
+        rank.sock.send_multipart(encode_message(Kind.PARTIAL, sync_payload(partial * 2, sync), step=rank.step,
+                                                seq=1))
+        assert torch.equal(hub.allreduce(partial), partial * 3)  # 3 is exact in every format
+    finally:
+        rank.close()
+        hub.close()
+
+
+def test_rank_refuses_a_sum_in_the_wrong_dtype() -> None:
+    hub = StarHub(2, token="t", timeout_s=5, sync_dtype="fp16")
+    rank = StarRank(1, hub.address, token="t", timeout_s=5, sync_dtype="fp16")
+    try:
+        hub.wait_for_ranks(5)
+        rank.wait_welcome(5)
+        _start(hub, rank)
+        # a REDUCED in float32 although fp16 was agreed, already queued when the rank asks
+        hub.sock.send_multipart([b"rank-1", *encode_message(Kind.REDUCED, [torch.ones(3, 64)], step=rank.step,
+                                                            seq=1)])
+        with pytest.raises(CollectiveError, match="bad sum"):
+            rank.allreduce(torch.ones(3, 64))
+    finally:
+        rank.close()
+        hub.close()
+
+
+# --- a real star across processes: rank r contributes arange * (r + 1) ------------------------
+
+WORLD = 3
+SHAPE = (4, 256)
+
+
+def _contribution(rank: int) -> torch.Tensor:
+    """Signed ramp rows of different ranges (per-row int8 scales differ), times rank + 1."""
+    ramp = torch.arange(SHAPE[0] * SHAPE[1], dtype=torch.float32).view(SHAPE) - 300.0
+    return ramp * (rank + 1)
+
+
+def _rank_process(rank: int, address: str, results: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    link = StarRank(rank, address, token="arange", timeout_s=30)
+    try:
+        link.wait_welcome(30)
+        for sync in SYNC_DTYPES:
+            link.sync_dtype = sync
+            link.begin(link.recv())
+            totals = [link.allreduce(_contribution(rank)) for _ in range(2)]
+            results.put((rank, sync, [t.tolist() for t in totals]))  # plain lists: the process may exit first
+    finally:
+        link.close()
+
+
+def _bound(sync: str) -> torch.Tensor:
+    """Worst error of the star's sum in ``sync``: each rank's rounding plus the sum's rounding."""
+    exact = sum(_contribution(r) for r in range(WORLD))
+    assert isinstance(exact, torch.Tensor)
+    if sync == "fp32":
+        return torch.zeros(SHAPE)
+    if sync in UNIT_ROUNDOFF:
+        rounded = sum(_contribution(r).abs() for r in range(1, WORLD)) + exact.abs()
+        return rounded * UNIT_ROUNDOFF[sync] * (1 + 1e-3)
+    steps = sum(_contribution(r).abs().amax(-1, keepdim=True) for r in range(1, WORLD))
+    steps = steps + exact.abs().amax(-1, keepdim=True) * (1 + 1e-3)  # the sum's requantization
+    return (steps / INT8_LEVELS / 2 * (1 + 1e-3)).expand(SHAPE)
+
+
+def test_multi_process_star_allreduce_for_every_sync_dtype() -> None:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    hub = StarHub(WORLD, token="arange", timeout_s=30)
+    procs = [ctx.Process(target=_rank_process, args=(r, hub.address, results), daemon=True)
+             for r in range(1, WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        hub.wait_for_ranks(60)
+        exact = sum(_contribution(r) for r in range(WORLD))
+        for sync in SYNC_DTYPES:
+            hub.sync_dtype = sync
+            hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+            totals = [hub.allreduce(_contribution(0)) for _ in range(2)]
+            got = {}
+            for _ in range(WORLD - 1):
+                rank, their_sync, theirs = results.get(timeout=30)
+                got[rank] = theirs
+                assert their_sync == sync
+            for total in totals:
+                assert total.dtype == torch.float32
+                err = (total - exact).abs()
+                assert torch.all(err <= _bound(sync)), f"{sync}: error {err.max().item()}"
+                if sync == "fp32":
+                    assert torch.equal(total, exact)
+            for theirs in got.values():  # every rank decodes the very value the hub kept
+                assert all(torch.equal(torch.tensor(a), b) for a, b in zip(theirs, totals, strict=True))
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        hub.close()
+
+
+@pytest.mark.cluster
+def test_served_cluster_generates_with_fp16_sync(checkpoints, tmp_path) -> None:
+    log_path = tmp_path / "serve.log"
+    with served(checkpoints("llama"), "--local-workers", "2", "--sync-dtype", "fp16", "--model-name", "m",
+                log_path=log_path) as url:
+        reply = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "The quick brown fox",
+                                                          "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+                           timeout=60).json()
+        assert reply["usage"]["completion_tokens"] == 8
+    log = log_path.read_text()
+    assert log.count("sync dtype fp16") == 2, "each worker is configured with the cluster's sync dtype"
+    assert "Traceback" not in log
