@@ -259,3 +259,27 @@ def test_served_cluster_generates_with_fp16_sync(checkpoints, tmp_path) -> None:
     log = log_path.read_text()
     assert log.count("sync dtype fp16") == 2, "each worker is configured with the cluster's sync dtype"
     assert "Traceback" not in log
+
+
+@pytest.mark.cluster
+def test_worker_refuses_an_unknown_sync_dtype_at_configure() -> None:
+    from protos.edgellm.v1 import control_pb2 as pb
+    from server.cli import DEFAULT_MODEL
+    from server.workers import ClusterError, WorkerClient
+    from tests.processes import edgellm, free_port, stop
+
+    port = free_port()
+    worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(port), "--cluster-token", "t")
+    client = WorkerClient(f"127.0.0.1:{port}", "t")
+    try:
+        client.wait_reachable(30)
+        request = pb.ConfigureRequest(shard=pb.RankShard(rank=1, world_size=2, kv_head_end=2, mlp_end=384),
+                                      config_json=(DEFAULT_MODEL / "config.json").read_text(),
+                                      model_dir=str(DEFAULT_MODEL), hub_address="tcp://127.0.0.1:1", max_batch=1,
+                                      max_context=16, dtype="float32", sync_dtype="fp8")
+        with pytest.raises(ClusterError, match="FAILED_PRECONDITION.*unknown sync dtype 'fp8'"):
+            client.configure(request)
+        assert client.health().state == pb.HealthReply.IDLE
+    finally:
+        client.close()
+        stop(worker)
