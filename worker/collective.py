@@ -51,6 +51,10 @@ DEFAULT_TIMEOUT_S = 30.0
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 LIVENESS_POLL_MS = 200  # how often a waiting allreduce looks at the heartbeat's verdict
+# Frames from this size on are sent zero-copy; smaller ones are copied, which is cheaper than
+# pyzmq's zero-copy bookkeeping (measured: a 16 KB message 55 us zero-copy, 6 us copied; 1 MB
+# 15 us zero-copy, 300 us copied).
+ZERO_COPY_MIN_BYTES = 1 << 16
 
 
 def _keepalive(sock: zmq.Socket) -> None:
@@ -97,6 +101,17 @@ def _recv_frames(sock: zmq.Socket, timeout_ms: int) -> list[zmq.Frame] | None:
     if timeout_ms <= 0 or not sock.poll(timeout_ms):
         return None
     return sock.recv_multipart(copy=False)
+
+
+def _nbytes(frame: bytes | memoryview | zmq.Frame) -> int:
+    return len(frame) if isinstance(frame, zmq.Frame) else memoryview(frame).nbytes
+
+
+def _send_frames(sock: zmq.Socket, frames: list) -> None:
+    """One multipart message: large frames zero-copy (from the tensor's memory), small ones copied."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, zmq.SNDMORE if i < last else 0, copy=_nbytes(frame) < ZERO_COPY_MIN_BYTES)
 
 
 def _io_threads(world_size: int) -> int:
@@ -175,10 +190,11 @@ class StarHub:
                 self.sock.send_multipart([sender, *encode_message(Kind.WELCOME)])
 
     def _broadcast(self, frames: list) -> None:
-        frames = [zmq.Frame(f) for f in frames]  # built once; each send shares the frame's buffer
+        # a large payload becomes one zmq.Frame, built once: each peer's send shares its buffer
+        frames = [zmq.Frame(f) if _nbytes(f) >= ZERO_COPY_MIN_BYTES else f for f in frames]
         for peer in self._peers:
             try:
-                self.sock.send_multipart([peer, *frames], copy=False)
+                _send_frames(self.sock, [peer, *frames])
             except zmq.ZMQError as exc:
                 raise CollectiveError(f"{peer.decode()} is not connected ({exc})") from None
 
@@ -300,8 +316,7 @@ class StarRank:
         and return the hub's sum in ``partial``'s dtype."""
         self._seq += 1
         payload = sync_payload(partial, self.sync_dtype)
-        self.sock.send_multipart(encode_message(Kind.PARTIAL, payload, step=self.step, seq=self._seq),
-                                 copy=False)
+        _send_frames(self.sock, encode_message(Kind.PARTIAL, payload, step=self.step, seq=self._seq))
         msg = self.recv()
         if msg.kind in (Kind.STOP, Kind.ABORT):
             raise CollectiveError(f"hub sent {msg.kind.name} during the step")
