@@ -24,6 +24,7 @@ from worker.kv_cache import KVCache
 from worker.models import model_class
 from worker.models.llama import AllReduce, RankModel
 from worker.models.moe import MoeRankModel, Predictor
+from worker.quant import is_aux
 from worker.shard_file import ShardFile
 from worker.weight_store import ResidentStore, WeightStore, WindowStore, dense_order
 from worker.weights import (
@@ -69,7 +70,8 @@ def new_kv_cache(spec: RankSpec) -> KVCache:
 
 
 def _to(fields: Fields, dtype: torch.dtype) -> Fields:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in fields.items()}
+    """Float fields in the compute dtype; quantized matrices and their scales as stored (the kernels' dtypes)."""
+    return {k: v.to(dtype) if v.is_floating_point() and not is_aux(k) else v for k, v in fields.items()}
 
 
 def load_rank(spec: RankSpec, allreduce: AllReduce, progress: Progress | None = None) -> LoadedRank:
@@ -119,7 +121,8 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
         store = ResidentStore(blocks)
         file.close()
     else:
-        stored = {t.dtype for b in order for t in file.blocks[b].tensors if t.dtype.is_floating_point}
+        stored = {t.dtype for b in order for t in file.blocks[b].tensors
+                  if t.dtype.is_floating_point and not is_aux(t.name)}
         if stored != {spec.dtype}:
             raise BudgetError(f"{path} holds {sorted(map(str, stored))} weights but this rank computes in "
                               f"{spec.dtype}; a streamed shard must be written in that dtype (edgellm shard --dtype)")

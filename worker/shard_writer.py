@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from worker.checkpoint import Checkpoint
+from worker.quant import QuantSpec, quantize_block
 from worker.shard_fetch import file_sha256
 from worker.sharding import RankShard
 from worker.weights import (
@@ -54,6 +55,11 @@ class StreamingSafetensorsWriter:
                               "data_offsets": [self._offset, self._offset + len(data)]}
         self._offset += len(data)
 
+    def abort(self) -> None:
+        """Drop the partial file (a failed shard run leaves nothing half-written behind)."""
+        self._scratch.close()
+        self._scratch_path.unlink(missing_ok=True)
+
     def close(self) -> None:
         self._scratch.close()
         header = json.dumps(self._header, separators=(",", ":")).encode()
@@ -66,29 +72,38 @@ class StreamingSafetensorsWriter:
 
 
 def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | Path,
-                 dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
+                 dtype: torch.dtype = torch.float32, progress: bool = True, quant: QuantSpec | None = None) -> Path:
     """Write ``rank-RR-of-NN.safetensors`` per rank, ``hub.safetensors`` and a manifest.
 
     The output directory is itself servable: config and tokenizer files are copied in.
+    ``quant`` quantizes the rank blocks' weight matrices (``worker.quant``); slices are then
+    taken in fp32 so quantization rounds the checkpoint's values once. The hub stays in float.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = len(shards)
     with Checkpoint(model_dir) as ckpt:
         cfg = ckpt.config
-        writers = [
-            StreamingSafetensorsWriter(out / shard_file_name(s.rank, world),
-                                       {"format": str(SHARD_FORMAT), "shard": json.dumps(asdict(s))})
-            for s in shards
-        ]
-        with tqdm(total=cfg.num_layers * world, desc="sharding", unit="slice", disable=not progress) as bar:
-            for layer in range(cfg.num_layers):
-                for shard, writer in zip(shards, writers, strict=True):
-                    # Block by block, field by field: every block is one contiguous byte range.
-                    for block, fields in slice_layer(ckpt, shard, layer, dtype).items():
-                        for name, tensor in fields.items():
-                            writer.add(f"{block}.{name}", tensor)
-                    bar.update(1)
+        meta = {"format": str(SHARD_FORMAT)} | ({"quantize": json.dumps(quant.to_dict())} if quant else {})
+        writers = [StreamingSafetensorsWriter(out / shard_file_name(s.rank, world), meta | {"shard": json.dumps(asdict(s))})
+                   for s in shards]
+        slice_dtype = torch.float32 if quant else dtype
+        try:
+            with tqdm(total=cfg.num_layers * world, desc="sharding", unit="slice", disable=not progress) as bar:
+                for layer in range(cfg.num_layers):
+                    for shard, writer in zip(shards, writers, strict=True):
+                        # Block by block, field by field: every block is one contiguous byte range.
+                        for block, fields in slice_layer(ckpt, shard, layer, slice_dtype).items():
+                            if quant:
+                                fields = quantize_block(block, fields, quant.bits_for(block), quant.group_size,
+                                                        dtype)
+                            for name, tensor in fields.items():
+                                writer.add(f"{block}.{name}", tensor)
+                        bar.update(1)
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
         for writer in writers:
             writer.close()
         hub = load_hub_weights(ckpt, dtype)
@@ -103,6 +118,7 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
         if src.is_file():
             shutil.copyfile(src, out / name)
     manifest = {"format": SHARD_FORMAT, "world_size": world, "dtype": str(dtype).removeprefix("torch."),
+                "quantize": quant.to_dict() if quant else None,
                 "shards": [asdict(s) | {"file": shard_file_name(s.rank, world)} for s in shards],
                 # checked before a rank loads its file: a corrupted copy is refused, not computed with
                 "sha256": {shard_file_name(s.rank, world): file_sha256(out / shard_file_name(s.rank, world))

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from worker.checkpoint import Checkpoint
 from worker.config import CheckpointError
+from worker.quant import QuantWeight, Weight, field
 from worker.sharding import RankShard
 
 SHARD_MANIFEST = "edgellm_shards.json"
@@ -39,9 +40,9 @@ class AttentionWeights:
     """One rank's attention block (``qh`` q heads, ``kh`` kv heads of ``hd``)."""
 
     norm: torch.Tensor  # (d,)
-    wqkv: torch.Tensor  # ((qh + 2*kh) * hd, d)
+    wqkv: Weight  # ((qh + 2*kh) * hd, d)
     bqkv: torch.Tensor | None  # ((qh + 2*kh) * hd,)
-    wo: torch.Tensor  # (d, qh * hd)
+    wo: Weight  # (d, qh * hd)
     bo: torch.Tensor | None  # (d,) on rank 0 only
     q_norm: torch.Tensor | None = None  # (hd,) per head, or this rank's (qh * hd,) of a full q norm
     k_norm: torch.Tensor | None = None  # (hd,) per head, or this rank's (kh * hd,)
@@ -52,9 +53,9 @@ class MlpWeights:
     """One rank's dense MLP block (``w`` columns)."""
 
     norm: torch.Tensor  # (d,)
-    w_gate_up: torch.Tensor  # (2 * w, d)
+    w_gate_up: Weight  # (2 * w, d)
     b_gate_up: torch.Tensor | None  # (2 * w,)
-    w_down: torch.Tensor  # (d, w)
+    w_down: Weight  # (d, w)
     b_down: torch.Tensor | None  # (d,) on rank 0 only
 
 
@@ -64,8 +65,8 @@ class MoeWeights:
 
     norm: torch.Tensor  # (d,)
     router: torch.Tensor  # (E, d), the same on every rank
-    shared_gate_up: torch.Tensor | None = None  # (2 * ws, d)
-    shared_down: torch.Tensor | None = None  # (d, ws)
+    shared_gate_up: Weight | None = None  # (2 * ws, d)
+    shared_down: Weight | None = None  # (d, ws)
     shared_gate: torch.Tensor | None = None  # (1, d), the same on every rank
 
 
@@ -73,17 +74,19 @@ class MoeWeights:
 class ExpertWeights:
     """One rank's columns of one routed expert (``we`` columns)."""
 
-    w_gate_up: torch.Tensor  # (2 * we, d)
-    w_down: torch.Tensor  # (d, we)
+    w_gate_up: Weight  # (2 * we, d)
+    w_down: Weight  # (d, we)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values())
+        return sum(w.nbytes() if isinstance(w, QuantWeight) else w.numel() * w.element_size()
+                   for w in (self.w_gate_up, self.w_down))
 
 
 def from_fields(cls: type[T], fields: Fields) -> T:
-    """Build a block dataclass from its tensors; a missing optional field is None."""
+    """Build a block dataclass from its tensors; a missing optional field is None, and a
+    quantized matrix comes as one ``QuantWeight`` (its tensor and its scales)."""
     try:
-        return cls(**{name: fields.get(name) for name in cls.__dataclass_fields__})  # type: ignore[attr-defined]
+        return cls(**{name: field(fields, name) for name in cls.__dataclass_fields__})  # type: ignore[attr-defined]
     except TypeError as exc:
         raise CheckpointError(f"block does not fit {cls.__name__}: {exc}") from None
 

@@ -1,0 +1,249 @@
+"""Quantized shards (``edgellm shard --quantize``): the int8/int4 kernels against the matrix they
+stand for, the on-disk layout against torch's own packing, and quantized shards through the
+real shard command, the executor, the sliding window, the expert cache and a served cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from server.cli import main as edgellm_main
+from server.tokenizer import TextTokenizer
+from tests.harness import inprocess_cluster
+from tests.processes import served
+from tests.test_streaming import _run, _window_budget
+from tests.tiny_models import build_checkpoint
+from worker.config import ModelConfig
+from worker.quant import (
+    KERNEL_DTYPE,
+    QuantError,
+    QuantSpec,
+    QuantWeight,
+    field,
+    linear,
+    pack_int4,
+    quantize_block,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+from worker.shard_file import ShardFile
+from worker.sharding import plan_shards
+from worker.step import SeqSpan
+from worker.weight_store import dense_order
+from worker.weights import expert_block, rank_shard_path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "server" / "default_model"
+PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77]
+BF16_ULP = 2.0 ** -8  # bf16 keeps 8 significant bits: rounding is within half of 2^-7 relative
+
+
+def _shard(model: Path, out: Path, *args: str, ranks: int = 1) -> Path:
+    """The real `edgellm shard` command (in-process: the same code path as the console script)."""
+    assert edgellm_main(["shard", "--model", str(model), "--ranks", str(ranks), "--out", str(out), *args]) == 0
+    return out
+
+
+def _kernel_reference(x: torch.Tensor, w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel must return: bf16 activations times the dequantized matrix, in fp64, and
+    the bound on its error: the products are exact and summed in fp32 (K * 2^-24 relative to
+    sum |x||w|), then the result is rounded to bf16 (half an ulp, 2^-8 relative)."""
+    xk = x.to(KERNEL_DTYPE).double()
+    deq = w.dequantize().double()
+    ref = xk @ deq.T  # (T, N)
+    magnitude = xk.abs() @ deq.abs().T
+    return ref, BF16_ULP * ref.abs() + (x.shape[-1] * 2.0 ** -24 + 2.0 ** -16) * magnitude
+
+
+def test_int8_matches_the_dequantized_matrix() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    x = torch.randn(5, 64)
+    q, scales = quantize_int8(w)
+    qw = field({"w": q, "w.scales": scales}, "w")
+    assert isinstance(qw, QuantWeight) and qw.bits == 8 and qw.shape == (96, 64)
+    # Round to nearest from a bf16 scale: each weight is within half a step (the bf16 rounding of
+    # amax/127 may push |w|/s past 127 by 2^-8 relative, where the clamp adds at most that much).
+    step = scales.float()[:, None]
+    assert ((qw.dequantize() - w).abs() <= step * (0.5 + 127 * BF16_ULP)).all()
+    ref, bound = _kernel_reference(x, qw)
+    y = linear(x, qw)
+    assert y.dtype == x.dtype and y.shape == (5, 96)
+    assert ((y.double() - ref).abs() <= bound).all()
+    # With a bias, and leading dimensions kept.
+    bias = torch.randn(96)
+    y3 = linear(x.view(5, 1, 64), qw, bias)
+    assert y3.shape == (5, 1, 96)
+    assert torch.allclose(y3.view(5, 96), y + bias)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_matches_the_dequantized_matrix(group: int) -> None:
+    torch.manual_seed(group)
+    n, k = 64, 256
+    w = torch.randn(n, k)
+    x = torch.randn(3, k)
+    packed, scales_zeros = quantize_int4(w, group)
+    assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8
+    assert scales_zeros.shape == (k // group, n, 2)
+    qw = field({"w": packed, "w.scales_zeros": scales_zeros}, "w")
+    assert isinstance(qw, QuantWeight) and qw.group_size == group and qw.shape == (n, k)
+    # Min/max groups: every weight is within half a step, plus the bf16 rounding of the zero
+    # (half an ulp of |zero|) and of the scale (times up to 8 steps from the zero).
+    scale = scales_zeros[..., 0].float().t().repeat_interleave(group, dim=1)  # (N, K)
+    zero = scales_zeros[..., 1].float().t().repeat_interleave(group, dim=1)
+    slack = scale * (0.5 + 8 * BF16_ULP) + zero.abs() * BF16_ULP
+    assert ((qw.dequantize() - w).abs() <= slack + 1e-6).all()
+    ref, bound = _kernel_reference(x, qw)
+    assert ((linear(x, qw).double() - ref).abs() <= bound).all()
+    # A larger group is coarser: its error is larger on the same matrix.
+    if group == 128:
+        fine = QuantWeight(*quantize_int4(w, 32), 32)
+        assert (fine.dequantize() - w).abs().mean() < (qw.dequantize() - w).abs().mean()
+
+
+@pytest.mark.parametrize("n", [32, 64, 96])
+def test_int4_layout_is_the_cpu_kernels(n: int) -> None:
+    """Shards store nibbles in the order `_convert_weight_to_int4pack_for_cpu` makes, so a block
+    computes straight from its read buffer; `pack_int4` must produce exactly that order."""
+    nibbles = torch.randint(0, 16, (n, 128), dtype=torch.int32)
+    packed = pack_int4(nibbles.to(torch.uint8))
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
+    assert torch.equal(unpack_int4(packed), nibbles.to(torch.uint8))
+
+
+def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(QuantError, match="--group-size must be one of 32, 64, 128, 256"):
+        QuantSpec(4, group_size=48)
+    with pytest.raises(QuantError, match="int8 or int4"):
+        QuantSpec(3)
+    with pytest.raises(QuantError, match="divisible by 64"):
+        quantize_block("layers.0.mlp", {"w_down": torch.randn(64, 160)}, 4, 64, torch.float32)
+    with pytest.raises(QuantError, match="divisible by 8"):
+        quantize_block("layers.0.mlp", {"w_down": torch.randn(64, 36)}, 8, 64, torch.float32)
+    # Through the command: exit status 2 (the CLI's error path), and no half-written shard left.
+    model = build_checkpoint(tmp_path / "llama", "llama")  # intermediate 160: not a multiple of 64
+    out = tmp_path / "shards"
+    base = ["shard", "--model", str(model), "--ranks", "1", "--out", str(out)]
+    assert edgellm_main([*base, "--quantize", "int4", "--group-size", "48"]) == 2
+    assert edgellm_main([*base, "--quantize", "int4", "--group-size", "64"]) == 2
+    assert not any(out.glob("*.safetensors*"))
+
+
+def _greedy(model_dir: Path, weights: list[float], tokens: int, **spec: object) -> tuple[list[int], torch.Tensor]:
+    with inprocess_cluster(model_dir, weights, max_batch=1, max_context=128, **spec) as executor:  # type: ignore[arg-type]
+        logits = executor.step([PROMPT], [SeqSpan(0, 0, len(PROMPT))])
+        first = logits[0]
+        out = [int(first.argmax())]
+        for i in range(tokens - 1):
+            out.append(int(executor.step([[out[-1]]], [SeqSpan(0, len(PROMPT) + i, 1)])[0].argmax()))
+    return out, first
+
+
+@pytest.mark.parametrize(("quantize", "ranks"), [("int8", 1), ("int8", 2), ("int4", 2)])
+def test_quantized_default_model_generates_the_float_text(tmp_path: Path, quantize: str, ranks: int) -> None:
+    """The embedded trained model, quantized by the shard command, decodes its fp32 greedy text
+    (int8: all 24 tokens; int4, ten times coarser, the first 4: bench/quant.py measures how
+    long it agrees), and the rank files hold quantized matrices (int8: about 1/4 of the fp32
+    bytes, int4: 1/8 plus the group scales)."""
+    shard_dir = _shard(DEFAULT_MODEL, tmp_path / "q", "--quantize", quantize, "--group-size", "32", ranks=ranks)
+    float_dir = _shard(DEFAULT_MODEL, tmp_path / "f", ranks=ranks)
+    weights = [1.0] * ranks
+    expected, float_logits = _greedy(float_dir, weights, 24)
+    got, logits = _greedy(shard_dir, weights, 24)
+    agree = 24 if quantize == "int8" else 4
+    assert got[:agree] == expected[:agree]
+    err = (logits - float_logits).abs().max().item()
+    assert 0 < err < (0.1 if quantize == "int8" else 0.5) * float_logits.abs().max().item()
+    config = ModelConfig.from_dir(shard_dir)
+    for shard in plan_shards(config, weights):
+        q, f = ShardFile(rank_shard_path(shard_dir, shard)), ShardFile(rank_shard_path(float_dir, shard))
+        dense = dense_order(config.num_layers)
+        ratio = sum(map(q.block_bytes, dense)) / sum(map(f.block_bytes, dense))
+        assert ratio < (0.27 if quantize == "int8" else 0.2), ratio
+        wqkv = next(t for t in q.blocks["layers.0.attn"].tensors if t.name == "wqkv")
+        assert wqkv.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+        q.close()
+        f.close()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_window_over_a_quantized_shard_equals_resident(tmp_path: Path, quantize: str) -> None:
+    """The sliding window streams quantized blocks (sized by their quantized bytes) straight into
+    its buffers; the logits equal those of the same shard held resident, bit for bit."""
+    model = build_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=4, intermediate_size=256)
+    weights = [1.0, 1.0]
+    shard_dir = _shard(model, tmp_path / "q", "--quantize", quantize, "--group-size", "32", ranks=2)
+    decode = [5, 9, 300, 42]
+    resident, _ = _run(shard_dir, weights, decode)
+    streamed, stats = _run(shard_dir, weights, decode, memory_budget=_window_budget(shard_dir, weights, 2))
+    assert torch.equal(streamed, resident)
+    assert stats[0]["window_slots"] == 2
+    file = ShardFile(rank_shard_path(shard_dir, plan_shards(ModelConfig.from_dir(shard_dir), weights)[0]))
+    assert stats[0]["weight_bytes"] < 3 * max(map(file.block_bytes, dense_order(4)))  # buffers of quantized size
+    file.close()
+
+
+def test_moe_expert_bits_4_with_a_small_expert_cache(tmp_path: Path) -> None:
+    """``--quantize int8 --expert-bits 4``: routed experts in int4, the rest in int8, router in
+    float; an expert cache of 3 experts (streaming them) gives the all-resident logits, and
+    its buffers are int4-sized."""
+    model = build_checkpoint(tmp_path / "moe", "qwen3_moe", moe_intermediate_size=64)
+    shard_dir = _shard(model, tmp_path / "q", "--quantize", "int8", "--expert-bits", "4", "--group-size", "32")
+    float_dir = _shard(model, tmp_path / "f")
+    file = ShardFile(rank_shard_path(shard_dir, plan_shards(ModelConfig.from_dir(shard_dir), [1.0])[0]))
+    dtypes = lambda block: {t.name: t.dtype for t in file.blocks[block].tensors}  # noqa: E731
+    assert dtypes(expert_block(0, 0))["w_gate_up"] == torch.uint8
+    assert dtypes("layers.0.attn")["wqkv"] == torch.int8
+    assert dtypes("layers.0.mlp")["router"] == torch.float32
+    expert_bytes = file.block_bytes(expert_block(0, 0))
+    float_file = ShardFile(rank_shard_path(float_dir, plan_shards(ModelConfig.from_dir(float_dir), [1.0])[0]))
+    assert expert_bytes < 0.2 * float_file.block_bytes(expert_block(0, 0))
+    file.close()
+    float_file.close()
+    decode = [5, 9, 300, 42]
+    resident, _ = _run(shard_dir, [1.0], decode)
+    cached, stats = _run(shard_dir, [1.0], decode, expert_cache_bytes=3 * expert_bytes)
+    assert torch.equal(cached, resident)
+    assert stats[0]["expert_cache_slots"] == 3 and stats[0]["expert_misses"] > 0
+    reference, _ = _run(float_dir, [1.0], decode)
+    scale = reference.abs().max().item()
+    assert (resident - reference).abs().max().item() < 0.25 * scale
+
+
+@pytest.mark.parametrize("shard_dtype", ["float32", "bfloat16"])
+def test_bfloat16_compute_runs_end_to_end(tmp_path: Path, shard_dtype: str) -> None:
+    """``--dtype bfloat16`` serving (float and int8 shards, and a bf16 shard streamed through
+    the window) decodes the embedded model's fp32 greedy text."""
+    expected, _ = _greedy(DEFAULT_MODEL, [1.0], 16)
+    float_dir = _shard(DEFAULT_MODEL, tmp_path / "f", "--dtype", shard_dtype)
+    int8_dir = _shard(DEFAULT_MODEL, tmp_path / "q", "--dtype", shard_dtype, "--quantize", "int8")
+    assert _greedy(float_dir, [1.0], 16, dtype=torch.bfloat16)[0] == expected
+    assert _greedy(int8_dir, [1.0], 16, dtype=torch.bfloat16)[0] == expected
+    if shard_dtype == "bfloat16":  # a streamed shard computes in its stored dtype
+        budget = _window_budget(int8_dir, [1.0], 2, max_batch=1) + (1 << 20)
+        assert _greedy(int8_dir, [1.0], 16, dtype=torch.bfloat16, memory_budget=budget)[0] == expected
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_served_cluster_over_an_int8_shard(tmp_path: Path) -> None:
+    """`edgellm serve` with a local worker process over an int8 shard: the HTTP completion is the
+    text the in-process executor decodes from the same shard."""
+    shard_dir = _shard(DEFAULT_MODEL, tmp_path / "q", "--quantize", "int8", ranks=2)
+    with served(shard_dir, "--local-workers", "1", log_path=tmp_path / "serve.log") as url:
+        body = httpx.post(f"{url}/v1/completions", json={"model": "q", "prompt": "Once upon a time",
+                                                         "max_tokens": 20, "temperature": 0}, timeout=60).json()
+    text = body["choices"][0]["text"]
+    assert body["usage"]["completion_tokens"] > 0 and text.strip()
+    tok = TextTokenizer(str(shard_dir))
+    prompt = tok.encode("Once upon a time")
+    with inprocess_cluster(shard_dir, [1.0, 1.0], max_batch=1, max_context=128) as executor:
+        ids = [int(executor.step([prompt], [SeqSpan(0, 0, len(prompt))])[0].argmax())]
+        for i in range(19):
+            ids.append(int(executor.step([[ids[-1]]], [SeqSpan(0, len(prompt) + i, 1)])[0].argmax()))
+    expected = tok.decode(ids)
+    assert text == expected[: len(text)]  # the server may stop earlier, at an end-of-sequence token

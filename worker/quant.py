@@ -1,0 +1,233 @@
+"""Weight-only int8 / int4 quantization: the shard format, and ``linear``, the one funnel every
+weight matmul of a rank goes through.
+
+On disk (``edgellm shard --quantize``) a quantized matrix ``name`` of shape (N, K) is two
+tensors of its block:
+
+- int8, symmetric per output channel: ``name`` int8 (N, K) and ``name.scales`` (N,);
+  ``w[n, k] ~= q[n, k] * scales[n]``.
+- int4, asymmetric per group of ``g`` inputs: ``name`` uint8 (N, K/2) holding two nibbles per
+  byte and ``name.scales_zeros`` (K/g, N, 2); ``w[n, k] ~= (q[n, k] - 8) * scale + zero`` with
+  the (scale, zero) of row n, group k // g. This is the convention of torch's CPU kernel
+  ``_weight_int4pack_mm_for_cpu`` (tinygemm's), and the nibbles are stored in that kernel's
+  byte order (see ``pack_int4``): a block streams from disk into its buffer and computes as
+  it lies, with no conversion and no memory beyond the budget's buffers. The order is a
+  fixed byte layout written by pure tensor ops here, so any CPU (x86 or ARM) reads it.
+
+Scales are stored in bfloat16, the dtype the kernels run in (below): a bf16 scale is off by at
+most 2^-9 (0.2%), an order of magnitude under the rounding error of the weights themselves.
+
+Compute never builds a float copy of a weight: ``linear`` calls ``_weight_int8pack_mm`` or
+``_weight_int4pack_mm_for_cpu`` on the stored tensors. Both run with bfloat16 activations
+(``KERNEL_DTYPE``): measured on this AVX2 machine at decode (one row, 2048-5632 wide), the int8
+kernel takes 0.25-0.45x the time of an fp32 ``F.linear`` with bf16 activations, 3-4x with fp32
+ones and 4-9x with fp16 ones, so any other activation dtype would make quantization slower
+than no quantization. The activations' bf16 rounding (0.4%) is small next to the weights' int8
+(about 1%) or int4 (about 10%) rounding; ``bench/quant.py`` measures the end-to-end error.
+
+Norms, biases, routers, the shared-expert gate and the hub's embedding and LM head stay in
+float: they are a small share of the bytes, and routers/gates pick discrete experts, where a
+small error flips a choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.config import CheckpointError
+
+log = logging.getLogger(__name__)
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+SCALE_DTYPE = torch.bfloat16
+KERNEL_DTYPE = torch.bfloat16  # activations of the quantized kernels (see the module docstring)
+# The weight matrices of a block that are quantized; everything else stays in float.
+QUANTIZED_FIELDS = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down")
+_SCALES, _SCALES_ZEROS = "scales", "scales_zeros"
+INT8_K_MULTIPLE = 8  # _weight_int8pack_mm reads K in steps of 8 and crashes (SIGSEGV) otherwise
+INT4_N_MULTIPLE = 32  # pack_int4's layout interleaves rows in blocks of 32
+
+
+class QuantError(CheckpointError):
+    """A quantization setting that cannot apply to this model or split."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What ``edgellm shard`` quantizes: ``bits`` for the dense matrices (None: float),
+    ``expert_bits`` for routed experts (None: as ``bits``), int4 groups of ``group_size``."""
+
+    bits: int | None = 8
+    group_size: int = 64
+    expert_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        for what, bits in (("--quantize", self.bits), ("--expert-bits", self.expert_bits)):
+            if bits is not None and bits not in BITS:
+                raise QuantError(f"{what} must be int8 or int4 (8 or 4 bits), got {bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise QuantError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} "
+                             f"(the int4 kernel's group sizes), got {self.group_size}")
+
+    def bits_for(self, block: str) -> int | None:
+        """Bits of the matrices of ``block`` (``layers.L.experts.E`` is a routed expert)."""
+        if ".experts." in block and self.expert_bits is not None:
+            return self.expert_bits
+        return self.bits
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"bits": self.bits, "group_size": self.group_size, "expert_bits": self.expert_bits}
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A quantized (N, K) matrix as the kernels take it (views into a block's buffer)."""
+
+    weight: torch.Tensor  # int8 (N, K), or uint8 (N, K/2) in pack_int4's order
+    scales: torch.Tensor  # int8: (N,); int4: (K/g, N, 2) scale and zero
+    group_size: int  # 0 for int8
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.group_size else 8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.weight.shape
+        return n, k * (2 if self.group_size else 1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales))
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 (N, K) matrix this weight stands for (tests and error checks; compute never calls it)."""
+        s = self.scales.float()
+        if not self.group_size:
+            return self.weight.float() * s[:, None]
+        n, k = self.shape
+        q = unpack_int4(self.weight).float().view(n, k // self.group_size, self.group_size)  # (N, K/g, g)
+        scale, zero = s[..., 0].t()[..., None], s[..., 1].t()[..., None]  # (N, K/g, 1) each
+        return ((q - 8) * scale + zero).view(n, k)
+
+
+Weight = torch.Tensor | QuantWeight
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    n, k = w.shape
+    flat = x.reshape(-1, k).to(KERNEL_DTYPE)  # (T, K)
+    scales = w.scales if w.scales.dtype == KERNEL_DTYPE else w.scales.to(KERNEL_DTYPE)
+    if w.group_size:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, w.weight, w.group_size, scales)  # (T, N)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(flat, w.weight, scales)  # (T, N)
+    y = y.to(x.dtype).view(*x.shape[:-1], n)  # (..., N)
+    return y if bias is None else y + bias
+
+
+def field(fields: dict[str, torch.Tensor], name: str) -> Weight | None:
+    """Field ``name`` of a block: a ``QuantWeight`` when the block stores it quantized."""
+    w = fields.get(name)
+    if w is None:
+        return None
+    if (scales := fields.get(f"{name}.{_SCALES}")) is not None:
+        _check_int8(name, w.shape[0], w.shape[1])
+        return QuantWeight(w, scales, 0)
+    if (scales_zeros := fields.get(f"{name}.{_SCALES_ZEROS}")) is not None:
+        n, k = w.shape[0], 2 * w.shape[1]
+        group = k // max(1, scales_zeros.shape[0])
+        _check_int4(name, n, k, group)
+        return QuantWeight(w, scales_zeros, group)
+    return w
+
+
+def is_aux(name: str) -> bool:
+    """Whether a block field is a quantization side tensor (kept in its stored dtype)."""
+    return name.endswith((f".{_SCALES}", f".{_SCALES_ZEROS}"))
+
+
+def block_bits(fields: dict[str, torch.Tensor]) -> set[int]:
+    """The bit widths of a block's quantized matrices (empty for a float block)."""
+    return {8 if n.endswith(f".{_SCALES}") else 4 for n in fields if is_aux(n)}
+
+
+def _check_int8(name: str, n: int, k: int) -> None:
+    if k % INT8_K_MULTIPLE:
+        raise QuantError(f"{name} ({n}x{k}): int8 needs an input width divisible by {INT8_K_MULTIPLE}; "
+                         f"change the split (--weights) or leave it in float")
+
+
+def _check_int4(name: str, n: int, k: int, group: int) -> None:
+    if group not in GROUP_SIZES or k % group:
+        raise QuantError(f"{name} ({n}x{k}): int4 with --group-size {group} needs an input width divisible "
+                         f"by {group}; use a group size that divides {k}, another split (--weights) or int8")
+    if n % INT4_N_MULTIPLE:
+        raise QuantError(f"{name} ({n}x{k}): int4 needs an output width divisible by {INT4_N_MULTIPLE}; "
+                         f"change the split (--weights) or use int8")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-channel int8: (q int8 (N, K), scales (N,) bf16) with w ~= q * scales."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(SCALE_DTYPE)  # (N,)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)  # from the stored scale
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of ``group`` inputs (min/max): (packed uint8 (N, K/2),
+    scales_zeros (K/g, N, 2) bf16) with w ~= (q - 8) * scale + zero."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group, group)  # (N, K/g, g)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, K/g)
+    scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(SCALE_DTYPE)
+    zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)  # (N, K/g, g)
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+    return pack_int4(q.view(n, k).to(torch.uint8)), scales_zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Nibbles (N, K) in 0..15 -> uint8 (N, K/2) in ``_convert_weight_to_int4pack_for_cpu``'s order:
+    rows in blocks of 32; for each block and input k, 16 bytes whose byte i is row i's nibble
+    (low) and row i+16's (high)."""
+    n, k = q.shape
+    v = q.to(torch.uint8).view(n // 32, 2, 16, k)  # (N/32, half, 16, K)
+    packed = (v[:, 0] | (v[:, 1] << 4)).transpose(1, 2).contiguous()  # (N/32, K, 16)
+    return packed.view(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``: uint8 (N, K/2) -> nibbles uint8 (N, K)."""
+    n, half = packed.shape
+    k = 2 * half
+    v = packed.reshape(n // 32, k, 16).transpose(1, 2)  # (N/32, 16, K)
+    q = torch.stack([v & 15, v >> 4], dim=1)  # (N/32, half, 16, K)
+    return q.reshape(n, k)
+
+
+def quantize_block(block: str, fields: dict[str, torch.Tensor], bits: int | None, group_size: int,
+                   float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A block's fields with its weight matrices quantized to ``bits`` (None: none) and every
+    other float field in ``float_dtype``. Fields come out widest dtype first, so each tensor
+    starts aligned to its element size in the block's contiguous byte range."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in fields.items():
+        where = f"{block}.{name}"
+        if bits is None or name not in QUANTIZED_FIELDS:
+            out[name] = t.to(float_dtype) if t.is_floating_point() else t
+        elif bits == 8:
+            _check_int8(where, *t.shape)
+            out[name], out[f"{name}.{_SCALES}"] = quantize_int8(t)
+        else:
+            _check_int4(where, t.shape[0], t.shape[1], group_size)
+            out[name], out[f"{name}.{_SCALES_ZEROS}"] = quantize_int4(t, group_size)
+    return dict(sorted(out.items(), key=lambda item: -item[1].element_size()))
