@@ -187,29 +187,32 @@ def test_window_over_a_quantized_shard_equals_resident(tmp_path: Path, quantize:
     file.close()
 
 
-def test_moe_expert_bits_4_with_a_small_expert_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_moe_expert_bits_4_with_a_small_expert_cache(tmp_path: Path, ranks: int) -> None:
     """``--quantize int8 --expert-bits 4``: routed experts in int4, the rest in int8, router in
     float; an expert cache of 3 experts (streaming them) gives the all-resident logits, and
     its buffers are int4-sized."""
     model = build_checkpoint(tmp_path / "moe", "qwen3_moe", moe_intermediate_size=64)
-    shard_dir = _shard(model, tmp_path / "q", "--quantize", "int8", "--expert-bits", "4", "--group-size", "32")
-    float_dir = _shard(model, tmp_path / "f")
-    file = ShardFile(rank_shard_path(shard_dir, plan_shards(ModelConfig.from_dir(shard_dir), [1.0])[0]))
+    weights = [1.0] * ranks
+    shard_dir = _shard(model, tmp_path / "q", "--quantize", "int8", "--expert-bits", "4", "--group-size", "32",
+                       ranks=ranks)
+    float_dir = _shard(model, tmp_path / "f", ranks=ranks)
+    file = ShardFile(rank_shard_path(shard_dir, plan_shards(ModelConfig.from_dir(shard_dir), weights)[0]))
     dtypes = lambda block: {t.name: t.dtype for t in file.blocks[block].tensors}  # noqa: E731
     assert dtypes(expert_block(0, 0))["w_gate_up"] == torch.uint8
     assert dtypes("layers.0.attn")["wqkv"] == torch.int8
     assert dtypes("layers.0.mlp")["router"] == torch.float32
     expert_bytes = file.block_bytes(expert_block(0, 0))
-    float_file = ShardFile(rank_shard_path(float_dir, plan_shards(ModelConfig.from_dir(float_dir), [1.0])[0]))
+    float_file = ShardFile(rank_shard_path(float_dir, plan_shards(ModelConfig.from_dir(float_dir), weights)[0]))
     assert expert_bytes < 0.2 * float_file.block_bytes(expert_block(0, 0))
     file.close()
     float_file.close()
     decode = [5, 9, 300, 42]
-    resident, _ = _run(shard_dir, [1.0], decode)
-    cached, stats = _run(shard_dir, [1.0], decode, expert_cache_bytes=3 * expert_bytes)
+    resident, _ = _run(shard_dir, weights, decode)
+    cached, stats = _run(shard_dir, weights, decode, expert_cache_bytes=3 * expert_bytes)
     assert torch.equal(cached, resident)
     assert stats[0]["expert_cache_slots"] == 3 and stats[0]["expert_misses"] > 0
-    reference, _ = _run(float_dir, [1.0], decode)
+    reference, _ = _run(float_dir, weights, decode)
     scale = reference.abs().max().item()
     assert (resident - reference).abs().max().item() < 0.25 * scale
 
