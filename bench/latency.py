@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner_check import BIG, SMALL, measure  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+
 from planner.probe import matvec_gb_s  # noqa: E402
 from planner.synthetic import write_random_llama  # noqa: E402
 

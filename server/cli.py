@@ -39,6 +39,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $EDGELLM_API_KEY; none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--sync-dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "float32", "float16",
+                                                            "bfloat16"],
+                   help="allreduce payload dtype of the whole cluster: fp32 exact; fp16/bf16 half the bytes; "
+                        "int8 a quarter, with a scale per token (default: fp32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process and of each local worker (default: cores / processes)")
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
@@ -68,17 +72,26 @@ def _shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="per-rank split weights, e.g. 2,1,1")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="weight matrices in int8 (per output channel) or int4 (per group); norms, routers, "
+                        "embedding and LM head stay in --dtype (default: none)")
+    p.add_argument("--group-size", type=int, default=64, help="inputs per int4 group: 32, 64, 128 or 256 (default: 64)")
+    p.add_argument("--expert-bits", type=int, default=None,
+                   help="bits of routed MoE experts, 8 or 4 (default: as --quantize)")
 
 
 def run_shard(args: argparse.Namespace) -> int:
     from worker.config import ModelConfig
+    from worker.quant import QuantSpec
     from worker.service import DTYPES
     from worker.shard_writer import write_shards
     from worker.sharding import parse_weights, plan_shards
 
+    bits = {"none": None, "int8": 8, "int4": 4}[args.quantize]
+    quant = QuantSpec(bits, args.group_size, args.expert_bits) if bits or args.expert_bits else None
     config = ModelConfig.from_dir(args.model)
     shards = plan_shards(config, parse_weights(args.weights, args.ranks))
-    out = write_shards(args.model, shards, args.out, DTYPES[args.dtype])
+    out = write_shards(args.model, shards, args.out, DTYPES[args.dtype], quant=quant)
     for s in shards:
         log.info("rank %d: kv heads [%d, %d), mlp columns [%d, %d)", s.rank, *s.kv_heads, *s.mlp_columns)
     log.info("shards written to %s; serve them with: edgellm serve --model %s", out, out)
@@ -126,7 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_context=max_context, dtype=args.dtype, hub_host=args.hub_host,
                           hub_port=args.hub_port, shard_port=args.shard_port, ship_shards=args.ship_shards, connect_timeout_s=args.connect_timeout,
                           step_timeout_s=args.step_timeout, memory_budget=args.memory_budget,
-                          expert_cache=args.expert_cache)
+                          expert_cache=args.expert_cache, sync_dtype=args.sync_dtype)
     _check_port_free(args.host, args.port)
     clients = check_workers(remote, token, args.connect_timeout)
     budgets = [*(["--memory-budget", str(args.memory_budget)] if args.memory_budget else []),

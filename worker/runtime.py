@@ -38,6 +38,7 @@ class RankSpec:
     expert_cache_bytes: int | None = None  # bytes of routed experts (MoE); None: all resident
     expert_policy: str = "distance"  # expert cache eviction: "distance" or "lru"
     prefetch: bool = True  # MoE: predict and prefetch the next layer's experts
+    sync_dtype: str = "fp32"  # allreduce payload dtype, the same on every rank (worker.wire.SYNC_DTYPES)
 
 
 def spans_from_tensor(spans: torch.Tensor) -> list[SeqSpan]:
@@ -69,7 +70,7 @@ class WorkerRank:
     def __init__(self, spec: RankSpec, hub_address: str, token: str, progress: Progress | None = None,
                  timeout_s: float = 30.0):
         self.spec = spec
-        self.link = StarRank(spec.shard.rank, hub_address, token, timeout_s)
+        self.link = StarRank(spec.shard.rank, hub_address, token, timeout_s, sync_dtype=spec.sync_dtype)
         try:
             self.loaded = load_rank(spec, self.link.allreduce, progress)
         except BaseException:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from worker.config import ModelConfig, RopeConfig
 from worker.kv_cache import KVCache
+from worker.quant import Weight, linear
 from worker.sharding import RankShard
 from worker.step import SeqSpan, StepPlan
 from worker.weight_store import WeightStore
@@ -104,7 +105,7 @@ class RankModel:
     def _attention(self, layer: int, w: AttentionWeights, x: torch.Tensor, plan: StepPlan,
                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qh, kh, hd = self.shard.num_q_heads, self.shard.num_kv_heads, self.config.head_dim
-        qkv = F.linear(x, w.wqkv, w.bqkv)  # (T, (qh + 2kh) * hd)
+        qkv = linear(x, w.wqkv, w.bqkv)  # (T, (qh + 2kh) * hd)
         q, k, v = qkv.split([qh * hd, kh * hd, kh * hd], dim=-1)
         q, k, v = self._qkv_hook(w, q, k, v)
         q = q.reshape(-1, qh, hd)  # (T, qh, hd)
@@ -120,7 +121,7 @@ class RankModel:
                 tokens = slice(offset, offset + span.length)
                 out[tokens] = self._attend(layer, span, mask, q[tokens], k[tokens], v[tokens])
             out = out.view(-1, qh * hd)
-        return F.linear(out, w.wo, w.bo)  # (T, d) partial sum
+        return linear(out, w.wo, w.bo)  # (T, d) partial sum
 
     def _attend(self, layer: int, span: SeqSpan, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
@@ -141,8 +142,8 @@ class RankModel:
                          w.b_gate_up, w.b_down)
 
 
-def gated_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, b_gate_up: torch.Tensor | None = None,
+def gated_mlp(x: torch.Tensor, w_gate_up: Weight, w_down: Weight, b_gate_up: torch.Tensor | None = None,
               b_down: torch.Tensor | None = None) -> torch.Tensor:
     """SiLU-gated MLP on this rank's columns: (T, d) -> partial (T, d)."""
-    gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)  # (T, w) each
-    return F.linear(F.silu(gate) * up, w_down, b_down)
+    gate, up = linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)  # (T, w) each
+    return linear(F.silu(gate) * up, w_down, b_down)
