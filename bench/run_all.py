@@ -1,11 +1,12 @@
 """Run every benchmark of bench/ with modest sizes and collect their JSON, a markdown summary and plots.
 
-    .venv/bin/python bench/run_all.py [--only NAME,...] [--quick]      (make bench-all)
+    .venv/bin/python bench/run_all.py [--only NAME,...]      (make bench-all)
 
 Each script runs as a subprocess with ``--out FILE`` (all of them print JSON and accept it);
 a script that fails or times out is recorded with its error and the rest still run. Output:
 ``bench/results/<timestamp>/results.json``, ``summary.md`` and PNG plots (matplotlib, headless).
-About 3-6 minutes on 2 cores; numbers of one run compare with each other, not across runs.
+About 20 minutes on 2 cores (quant and latency write the 4.4 GB 1.1B-shape checkpoint; --only skips
+them); numbers of one run compare with each other, not across runs.
 """
 
 from __future__ import annotations
@@ -30,19 +31,24 @@ SUITE: dict[str, list[str]] = {
     "planner_check": ["--tokens", "32", "--rounds", "2"],
     "streaming": ["--tokens", "16"],
     "moe_cache": ["--tokens", "16"],
+    "quant": ["--agree-tokens", "100", "--tokens", "8"],  # writes and runs the 1.1B shape: ~5 min
+    "sync_error": ["--tokens", "100"],
+    "latency": ["--prompts", "32,256,1024", "--tokens", "16", "--big"],  # --big: the 1.1B bandwidth bound
 }
 TIMEOUT_S = 300
+LONG_TIMEOUT_S = {"quant": 900, "latency": 900}  # the scripts that build the 4.4 GB 1.1B checkpoint
 
 
 def run_script(name: str, args: list[str], out_dir: Path) -> dict[str, Any]:
     out = out_dir / f"{name}.json"
     cmd = [sys.executable, str(BENCH / f"{name}.py"), *args, "--out", str(out)]
+    timeout = LONG_TIMEOUT_S.get(name, TIMEOUT_S)
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")}
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "seconds": TIMEOUT_S, "error": f"timed out after {TIMEOUT_S} s", "command": cmd}
+        return {"ok": False, "seconds": timeout, "error": f"timed out after {timeout} s", "command": cmd}
     seconds = round(time.perf_counter() - start, 1)
     (out_dir / f"{name}.log").write_text(proc.stderr)
     if proc.returncode != 0 or not out.is_file():
@@ -72,6 +78,14 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             for kb in entry.get("gloo", {}) if world.endswith("_ranks") else ():
                 rows.append(("allreduce", f"{world}, {kb} KB: p50 {' / '.join(methods)} (us)",
                              " / ".join(str(entry[m][kb]["p50_us"]) if m in entry else "-" for m in methods)))
+    rows += _quant_rows(results.get("quant", {}).get("result"))
+    rows += _latency_rows(results.get("latency", {}).get("result"))
+    sync = results.get("sync_error", {}).get("result")
+    if sync:
+        for dtype, e in sync["dtypes"].items():
+            if "max_abs_logit_diff" in e:
+                rows.append(("sync_error", f"--sync-dtype {dtype}, {sync['ranks']} ranks: max logit diff / greedy "
+                             "agreement", f"{e['max_abs_logit_diff']} / {e['greedy_agreement']:.1%}"))
     check = results.get("planner_check", {}).get("result")
     if check:
         for c in check["checks"]:
@@ -84,6 +98,43 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         if res:
             for key, value in _scalars(res):
                 rows.append((name, key, value))
+    return rows
+
+
+def _quant_rows(quant: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    if not quant:
+        return []
+    rows = []
+    for key, speed in quant.items():
+        if key.startswith("speed_"):
+            base = speed["transformers_fp32_tok_s"]
+            for variant, v in speed.items():
+                if isinstance(v, dict) and "tok_s" in v:
+                    rows.append(("quant", f"decode tok/s {key[6:]} {variant} (x transformers fp32 {base})",
+                                 f"{v['tok_s']} (x{v['vs_transformers_fp32']})"))
+    for variant, e in quant.get("error_default_model", {}).items():
+        if isinstance(e, dict):
+            rows.append(("quant", f"embedded model, {variant} vs fp32: max logit diff / top-1 agreement / greedy prefix",
+                         f"{e['max_abs_logit_diff']} / {e['top1_agreement']:.1%} / {e['greedy_prefix']}"))
+    return rows
+
+
+def _latency_rows(latency: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    if not latency:
+        return []
+    rows = []
+    small = latency["small_llama_512x8"]
+    for ranks in ("1_rank", "2_ranks"):
+        series = small[ranks]
+        rows.append(("latency", f"512x8, {ranks}: TTFT ms by prompt length",
+                     ", ".join(f"{p}: {ms}" for p, ms in series["ttft_ms"].items())))
+        rows.append(("latency", f"512x8, {ranks}: decode tok/s by prompt length / RSS MiB per rank",
+                     ", ".join(f"{p}: {t}" for p, t in series["decode_tok_s"].items())
+                     + f" / {series['rss_mib_per_rank']}"))
+    big = latency.get("llama_1.1B_fp32")
+    if big:
+        rows.append(("latency", "1.1B fp32 decode tok/s measured / bandwidth bound (fraction)",
+                     f"{big['measured_tok_s']} / {big['bound_tok_s']} ({big['fraction_of_bound']:.0%})"))
     return rows
 
 
@@ -141,6 +192,11 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     if dec:
         d = dec["decode_batch1_fp32"]
         bars += [("transformers", d["transformers_tok_s"], None), ("edgellm 1 rank", d["edgellm_1rank_tok_s"], None)]
+    quant = results.get("quant", {}).get("result")
+    if quant and "speed_512" in quant:
+        speed = quant["speed_512"]
+        bars += [(f"512x8 {v}", speed[v]["tok_s"], None) for v in speed if isinstance(speed[v], dict)
+                 and "tok_s" in speed[v]]
     check = results.get("planner_check", {}).get("result")
     if check:
         bars += [(c["config"].replace("llama-", "").replace(", ", "\n"), c["measured_tok_s"], c["predicted_tok_s"])
@@ -161,6 +217,22 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         fig.savefig(out_dir / "decode.png", dpi=100)
         plt.close(fig)
         made.append("decode.png")
+    latency = results.get("latency", {}).get("result")
+    if latency:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for ranks, series in latency["small_llama_512x8"].items():
+            if ranks.endswith(("_rank", "_ranks")):
+                prompts = list(series["ttft_ms"])
+                ax.plot([int(p) for p in prompts], [series["ttft_ms"][p] for p in prompts], marker="o",
+                        label=ranks.replace("_", " "))
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("time to first token (ms)")
+        ax.set_title("TTFT, random Llama 512x8, fp32")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "ttft.png", dpi=100)
+        plt.close(fig)
+        made.append("ttft.png")
     return made
 
 
