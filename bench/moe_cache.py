@@ -4,7 +4,8 @@ against all experts resident, and the distance eviction policy against plain LRU
     .venv/bin/python bench/moe_cache.py [--tokens 32] [--out FILE]
 
 One rank in this process, a random Mixtral-shaped model (8 experts, top-2). The cache holds
-2x the active experts of a layer (4 experts). Reads drop the page cache after use, so misses
+2x the active experts of a layer (4 experts; ``--cache-experts N`` for another size). Prefetch
+runs use the ``temporal`` predictor unless named ``router``. Reads drop the page cache after use, so misses
 really go to disk. Random routers route close to uniformly, which is the hard case for a
 cache; real checkpoints have skewed, more predictable routing.
 """
@@ -47,10 +48,11 @@ def build(out: Path) -> Path:
     return write_shards(out / "hf", plan_shards(config, [1.0]), out / "shards", progress=False)
 
 
-def run(shard_dir: Path, tokens: int, cache: int | None, policy: str, prefetch: bool) -> dict[str, Any]:
+def run(shard_dir: Path, tokens: int, cache: int | None, policy: str, prefetch: bool,
+        predictor: str = "temporal") -> dict[str, Any]:
     config = ModelConfig.from_dir(shard_dir)
     spec = RankSpec(str(shard_dir), config, plan_shards(config, [1.0])[0], 1, 256, expert_cache_bytes=cache,
-                    expert_policy=policy, prefetch=prefetch)
+                    expert_policy=policy, prefetch=prefetch, expert_predictor=predictor)
     executor = Executor(spec, StarHub(1))
     try:
         token = int(executor.step([PROMPT], [SeqSpan(0, 0, len(PROMPT))])[0].argmax())
@@ -79,6 +81,9 @@ def run(shard_dir: Path, tokens: int, cache: int | None, policy: str, prefetch: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--cache-experts", type=int, default=None,
+                        help="cache size in experts (default: 2x the active experts of one layer, for the whole "
+                             "model; 2x per layer is 2 * top_k * layers)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -86,9 +91,10 @@ def main() -> None:
         shard_dir = build(Path(tmp))
         d, w = SHAPE["hidden_size"], SHAPE["intermediate_size"]
         expert_bytes = 3 * d * w * 4
-        cache = 2 * SHAPE["num_experts_per_tok"] * expert_bytes
+        cache = (args.cache_experts or 2 * SHAPE["num_experts_per_tok"]) * expert_bytes
         runs = {
-            "prefetch_distance": run(shard_dir, args.tokens, cache, "distance", True),
+            "prefetch_distance": run(shard_dir, args.tokens, cache, "distance", True),  # temporal predictor
+            "prefetch_router_distance": run(shard_dir, args.tokens, cache, "distance", True, "router"),
             "prefetch_lru": run(shard_dir, args.tokens, cache, "lru", True),
             "on_demand_distance": run(shard_dir, args.tokens, cache, "distance", False),
             "on_demand_lru": run(shard_dir, args.tokens, cache, "lru", False),

@@ -1,11 +1,14 @@
-"""Pure memory decisions: sizes, the window plan, the expert-cache size, the eviction choice."""
+"""Pure memory decisions: sizes, the window plan, the expert-cache size, the eviction choice,
+the expert predictor."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from worker.budget import BudgetError, WindowPlan, parse_size, plan_expert_slots, plan_window
 from worker.expert_cache import Entry, choose_victim
+from worker.models.moe import Predictor
 
 MiB = 1 << 20
 
@@ -79,3 +82,29 @@ def test_choose_victim(policy: str, layer: int, expected: tuple[int, int]) -> No
 
 def test_choose_victim_without_candidates() -> None:
     assert choose_victim([], 0, 4, "distance") is None
+
+
+def _predictor(mode: str) -> Predictor:
+    # Router of layer 1 sends any hidden state with a positive first feature to experts 2 and 3.
+    router = torch.tensor([[-1.0, 0.0], [-2.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # (E=4, d=2)
+    return Predictor({0: router, 1: router}, {0: torch.ones(2), 1: torch.ones(2)}, 1e-6, top_k=2, mode=mode)
+
+
+def test_temporal_predictor_repeats_the_layers_last_experts() -> None:
+    hidden = torch.tensor([[1.0, 0.5]])
+    predictor = _predictor("temporal")
+    assert predictor.predict(1, hidden) == {2, 3}  # nothing seen yet: the router's guess
+    predictor.observe(1, {0, 1})
+    assert predictor.predict(1, hidden) == {0, 1}
+    assert predictor.next_layer(1) == 0  # wraps to the next step's first MoE layer
+
+
+def test_router_predictor_ignores_history() -> None:
+    predictor = _predictor("router")
+    predictor.observe(1, {0, 1})
+    assert predictor.predict(1, torch.tensor([[1.0, 0.5]])) == {2, 3}
+
+
+def test_unknown_predictor_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown expert predictor"):
+        _predictor("oracle")

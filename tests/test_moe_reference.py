@@ -62,3 +62,18 @@ def test_moe_logits_match_with_a_small_expert_cache(checkpoints, tmp_path: Path,
     ours = _ours(shard_dir, weights, decode, expert_cache_bytes=3 * expert_bytes)
     diff = (ours - expected).abs().max().item()
     assert diff <= TOL, f"{arch} with {ranks} ranks and a 3-expert cache: max abs logit diff {diff}"
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_logits_match_with_the_router_predictor(checkpoints, tmp_path: Path, arch: str) -> None:
+    """The other expert predictor changes what is prefetched, never the math."""
+    model_dir = checkpoints(arch)
+    config = ModelConfig.from_dir(model_dir)
+    weights = RANK_WEIGHTS[2]
+    shard_dir = write_shards(model_dir, plan_shards(config, weights), tmp_path / "shards", progress=False)
+    decode, expected = _reference(model_dir, 2)
+    d, width = config.hidden_size, plan_shards(config, weights)[0].expert_columns
+    ours = _ours(shard_dir, weights, decode, expert_cache_bytes=3 * 3 * d * (width[1] - width[0]) * 4,
+                 expert_predictor="router")
+    diff = (ours - expected).abs().max().item()
+    assert diff <= TOL, f"{arch}, router predictor: max abs logit diff {diff}"

@@ -106,7 +106,7 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
         layers = _moe_layers(spec)
         predictor = Predictor({m: file.read_field(mlp_block(m), "router").to(spec.dtype) for m in layers},
                               {m: file.read_field(mlp_block(m), "norm").to(spec.dtype) for m in layers},
-                              cfg.rms_norm_eps, cfg.experts_per_token)
+                              cfg.rms_norm_eps, cfg.experts_per_token, spec.expert_predictor)
     reserved = kv.nbytes() + (predictor.nbytes() if predictor else 0)
     plan = plan_window([file.block_bytes(b) for b in order], spec.memory_budget, reserved)
     io = IoThread(f"weights-io-{spec.shard.rank}") if (not plan.resident or cfg.is_moe) else None
