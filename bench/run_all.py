@@ -148,7 +148,7 @@ def _scalars(tree: Any, prefix: str = "", limit: int = 12) -> list[tuple[str, st
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(node, (int, float)) and not isinstance(node, bool) and "machine" not in key:
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and not key.startswith(("machine", "shape")):
             out.append((key, str(node)))
 
     walk(tree, prefix)
