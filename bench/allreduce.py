@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -35,6 +34,8 @@ import zmq
 import zmq.utils.z85
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from worker.collective import CollectiveError, StarHub, StarRank  # noqa: E402
 from worker.wire import SYNC_DTYPES, Kind, sync_payload  # noqa: E402
@@ -375,10 +376,7 @@ def main() -> None:
     }
     for world in (int(w) for w in args.worlds.split(",")):
         result[f"{world}_ranks"] = compare(world, sizes, dtypes, args.iters, args.seconds, methods)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

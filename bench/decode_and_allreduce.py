@@ -11,7 +11,6 @@ absolute figures across runs).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allreduce import compare  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from server.executor import Executor  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
@@ -119,10 +119,7 @@ def main() -> None:
         allreduce[f"{world}_ranks"] = {"star": star, "gloo": gloo,
                                        "p50_ratio_star_over_gloo": round(star["p50_us"] / gloo["p50_us"], 2)}
     result["allreduce_fp32"] = {"numel": kb * 256, **allreduce}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

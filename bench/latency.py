@@ -18,7 +18,6 @@ fp32 decode speed of the 1.1B shape against its memory-bandwidth bound, as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner_check import BIG, SMALL, measure  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from planner.probe import matvec_gb_s  # noqa: E402
 from planner.synthetic import write_random_llama  # noqa: E402
@@ -103,10 +103,7 @@ def main() -> None:
             log.info("writing the 1.1B shape")
             big = write_random_llama(Path(tmp) / "big", BIG)
             result["llama_1.1B_fp32"] = big_model_bound(big, args.threads, max(8, args.tokens // 2))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ cache; real checkpoints have skewed, more predictable routing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from server.executor import Executor  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
@@ -109,10 +110,7 @@ def main() -> None:
               "runs": runs,
               "speedup_prefetch_over_on_demand": runs["prefetch_distance"]["tokens_per_s"]
               / runs["on_demand_distance"]["tokens_per_s"]}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

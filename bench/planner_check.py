@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -33,6 +32,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from planner.model import Node, Workload, predict  # noqa: E402
 from planner.probe import probe_node  # noqa: E402
@@ -183,10 +184,7 @@ def main() -> None:
     errors = [abs(c["tok_s_error"]) for c in result["checks"]]
     result["max_abs_tok_s_error"] = max(errors)
     result["within_25_percent"] = all(e <= 0.25 for e in errors)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

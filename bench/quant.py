@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import platform
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode_and_allreduce import SHAPE, bench_ours, bench_transformers, build_model  # noqa: E402
+from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from server.executor import Executor  # noqa: E402
 from server.tokenizer import TextTokenizer  # noqa: E402
@@ -178,10 +178,7 @@ def main() -> None:
             big = build_model(work / "big" / "llama", shape)
             result["speed_1.1b"] = {"shape": shape, **measure_speed(big, work / "big", args.tokens, args.repeats)}
     result["seconds"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ issue is ``streamed step <= 1.15 x max(resident step, disk read per step)``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from server.executor import Executor  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
@@ -86,10 +87,7 @@ def main() -> None:
               "page_cache": "posix_fadvise(DONTNEED) after every read", "resident": resident, "streamed": streamed,
               "streamed_over_bound": streamed["step_ms"] / bound,
               "bound": "max(resident step (compute + comm), disk read per step)"}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

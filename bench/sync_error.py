@@ -18,7 +18,6 @@ Then, for each reduced sync dtype:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from server.executor import Executor  # noqa: E402
 from server.tokenizer import TextTokenizer  # noqa: E402
@@ -120,10 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    text = json.dumps(measure(Path(args.model), args.ranks, args.tokens), indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(measure(Path(args.model), args.ranks, args.tokens), args.out)
 
 
 if __name__ == "__main__":
