@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +201,15 @@ def bench_gloo(world: int, sizes: list[int], iters: int, seconds: float) -> dict
     try:
         return results.get(timeout=JOIN_S + len(sizes) * (seconds + 30))
     finally:
-        for p in procs:
-            p.join(JOIN_S)
-            if p.is_alive():
-                p.kill()
+        _reap(procs)
+
+
+def _reap(procs: list[BaseProcess]) -> None:
+    """Join every rank process, killing any still alive after ``JOIN_S``."""
+    for p in procs:
+        p.join(JOIN_S)
+        if p.is_alive():
+            p.kill()
 
 
 # --- ring -------------------------------------------------------------------------------------
@@ -320,10 +326,7 @@ def bench_ring(world: int, sizes: list[int], iters: int, seconds: float, curve: 
             q.put([found[r] for r in range(world)])
         return results.get(timeout=JOIN_S + len(sizes) * (seconds + 30))
     finally:
-        for p in procs:
-            p.join(JOIN_S)
-            if p.is_alive():
-                p.kill()
+        _reap(procs)
 
 
 # --- the report -------------------------------------------------------------------------------
