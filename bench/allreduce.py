@@ -25,7 +25,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,7 @@ def bench_gloo(world: int, sizes: list[int], iters: int, seconds: float) -> dict
         _reap(procs)
 
 
-def _reap(procs: list[BaseProcess]) -> None:
+def _reap(procs: Sequence[BaseProcess]) -> None:
     """Join every rank process, killing any still alive after ``JOIN_S``."""
     for p in procs:
         p.join(JOIN_S)
