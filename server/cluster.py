@@ -102,22 +102,28 @@ class Cluster:
             with ThreadPoolExecutor(max(1, len(clients))) as pool:
                 loads = [pool.submit(cls._join, opts, client, shard, hub_address, shard_source, on_progress)
                          for client, shard in zip(clients, shards[1:], strict=True)]
-                spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
-                                DTYPES[opts.dtype], memory_budget=opts.memory_budget,
-                                expert_cache_bytes=opts.expert_cache, sync_dtype=hub.sync_dtype)
-                executor = Executor(spec, hub)
-                if on_progress:
-                    on_progress("rank 0", config.num_layers, config.num_layers)
+                try:
+                    spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
+                                    DTYPES[opts.dtype], memory_budget=opts.memory_budget,
+                                    expert_cache_bytes=opts.expert_cache, sync_dtype=hub.sync_dtype)
+                    executor = Executor(spec, hub)
+                    if on_progress:
+                        on_progress("rank 0", config.num_layers, config.num_layers)
 
-                def still_loading() -> bool:
+                    def still_loading() -> bool:
+                        for future in loads:
+                            if future.done() and (exc := future.exception()):
+                                raise exc
+                        return not all(f.done() for f in loads)
+
+                    hub.wait_for_ranks(opts.connect_timeout_s, still_loading)
                     for future in loads:
-                        if future.done() and (exc := future.exception()):
-                            raise exc
-                    return not all(f.done() for f in loads)
-
-                hub.wait_for_ranks(opts.connect_timeout_s, still_loading)
-                for future in loads:
-                    future.result()
+                        future.result()
+                except BaseException:
+                    # One rank failed: the others' Loads would wait for a welcome that never comes.
+                    for client in clients:
+                        client.cancel_load()
+                    raise
         except Exception:
             hub.close()
             shard_server.stop(grace=None)

@@ -71,6 +71,7 @@ class WorkerClient:
     def load(self, on_progress: Callable[[int, int], None]) -> None:
         """Load, reporting (layers loaded, total); a fetch of the model is logged every 10%."""
         stream = self._call("load", self.stub.Load, pb.LoadRequest(), timeout=None)
+        self._load_call = stream
         logged_tenth = -1
         try:
             for update in stream:  # type: ignore[attr-defined]
@@ -84,6 +85,11 @@ class WorkerClient:
                 on_progress(update.layers_loaded, update.layers_total)
         except grpc.RpcError as exc:
             raise ClusterError(f"worker {self.address}: load failed: {exc.details()}") from None
+
+    def cancel_load(self) -> None:
+        """Stop waiting for a Load in flight (another rank failed: the cluster will not start)."""
+        if call := getattr(self, "_load_call", None):
+            call.cancel()
 
     def stats(self) -> pb.StatsReply:
         return self._call("stats", self.stub.Stats, pb.StatsRequest(), timeout=2.0)  # type: ignore[return-value]
