@@ -194,9 +194,13 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self._running and self._missing_ranks() and not self.error:
+            if not self._running and (missing := self._missing_ranks()) and not self.error:
+                if self._waiting:  # queued just before the heartbeat saw the rank go: wait for it, or fail them
+                    self._on_step_failure(CollectiveError(f"rank(s) {sorted(missing)} stopped answering heartbeats"))
+                    continue
                 self.error = "a rank is missing; the cluster is recovering"  # idle: repair before the next request
             if self.error and not self._repair_in_background():
+                self._fail_waiting()  # only a request that raced past submit()'s check can be here
                 self._wake.wait(0.2)
                 continue
             self._drop_finished_early()
@@ -230,11 +234,15 @@ class Engine:
         self.error = f"a rank failed and did not come back within {self.limits.recovery_wait_s:.0f} s: {exc}"
         for run in list(self._running):
             self._finish(run, Event(error=self.error, error_code="cluster_unavailable"), "error")
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        """End every queued request with the cluster's error (a clean 503, never a hang)."""
         with self._lock:
             waiting, self._waiting, self._waiting_tokens = list(self._waiting), deque(), 0
             self.metrics.waiting.set(0)
         for req in waiting:
-            req.emit(Event(error=self.error, error_code="cluster_unavailable"))
+            req.emit(Event(error=self.error or "the cluster is unavailable", error_code="cluster_unavailable"))
             self.metrics.requests.labels("error").inc()
 
     def _try_recover(self, deadline: float) -> bool:

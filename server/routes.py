@@ -199,6 +199,8 @@ async def _collect(choices: list[_Choice], http: Request) -> None:
     finally:
         if next_event is not None:
             next_event.cancel()
+            # the generator cannot be closed while that task is still inside it
+            await asyncio.gather(next_event, return_exceptions=True)
         _cancel(choices)
         await events.aclose()
 

@@ -182,3 +182,45 @@ def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_pa
     finally:
         stop(worker)
     assert "Traceback" not in log.read_text()
+
+
+def test_request_queued_as_a_rank_goes_missing_ends_cleanly(checkpoints) -> None:
+    """A request that was queued just before the heartbeat reported a rank gone, with nothing
+    running: it waits ``recovery_wait_s`` for the rank, then ends with cluster_unavailable (it
+    used to sit in the queue until the client gave up)."""
+    import asyncio
+
+    from server.engine import Engine, EngineLimits
+    from server.sampler import SamplingParams
+    from server.tokenizer import TextTokenizer
+    from tests.harness import inprocess_cluster
+
+    model_dir = checkpoints("llama")
+    missing: set[int] = set()
+    repairs: list[float] = []
+
+    def recover(deadline: float) -> bool:
+        repairs.append(deadline)
+        return False  # the rank stays gone
+
+    async def run(engine: Engine) -> list:
+        req = engine.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
+        missing.add(1)  # the heartbeat notices only now, before the engine thread looks
+        engine.start()
+
+        async def collect() -> list:
+            return [event async for event in req.stream()]
+
+        return await asyncio.wait_for(collect(), timeout=20)
+
+    with inprocess_cluster(model_dir, [1.0]) as executor:
+        engine = Engine(executor, TextTokenizer(model_dir), EngineLimits(max_batch=2, max_context=64,
+                                                                        recovery_wait_s=0.5),
+                        recover=recover, missing_ranks=lambda: set(missing))
+        try:
+            events = asyncio.run(run(engine))
+        finally:
+            engine.stop()
+    assert events and events[-1].error_code == "cluster_unavailable", events
+    assert repairs, "the engine must have tried to bring the rank back"
+    assert engine.error and "did not come back" in engine.error
