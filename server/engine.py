@@ -194,11 +194,10 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self._running and (missing := self._missing_ranks()) and not self.error:
-                if self._waiting:  # queued just before the heartbeat saw the rank go: wait for it, or fail them
-                    self._on_step_failure(CollectiveError(f"rank(s) {sorted(missing)} stopped answering heartbeats"))
-                    continue
+            if not self._running and not self._waiting and self._missing_ranks() and not self.error:
                 self.error = "a rank is missing; the cluster is recovering"  # idle: repair before the next request
+            # Requests queued before the heartbeat saw the rank go are admitted below: the check before
+            # the step then sends them through the step-failure path (wait for the rank, or end cleanly).
             if self.error and not self._repair_in_background():
                 self._fail_waiting()  # only a request that raced past submit()'s check can be here
                 self._wake.wait(0.2)
