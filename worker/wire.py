@@ -189,10 +189,11 @@ def check_sync_payload(tensors: list[torch.Tensor], sync: str, shape: tuple[int,
 
 
 def sync_value(tensors: list[torch.Tensor], sync: str, shape: tuple[int, ...],
-               exact_dtype: torch.dtype) -> torch.Tensor:
-    """The values of a checked ``sync`` payload: a view of the received bytes where no
-    conversion is needed, a float32 tensor otherwise."""
-    check_sync_payload(tensors, sync, shape, exact_dtype)
+               exact_dtype: torch.dtype, check: bool = True) -> torch.Tensor:
+    """The values of a ``sync`` payload: a view of the received bytes where no conversion is
+    needed, a float32 tensor otherwise. ``check=False`` only for a payload built here."""
+    if check:
+        check_sync_payload(tensors, sync, shape, exact_dtype)
     if effective_sync(sync, shape) != "int8":
         return tensors[0]
     return tensors[0].float().mul_(tensors[1])
