@@ -23,13 +23,12 @@ from protos.edgellm.v1 import control_pb2 as pb
 from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
 from worker.config import CheckpointError, ModelConfig
 from worker.runtime import RankSpec, WorkerRank
-from worker.shard_fetch import fetch_model, verify_rank_file
+from worker.shard_fetch import TOKEN_METADATA_KEY, fetch_model, verify_rank_file
 from worker.sharding import RankShard
 from worker.wire import sync_dtype_name
 
 log = logging.getLogger(__name__)
 
-TOKEN_METADATA_KEY = "x-edgellm-token"
 DEFAULT_CACHE_DIR = Path(os.environ.get("EDGELLM_CACHE", Path.home() / ".cache" / "edgellm"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

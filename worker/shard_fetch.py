@@ -23,7 +23,7 @@ from worker.weights import SHARD_MANIFEST, is_shard_dir, read_manifest, shard_fi
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-TOKEN_METADATA_KEY = "x-edgellm-token"  # the same metadata the control service checks
+TOKEN_METADATA_KEY = "x-edgellm-token"  # gRPC metadata carrying the cluster token (control service and ShardSource)
 FetchProgress = Callable[[int, int], None]  # (bytes fetched, bytes total)
 
 
