@@ -12,8 +12,11 @@ the variant matches fp32's before the first difference. The random model's logit
 flat (std-0.02 weights: a range of about 2), so its top-1 figures only show how close ties
 are; the trained model's are the meaningful ones.
 
+Quantized variants hold the LM head in int8 (``edgellm shard``'s default); ``int8_float_head``
+is int8 with the LM head left in fp32 (``--lm-head float``), to show what the head costs.
+
 Speed: decode tokens/s at batch 1 on one rank (bench/decode_and_allreduce.py's driver) for
-fp32, bf16, int8 and int4, beside transformers ``generate`` in fp32 on the same random
+fp32, bf16, int8 (with and without the int8 head) and int4, beside transformers ``generate`` in fp32 on the same random
 checkpoint in the same run, for the 512-wide shape and the "1.1B" shape (TinyLlama's). This
 machine is noisy and shared: compare ratios within one run, not absolute figures across runs.
 """
@@ -58,12 +61,13 @@ BIG_SHAPE: dict[str, Any] = dict(hidden_size=2048, num_hidden_layers=22, num_att
 VARIANTS: dict[str, tuple[torch.dtype, torch.dtype, QuantSpec | None]] = {
     "fp32": (torch.float32, torch.float32, None),
     "bf16": (torch.bfloat16, torch.bfloat16, None),
-    "int8": (torch.float32, torch.float32, QuantSpec(8)),
+    "int8": (torch.float32, torch.float32, QuantSpec(8)),  # LM head in int8 too (the default)
+    "int8_float_head": (torch.float32, torch.float32, QuantSpec(8, lm_head_bits=None)),
     "int4_g32": (torch.float32, torch.float32, QuantSpec(4, 32)),
     "int4_g64": (torch.float32, torch.float32, QuantSpec(4, 64)),
     "int4_g128": (torch.float32, torch.float32, QuantSpec(4, 128)),
 }
-SPEED_VARIANTS = ("fp32", "bf16", "int8", "int4_g64")
+SPEED_VARIANTS = ("fp32", "bf16", "int8", "int8_float_head", "int4_g64")
 STORY = "Once upon a time, there was a little girl who"
 RANDOM_PROMPT = [1, 450, 996, 354, 1701, 432, 204, 975, 278, 366, 203, 889]  # ids < every vocab here
 

@@ -73,11 +73,14 @@ def _shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                   help="weight matrices in int8 (per output channel) or int4 (per group); norms, routers, "
-                        "embedding and LM head stay in --dtype (default: none)")
+                   help="weight matrices in int8 (per output channel) or int4 (per group); norms, routers "
+                        "and the embedding stay in --dtype (default: none)")
     p.add_argument("--group-size", type=int, default=64, help="inputs per int4 group: 32, 64, 128 or 256 (default: 64)")
     p.add_argument("--expert-bits", type=int, default=None,
                    help="bits of routed MoE experts, 8 or 4 (default: as --quantize)")
+    p.add_argument("--lm-head", default="int8", choices=["int8", "float"],
+                   help="the LM head of a quantized shard: int8 per output row, or --dtype (default: int8; "
+                        "without --quantize it stays in --dtype)")
 
 
 def run_shard(args: argparse.Namespace) -> int:
@@ -88,7 +91,8 @@ def run_shard(args: argparse.Namespace) -> int:
     from worker.sharding import parse_weights, plan_shards
 
     bits = {"none": None, "int8": 8, "int4": 4}[args.quantize]
-    quant = QuantSpec(bits, args.group_size, args.expert_bits) if bits or args.expert_bits else None
+    lm_head_bits = 8 if args.lm_head == "int8" else None
+    quant = QuantSpec(bits, args.group_size, args.expert_bits, lm_head_bits) if bits or args.expert_bits else None
     config = ModelConfig.from_dir(args.model)
     shards = plan_shards(config, parse_weights(args.weights, args.ranks))
     out = write_shards(args.model, shards, args.out, DTYPES[args.dtype], quant=quant)

@@ -16,6 +16,7 @@ from worker.collective import StarHub
 from worker.kv_cache import KVCache
 from worker.loader import load_rank
 from worker.models.llama import rms_norm
+from worker.quant import linear
 from worker.runtime import RankSpec, spans_to_tensor
 from worker.step import SeqSpan, StepPlan
 from worker.weights import HubWeights, load_hub
@@ -60,7 +61,7 @@ class Executor:
             last = torch.tensor([sum(s.length for s in spans[: i + 1]) - 1 for i in range(len(spans))])
             hidden = hidden[last]  # (S, d)
         hidden = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
-        return F.linear(hidden, self.weights.lm_head).float()  # (S or T, V)
+        return linear(hidden, self.weights.lm_head).float()  # (S or T, V)
 
     def stats(self) -> dict[str, float]:
         """Rank 0's numbers, the same keys as a worker's ``Stats`` reply (see ``rank_stats``)."""

@@ -34,7 +34,7 @@ from worker.shard_file import ShardFile
 from worker.sharding import plan_shards
 from worker.step import SeqSpan
 from worker.weight_store import dense_order
-from worker.weights import expert_block, rank_shard_path
+from worker.weights import expert_block, load_hub, rank_shard_path
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "server" / "default_model"
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77]
@@ -168,6 +168,23 @@ def test_quantized_default_model_generates_the_float_text(tmp_path: Path, quanti
         assert wqkv.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
         q.close()
         f.close()
+
+
+def test_lm_head_is_int8_by_default_and_float_on_request(tmp_path: Path) -> None:
+    """A quantized shard's hub holds the LM head in int8 per output row (the embedded model ties
+    it to the embedding, which stays float), within half a quantization step of the fp32 head;
+    ``--lm-head float`` keeps it exactly as it was."""
+    fp32 = load_hub(DEFAULT_MODEL, torch.float32)
+    assert fp32.lm_head is fp32.embed  # tied: the int8 head is a copy of its own
+    int8_hub = load_hub(_shard(DEFAULT_MODEL, tmp_path / "q", "--quantize", "int8"), torch.float32)
+    float_hub = load_hub(_shard(DEFAULT_MODEL, tmp_path / "f", "--quantize", "int8", "--lm-head", "float"),
+                         torch.float32)
+    head = int8_hub.lm_head
+    assert isinstance(head, QuantWeight) and head.weight.dtype == torch.int8 and head.bits == 8
+    assert torch.equal(int8_hub.embed, fp32.embed)
+    step = head.scales.float()[:, None]  # (V, 1)
+    assert ((head.dequantize() - fp32.embed).abs() <= step * (0.5 + 127 * BF16_ULP)).all()
+    assert isinstance(float_hub.lm_head, torch.Tensor) and torch.equal(float_hub.lm_head, fp32.embed)
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

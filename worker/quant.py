@@ -25,9 +25,13 @@ ones and 4-9x with fp16 ones, so any other activation dtype would make quantizat
 than no quantization. The activations' bf16 rounding (0.4%) is small next to the weights' int8
 (about 1%) or int4 (about 10%) rounding; ``bench/quant.py`` measures the end-to-end error.
 
-Norms, biases, routers, the shared-expert gate and the hub's embedding and LM head stay in
-float: they are a small share of the bytes, and routers/gates pick discrete experts, where a
-small error flips a choice.
+Norms, biases, routers, the shared-expert gate and the hub's embedding stay in float: they
+are a small share of the bytes read per token (the embedding is read one row per token), and
+routers/gates pick discrete experts, where a small error flips a choice. The hub's LM head is
+int8 per output row by default (``QuantSpec.lm_head_bits``): it is read whole at every step and
+is the largest single matrix (vocab x hidden: 40% of an int8 shard's per-token bytes for a
+512-wide, 8000-word model, 15% of a 1.1B step in fp32). Its error is the int8 rounding of the
+weights; ``bench/quant.py`` reports it with and without (``--lm-head float``).
 """
 
 from __future__ import annotations
@@ -60,16 +64,20 @@ class QuantError(CheckpointError):
 @dataclass(frozen=True)
 class QuantSpec:
     """What ``edgellm shard`` quantizes: ``bits`` for the dense matrices (None: float),
-    ``expert_bits`` for routed experts (None: as ``bits``), int4 groups of ``group_size``."""
+    ``expert_bits`` for routed experts (None: as ``bits``), int4 groups of ``group_size``, and
+    the hub's LM head in int8 (``lm_head_bits`` 8) or float (None)."""
 
     bits: int | None = 8
     group_size: int = 64
     expert_bits: int | None = None
+    lm_head_bits: int | None = 8
 
     def __post_init__(self) -> None:
         for what, bits in (("--quantize", self.bits), ("--expert-bits", self.expert_bits)):
             if bits is not None and bits not in BITS:
                 raise QuantError(f"{what} must be int8 or int4 (8 or 4 bits), got {bits}")
+        if self.lm_head_bits not in (None, 8):
+            raise QuantError(f"--lm-head must be int8 or float, got {self.lm_head_bits} bits")
         if self.group_size not in GROUP_SIZES:
             raise QuantError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} "
                              f"(the int4 kernel's group sizes), got {self.group_size}")
@@ -81,7 +89,8 @@ class QuantSpec:
         return self.bits
 
     def to_dict(self) -> dict[str, int | None]:
-        return {"bits": self.bits, "group_size": self.group_size, "expert_bits": self.expert_bits}
+        return {"bits": self.bits, "group_size": self.group_size, "expert_bits": self.expert_bits,
+                "lm_head_bits": self.lm_head_bits}
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,17 @@ def field(fields: dict[str, torch.Tensor], name: str) -> Weight | None:
         _check_int4(name, n, k, group)
         return QuantWeight(w, scales_zeros, group)
     return w
+
+
+def quantize_lm_head(lm_head: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """The hub file's ``lm_head`` fields in int8 (per output row), or None when its width does
+    not suit the kernel (it then stays in float)."""
+    if lm_head.shape[1] % INT8_K_MULTIPLE:
+        log.warning("LM head %s stays in float: int8 needs a hidden size divisible by %d",
+                    tuple(lm_head.shape), INT8_K_MULTIPLE)
+        return None
+    q, scales = quantize_int8(lm_head)
+    return {"lm_head": q, f"lm_head.{_SCALES}": scales}
 
 
 def is_aux(name: str) -> bool:

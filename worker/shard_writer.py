@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from worker.checkpoint import Checkpoint
-from worker.quant import QuantSpec, quantize_block
+from worker.quant import QuantSpec, quantize_block, quantize_lm_head
 from worker.shard_fetch import file_sha256
 from worker.sharding import RankShard
 from worker.weights import (
@@ -77,7 +77,9 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
 
     The output directory is itself servable: config and tokenizer files are copied in.
     ``quant`` quantizes the rank blocks' weight matrices (``worker.quant``); slices are then
-    taken in fp32 so quantization rounds the checkpoint's values once. The hub stays in float.
+    taken in fp32 so quantization rounds the checkpoint's values once. The hub's embedding and
+    norm stay in float; its LM head is int8 when ``quant.lm_head_bits`` says so (a tied LM head
+    then gets its own int8 copy: the embedding is read one row per token, the head whole).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,12 +108,16 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
             raise
         for writer in writers:
             writer.close()
-        hub = load_hub_weights(ckpt, dtype)
+        hub = load_hub_weights(ckpt, torch.float32 if quant else dtype)
         hub_writer = StreamingSafetensorsWriter(out / HUB_FILE)
-        hub_writer.add("embed", hub.embed)
-        hub_writer.add("norm", hub.norm)
-        if hub.lm_head is not hub.embed:
-            hub_writer.add("lm_head", hub.lm_head)
+        hub_writer.add("embed", hub.embed.to(dtype))
+        hub_writer.add("norm", hub.norm.to(dtype))
+        head = quantize_lm_head(hub.lm_head) if quant and quant.lm_head_bits else None
+        if head:
+            for name, tensor in head.items():
+                hub_writer.add(name, tensor)
+        elif hub.lm_head is not hub.embed:
+            hub_writer.add("lm_head", hub.lm_head.to(dtype))
         hub_writer.close()
     for name in SIDE_FILES:
         src = Path(model_dir) / name

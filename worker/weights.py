@@ -113,7 +113,7 @@ class HubWeights:
 
     embed: torch.Tensor  # (V, d)
     norm: torch.Tensor  # (d,)
-    lm_head: torch.Tensor  # (V, d); the same storage as embed when tied
+    lm_head: Weight  # (V, d): the same storage as embed when tied, or int8 (quantized shards)
 
 
 def _hf(layer: int, name: str) -> str:
@@ -234,8 +234,10 @@ def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
 def load_hub(model_dir: str | Path, dtype: torch.dtype) -> HubWeights:
     if is_shard_dir(model_dir):
         with safe_open(str(Path(model_dir) / HUB_FILE), framework="pt") as f:
-            embed = f.get_tensor("embed").to(dtype)
-            lm_head = f.get_tensor("lm_head").to(dtype) if "lm_head" in f.keys() else embed  # noqa: SIM118
-            return HubWeights(embed=embed, norm=f.get_tensor("norm").to(dtype), lm_head=lm_head)
+            stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        embed = stored["embed"].to(dtype)
+        head = field(stored, "lm_head")
+        lm_head = embed if head is None else head if isinstance(head, QuantWeight) else head.to(dtype)
+        return HubWeights(embed=embed, norm=stored["norm"].to(dtype), lm_head=lm_head)
     with Checkpoint(model_dir) as ckpt:
         return load_hub_weights(ckpt, dtype)
