@@ -112,12 +112,14 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
         hub_writer = StreamingSafetensorsWriter(out / HUB_FILE)
         hub_writer.add("embed", hub.embed.to(dtype))
         hub_writer.add("norm", hub.norm.to(dtype))
-        head = quantize_lm_head(hub.lm_head) if quant and quant.lm_head_bits else None
+        lm_head = hub.lm_head
+        assert isinstance(lm_head, torch.Tensor)  # a checkpoint's head is float; only shards hold int8
+        head = quantize_lm_head(lm_head) if quant and quant.lm_head_bits else None
         if head:
             for name, tensor in head.items():
                 hub_writer.add(name, tensor)
-        elif hub.lm_head is not hub.embed:
-            hub_writer.add("lm_head", hub.lm_head.to(dtype))
+        elif lm_head is not hub.embed:
+            hub_writer.add("lm_head", lm_head.to(dtype))
         hub_writer.close()
     for name in SIDE_FILES:
         src = Path(model_dir) / name
