@@ -64,9 +64,10 @@ def test_moe_logits_match_with_a_small_expert_cache(checkpoints, tmp_path: Path,
     assert diff <= TOL, f"{arch} with {ranks} ranks and a 3-expert cache: max abs logit diff {diff}"
 
 
+@pytest.mark.parametrize("predictor", ["router", "adaptive", "union"])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_moe_logits_match_with_the_router_predictor(checkpoints, tmp_path: Path, arch: str) -> None:
-    """The other expert predictor changes what is prefetched, never the math."""
+def test_moe_logits_match_with_every_predictor(checkpoints, tmp_path: Path, arch: str, predictor: str) -> None:
+    """The expert predictor changes what is prefetched (and cancelled), never the math."""
     model_dir = checkpoints(arch)
     config = ModelConfig.from_dir(model_dir)
     weights = RANK_WEIGHTS[2]
@@ -74,6 +75,6 @@ def test_moe_logits_match_with_the_router_predictor(checkpoints, tmp_path: Path,
     decode, expected = _reference(model_dir, 2)
     d, width = config.hidden_size, plan_shards(config, weights)[0].expert_columns
     ours = _ours(shard_dir, weights, decode, expert_cache_bytes=3 * 3 * d * (width[1] - width[0]) * 4,
-                 expert_predictor="router")
+                 expert_predictor=predictor)
     diff = (ours - expected).abs().max().item()
-    assert diff <= TOL, f"{arch}, router predictor: max abs logit diff {diff}"
+    assert diff <= TOL, f"{arch}, {predictor} predictor: max abs logit diff {diff}"

@@ -5,6 +5,13 @@ buffers. An expert is loaded on a miss (in the compute thread: it is needed now)
 prefetched on the I/O thread when the predictor expects the next layer to use it. Buffers
 in use (pinned) and the experts the current layer still needs are never evicted.
 
+A prefetch is speculative, so it gives way: when a layer starts, its prefetches that the
+router did not ask for and that the I/O thread has not started are cancelled (their buffers
+return to the pool), and a needed expert whose prefetch is still queued is read at once by the
+compute thread instead of waiting behind other reads. Demand reads run outside the cache's
+lock, so an I/O-thread read and a demand read can be in flight together (the disk serves two
+reads faster than one after the other; bench/moe_cache.py measures it).
+
 Eviction policies (``choose_victim`` is pure and table-tested):
 
 - ``lru``: the least recently used expert.
@@ -18,6 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,9 +43,10 @@ Key = tuple[int, int]  # (layer, expert)
 class Entry:
     key: Key
     buffer: int
-    fields: Fields | None  # None while its read is in flight
+    fields: Fields | None  # None while its read is queued or in flight
     last_use: int = 0
     uses: int = 0
+    job: Future | None = None  # a prefetch's I/O job, cancellable until the I/O thread starts it
 
 
 def choose_victim(candidates: Iterable[Entry], layer: int, num_layers: int, policy: str) -> Entry | None:
@@ -77,7 +86,7 @@ class ExpertCache:
         self.hits = self.misses = self.late = 0
         self.stall_seconds = 0.0
         self.predicted = self.predicted_used = self.used = 0  # for recall: |P ∩ A| / |A|
-        self.prefetches = 0
+        self.prefetches = self.cancelled = 0
         if preloaded is not None:
             self._entries = {key: Entry(key, -1, fields) for key, fields in preloaded.items()}
         elif slots >= num_layers * num_experts:  # everything fits: load it all now
@@ -95,10 +104,17 @@ class ExpertCache:
         return len(self.buffers) * self.slot_bytes
 
     def begin_layer(self, layer: int, needed: Iterable[int]) -> None:
-        """The model enters ``layer``'s experts; ``needed`` are those it will ask for."""
+        """The model enters ``layer``'s experts; ``needed`` are those it will ask for. Its
+        prefetches of other experts that have not started are cancelled."""
         with self._cond:
             self._layer = layer
             self._protected = {(layer, e) for e in needed}
+            for key, entry in list(self._entries.items()):
+                if (key[0] == layer and key not in self._protected and entry.job is not None
+                        and entry.job.cancel()):
+                    del self._entries[key]
+                    self._free.append(entry.buffer)
+                    self.cancelled += 1
 
     def end_layer(self) -> None:
         with self._cond:
@@ -117,23 +133,32 @@ class ExpertCache:
         del self._entries[victim.key]
         return victim.buffer
 
-    def _insert(self, key: Key, buffer: int, sync: bool) -> None:
+    def _insert(self, key: Key, buffer: int, sync: bool) -> Entry:
+        """A new entry for ``key`` in ``buffer``, read now (``sync``) or queued on the I/O thread."""
         assert self.file is not None and self.io is not None
-        file = self.file
         entry = Entry(key, buffer, None)
         self._entries[key] = entry
-        block = expert_block(*key)
         if sync:
-            entry.fields = file.read_into(block, self.buffers[buffer])
-            return
+            entry.fields = self.file.read_into(expert_block(*key), self.buffers[buffer])
+        else:
+            entry.job = self.io.submit(PREFETCH, lambda: self._read(entry))
+        return entry
 
-        def load() -> None:
-            fields = file.read_into(block, self.buffers[buffer])
+    def _read(self, entry: Entry) -> None:
+        """Fill ``entry`` from disk, without holding the lock; on failure the entry is dropped."""
+        assert self.file is not None
+        try:
+            fields = self.file.read_into(expert_block(*entry.key), self.buffers[entry.buffer])
+        except BaseException:
             with self._cond:
-                entry.fields = fields
+                if self._entries.get(entry.key) is entry:
+                    del self._entries[entry.key]
+                    self._free.append(entry.buffer)
                 self._cond.notify_all()
-
-        self.io.submit(PREFETCH, load)
+            raise
+        with self._cond:
+            entry.fields = fields
+            self._cond.notify_all()
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Start reading ``layer``'s ``experts`` that are not cached, as far as buffers allow."""
@@ -161,34 +186,52 @@ class ExpertCache:
         with self._cond:
             self._clock += 1
             entry = self._entries.get(key)
+            read = entry is None
             if entry is None:
                 self.misses += 1
-                buffer = self._victim()
-                while buffer is None:
-                    buffer = self._victim(evict_protected=True)
-                    if buffer is None:  # every buffer is pinned or still being read: wait for a read
-                        if all(e.fields is not None for e in self._entries.values()):
-                            raise RuntimeError("expert cache: every buffer is pinned (the cache is too small)")
-                        self._cond.wait(1.0)
-                self._insert(key, buffer, sync=True)  # under the lock: nothing else may take it meanwhile
-                entry = self._entries[key]
+                entry = Entry(key, self._buffer_for_miss(), None)
+                self._entries[key] = entry
             elif entry.fields is None:
-                self.late += 1  # prefetched, still reading
-                while entry.fields is None:
-                    self._cond.wait(1.0)
+                self.late += 1  # prefetched, not read yet
+                read = entry.job is not None and entry.job.cancel()  # still queued: read it now instead
             else:
                 self.hits += 1
-            entry.last_use, entry.uses = self._clock, entry.uses + 1
             self._pinned.add(key)
+        if read:
+            try:
+                self._read(entry)  # outside the lock: the I/O thread may read another expert meanwhile
+            except BaseException:
+                with self._cond:
+                    self._pinned.discard(key)
+                raise
+        with self._cond:
+            while entry.fields is None:
+                if self._entries.get(key) is not entry:
+                    self._pinned.discard(key)
+                    raise RuntimeError(f"expert cache: the read of expert {expert} of layer {layer} failed")
+                self._cond.wait(1.0)
+            entry.last_use, entry.uses = self._clock, entry.uses + 1
             self.stall_seconds += time.perf_counter() - start
             fields = entry.fields
-        assert fields is not None
         try:
             yield from_fields(ExpertWeights, fields)
         finally:
             with self._cond:
                 self._pinned.discard(key)
                 self._protected.discard(key)  # each expert runs once per layer
+
+    def _buffer_for_miss(self) -> int:
+        """A buffer for an expert needed now (caller holds the lock): evicts even an expert the
+        current layer still needs if nothing else can go, and waits while every buffer is pinned
+        or being read."""
+        buffer = self._victim()
+        while buffer is None:
+            buffer = self._victim(evict_protected=True)
+            if buffer is None:
+                if all(e.fields is not None for e in self._entries.values()):
+                    raise RuntimeError("expert cache: every buffer is pinned (the cache is too small)")
+                self._cond.wait(1.0)
+        return buffer
 
     def stats(self) -> dict[str, float]:
         lookups = self.hits + self.misses + self.late
@@ -200,8 +243,12 @@ class ExpertCache:
             "expert_hit_rate": (self.hits + self.late) / lookups if lookups else 1.0,
             "expert_late_prefetches": self.late,
             "expert_prefetches": self.prefetches,
+            "expert_cancelled_prefetches": self.cancelled,
             "expert_prediction_recall": self.predicted_used / self.used if self.used else 0.0,
             "expert_prediction_precision": self.predicted_used / self.predicted if self.predicted else 0.0,
+            "expert_predicted": self.predicted,  # the counts behind recall and precision
+            "expert_predicted_used": self.predicted_used,
+            "expert_used": self.used,
             "expert_bytes_read": self.file.bytes_read if self.file else 0,
             "expert_read_seconds": self.file.read_seconds if self.file else 0.0,
             "expert_stall_seconds": self.stall_seconds,

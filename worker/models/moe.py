@@ -9,11 +9,11 @@ in fp32, top-k, optional renormalization, weights applied after ``down``.
 
 Routed experts come from the rank's ``ExpertCache``. Right after layer ``l``'s routing, the
 experts the next MoE layer will need are predicted and prefetched on the I/O thread while
-layer ``l`` computes. Two predictors (``PREDICTORS``): ``router``, the next layer's router
-applied to the current hidden state (EdgeMoE's), and ``temporal``, the experts that layer used
-at the previous step. bench/moe_cache.py measures both; ``temporal`` is the default because it
-measured best there (recall 0.84 vs 0.61, hit rate 0.78 vs 0.47 with a 4-expert cache, random
-Mixtral); re-measure on a real checkpoint, whose routing is skewed differently.
+layer ``l`` computes. Predictors (``PREDICTORS``, see ``Predictor``): ``router``, the next
+layer's router applied to the current hidden state (EdgeMoE's), ``temporal``, the experts that
+layer used at the previous step, ``adaptive``, per layer whichever of the two has been right more
+often, and ``union``, both. bench/moe_cache.py measures them on a random and on a trained
+Mixtral (scripts/train_tiny_moe.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) 
     return weights.to(x.dtype), experts
 
 
-PREDICTORS = ("temporal", "router")
+PREDICTORS = ("temporal", "router", "adaptive", "union")
 
 
 class Predictor:
@@ -48,7 +48,11 @@ class Predictor:
     ``router``: layer ``l+1``'s router on layer ``l``'s residual stream (normed with ``l+1``'s
     MLP norm); routers and norms are tiny and stay resident even when their blocks stream.
     ``temporal``: the experts layer ``l+1`` used at the previous step (the router's guess until
-    the layer has run once).
+    the layer has run once). ``adaptive``: both guesses are made and scored against what each
+    layer then uses; each layer follows the one that has scored better there so far (the router
+    on a tie). On a trained model the router is right far more often in the later layers and
+    the temporal guess in the first ones, where the residual stream is still close to the token
+    embedding. ``union``: both guesses together (more reads, higher recall).
     """
 
     def __init__(self, routers: dict[int, torch.Tensor], norms: dict[int, torch.Tensor], eps: float, top_k: int,
@@ -58,8 +62,14 @@ class Predictor:
         self.routers, self.norms, self.eps, self.top_k, self.mode = routers, norms, eps, top_k, mode
         self.moe_layers = sorted(routers)
         self.last_used: dict[int, set[int]] = {}  # layer -> experts it routed to at the last step
+        self._guesses: dict[int, dict[str, set[int]]] = {}  # layer -> source -> its pending guess
+        # layer -> source -> right minus wrong experts of its guesses so far (adaptive's record)
+        self.scores: dict[int, dict[str, int]] = {}
 
     def observe(self, layer: int, used: set[int]) -> None:
+        for source, guess in self._guesses.pop(layer, {}).items():
+            score = self.scores.setdefault(layer, {"router": 0, "temporal": 0})
+            score[source] += len(guess & used) - len(guess - used)
         self.last_used[layer] = used
 
     def next_layer(self, layer: int) -> int | None:
@@ -67,12 +77,23 @@ class Predictor:
         later = [m for m in self.moe_layers if m > layer]
         return later[0] if later else (self.moe_layers[0] if self.moe_layers else None)
 
-    def predict(self, layer: int, hidden: torch.Tensor) -> set[int]:
-        if self.mode == "temporal" and layer in self.last_used:
-            return self.last_used[layer]
+    def _route(self, layer: int, hidden: torch.Tensor) -> set[int]:
         x = rms_norm(hidden, self.norms[layer], self.eps)
         _, experts = route(x, self.routers[layer], self.top_k, renormalize=False)
         return set(experts.unique().tolist())
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> set[int]:
+        previous = self.last_used.get(layer)
+        if self.mode == "temporal" and previous is not None:
+            return previous
+        routed = self._route(layer, hidden)
+        if self.mode in ("temporal", "router") or previous is None:
+            return routed
+        if self.mode == "union":
+            return routed | previous
+        self._guesses[layer] = {"router": routed, "temporal": previous}
+        score = self.scores.get(layer, {})
+        return previous if score.get("temporal", 0) > score.get("router", 0) else routed
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.routers.values(), *self.norms.values()])

@@ -1,0 +1,160 @@
+"""The expert predictors' choices, and the expert cache's handling of speculative prefetches:
+cancelled when the layer turns out not to need them, read at once by the compute thread when
+needed but still queued, and demand reads that leave the cache's lock free."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from worker.config import ModelConfig
+from worker.expert_cache import ExpertCache
+from worker.models.moe import Predictor
+from worker.shard_file import ShardFile
+from worker.shard_writer import write_shards
+from worker.sharding import plan_shards
+from worker.weights import expert_block, rank_shard_path
+
+# Layer 1's router sends a hidden state with a positive first feature to experts 2 and 3.
+ROUTER = torch.tensor([[-1.0, 0.0], [-2.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # (E=4, d=2)
+HIDDEN = torch.tensor([[1.0, 0.5]])  # (T=1, d=2)
+
+
+def _predictor(mode: str) -> Predictor:
+    return Predictor({0: ROUTER, 1: ROUTER}, {0: torch.ones(2), 1: torch.ones(2)}, 1e-6, top_k=2, mode=mode)
+
+
+def test_adaptive_predictor_follows_the_source_that_was_right_in_that_layer() -> None:
+    predictor = _predictor("adaptive")
+    assert predictor.predict(1, HIDDEN) == {2, 3}  # no history: the router
+    predictor.observe(1, {0, 1})  # the router's guess was wrong; nothing to score temporal against yet
+    assert predictor.predict(1, HIDDEN) == {2, 3}  # tie (temporal unscored): the router
+    predictor.observe(1, {0, 1})  # router wrong again, temporal ({0, 1}) right
+    assert predictor.scores[1] == {"router": -2, "temporal": 2}
+    assert predictor.predict(1, HIDDEN) == {0, 1}  # now the temporal guess
+    predictor.observe(1, {2, 3})  # both are scored, also the one not followed: router right, temporal wrong
+    assert predictor.scores[1] == {"router": 0, "temporal": 0}
+    assert predictor.predict(1, HIDDEN) == {2, 3}  # a tie again: the router
+    assert predictor.predict(0, HIDDEN) == {2, 3}  # layer 0 has its own record
+
+
+def test_union_predictor_names_both_guesses() -> None:
+    predictor = _predictor("union")
+    assert predictor.predict(1, HIDDEN) == {2, 3}
+    predictor.observe(1, {0, 2})
+    assert predictor.predict(1, HIDDEN) == {0, 2, 3}
+
+
+class HeldIo:
+    """An I/O thread that runs nothing until told: prefetches stay queued (cancellable)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Future, Callable[[], Any]]] = []
+
+    def submit(self, priority: int, job: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self.jobs.append((future, job))
+        return future
+
+    def run_all(self) -> None:
+        for future, job in self.jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_result(job())
+        self.jobs = []
+
+
+@pytest.fixture
+def shard_file(checkpoints, tmp_path: Path):
+    model_dir = checkpoints("mixtral")  # 2 layers, 4 experts
+    config = ModelConfig.from_dir(model_dir)
+    shards = plan_shards(config, [1.0])
+    shard_dir = write_shards(model_dir, shards, tmp_path / "shards", progress=False)
+    file = ShardFile(rank_shard_path(shard_dir, shards[0]))
+    yield file
+    file.close()
+
+
+def _cache(file: ShardFile, io: Any, slots: int = 4) -> ExpertCache:
+    slot_bytes = max(file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    return ExpertCache(file, 2, 4, slots, slot_bytes, io)
+
+
+def _same(got: Any, block: str, file: ShardFile) -> bool:
+    want = file.read(block)
+    return torch.equal(got.w_gate_up, want["w_gate_up"]) and torch.equal(got.w_down, want["w_down"])
+
+
+def test_unneeded_queued_prefetches_are_cancelled_and_their_buffers_reused(shard_file: ShardFile) -> None:
+    io = HeldIo()
+    cache = _cache(shard_file, io)
+    cache.prefetch(1, [0, 1, 2])
+    assert cache.prefetches == 3 and len(cache._free) == 1
+    cache.begin_layer(1, [1])  # the router asks for expert 1 only
+    assert cache.cancelled == 2 and len(cache._free) == 3
+    with cache.get(1, 1) as weights:  # still queued: read by the caller, not waited for
+        assert _same(weights, expert_block(1, 1), shard_file)
+    cache.end_layer()
+    io.run_all()  # the cancelled jobs and the taken-over one do nothing
+    assert cache.late == 1 and cache.misses == 0
+    assert set(cache._entries) == {(1, 1)}
+    assert cache.stats()["expert_cancelled_prefetches"] == 2
+
+
+def test_started_prefetches_are_not_cancelled(shard_file: ShardFile) -> None:
+    io = HeldIo()
+    cache = _cache(shard_file, io)
+    cache.prefetch(0, [0, 3])
+    io.run_all()
+    cache.begin_layer(0, [0])
+    assert cache.cancelled == 0
+    with cache.get(0, 0) as weights:
+        assert _same(weights, expert_block(0, 0), shard_file)
+    cache.end_layer()
+    assert cache.hits == 1 and (0, 3) in cache._entries
+
+
+class BlockingFile(ShardFile):
+    """Reads wait until ``release`` is set, after announcing themselves in ``reading``."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.reading, self.release = threading.Event(), threading.Event()
+
+    def read_into(self, block: str, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.reading.set()
+        assert self.release.wait(30), "test hang guard"
+        return super().read_into(block, buffer)
+
+
+def test_a_demand_read_does_not_hold_the_cache_lock(shard_file: ShardFile) -> None:
+    file = BlockingFile(shard_file.path)
+    io = HeldIo()
+    cache = _cache(file, io)
+    got: list[bool] = []
+
+    def demand() -> None:
+        cache.begin_layer(0, [2])
+        with cache.get(0, 2) as weights:
+            got.append(_same(weights, expert_block(0, 2), shard_file))
+
+    reader = threading.Thread(target=demand)
+    reader.start()
+    try:
+        assert file.reading.wait(30)
+        # The demand read is in flight; the I/O side can still take the lock and queue a prefetch.
+        acquired = cache._cond.acquire(timeout=30)
+        assert acquired, "the cache lock is held during a demand read"
+        cache._cond.release()
+        cache.prefetch(1, [0])
+        assert cache.prefetches == 1
+    finally:
+        file.release.set()
+        reader.join(30)
+        file.close()
+    assert got == [True] and cache.misses == 1
