@@ -10,8 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+import worker.shard_fetch
+from server.shard_source import serve_shards
 from tests.processes import ROOT, edgellm, free_port, served, stop
-from worker.shard_fetch import file_sha256
+from worker.config import CheckpointError
+from worker.shard_fetch import fetch_model, file_sha256, verify_rank_file
 
 pytestmark = pytest.mark.cluster
 BODY = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
@@ -99,3 +102,54 @@ def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp
     assert result.returncode != 0
     assert "rank-01-of-03.safetensors is corrupted" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _fetch_and_verify(model_dir: Path, cache: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Rank 1's files fetched from an in-process ShardSource over gRPC, then checked as a worker
+    checks them before loading; ``reads`` collects the name of every file this side hashes."""
+    real = worker.shard_fetch.file_sha256
+
+    def counting(path: Path) -> str:
+        reads.append(Path(path).name.removesuffix(".partial"))  # a fetch hashes its .partial file
+        return real(path)
+
+    server, port = serve_shards(model_dir, "127.0.0.1", 0, "t")
+    try:
+        monkeypatch.setattr(worker.shard_fetch, "file_sha256", counting)
+        local, hashed = fetch_model(f"127.0.0.1:{port}", "t", 1, 3, cache)
+        verify_rank_file(local, 1, 3, hashed)
+        return local
+    finally:
+        monkeypatch.setattr(worker.shard_fetch, "file_sha256", real)
+        server.stop(None)
+
+
+def test_a_fetched_rank_file_is_read_once_and_a_cached_one_rechecked(shard_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-GB shard on a Pi: hashing it at the fetch and again before loading doubles the
+    start-up reads. The fetch's digest is compared with the manifest instead; a cached copy
+    (which may have rotted on disk since) is hashed again at every start."""
+    name = "rank-01-of-03.safetensors"
+    reads: list[str] = []
+    local = _fetch_and_verify(shard_dir, tmp_path / "cache", reads, monkeypatch)
+    assert reads.count(name) == 1, reads
+    assert file_sha256(local / name) == file_sha256(shard_dir / name)
+    reads.clear()
+    _fetch_and_verify(shard_dir, tmp_path / "cache", reads, monkeypatch)
+    assert reads == [name]  # nothing fetched; the cached copy is verified before loading
+
+
+def test_a_coordinator_serving_a_corrupted_shard_is_refused(shard_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fetch checks the bytes against the coordinator's own sha256, which a corrupted file on
+    the coordinator matches; the manifest's digest (from `edgellm shard`) still refuses it."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in shard_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    victim = broken / "rank-01-of-03.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank-01-of-03.safetensors is corrupted"):
+        _fetch_and_verify(broken, tmp_path / "cache", [], monkeypatch)

@@ -151,15 +151,17 @@ class WorkerService(pb_grpc.WorkerServicer):
 
         def load() -> None:
             spec = rank_spec
+            hashed: dict[str, str] = {}
             try:
                 if source:
                     self._set(pb.HealthReply.LOADING, f"fetching the model from {source}")
-                    local = fetch_model(source, self.token, spec.shard.rank, spec.shard.world_size, self.cache_dir,
-                                        lambda d, t: progress.append(pb.LoadProgress(bytes_fetched=d, bytes_total=t)))
+                    local, hashed = fetch_model(
+                        source, self.token, spec.shard.rank, spec.shard.world_size, self.cache_dir,
+                        lambda d, t: progress.append(pb.LoadProgress(bytes_fetched=d, bytes_total=t)))
                     if ModelConfig.from_dir(local) != spec.config:
                         raise CheckpointError(f"the files fetched from {source} hold a different model")
                     spec = replace(spec, model_dir=str(local))
-                verify_rank_file(spec.model_dir, spec.shard.rank, spec.shard.world_size)
+                verify_rank_file(spec.model_dir, spec.shard.rank, spec.shard.world_size, hashed)
                 rank = WorkerRank(spec, self._hub, self.token,
                                   lambda i, n: progress.append(pb.LoadProgress(layers_loaded=i, layers_total=n)))
                 rank.start()

@@ -53,8 +53,12 @@ def needed_files(model_dir: Path, rank: int, world_size: int) -> list[str]:
     return ["config.json", *index, *weights]
 
 
-def verify_rank_file(model_dir: str | Path, rank: int, world_size: int) -> None:
-    """Refuse a shard file whose sha256 differs from the one ``edgellm shard`` recorded."""
+def verify_rank_file(model_dir: str | Path, rank: int, world_size: int,
+                     hashed: dict[str, str] | None = None) -> None:
+    """Refuse a shard file whose sha256 differs from the one ``edgellm shard`` recorded.
+
+    ``hashed``: sha256 by file name of files this process has just read whole (a fetch): their
+    digest is compared with the manifest's without reading a multi-GB file a second time."""
     model_dir = Path(model_dir)
     if not is_shard_dir(model_dir):
         return
@@ -64,16 +68,16 @@ def verify_rank_file(model_dir: str | Path, rank: int, world_size: int) -> None:
     path = model_dir / shard_file_name(rank, world_size)
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file missing")
-    actual = file_sha256(path)
+    actual = (hashed or {}).get(path.name) or file_sha256(path)
     if actual != expected:
         raise CheckpointError(f"{path} is corrupted: sha256 {actual[:16]}… differs from the manifest's "
                               f"{expected[:16]}…; run `edgellm shard` again or delete it to re-fetch")
 
 
 def fetch_model(source: str, token: str, rank: int, world_size: int, cache_dir: Path,
-                progress: FetchProgress | None = None, timeout_s: float = 30.0) -> Path:
+                progress: FetchProgress | None = None, timeout_s: float = 30.0) -> tuple[Path, dict[str, str]]:
     """Fetch (or find in the cache) what ``rank`` needs from the ShardSource at ``source``;
-    returns the local model directory."""
+    returns the local model directory and the sha256 of each file fetched (and hashed) now."""
     meta = ((TOKEN_METADATA_KEY, token),)
     with grpc.insecure_channel(source, options=[("grpc.max_receive_message_length", 4 * CHUNK_BYTES)]) as channel:
         stub = spb_grpc.ShardSourceStub(channel)
@@ -86,6 +90,7 @@ def fetch_model(source: str, token: str, rank: int, world_size: int, cache_dir: 
         target.mkdir(parents=True, exist_ok=True)
         total = sum(f.size for f in listing.files)
         done = 0
+        fetched: dict[str, str] = {}
         for info in listing.files:
             path = target / info.path
             if _cached(path, info):
@@ -93,10 +98,11 @@ def fetch_model(source: str, token: str, rank: int, world_size: int, cache_dir: 
                 done += info.size
                 continue
             done = _fetch_file(stub, meta, info, path, done, total, progress)
+            fetched[info.path] = info.sha256  # _fetch_file checked the bytes against it
         if progress:
             progress(total, total)
     log.info("model files for rank %d ready in %s", rank, target)
-    return target
+    return target, fetched
 
 
 def _cached(path: Path, info: spb.FileInfo) -> bool:
