@@ -20,6 +20,13 @@ in training), each fed as ``16`` prompt tokens and then ``--tokens`` decode step
 continuation (teacher forcing: every run decodes the same tokens, and the routing is that of
 real text rather than of a greedy loop). Only decode steps are timed and counted.
 
+Runs are named ``prefetch_<predictor>_<eviction>``; a prefetch asks the kernel to read the
+predicted experts ahead into the page cache (the default), or, in ``*_buffers_*`` runs, reads
+them into cache buffers on the rank's I/O thread (``worker.expert_cache.PREFETCH_TO``). The hit
+rate counts an expert that was prefetched, finished or not, as a hit. ``bytes_read_per_token``
+is what the rank read (from disk, or from the page cache for a read-ahead expert),
+``prefetch_bytes_per_token`` what it asked ahead, right or wrong.
+
 ``disk`` reports the cold read throughput of the shard's expert blocks at 1, 2 and 4 reads in
 flight, which bounds what overlapping reads can gain.
 """
@@ -44,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from server.executor import Executor  # noqa: E402
+from worker import expert_cache  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
 from worker.quant import QuantSpec  # noqa: E402
@@ -62,18 +70,20 @@ SHAPE: dict[str, Any] = dict(hidden_size=512, intermediate_size=1536, num_hidden
 PROMPT_TOKENS = 16
 TEXT_MODULES = ("json", "subprocess", "argparse", "logging", "threading", "collections", "pathlib", "csv",
                 "random", "datetime")
-# name -> (eviction policy, prefetch, predictor); all_resident has no cache limit.
-RUNS: dict[str, tuple[str, bool, str]] = {
-    "prefetch_temporal_distance": ("distance", True, "temporal"),
-    "prefetch_router_distance": ("distance", True, "router"),
-    "prefetch_adaptive_distance": ("distance", True, "adaptive"),
-    "prefetch_union_distance": ("distance", True, "union"),
-    "prefetch_temporal_lru": ("lru", True, "temporal"),
-    "on_demand_distance": ("distance", False, "temporal"),
-    "on_demand_lru": ("lru", False, "temporal"),
-    "all_resident": ("distance", False, "temporal"),
+# name -> (eviction policy, prefetch, predictor, prefetch target); all_resident has no cache limit.
+RUNS: dict[str, tuple[str, bool, str, str]] = {
+    "prefetch_temporal_distance": ("distance", True, "temporal", "page_cache"),
+    "prefetch_router_distance": ("distance", True, "router", "page_cache"),
+    "prefetch_adaptive_distance": ("distance", True, "adaptive", "page_cache"),
+    "prefetch_union_distance": ("distance", True, "union", "page_cache"),
+    "prefetch_adaptive_lru": ("lru", True, "adaptive", "page_cache"),
+    "prefetch_temporal_buffers_distance": ("distance", True, "temporal", "buffers"),
+    "prefetch_adaptive_buffers_distance": ("distance", True, "adaptive", "buffers"),
+    "prefetch_union_buffers_distance": ("distance", True, "union", "buffers"),
+    "on_demand_distance": ("distance", False, "temporal", "page_cache"),
+    "on_demand_lru": ("lru", False, "temporal", "page_cache"),
+    "all_resident": ("distance", False, "temporal", "page_cache"),
 }
-
 
 def texts(model_dir: Path, count: int, tokens: int) -> list[list[int]]:
     """``count`` token sequences of real text, each ``PROMPT_TOKENS + tokens`` long."""
@@ -105,13 +115,18 @@ def build(out: Path, model: Path | None, expert_bits: int | None) -> Path:
 
 
 def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: str, prefetch: bool,
-        predictor: str) -> dict[str, Any]:
+        predictor: str, prefetch_to: str = expert_cache.DEFAULT_PREFETCH_TO) -> dict[str, Any]:
     config = ModelConfig.from_dir(shard_dir)
     spec = RankSpec(str(shard_dir), config, plan_shards(config, [1.0])[0], 1, 256, expert_cache_bytes=cache,
                     expert_policy=policy, prefetch=prefetch, expert_predictor=predictor)
-    executor = Executor(spec, StarHub(1))
+    default = expert_cache.DEFAULT_PREFETCH_TO
+    expert_cache.DEFAULT_PREFETCH_TO = prefetch_to  # not a RankSpec field (yet): the loader takes the default
+    try:
+        executor = Executor(spec, StarHub(1))
+    finally:
+        expert_cache.DEFAULT_PREFETCH_TO = default
     keys = ("expert_hits", "expert_misses", "expert_bytes_read", "expert_stall_seconds", "expert_late_prefetches",
-            "expert_prefetches", "expert_cancelled_prefetches", "expert_predicted", "expert_predicted_used", "expert_used")
+            "expert_prefetches", "expert_prefetch_bytes", "expert_cancelled_prefetches", "expert_predicted", "expert_predicted_used", "expert_used")
     total = dict.fromkeys(keys, 0.0)
     elapsed = 0.0
     argmax: list[int] = []
@@ -136,6 +151,7 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
             "precision": total["expert_predicted_used"] / total["expert_predicted"] if total["expert_predicted"]
             else 0.0,
             "bytes_read_per_token": total["expert_bytes_read"] / tokens,
+            "prefetch_bytes_per_token": total["expert_prefetch_bytes"] / tokens,
             "stall_ms_per_token": 1000 * total["expert_stall_seconds"] / tokens,
             "prefetches_per_token": total["expert_prefetches"] / tokens,
             "cancelled_prefetches_per_token": total["expert_cancelled_prefetches"] / tokens,
@@ -227,10 +243,10 @@ def main() -> None:
         runs: dict[str, dict[str, Any]] = {}
         for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits every run alike
             for name in names:
-                policy, prefetch, predictor = RUNS[name]
+                policy, prefetch, predictor, prefetch_to = RUNS[name]
                 drop_page_cache(file.path)  # every run starts cold
                 result = run(shard_dir, sequences, None if name == "all_resident" else cache, policy, prefetch,
-                             predictor)
+                             predictor, prefetch_to)
                 best = runs.get(name, result)["tokens_per_s"]
                 runs[name] = result | {"tokens_per_s": max(best, result["tokens_per_s"])}
     reference = runs[names[-1]]["argmax"]

@@ -1,6 +1,7 @@
 """The expert predictors' choices, and the expert cache's handling of speculative prefetches:
-cancelled when the layer turns out not to need them, read at once by the compute thread when
-needed but still queued, and demand reads that leave the cache's lock free."""
+read-ahead hints to the kernel that take no buffer and are dropped when wrong; buffered
+prefetches cancelled when the layer turns out not to need them and read at once by the compute
+thread when needed but still queued; demand reads that leave the cache's lock free."""
 
 from __future__ import annotations
 
@@ -80,9 +81,9 @@ def shard_file(checkpoints, tmp_path: Path):
     file.close()
 
 
-def _cache(file: ShardFile, io: Any, slots: int = 4) -> ExpertCache:
+def _cache(file: ShardFile, io: Any, prefetch_to: str = "buffers", slots: int = 4) -> ExpertCache:
     slot_bytes = max(file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
-    return ExpertCache(file, 2, 4, slots, slot_bytes, io)
+    return ExpertCache(file, 2, 4, slots, slot_bytes, io, prefetch_to=prefetch_to)
 
 
 def _same(got: Any, block: str, file: ShardFile) -> bool:
@@ -158,3 +159,26 @@ def test_a_demand_read_does_not_hold_the_cache_lock(shard_file: ShardFile) -> No
         reader.join(30)
         file.close()
     assert got == [True] and cache.misses == 1
+
+
+def test_page_cache_prefetch_takes_no_buffer_and_forgets_wrong_guesses(shard_file: ShardFile) -> None:
+    io = HeldIo()
+    cache = _cache(shard_file, io, prefetch_to="page_cache")
+    cache.prefetch(1, [0, 1])
+    assert io.jobs == [] and len(cache._free) == 4 and cache._hinted == {(1, 0), (1, 1)}
+    assert cache.stats()["expert_prefetch_bytes"] == 2 * shard_file.block_bytes(expert_block(1, 0))
+    cache.prefetch(1, [1])  # asked already: not again
+    assert cache.prefetches == 2
+    cache.begin_layer(1, [1, 3])
+    assert cache._hinted == {(1, 1)} and cache.cancelled == 1  # expert 0's read-ahead is dropped
+    for expert in (1, 3):
+        with cache.get(1, expert) as weights:
+            assert _same(weights, expert_block(1, expert), shard_file)
+    cache.end_layer()
+    assert (cache.late, cache.misses, cache.hits) == (1, 1, 0)  # 1 was read ahead, 3 was not
+    assert cache._hinted == set()
+
+
+def test_unknown_prefetch_target_is_refused(shard_file: ShardFile) -> None:
+    with pytest.raises(ValueError, match="unknown prefetch target"):
+        _cache(shard_file, HeldIo(), prefetch_to="gpu")

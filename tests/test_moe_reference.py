@@ -10,6 +10,7 @@ import torch
 
 from tests.harness import inprocess_cluster
 from tests.tiny_models import MOE_ARCHS, load_reference
+from worker import expert_cache
 from worker.config import ModelConfig
 from worker.shard_writer import write_shards
 from worker.sharding import plan_shards
@@ -64,10 +65,15 @@ def test_moe_logits_match_with_a_small_expert_cache(checkpoints, tmp_path: Path,
     assert diff <= TOL, f"{arch} with {ranks} ranks and a 3-expert cache: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("predictor", ["router", "adaptive", "union"])
+@pytest.mark.parametrize(("predictor", "prefetch_to"), [("router", "page_cache"), ("adaptive", "page_cache"),
+                                                        ("union", "page_cache"), ("temporal", "buffers"),
+                                                        ("adaptive", "buffers"), ("union", "buffers")])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_moe_logits_match_with_every_predictor(checkpoints, tmp_path: Path, arch: str, predictor: str) -> None:
-    """The expert predictor changes what is prefetched (and cancelled), never the math."""
+def test_moe_logits_match_with_every_predictor(checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               arch: str, predictor: str, prefetch_to: str) -> None:
+    """The expert predictor and where prefetches go change what is read ahead (and cancelled),
+    never the math."""
+    monkeypatch.setattr(expert_cache, "DEFAULT_PREFETCH_TO", prefetch_to)  # the loader takes the default
     model_dir = checkpoints(arch)
     config = ModelConfig.from_dir(model_dir)
     weights = RANK_WEIGHTS[2]
@@ -77,4 +83,4 @@ def test_moe_logits_match_with_every_predictor(checkpoints, tmp_path: Path, arch
     ours = _ours(shard_dir, weights, decode, expert_cache_bytes=3 * 3 * d * (width[1] - width[0]) * 4,
                  expert_predictor=predictor)
     diff = (ours - expected).abs().max().item()
-    assert diff <= TOL, f"{arch}, {predictor} predictor: max abs logit diff {diff}"
+    assert diff <= TOL, f"{arch}, {predictor} predictor, prefetch to {prefetch_to}: max abs logit diff {diff}"

@@ -5,7 +5,12 @@ buffers. An expert is loaded on a miss (in the compute thread: it is needed now)
 prefetched on the I/O thread when the predictor expects the next layer to use it. Buffers
 in use (pinned) and the experts the current layer still needs are never evicted.
 
-A prefetch is speculative, so it gives way: when a layer starts, its prefetches that the
+By default a prefetch is a read-ahead hint to the kernel (``PREFETCH_TO``): it costs no buffer
+and no I/O-thread work, so a wrong guess evicts nothing and costs only disk time, and the page
+cache of a layer's wrong guesses is dropped when the layer starts (the hinted bytes stay about
+one layer's prediction). A miss on a hinted expert counts as a late prefetch, not a miss.
+
+With ``buffers``, a prefetch is read into the cache and gives way: when a layer starts, its prefetches that the
 router did not ask for and that the I/O thread has not started are cancelled (their buffers
 return to the pool), and a needed expert whose prefetch is still queued is read at once by the
 compute thread instead of waiting behind other reads. Demand reads run outside the cache's
@@ -22,8 +27,10 @@ Eviction policies (``choose_victim`` is pure and table-tested):
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -36,6 +43,12 @@ from worker.shard_file import ShardFile
 from worker.weights import ExpertWeights, Fields, expert_block, from_fields
 
 POLICIES = ("distance", "lru")
+# Where a prefetch puts a predicted expert: "page_cache" asks the kernel to read it ahead
+# (posix_fadvise WILLNEED: one syscall from the compute thread, the kernel reads asynchronously,
+# several reads in flight; a miss then copies from memory), "buffers" reads it into a cache
+# buffer on the rank's I/O thread. bench/moe_cache.py measures both; the first is the default.
+PREFETCH_TO = ("page_cache", "buffers")
+DEFAULT_PREFETCH_TO = "page_cache"
 Key = tuple[int, int]  # (layer, expert)
 
 
@@ -65,10 +78,18 @@ class ExpertCache:
     """``slots`` buffers of ``slot_bytes``; experts of ``file`` (a rank's shard) move through them."""
 
     def __init__(self, file: ShardFile | None, num_layers: int, num_experts: int, slots: int, slot_bytes: int,
-                 io: IoThread | None, policy: str = "distance", preloaded: dict[Key, Fields] | None = None):
-        """``preloaded``: every expert already in memory (sliced from a checkpoint); no file, no I/O."""
+                 io: IoThread | None, policy: str = "distance", preloaded: dict[Key, Fields] | None = None,
+                 prefetch_to: str | None = None):
+        """``preloaded``: every expert already in memory (sliced from a checkpoint); no file, no I/O.
+        ``prefetch_to``: one of ``PREFETCH_TO`` (None: ``DEFAULT_PREFETCH_TO``)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}; choose from {POLICIES}")
+        self.prefetch_to = prefetch_to or DEFAULT_PREFETCH_TO
+        if self.prefetch_to not in PREFETCH_TO:
+            raise ValueError(f"unknown prefetch target {self.prefetch_to!r}; choose from {PREFETCH_TO}")
+        self._hinted: set[Key] = set()  # read-ahead asked of the kernel, not read by us yet
+        self._hint_fd: int | None = None  # our own descriptor of the shard, for posix_fadvise
+        self.prefetch_bytes = 0
         self.file = file
         self.num_layers = num_layers
         self.num_experts = num_experts
@@ -115,6 +136,10 @@ class ExpertCache:
                     del self._entries[key]
                     self._free.append(entry.buffer)
                     self.cancelled += 1
+            for key in [k for k in self._hinted if k[0] == layer and k not in self._protected]:
+                self._hinted.discard(key)
+                self._advise(key, os.POSIX_FADV_DONTNEED)  # a wrong guess: give its pages back
+                self.cancelled += 1
 
     def end_layer(self) -> None:
         with self._cond:
@@ -160,17 +185,33 @@ class ExpertCache:
             entry.fields = fields
             self._cond.notify_all()
 
+    def _advise(self, key: Key, advice: int) -> None:
+        assert self.file is not None
+        if self._hint_fd is None:
+            self._hint_fd = os.open(self.file.path, os.O_RDONLY)
+            weakref.finalize(self, os.close, self._hint_fd)
+        block = self.file.blocks[expert_block(*key)]
+        os.posix_fadvise(self._hint_fd, block.offset, block.nbytes, advice)
+
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
-        """Start reading ``layer``'s ``experts`` that are not cached, as far as buffers allow."""
+        """Start reading ``layer``'s ``experts`` that are not cached: ask the kernel to read them
+        ahead, or read them into buffers on the I/O thread as far as buffers allow."""
         with self._cond:
             for expert in experts:
                 key = (layer, expert)
-                if key in self._entries:
+                if key in self._entries or key in self._hinted or self.file is None:
+                    continue
+                if self.prefetch_to == "page_cache":
+                    self._advise(key, os.POSIX_FADV_WILLNEED)
+                    self._hinted.add(key)
+                    self.prefetches += 1
+                    self.prefetch_bytes += self.file.block_bytes(expert_block(*key))
                     continue
                 buffer = self._victim()
                 if buffer is None:
                     return
                 self.prefetches += 1
+                self.prefetch_bytes += self.file.block_bytes(expert_block(*key))
                 self._insert(key, buffer, sync=False)
 
     def record_prediction(self, predicted: set[int], actual: set[int]) -> None:
@@ -188,7 +229,11 @@ class ExpertCache:
             entry = self._entries.get(key)
             read = entry is None
             if entry is None:
-                self.misses += 1
+                if key in self._hinted:
+                    self._hinted.discard(key)
+                    self.late += 1  # prefetched into the page cache: the read below copies it
+                else:
+                    self.misses += 1
                 entry = Entry(key, self._buffer_for_miss(), None)
                 self._entries[key] = entry
             elif entry.fields is None:
@@ -244,6 +289,7 @@ class ExpertCache:
             "expert_late_prefetches": self.late,
             "expert_prefetches": self.prefetches,
             "expert_cancelled_prefetches": self.cancelled,
+            "expert_prefetch_bytes": self.prefetch_bytes,  # asked of the disk ahead, right or wrong
             "expert_prediction_recall": self.predicted_used / self.used if self.used else 0.0,
             "expert_prediction_precision": self.predicted_used / self.predicted if self.predicted else 0.0,
             "expert_predicted": self.predicted,  # the counts behind recall and precision
