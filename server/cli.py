@@ -9,6 +9,10 @@ import secrets
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.quant import QuantSpec
 
 log = logging.getLogger("edgellm")
 
@@ -39,6 +43,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $EDGELLM_API_KEY; none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _quant_arguments(p)  # serve: a checkpoint is quantized once into --cache-dir, then served from there
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where `--quantize` keeps the quantized shards of a checkpoint between starts "
+                        "(default: $EDGELLM_CACHE or ~/.cache/edgellm)")
     p.add_argument("--sync-dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "float32", "float16",
                                                             "bfloat16"],
                    help="allreduce payload dtype of the whole cluster: fp32 exact; fp16/bf16 half the bytes; "
@@ -72,6 +80,10 @@ def _shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="per-rank split weights, e.g. 2,1,1")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _quant_arguments(p)
+
+
+def _quant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                    help="weight matrices in int8 (per output channel) or int4 (per group); norms, routers "
                         "and the embedding stay in --dtype (default: none)")
@@ -83,16 +95,21 @@ def _shard_arguments(p: argparse.ArgumentParser) -> None:
                         "without --quantize it stays in --dtype)")
 
 
+def _quant_spec(args: argparse.Namespace) -> QuantSpec | None:
+    from worker.quant import QuantSpec  # lazily: it imports torch, which `edgellm --help` does not need
+
+    bits = {"none": None, "int8": 8, "int4": 4}[args.quantize]
+    lm_head_bits = 8 if args.lm_head == "int8" else None
+    return QuantSpec(bits, args.group_size, args.expert_bits, lm_head_bits) if bits or args.expert_bits else None
+
+
 def run_shard(args: argparse.Namespace) -> int:
     from worker.config import ModelConfig
-    from worker.quant import QuantSpec
     from worker.service import DTYPES
     from worker.shard_writer import write_shards
     from worker.sharding import parse_weights, plan_shards
 
-    bits = {"none": None, "int8": 8, "int4": 4}[args.quantize]
-    lm_head_bits = 8 if args.lm_head == "int8" else None
-    quant = QuantSpec(bits, args.group_size, args.expert_bits, lm_head_bits) if bits or args.expert_bits else None
+    quant = _quant_spec(args)
     config = ModelConfig.from_dir(args.model)
     shards = plan_shards(config, parse_weights(args.weights, args.ranks))
     out = write_shards(args.model, shards, args.out, DTYPES[args.dtype], quant=quant)
@@ -115,6 +132,20 @@ def _check_port_free(host: str, port: int) -> None:
             raise ClusterError(f"cannot serve HTTP on {host}:{port}: {exc.strerror}") from None
 
 
+def _quantized_model(args: argparse.Namespace, weights: list[float], quant: QuantSpec) -> Path:
+    """``serve --quantize``: the checkpoint's quantized shards for this split (cached, see
+    ``server.quantized_cache``)."""
+    from server.quantized_cache import quantized_shards
+    from worker.config import CheckpointError
+    from worker.service import DEFAULT_CACHE_DIR, DTYPES
+    from worker.weights import is_shard_dir
+
+    if is_shard_dir(args.model):
+        raise CheckpointError(f"{args.model} is already sharded (its quantization was chosen by `edgellm shard`): "
+                              f"serve it without --quantize, or pass the original checkpoint")
+    return quantized_shards(args.model, weights, quant, DTYPES[args.dtype], args.cache_dir or DEFAULT_CACHE_DIR)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
@@ -131,12 +162,15 @@ def run_serve(args: argparse.Namespace) -> int:
     # (each process taking every core) made batched steps 4-25x slower in the load tests
     threads = args.threads or max(1, (os.cpu_count() or 1) // (1 + args.local_workers))
     torch.set_num_threads(threads)
+    name = args.model_name or Path(args.model).absolute().name
     config = ModelConfig.from_dir(args.model)
-    tokenizer = TextTokenizer(args.model)
     remote = [w.strip() for w in args.workers.split(",") if w.strip()]
     world = 1 + len(remote) + args.local_workers
     weights = parse_weights(args.weights, world)
     plan_shards(config, weights)  # fail now, not after spawning anything
+    if quant := _quant_spec(args):
+        args.model = str(_quantized_model(args, weights, quant))
+    tokenizer = TextTokenizer(args.model)
     max_context = min(args.max_context or 2048, config.max_position_embeddings)
     token = args.cluster_token or (secrets.token_hex(16) if not remote else "")
     opts = ClusterOptions(model_dir=args.model, weights=weights, token=token, max_batch=args.max_batch,
@@ -149,7 +183,6 @@ def run_serve(args: argparse.Namespace) -> int:
     budgets = [*(["--memory-budget", str(args.memory_budget)] if args.memory_budget else []),
                *(["--expert-cache", str(args.expert_cache)] if args.expert_cache else [])]
     local = [LocalWorker(token, threads, budgets) for _ in range(args.local_workers)]
-    name = args.model_name or Path(args.model).absolute().name
     state = ServerState(model_name=name, max_context=max_context, api_key=args.api_key)
     limits = EngineLimits(max_batch=args.max_batch, max_context=max_context, prefill_chunk=args.prefill_chunk,
                           max_waiting=args.max_queue, max_waiting_tokens=args.max_queued_tokens,

@@ -267,3 +267,42 @@ def test_served_cluster_over_an_int8_shard(tmp_path: Path) -> None:
             ids.append(int(executor.step([[ids[-1]]], [SeqSpan(0, len(prompt) + i, 1)])[0].argmax()))
     expected = tok.decode(ids)
     assert text == expected[: len(text)]  # the server may stop earlier, at an end-of-sequence token
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+def test_serve_quantizes_a_checkpoint_once_and_reuses_it(tmp_path: Path) -> None:
+    """`edgellm serve --model CHECKPOINT --quantize int8`: the rank files it caches are byte for
+    byte what `edgellm shard --quantize int8` writes for the same split; it serves them (the
+    HTTP text is the in-process decode of those shards) under the checkpoint's own name; a
+    second start reuses the cache."""
+    cache = tmp_path / "cache"
+    args = ("--quantize", "int8", "--local-workers", "1", "--cache-dir", str(cache))
+    request = {"model": "default_model", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0}
+    with served(DEFAULT_MODEL, *args, log_path=tmp_path / "first.log") as url:
+        text = httpx.post(f"{url}/v1/completions", json=request, timeout=60).json()["choices"][0]["text"]
+    [cached] = list((cache / "quantized").iterdir())
+    reference = _shard(DEFAULT_MODEL, tmp_path / "q", "--quantize", "int8", ranks=2)
+    for f in reference.glob("*.safetensors"):
+        assert (cached / f.name).read_bytes() == f.read_bytes(), f.name
+    tok = TextTokenizer(str(cached))
+    prompt = tok.encode("Once upon a time")
+    with inprocess_cluster(cached, [1.0, 1.0], max_batch=1, max_context=128) as executor:
+        ids = [int(executor.step([prompt], [SeqSpan(0, 0, len(prompt))])[0].argmax())]
+        for i in range(15):
+            ids.append(int(executor.step([[ids[-1]]], [SeqSpan(0, len(prompt) + i, 1)])[0].argmax()))
+    assert text and text == tok.decode(ids)[: len(text)]
+
+    mtime = (cached / "rank-01-of-02.safetensors").stat().st_mtime_ns
+    with served(DEFAULT_MODEL, *args, log_path=tmp_path / "second.log") as url:
+        again = httpx.post(f"{url}/v1/completions", json=request, timeout=60).json()["choices"][0]["text"]
+    assert again == text
+    assert "serving the quantized shards cached in" in (tmp_path / "second.log").read_text()
+    assert (cached / "rank-01-of-02.safetensors").stat().st_mtime_ns == mtime
+    assert list((cache / "quantized").iterdir()) == [cached]
+
+
+def test_serve_refuses_to_quantize_a_sharded_directory(tmp_path: Path) -> None:
+    shard_dir = _shard(DEFAULT_MODEL, tmp_path / "s")
+    assert edgellm_main(["serve", "--model", str(shard_dir), "--quantize", "int8", "--cache-dir",
+                         str(tmp_path / "c")]) == 2
