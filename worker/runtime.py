@@ -38,7 +38,7 @@ class RankSpec:
     expert_cache_bytes: int | None = None  # bytes of routed experts (MoE); None: all resident
     expert_policy: str = "distance"  # expert cache eviction: "distance" or "lru"
     prefetch: bool = True  # MoE: predict and prefetch the next layer's experts
-    expert_predictor: str = "temporal"  # MoE: "temporal" or "router" (worker.models.moe.PREDICTORS)
+    expert_predictor: str = "adaptive"  # MoE: one of worker.models.moe.PREDICTORS
     sync_dtype: str = "fp32"  # allreduce payload dtype, the same on every rank (worker.wire.SYNC_DTYPES)
 
 

@@ -13,7 +13,12 @@ layer ``l`` computes. Predictors (``PREDICTORS``, see ``Predictor``): ``router``
 layer's router applied to the current hidden state (EdgeMoE's), ``temporal``, the experts that
 layer used at the previous step, ``adaptive``, per layer whichever of the two has been right more
 often, and ``union``, both. bench/moe_cache.py measures them on a random and on a trained
-Mixtral (scripts/train_tiny_moe.py).
+Mixtral (scripts/train_tiny_moe.py). ``adaptive`` is the default (RankSpec.expert_predictor):
+on the trained 4-layer model its recall is 0.64 against 0.61 (router) and 0.52 (temporal) for
+the same number of reads, because the router guesses the later layers well (0.87-0.89) and the
+first ones badly (0.35-0.41, the residual stream is still close to the token embedding), where
+the previous step's experts do better (0.45-0.51). ``union`` reaches 0.77 for 1.5x the reads.
+On random routers (no structure) temporal is best (0.83) and adaptive close behind (0.78).
 """
 
 from __future__ import annotations
