@@ -31,18 +31,29 @@ def _predictor(mode: str) -> Predictor:
     return Predictor({0: ROUTER, 1: ROUTER}, {0: torch.ones(2), 1: torch.ones(2)}, 1e-6, top_k=2, mode=mode)
 
 
-def test_adaptive_predictor_follows_the_source_that_was_right_in_that_layer() -> None:
+def test_adaptive_predictor_follows_the_guess_that_is_right_in_that_layer() -> None:
     predictor = _predictor("adaptive")
-    assert predictor.predict(1, HIDDEN) == {2, 3}  # no history: the router
-    predictor.observe(1, {0, 1})  # the router's guess was wrong; nothing to score temporal against yet
-    assert predictor.predict(1, HIDDEN) == {2, 3}  # tie (temporal unscored): the router
-    predictor.observe(1, {0, 1})  # router wrong again, temporal ({0, 1}) right
-    assert predictor.scores[1] == {"router": -2, "temporal": 2}
-    assert predictor.predict(1, HIDDEN) == {0, 1}  # now the temporal guess
-    predictor.observe(1, {2, 3})  # both are scored, also the one not followed: router right, temporal wrong
-    assert predictor.scores[1] == {"router": 0, "temporal": 0}
-    assert predictor.predict(1, HIDDEN) == {2, 3}  # a tie again: the router
-    assert predictor.predict(0, HIDDEN) == {2, 3}  # layer 0 has its own record
+    assert predictor.predict(1, HIDDEN) == {2, 3}  # no record, no history: the router
+    predictor.observe(1, {0, 1})
+    assert predictor.record[1] == {"router": [0, 2]}
+    assert predictor.predict(1, HIDDEN) == {0, 1, 2, 3}  # the only scored guess is never right: both
+    predictor.observe(1, {0, 1})
+    assert predictor.record[1] == {"router": [0, 4], "temporal": [2, 2]}
+    assert predictor.predict(1, HIDDEN) == {0, 1}  # the temporal guess, right every time
+    predictor.observe(1, {0, 2})  # each guess half right: router 1/6, temporal 3/4
+    assert predictor.record[1] == {"router": [1, 6], "temporal": [3, 4]}
+    assert predictor.predict(1, HIDDEN) == {0, 2}  # temporal is right 0.75 >= unsure_below of the time
+    assert predictor.predict(0, HIDDEN) == {2, 3}  # layer 0 has its own record (none): the router
+
+
+def test_adaptive_predictor_prefers_the_router_on_a_tie() -> None:
+    predictor = _predictor("adaptive")
+    predictor.predict(1, HIDDEN)
+    predictor.observe(1, {2, 3})  # the router was right; temporal has no record yet
+    assert predictor.predict(1, HIDDEN) == {2, 3}
+    predictor.observe(1, {2, 3})  # both right: a tie
+    predictor.last_used[1] = {0, 3}  # a different temporal guess, to tell them apart
+    assert predictor.predict(1, HIDDEN) == {2, 3}
 
 
 def test_union_predictor_names_both_guesses() -> None:

@@ -8,17 +8,14 @@ adds no communication. Follows transformers' ``*SparseMoeBlock`` (eager experts)
 in fp32, top-k, optional renormalization, weights applied after ``down``.
 
 Routed experts come from the rank's ``ExpertCache``. Right after layer ``l``'s routing, the
-experts the next MoE layer will need are predicted and prefetched on the I/O thread while
-layer ``l`` computes. Predictors (``PREDICTORS``, see ``Predictor``): ``router``, the next
+experts the next MoE layer will need are predicted and prefetched (read ahead) while layer
+``l`` computes. Predictors (``PREDICTORS``, see ``Predictor``): ``router``, the next
 layer's router applied to the current hidden state (EdgeMoE's), ``temporal``, the experts that
-layer used at the previous step, ``adaptive``, per layer whichever of the two has been right more
-often, and ``union``, both. bench/moe_cache.py measures them on a random and on a trained
+layer used at the previous step, ``union``, both, and ``adaptive``, per layer whichever of the
+two has been right more often, or both where neither is often right. bench/moe_cache.py measures them on a random and on a trained
 Mixtral (scripts/train_tiny_moe.py). ``adaptive`` is the default (RankSpec.expert_predictor):
-on the trained 4-layer model its recall is 0.64 against 0.61 (router) and 0.52 (temporal) for
-the same number of reads, because the router guesses the later layers well (0.87-0.89) and the
-first ones badly (0.35-0.41, the residual stream is still close to the token embedding), where
-the previous step's experts do better (0.45-0.51). ``union`` reaches 0.77 for 1.5x the reads.
-On random routers (no structure) temporal is best (0.83) and adaptive close behind (0.78).
+on trained models the router guesses the later layers well (0.87-0.97 recall) and the first ones
+badly (0.27-0.50), where the previous step's experts do a little better and both together best.
 """
 
 from __future__ import annotations
@@ -53,12 +50,15 @@ class Predictor:
     ``router``: layer ``l+1``'s router on layer ``l``'s residual stream (normed with ``l+1``'s
     MLP norm); routers and norms are tiny and stay resident even when their blocks stream.
     ``temporal``: the experts layer ``l+1`` used at the previous step (the router's guess until
-    the layer has run once). ``adaptive``: both guesses are made and scored against what each
-    layer then uses; each layer follows the one that has scored better there so far (the router
-    on a tie). On a trained model the router is right far more often in the later layers and
-    the temporal guess in the first ones, where the residual stream is still close to the token
-    embedding. ``union``: both guesses together (more reads, higher recall).
+    the layer has run once). ``union``: both guesses together. ``adaptive``: both guesses are
+    made and scored against what each layer then uses; each layer follows the one that has been
+    right more often there (the router on a tie), or takes both while even the better one is
+    right less than ``unsure_below`` of the time. On a trained model the router is right far
+    more often in the later layers, and neither is good in the first ones, where the residual
+    stream is still close to the token embedding.
     """
+
+    unsure_below = 0.7  # adaptive: a layer whose better guess is right less often reads both
 
     def __init__(self, routers: dict[int, torch.Tensor], norms: dict[int, torch.Tensor], eps: float, top_k: int,
                  mode: str = "temporal"):
@@ -68,13 +68,14 @@ class Predictor:
         self.moe_layers = sorted(routers)
         self.last_used: dict[int, set[int]] = {}  # layer -> experts it routed to at the last step
         self._guesses: dict[int, dict[str, set[int]]] = {}  # layer -> source -> its pending guess
-        # layer -> source -> right minus wrong experts of its guesses so far (adaptive's record)
-        self.scores: dict[int, dict[str, int]] = {}
+        # adaptive's record: layer -> source -> [experts guessed right, experts guessed]
+        self.record: dict[int, dict[str, list[int]]] = {}
 
     def observe(self, layer: int, used: set[int]) -> None:
         for source, guess in self._guesses.pop(layer, {}).items():
-            score = self.scores.setdefault(layer, {"router": 0, "temporal": 0})
-            score[source] += len(guess & used) - len(guess - used)
+            tally = self.record.setdefault(layer, {}).setdefault(source, [0, 0])
+            tally[0] += len(guess & used)
+            tally[1] += len(guess)
         self.last_used[layer] = used
 
     def next_layer(self, layer: int) -> int | None:
@@ -91,14 +92,23 @@ class Predictor:
         previous = self.last_used.get(layer)
         if self.mode == "temporal" and previous is not None:
             return previous
-        routed = self._route(layer, hidden)
-        if self.mode in ("temporal", "router") or previous is None:
-            return routed
+        guesses = {"router": self._route(layer, hidden)} | ({"temporal": previous} if previous is not None else {})
+        if self.mode == "adaptive":
+            self._guesses[layer] = guesses
+            return self._choose(layer, guesses)
         if self.mode == "union":
-            return routed | previous
-        self._guesses[layer] = {"router": routed, "temporal": previous}
-        score = self.scores.get(layer, {})
-        return previous if score.get("temporal", 0) > score.get("router", 0) else routed
+            return set().union(*guesses.values())
+        return guesses["router"]  # router, or temporal before the layer has run
+
+    def _choose(self, layer: int, guesses: dict[str, set[int]]) -> set[int]:
+        rates = {source: right / guessed for source, (right, guessed) in self.record.get(layer, {}).items()
+                 if guessed and source in guesses}
+        if not rates:
+            return guesses["router"]
+        best = max(rates, key=lambda source: (rates[source], source == "router"))
+        if rates[best] < self.unsure_below:
+            return set().union(*guesses.values())
+        return guesses[best]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.routers.values(), *self.norms.values()])
