@@ -278,6 +278,11 @@ class ExpertCache:
                 self._cond.wait(1.0)
         return buffer
 
+    def close(self) -> None:
+        """Close the experts' shard file (after the I/O thread that reads it has stopped)."""
+        if self.file is not None:
+            self.file.close()
+
     def stats(self) -> dict[str, float]:
         lookups = self.hits + self.misses + self.late
         return {

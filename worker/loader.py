@@ -61,7 +61,10 @@ class LoadedRank:
 
     def close(self) -> None:
         if self.io is not None:
-            self.io.close()
+            self.io.close()  # first: no read may be in flight when the files close
+        self.store.close()
+        if self.experts is not None:
+            self.experts.close()
 
 
 def new_kv_cache(spec: RankSpec) -> KVCache:

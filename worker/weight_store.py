@@ -129,6 +129,10 @@ class WindowStore(WeightStore):
         with self._cond:
             self._schedule()
 
+
+    def close(self) -> None:
+        """Close the shard file (after the I/O thread that reads it has stopped)."""
+        self.file.close()
     def _schedule(self) -> None:
         """Fill every free buffer with the next blocks in order (caller holds the lock)."""
         while self._free:
