@@ -30,7 +30,7 @@ SUITE: dict[str, list[str]] = {
     "allreduce": ["--worlds", "2,4", "--sizes-kb", "16,1024", "--seconds", "1"],
     "planner_check": ["--tokens", "32", "--rounds", "2"],
     "streaming": ["--tokens", "16"],
-    "moe_cache": ["--tokens", "16"],
+    "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1"],  # random Mixtral (no trained one here)
     "quant": ["--agree-tokens", "100", "--tokens", "8"],  # writes and runs the 1.1B shape: ~5 min
     "sync_error": ["--tokens", "100"],
     "latency": ["--prompts", "32,256,1024", "--tokens", "16", "--big"],  # --big: the 1.1B bandwidth bound
