@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -88,7 +87,6 @@ class ExpertCache:
         if self.prefetch_to not in PREFETCH_TO:
             raise ValueError(f"unknown prefetch target {self.prefetch_to!r}; choose from {PREFETCH_TO}")
         self._hinted: set[Key] = set()  # read-ahead asked of the kernel, not read by us yet
-        self._hint_fd: int | None = None  # our own descriptor of the shard, for posix_fadvise
         self.prefetch_bytes = 0
         self.file = file
         self.num_layers = num_layers
@@ -187,11 +185,7 @@ class ExpertCache:
 
     def _advise(self, key: Key, advice: int) -> None:
         assert self.file is not None
-        if self._hint_fd is None:
-            self._hint_fd = os.open(self.file.path, os.O_RDONLY)
-            weakref.finalize(self, os.close, self._hint_fd)
-        block = self.file.blocks[expert_block(*key)]
-        os.posix_fadvise(self._hint_fd, block.offset, block.nbytes, advice)
+        self.file.advise(expert_block(*key), advice)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Start reading ``layer``'s ``experts`` that are not cached: ask the kernel to read them

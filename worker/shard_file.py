@@ -127,6 +127,12 @@ class ShardFile:
         """Read ``block`` into fresh memory of its own."""
         return self.read_into(block, torch.empty(self.blocks[block].nbytes, dtype=torch.uint8))
 
+    def advise(self, block: str, advice: int) -> None:
+        """``posix_fadvise`` on ``block``'s byte range (e.g. WILLNEED: read ahead into the page
+        cache; DONTNEED: drop it again)."""
+        entry = self.blocks[block]
+        os.posix_fadvise(self._fd, entry.offset, entry.nbytes, advice)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
