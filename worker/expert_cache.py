@@ -198,15 +198,13 @@ class ExpertCache:
                 if self.prefetch_to == "page_cache":
                     self._advise(key, os.POSIX_FADV_WILLNEED)
                     self._hinted.add(key)
-                    self.prefetches += 1
-                    self.prefetch_bytes += self.file.block_bytes(expert_block(*key))
-                    continue
-                buffer = self._victim()
-                if buffer is None:
-                    return
+                else:
+                    buffer = self._victim()
+                    if buffer is None:
+                        return
+                    self._insert(key, buffer, sync=False)
                 self.prefetches += 1
                 self.prefetch_bytes += self.file.block_bytes(expert_block(*key))
-                self._insert(key, buffer, sync=False)
 
     def record_prediction(self, predicted: set[int], actual: set[int]) -> None:
         self.predicted += len(predicted)

@@ -130,14 +130,15 @@ class MoeRankModel(RankModel):
         x = rms_norm(hidden, w.norm, cfg.rms_norm_eps)  # (T, d)
         weights, ids = route(x, w.router, cfg.experts_per_token, cfg.norm_topk_prob)  # (T, k) each
         needed = ids.unique().tolist()
+        used = set(needed)
         if layer in self._predicted:
-            self.experts.record_prediction(self._predicted.pop(layer), set(needed))
+            self.experts.record_prediction(self._predicted.pop(layer), used)
         self.experts.begin_layer(layer, needed)
         if self.predictor is not None:
-            self.predictor.observe(layer, set(needed))
-        if self.predictor is not None and (following := self.predictor.next_layer(layer)) is not None:
-            self._predicted[following] = self.predictor.predict(following, hidden)
-            self.experts.prefetch(following, sorted(self._predicted[following]))
+            self.predictor.observe(layer, used)
+            if (following := self.predictor.next_layer(layer)) is not None:
+                self._predicted[following] = self.predictor.predict(following, hidden)
+                self.experts.prefetch(following, sorted(self._predicted[following]))
         out = torch.zeros_like(x)  # (T, d) partial
         try:
             for expert in needed:
