@@ -248,6 +248,18 @@ def test_bfloat16_compute_runs_end_to_end(tmp_path: Path, shard_dtype: str) -> N
         assert _greedy(int8_dir, [1.0], 16, dtype=torch.bfloat16, memory_budget=budget)[0] == expected
 
 
+def _greedy_text(shard_dir: Path, prompt_text: str, tokens: int) -> str:
+    """The greedy continuation of ``prompt_text`` that an in-process 2-rank cluster decodes from
+    ``shard_dir``: what a served cluster over the same shards must answer."""
+    tok = TextTokenizer(str(shard_dir))
+    prompt = tok.encode(prompt_text)
+    with inprocess_cluster(shard_dir, [1.0, 1.0], max_batch=1, max_context=128) as executor:
+        ids = [int(executor.step([prompt], [SeqSpan(0, 0, len(prompt))])[0].argmax())]
+        for i in range(tokens - 1):
+            ids.append(int(executor.step([[ids[-1]]], [SeqSpan(0, len(prompt) + i, 1)])[0].argmax()))
+    return tok.decode(ids)
+
+
 @pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_served_cluster_over_an_int8_shard(tmp_path: Path) -> None:
@@ -259,13 +271,7 @@ def test_served_cluster_over_an_int8_shard(tmp_path: Path) -> None:
                                                          "max_tokens": 20, "temperature": 0}, timeout=60).json()
     text = body["choices"][0]["text"]
     assert body["usage"]["completion_tokens"] > 0 and text.strip()
-    tok = TextTokenizer(str(shard_dir))
-    prompt = tok.encode("Once upon a time")
-    with inprocess_cluster(shard_dir, [1.0, 1.0], max_batch=1, max_context=128) as executor:
-        ids = [int(executor.step([prompt], [SeqSpan(0, 0, len(prompt))])[0].argmax())]
-        for i in range(19):
-            ids.append(int(executor.step([[ids[-1]]], [SeqSpan(0, len(prompt) + i, 1)])[0].argmax()))
-    expected = tok.decode(ids)
+    expected = _greedy_text(shard_dir, "Once upon a time", 20)
     assert text == expected[: len(text)]  # the server may stop earlier, at an end-of-sequence token
 
 
@@ -285,13 +291,7 @@ def test_serve_quantizes_a_checkpoint_once_and_reuses_it(tmp_path: Path) -> None
     reference = _shard(DEFAULT_MODEL, tmp_path / "q", "--quantize", "int8", ranks=2)
     for f in reference.glob("*.safetensors"):
         assert (cached / f.name).read_bytes() == f.read_bytes(), f.name
-    tok = TextTokenizer(str(cached))
-    prompt = tok.encode("Once upon a time")
-    with inprocess_cluster(cached, [1.0, 1.0], max_batch=1, max_context=128) as executor:
-        ids = [int(executor.step([prompt], [SeqSpan(0, 0, len(prompt))])[0].argmax())]
-        for i in range(15):
-            ids.append(int(executor.step([[ids[-1]]], [SeqSpan(0, len(prompt) + i, 1)])[0].argmax()))
-    assert text and text == tok.decode(ids)[: len(text)]
+    assert text and text == _greedy_text(cached, "Once upon a time", 16)[: len(text)]
 
     mtime = (cached / "rank-01-of-02.safetensors").stat().st_mtime_ns
     with served(DEFAULT_MODEL, *args, log_path=tmp_path / "second.log") as url:

@@ -87,15 +87,21 @@ def test_an_interrupted_fetch_resumes_where_it_stopped(shard_dir: Path, tmp_path
     assert file_sha256(model_cache / source.name) == file_sha256(source)
 
 
-def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "broken"
-    broken.mkdir()
+def _with_corrupted_rank_1(shard_dir: Path, out: Path) -> Path:
+    """A copy of ``shard_dir`` whose rank-1 file has one flipped byte inside a weight (safetensors
+    itself would not notice)."""
+    out.mkdir()
     for f in shard_dir.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    victim = broken / "rank-01-of-03.safetensors"
+        (out / f.name).write_bytes(f.read_bytes())
+    victim = out / "rank-01-of-03.safetensors"
     data = bytearray(victim.read_bytes())
-    data[-100] ^= 0xFF  # one flipped byte inside a weight: safetensors itself would not notice
+    data[-100] ^= 0xFF
     victim.write_bytes(bytes(data))
+    return out
+
+
+def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp_path: Path) -> None:
+    broken = _with_corrupted_rank_1(shard_dir, tmp_path / "broken")
     result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--weights",
                              "2,1,1", "--local-workers", "2", "--port", str(free_port())],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -143,13 +149,6 @@ def test_a_coordinator_serving_a_corrupted_shard_is_refused(shard_dir: Path, tmp
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The fetch checks the bytes against the coordinator's own sha256, which a corrupted file on
     the coordinator matches; the manifest's digest (from `edgellm shard`) still refuses it."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in shard_dir.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    victim = broken / "rank-01-of-03.safetensors"
-    data = bytearray(victim.read_bytes())
-    data[-100] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    broken = _with_corrupted_rank_1(shard_dir, tmp_path / "broken")
     with pytest.raises(CheckpointError, match="rank-01-of-03.safetensors is corrupted"):
         _fetch_and_verify(broken, tmp_path / "cache", [], monkeypatch)
