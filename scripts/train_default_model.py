@@ -277,6 +277,26 @@ def make_texts(
     return texts
 
 
+def split_streams(
+    texts: list[str], tokenizer: PreTrainedTokenizerFast
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) token streams: the first 2% of the (shuffled) texts validate."""
+    n_val = max(1, len(texts) // 50)
+    return build_stream(texts[n_val:], tokenizer), build_stream(texts[:n_val], tokenizer)
+
+
+def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -325,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     texts = make_texts(documents, chats, tokenizer)
     rng.shuffle(texts)
-    n_val = max(1, len(texts) // 50)
-    val_stream = build_stream(texts[:n_val], tokenizer)
-    train_stream = build_stream(texts[n_val:], tokenizer)
+    train_stream, val_stream = split_streams(texts, tokenizer)
     log.info("train tokens: %d, validation tokens: %d", len(train_stream), len(val_stream))
 
     config = LlamaConfig(
@@ -353,14 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
+    optimizer = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     warmup = max(1, args.steps // 20)
     max_start = len(train_stream) - args.seq_len - 1

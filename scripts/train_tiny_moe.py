@@ -39,11 +39,12 @@ from train_default_model import (  # noqa: E402  (scripts/ is not a package)
     DEFAULT_OUTPUT as DEFAULT_MODEL,
 )
 from train_default_model import (  # noqa: E402
-    build_stream,
+    adamw,
     evaluate,
     gather_corpus,
     lr_at,
     make_texts,
+    split_streams,
 )
 
 log = logging.getLogger("train_tiny_moe")
@@ -100,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     documents, chats = gather_corpus(rng, args.chat_fraction)
     texts = make_texts(documents, chats, tokenizer)
     rng.shuffle(texts)
-    n_val = max(1, len(texts) // 50)
-    val_stream = build_stream(texts[:n_val], tokenizer)
-    train_stream = build_stream(texts[n_val:], tokenizer)
+    train_stream, val_stream = split_streams(texts, tokenizer)
     log.info("train tokens: %d, validation tokens: %d (%.1fs)", len(train_stream), len(val_stream),
              time.monotonic() - t0)
 
@@ -117,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
 
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     warmup = max(1, args.steps // 20)
     max_start = len(train_stream) - args.seq_len - 1
