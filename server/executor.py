@@ -57,7 +57,7 @@ class Executor:
         hidden = self.model.forward(hidden, StepPlan.build(spans, self.config.sliding_window))
         self.steps += 1
         self.tokens += int(ids.shape[0])
-        if not all_logits:
+        if not all_logits and hidden.shape[0] != len(spans):  # some span has several tokens
             last = torch.tensor([sum(s.length for s in spans[: i + 1]) - 1 for i in range(len(spans))])
             hidden = hidden[last]  # (S, d)
         hidden = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)

@@ -131,14 +131,15 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    n, k = w.shape
-    flat = x.reshape(-1, k).to(KERNEL_DTYPE)  # (T, K)
+    flat = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(KERNEL_DTYPE)  # (T, K)
     scales = w.scales if w.scales.dtype == KERNEL_DTYPE else w.scales.to(KERNEL_DTYPE)
     if w.group_size:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, w.weight, w.group_size, scales)  # (T, N)
     else:
         y = torch.ops.aten._weight_int8pack_mm(flat, w.weight, scales)  # (T, N)
-    y = y.to(x.dtype).view(*x.shape[:-1], n)  # (..., N)
+    y = y.to(x.dtype)
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
     return y if bias is None else y + bias
 
 

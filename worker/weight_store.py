@@ -19,7 +19,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,6 +38,8 @@ from worker.weights import (
 
 log = logging.getLogger(__name__)
 
+B = TypeVar("B")  # a block dataclass of worker.weights
+
 
 def dense_order(num_layers: int) -> list[str]:
     """The blocks in the order one forward pass uses them."""
@@ -48,22 +51,22 @@ class WeightStore:
 
     mode = "resident"
 
-    @contextmanager
-    def attention(self, layer: int) -> Iterator[AttentionWeights]:
-        name = attn_block(layer)
-        fields = self._acquire(name)
-        try:
-            yield from_fields(AttentionWeights, fields)
-        finally:
-            self._release(name)
+    def attention(self, layer: int) -> AbstractContextManager[AttentionWeights]:
+        return self._typed(attn_block(layer), AttentionWeights)
+
+    def mlp(self, layer: int, cls: type[B]) -> AbstractContextManager[B]:
+        """The MLP block as ``cls`` (``MlpWeights`` or ``MoeWeights``: the model knows which)."""
+        return self._typed(mlp_block(layer), cls)
+
+    def _typed(self, name: str, cls: type[B]) -> AbstractContextManager[B]:
+        return self._held_block(name, cls)
 
     @contextmanager
-    def mlp(self, layer: int) -> Iterator[Fields]:
-        """The MLP block's raw fields (the model builds ``MlpWeights`` or ``MoeWeights``)."""
-        name = mlp_block(layer)
+    def _held_block(self, name: str, cls: type[B]) -> Iterator[B]:
+        """``name`` acquired for the ``with`` body, as ``cls``, and released after it."""
         fields = self._acquire(name)
         try:
-            yield fields
+            yield from_fields(cls, fields)
         finally:
             self._release(name)
 
@@ -89,6 +92,15 @@ class WeightStore:
 class ResidentStore(WeightStore):
     def __init__(self, blocks: dict[str, Fields]):
         self.blocks = blocks
+        self._built: dict[tuple[str, type], Any] = {}  # (block, class) -> typed block, built once
+
+    def _typed(self, name: str, cls: type[B]) -> AbstractContextManager[B]:
+        """Nothing to acquire or release: the typed block is built on first use and kept (a
+        decode step asks for 2 blocks per layer, and building them is pure Python overhead)."""
+        built = self._built.get((name, cls))
+        if built is None:
+            built = self._built[(name, cls)] = from_fields(cls, self.blocks[name])
+        return nullcontext(built)
 
     def _acquire(self, name: str) -> Fields:
         return self.blocks[name]

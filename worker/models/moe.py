@@ -20,6 +20,8 @@ badly (0.27-0.50), where the previous step's experts do a little better and both
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +31,7 @@ from worker.kv_cache import KVCache
 from worker.models.llama import AllReduce, RankModel, gated_mlp, rms_norm
 from worker.sharding import RankShard
 from worker.weight_store import WeightStore
-from worker.weights import Fields, MoeWeights, from_fields
+from worker.weights import MlpWeights, MoeWeights
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +124,13 @@ class MoeRankModel(RankModel):
         self.predictor = predictor
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for it
 
-    def _feed_forward(self, layer: int, fields: Fields, hidden: torch.Tensor) -> torch.Tensor:
-        if not self.config.is_moe_layer(layer):
-            return super()._feed_forward(layer, fields, hidden)
+    def _mlp_class(self, layer: int) -> type[Any]:
+        return MoeWeights if self.config.is_moe_layer(layer) else MlpWeights
+
+    def _feed_forward(self, layer: int, w: Any, hidden: torch.Tensor) -> torch.Tensor:
+        if not isinstance(w, MoeWeights):
+            return super()._feed_forward(layer, w, hidden)
         cfg = self.config
-        w = from_fields(MoeWeights, fields)
         x = rms_norm(hidden, w.norm, cfg.rms_norm_eps)  # (T, d)
         weights, ids = route(x, w.router, cfg.experts_per_token, cfg.norm_topk_prob)  # (T, k) each
         needed = ids.unique().tolist()
