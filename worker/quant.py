@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 SCALE_DTYPE = torch.bfloat16
-KERNEL_DTYPE = torch.bfloat16  # activations of the quantized kernels (see the module docstring)
+KERNEL_DTYPE = torch.bfloat16  # activations of the quantized kernels (see the module docstring; ``linear`` casts with .bfloat16())
 # The weight matrices of a block that are quantized; everything else stays in float.
 QUANTIZED_FIELDS = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down")
 _SCALES, _SCALES_ZEROS = "scales", "scales_zeros"
@@ -131,13 +131,15 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    flat = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(KERNEL_DTYPE)  # (T, K)
+    # .bfloat16() / .float() rather than .to(dtype): the same copy, half the Python-side cost
+    # (about 3 us instead of 6 here), and a decode step makes 2 per matmul.
+    flat = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).bfloat16()  # (T, K) in KERNEL_DTYPE
     scales = w.scales if w.scales.dtype == KERNEL_DTYPE else w.scales.to(KERNEL_DTYPE)
     if w.group_size:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, w.weight, w.group_size, scales)  # (T, N)
     else:
         y = torch.ops.aten._weight_int8pack_mm(flat, w.weight, scales)  # (T, N)
-    y = y.to(x.dtype)
+    y = y.float() if x.dtype == torch.float32 else y.to(x.dtype)
     if x.dim() != 2:
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
     return y if bias is None else y + bias

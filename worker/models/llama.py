@@ -156,12 +156,6 @@ class RankModel:
         whole cached prefix; returns (n, qh, hd), a transposed view."""
         self.kv.write(layer, span.slot, span.start, k, v)
         keys, values = self.kv.view(layer, span.slot, span.start + span.length)  # (kh, S, hd)
-        if mask is None and q.shape[0] == 1 and q.dtype == torch.float32:
-            # One fp32 decode query: two batched matmuls over the kv heads, a third less time than
-            # SDPA's flash kernel here at these sizes. (bf16 keeps SDPA and its fp32 softmax.)
-            kh, hd = keys.shape[0], keys.shape[2]
-            scores = torch.bmm(q.view(kh, -1, hd), keys.transpose(1, 2)).mul_(self.scale)  # (kh, qh/kh, S)
-            return torch.bmm(torch.softmax(scores, dim=-1), values).view(1, -1, hd)  # (1, qh, hd)
         attended = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # (1, qh, n, hd)
             keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True,
