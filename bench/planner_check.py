@@ -133,7 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per round")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (time to first token)")
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds after a warm-up; best kept")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="timed rounds after a warm-up; the best is kept (the quietest, as the probe keeps its quietest stretch)")
     parser.add_argument("--threads", default="1",
                         help="thread counts of the 1-rank runs, e.g. 1,2 (on a shared 2-core machine 2 threads "
                              "suffer from neighbours; 1 is the default)")

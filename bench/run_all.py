@@ -28,7 +28,7 @@ log = logging.getLogger("bench.run_all")
 SUITE: dict[str, list[str]] = {
     "decode_and_allreduce": ["--tokens", "32", "--iters", "200"],
     "allreduce": ["--worlds", "2,4", "--sizes-kb", "16,1024", "--seconds", "1"],
-    "planner_check": ["--tokens", "32", "--rounds", "2"],
+    "planner_check": ["--tokens", "32", "--rounds", "6"],
     "streaming": ["--tokens", "16"],
     "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1"],  # random Mixtral (no trained one here)
     "quant": ["--agree-tokens", "100", "--tokens", "8"],  # writes and runs the 1.1B shape: ~5 min
