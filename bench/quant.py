@@ -1,6 +1,6 @@
 """Quantized shards (int8, int4 per group) and bf16 against fp32: error and decode speed, as JSON.
 
-    .venv/bin/python bench/quant.py [--tokens 8] [--agree-tokens 200] [--shapes small,1.1b]
+    .venv/bin/python bench/quant.py [--tokens 8] [--small-tokens 64] [--agree-tokens 200] [--shapes small,1.1b]
                                     [--big-layers 22] [--repeats 1] [--out FILE]
 
 Error, on the embedded trained model (server/default_model, so greedy text means something)
@@ -151,7 +151,9 @@ def measure_speed(model_dir: Path, work: Path, tokens: int, repeats: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8, help="decode steps timed per variant")
+    parser.add_argument("--tokens", type=int, default=8, help="decode steps timed per variant, 1.1b shape")
+    parser.add_argument("--small-tokens", type=int, default=64,
+                        help="decode steps timed per variant, 512-wide shape (a step takes ~5-15 ms: 8 would be noise)")
     parser.add_argument("--agree-tokens", type=int, default=200, help="decode steps of the error comparison")
     parser.add_argument("--shapes", default="small,1.1b", help="speed shapes: small (512 wide), 1.1b, or both")
     parser.add_argument("--big-layers", type=int, default=BIG_SHAPE["num_hidden_layers"],
@@ -175,7 +177,7 @@ def main() -> None:
         small = build_model(work / "small" / "llama", SHAPE)
         result["error_random_512"] = measure_error(small, work / "small", RANDOM_PROMPT, args.agree_tokens)
         if "small" in shapes:
-            result["speed_512"] = {"shape": SHAPE, **measure_speed(small, work / "small", args.tokens, args.repeats)}
+            result["speed_512"] = {"shape": SHAPE, **measure_speed(small, work / "small", args.small_tokens, args.repeats)}
         if "1.1b" in shapes:
             shape = {**BIG_SHAPE, "num_hidden_layers": args.big_layers}
             log.info("building the random %d-layer 1.1b-shape checkpoint", args.big_layers)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 SCALE_DTYPE = torch.bfloat16
-KERNEL_DTYPE = torch.bfloat16  # activations of the quantized kernels (see the module docstring; ``linear`` casts with .bfloat16())
+KERNEL_DTYPE = torch.bfloat16  # activations of the quantized kernels (module docstring); ``linear`` casts to it
 # The weight matrices of a block that are quantized; everything else stays in float.
 QUANTIZED_FIELDS = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down")
 _SCALES, _SCALES_ZEROS = "scales", "scales_zeros"

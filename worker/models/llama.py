@@ -38,7 +38,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
                 addend = _EPS[eps] = torch.full((1, 1), eps)
             inv_rms = torch.addmm(addend, x, x.T, alpha=1.0 / x.shape[1]).rsqrt_()  # (1, 1)
             return torch.mul(x, inv_rms).mul_(weight)
-        return F.rms_norm(x, weight.shape, weight, eps)  # one op; bitwise the same as below in fp32
+        return F.rms_norm(x, weight.shape, weight, eps)  # bitwise the same as below in fp32
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -167,7 +167,7 @@ class RankModel:
         return MlpWeights
 
     def _feed_forward(self, layer: int, w: Any, hidden: torch.Tensor) -> torch.Tensor:
-        """The MLP block ``w`` (of ``_mlp_class(layer)``)'s partial (T, d) for the residual stream ``hidden`` (T, d)."""
+        """The partial (T, d) of MLP block ``w`` (a ``_mlp_class(layer)``) for the residual stream ``hidden`` (T, d)."""
         return gated_mlp(rms_norm(hidden, w.norm, self.config.rms_norm_eps), w.w_gate_up, w.w_down,
                          w.b_gate_up, w.b_down)
 
