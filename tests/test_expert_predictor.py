@@ -5,6 +5,7 @@ thread when needed but still queued; demand reads that leave the cache's lock fr
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -188,6 +189,39 @@ def test_page_cache_prefetch_takes_no_buffer_and_forgets_wrong_guesses(shard_fil
     cache.end_layer()
     assert (cache.late, cache.misses, cache.hits) == (1, 1, 0)  # 1 was read ahead, 3 was not
     assert cache._hinted == set()
+
+
+class AdviceLog(ShardFile):
+    """Records every ``posix_fadvise`` hint, and still gives it."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.advice: list[tuple[str, int]] = []
+
+    def advise(self, block: str, advice: int) -> None:
+        self.advice.append((block, advice))
+        super().advise(block, advice)
+
+
+def test_a_layers_misses_are_read_ahead_together(shard_file: ShardFile) -> None:
+    file = AdviceLog(shard_file.path)
+    cache = _cache(file, HeldIo())
+    try:
+        cache.begin_layer(0, [1])  # one miss: nothing to overlap it with, no hint
+        with cache.get(0, 1):
+            pass
+        cache.end_layer()
+        assert file.advice == []
+        cache.begin_layer(0, [0, 1, 2])  # (0, 1) is cached; the two misses go to the kernel at once
+        assert sorted(file.advice) == [(expert_block(0, 0), os.POSIX_FADV_WILLNEED),
+                                       (expert_block(0, 2), os.POSIX_FADV_WILLNEED)]
+        for expert in (0, 1, 2):
+            with cache.get(0, expert) as weights:
+                assert _same(weights, expert_block(0, expert), shard_file)
+        cache.end_layer()
+        assert (cache.misses, cache.hits, cache.late) == (3, 1, 0)  # read ahead on demand: still misses
+    finally:
+        file.close()
 
 
 def test_unknown_prefetch_target_is_refused(shard_file: ShardFile) -> None:

@@ -124,10 +124,18 @@ class ExpertCache:
 
     def begin_layer(self, layer: int, needed: Iterable[int]) -> None:
         """The model enters ``layer``'s experts; ``needed`` are those it will ask for. Its
-        prefetches of other experts that have not started are cancelled."""
+        prefetches of other experts that have not started are cancelled. When two or more of
+        ``needed`` are neither cached nor prefetched, the kernel is asked to read them all ahead
+        now (``WILLNEED``), so the demand reads that follow overlap on disk instead of queuing
+        one by one (at queue depth 2-4 this VM's disk reads 1.2-1.4x faster than at 1)."""
         with self._cond:
             self._layer = layer
             self._protected = {(layer, e) for e in needed}
+            if self.file is not None:
+                misses = [k for k in self._protected if k not in self._entries and k not in self._hinted]
+                if len(misses) > 1:
+                    for key in misses:
+                        self._advise(key, os.POSIX_FADV_WILLNEED)
             for key, entry in list(self._entries.items()):
                 if (key[0] == layer and key not in self._protected and entry.job is not None
                         and entry.job.cancel()):
