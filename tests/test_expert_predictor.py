@@ -176,19 +176,20 @@ def test_a_demand_read_does_not_hold_the_cache_lock(shard_file: ShardFile) -> No
 def test_page_cache_prefetch_takes_no_buffer_and_forgets_wrong_guesses(shard_file: ShardFile) -> None:
     io = HeldIo()
     cache = _cache(shard_file, io, prefetch_to="page_cache")
-    cache.prefetch(1, [0, 1])
-    assert io.jobs == [] and len(cache._free) == 4 and cache._hinted == {(1, 0), (1, 1)}
+    cache.prefetch(1, [0, 1])  # two hints for the I/O thread, no buffer
+    assert len(io.jobs) == 2 and len(cache._free) == 4 and set(cache._hinted) == {(1, 0), (1, 1)}
     assert cache.stats()["expert_prefetch_bytes"] == 2 * shard_file.block_bytes(expert_block(1, 0))
     cache.prefetch(1, [1])  # asked already: not again
-    assert cache.prefetches == 2
+    assert cache.prefetches == 2 and len(io.jobs) == 2
     cache.begin_layer(1, [1, 3])
-    assert cache._hinted == {(1, 1)} and cache.cancelled == 1  # expert 0's read-ahead is dropped
+    assert set(cache._hinted) == {(1, 1)} and cache.cancelled == 1  # expert 0's read-ahead is dropped
+    assert io.jobs[0][0].cancelled()  # before the I/O thread got to it
     for expert in (1, 3):
         with cache.get(1, expert) as weights:
             assert _same(weights, expert_block(1, expert), shard_file)
     cache.end_layer()
     assert (cache.late, cache.misses, cache.hits) == (1, 1, 0)  # 1 was read ahead, 3 was not
-    assert cache._hinted == set()
+    assert cache._hinted == {}
 
 
 class AdviceLog(ShardFile):
@@ -205,16 +206,18 @@ class AdviceLog(ShardFile):
 
 def test_a_layers_misses_are_read_ahead_together(shard_file: ShardFile) -> None:
     file = AdviceLog(shard_file.path)
-    cache = _cache(file, HeldIo())
+    io = HeldIo()
+    cache = _cache(file, io)
     try:
         cache.begin_layer(0, [1])  # one miss: nothing to overlap it with, no hint
         with cache.get(0, 1):
             pass
         cache.end_layer()
         assert file.advice == []
-        cache.begin_layer(0, [0, 1, 2])  # (0, 1) is cached; the two misses go to the kernel at once
-        assert sorted(file.advice) == [(expert_block(0, 0), os.POSIX_FADV_WILLNEED),
-                                       (expert_block(0, 2), os.POSIX_FADV_WILLNEED)]
+        cache.begin_layer(0, [0, 1, 2])  # (0, 1) is cached, (0, 0) is read first: (0, 2) is read ahead
+        assert file.advice == [] and len(io.jobs) == 1  # by the I/O thread, not by the caller
+        io.run_all()
+        assert file.advice == [(expert_block(0, 2), os.POSIX_FADV_WILLNEED)]
         for expert in (0, 1, 2):
             with cache.get(0, expert) as weights:
                 assert _same(weights, expert_block(0, expert), shard_file)

@@ -17,6 +17,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 WINDOW = 0  # priority of sliding-window loads
+NEEDED = 0  # and of read-ahead the current layer needs (its missed experts)
 PREFETCH = 1  # priority of predicted experts
 
 
