@@ -10,7 +10,9 @@ Rank r contributes ``base * (r + 1)``; every result is checked against the known
 paths tightly, reduced dtypes within their format's error). Latency is rank 0's (the hub's)
 time per allreduce after a warm-up, at most ``--iters`` samples or ``--seconds`` per
 configuration. The star runs CURVE-encrypted as in serving; gloo and ``ring`` are plaintext,
-``ring_curve`` is the ring with CURVE on every link.
+``ring_curve`` is the ring with CURVE on every link. The star's ranks spin 300 µs on their
+socket before they sleep when every rank has a core of its own (``star_spin_us``; what
+``EDGELLM_SPIN_US`` does in a deployment with one rank per device), and not when they share.
 This machine is noisy and small: compare numbers of one run, not across runs.
 """
 
@@ -46,6 +48,7 @@ log = logging.getLogger("bench.allreduce")
 ROW = 1024  # values per row of a payload
 WARMUP = 10
 JOIN_S = 60.0
+SPIN_S = 300e-6  # star spin where each rank has its own core (see star_spin_s)
 
 
 def base_payload(numel: int) -> torch.Tensor:
@@ -95,11 +98,17 @@ def _agreed_count(times: list[float], iters: int, seconds: float) -> int:
 
 # --- star (the project's collective) ---------------------------------------------------------
 
-def _star_rank(rank: int, address: str) -> None:
+def star_spin_s(world: int) -> float:
+    """The spin before a star receive sleeps (``worker.collective.default_spin_wait_s``): as a
+    deployment sets it, on (300 µs) when every rank has a core of its own, off when they share."""
+    return SPIN_S if world <= (os.cpu_count() or 1) else 0.0
+
+
+def _star_rank(rank: int, address: str, spin_s: float) -> None:
     """A worker rank: each STEP names a configuration (numel, sync dtype); ABORT ends it."""
     torch.set_num_threads(1)
     logging.getLogger("worker.collective").setLevel(logging.ERROR)
-    link = StarRank(rank, address, token="bench", timeout_s=JOIN_S)
+    link = StarRank(rank, address, token="bench", timeout_s=JOIN_S, spin_wait_s=spin_s)
     link.wait_welcome(JOIN_S)
     names = list(SYNC_DTYPES)
     try:
@@ -124,9 +133,10 @@ def _star_rank(rank: int, address: str) -> None:
 
 def bench_star(world: int, sizes: list[int], dtypes: list[str], iters: int, seconds: float) -> dict[str, Any]:
     """{"<sync>": {"<KB>": percentiles + wire_bytes}} for one star of ``world`` ranks."""
-    hub = StarHub(world, token="bench", timeout_s=JOIN_S)
+    hub = StarHub(world, token="bench", timeout_s=JOIN_S, spin_wait_s=star_spin_s(world))
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_star_rank, args=(r, hub.address), daemon=True) for r in range(1, world)]
+    procs = [ctx.Process(target=_star_rank, args=(r, hub.address, hub.spin_wait_s), daemon=True)
+             for r in range(1, world)]
     for p in procs:
         p.start()
     out: dict[str, Any] = {}
@@ -339,6 +349,7 @@ def compare(world: int, sizes: list[int], dtypes: list[str], iters: int, seconds
         log.info("%d ranks: star %s", world, ",".join(dtypes))
         for sync, by_size in bench_star(world, sizes, dtypes, iters, seconds).items():
             entry[f"star_{sync}"] = by_size
+        entry["star_spin_us"] = round(star_spin_s(world) * 1e6)
     if "gloo" in methods:
         log.info("%d ranks: gloo", world)
         entry["gloo"] = bench_gloo(world, sizes, iters, seconds)
@@ -349,7 +360,7 @@ def compare(world: int, sizes: list[int], dtypes: list[str], iters: int, seconds
     if "gloo" in entry:
         ratios = {}
         for name, by_size in entry.items():
-            if name != "gloo":
+            if name not in ("gloo", "star_spin_us"):
                 ratios[name] = {kb: round(by_size[kb]["p50_us"] / entry["gloo"][kb]["p50_us"], 2) for kb in by_size}
         entry["p50_over_gloo"] = ratios
     return entry

@@ -4,6 +4,7 @@ malformed payloads refused, and a served cluster with ``--sync-dtype fp16``."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 
 import httpx
 import pytest
@@ -11,7 +12,7 @@ import torch
 import zmq
 
 from tests.processes import served
-from worker.collective import CollectiveError, StarHub, StarRank
+from worker.collective import SPIN_ENV, CollectiveError, StarHub, StarRank, _recv_frames, default_spin_wait_s
 from worker.wire import (
     INT8_LEVELS,
     LOSSY_MIN_WIDTH,
@@ -164,6 +165,36 @@ def test_rank_refuses_a_sum_in_the_wrong_dtype() -> None:
                                                             seq=1)])
         with pytest.raises(CollectiveError, match="bad sum"):
             rank.allreduce(torch.ones(3, 64))
+    finally:
+        rank.close()
+        hub.close()
+
+
+def test_spin_wait_comes_from_the_environment_and_a_bad_value_is_refused(monkeypatch) -> None:
+    monkeypatch.delenv(SPIN_ENV, raising=False)
+    assert default_spin_wait_s() == 0.0  # off unless a deployment turns it on
+    monkeypatch.setenv(SPIN_ENV, "250")
+    assert default_spin_wait_s() == pytest.approx(250e-6)
+    monkeypatch.setenv(SPIN_ENV, "fast")
+    with pytest.raises(CollectiveError, match=SPIN_ENV):
+        default_spin_wait_s()
+
+
+def test_a_spinning_star_sums_exactly_and_still_times_out() -> None:
+    hub = StarHub(2, token="t", timeout_s=5, spin_wait_s=0.005)
+    rank = StarRank(1, hub.address, token="t", timeout_s=5, spin_wait_s=0.005)
+    try:
+        hub.wait_for_ranks(5)
+        rank.wait_welcome(5)
+        for step in range(3):
+            _start(hub, rank)
+            sums: list[torch.Tensor] = []
+            worker = threading.Thread(target=lambda out=sums: out.append(rank.allreduce(torch.full((2, 64), 2.0))))
+            worker.start()  # the rank spins on its socket while the hub waits for its partial
+            total = hub.allreduce(torch.full((2, 64), float(step)))
+            worker.join(10)
+            assert torch.equal(total, torch.full((2, 64), step + 2.0)) and torch.equal(sums[0], total)
+        assert _recv_frames(rank.sock, 50, spin_s=0.005) is None  # nothing comes: spin, then poll, then give up
     finally:
         rank.close()
         hub.close()
