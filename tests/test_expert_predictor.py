@@ -223,6 +223,14 @@ def test_a_layers_misses_are_read_ahead_together(shard_file: ShardFile) -> None:
                 assert _same(weights, expert_block(0, expert), shard_file)
         cache.end_layer()
         assert (cache.misses, cache.hits, cache.late) == (3, 1, 0)  # read ahead on demand: still misses
+        file.advice.clear()
+        cache.begin_layer(1, [0, 1])  # the I/O thread falls behind: (1, 1) is read before its hint runs
+        for expert in (0, 1):
+            with cache.get(1, expert):
+                pass
+        cache.end_layer()
+        io.run_all()
+        assert file.advice == []  # the late hint was cancelled, not given after the read
     finally:
         file.close()
 
