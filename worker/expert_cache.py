@@ -5,10 +5,10 @@ buffers. An expert is loaded on a miss (in the compute thread: it is needed now)
 prefetched on the I/O thread when the predictor expects the next layer to use it. Buffers
 in use (pinned) and the experts the current layer still needs are never evicted.
 
-By default a prefetch is a read-ahead hint to the kernel (``PREFETCH_TO``): it costs no buffer
-and no I/O-thread work, so a wrong guess evicts nothing and costs only disk time, and the page
-cache of a layer's wrong guesses is dropped when the layer starts (the hinted bytes stay about
-one layer's prediction). A miss on a hinted expert counts as a late prefetch, not a miss.
+By default a prefetch is a read-ahead hint to the kernel (``PREFETCH_TO``), given by the I/O
+thread: it costs no buffer, so a wrong guess evicts nothing and costs only disk time, and the
+page cache of a layer's wrong guesses is dropped when the layer starts (the hinted bytes stay
+about one layer's prediction). A miss on a hinted expert counts as a late prefetch, not a miss.
 
 With ``buffers``, a prefetch is read into the cache and gives way: when a layer starts, its prefetches that the
 router did not ask for and that the I/O thread has not started are cancelled (their buffers
