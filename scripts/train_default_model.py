@@ -43,6 +43,7 @@ import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -304,6 +305,32 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the training loop and the corpus that both training scripts take."""
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--chat-fraction", type=float, default=0.35)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: torch.Tensor,
+               args: argparse.Namespace, step: int, warmup: int, gen: torch.Generator) -> Any:
+    """One optimizer step (cosine schedule, clipped gradients) on ``args.batch_size`` random
+    windows of ``stream``; returns the model's output (its ``loss``, and what else it computed)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, args.steps, args.lr, warmup)
+    starts = torch.randint(0, len(stream) - args.seq_len - 1, (args.batch_size,), generator=gen).tolist()
+    x = torch.stack([stream[s : s + args.seq_len] for s in starts])  # (B, T)
+    out = model(input_ids=x, labels=x)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     model: LlamaForCausalLM, stream: torch.Tensor, seq_len: int, batches: int, batch_size: int
@@ -323,13 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--steps", type=int, default=1100)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--chat-fraction", type=float, default=0.35)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=1)
+    add_training_arguments(parser)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -374,20 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     warmup = max(1, args.steps // 20)
-    max_start = len(train_stream) - args.seq_len - 1
     model.train()
     t_train = time.monotonic()
     running = None
     for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, warmup)
-        starts = torch.randint(0, max_start, (args.batch_size,), generator=gen).tolist()
-        x = torch.stack([train_stream[s : s + args.seq_len] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = train_step(model, optimizer, train_stream, args, step, warmup, gen).loss
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 50 == 0 or step == args.steps - 1:
             elapsed = time.monotonic() - t_train

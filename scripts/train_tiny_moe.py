@@ -40,11 +40,12 @@ from train_default_model import (  # noqa: E402  (scripts/ is not a package)
 )
 from train_default_model import (  # noqa: E402
     adamw,
+    add_training_arguments,
     evaluate,
     gather_corpus,
-    lr_at,
     make_texts,
     split_streams,
+    train_step,
 )
 
 log = logging.getLogger("train_tiny_moe")
@@ -77,18 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--minutes", type=float, default=9.5, help="stop training after this long (wall clock)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--expert-width", type=int, default=512, help="intermediate size of one expert")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--aux-loss", type=float, default=0.02, help="router_aux_loss_coef (Mixtral's: 0.02)")
-    parser.add_argument("--chat-fraction", type=float, default=0.35)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=1)
+    add_training_arguments(parser)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -119,22 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     warmup = max(1, args.steps // 20)
-    max_start = len(train_stream) - args.seq_len - 1
     deadline = time.monotonic() + 60 * args.minutes
     model.train()
     t_train = time.monotonic()
     running = None
     steps = 0
     for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, warmup)
-        starts = torch.randint(0, max_start, (args.batch_size,), generator=gen).tolist()
-        x = torch.stack([train_stream[s: s + args.seq_len] for s in starts])  # (B, T)
-        out = model(input_ids=x, labels=x)  # loss includes router_aux_loss_coef * aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        out = train_step(model, optimizer, train_stream, args, step, warmup, gen)  # loss includes the aux loss
         steps = step + 1
         running = out.loss.item() if running is None else 0.95 * running + 0.05 * out.loss.item()
         if step % 25 == 0:
