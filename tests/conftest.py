@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # AMX faults on this VM
+# Native kernels compile into a directory of this run (inherited by every process it starts),
+# not the user's ~/.cache: each run builds them once, as a fresh machine does.
+if "EDGELLM_KERNEL_CACHE" not in os.environ:
+    os.environ["EDGELLM_KERNEL_CACHE"] = _kernels = tempfile.mkdtemp(prefix="edgellm-kernels-")
+    atexit.register(shutil.rmtree, _kernels, ignore_errors=True)
 
 from tests.tiny_models import build_checkpoint  # noqa: E402
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from worker import native
 from worker.config import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,12 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
+    if (not w.group_size and x.dtype == torch.float32 and x.numel() == x.shape[-1]
+            and (gemv := native.int8_gemv()) is not None and w.scales.dtype == SCALE_DTYPE):
+        y = gemv(x.reshape(1, -1).contiguous(), w.weight.contiguous(), w.scales.contiguous())  # (1, N)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
+        return y if bias is None else y + bias
     # .bfloat16() / .float() rather than .to(dtype): the same copy, half the Python-side cost
     # (about 3 us instead of 6 here), and a decode step makes 2 per matmul.
     flat = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).bfloat16()  # (T, K) in KERNEL_DTYPE

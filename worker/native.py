@@ -1,0 +1,128 @@
+"""Native CPU kernels: C compiled on first use with the system's C compiler, loaded with ctypes.
+
+One kernel so far, ``int8_gemv`` (``kernels/int8_gemv.c``): the one-row int8 matmul of a decode
+step. torch's ``_weight_int8pack_mm`` reads a decode step's weights from DRAM at about 8 GB/s on
+2 threads here (no prefetch); the native kernel prefetches and reads them at 14-19 GB/s, with
+fp32 activations (more exact than the torch kernel's bf16 ones). Measured by ``bench/quant.py``.
+
+Why compiled at run time rather than at install: the project installs as pure Python (a wheel
+for every platform, no build step on a Pi), and the kernel is optional. It is built only on
+Linux x86-64 with AVX2 and FMA, where it was written and measured. Elsewhere, or without a C
+compiler, or with ``EDGELLM_NATIVE=0``, ``int8_gemv`` is None and ``worker.quant.linear`` calls
+torch's kernel; a log line says which. An ARM (NEON) version is not written: nobody has measured
+torch's kernel on a Pi yet.
+
+The library is cached by a hash of its source and flags under ``$EDGELLM_KERNEL_CACHE``
+(default ``~/.cache/edgellm/kernels``), written to a temporary name and renamed into place, so
+processes starting together never load a half-written file. It links OpenMP by soname
+(``libgomp.so.1``), so it shares the runtime torch has already loaded and its thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_gemv.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+DISABLE_ENV = "EDGELLM_NATIVE"  # "0" turns native kernels off
+CACHE_ENV = "EDGELLM_KERNEL_CACHE"
+
+Int8Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_lock = threading.Lock()
+_loaded: dict[str, Int8Gemv | None] = {}
+
+
+def cache_dir() -> Path:
+    if configured := os.environ.get(CACHE_ENV):
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgellm" / "kernels"
+
+
+def unsupported_reason() -> str | None:
+    """Why the native kernel cannot be used here, or None when it can be built."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"{DISABLE_ENV}=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"written for Linux x86-64, this is {platform.system()} {platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    if shutil.which(_compiler()) is None:
+        return f"no C compiler ({_compiler()}) on PATH"
+    return None
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _library() -> ctypes.CDLL:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((_compiler(), *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"int8_gemv-{digest}.so"
+    if not target.exists():
+        start = time.perf_counter()
+        _build(target)
+        log.info("native int8 kernel compiled in %.2f s: %s", time.perf_counter() - start, target)
+    return ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
+
+
+def _wrap(lib: ctypes.CDLL) -> Int8Gemv:
+    kernel = lib.int8_gemv
+    kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    kernel.restype = None
+
+    def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x fp32 (1, K) contiguous, weight int8 (N, K) contiguous, scales bf16 (N,) -> fp32 (1, N)."""
+        n, k = weight.shape
+        y = torch.empty(1, n)
+        kernel(weight.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), n, k, torch.get_num_threads())
+        return y
+
+    return int8_gemv
+
+
+def int8_gemv() -> Int8Gemv | None:
+    """The native one-row int8 matmul, or None where it is not available (logged once)."""
+    if "int8_gemv" in _loaded:
+        return _loaded["int8_gemv"]
+    with _lock:
+        if "int8_gemv" not in _loaded:
+            kernel: Int8Gemv | None = None
+            if reason := unsupported_reason():
+                log.info("native int8 kernel off (%s): decode uses torch's _weight_int8pack_mm", reason)
+            else:
+                try:
+                    kernel = _wrap(_library())
+                except (OSError, subprocess.SubprocessError) as exc:
+                    detail = getattr(exc, "stderr", "") or exc
+                    log.warning("native int8 kernel unavailable, using torch's: %s", detail)
+            _loaded["int8_gemv"] = kernel
+    return _loaded["int8_gemv"]
