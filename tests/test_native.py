@@ -1,6 +1,6 @@
-"""The native one-row int8 kernel (worker/native.py, worker/kernels/int8_gemv.c): built here,
-exact to fp32 summation against the dequantized matrix, used by ``linear`` for decode rows, and
-off (torch's kernel instead) where it cannot be built."""
+"""The native int8 matmul (worker/native.py, worker/kernels/int8_matmul.c): built here, exact to
+fp32 summation against the dequantized matrix, used by ``linear`` for fp32 activations, and off
+(torch's kernel instead) where it cannot be built."""
 
 from __future__ import annotations
 
@@ -39,60 +39,60 @@ def _fp32_bound(x: torch.Tensor, w: QuantWeight) -> tuple[torch.Tensor, torch.Te
 @needs_native
 def test_the_kernel_is_built_where_it_is_supported() -> None:
     assert native.unsupported_reason() is None
-    assert native.int8_gemv() is not None
+    assert native.int8_mm() is not None
 
 
 @needs_native
 @pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 24), (1024, 512), (130, 1544)])
-def test_kernel_matches_the_dequantized_matrix_in_fp32(n: int, k: int) -> None:
+@pytest.mark.parametrize("m", [1, 2, 3, 6])
+def test_kernel_matches_the_dequantized_matrix_in_fp32(m: int, n: int, k: int) -> None:
     """Block rows and left-over rows (n % 4), 16-wide steps and an 8-wide tail (k % 16 == 8),
-    one thread and two (each row is summed by one thread: the same bits)."""
-    gemv = native.int8_gemv()
-    assert gemv is not None
+    rows of x one at a time and in pairs (odd and even m), one thread and two (each output is
+    summed by one thread: the same bits)."""
+    int8_mm = native.int8_mm()
+    assert int8_mm is not None
     w = _quantized(n, k, n + k)
-    x = torch.randn(1, k)
+    x = torch.randn(m, k)
     ref, bound = _fp32_bound(x, w)
-    y = gemv(x, w.weight, w.scales)
-    assert y.shape == (1, n) and y.dtype == torch.float32
+    y = int8_mm(x, w.weight, w.scales)
+    assert y.shape == (m, n) and y.dtype == torch.float32
     assert ((y.double() - ref).abs() <= bound).all()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(gemv(x, w.weight, w.scales), y)
+        assert torch.equal(int8_mm(x, w.weight, w.scales), y)
     finally:
         torch.set_num_threads(threads)
 
 
 @needs_native
-def test_linear_uses_it_for_one_fp32_row_and_torch_for_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
-    gemv = native.int8_gemv()
-    assert gemv is not None
+def test_linear_uses_it_for_fp32_activations_and_torch_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    int8_mm = native.int8_mm()
+    assert int8_mm is not None
     w = _quantized(64, 128, 1)
-    x = torch.randn(1, 1, 128)
+    x = torch.randn(3, 1, 128)
     bias = torch.randn(64)
     y = linear(x, w, bias)
-    assert y.shape == (1, 1, 64)
-    assert torch.equal(y, (gemv(x.view(1, 128), w.weight, w.scales) + bias).view(1, 1, 64))
-    # A non-contiguous row is copied, not misread.
-    wide = torch.randn(1, 256)
-    assert torch.equal(linear(wide[:, ::2], w), gemv(wide[:, ::2].contiguous(), w.weight, w.scales))
-    # Several rows (prefill, batches) go to torch's kernel: within its bf16 bound, not the native bits.
-    rows = torch.randn(3, 128)
-    batched = linear(rows, w)
-    ref, bf16_bound = _kernel_reference(rows, w)
-    assert ((batched.double() - ref).abs() <= bf16_bound).all()
-    assert not torch.equal(batched, torch.cat([gemv(r[None], w.weight, w.scales) for r in rows]))
-    # With the kernel off, one row takes torch's path too.
-    monkeypatch.setitem(native._loaded, "int8_gemv", None)
-    fallback = linear(x, w)
-    ref, bf16_bound = _kernel_reference(x.view(1, 128), w)
-    assert ((fallback.view(1, 64).double() - ref).abs() <= bf16_bound).all()
-    assert not torch.equal(fallback + bias, y)
+    assert y.shape == (3, 1, 64)
+    assert torch.equal(y, (int8_mm(x.view(3, 128), w.weight, w.scales) + bias).view(3, 1, 64))
+    # A non-contiguous input is copied, not misread.
+    wide = torch.randn(2, 256)
+    assert torch.equal(linear(wide[:, ::2], w), int8_mm(wide[:, ::2].contiguous(), w.weight, w.scales))
+    # bf16 activations go to torch's kernel: within its bf16 bound, in bf16.
+    ref, bf16_bound = _kernel_reference(x.view(3, 128), w)
+    in_bf16 = linear(x.view(3, 128).bfloat16(), w)
+    assert in_bf16.dtype == torch.bfloat16
+    assert ((in_bf16.double() - ref).abs() <= bf16_bound).all()
+    # With the kernel off, fp32 takes torch's path too: its bf16 rounding, not the native bits.
+    monkeypatch.setitem(native._loaded, "int8_mm", None)
+    fallback = linear(x, w).view(3, 64)
+    assert ((fallback.double() - ref).abs() <= bf16_bound).all()
+    assert not torch.equal(fallback + bias, y.view(3, 64))
 
 
 def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
-            "from worker import native; print('KERNEL', native.int8_gemv() is not None)")
+            "from worker import native; print('KERNEL', native.int8_mm() is not None)")
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=120, check=True)
 
@@ -109,10 +109,10 @@ def test_off_switch_and_missing_compiler_fall_back_with_a_log_line(tmp_path: Pat
 @needs_native
 def test_processes_starting_together_share_one_cached_build(tmp_path: Path) -> None:
     env = {**os.environ, "EDGELLM_KERNEL_CACHE": str(tmp_path)}
-    code = "from worker import native; assert native.int8_gemv() is not None"
+    code = "from worker import native; assert native.int8_mm() is not None"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env) for _ in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     built = sorted(p.name for p in tmp_path.iterdir())
-    assert len(built) == 1 and built[0].startswith("int8_gemv-") and built[0].endswith(".so")  # no temp files left
+    assert len(built) == 1 and built[0].startswith("int8_matmul-") and built[0].endswith(".so")  # no temp files left
     later = _probe({"EDGELLM_KERNEL_CACHE": str(tmp_path)})
     assert "KERNEL True" in later.stdout and "compiled" not in later.stdout

@@ -17,13 +17,15 @@ tensors of its block:
 Scales are stored in bfloat16, the dtype the kernels run in (below): a bf16 scale is off by at
 most 2^-9 (0.2%), an order of magnitude under the rounding error of the weights themselves.
 
-Compute never builds a float copy of a weight: ``linear`` calls ``_weight_int8pack_mm`` or
-``_weight_int4pack_mm_for_cpu`` on the stored tensors. Both run with bfloat16 activations
-(``KERNEL_DTYPE``): measured on this AVX2 machine at decode (one row, 2048-5632 wide), the int8
-kernel takes 0.25-0.45x the time of an fp32 ``F.linear`` with bf16 activations, 3-4x with fp32
-ones and 4-9x with fp16 ones, so any other activation dtype would make quantization slower
-than no quantization. The activations' bf16 rounding (0.4%) is small next to the weights' int8
-(about 1%) or int4 (about 10%) rounding; ``bench/quant.py`` measures the end-to-end error.
+Compute never builds a float copy of a weight: ``linear`` calls a kernel on the stored tensors.
+int8 with fp32 activations goes to the native kernel of ``worker.native`` where it builds (x86-64
+with AVX2: 1.8x torch's at decode, fp32 activations). Otherwise ``_weight_int8pack_mm`` or
+``_weight_int4pack_mm_for_cpu``, both with bfloat16 activations (``KERNEL_DTYPE``): measured on
+this AVX2 machine at decode (one row, 2048-5632 wide), torch's int8 kernel takes 0.25-0.45x the
+time of an fp32 ``F.linear`` with bf16 activations, 3-4x with fp32 ones and 4-9x with fp16 ones,
+so any other activation dtype would make quantization slower than no quantization. The
+activations' bf16 rounding (0.4%) is small next to the weights' int8 (about 1%) or int4 (about
+10%) rounding; ``bench/quant.py`` measures the end-to-end error.
 
 Norms, biases, routers, the shared-expert gate and the hub's embedding stay in float: they
 are a small share of the bytes read per token (the embedding is read one row per token), and
@@ -132,9 +134,10 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    if (not w.group_size and x.dtype == torch.float32 and x.numel() == x.shape[-1]
-            and (gemv := native.int8_gemv()) is not None and w.scales.dtype == SCALE_DTYPE):
-        y = gemv(x.reshape(1, -1).contiguous(), w.weight.contiguous(), w.scales.contiguous())  # (1, N)
+    if (not w.group_size and x.dtype == torch.float32 and w.scales.dtype == SCALE_DTYPE
+            and (int8_mm := native.int8_mm()) is not None):
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, K)
+        y = int8_mm(flat.contiguous(), w.weight.contiguous(), w.scales.contiguous())  # (T, N)
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
         return y if bias is None else y + bias
