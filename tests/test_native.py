@@ -100,10 +100,17 @@ def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_off_switch_and_missing_compiler_fall_back_with_a_log_line(tmp_path: Path) -> None:
     off = _probe({"EDGELLM_NATIVE": "0", "EDGELLM_KERNEL_CACHE": str(tmp_path)})
     assert "KERNEL False" in off.stdout and "EDGELLM_NATIVE=0" in off.stdout
-    no_cc = _probe({"CC": "/nonexistent/cc", "EDGELLM_KERNEL_CACHE": str(tmp_path)})
-    assert "KERNEL False" in no_cc.stdout and "unsupported" not in no_cc.stdout
-    assert "torch's" in no_cc.stdout
+    no_cc = _probe({"PATH": "/nonexistent", "EDGELLM_KERNEL_CACHE": str(tmp_path)})
+    assert "KERNEL False" in no_cc.stdout and "no C compiler" in no_cc.stdout and "torch's" in no_cc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_native
+def test_a_cached_build_loads_without_a_compiler(tmp_path: Path) -> None:
+    built = _probe({"EDGELLM_KERNEL_CACHE": str(tmp_path)})
+    assert "KERNEL True" in built.stdout and "compiled" in built.stdout
+    no_cc = _probe({"PATH": "/nonexistent", "EDGELLM_KERNEL_CACHE": str(tmp_path)})
+    assert "KERNEL True" in no_cc.stdout and "compiled" not in no_cc.stdout
 
 
 @needs_native

@@ -58,15 +58,13 @@ def cache_dir() -> Path:
 
 
 def unsupported_reason() -> str | None:
-    """Why the native kernel cannot be used here, or None when it can be built."""
+    """Why the native kernel cannot run on this machine, or None when it can."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return f"{DISABLE_ENV}=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"written for Linux x86-64, this is {platform.system()} {platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"the CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
-    if shutil.which(_compiler()) is None:
-        return f"no C compiler ({_compiler()}) on PATH"
     return None
 
 
@@ -87,10 +85,19 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
-def _library() -> ctypes.CDLL:
+def library_path() -> Path:
+    """Where this source, compiler and flags build to: a machine with no compiler can still load
+    a library built there before (or copied there, as an image build could)."""
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((_compiler(), *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"int8_matmul-{digest}.so"
+    return cache_dir() / f"int8_matmul-{digest}.so"
+
+
+def _library() -> ctypes.CDLL | str:
+    """The loaded library, built first if need be; or why it cannot be."""
+    target = library_path()
     if not target.exists():
+        if shutil.which(_compiler()) is None:
+            return f"no C compiler ({_compiler()}) on PATH and no build at {target}"
         start = time.perf_counter()
         _build(target)
         log.info("native int8 kernel compiled in %.2f s: %s", time.perf_counter() - start, target)
@@ -119,13 +126,17 @@ def int8_mm() -> Int8Mm | None:
     with _lock:
         if "int8_mm" not in _loaded:
             kernel: Int8Mm | None = None
-            if reason := unsupported_reason():
-                log.info("native int8 kernel off (%s): decode uses torch's _weight_int8pack_mm", reason)
-            else:
+            reason = unsupported_reason()
+            if reason is None:
                 try:
-                    kernel = _wrap(_library())
+                    library = _library()
                 except (OSError, subprocess.SubprocessError) as exc:
-                    detail = getattr(exc, "stderr", "") or exc
-                    log.warning("native int8 kernel unavailable, using torch's: %s", detail)
+                    library = f"{getattr(exc, 'stderr', '') or exc}"
+                if isinstance(library, str):
+                    reason = library
+                else:
+                    kernel = _wrap(library)
+            if reason is not None:
+                log.info("native int8 kernel off (%s): quantized layers use torch's _weight_int8pack_mm", reason)
             _loaded["int8_mm"] = kernel
     return _loaded["int8_mm"]
