@@ -24,6 +24,7 @@ import yaml
 import server.cli
 import worker.cli
 from tests.processes import ROOT
+from worker import native
 
 DEPLOY = ROOT / "deploy"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
@@ -288,3 +289,21 @@ def test_systemd_analyze_verifies_the_unit(unit: Path, tmp_path: Path) -> None:
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     problems = [line for line in (result.stdout + result.stderr).splitlines() if unit.name in line]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(native.unsupported_reason() is not None or shutil.which("cc") is None,
+                    reason="the native kernel builds on Linux x86-64 with AVX2 and a C compiler")
+def test_dockerfile_builds_the_native_kernel_where_the_runtime_image_loads_it(tmp_path: Path) -> None:
+    """The build stage's kernel command, run here, leaves a library that a process with no
+    compiler (as in the runtime image) loads from the cache directory both stages name."""
+    steps = _dockerfile()
+    caches = [a for kind, a in steps if kind == "ENV" and "EDGELLM_KERNEL_CACHE=" in a]
+    assert len(caches) == 2  # the build stage and the runtime stage
+    assert len({re.findall(r"EDGELLM_KERNEL_CACHE=(\S+)", a)[0] for a in caches}) == 1
+    build = next(a for kind, a in steps if kind == "RUN" and "native.build()" in a)
+    (code,) = re.findall(r'python -c "([^"]+)"', build)
+    env = {**os.environ, "EDGELLM_KERNEL_CACHE": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
+    probe = "from worker import native; assert native.int8_mm() is not None"
+    subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, "PATH": "/nonexistent"}, check=True,
+                   timeout=120)

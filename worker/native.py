@@ -72,6 +72,13 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
+def build() -> Path:
+    """Compile the library into the cache now (an image build does this where a compiler is)."""
+    target = library_path()
+    _build(target)
+    return target
+
+
 def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
