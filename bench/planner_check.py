@@ -7,6 +7,8 @@
    ``planner.model.predict`` and measure them with the real code:
    - the random Llama 512 x 8 layers (8 heads, 4 KV heads, intermediate 1536, vocab 8000), 1 rank,
      at each ``--threads`` count (``server.executor.Executor``, as in bench/decode_and_allreduce.py);
+   - the same model as an int8 shard (``edgellm shard --quantize int8``: LM head in int8 too), 1
+     rank, at the largest ``--threads`` count, predicted from the probe's int8 matvec rate;
    - the same model on 2 ranks on loopback: rank 0 here and rank 1 a real ``WorkerRank`` in a
      spawned process, 1 thread each. Both ranks share this machine, so each rank's node is the
      1-thread probe with its matvec bandwidth capped at half the all-threads figure (they stream
@@ -41,7 +43,9 @@ from planner.synthetic import write_random_llama  # noqa: E402
 from server.executor import Executor  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
+from worker.quant import QuantSpec  # noqa: E402
 from worker.runtime import RankSpec, WorkerRank  # noqa: E402
+from worker.shard_writer import write_shards  # noqa: E402
 from worker.sharding import plan_shards  # noqa: E402
 from worker.step import SeqSpan  # noqa: E402
 
@@ -149,7 +153,7 @@ def main() -> None:
     probes = {}
     for t in threads:
         log.info("probe: %d thread(s)", t)
-        probes[t] = probe_node(threads=t, dtypes=("float32",), matvec_bytes=args.probe_mib << 20)
+        probes[t] = probe_node(threads=t, dtypes=("float32", "int8"), matvec_bytes=args.probe_mib << 20)
     torch.set_num_threads(1)
     # Two ranks on this machine, 1 thread each, stream weights at the same moments: each gets at
     # most half of what the machine gives with all its cores.
@@ -171,6 +175,13 @@ def main() -> None:
             m = measure(small, 1, t, args.prompt, args.tokens, args.rounds, max_context)
             result["checks"].append(check(f"llama-512x8, 1 rank, {t} thread(s)", config,
                                           [node_of(probes[t], "this-vm")], work, m))
+        t = max(threads)
+        log.info("measure: small, int8 shard, 1 rank, %d thread(s)", t)
+        int8_dir = Path(tmp) / "small-int8"
+        write_shards(small, plan_shards(config, [1.0]), int8_dir, torch.float32, progress=False, quant=QuantSpec(8))
+        m = measure(int8_dir, 1, t, args.prompt, args.tokens, args.rounds, max_context)
+        result["checks"].append(check(f"llama-512x8 int8, 1 rank, {t} thread(s)", config,
+                                      [node_of(probes[t], "this-vm")], replace(work, weight_dtype="int8"), m))
         log.info("measure: small, 2 ranks, 1 thread each")
         m = measure(small, 2, 1, args.prompt, args.tokens, args.rounds, max_context)
         result["checks"].append(check("llama-512x8, 2 ranks on loopback, 1 thread each", config, colocated, work, m))

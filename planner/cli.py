@@ -24,7 +24,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the link echo/sink for workers' probes instead of probing (until Ctrl-C)")
     p.add_argument("--host", default="127.0.0.1", help="interface of --serve-link (default: 127.0.0.1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to measure")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8",
+                   help="weight dtypes to measure: float32, bfloat16, float16, int8 (an int8 shard's kernel)")
     p.add_argument("--size-mib", type=int, default=256, help="matvec/copy/disk working set (default: 256)")
     p.add_argument("--out", default=None, help="also write the YAML here (node.yaml)")
 
@@ -49,10 +50,13 @@ def run_probe(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             server.stop()
         return 0
-    from planner.probe import probe_node
+    from planner.probe import DTYPES, INT8, probe_node
 
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    if unknown := [d for d in dtypes if d not in DTYPES and d != INT8]:
+        raise SystemExit(f"--dtypes: unknown {', '.join(unknown)}; known: {', '.join([*DTYPES, INT8])}")
     size = args.size_mib << 20
-    result = probe_node(threads=args.threads, dtypes=tuple(d for d in args.dtypes.split(",") if d),
+    result = probe_node(threads=args.threads, dtypes=dtypes,
                         matvec_bytes=size, disk=args.disk, disk_bytes=size,
                         coordinator=_host_port(args.coordinator) if args.coordinator else None)
     text = yaml.safe_dump(result, sort_keys=False)

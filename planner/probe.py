@@ -7,6 +7,7 @@ best run is the machine's capability; the others saw noise from neighbours).
 - ``matvec_gb_s``: a vector times a set of weight matrices larger than the last-level cache,
   as bytes of weights per second (decode at batch 1 is bound by this), at an input width of
   4096; ``matvec_by_width`` also at 512 and 1024 (narrow matrices stream less efficiently).
+  int8 goes through ``worker.quant.linear``, so it times the kernel a quantized shard runs here.
 - ``copy_gb_s``: a large tensor copy (read + write bytes per second), for reference.
 - ``layer_overhead_us`` / ``step_overhead_us``: what our own decode step costs beyond its matrix
   work, per layer and per step, measured by running it on tiny random models.
@@ -35,12 +36,14 @@ from typing import Any
 
 import psutil
 import torch
-import torch.nn.functional as F
+
+from worker.quant import SCALE_DTYPE, QuantWeight, linear
 
 log = logging.getLogger(__name__)
 
 MATVEC_WIDTHS = (512, 1024, 4096)  # input features of the probed matrices; the last is the headline
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT8 = "int8"  # weight-only int8 (``edgellm shard --quantize int8``): matvec only, no matmul figure
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
@@ -63,19 +66,28 @@ def matmul_gflop_s(dtype: str, n: int = 1024, repeats: int = 5, budget_s: float 
     return 2.0 * n ** 3 / seconds / 1e9
 
 
+def _matvec_weights(dtype: str, rows: int, cols: int) -> Any:
+    """One random (rows, cols) weight as decode computes with it: a float tensor, or for int8 a
+    ``QuantWeight`` (so the probe times the int8 kernel this node runs: native or torch's)."""
+    if dtype == INT8:
+        return QuantWeight(torch.randint(-127, 128, (rows, cols), dtype=torch.int8),
+                           torch.rand(rows).mul_(0.01).to(SCALE_DTYPE), 0)
+    return torch.randn(rows, cols).to(DTYPES[dtype])
+
+
 def matvec_gb_s(dtype: str, total_bytes: int = 256 << 20, cols: int = 4096, repeats: int = 3,
                 budget_s: float = 5.0) -> float:
     """Weight bytes per second of ``x @ W.T`` over matrices adding up to ``total_bytes``."""
-    elem = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    elem = 1 if dtype == INT8 else torch.tensor([], dtype=DTYPES[dtype]).element_size()
     rows = max(1, min(2048, total_bytes // (cols * elem)))
     count = max(1, total_bytes // (rows * cols * elem))
-    mats = [torch.randn(rows, cols).to(DTYPES[dtype]) for _ in range(count)]
-    x = torch.randn(1, cols).to(DTYPES[dtype])
+    mats = [_matvec_weights(dtype, rows, cols) for _ in range(count)]
+    x = torch.randn(1, cols).to(torch.float32 if dtype == INT8 else DTYPES[dtype])  # int8 shards compute in fp32
 
     def run() -> None:
         with torch.inference_mode():
             for w in mats:
-                F.linear(x, w)
+                linear(x, w)
 
     seconds = _best_seconds(run, repeats, budget_s)
     return count * rows * cols * elem / seconds / 1e9
@@ -237,7 +249,7 @@ def disk_read_mb_s(path: str | Path, size_bytes: int = 256 << 20, block: int = 4
             "page_cache_dropped": dropped}
 
 
-def probe_node(threads: int | None = None, dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+def probe_node(threads: int | None = None, dtypes: tuple[str, ...] = ("float32", "bfloat16", INT8),
                matvec_bytes: int = 256 << 20, matmul_n: int = 1024, disk: str | None = None,
                disk_bytes: int = 256 << 20, coordinator: tuple[str, int] | None = None,
                link_bytes: int = 64 << 20, allreduce_iters: int = 200) -> dict[str, Any]:
@@ -250,7 +262,7 @@ def probe_node(threads: int | None = None, dtypes: tuple[str, ...] = ("float32",
                            "memory_bytes": int(vm.total), "memory_available_bytes": int(vm.available)}
     start = time.perf_counter()
     log.info("probe: matmul and matvec in %s", ", ".join(dtypes))
-    out["matmul_gflop_s"] = {d: round(matmul_gflop_s(d, matmul_n), 2) for d in dtypes}
+    out["matmul_gflop_s"] = {d: round(matmul_gflop_s(d, matmul_n), 2) for d in dtypes if d in DTYPES}
     widths = {d: {w: round(matvec_gb_s(d, matvec_bytes, cols=w), 3) for w in MATVEC_WIDTHS} for d in dtypes}
     out["matvec_gb_s"] = {d: widths[d][MATVEC_WIDTHS[-1]] for d in dtypes}
     out["matvec_by_width"] = widths

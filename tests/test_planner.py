@@ -128,18 +128,20 @@ def test_probe_tiny(tmp_path: Path) -> None:
     server = LinkServer("127.0.0.1", 0).start()
     start = time.monotonic()
     try:
-        result = probe_node(threads=1, dtypes=("float32",), matvec_bytes=4 << 20, matmul_n=128, disk=str(tmp_path),
+        result = probe_node(threads=1, dtypes=("float32", "int8"), matvec_bytes=4 << 20, matmul_n=128, disk=str(tmp_path),
                             disk_bytes=4 << 20, coordinator=("127.0.0.1", server.port), link_bytes=1 << 20,
                             allreduce_iters=20)
     finally:
         server.stop()
     assert time.monotonic() - start < 30
     assert result["matmul_gflop_s"]["float32"] > 0 and result["matvec_gb_s"]["float32"] > 0
+    assert "int8" not in result["matmul_gflop_s"] and result["matvec_by_width"]["int8"][512] > 0  # int8: matvec only
     assert result["disk"]["read_mb_s"] > 0 and result["disk"]["page_cache_dropped"] in (True, False)
     assert result["link"]["rtt_us"] > 0 and result["allreduce_loopback_us"] > 0
     assert result["layer_overhead_us"] >= 0
     assert not list(tmp_path.iterdir()), "the disk probe must remove its file"
-    assert Node.from_dict(result).bandwidth("float32", 700) > 0
+    node = Node.from_dict(result)
+    assert node.bandwidth("float32", 700) > 0 and node.bandwidth("int8", 700) > 0
     assert yaml.safe_load(yaml.safe_dump(result)) == result  # what `edgellm probe --out` writes
 
 
@@ -165,3 +167,10 @@ def test_plan_cli_on_a_checkpoint(checkpoints, tmp_path: Path) -> None:
     assert plan["prediction"]["tokens_per_s"] > 0 and len(plan["weights"]) == 2
     assert plan["weights"][0] > plan["weights"][1]  # the faster node gets more
     assert "tokens/s" in out.stderr  # the human table
+
+
+def test_probe_cli_rejects_an_unknown_dtype() -> None:
+    from server.cli import main as edgellm_main
+
+    with pytest.raises(SystemExit, match="--dtypes: unknown int3; known: float32, bfloat16, float16, int8"):
+        edgellm_main(["probe", "--dtypes", "float32,int3"])
