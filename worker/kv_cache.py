@@ -24,6 +24,22 @@ class KVCache:
         self.k[layer, slot, :, start:start + n] = k.transpose(0, 1)
         self.v[layer, slot, :, start:start + n] = v.transpose(0, 1)
 
+    def write_tokens(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """Store one token per sequence: ``k[i]``/``v[i]`` (B, kh, hd) at (``slots[i]``, ``positions[i]``)."""
+        self.k[layer, slots, :, positions] = k
+        self.v[layer, slots, :, positions] = v
+
+    def batch_view(self, layer: int, slots: torch.Tensor, first_slot: int | None,
+                   length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions ``[0, length)`` of several slots, each (B, kh, length, hd):
+        a view when the slots are consecutive from ``first_slot``, else a gathered copy."""
+        if first_slot is not None:
+            rows = slice(first_slot, first_slot + slots.shape[0])
+            return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
+        return (self.k[layer, :, :, :length].index_select(0, slots),
+                self.v[layer, :, :, :length].index_select(0, slots))
+
     def view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions ``[0, length)``, each (kh, length, hd)."""
         return self.k[layer, slot, :, :length], self.v[layer, slot, :, :length]

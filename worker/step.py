@@ -18,6 +18,34 @@ class SeqSpan:
     length: int  # number of new tokens in this step
 
 
+@dataclass(frozen=True)
+class DecodeBatch:
+    """A step of several sequences with one new token each (batched decode): every layer writes
+    their keys/values and attends in one call each, over the cache rows ``[0, length)`` of every
+    sequence, with ``mask`` hiding what a shorter sequence does not have."""
+
+    slots: torch.Tensor  # (B,) int64 KV-cache slots
+    positions: torch.Tensor  # (B,) int64 position of each new token
+    first_slot: int | None  # slots are first_slot, first_slot + 1, ...: the cache is viewed, not gathered
+    length: int  # keys attended per sequence: the longest sequence's, max(position) + 1
+    mask: torch.Tensor  # (B, 1, 1, length) float: 0 where key j of sequence i is attended, -inf elsewhere
+
+    @classmethod
+    def build(cls, spans: list[SeqSpan], sliding_window: int | None) -> DecodeBatch:
+        slots = [s.slot for s in spans]
+        positions = torch.tensor([s.start for s in spans])
+        length = int(positions.max()) + 1
+        keys = torch.arange(length)
+        allowed = keys[None, :] <= positions[:, None]  # (B, length) causal: up to its own token
+        if sliding_window is not None:
+            allowed &= keys[None, :] > positions[:, None] - sliding_window
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        # additive rather than bool: SDPA would convert a bool mask at every layer
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+        return cls(slots=torch.tensor(slots), positions=positions, first_slot=slots[0] if contiguous else None,
+                   length=length, mask=mask)
+
+
 @dataclass
 class StepPlan:
     """Per-step tensors computed once and reused by every layer."""
@@ -26,6 +54,7 @@ class StepPlan:
     positions: torch.Tensor  # (T,) int64
     offsets: list[int]  # token offset of each span in the packed batch
     masks: list[torch.Tensor | None]  # per span: (n, start + n) bool, None when all allowed
+    decode: DecodeBatch | None = None  # set when there are several spans, each of one token
 
     @property
     def num_tokens(self) -> int:
@@ -41,7 +70,10 @@ class StepPlan:
             offsets.append(offset)
             offset += span.length
             masks.append(_span_mask(span, pos, sliding_window))
-        return cls(spans=spans, positions=torch.cat(positions), offsets=offsets, masks=masks)
+        decode = None
+        if len(spans) > 1 and all(span.length == 1 for span in spans):
+            decode = DecodeBatch.build(spans, sliding_window)
+        return cls(spans=spans, positions=torch.cat(positions), offsets=offsets, masks=masks, decode=decode)
 
 
 def _span_mask(span: SeqSpan, pos: torch.Tensor, window: int | None) -> torch.Tensor | None:

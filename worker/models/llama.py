@@ -18,7 +18,7 @@ from worker.config import ModelConfig, RopeConfig
 from worker.kv_cache import KVCache
 from worker.quant import Weight, linear
 from worker.sharding import RankShard
-from worker.step import SeqSpan, StepPlan
+from worker.step import DecodeBatch, SeqSpan, StepPlan
 from worker.weight_store import WeightStore
 from worker.weights import AttentionWeights, MlpWeights
 
@@ -142,6 +142,8 @@ class RankModel:
             v = v.reshape(-1, kh, hd)
         if len(plan.spans) == 1:  # the common decode / prefill step: no per-span scatter
             out = self._attend(layer, plan.spans[0], plan.masks[0], q, k, v).reshape(-1, qh * hd)  # (T, qh*hd)
+        elif plan.decode is not None:  # batched decode: one attention call for all sequences
+            out = self._attend_decode(layer, plan.decode, q, k, v).reshape(-1, qh * hd)  # (B, qh*hd)
         else:
             out = torch.empty_like(q)  # (T, qh, hd)
             for span, offset, mask in zip(plan.spans, plan.offsets, plan.masks, strict=True):
@@ -161,6 +163,18 @@ class RankModel:
             keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True,
         )  # (1, qh, n, hd)
         return attended[0].transpose(0, 1)
+
+    def _attend_decode(self, layer: int, batch: DecodeBatch, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
+        """One new token of each of B sequences: cache their k/v (B, kh, hd), attend q (B, qh, hd)
+        to each sequence's cached prefix (masked to its own length); returns (B, qh, hd)."""
+        self.kv.write_tokens(layer, batch.slots, batch.positions, k, v)
+        keys, values = self.kv.batch_view(layer, batch.slots, batch.first_slot, batch.length)  # (B, kh, S, hd)
+        mask = batch.mask if batch.mask.dtype == q.dtype else batch.mask.to(q.dtype)
+        attended = F.scaled_dot_product_attention(
+            q[:, :, None], keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True,
+        )  # (B, qh, 1, hd)
+        return attended[:, :, 0]
 
     def _mlp_class(self, layer: int) -> type[Any]:
         """The dataclass of ``layer``'s MLP block."""
