@@ -44,10 +44,11 @@ def test_the_kernel_is_built_where_it_is_supported() -> None:
 
 @needs_native
 @pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 24), (1024, 512), (130, 1544)])
-@pytest.mark.parametrize("m", [1, 2, 3, 6])
+@pytest.mark.parametrize("m", [1, 2, 3, 6, 12, 13, 14])
 def test_kernel_matches_the_dequantized_matrix_in_fp32(m: int, n: int, k: int) -> None:
     """Block rows and left-over rows (n % 4), 16-wide steps and an 8-wide tail (k % 16 == 8),
-    rows of x one at a time and in pairs (odd and even m), one thread and two (each output is
+    rows of x one at a time and in pairs (odd and even m), and from 12 rows against a block
+    converted to floats, 3 at a time (m % 3 of 0, 1, 2); one thread and two (each output is
     summed by one thread: the same bits)."""
     int8_mm = native.int8_mm()
     assert int8_mm is not None

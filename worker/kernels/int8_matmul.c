@@ -12,9 +12,15 @@
  * block is read once for all M rows of x (a batch of decode rows, a prompt). */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PREFETCH 3072 /* bytes ahead on the block stream; 2048-3072 were best, 1024 and 4096 slower */
 #define MIN_BLOCKS_PER_THREAD 16 /* below this a second thread costs more than it saves */
+/* Rows of x from which a block is converted to floats once (int8_gemm). Measured on the 512x8
+ * shape's matrices, ms for 8 layers, scratch / pairs: 4 rows 5.6 / 3.3, 8 rows 7.8 / 6.4,
+ * 12 rows 9.4-10.4 / 8.8-10.2, 16 rows 7.6-12.0 / 9.7-11.6, 32 rows 15.5-18.6 / 22.7-24.3,
+ * 64 rows 37 / 49-51, 128 rows 71-75 / 100-104. */
+#define SCRATCH_MIN_ROWS 12
 
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -98,33 +104,90 @@ static void block_one_row(const int8_t *r0, int k, const float *x, float out[4])
     out[3] = hsum(_mm256_add_ps(lo3, hi3)) + dot_row(r3 + k16, x + k16, tail);
 }
 
-/* y (m, n) = x (m, k) @ dequant(w (n, k)).T, all row-major. Each 4-row block of w is read from
- * memory once for all m rows of x: the first row (or pair) streams it in, the rest find it in
- * L1/L2 (a block is 4k bytes: 2-22 KB for k of 512-5632). Only that first pass prefetches. */
+/* The 4 rows of a weight block as floats, 8 columns a step (k8 = k rounded down to 8). */
+static void convert_block(const int8_t *r0, int k, int k8, float *buf) {
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < k8; c += 8) {
+            if (c % 64 == 0) _mm_prefetch((const char *)(r0 + (int64_t)r * k + c + PREFETCH), _MM_HINT_T0);
+            _mm256_store_ps(buf + (int64_t)r * k8 + c,
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(r0 + (int64_t)r * k + c)))));
+        }
+}
+
+/* rows (1-3) rows of x against a converted block: rows x 4 accumulators, one float load of the
+ * weights per 8 columns and row of the block, the rest FMAs. Inlined with a constant row count
+ * so the accumulators stay in registers (3 x 4 + 3 of x: all 16 of AVX2's). */
+static inline __attribute__((always_inline)) void rows_against_block(const float *buf, const int8_t *r0, int k,
+                                                                     int k8, const float *xs[3], int rows,
+                                                                     float out[3][4]) {
+    __m256 acc[3][4];
+    for (int i = 0; i < rows; i++)
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int c = 0; c < k8; c += 8) {
+        __m256 xv[3];
+        for (int i = 0; i < rows; i++) xv[i] = _mm256_loadu_ps(xs[i] + c);
+        for (int r = 0; r < 4; r++) {
+            const __m256 wv = _mm256_load_ps(buf + (int64_t)r * k8 + c);
+            for (int i = 0; i < rows; i++) acc[i][r] = _mm256_fmadd_ps(wv, xv[i], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int r = 0; r < 4; r++)
+            out[i][r] = hsum(acc[i][r]) + dot_row(r0 + (int64_t)r * k + k8, xs[i] + k8, k - k8);
+}
+
+/* y (m, n) = x (m, k) @ dequant(w (n, k)).T, all row-major, every 4-row block of w read from
+ * memory once for all m rows of x.
+ * - Fewer than SCRATCH_MIN_ROWS rows (decode, batches): straight from int8, converting as it
+ *   goes, a pair of rows at a time; the first row (or pair) streams the block in with prefetch,
+ *   the rest find it in L1/L2 (a block is 4k bytes: 2-22 KB for k of 512-5632).
+ * - More (prompts): the block is converted to floats once, into a per-thread scratch, and 3 rows
+ *   of x at a time run against it: the conversion is paid once instead of once per pair of
+ *   rows, and the loop is FMA-bound. */
 void int8_gemm(const int8_t *w, const uint16_t *scales, const float *x, float *y, int m, int n, int k,
                int threads) {
     const int blocks = n / 4;
     if (threads > 1 && blocks < MIN_BLOCKS_PER_THREAD * threads) threads = 1;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        const int8_t *r0 = w + (int64_t)4 * b * k;
-        float s[4];
-        for (int r = 0; r < 4; r++) s[r] = bf16_to_float(scales[4 * b + r]);
-        int i = 0;
-        if (m % 2) { /* an odd row first */
-            float out[4];
-            block_one_row(r0, k, x, out);
-            for (int r = 0; r < 4; r++) y[4 * b + r] = out[r] * s[r];
-            i = 1;
-        }
-        for (; i < m; i += 2) {
-            float out[2][4];
-            block_two_rows(r0, k, x + (int64_t)i * k, x + (int64_t)(i + 1) * k, i == 0, out);
-            for (int r = 0; r < 4; r++) {
-                y[(int64_t)i * n + 4 * b + r] = out[0][r] * s[r];
-                y[(int64_t)(i + 1) * n + 4 * b + r] = out[1][r] * s[r];
+    const int k8 = k - k % 8;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = m >= SCRATCH_MIN_ROWS ? aligned_alloc(32, ((size_t)4 * k8 * sizeof(float) + 31) / 32 * 32) : NULL;
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            const int8_t *r0 = w + (int64_t)4 * b * k;
+            float s[4];
+            for (int r = 0; r < 4; r++) s[r] = bf16_to_float(scales[4 * b + r]);
+            int i = 0;
+            if (buf != NULL) {
+                convert_block(r0, k, k8, buf);
+                for (; i < m; i += 3) {
+                    const float *xs[3] = {x + (int64_t)i * k, x + (int64_t)(i + 1) * k, x + (int64_t)(i + 2) * k};
+                    float out[3][4];
+                    const int rows = m - i >= 3 ? 3 : m - i;
+                    if (rows == 3) rows_against_block(buf, r0, k, k8, xs, 3, out);
+                    else if (rows == 2) rows_against_block(buf, r0, k, k8, xs, 2, out);
+                    else rows_against_block(buf, r0, k, k8, xs, 1, out);
+                    for (int j = 0; j < rows; j++)
+                        for (int r = 0; r < 4; r++) y[(int64_t)(i + j) * n + 4 * b + r] = out[j][r] * s[r];
+                }
+                continue;
+            }
+            if (m % 2) { /* an odd row first */
+                float out[4];
+                block_one_row(r0, k, x, out);
+                for (int r = 0; r < 4; r++) y[4 * b + r] = out[r] * s[r];
+                i = 1;
+            }
+            for (; i < m; i += 2) {
+                float out[2][4];
+                block_two_rows(r0, k, x + (int64_t)i * k, x + (int64_t)(i + 1) * k, i == 0, out);
+                for (int r = 0; r < 4; r++) {
+                    y[(int64_t)i * n + 4 * b + r] = out[0][r] * s[r];
+                    y[(int64_t)(i + 1) * n + 4 * b + r] = out[1][r] * s[r];
+                }
             }
         }
+        free(buf);
     }
     for (int r = 4 * blocks; r < n; r++)
         for (int i = 0; i < m; i++)
