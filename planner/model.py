@@ -76,7 +76,8 @@ class Node:
         return gb * 1e9
 
     def flops(self, dtype: str) -> float:
-        """GEMM flop/s in ``dtype`` (weights of an integer dtype are computed in float32 here)."""
+        """GEMM flop/s with weights in ``dtype``; a dtype the node was not measured in (int4,
+        an int8 missing from an older probe) falls back to float32's."""
         gf = self.matmul_gflop_s.get(dtype) or self.matmul_gflop_s.get("float32") or \
             max(self.matmul_gflop_s.values(), default=0.0)
         if gf <= 0:
@@ -239,19 +240,19 @@ def _rank_pass_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Wo
     mm_flops = 2.0 * load.active_params * rows
     # causal attention: q.k and p.v over (past + tokens / 2) keys on average
     attn_flops = 4.0 * rows * (past + tokens / 2) * load.q_heads * config.head_dim * config.num_layers
-    dtype = work.weight_dtype if work.weight_dtype in ("float32", "bfloat16", "float16") else "float32"
     read = _matvec_seconds(config, load, node, work.weight_dtype, min(load.held_params, read_params), bpp)
     read += kv_read / node.bandwidth(work.weight_dtype)
-    busy = max(read, (mm_flops + attn_flops) / node.flops(dtype))
+    # matmuls at the weights' kernel rate; attention in the activations' dtype (fp32 for int8/int4 shards)
+    activations = work.weight_dtype if work.weight_dtype in ("float32", "bfloat16", "float16") else "float32"
+    busy = max(read, mm_flops / node.flops(work.weight_dtype) + attn_flops / node.flops(activations))
     return busy + config.num_layers * node.layer_overhead_us * 1e-6
 
 
 def _hub_seconds(config: ModelConfig, node: Node, work: Workload, rows: int) -> float:
     """Final norm and LM head for ``rows`` rows on the coordinator, plus the step's bookkeeping."""
     _, read = hub_params(config)
-    dtype = work.weight_dtype if work.weight_dtype in ("float32", "bfloat16", "float16") else "float32"
     busy = max(read * work.bytes_per(work.weight_dtype) / node.bandwidth(work.weight_dtype, config.hidden_size),
-               2.0 * read * rows / node.flops(dtype))
+               2.0 * read * rows / node.flops(work.weight_dtype))
     return busy + node.step_overhead_us * 1e-6
 
 

@@ -3,7 +3,8 @@
 Every measurement is bounded: a fixed amount of work, repeated a few times, best kept (the
 best run is the machine's capability; the others saw noise from neighbours).
 
-- ``matmul_gflop_s``: dense (n x n) @ (n x n) in each dtype (prefill is GEMM-bound).
+- ``matmul_gflop_s``: dense (n x n) @ (n x n) in each dtype (prefill is GEMM-bound); int8: fp32
+  activations times an int8 weight through ``worker.quant.linear``.
 - ``matvec_gb_s``: a vector times a set of weight matrices larger than the last-level cache,
   as bytes of weights per second (decode at batch 1 is bound by this), at an input width of
   4096; ``matvec_by_width`` also at 512 and 1024 (narrow matrices stream less efficiently).
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MATVEC_WIDTHS = (512, 1024, 4096)  # input features of the probed matrices; the last is the headline
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INT8 = "int8"  # weight-only int8 (``edgellm shard --quantize int8``): matvec only, no matmul figure
+INT8 = "int8"  # weight-only int8 (``edgellm shard --quantize int8``), timed through worker.quant.linear
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
@@ -60,9 +61,15 @@ def _best_seconds(fn: Callable[[], object], repeats: int, budget_s: float) -> fl
 
 
 def matmul_gflop_s(dtype: str, n: int = 1024, repeats: int = 5, budget_s: float = 3.0) -> float:
-    a = torch.randn(n, n).to(DTYPES[dtype])
-    b = torch.randn(n, n).to(DTYPES[dtype])
-    seconds = _best_seconds(lambda: torch.mm(a, b), repeats, budget_s)
+    """(n x n) @ (n x n) flop/s; int8: n fp32 rows times an int8 (n, n) weight through
+    ``worker.quant.linear``, the kernel a quantized shard's prefill runs on this node."""
+    if dtype == INT8:
+        x, w = torch.randn(n, n), _matvec_weights(INT8, n, n)
+        seconds = _best_seconds(lambda: linear(x, w), repeats, budget_s)
+    else:
+        a = torch.randn(n, n).to(DTYPES[dtype])
+        b = torch.randn(n, n).to(DTYPES[dtype])
+        seconds = _best_seconds(lambda: torch.mm(a, b), repeats, budget_s)
     return 2.0 * n ** 3 / seconds / 1e9
 
 
@@ -262,7 +269,7 @@ def probe_node(threads: int | None = None, dtypes: tuple[str, ...] = ("float32",
                            "memory_bytes": int(vm.total), "memory_available_bytes": int(vm.available)}
     start = time.perf_counter()
     log.info("probe: matmul and matvec in %s", ", ".join(dtypes))
-    out["matmul_gflop_s"] = {d: round(matmul_gflop_s(d, matmul_n), 2) for d in dtypes if d in DTYPES}
+    out["matmul_gflop_s"] = {d: round(matmul_gflop_s(d, matmul_n), 2) for d in dtypes}
     widths = {d: {w: round(matvec_gb_s(d, matvec_bytes, cols=w), 3) for w in MATVEC_WIDTHS} for d in dtypes}
     out["matvec_gb_s"] = {d: widths[d][MATVEC_WIDTHS[-1]] for d in dtypes}
     out["matvec_by_width"] = widths

@@ -135,7 +135,7 @@ def test_probe_tiny(tmp_path: Path) -> None:
         server.stop()
     assert time.monotonic() - start < 30
     assert result["matmul_gflop_s"]["float32"] > 0 and result["matvec_gb_s"]["float32"] > 0
-    assert "int8" not in result["matmul_gflop_s"] and result["matvec_by_width"]["int8"][512] > 0  # int8: matvec only
+    assert result["matmul_gflop_s"]["int8"] > 0 and result["matvec_by_width"]["int8"][512] > 0
     assert result["disk"]["read_mb_s"] > 0 and result["disk"]["page_cache_dropped"] in (True, False)
     assert result["link"]["rtt_us"] > 0 and result["allreduce_loopback_us"] > 0
     assert result["layer_overhead_us"] >= 0
