@@ -124,3 +124,4 @@ def test_processes_starting_together_share_one_cached_build(tmp_path: Path) -> N
     assert len(built) == 1 and built[0].startswith("int8_matmul-") and built[0].endswith(".so")  # no temp files left
     later = _probe({"EDGELLM_KERNEL_CACHE": str(tmp_path)})
     assert "KERNEL True" in later.stdout and "compiled" not in later.stdout
+    assert f"native int8 kernel on: {tmp_path / built[0]}" in later.stdout

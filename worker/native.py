@@ -143,6 +143,7 @@ def int8_mm() -> Int8Mm | None:
                     reason = library
                 else:
                     kernel = _wrap(library)
+                    log.info("native int8 kernel on: %s", library._name)
             if reason is not None:
                 log.info("native int8 kernel off (%s): quantized layers use torch's _weight_int8pack_mm", reason)
             _loaded["int8_mm"] = kernel
