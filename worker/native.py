@@ -5,13 +5,14 @@ shard matrix. torch's ``_weight_int8pack_mm`` reads a decode step's weights from
 8 GB/s on 2 threads here (no prefetch); the native kernel prefetches and reads them at 14-19 GB/s,
 and reads each weight once for all rows of a batch. Its fp32 activations are more exact than the
 torch kernel's bf16 ones. Measured on the 512x8 shape's matrices (8 layers, cold caches, ms for
-all 32 matmuls, native / torch): 1 row 1.7 / 3.1, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8,
-64 rows 42-46 / 49-56; one layer at 1024 rows 93 / 106-110.
+all 32 matmuls, native / torch): 1 row 1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 /
+7.8-8.8, 64 rows 37 / 49-56 (from 12 rows on, each weight block is converted to floats once),
+128 rows 71-75 / 100-104.
 
 Why compiled at run time rather than at install: the project installs as pure Python (a wheel
 for every platform, no build step on a Pi), and the kernel is optional. It is built only on
 Linux x86-64 with AVX2 and FMA, where it was written and measured. Elsewhere, or without a C
-compiler, or with ``EDGELLM_NATIVE=0``, ``int8_mm()`` is None and ``worker.quant.linear`` calls
+compiler and a cached build, or with ``EDGELLM_NATIVE=0``, ``int8_mm()`` is None and ``worker.quant.linear`` calls
 torch's kernel; a log line says which. An ARM (NEON) version is not written: nobody has measured
 torch's kernel on a Pi yet.
 
