@@ -60,11 +60,20 @@ def _best_seconds(fn: Callable[[], object], repeats: int, budget_s: float) -> fl
     return best
 
 
+def _random_weight(dtype: str, rows: int, cols: int) -> Any:
+    """One random (rows, cols) weight as a rank computes with it: a float tensor, or for int8 a
+    ``QuantWeight`` (so the probe times the int8 kernel this node runs: native or torch's)."""
+    if dtype == INT8:
+        return QuantWeight(torch.randint(-127, 128, (rows, cols), dtype=torch.int8),
+                           torch.rand(rows).mul_(0.01).to(SCALE_DTYPE), 0)
+    return torch.randn(rows, cols).to(DTYPES[dtype])
+
+
 def matmul_gflop_s(dtype: str, n: int = 1024, repeats: int = 5, budget_s: float = 3.0) -> float:
     """(n x n) @ (n x n) flop/s; int8: n fp32 rows times an int8 (n, n) weight through
     ``worker.quant.linear``, the kernel a quantized shard's prefill runs on this node."""
     if dtype == INT8:
-        x, w = torch.randn(n, n), _matvec_weights(INT8, n, n)
+        x, w = torch.randn(n, n), _random_weight(INT8, n, n)
         seconds = _best_seconds(lambda: linear(x, w), repeats, budget_s)
     else:
         a = torch.randn(n, n).to(DTYPES[dtype])
@@ -73,22 +82,13 @@ def matmul_gflop_s(dtype: str, n: int = 1024, repeats: int = 5, budget_s: float 
     return 2.0 * n ** 3 / seconds / 1e9
 
 
-def _matvec_weights(dtype: str, rows: int, cols: int) -> Any:
-    """One random (rows, cols) weight as decode computes with it: a float tensor, or for int8 a
-    ``QuantWeight`` (so the probe times the int8 kernel this node runs: native or torch's)."""
-    if dtype == INT8:
-        return QuantWeight(torch.randint(-127, 128, (rows, cols), dtype=torch.int8),
-                           torch.rand(rows).mul_(0.01).to(SCALE_DTYPE), 0)
-    return torch.randn(rows, cols).to(DTYPES[dtype])
-
-
 def matvec_gb_s(dtype: str, total_bytes: int = 256 << 20, cols: int = 4096, repeats: int = 3,
                 budget_s: float = 5.0) -> float:
     """Weight bytes per second of ``x @ W.T`` over matrices adding up to ``total_bytes``."""
     elem = 1 if dtype == INT8 else torch.tensor([], dtype=DTYPES[dtype]).element_size()
     rows = max(1, min(2048, total_bytes // (cols * elem)))
     count = max(1, total_bytes // (rows * cols * elem))
-    mats = [_matvec_weights(dtype, rows, cols) for _ in range(count)]
+    mats = [_random_weight(dtype, rows, cols) for _ in range(count)]
     x = torch.randn(1, cols).to(torch.float32 if dtype == INT8 else DTYPES[dtype])  # int8 shards compute in fp32
 
     def run() -> None:

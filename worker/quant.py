@@ -134,25 +134,26 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, K)
     if (not w.group_size and x.dtype == torch.float32 and w.scales.dtype == SCALE_DTYPE
             and (int8_mm := native.int8_mm()) is not None):
-        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, K)
         y = int8_mm(flat.contiguous(), w.weight.contiguous(), w.scales.contiguous())  # (T, N)
-        if x.dim() != 2:
-            y = y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
-        return y if bias is None else y + bias
-    # .bfloat16() / .float() rather than .to(dtype): the same copy, half the Python-side cost
-    # (about 3 us instead of 6 here), and a decode step makes 2 per matmul.
-    flat = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).bfloat16()  # (T, K) in KERNEL_DTYPE
-    scales = w.scales if w.scales.dtype == KERNEL_DTYPE else w.scales.to(KERNEL_DTYPE)
-    if w.group_size:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, w.weight, w.group_size, scales)  # (T, N)
     else:
-        y = torch.ops.aten._weight_int8pack_mm(flat, w.weight, scales)  # (T, N)
-    y = y.float() if x.dtype == torch.float32 else y.to(x.dtype)
+        y = _torch_kernel(flat, w)  # (T, N) in KERNEL_DTYPE
+        # .bfloat16() / .float() rather than .to(dtype): the same copy, half the Python-side cost
+        # (about 3 us instead of 6 here), and a decode step makes 2 per matmul.
+        y = y.float() if x.dtype == torch.float32 else y.to(x.dtype)
     if x.dim() != 2:
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
     return y if bias is None else y + bias
+
+
+def _torch_kernel(flat: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """torch's weight-only kernel for ``w`` on rows ``flat`` (T, K): (T, N) in ``KERNEL_DTYPE``."""
+    scales = w.scales if w.scales.dtype == KERNEL_DTYPE else w.scales.to(KERNEL_DTYPE)
+    if w.group_size:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.bfloat16(), w.weight, w.group_size, scales)
+    return torch.ops.aten._weight_int8pack_mm(flat.bfloat16(), w.weight, scales)
 
 
 def field(fields: dict[str, torch.Tensor], name: str) -> Weight | None:
