@@ -10,7 +10,9 @@ Rank r contributes ``base * (r + 1)``; every result is checked against the known
 paths tightly, reduced dtypes within their format's error). Latency is rank 0's (the hub's)
 time per allreduce after a warm-up, at most ``--iters`` samples or ``--seconds`` per
 configuration. The star runs CURVE-encrypted as in serving; gloo and ``ring`` are plaintext,
-``ring_curve`` is the ring with CURVE on every link. The star's ranks spin 300 µs on their
+``ring_curve`` is the ring with CURVE on every link. At two ranks the star is the exchange
+(``worker.collective``: both partials cross at once, one hop); ``star_two_hop_fp32`` is the
+two-hop star it replaced, for comparison. The star's ranks spin 300 µs on their
 socket before they sleep when every rank has a core of its own (``star_spin_us``; what
 ``EDGELLM_SPIN_US`` does in a deployment with one rank per device), and not when they share.
 This machine is noisy and small: compare numbers of one run, not across runs.
@@ -131,9 +133,11 @@ def _star_rank(rank: int, address: str, spin_s: float) -> None:
         link.close()
 
 
-def bench_star(world: int, sizes: list[int], dtypes: list[str], iters: int, seconds: float) -> dict[str, Any]:
-    """{"<sync>": {"<KB>": percentiles + wire_bytes}} for one star of ``world`` ranks."""
-    hub = StarHub(world, token="bench", timeout_s=JOIN_S, spin_wait_s=star_spin_s(world))
+def bench_star(world: int, sizes: list[int], dtypes: list[str], iters: int, seconds: float,
+               exchange: bool = True) -> dict[str, Any]:
+    """{"<sync>": {"<KB>": percentiles + wire_bytes}} for one star of ``world`` ranks (at two
+    ranks the exchange unless ``exchange`` is False)."""
+    hub = StarHub(world, token="bench", timeout_s=JOIN_S, spin_wait_s=star_spin_s(world), exchange=exchange)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_star_rank, args=(r, hub.address, hub.spin_wait_s), daemon=True)
              for r in range(1, world)]
@@ -349,6 +353,9 @@ def compare(world: int, sizes: list[int], dtypes: list[str], iters: int, seconds
         log.info("%d ranks: star %s", world, ",".join(dtypes))
         for sync, by_size in bench_star(world, sizes, dtypes, iters, seconds).items():
             entry[f"star_{sync}"] = by_size
+        if world == 2:  # what the exchange saves: the two-hop star it replaces
+            log.info("2 ranks: two-hop star fp32")
+            entry["star_two_hop_fp32"] = bench_star(world, sizes, ["fp32"], iters, seconds, exchange=False)["fp32"]
         entry["star_spin_us"] = round(star_spin_s(world) * 1e6)
     if "gloo" in methods:
         log.info("%d ranks: gloo", world)

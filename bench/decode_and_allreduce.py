@@ -118,6 +118,8 @@ def main() -> None:
         star, gloo = both["star_fp32"][str(kb)], both["gloo"][str(kb)]
         allreduce[f"{world}_ranks"] = {"star": star, "gloo": gloo,
                                        "p50_ratio_star_over_gloo": round(star["p50_us"] / gloo["p50_us"], 2)}
+        if "star_two_hop_fp32" in both:  # 2 ranks: the star is the exchange; the two-hop star for comparison
+            allreduce[f"{world}_ranks"]["star_two_hop"] = both["star_two_hop_fp32"][str(kb)]
     result["allreduce_fp32"] = {"numel": kb * 256, **allreduce}
     emit(result, args.out)
 

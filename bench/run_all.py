@@ -73,7 +73,7 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                              "p50 star / gloo (us)", f"{ar['star']['p50_us']} / {ar['gloo']['p50_us']}"))
     collective = results.get("allreduce", {}).get("result")
     if collective:
-        methods = ("star_fp32", "star_fp16", "star_int8", "gloo", "ring")
+        methods = ("star_fp32", "star_two_hop_fp32", "star_fp16", "star_int8", "gloo", "ring")
         for world, entry in collective.items():
             for kb in entry.get("gloo", {}) if world.endswith("_ranks") else ():
                 rows.append(("allreduce", f"{world}, {kb} KB: p50 {' / '.join(methods)} (us)",

@@ -3,8 +3,10 @@
 One decode step (batch B, L layers, N ranks, rank 0 is the coordinator and the star hub):
 
     compute_r = max(sum_m bytes_m / matvec_bw_r(width_m), flops_r / gemm_r) + L * layer_overhead_r
-    allreduce = hub software overhead + max_r rtt_r
+    allreduce = hub software overhead + max_r rtt_r                      (the star, N > 2)
                 + 2 * max((N - 1) * payload / hub_link_bw, max_r payload / link_bw_r)
+              = exchange overhead + rtt_1 / 2 + payload / min link_bw    (N = 2: both partials
+                                                                          cross at once, one hop)
     token     = max(max_r compute_r + 2 L * allreduce + hub, max_r disk_r)
 
 ``bytes_m`` are the weights of each matrix a rank reads per token (its slice of every layer),
@@ -58,6 +60,8 @@ class Node:
     rtt_us: float = 0.0  # round trip to the coordinator (0 on the coordinator itself)
     link_mbit_s: float | None = None  # None: not measured (loopback or the coordinator without a NIC figure)
     allreduce_overhead_us: float = 0.0  # software cost of one star allreduce beyond the wire time
+    # the same for the 2-rank exchange, beyond half a round trip; None (an older probe): the star's
+    exchange_overhead_us: float | None = None
     # matvec GB/s by dtype and input width (narrow matrices stream slower); empty: ``matvec_gb_s``
     matvec_by_width: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
 
@@ -103,7 +107,9 @@ class Node:
                        disk_mb_s=float(disk["read_mb_s"]) if disk.get("read_mb_s") else None,
                        rtt_us=float(link.get("rtt_us", 0.0)),
                        link_mbit_s=float(min(rates)) if rates else None,
-                       allreduce_overhead_us=float(raw.get("allreduce_overhead_us", 0.0)))
+                       allreduce_overhead_us=float(raw.get("allreduce_overhead_us", 0.0)),
+                       exchange_overhead_us=(float(raw["exchange_overhead_us"])
+                                             if raw.get("exchange_overhead_us") is not None else None))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"node {raw.get('name', '?')!r}: bad or missing field ({exc})") from None
 
@@ -213,6 +219,25 @@ def rank_memory_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> in
 
 
 def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
+    """One allreduce of ``payload_bytes`` per rank, as ``worker.collective`` runs it: the
+    exchange at two ranks, the star from three."""
+    if len(nodes) == 1:
+        return 0.0
+    if len(nodes) == 2:
+        return exchange_seconds(nodes, payload_bytes)
+    return star_seconds(nodes, payload_bytes)
+
+
+def exchange_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
+    """Two ranks swap partials and each sums both: one payload each way at once (full duplex)."""
+    hub, worker = nodes
+    links = [r.link_mbit_s for r in nodes if r.link_mbit_s]
+    wire = payload_bytes / (min(links) * 1e6 / 8) if links else 0.0
+    overhead = hub.allreduce_overhead_us if hub.exchange_overhead_us is None else hub.exchange_overhead_us
+    return (overhead + worker.rtt_us / 2) * 1e-6 + wire
+
+
+def star_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
     """One star allreduce of ``payload_bytes`` per rank: up to the hub, summed, back down."""
     n = len(nodes)
     if n == 1:
@@ -296,7 +321,7 @@ def _step_comm_seconds(config: ModelConfig, nodes: Sequence[Node], work: Workloa
         return 0.0
     payload = rows * config.hidden_size * work.bytes_per(work.sync_dtype)
     # the step header broadcast: half a round trip and N - 1 copies of the hidden rows out of the hub
-    start = allreduce_seconds(nodes, payload) / 2
+    start = star_seconds(nodes, payload) / 2
     return 2 * config.num_layers * allreduce_seconds(nodes, payload) + start
 
 

@@ -14,8 +14,9 @@ best run is the machine's capability; the others saw noise from neighbours).
   work, per layer and per step, measured by running it on tiny random models.
 - ``allreduce_overhead_us``: one 2-rank star allreduce of a small payload over loopback, rank 1
   in its own process (ZeroMQ, CURVE, Python, the real ``worker.collective`` code), minus the
-  loopback round trip:
-  the software cost each allreduce adds beyond the wire.
+  loopback round trip: the software cost each allreduce adds beyond the wire.
+  ``exchange_overhead_us``: the same for the 2-rank exchange (what 2 ranks run), minus half a
+  round trip.
 - ``disk``: sequential read of a file, with the page cache dropped first
   (``posix_fadvise(POSIX_FADV_DONTNEED)``), so it is a cold read: a hypervisor's own cache
   below a VM is out of reach and can still flatter the figure.
@@ -157,15 +158,15 @@ def _probe_rank(address: str, iters: int, numel: int) -> None:
         link.wait_welcome(30)
         link.begin(link.recv())
         partial = torch.ones(numel)
-        for _ in range(iters):
+        for _ in range(2 * iters):  # the hub's star, then its exchange: this side answers either
             link.allreduce(partial)
     finally:
         link.close()
 
 
 def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]:
-    """A 2-rank star allreduce on loopback (rank 1 in a spawned process) and the loopback round
-    trip, both as the median of their quietest stretch."""
+    """A 2-rank star allreduce and exchange on loopback (rank 1 in a spawned process) and the
+    loopback round trip, each as the median of its quietest stretch."""
     import multiprocessing as mp
 
     from planner.link import LinkServer, measure_link
@@ -174,15 +175,17 @@ def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]
     hub = StarHub(2, token="probe", timeout_s=60)
     proc = mp.get_context("spawn").Process(target=_probe_rank, args=(hub.address, iters, numel), daemon=True)
     proc.start()
-    times = []
+    times: dict[bool, list[float]] = {False: [], True: []}
     try:
         hub.wait_for_ranks(60)
         hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
         partial = torch.ones(numel)
-        for _ in range(iters):
-            start = time.perf_counter()
-            hub.allreduce(partial)
-            times.append(time.perf_counter() - start)
+        for exchange in (False, True):
+            hub.exchange = exchange
+            for _ in range(iters):
+                start = time.perf_counter()
+                hub.allreduce(partial)
+                times[exchange].append(time.perf_counter() - start)
         proc.join(30)
     finally:
         if proc.is_alive():
@@ -193,9 +196,10 @@ def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]
         rtt = measure_link("127.0.0.1", server.port, pings=iters, transfer_bytes=1 << 20)["rtt_us"]
     finally:
         server.stop()
-    p50 = quiet_median(times[len(times) // 10:]) * 1e6
-    return {"allreduce_loopback_us": round(p50, 1), "loopback_rtt_us": rtt,
-            "allreduce_overhead_us": round(max(p50 - rtt, 0.0), 1)}
+    star_us, exchange_us = (quiet_median(t[len(t) // 10:]) * 1e6 for t in (times[False], times[True]))
+    return {"allreduce_loopback_us": round(star_us, 1), "exchange_loopback_us": round(exchange_us, 1),
+            "loopback_rtt_us": rtt, "allreduce_overhead_us": round(max(star_us - rtt, 0.0), 1),
+            "exchange_overhead_us": round(max(exchange_us - rtt / 2, 0.0), 1)}
 
 
 def quiet_median(samples: list[float], batches: int = 5) -> float:

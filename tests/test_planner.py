@@ -18,8 +18,10 @@ from planner.model import (
     Node,
     Workload,
     allreduce_seconds,
+    exchange_seconds,
     predict,
     rank_load,
+    star_seconds,
 )
 from planner.nodes import load_nodes
 from planner.plan import choose_shares, make_plan
@@ -77,10 +79,23 @@ def test_a_model_larger_than_memory_streams_from_disk() -> None:
 def test_star_hub_term_grows_with_ranks(n: int) -> None:
     payload = 4096 * 4
     nodes = [node(f"n{i}", rtt=0.0) for i in range(n)]
-    wire = allreduce_seconds(nodes, payload)
+    wire = star_seconds(nodes, payload)
     # gather N - 1 payloads into the hub link, then broadcast N - 1 out: 2 (N - 1) payloads
     assert wire == pytest.approx(2 * (n - 1) * payload / (1000e6 / 8))
+    assert allreduce_seconds(nodes, payload) == (wire if n > 2 else exchange_seconds(nodes, payload))
     assert allreduce_seconds(nodes[:1], payload) == 0.0
+
+
+def test_two_ranks_exchange_in_one_hop() -> None:
+    payload = 4096 * 4
+    hub = node("hub", rtt=0.0, allreduce_overhead_us=400.0)
+    worker = node("w", rtt=300.0, link=100.0)
+    # half a round trip, one payload over the slower link, the exchange's own overhead
+    assert exchange_seconds([replace(hub, exchange_overhead_us=150.0), worker], payload) == \
+        pytest.approx((150 + 300 / 2) * 1e-6 + payload / (100e6 / 8))
+    # an older probe without the exchange figure: the star's overhead stands in
+    assert exchange_seconds([hub, worker], payload) == pytest.approx((400 + 150) * 1e-6 + payload / (100e6 / 8))
+    assert exchange_seconds([hub, worker], payload) < star_seconds([hub, worker], payload)
 
 
 @pytest.mark.parametrize("field, value, faster", [
@@ -138,10 +153,12 @@ def test_probe_tiny(tmp_path: Path) -> None:
     assert result["matmul_gflop_s"]["int8"] > 0 and result["matvec_by_width"]["int8"][512] > 0
     assert result["disk"]["read_mb_s"] > 0 and result["disk"]["page_cache_dropped"] in (True, False)
     assert result["link"]["rtt_us"] > 0 and result["allreduce_loopback_us"] > 0
+    assert result["exchange_loopback_us"] > 0 and result["exchange_overhead_us"] >= 0
     assert result["layer_overhead_us"] >= 0
     assert not list(tmp_path.iterdir()), "the disk probe must remove its file"
     node = Node.from_dict(result)
     assert node.bandwidth("float32", 700) > 0 and node.bandwidth("int8", 700) > 0
+    assert node.exchange_overhead_us == result["exchange_overhead_us"]
     assert yaml.safe_load(yaml.safe_dump(result)) == result  # what `edgellm probe --out` writes
 
 

@@ -1,5 +1,6 @@
 """The star allreduce over ZeroMQ (TPI-LLM): every rank sends its partial to the hub, the
-hub sums them and sends the sum back. Two hops whatever the number of ranks.
+hub sums them and sends the sum back. Two hops whatever the number of ranks; at two ranks one,
+since the hub sends its own partial while the worker sends its own and both sides sum.
 
 The hub is rank 0 and lives in the coordinator; it binds a ROUTER socket. Each worker
 rank connects a DEALER whose identity is its rank. All collectives of the project go
@@ -39,6 +40,7 @@ from worker.wire import (
     decode_message,
     effective_sync,
     encode_message,
+    sum_payloads,
     sync_dtype_name,
     sync_payload,
     sync_value,
@@ -142,8 +144,11 @@ class StarHub:
 
     def __init__(self, world_size: int, bind: str = "tcp://127.0.0.1:0", token: str = "",
                  timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None,
-                 sync_dtype: str = "fp32", spin_wait_s: float | None = None):
+                 sync_dtype: str = "fp32", spin_wait_s: float | None = None, exchange: bool = True):
         self.world_size = world_size
+        # two ranks swap partials (one hop, ``_exchange``); False keeps the two-hop star there too,
+        # for the benchmark and the planner's probe, which measure both
+        self.exchange = exchange and world_size == 2
         self.timeout_ms = int(timeout_s * 1000)
         self.spin_wait_s = default_spin_wait_s() if spin_wait_s is None else spin_wait_s
         self.sync_dtype = sync_dtype
@@ -227,12 +232,39 @@ class StarHub:
 
         Each worker's payload must be ``partial``'s shape in the agreed sync dtype; the sum is
         float32, and what the hub returns is what the ranks decode (they all see one value).
-        The result may still be being sent from its own memory: read it, never modify it in place.
+        With a single worker the two ranks exchange partials instead (``_exchange``).
+        The result, and ``partial`` itself, may still be being sent from their own memory:
+        read them, never modify them in place.
         """
         if self.world_size == 1:
             return partial
         self._seq += 1
         shape = tuple(partial.shape)
+        if self.exchange:
+            return self._exchange(partial)
+        received = self._gather_partials(shape, partial.dtype)
+        total = partial.to(torch.float32, copy=True)  # (T, d) float32 accumulator, summed in place
+        for peer in self._peers:
+            add_sync_payload(total, received[peer], self._sync)
+        exact = effective_sync(self._sync, shape) == "fp32"
+        payload = sync_payload(total.to(partial.dtype) if exact else total, self._sync)
+        self._broadcast(encode_message(Kind.REDUCED, payload, step=self._step, seq=self._seq))
+        if exact:
+            return payload[0]
+        return sync_value(payload, self._sync, shape, partial.dtype, check=False).to(partial.dtype)
+
+    def _exchange(self, partial: torch.Tensor) -> torch.Tensor:
+        """Two ranks: the hub sends its own partial before it waits, the worker sends its own,
+        and each side adds the two payloads in rank order (``sum_payloads``): one hop instead of
+        two, and both sides hold the same bits. A lossy sync dtype rounds both partials (the
+        hub's own too, so the sums agree) instead of one partial and the sum."""
+        own = sync_payload(partial, self._sync)
+        self._broadcast(encode_message(Kind.PARTIAL, own, step=self._step, seq=self._seq))
+        (theirs,) = self._gather_partials(tuple(partial.shape), partial.dtype).values()
+        return sum_payloads([own, theirs], self._sync, tuple(partial.shape), partial.dtype)
+
+    def _gather_partials(self, shape: tuple[int, ...], exact_dtype: torch.dtype) -> dict[bytes, list[torch.Tensor]]:
+        """Every worker's checked PARTIAL of the current step and seq, as views of its frames."""
         received: dict[bytes, list[torch.Tensor]] = {}
         deadline = time.monotonic() + self.timeout_ms / 1000
         while len(received) < len(self._peers):
@@ -259,19 +291,11 @@ class StarHub:
             if sender not in self._peers:
                 raise CollectiveError(f"{sender!r} is not a rank of this cluster")
             try:
-                check_sync_payload(msg.tensors, self._sync, shape, partial.dtype)
+                check_sync_payload(msg.tensors, self._sync, shape, exact_dtype)
             except WireError as exc:
                 raise CollectiveError(f"{sender.decode()} sent a bad partial: {exc}") from None
             received[sender] = msg.tensors  # views of the frames: no copy until the sum
-        total = partial.to(torch.float32, copy=True)  # (T, d) float32 accumulator, summed in place
-        for peer in self._peers:
-            add_sync_payload(total, received[peer], self._sync)
-        exact = effective_sync(self._sync, shape) == "fp32"
-        payload = sync_payload(total.to(partial.dtype) if exact else total, self._sync)
-        self._broadcast(encode_message(Kind.REDUCED, payload, step=self._step, seq=self._seq))
-        if exact:
-            return payload[0]
-        return sync_value(payload, self._sync, shape, partial.dtype, check=False).to(partial.dtype)
+        return received
 
     def abort_step(self) -> None:
         """Tell every reachable rank to drop the current step (one of them failed)."""
@@ -332,20 +356,26 @@ class StarRank:
 
     def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Send ``partial`` in the sync dtype (from its own memory when it needs no conversion)
-        and return the hub's sum in ``partial``'s dtype."""
+        and return the sum in ``partial``'s dtype: the hub's REDUCED, or, at two ranks, the
+        hub's PARTIAL added to ours in rank order exactly as the hub adds them (see
+        ``StarHub._exchange``). ``partial`` may still be being sent: never modify it in place."""
         self._seq += 1
+        shape = tuple(partial.shape)
         payload = sync_payload(partial, self.sync_dtype)
         _send_frames(self.sock, encode_message(Kind.PARTIAL, payload, step=self.step, seq=self._seq))
         msg = self.recv()
         if msg.kind in (Kind.STOP, Kind.ABORT):
             raise CollectiveError(f"hub sent {msg.kind.name} during the step")
-        if msg.kind != Kind.REDUCED or (msg.step, msg.seq) != (self.step, self._seq):
-            raise CollectiveError(f"expected REDUCED {self.step}/{self._seq}, got {msg.kind.name} "
+        if msg.kind not in (Kind.REDUCED, Kind.PARTIAL) or (msg.step, msg.seq) != (self.step, self._seq):
+            raise CollectiveError(f"expected REDUCED or PARTIAL {self.step}/{self._seq}, got {msg.kind.name} "
                                   f"{msg.step}/{msg.seq}")
         try:
-            total = sync_value(msg.tensors, self.sync_dtype, tuple(partial.shape), partial.dtype)
+            if msg.kind == Kind.PARTIAL:
+                check_sync_payload(msg.tensors, self.sync_dtype, shape, partial.dtype)
+                return sum_payloads([msg.tensors, payload], self.sync_dtype, shape, partial.dtype)
+            total = sync_value(msg.tensors, self.sync_dtype, shape, partial.dtype)
         except WireError as exc:
-            raise CollectiveError(f"the hub sent a bad sum: {exc}") from None
+            raise CollectiveError(f"the hub sent a bad {msg.kind.name}: {exc}") from None
         return total.to(partial.dtype)
 
     def close(self) -> None:

@@ -205,3 +205,13 @@ def add_sync_payload(total: torch.Tensor, tensors: list[torch.Tensor], sync: str
         total.addcmul_(tensors[0], tensors[1])
     else:
         total.add_(tensors[0])
+
+
+def sum_payloads(payloads: list[list[torch.Tensor]], sync: str, shape: tuple[int, ...],
+                 exact_dtype: torch.dtype) -> torch.Tensor:
+    """The float32 sum of checked ``sync`` payloads, added in the given (rank) order, as
+    ``exact_dtype``. Ranks that sum the same payloads in the same order hold the same bits."""
+    total = sync_value(payloads[0], sync, shape, exact_dtype, check=False).to(torch.float32, copy=True)
+    for payload in payloads[1:]:
+        add_sync_payload(total, payload, sync)
+    return total.to(exact_dtype)
