@@ -1,6 +1,6 @@
-"""The native int8 matmul (worker/native.py, worker/kernels/int8_matmul.c): built here, exact to
-fp32 summation against the dequantized matrix, used by ``linear`` for fp32 activations, and off
-(torch's kernel instead) where it cannot be built."""
+"""The native matmuls (worker/native.py, worker/kernels/matmul.c), int8 and float32 weights:
+built here, exact to fp32 summation against the (dequantized) matrix, used by ``linear`` for fp32
+activations, and off (torch's kernels instead) where they cannot be built."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.test_quant import _kernel_reference
 from worker import native
@@ -39,7 +40,7 @@ def _fp32_bound(x: torch.Tensor, w: QuantWeight) -> tuple[torch.Tensor, torch.Te
 @needs_native
 def test_the_kernel_is_built_where_it_is_supported() -> None:
     assert native.unsupported_reason() is None
-    assert native.int8_mm() is not None
+    assert native.int8_mm() is not None and native.f32_mm() is not None
 
 
 @needs_native
@@ -91,6 +92,54 @@ def test_linear_uses_it_for_fp32_activations_and_torch_otherwise(monkeypatch: py
     assert not torch.equal(fallback + bias, y.view(3, 64))
 
 
+def _f32_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 reference of x @ w.T and the bound of summing K exact products in fp32."""
+    return x.double() @ w.double().T, (x.shape[-1] + 2) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 64])
+def test_f32_kernel_is_exact_to_fp32_summation(m: int, n: int, k: int) -> None:
+    """Weight blocks of 4 rows and the rows left over (n % 4), 8-wide steps and the columns left
+    over (k % 8), rows of x 3 at a time and the 1 or 2 left over; one thread and two give the
+    same bits (each output is summed by one thread)."""
+    f32_mm = native.f32_mm()
+    assert f32_mm is not None
+    torch.manual_seed(m * n + k)
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    ref, bound = _f32_bound(x, w)
+    y = f32_mm(x, w)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= bound).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(f32_mm(x, w), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_linear_takes_the_f32_kernel_for_few_fp32_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    f32_mm = native.f32_mm()
+    assert f32_mm is not None
+    torch.manual_seed(0)
+    w, bias = torch.randn(96, 200), torch.randn(96)
+    few = torch.randn(2, 3, 200)  # 6 rows
+    assert torch.equal(linear(few, w, bias), (f32_mm(few.view(6, 200), w) + bias).view(2, 3, 96))
+    # the kernel's own summation order, not MKL's: otherwise this test could not tell the paths apart
+    assert not torch.equal(f32_mm(few.view(6, 200), w), F.linear(few.view(6, 200), w))
+    many = torch.randn(native.F32_MAX_ROWS + 1, 200)  # a long prompt: MKL's GEMM
+    assert torch.equal(linear(many, w, bias), F.linear(many, w, bias))
+    transposed = torch.randn(200, 96).T  # a weight that is not row-major (N, K) in memory
+    assert torch.equal(linear(few, transposed), F.linear(few, transposed))
+    half = few.bfloat16()
+    assert torch.equal(linear(half, w.bfloat16()), F.linear(half, w.bfloat16()))
+    monkeypatch.setitem(native._loaded, "f32_mm", None)  # kernel off: torch for everything
+    assert torch.equal(linear(few, w, bias), F.linear(few, w, bias))
+
+
 def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
             "from worker import native; print('KERNEL', native.int8_mm() is not None)")
@@ -121,7 +170,7 @@ def test_processes_starting_together_share_one_cached_build(tmp_path: Path) -> N
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env) for _ in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     built = sorted(p.name for p in tmp_path.iterdir())
-    assert len(built) == 1 and built[0].startswith("int8_matmul-") and built[0].endswith(".so")  # no temp files left
+    assert len(built) == 1 and built[0].startswith("matmul-") and built[0].endswith(".so")  # no temp files left
     later = _probe({"EDGELLM_KERNEL_CACHE": str(tmp_path)})
     assert "KERNEL True" in later.stdout and "compiled" not in later.stdout
-    assert f"native int8 kernel on: {tmp_path / built[0]}" in later.stdout
+    assert f"native int8_mm kernel on: {tmp_path / built[0]}" in later.stdout

@@ -1,20 +1,26 @@
 """Native CPU kernels: C compiled on first use with the system's C compiler, loaded with ctypes.
 
-One kernel so far, ``int8_mm`` (``kernels/int8_matmul.c``): fp32 activations times an int8
-shard matrix. torch's ``_weight_int8pack_mm`` reads a decode step's weights from DRAM at about
-8 GB/s on 2 threads here (no prefetch); the native kernel prefetches and reads them at 14-19 GB/s,
-and reads each weight once for all rows of a batch. Its fp32 activations are more exact than the
-torch kernel's bf16 ones. Measured on the 512x8 shape's matrices (8 layers, cold caches, ms for
-all 32 matmuls, native / torch): 1 row 1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 /
-7.8-8.8, 64 rows 37 / 49-56 (from 12 rows on, each weight block is converted to floats once),
-128 rows 71-75 / 100-104.
+Two kernels, both in ``kernels/matmul.c``, both for fp32 activations, both reading every
+weight from memory once for all rows of x:
+
+- ``int8_mm``: times an int8 shard matrix. torch's ``_weight_int8pack_mm`` reads a decode
+  step's weights from DRAM at about 8 GB/s on 2 threads here (no prefetch); this prefetches and
+  reads them at 14-19 GB/s. Its fp32 activations are more exact than the torch kernel's bf16
+  ones. Measured on the 512x8 shape's matrices (8 layers, cold caches, ms for all 32 matmuls,
+  native / torch): 1 row 1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8,
+  64 rows 37 / 49-56 (from 12 rows on, each weight block is converted to floats once), 128 rows
+  71-75 / 100-104.
+- ``f32_mm``: times a float32 matrix, for up to ``F32_MAX_ROWS`` rows (decode, batches, short
+  prompts; longer prompts are GEMM-bound and go to MKL). MKL's sgemv/sgemm streams 16-22 GB/s
+  at 1 row and 5-9 GB/s at 2-8 rows on 2 threads here; this reads 28-34 GB/s and 19-34 GB/s
+  (1.1B shape's 2048-wide matrices, cold). At 1 thread the two are even at 1 row.
 
 Why compiled at run time rather than at install: the project installs as pure Python (a wheel
-for every platform, no build step on a Pi), and the kernel is optional. It is built only on
-Linux x86-64 with AVX2 and FMA, where it was written and measured. Elsewhere, or without a C
-compiler and a cached build, or with ``EDGELLM_NATIVE=0``, ``int8_mm()`` is None and ``worker.quant.linear`` calls
-torch's kernel; a log line says which. An ARM (NEON) version is not written: nobody has measured
-torch's kernel on a Pi yet.
+for every platform, no build step on a Pi), and the kernels are optional. They are built only on
+Linux x86-64 with AVX2 and FMA, where they were written and measured. Elsewhere, or without a C
+compiler and a cached build, or with ``EDGELLM_NATIVE=0``, ``int8_mm()`` and ``f32_mm()`` are
+None and ``worker.quant.linear`` calls torch; a log line says which. An ARM (NEON) version is not
+written: nobody has measured torch's kernels on a Pi yet.
 
 The library is cached by a hash of its source and flags under ``$EDGELLM_KERNEL_CACHE``
 (default ``~/.cache/edgellm/kernels``), written to a temporary name and renamed into place, so
@@ -41,15 +47,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_matmul.c"
+SOURCE = Path(__file__).resolve().parent / "kernels" / "matmul.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 DISABLE_ENV = "EDGELLM_NATIVE"  # "0" turns native kernels off
 CACHE_ENV = "EDGELLM_KERNEL_CACHE"
 
+# Rows of x up to which f32_mm beats MKL's sgemm here (2048x5632 and the 512x8 shape's matrices,
+# cold, 1 and 2 threads); from 128 rows on it is even or slower at 1 thread.
+F32_MAX_ROWS = 64
+
 Int8Mm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+F32Mm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _lock = threading.Lock()
-_loaded: dict[str, Int8Mm | None] = {}
+_loaded: dict[str, Callable[..., torch.Tensor] | None] = {}  # kernel name -> its wrapper, None when off
+_library: list[ctypes.CDLL | str] = []  # the loaded library, or why it cannot be; at most one entry
 
 
 def cache_dir() -> Path:
@@ -97,22 +109,31 @@ def library_path() -> Path:
     """Where this source, compiler and flags build to: a machine with no compiler can still load
     a library built there before (or copied there, as an image build could)."""
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((_compiler(), *FLAGS)).encode()).hexdigest()[:16]
-    return cache_dir() / f"int8_matmul-{digest}.so"
+    return cache_dir() / f"matmul-{digest}.so"
 
 
-def _library() -> ctypes.CDLL | str:
+def _open_library() -> ctypes.CDLL | str:
     """The loaded library, built first if need be; or why it cannot be."""
+    if reason := unsupported_reason():
+        return reason
+    try:
+        return _load_library()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{getattr(exc, 'stderr', '') or exc}"
+
+
+def _load_library() -> ctypes.CDLL | str:
     target = library_path()
     if not target.exists():
         if shutil.which(_compiler()) is None:
             return f"no C compiler ({_compiler()}) on PATH and no build at {target}"
         start = time.perf_counter()
         _build(target)
-        log.info("native int8 kernel compiled in %.2f s: %s", time.perf_counter() - start, target)
+        log.info("native kernels compiled in %.2f s: %s", time.perf_counter() - start, target)
     return ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
 
 
-def _wrap(lib: ctypes.CDLL) -> Int8Mm:
+def _wrap_int8(lib: ctypes.CDLL) -> Int8Mm:
     kernel = lib.int8_gemm
     kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     kernel.restype = None
@@ -127,25 +148,51 @@ def _wrap(lib: ctypes.CDLL) -> Int8Mm:
     return int8_mm
 
 
-def int8_mm() -> Int8Mm | None:
-    """The native int8 matmul, or None where it is not available (logged once)."""
-    if "int8_mm" in _loaded:
-        return _loaded["int8_mm"]
+def _wrap_f32(lib: ctypes.CDLL) -> F32Mm:
+    kernel = lib.f32_gemm
+    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+    kernel.restype = None
+
+    def f32_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x fp32 (M, K) contiguous, weight fp32 (N, K) contiguous -> fp32 (M, N) = x @ weight.T."""
+        m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+        y = torch.empty(m, n)
+        kernel(weight.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+        return y
+
+    return f32_mm
+
+
+_WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., torch.Tensor]], str]] = {
+    "int8_mm": (_wrap_int8, "quantized layers use torch's _weight_int8pack_mm"),
+    "f32_mm": (_wrap_f32, "float32 layers use torch's F.linear"),
+}
+
+
+def _kernel(name: str) -> Callable[..., torch.Tensor] | None:
+    """The wrapper of kernel ``name``, or None where the library is not available (logged once
+    per kernel)."""
+    if name in _loaded:
+        return _loaded[name]
     with _lock:
-        if "int8_mm" not in _loaded:
-            kernel: Int8Mm | None = None
-            reason = unsupported_reason()
-            if reason is None:
-                try:
-                    library = _library()
-                except (OSError, subprocess.SubprocessError) as exc:
-                    library = f"{getattr(exc, 'stderr', '') or exc}"
-                if isinstance(library, str):
-                    reason = library
-                else:
-                    kernel = _wrap(library)
-                    log.info("native int8 kernel on: %s", library._name)
-            if reason is not None:
-                log.info("native int8 kernel off (%s): quantized layers use torch's _weight_int8pack_mm", reason)
-            _loaded["int8_mm"] = kernel
-    return _loaded["int8_mm"]
+        if name not in _loaded:
+            if not _library:
+                _library.append(_open_library())
+            library, (wrap, fallback) = _library[0], _WRAPPERS[name]
+            if isinstance(library, str):
+                log.info("native %s kernel off (%s): %s", name, library, fallback)
+                _loaded[name] = None
+            else:
+                log.info("native %s kernel on: %s", name, library._name)
+                _loaded[name] = wrap(library)
+    return _loaded[name]
+
+
+def int8_mm() -> Int8Mm | None:
+    """The native int8 matmul, or None where it is not available."""
+    return _kernel("int8_mm")
+
+
+def f32_mm() -> F32Mm | None:
+    """The native float32 matmul for few rows (``F32_MAX_ROWS``), or None where it is not available."""
+    return _kernel("f32_mm")

@@ -1,4 +1,5 @@
-/* Matrix product with int8 weights: y[i, n] = scale[n] * sum_k x[i, k] * w[n, k].
+/* Matrix products for decode: int8 weights (int8_gemm: y[i, n] = scale[n] * sum_k x[i, k] *
+ * w[n, k]) and float32 weights for few rows (f32_gemm, at the end of this file).
  *
  * Built and loaded by worker/native.py (x86-64 with AVX2 and FMA; see its docstring for why).
  * The weights are a shard's int8 matrix (N, K), row-major, as it lies in its buffer; scales are
@@ -114,12 +115,13 @@ static void convert_block(const int8_t *r0, int k, int k8, float *buf) {
         }
 }
 
-/* rows (1-3) rows of x against a converted block: rows x 4 accumulators, one float load of the
- * weights per 8 columns and row of the block, the rest FMAs. Inlined with a constant row count
- * so the accumulators stay in registers (3 x 4 + 3 of x: all 16 of AVX2's). */
-static inline __attribute__((always_inline)) void rows_against_block(const float *buf, const int8_t *r0, int k,
-                                                                     int k8, const float *xs[3], int rows,
-                                                                     float out[3][4]) {
+/* rows (1-3) rows of x against 4 float weight rows (row stride `stride`) over columns [0, k8):
+ * rows x 4 accumulators, one float load of the weights per 8 columns and weight row, the rest
+ * FMAs. Inlined with a constant row count so the accumulators stay in registers (3 x 4 + 3 of
+ * x: all 16 of AVX2's). The caller adds the columns from k8 on. */
+static inline __attribute__((always_inline)) void rows_against_floats(const float *block, int64_t stride, int k8,
+                                                                      const float *xs[3], int rows,
+                                                                      float out[3][4]) {
     __m256 acc[3][4];
     for (int i = 0; i < rows; i++)
         for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();
@@ -127,13 +129,20 @@ static inline __attribute__((always_inline)) void rows_against_block(const float
         __m256 xv[3];
         for (int i = 0; i < rows; i++) xv[i] = _mm256_loadu_ps(xs[i] + c);
         for (int r = 0; r < 4; r++) {
-            const __m256 wv = _mm256_load_ps(buf + (int64_t)r * k8 + c);
+            const __m256 wv = _mm256_loadu_ps(block + r * stride + c);
             for (int i = 0; i < rows; i++) acc[i][r] = _mm256_fmadd_ps(wv, xv[i], acc[i][r]);
         }
     }
     for (int i = 0; i < rows; i++)
-        for (int r = 0; r < 4; r++)
-            out[i][r] = hsum(acc[i][r]) + dot_row(r0 + (int64_t)r * k + k8, xs[i] + k8, k - k8);
+        for (int r = 0; r < 4; r++) out[i][r] = hsum(acc[i][r]);
+}
+
+/* The same with the row count as a constant of each call (see rows_against_floats). */
+static void up_to_three_rows(const float *block, int64_t stride, int k8, const float *xs[3], int rows,
+                             float out[3][4]) {
+    if (rows == 3) rows_against_floats(block, stride, k8, xs, 3, out);
+    else if (rows == 2) rows_against_floats(block, stride, k8, xs, 2, out);
+    else rows_against_floats(block, stride, k8, xs, 1, out);
 }
 
 /* y (m, n) = x (m, k) @ dequant(w (n, k)).T, all row-major, every 4-row block of w read from
@@ -164,11 +173,11 @@ void int8_gemm(const int8_t *w, const uint16_t *scales, const float *x, float *y
                     const float *xs[3] = {x + (int64_t)i * k, x + (int64_t)(i + 1) * k, x + (int64_t)(i + 2) * k};
                     float out[3][4];
                     const int rows = m - i >= 3 ? 3 : m - i;
-                    if (rows == 3) rows_against_block(buf, r0, k, k8, xs, 3, out);
-                    else if (rows == 2) rows_against_block(buf, r0, k, k8, xs, 2, out);
-                    else rows_against_block(buf, r0, k, k8, xs, 1, out);
+                    up_to_three_rows(buf, k8, k8, xs, rows, out);
                     for (int j = 0; j < rows; j++)
-                        for (int r = 0; r < 4; r++) y[(int64_t)(i + j) * n + 4 * b + r] = out[j][r] * s[r];
+                        for (int r = 0; r < 4; r++)
+                            y[(int64_t)(i + j) * n + 4 * b + r] =
+                                (out[j][r] + dot_row(r0 + (int64_t)r * k + k8, xs[j] + k8, k - k8)) * s[r];
                 }
                 continue;
             }
@@ -192,4 +201,40 @@ void int8_gemm(const int8_t *w, const uint16_t *scales, const float *x, float *y
     for (int r = 4 * blocks; r < n; r++)
         for (int i = 0; i < m; i++)
             y[(int64_t)i * n + r] = dot_row(w + (int64_t)r * k, x + (int64_t)i * k, k) * bf16_to_float(scales[r]);
+}
+
+/* One float row against x, for the N % 4 weight rows and the K % 8 columns left over. */
+static float dot_floats(const float *row, const float *x, int k) {
+    float sum = 0.0f;
+    for (int c = 0; c < k; c++) sum += row[c] * x[c];
+    return sum;
+}
+
+/* y (m, n) = x (m, k) @ w (n, k).T in float32, for few rows of x (decode, small batches): every
+ * 4-row block of w is read from memory once and used for up to 3 rows of x at a time (the
+ * rest find it in L1/L2), the blocks split across threads. MKL's sgemm/sgemv for these shapes
+ * streams 16-21 GB/s at 1 row and 6-9 GB/s at 2-8 rows on 2 threads here; this reads 25-35.
+ * No software prefetch: four row streams are what the hardware prefetcher follows best, and
+ * prefetching 1-4 KB ahead measured slower. */
+void f32_gemm(const float *w, const float *x, float *y, int m, int n, int k, int threads) {
+    const int blocks = n / 4;
+    if (threads > 1 && blocks < MIN_BLOCKS_PER_THREAD * threads) threads = 1;
+    const int k8 = k - k % 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const float *r0 = w + (int64_t)4 * b * k;
+        for (int i = 0; i < m; i += 3) {
+            const int rows = m - i >= 3 ? 3 : m - i;
+            const float *xs[3];
+            for (int j = 0; j < 3; j++) xs[j] = x + (int64_t)(j < rows ? i + j : i) * k;
+            float out[3][4];
+            up_to_three_rows(r0, k, k8, xs, rows, out);
+            for (int j = 0; j < rows; j++)
+                for (int r = 0; r < 4; r++)
+                    y[(int64_t)(i + j) * n + 4 * b + r] =
+                        out[j][r] + dot_floats(r0 + (int64_t)r * k + k8, xs[j] + k8, k - k8);
+        }
+    }
+    for (int r = 4 * blocks; r < n; r++)
+        for (int i = 0; i < m; i++) y[(int64_t)i * n + r] = dot_floats(w + (int64_t)r * k, x + (int64_t)i * k, k);
 }
