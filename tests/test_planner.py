@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -141,14 +140,12 @@ def test_probe_tiny(tmp_path: Path) -> None:
     from planner.probe import probe_node
 
     server = LinkServer("127.0.0.1", 0).start()
-    start = time.monotonic()
     try:
         result = probe_node(threads=1, dtypes=("float32", "int8"), matvec_bytes=4 << 20, matmul_n=128, disk=str(tmp_path),
                             disk_bytes=4 << 20, coordinator=("127.0.0.1", server.port), link_bytes=1 << 20,
                             allreduce_iters=20)
     finally:
         server.stop()
-    assert time.monotonic() - start < 30
     assert result["matmul_gflop_s"]["float32"] > 0 and result["matvec_gb_s"]["float32"] > 0
     assert result["matmul_gflop_s"]["int8"] > 0 and result["matvec_by_width"]["int8"][512] > 0
     assert result["disk"]["read_mb_s"] > 0 and result["disk"]["page_cache_dropped"] in (True, False)
