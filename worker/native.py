@@ -5,7 +5,7 @@ weight from memory once for all rows of x:
 
 - ``int8_mm``: times an int8 shard matrix. torch's ``_weight_int8pack_mm`` reads a decode
   step's weights from DRAM at about 8 GB/s on 2 threads here (no prefetch); this prefetches and
-  reads them at 14-19 GB/s. Its fp32 activations are more exact than the torch kernel's bf16
+  reads them at 14-21 GB/s (it is bound by its int8 -> float conversions, not by memory). Its fp32 activations are more exact than the torch kernel's bf16
   ones. Measured on the 512x8 shape's matrices (8 layers, cold caches, ms for all 32 matmuls,
   native / torch): 1 row 1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8,
   64 rows 37 / 49-56 (from 12 rows on, each weight block is converted to floats once), 128 rows
