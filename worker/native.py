@@ -5,11 +5,12 @@ weight from memory once for all rows of x:
 
 - ``int8_mm``: times an int8 shard matrix. torch's ``_weight_int8pack_mm`` reads a decode
   step's weights from DRAM at about 8 GB/s on 2 threads here (no prefetch); this prefetches and
-  reads them at 14-21 GB/s (it is bound by its int8 -> float conversions, not by memory). Its fp32 activations are more exact than the torch kernel's bf16
-  ones. Measured on the 512x8 shape's matrices (8 layers, cold caches, ms for all 32 matmuls,
-  native / torch): 1 row 1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8,
-  64 rows 37 / 49-56 (from 12 rows on, each weight block is converted to floats once), 128 rows
-  71-75 / 100-104.
+  reads them at 14-17 GB/s (512x8 shape) and 26-30 GB/s (1.1B shape). Its loop is bound by the
+  int8 -> float conversions more than by memory. Its fp32 activations are more exact than the
+  torch kernel's bf16 ones. Measured on the 512x8 shape's matrices (8 layers, cold caches, ms
+  for all 32 matmuls, native / torch), before the last two speed-ups of its loop: 1 row
+  1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8, 64 rows 37 / 49-56 (from
+  12 rows on, each weight block is converted to floats once), 128 rows 71-75 / 100-104.
 - ``f32_mm``: times a float32 matrix, for up to ``F32_MAX_ROWS`` rows (decode, batches, short
   prompts; longer prompts are GEMM-bound and go to MKL). MKL's sgemv/sgemm streams 16-22 GB/s
   at 1 row and 5-9 GB/s at 2-8 rows on 2 threads here; this reads 28-34 GB/s and 19-34 GB/s
