@@ -8,7 +8,8 @@ best run is the machine's capability; the others saw noise from neighbours).
 - ``matvec_gb_s``: a vector times a set of weight matrices larger than the last-level cache,
   as bytes of weights per second (decode at batch 1 is bound by this), at an input width of
   4096; ``matvec_by_width`` also at 512 and 1024 (narrow matrices stream less efficiently).
-  int8 goes through ``worker.quant.linear``, so it times the kernel a quantized shard runs here.
+  Every dtype goes through ``worker.quant.linear``, so it times the kernel a shard of that dtype
+  runs here (the native float32 and int8 kernels where they build).
 - ``copy_gb_s``: a large tensor copy (read + write bytes per second), for reference.
 - ``layer_overhead_us`` / ``step_overhead_us``: what our own decode step costs beyond its matrix
   work, per layer and per step, measured by running it on tiny random models.

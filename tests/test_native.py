@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,26 @@ def _quantized(n: int, k: int, seed: int) -> QuantWeight:
     return QuantWeight(*quantize_int8(torch.randn(n, k)), 0)
 
 
-def _fp32_bound(x: torch.Tensor, w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp64 reference of fp32 activations times the dequantized matrix, and the error bound of
-    summing K exact products in fp32 and scaling once: (K + 2) * 2^-24 of sum |x||w|."""
-    deq = w.dequantize().double()
-    return x.double() @ deq.T, (x.shape[-1] + 2) * 2.0 ** -24 * (x.double().abs() @ deq.abs().T)
+def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 reference of ``x @ w.T`` (w: a float matrix, or an int8 one dequantized), and the
+    error bound of summing K exact products in fp32 and scaling once: (K + 2) * 2^-24 of
+    sum |x||w|."""
+    return x.double() @ w.double().T, (x.shape[-1] + 2) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+
+
+def _assert_within_bound_at_any_thread_count(run: Callable[[], torch.Tensor], ref: torch.Tensor,
+                                             bound: torch.Tensor) -> None:
+    """``run()`` is float32 of ``ref``'s shape within ``bound`` of it, and one thread gives the
+    same bits as the default count (each output is summed by one thread)."""
+    y = run()
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= bound).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(run(), y)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_native
@@ -55,16 +71,7 @@ def test_kernel_matches_the_dequantized_matrix_in_fp32(m: int, n: int, k: int) -
     assert int8_mm is not None
     w = _quantized(n, k, n + k)
     x = torch.randn(m, k)
-    ref, bound = _fp32_bound(x, w)
-    y = int8_mm(x, w.weight, w.scales)
-    assert y.shape == (m, n) and y.dtype == torch.float32
-    assert ((y.double() - ref).abs() <= bound).all()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(int8_mm(x, w.weight, w.scales), y)
-    finally:
-        torch.set_num_threads(threads)
+    _assert_within_bound_at_any_thread_count(lambda: int8_mm(x, w.weight, w.scales), *_fp32_bound(x, w.dequantize()))
 
 
 @needs_native
@@ -92,11 +99,6 @@ def test_linear_uses_it_for_fp32_activations_and_torch_otherwise(monkeypatch: py
     assert not torch.equal(fallback + bias, y.view(3, 64))
 
 
-def _f32_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp64 reference of x @ w.T and the bound of summing K exact products in fp32."""
-    return x.double() @ w.double().T, (x.shape[-1] + 2) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
-
-
 @needs_native
 @pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 64])
@@ -108,16 +110,7 @@ def test_f32_kernel_is_exact_to_fp32_summation(m: int, n: int, k: int) -> None:
     assert f32_mm is not None
     torch.manual_seed(m * n + k)
     x, w = torch.randn(m, k), torch.randn(n, k)
-    ref, bound = _f32_bound(x, w)
-    y = f32_mm(x, w)
-    assert y.shape == (m, n) and y.dtype == torch.float32
-    assert ((y.double() - ref).abs() <= bound).all()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(f32_mm(x, w), y)
-    finally:
-        torch.set_num_threads(threads)
+    _assert_within_bound_at_any_thread_count(lambda: f32_mm(x, w), *_fp32_bound(x, w))
 
 
 @needs_native

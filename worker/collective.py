@@ -241,7 +241,7 @@ class StarHub:
         self._seq += 1
         shape = tuple(partial.shape)
         if self.exchange:
-            return self._exchange(partial)
+            return self._exchange(partial, shape)
         received = self._gather_partials(shape, partial.dtype)
         total = partial.to(torch.float32, copy=True)  # (T, d) float32 accumulator, summed in place
         for peer in self._peers:
@@ -253,15 +253,15 @@ class StarHub:
             return payload[0]
         return sync_value(payload, self._sync, shape, partial.dtype, check=False).to(partial.dtype)
 
-    def _exchange(self, partial: torch.Tensor) -> torch.Tensor:
+    def _exchange(self, partial: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Two ranks: the hub sends its own partial before it waits, the worker sends its own,
         and each side adds the two payloads in rank order (``sum_payloads``): one hop instead of
         two, and both sides hold the same bits. A lossy sync dtype rounds both partials (the
         hub's own too, so the sums agree) instead of one partial and the sum."""
         own = sync_payload(partial, self._sync)
         self._broadcast(encode_message(Kind.PARTIAL, own, step=self._step, seq=self._seq))
-        (theirs,) = self._gather_partials(tuple(partial.shape), partial.dtype).values()
-        return sum_payloads([own, theirs], self._sync, tuple(partial.shape), partial.dtype)
+        (theirs,) = self._gather_partials(shape, partial.dtype).values()
+        return sum_payloads([own, theirs], self._sync, shape, partial.dtype)
 
     def _gather_partials(self, shape: tuple[int, ...], exact_dtype: torch.dtype) -> dict[bytes, list[torch.Tensor]]:
         """Every worker's checked PARTIAL of the current step and seq, as views of its frames."""
