@@ -12,8 +12,8 @@ fp32 decode speed of the 1.1B shape against its memory-bandwidth bound, as JSON.
 - ``--big``: the 1.1B shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate 5632,
   vocab 32000) at 1 rank, fp32, ``--threads`` threads: measured decode tokens/s beside the bound
   weight bytes per token / measured matvec bandwidth (``planner.probe.matvec_gb_s``, through
-  ``worker.quant.linear``: the kernel the decode runs; the better of a probe before and after
-  the decode), all measured in this run. Writing the 4.4 GB checkpoint takes about a minute.
+  ``worker.quant.linear``: the kernel the decode runs). Probe and decode alternate five times and
+  each pair gives a fraction of the bound; the median is reported. Writing the 4.4 GB checkpoint takes about a minute.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner_check import BIG, SMALL, measure  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from planner_check import BIG, SMALL, cluster, decode_round, measure, resident_bytes  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from planner.probe import matvec_gb_s  # noqa: E402
@@ -70,24 +71,35 @@ def small_model_series(model_dir: Path, prompts: list[int], tokens: int, rounds:
     return out
 
 
-def big_model_bound(model_dir: Path, threads: int, tokens: int) -> dict[str, Any]:
-    """fp32 1.1B decode at 1 rank against weight bytes / measured matvec bandwidth. The
-    bandwidth is the better of a probe before and one after the decode: this machine's memory
-    bandwidth drifts by 20% from minute to minute, and a bound must not be the slow minute's."""
+def big_model_bound(model_dir: Path, threads: int, tokens: int, pairs: int = 5) -> dict[str, Any]:
+    """fp32 1.1B decode at 1 rank against weight bytes / measured matvec bandwidth.
+
+    This machine's memory bandwidth drifts by 20-40% from minute to minute, so a bound probed
+    once and a decode timed minutes apart do not compare. The run alternates ``pairs`` times: a
+    matvec probe, then a decode round right after it, and reports each pair's fraction of the
+    bound and their median."""
     torch.set_num_threads(threads)
-    before = matvec_gb_s("float32", total_bytes=512 * MIB)
-    rss: list[int] = []
-    tps, ttft = measure(model_dir, 1, threads, 32, tokens, 1, 32 + tokens + 8, rss_out=rss)
-    after = matvec_gb_s("float32", total_bytes=512 * MIB)
-    bandwidth = max(before, after)
     weight_bytes = decode_weight_bytes(BIG)
-    bound = bandwidth * 1e9 / weight_bytes
-    return {"threads": threads, "matvec_gb_s": round(bandwidth, 2),
-            "matvec_gb_s_before_after": [round(before, 2), round(after, 2)],
-            "weight_mib_per_token": round(weight_bytes / MIB),
-            "bound_tok_s": round(bound, 2), "measured_tok_s": round(tps, 2),
-            "fraction_of_bound": round(tps / bound, 3), "ttft_ms_32": round(ttft * 1e3, 1),
-            "rss_mib": round(rss[0] / MIB, 1)}
+    fractions, probes, decodes, ttfts = [], [], [], []
+    with cluster(model_dir, 1, threads, 32 + tokens + 8) as (executor, pids):
+        decode_round(executor, 32, tokens)  # warm-up: page in the weights
+        for _ in range(pairs):
+            bandwidth = matvec_gb_s("float32", total_bytes=512 * MIB)
+            tps, ttft = decode_round(executor, 32, tokens)
+            probes.append(bandwidth)
+            decodes.append(tps)
+            ttfts.append(ttft)
+            fractions.append(tps * weight_bytes / (bandwidth * 1e9))
+        rss = resident_bytes(pids)
+    return {"threads": threads, "pairs": pairs, "weight_mib_per_token": round(weight_bytes / MIB),
+            "matvec_gb_s_per_pair": [round(b, 2) for b in probes],
+            "measured_tok_s_per_pair": [round(t, 2) for t in decodes],
+            "fraction_of_bound_per_pair": [round(f, 3) for f in fractions],
+            "fraction_of_bound": round(statistics.median(fractions), 3),
+            "bound_tok_s": round(statistics.median(probes) * 1e9 / weight_bytes, 2),
+            "measured_tok_s": round(statistics.median(decodes), 2),
+            "decode_gb_s": round(statistics.median(decodes) * weight_bytes / 1e9, 2),
+            "ttft_ms_32": round(min(ttfts) * 1e3, 1), "rss_mib": round(rss[0] / MIB, 1)}
 
 
 def main() -> None:

@@ -11,8 +11,8 @@
      rank, at the largest ``--threads`` count, predicted from the probe's int8 matvec rate;
    - the same model on 2 ranks on loopback: rank 0 here and rank 1 a real ``WorkerRank`` in a
      spawned process, 1 thread each. Both ranks share this machine, so each rank's node is the
-     1-thread probe with its matvec bandwidth capped at half the all-threads figure (they stream
-     weights at the same moments), and its link is loopback;
+     1-thread probe with its matvec bandwidth capped at half the 2-thread figure (they stream
+     weights at the same moments; measured even when ``--threads`` is 1), and its link is loopback;
    - with ``--big``: the 1.1B shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate
      5632, vocab 32000) at 1 rank, fp32, at the largest ``--threads`` count.
 3. Print predicted vs measured and the relative error (predicted / measured - 1).
@@ -27,6 +27,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from planner.model import Node, Workload, predict  # noqa: E402
-from planner.probe import probe_node  # noqa: E402
+from planner.probe import MATVEC_WIDTHS, matvec_gb_s, probe_node  # noqa: E402
 from planner.synthetic import write_random_llama  # noqa: E402
 from server.executor import Executor  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
@@ -58,22 +60,24 @@ BIG: dict[str, Any] = dict(hidden_size=2048, num_hidden_layers=22, num_attention
 TOKEN = "planner-check"
 
 
-def _decode(executor: Executor, prompt_len: int, tokens: int, rounds: int) -> tuple[float, float]:
-    """(best decode tokens/s, best prefill seconds) over ``rounds``; the first round warms up."""
+def decode_round(executor: Executor, prompt_len: int, tokens: int) -> tuple[float, float]:
+    """(decode tokens/s, prefill seconds) of one prompt of ``prompt_len`` then ``tokens`` greedy steps."""
     prompt = [(7 * i) % 97 + 3 for i in range(prompt_len)]
-    best_tps, best_ttft = 0.0, float("inf")
-    for r in range(rounds + 1):
-        start = time.perf_counter()
-        logits = executor.step([prompt], [SeqSpan(0, 0, prompt_len)])
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        for i in range(tokens):
-            token = int(logits[0].argmax())
-            logits = executor.step([[token]], [SeqSpan(0, prompt_len + i, 1)])
-        tps = tokens / (time.perf_counter() - start)
-        if r:  # round 0 is the warm-up
-            best_tps, best_ttft = max(best_tps, tps), min(best_ttft, ttft)
-    return best_tps, best_ttft
+    start = time.perf_counter()
+    logits = executor.step([prompt], [SeqSpan(0, 0, prompt_len)])
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(tokens):
+        token = int(logits[0].argmax())
+        logits = executor.step([[token]], [SeqSpan(0, prompt_len + i, 1)])
+    return tokens / (time.perf_counter() - start), ttft
+
+
+def _decode(executor: Executor, prompt_len: int, tokens: int, rounds: int) -> tuple[float, float]:
+    """(best decode tokens/s, best prefill seconds) over ``rounds``; a first round warms up."""
+    decode_round(executor, prompt_len, tokens)
+    runs = [decode_round(executor, prompt_len, tokens) for _ in range(rounds)]
+    return max(tps for tps, _ in runs), min(ttft for _, ttft in runs)
 
 
 def _worker_process(spec: RankSpec, address: str, threads: int) -> None:
@@ -85,10 +89,10 @@ def _worker_process(spec: RankSpec, address: str, threads: int) -> None:
     worker.stop()
 
 
-def measure(model_dir: Path, ranks: int, threads: int, prompt: int, tokens: int, rounds: int,
-            max_context: int, rss_out: list[int] | None = None) -> tuple[float, float]:
-    """(decode tokens/s, time to first token s); ``rss_out`` gets each rank's resident bytes
-    (rank 0 first) after the runs, read with psutil from outside the worker processes."""
+@contextmanager
+def cluster(model_dir: Path, ranks: int, threads: int, max_context: int) -> Iterator[tuple[Executor, list[int]]]:
+    """(rank 0's executor, the pid of every rank, rank 0 first): rank 0 in this process, the
+    other ranks real ``WorkerRank`` processes on loopback, ``threads`` threads each."""
     config = ModelConfig.from_dir(model_dir)
     shards = plan_shards(config, [1.0] * ranks)
     specs = [RankSpec(str(model_dir), config, s, max_batch=1, max_context=max_context) for s in shards]
@@ -101,18 +105,41 @@ def measure(model_dir: Path, ranks: int, threads: int, prompt: int, tokens: int,
     executor = Executor(specs[0], hub)
     try:
         hub.wait_for_ranks(120)
-        measured = _decode(executor, prompt, tokens, rounds)
-        if rss_out is not None:
-            import psutil
-
-            rss_out[:] = [psutil.Process(pid).memory_info().rss for pid in (os.getpid(), *(p.pid for p in procs))]
-        return measured
+        yield executor, [os.getpid(), *(p.pid for p in procs if p.pid is not None)]
     finally:
         executor.close()
         for p in procs:
             p.join(30)
             if p.is_alive():
                 p.kill()
+
+
+def resident_bytes(pids: list[int]) -> list[int]:
+    """Each process's resident set, read with psutil from outside the worker processes."""
+    import psutil
+
+    return [psutil.Process(pid).memory_info().rss for pid in pids]
+
+
+def measure(model_dir: Path, ranks: int, threads: int, prompt: int, tokens: int, rounds: int,
+            max_context: int, rss_out: list[int] | None = None) -> tuple[float, float]:
+    """(best decode tokens/s, best time to first token s) over ``rounds``; ``rss_out`` gets each
+    rank's resident bytes (rank 0 first) after the runs."""
+    with cluster(model_dir, ranks, threads, max_context) as (executor, pids):
+        measured = _decode(executor, prompt, tokens, rounds)
+        if rss_out is not None:
+            rss_out[:] = resident_bytes(pids)
+        return measured
+
+
+def machine_matvec_by_width(probes: dict[int, dict[str, Any]], matvec_bytes: int) -> dict[int, float]:
+    """fp32 matvec GB/s by input width with 2 threads (the cores two co-located ranks share):
+    from the 2-thread probe when there is one, else measured now."""
+    if 2 in probes:
+        return probes[2]["matvec_by_width"]["float32"]
+    torch.set_num_threads(2)
+    log.info("probe: fp32 matvec with 2 threads (the cores 2 ranks share)")
+    return {w: matvec_gb_s("float32", matvec_bytes, cols=w) for w in MATVEC_WIDTHS}
 
 
 def node_of(probe: dict[str, Any], name: str) -> Node:
@@ -154,16 +181,17 @@ def main() -> None:
     for t in threads:
         log.info("probe: %d thread(s)", t)
         probes[t] = probe_node(threads=t, dtypes=("float32", "int8"), matvec_bytes=args.probe_mib << 20)
-    torch.set_num_threads(1)
     # Two ranks on this machine, 1 thread each, stream weights at the same moments: each gets at
-    # most half of what the machine gives with all its cores.
-    whole = probes[max(threads)]["matvec_by_width"]["float32"]
+    # most half of what the machine gives with both cores, measured here whatever --threads says.
+    whole = machine_matvec_by_width(probes, args.probe_mib << 20)
+    torch.set_num_threads(1)
     alone = probes[1]["matvec_by_width"]["float32"]
-    shared = {w: min(alone[w], whole[w] / (2 if max(threads) >= 2 else 1)) for w in alone}
+    shared = {w: min(alone[w], whole[w] / 2) for w in alone}
     half = node_of({**probes[1], "matvec_by_width": {"float32": shared},
                     "matvec_gb_s": {"float32": max(shared.values())}}, "rank0")
     colocated = [half, replace(half, name="rank1", rtt_us=probes[1]["loopback_rtt_us"])]
-    result: dict[str, Any] = {"probes": {str(t): p for t, p in probes.items()}, "checks": []}
+    result: dict[str, Any] = {"probes": {str(t): p for t, p in probes.items()}, "checks": [],
+                              "colocated_rank_matvec_gb_s": {str(w): round(gb, 3) for w, gb in shared.items()}}
     max_context = args.prompt + args.tokens + 8
     work = Workload(context=args.prompt + args.tokens // 2, prompt_tokens=args.prompt, prefill_chunk=args.prompt,
                     max_context=max_context)
