@@ -74,6 +74,7 @@ TEXT_MODULES = ("json", "subprocess", "argparse", "logging", "threading", "colle
 RUNS: dict[str, tuple[str, bool, str, str]] = {
     "prefetch_temporal_distance": ("distance", True, "temporal", "page_cache"),
     "prefetch_router_distance": ("distance", True, "router", "page_cache"),
+    "prefetch_input_distance": ("distance", True, "input", "page_cache"),
     "prefetch_adaptive_distance": ("distance", True, "adaptive", "page_cache"),
     "prefetch_union_distance": ("distance", True, "union", "page_cache"),
     "prefetch_adaptive_lru": ("lru", True, "adaptive", "page_cache"),

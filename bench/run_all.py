@@ -31,6 +31,7 @@ SUITE: dict[str, list[str]] = {
     "planner_check": ["--tokens", "32", "--rounds", "4", "--passes", "3"],
     "streaming": ["--tokens", "16"],
     "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1"],  # random Mixtral (no trained one here)
+    "expert_predictors": ["--tokens", "100"],  # the same random Mixtral, offline: recall of each predictor
     "quant": ["--agree-tokens", "100", "--tokens", "8"],  # writes and runs the 1.1B shape: ~5 min
     "sync_error": ["--tokens", "100"],
     "latency": ["--prompts", "32,256,1024", "--tokens", "16", "--big"],  # --big: the 1.1B bandwidth bound
@@ -95,6 +96,12 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                          f"{passes} ({row['median_tok_s_error']:+.0%})"))
             rows.append(("planner_check", f"{row['config']}: TTFT error, each pass",
                          ", ".join(f"{e:+.0%}" for e in row["ttft_errors"])))
+    predictors = results.get("expert_predictors", {}).get("result")
+    if predictors:
+        for mode, r in predictors["predictors"].items():
+            rows.append(("expert_predictors", f"{mode}: recall / precision / experts guessed per layer step "
+                         f"({predictors['model']} model, offline)",
+                         f"{r['recall']:.3f} / {r['precision']:.3f} / {r['guessed_per_layer_step']}"))
     for name in ("streaming", "moe_cache"):
         res = results.get(name, {}).get("result")
         if res:

@@ -57,6 +57,59 @@ def test_adaptive_predictor_prefers_the_router_on_a_tie() -> None:
     assert predictor.predict(1, HIDDEN) == {2, 3}
 
 
+# A hidden state that layer 1's router sends to experts 0 and 1 (negative first feature).
+LATER_HIDDEN = torch.tensor([[-1.0, 0.5]])  # (T=1, d=2)
+
+
+def test_input_predictor_guesses_when_the_layer_starts() -> None:
+    predictor = _predictor("input")
+    assert predictor.predict(1, HIDDEN) == set()  # nothing a block ahead
+    assert predictor.predict_at_input(1, LATER_HIDDEN) == {0, 1}  # the router on the layer's own input
+
+
+def test_early_predictors_add_nothing_at_the_layers_input() -> None:
+    for mode in ("router", "temporal", "union"):
+        assert _predictor(mode).predict_at_input(1, LATER_HIDDEN) == set()
+
+
+def _adaptive_step(predictor: Predictor, early_hidden: torch.Tensor, used: set[int]) -> tuple[set[int], set[int]]:
+    """One step of layer 1: (what is read a block ahead, what is read when the layer starts)."""
+    early = predictor.predict(1, early_hidden)
+    late = predictor.predict_at_input(1, LATER_HIDDEN)
+    predictor.observe(1, used)
+    return early, late
+
+
+def test_adaptive_predictor_waits_for_the_input_guess_where_it_is_clearly_surer() -> None:
+    predictor = _predictor("adaptive")
+    # Layer 1 uses experts 0 and 1 at every step: the block-ahead router (2, 3) is always wrong,
+    # the input router (0, 1) always right; temporal (from the second step) right too.
+    assert _adaptive_step(predictor, HIDDEN, {0, 1}) == ({2, 3}, set())  # no record: the router, early
+    assert predictor.record[1] == {"router": [0, 2], "input": [2, 2]}
+    predictor.last_used.pop(1)  # keep temporal out: the early choice is the router alone
+    early, late = _adaptive_step(predictor, HIDDEN, {0, 1})
+    assert (early, late) == (set(), {0, 1})  # input right 1.0 > router 0.0 + margin: wait for it
+    assert predictor.record[1]["input"] == [4, 4]
+
+
+def test_adaptive_predictor_keeps_the_early_guess_unless_input_is_surer_by_the_margin() -> None:
+    predictor = _predictor("adaptive")
+    # The early router and the input router both name 2 and 3; the layer uses 2 and 3: a tie.
+    predictor.predict(1, HIDDEN)
+    predictor.predict_at_input(1, HIDDEN)
+    predictor.observe(1, {2, 3})
+    early, late = predictor.predict(1, HIDDEN), predictor.predict_at_input(1, HIDDEN)
+    assert (early, late) == ({2, 3}, set())  # a block of lead time is worth more than no gain
+
+
+def test_adaptive_predictor_waiting_but_unsure_adds_the_early_guesses() -> None:
+    predictor = _predictor("adaptive")
+    predictor.record[1] = {"router": [0, 10], "input": [6, 10]}  # input 0.6: surer, but under unsure_below
+    early = predictor.predict(1, HIDDEN)
+    assert early == set()
+    assert predictor.predict_at_input(1, LATER_HIDDEN) == {0, 1, 2, 3}  # input's guess and the router's
+
+
 def test_union_predictor_names_both_guesses() -> None:
     predictor = _predictor("union")
     assert predictor.predict(1, HIDDEN) == {2, 3}

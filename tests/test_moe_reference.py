@@ -65,7 +65,8 @@ def test_moe_logits_match_with_a_small_expert_cache(checkpoints, tmp_path: Path,
     assert diff <= TOL, f"{arch} with {ranks} ranks and a 3-expert cache: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize(("predictor", "prefetch_to"), [("router", "page_cache"), ("adaptive", "page_cache"),
+@pytest.mark.parametrize(("predictor", "prefetch_to"), [("router", "page_cache"), ("input", "page_cache"),
+                                                        ("adaptive", "page_cache"),
                                                         ("union", "page_cache"), ("temporal", "buffers"),
                                                         ("adaptive", "buffers"), ("union", "buffers")])
 @pytest.mark.parametrize("arch", MOE_ARCHS)

@@ -80,7 +80,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 class RankModel:
     """One rank's shard of every decoder layer (from its weight store), plus its KV cache.
 
-    Subclasses (other families) override the hooks ``_qkv_hook`` and ``_feed_forward``.
+    Subclasses (other families) override the hooks ``_layer_start``, ``_qkv_hook`` and ``_feed_forward``.
     """
 
     def __init__(self, config: ModelConfig, shard: RankShard, store: WeightStore, kv_cache: KVCache,
@@ -114,6 +114,7 @@ class RankModel:
         cos, sin = self._rope(plan)
         eps = self.config.rms_norm_eps
         for layer in range(self.config.num_layers):
+            self._layer_start(layer, hidden)
             with self.store.attention(layer) as w:
                 partial = self._attention(layer, w, rms_norm(hidden, w.norm, eps), plan, cos, sin)
             hidden = hidden + self.allreduce(partial)
@@ -121,6 +122,9 @@ class RankModel:
                 partial = self._feed_forward(layer, mlp, hidden)
             hidden = hidden + self.allreduce(partial)
         return hidden
+
+    def _layer_start(self, layer: int, hidden: torch.Tensor) -> None:
+        """Hook on ``layer``'s input (T, d) before its attention; the dense model has none."""
 
     def _qkv_hook(self, w: AttentionWeights, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

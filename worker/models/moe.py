@@ -11,11 +11,14 @@ Routed experts come from the rank's ``ExpertCache``. Right after layer ``l``'s r
 experts the next MoE layer will need are predicted and prefetched (read ahead) while layer
 ``l`` computes. Predictors (``PREDICTORS``, see ``Predictor``): ``router``, the next
 layer's router applied to the current hidden state (EdgeMoE's), ``temporal``, the experts that
-layer used at the previous step, ``union``, both, and ``adaptive``, per layer whichever of the
-two has been right more often, or both where neither is often right. bench/moe_cache.py measures them on a random and on a trained
-Mixtral (scripts/train_tiny_moe.py). ``adaptive`` is the default (RankSpec.expert_predictor):
-on trained models the router guesses the later layers well (0.87-0.97 recall) and the first ones
-badly (0.27-0.50), where the previous step's experts do a little better and both together best.
+layer used at the previous step, ``input``, the layer's router on its own input when it starts
+(one attention block ahead), ``union``, the first two, and ``adaptive``, per layer whichever
+has been right most often (waiting for ``input`` only where it is clearly surer), or several
+where none is often right. bench/moe_cache.py measures them on a random and on a trained
+Mixtral (scripts/train_tiny_moe.py); bench/expert_predictors.py scores them offline.
+``adaptive`` is the default (RankSpec.expert_predictor): on trained models the router guesses
+the later layers well from a block ahead (0.92-0.96 recall@2) and layers 0 and 1 badly
+(0.26-0.48); from layer 1's own input it guesses 0.95.
 """
 
 from __future__ import annotations
@@ -43,24 +46,32 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) 
     return weights.to(x.dtype), experts
 
 
-PREDICTORS = ("temporal", "router", "adaptive", "union")
+PREDICTORS = ("temporal", "router", "input", "adaptive", "union")
 
 
 class Predictor:
-    """Which experts an MoE layer will need, predicted one layer ahead.
+    """Which experts an MoE layer will need, guessed ahead from three sources.
 
-    ``router``: layer ``l+1``'s router on layer ``l``'s residual stream (normed with ``l+1``'s
-    MLP norm); routers and norms are tiny and stay resident even when their blocks stream.
-    ``temporal``: the experts layer ``l+1`` used at the previous step (the router's guess until
-    the layer has run once). ``union``: both guesses together. ``adaptive``: both guesses are
-    made and scored against what each layer then uses; each layer follows the one that has been
-    right more often there (the router on a tie), or takes both while even the better one is
-    right less than ``unsure_below`` of the time. On a trained model the router is right far
-    more often in the later layers, and neither is good in the first ones, where the residual
-    stream is still close to the token embedding.
+    Two guesses are made for layer ``n`` while the MoE layer before it routes, a whole block
+    ahead: ``router``, layer ``n``'s router on that layer's residual stream (normed with ``n``'s
+    MLP norm; routers and norms are tiny and stay resident even when their blocks stream), and
+    ``temporal``, the experts layer ``n`` used at the previous step (the router's guess until
+    the layer has run once). ``input`` is guessed later, when layer ``n`` starts: its router on
+    the layer's own input, one attention block ahead. It is the surest of the three on a trained
+    model (offline on the trained 8-layer Mixtral in bench/results: recall@2 0.91 against
+    0.80 for ``router`` and 0.50 for ``temporal``; layer 1 is 0.95 against 0.48, because layer
+    0's MoE output moves the residual stream a long way), but leaves the least time to read.
+
+    Modes: ``router``, ``temporal`` and ``input`` use one source; ``union`` reads both early
+    guesses. ``adaptive`` makes every guess and scores each against what the layer then uses;
+    each layer follows the early source that has been right more often there (the router on a
+    tie), unless ``input`` has been right ``late_margin`` more often: then the layer waits for
+    it. A layer whose chosen source is right less than ``unsure_below`` of the time also reads
+    the other guesses available at that moment.
     """
 
-    unsure_below = 0.7  # adaptive: a layer whose better guess is right less often reads both
+    unsure_below = 0.7  # adaptive: a layer whose chosen guess is right less often reads the others too
+    late_margin = 0.1  # adaptive: how much surer ``input`` must be to give up a block of lead time
 
     def __init__(self, routers: dict[int, torch.Tensor], norms: dict[int, torch.Tensor], eps: float, top_k: int,
                  mode: str = "temporal"):
@@ -70,6 +81,7 @@ class Predictor:
         self.moe_layers = sorted(routers)
         self.last_used: dict[int, set[int]] = {}  # layer -> experts it routed to at the last step
         self._guesses: dict[int, dict[str, set[int]]] = {}  # layer -> source -> its pending guess
+        self._deferred: set[int] = set()  # adaptive: layers whose guess waits for their input
         # adaptive's record: layer -> source -> [experts guessed right, experts guessed]
         self.record: dict[int, dict[str, list[int]]] = {}
 
@@ -91,24 +103,54 @@ class Predictor:
         return set(experts.unique().tolist())
 
     def predict(self, layer: int, hidden: torch.Tensor) -> set[int]:
+        """The experts to read ahead now for ``layer``, from the residual stream ``hidden`` (T, d)
+        of the MoE layer before it (a block ahead); empty when ``layer`` waits for its input."""
+        if self.mode == "input":
+            return set()
         previous = self.last_used.get(layer)
         if self.mode == "temporal" and previous is not None:
             return previous
         guesses = {"router": self._route(layer, hidden)} | ({"temporal": previous} if previous is not None else {})
         if self.mode == "adaptive":
             self._guesses[layer] = guesses
-            return self._choose(layer, guesses)
+            return self._choose_early(layer, guesses)
         if self.mode == "union":
             return set().union(*guesses.values())
         return guesses["router"]  # router, or temporal before the layer has run
 
-    def _choose(self, layer: int, guesses: dict[str, set[int]]) -> set[int]:
-        rates = {source: right / guessed for source, (right, guessed) in self.record.get(layer, {}).items()
-                 if guessed and source in guesses}
-        if not rates:
+    def predict_at_input(self, layer: int, hidden: torch.Tensor) -> set[int]:
+        """The experts to read ahead now for ``layer`` as it starts, from its input ``hidden``
+        (T, d), beyond what ``predict`` named: the ``input`` guess where the mode or the layer's
+        record says to wait for it, else nothing."""
+        if self.mode not in ("input", "adaptive"):
+            return set()
+        guess = self._route(layer, hidden)
+        if self.mode == "input":
+            return guess
+        self._guesses.setdefault(layer, {})["input"] = guess
+        if layer not in self._deferred:
+            return set()
+        self._deferred.discard(layer)
+        if self._rate(layer, "input") < self.unsure_below:
+            others = [g for source, g in self._guesses[layer].items() if source != "input"]
+            return guess.union(*others)
+        return guess
+
+    def _rate(self, layer: int, source: str) -> float:
+        right, guessed = self.record.get(layer, {}).get(source, (0, 0))
+        return right / guessed if guessed else 0.0
+
+    def _choose_early(self, layer: int, guesses: dict[str, set[int]]) -> set[int]:
+        """adaptive, a block ahead: the early guess to read now, or nothing if ``layer`` waits."""
+        scored = {source for source, (_, guessed) in self.record.get(layer, {}).items() if guessed}
+        early = [source for source in guesses if source in scored]
+        if not early:
             return guesses["router"]
-        best = max(rates, key=lambda source: (rates[source], source == "router"))
-        if rates[best] < self.unsure_below:
+        best = max(early, key=lambda source: (self._rate(layer, source), source == "router"))
+        if "input" in scored and self._rate(layer, "input") > self._rate(layer, best) + self.late_margin:
+            self._deferred.add(layer)
+            return set()
+        if self._rate(layer, best) < self.unsure_below:
             return set().union(*guesses.values())
         return guesses[best]
 
@@ -126,6 +168,15 @@ class MoeRankModel(RankModel):
 
     def _mlp_class(self, layer: int) -> type[Any]:
         return MoeWeights if self.config.is_moe_layer(layer) else MlpWeights
+
+    def _layer_start(self, layer: int, hidden: torch.Tensor) -> None:
+        """Read ahead the experts the predictor guesses from this layer's input, one attention
+        block before its MoE routes (``Predictor.predict_at_input``)."""
+        if self.predictor is None or not self.config.is_moe_layer(layer):
+            return
+        if late := self.predictor.predict_at_input(layer, hidden):
+            self._predicted[layer] = self._predicted.get(layer, set()) | late
+            self.experts.prefetch(layer, sorted(late))
 
     def _feed_forward(self, layer: int, w: Any, hidden: torch.Tensor) -> torch.Tensor:
         if not isinstance(w, MoeWeights):
