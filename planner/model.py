@@ -5,15 +5,18 @@ One decode step (batch B, L layers, N ranks, rank 0 is the coordinator and the s
     compute_r = max(sum_m bytes_m / matvec_bw_r(width_m), flops_r / gemm_r) + L * layer_overhead_r
     allreduce = hub software overhead + max_r rtt_r                      (the star, N > 2)
                 + 2 * max((N - 1) * payload / hub_link_bw, max_r payload / link_bw_r)
+                + (N - 1) * payload / payload_sw
               = exchange overhead + rtt_1 / 2 + payload / min link_bw    (N = 2: both partials
-                                                                          cross at once, one hop)
+                + payload / payload_sw                                    cross at once, one hop)
     token     = max(max_r compute_r + 2 L * allreduce + hub, max_r disk_r)
 
 ``bytes_m`` are the weights of each matrix a rank reads per token (its slice of every layer),
 streamed at the node's matvec bandwidth for that input width, ``payload`` is
 ``B * hidden * sync_dtype bytes``; the hub link carries N - 1 payloads in (gather) and N - 1 out
-(broadcast), one after the other. ``hub`` is rank 0's final norm and LM head plus the step's
-fixed cost. The per-layer and per-step overheads are measured on this code by ``edgellm probe``. A rank whose shard
+(broadcast), one after the other; ``payload_sw`` is what the software moves per second through
+a rank's end of an allreduce beyond the wire (ZeroMQ's copies, CURVE, the sum; probed with
+256 KB exchanges on loopback): nothing for a decode row, most of a prefill chunk's allreduce
+on loopback. ``hub`` is rank 0's final norm and LM head plus the step's fixed cost. The per-layer and per-step overheads are measured on this code by ``edgellm probe``. A rank whose shard
 does not fit its memory streams it from disk every step (the sliding window), so its step takes
 max(compute + comm, disk) rather than the sum. Prefill (time to first token) runs the prompt in
 chunks; each chunk is compute-bound (GEMM flops) once it has more than a few tokens.
@@ -64,6 +67,9 @@ class Node:
     exchange_overhead_us: float | None = None
     # matvec GB/s by dtype and input width (narrow matrices stream slower); empty: ``matvec_gb_s``
     matvec_by_width: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    # what an allreduce pays per payload byte beyond the wire (ZeroMQ copies, CURVE, the sum), as
+    # MB/s; None (an older probe, a profile without it): nothing, as if only the wire counted
+    allreduce_payload_mb_s: float | None = None
 
     def bandwidth(self, dtype: str, width: int | None = None) -> float:
         """Bytes/s streamed by a matvec over weights of ``dtype`` with ``width`` input features,
@@ -109,7 +115,9 @@ class Node:
                        link_mbit_s=float(min(rates)) if rates else None,
                        allreduce_overhead_us=float(raw.get("allreduce_overhead_us", 0.0)),
                        exchange_overhead_us=(float(raw["exchange_overhead_us"])
-                                             if raw.get("exchange_overhead_us") is not None else None))
+                                             if raw.get("exchange_overhead_us") is not None else None),
+                       allreduce_payload_mb_s=(float(raw["allreduce_payload_mb_s"])
+                                               if raw.get("allreduce_payload_mb_s") else None))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"node {raw.get('name', '?')!r}: bad or missing field ({exc})") from None
 
@@ -228,13 +236,21 @@ def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
     return star_seconds(nodes, payload_bytes)
 
 
+def payload_software_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
+    """The software's per-byte cost of one payload through a rank's end of an allreduce, at the
+    slowest node that measured it (``Node.allreduce_payload_mb_s``); 0 where none did."""
+    rates = [n.allreduce_payload_mb_s for n in nodes if n.allreduce_payload_mb_s]
+    return payload_bytes / (min(rates) * 1e6) if rates else 0.0
+
+
 def exchange_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
-    """Two ranks swap partials and each sums both: one payload each way at once (full duplex)."""
+    """Two ranks swap partials and each sums both: one payload each way at once (full duplex),
+    each side handling one out and one in, at the same time as the other."""
     hub, worker = nodes
     links = [r.link_mbit_s for r in nodes if r.link_mbit_s]
     wire = payload_bytes / (min(links) * 1e6 / 8) if links else 0.0
     overhead = hub.allreduce_overhead_us if hub.exchange_overhead_us is None else hub.exchange_overhead_us
-    return (overhead + worker.rtt_us / 2) * 1e-6 + wire
+    return (overhead + worker.rtt_us / 2) * 1e-6 + wire + payload_software_seconds(nodes, payload_bytes)
 
 
 def star_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
@@ -250,7 +266,9 @@ def star_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
         wire = (n - 1) * payload_bytes / (hub_link * 1e6 / 8)
     if worker_links:
         wire = max(wire, payload_bytes / (min(worker_links) * 1e6 / 8))
-    return (hub.allreduce_overhead_us + max(w.rtt_us for w in workers)) * 1e-6 + 2 * wire
+    # the hub handles N - 1 payloads in and N - 1 out, one rank's pair after the other
+    software = (n - 1) * payload_software_seconds(nodes, payload_bytes)
+    return (hub.allreduce_overhead_us + max(w.rtt_us for w in workers)) * 1e-6 + 2 * wire + software
 
 
 def _rank_pass_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload, tokens: int,

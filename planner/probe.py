@@ -150,8 +150,9 @@ def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
     return {"layer_overhead_us": round(layer * 1e6, 1), "step_overhead_us": round(max(two - 2 * layer, 0.0) * 1e6, 1)}
 
 
-def _probe_rank(address: str, iters: int, numel: int) -> None:
-    """Rank 1 of the allreduce probe, in its own process as on a real worker."""
+def _probe_rank(address: str, phases: list[tuple[int, int]]) -> None:
+    """Rank 1 of the allreduce probe, in its own process as on a real worker: ``phases`` of
+    (allreduces, floats each), in the hub's order; this side answers a star or an exchange alike."""
     from worker.collective import StarRank
 
     torch.set_num_threads(1)
@@ -159,35 +160,47 @@ def _probe_rank(address: str, iters: int, numel: int) -> None:
     try:
         link.wait_welcome(30)
         link.begin(link.recv())
-        partial = torch.ones(numel)
-        for _ in range(2 * iters):  # the hub's star, then its exchange: this side answers either
-            link.allreduce(partial)
+        for count, numel in phases:
+            partial = torch.ones(numel)
+            for _ in range(count):
+                link.allreduce(partial)
     finally:
         link.close()
 
 
+PAYLOAD_PROBE_FLOATS = 1 << 16  # 256 KB: a 128-token prefill chunk at width 512, in fp32
+
+
 def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]:
     """A 2-rank star allreduce and exchange on loopback (rank 1 in a spawned process) and the
-    loopback round trip, each as the median of its quietest stretch."""
+    loopback round trip, each as the mean of its quietest stretch; and the software cost per
+    payload byte (ZeroMQ's copies, CURVE's encryption, the sum), from exchanges of 256 KB
+    against ``numel`` floats, as MB/s: what a prefill chunk's allreduces pay beyond the wire."""
     import multiprocessing as mp
 
     from planner.link import LinkServer, measure_link
     from worker.collective import StarHub
 
+    large_iters = max(10, iters // 5)
+    # (label, exchange?, allreduces, floats): rank 1 runs the same phases in the same order
+    phases = [("star", False, iters, numel), ("exchange", True, iters, numel),
+              ("exchange_large", True, large_iters, PAYLOAD_PROBE_FLOATS)]
     hub = StarHub(2, token="probe", timeout_s=60)
-    proc = mp.get_context("spawn").Process(target=_probe_rank, args=(hub.address, iters, numel), daemon=True)
+    proc = mp.get_context("spawn").Process(target=_probe_rank, args=(hub.address, [(n, f) for _, _, n, f in phases]),
+                                           daemon=True)
     proc.start()
-    times: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[str, list[float]] = {}
     try:
         hub.wait_for_ranks(60)
         hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
-        partial = torch.ones(numel)
-        for exchange in (False, True):
+        for label, exchange, count, floats in phases:
             hub.exchange = exchange
-            for _ in range(iters):
+            partial = torch.ones(floats)
+            samples = times[label] = []
+            for _ in range(count):
                 start = time.perf_counter()
                 hub.allreduce(partial)
-                times[exchange].append(time.perf_counter() - start)
+                samples.append(time.perf_counter() - start)
         proc.join(30)
     finally:
         if proc.is_alive():
@@ -198,10 +211,14 @@ def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]
         rtt = measure_link("127.0.0.1", server.port, pings=iters, transfer_bytes=1 << 20)["rtt_us"]
     finally:
         server.stop()
-    star_us, exchange_us = (quiet_mean(t[len(t) // 10:]) * 1e6 for t in (times[False], times[True]))
+    star_us, exchange_us, large_us = (quiet_mean(times[label][len(times[label]) // 10:]) * 1e6
+                                      for label in ("star", "exchange", "exchange_large"))
+    extra_bytes = (PAYLOAD_PROBE_FLOATS - numel) * 4
     return {"allreduce_loopback_us": round(star_us, 1), "exchange_loopback_us": round(exchange_us, 1),
+            "exchange_256kb_loopback_us": round(large_us, 1),
             "loopback_rtt_us": rtt, "allreduce_overhead_us": round(max(star_us - rtt, 0.0), 1),
-            "exchange_overhead_us": round(max(exchange_us - rtt / 2, 0.0), 1)}
+            "exchange_overhead_us": round(max(exchange_us - rtt / 2, 0.0), 1),
+            "allreduce_payload_mb_s": round(extra_bytes / max(large_us - exchange_us, 1.0), 1)}
 
 
 def quiet_mean(samples: list[float], batches: int = 5, drop: float = 0.1) -> float:

@@ -97,6 +97,22 @@ def test_two_ranks_exchange_in_one_hop() -> None:
     assert exchange_seconds([hub, worker], payload) < star_seconds([hub, worker], payload)
 
 
+def test_payload_software_cost_adds_to_the_wire() -> None:
+    """A probed per-byte software rate (copies, CURVE, the sum) is paid once per payload by the
+    exchange and N - 1 times by the star's hub; a node without it prices the wire alone."""
+    payload = 128 * 512 * 4  # a 128-token prefill chunk at width 512
+    plain = [node(f"n{i}", rtt=0.0) for i in range(4)]
+    probed = [replace(n, allreduce_payload_mb_s=500.0) for n in plain]
+    per_payload = payload / 500e6
+    assert exchange_seconds(probed[:2], payload) == pytest.approx(exchange_seconds(plain[:2], payload) + per_payload)
+    assert star_seconds(probed, payload) == pytest.approx(star_seconds(plain, payload) + 3 * per_payload)
+    slower = [probed[0], replace(probed[1], allreduce_payload_mb_s=250.0)]
+    assert exchange_seconds(slower, payload) == pytest.approx(exchange_seconds(plain[:2], payload) + 2 * per_payload)
+    raw = {"name": "n", "matvec_gb_s": {"float32": 10.0}, "matmul_gflop_s": {"float32": 50.0}, "memory_bytes": GB}
+    assert Node.from_dict({**raw, "allreduce_payload_mb_s": 500.0}).allreduce_payload_mb_s == 500.0
+    assert Node.from_dict(raw).allreduce_payload_mb_s is None  # an older probe: the wire alone
+
+
 @pytest.mark.parametrize("field, value, faster", [
     ("matvec_gb_s", {"float32": 20.0}, True),
     ("layer_overhead_us", 500.0, False),
@@ -151,11 +167,13 @@ def test_probe_tiny(tmp_path: Path) -> None:
     assert result["disk"]["read_mb_s"] > 0 and result["disk"]["page_cache_dropped"] in (True, False)
     assert result["link"]["rtt_us"] > 0 and result["allreduce_loopback_us"] > 0
     assert result["exchange_loopback_us"] > 0 and result["exchange_overhead_us"] >= 0
+    assert result["exchange_256kb_loopback_us"] > 0 and result["allreduce_payload_mb_s"] > 0
     assert result["layer_overhead_us"] >= 0
     assert not list(tmp_path.iterdir()), "the disk probe must remove its file"
     node = Node.from_dict(result)
     assert node.bandwidth("float32", 700) > 0 and node.bandwidth("int8", 700) > 0
     assert node.exchange_overhead_us == result["exchange_overhead_us"]
+    assert node.allreduce_payload_mb_s == result["allreduce_payload_mb_s"]
     assert yaml.safe_load(yaml.safe_dump(result)) == result  # what `edgellm probe --out` writes
 
 
