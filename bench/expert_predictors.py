@@ -4,8 +4,9 @@
 
 ``bench/moe_cache.py`` measures the predictors inside the running rank, against a cold disk,
 where late reads and a small cache blur what each guess is worth. This scores the guesses
-alone, in seconds: a Mixtral-style checkpoint runs in transformers over real text (module docstrings of the standard library, as in
-bench/moe_cache.py), 16 prompt tokens then ``--tokens`` teacher-forced positions. Its hidden
+alone, in seconds: an MoE checkpoint whose every layer routes (Mixtral, Qwen2-MoE, OLMoE; checked
+on tiny random ones) runs in transformers over real text (module docstrings of the standard
+library, as in bench/moe_cache.py), 16 prompt tokens then ``--tokens`` teacher-forced positions. Its hidden
 states are replayed into ``worker.models.moe.Predictor`` in the order a rank calls it
 (``predict`` a block ahead while the layer before routes, ``predict_at_input`` when the layer
 starts, ``observe`` when it routes), and every decode step's guesses for each layer are scored
@@ -106,7 +107,7 @@ def score(model: Any, sequences: list[list[int]], mode: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None,
-                        help="a Mixtral-style HF checkpoint dir (default: bench/moe_cache.py's random Mixtral)")
+                        help="an HF MoE checkpoint dir, every layer routed (default: bench/moe_cache.py's random Mixtral)")
     parser.add_argument("--tokens", type=int, default=100, help="teacher-forced decode positions per prompt")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--out", default=None)
@@ -120,10 +121,11 @@ def main() -> None:
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
     if not all(hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "weight") for layer in model.model.layers):
-        raise SystemExit(f"{args.model}: every layer must be a Mixtral-style MoE block (mlp.gate.weight)")
+        raise SystemExit(f"{args.model}: every layer must be an MoE block with a router (mlp.gate.weight)")
     sequences = texts(args.model or TOKENIZER, args.prompts, args.tokens)
     result = {"model": str(args.model or "random"), "layers": len(model.model.layers),
-              "experts": model.config.num_local_experts, "top_k": model.config.num_experts_per_tok,
+              "experts": getattr(model.config, "num_local_experts", None) or model.config.num_experts,
+              "top_k": model.config.num_experts_per_tok,
               "decode_positions": sum(len(s) - PROMPT_TOKENS for s in sequences),
               "predictors": {mode: score(model, sequences, mode) for mode in PREDICTORS}}
     emit(result, args.out)
