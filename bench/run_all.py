@@ -5,7 +5,7 @@
 Each script runs as a subprocess with ``--out FILE`` (all of them print JSON and accept it);
 a script that fails or times out is recorded with its error and the rest still run. Output:
 ``bench/results/<timestamp>/results.json``, ``summary.md`` and PNG plots (matplotlib, headless).
-About 7 minutes on 2 cores (quant and latency each write a 4.4 GB 1.1B-shape checkpoint; --only skips
+About 10 minutes on 2 cores (quant and latency each write a 4.4 GB 1.1B-shape checkpoint; --only skips
 them); numbers of one run compare with each other, not across runs.
 """
 
