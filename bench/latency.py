@@ -12,7 +12,7 @@ fp32 decode speed of the 1.1B shape against its memory-bandwidth bound, as JSON.
 - ``--big``: the 1.1B shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate 5632,
   vocab 32000) at 1 rank, fp32, ``--threads`` threads: measured decode tokens/s beside the bound
   weight bytes per token / measured matvec bandwidth (``planner.probe.matvec_gb_s``, through
-  ``worker.quant.linear``: the kernel the decode runs). Probe and decode alternate five times and
+  ``worker.quant.linear``: the kernel the decode runs). Probe and decode alternate nine times and
   each pair gives a fraction of the bound (the best decode step against the best probe pass);
   the median is reported, with the mean decode speed beside it. Writing the 4.4 GB checkpoint takes about a minute.
 """
@@ -74,7 +74,7 @@ def small_model_series(model_dir: Path, prompts: list[int], tokens: int, rounds:
     return out
 
 
-def big_model_bound(model_dir: Path, threads: int, tokens: int, pairs: int = 5) -> dict[str, Any]:
+def big_model_bound(model_dir: Path, threads: int, tokens: int, pairs: int = 9) -> dict[str, Any]:
     """fp32 1.1B decode at 1 rank against weight bytes / measured matvec bandwidth.
 
     This machine's memory bandwidth drifts by 20-40% from minute to minute, so a bound probed
