@@ -166,7 +166,7 @@ def check(name: str, config: ModelConfig, nodes: list[Node], work: Workload, mea
                                        "comm": round(pred.comm_s * 1e3, 3), "hub": round(pred.hub_s * 1e3, 3)}}
 
 
-def probe_and_predict_nodes(threads: list[int], probe_mib: int) -> tuple[dict[int, dict[str, Any]], list[Node]]:
+def probe_this_machine(threads: list[int], probe_mib: int) -> tuple[dict[int, dict[str, Any]], list[Node]]:
     """The probes at each thread count, and the two co-located 1-thread rank nodes.
 
     Two ranks on this machine, 1 thread each, stream weights at the same moments: each gets at
@@ -187,7 +187,7 @@ def probe_and_predict_nodes(threads: list[int], probe_mib: int) -> tuple[dict[in
 def one_pass(args: argparse.Namespace, threads: list[int], small: Path, int8_dir: Path, work: Workload
              ) -> dict[str, Any]:
     """Probe this machine, then measure every small-model configuration against its prediction."""
-    probes, colocated = probe_and_predict_nodes(threads, args.probe_mib)
+    probes, colocated = probe_this_machine(threads, args.probe_mib)
     config = ModelConfig.from_dir(small)
     checks = []
     for t in threads:
