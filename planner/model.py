@@ -220,9 +220,16 @@ def kv_cache_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
                * work.bytes_per(work.kv_dtype))
 
 
+def context_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
+    """What a rank's budget holds beside its weights: the KV cache and the RoPE tables (cos and
+    sin of every position, in the KV dtype), as ``worker.loader`` reserves them."""
+    rope = 2 * work.max_context * config.head_dim * work.bytes_per(work.kv_dtype)
+    return kv_cache_bytes(config, load, work) + int(rope)
+
+
 def rank_memory_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
     """Resident footprint of a rank that holds its whole shard (hub weights not included)."""
-    return int(load.held_params * work.bytes_per(work.weight_dtype)) + kv_cache_bytes(config, load, work) \
+    return int(load.held_params * work.bytes_per(work.weight_dtype)) + context_bytes(config, load, work) \
         + FIXED_OVERHEAD_BYTES
 
 

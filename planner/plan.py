@@ -25,6 +25,7 @@ from planner.model import (
     Prediction,
     RankLoad,
     Workload,
+    context_bytes,
     hub_params,
     hub_room,
     predict,
@@ -99,13 +100,12 @@ def choose_shares(config: ModelConfig, nodes: Sequence[Node], work: Workload) ->
 
 def memory_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node],
                    work: Workload) -> list[int]:
-    """``--memory-budget`` per rank (weights + KV cache, the fixed overhead excluded): the shard
-    rounded up to a MiB when it fits, else what the node can give (the rank then streams)."""
+    """``--memory-budget`` per rank (weights, KV cache and RoPE tables, the fixed overhead excluded):
+    the shard rounded up to a MiB when it fits, else what the node can give (the rank then streams)."""
     out = []
     for shard, node in zip(shards, nodes, strict=True):
         load = rank_load(config, shard)
-        need = load.held_params * work.bytes_per(work.weight_dtype) + work.max_batch * work.max_context \
-            * config.num_layers * 2 * load.kv_heads * config.head_dim * work.bytes_per(work.kv_dtype)
+        need = load.held_params * work.bytes_per(work.weight_dtype) + context_bytes(config, load, work)
         room = node.memory_bytes - FIXED_OVERHEAD_BYTES
         out.append(int(math.ceil(min(need, max(room, 0)) / MIB)) * MIB)
     return out

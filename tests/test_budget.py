@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from worker.budget import BudgetError, WindowPlan, parse_size, plan_expert_slots, plan_window
+from worker.config import RopeConfig
 from worker.expert_cache import Entry, choose_victim
+from worker.models.llama import rope_inv_freq, rope_table, rope_table_bytes
 from worker.models.moe import Predictor
 
 MiB = 1 << 20
@@ -108,3 +110,10 @@ def test_router_predictor_ignores_history() -> None:
 def test_unknown_predictor_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown expert predictor"):
         _predictor("oracle")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_table_bytes_is_what_the_tables_take(dtype: torch.dtype) -> None:
+    """The budget reserves ``rope_table_bytes`` for the tables a rank builds (cos and sin)."""
+    cos, sin = rope_table(rope_inv_freq(RopeConfig(theta=10000.0), 16), 100, dtype)
+    assert cos.nbytes + sin.nbytes == rope_table_bytes(100, 16, dtype)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from planner.link import LinkServer, measure_link
@@ -17,6 +18,7 @@ from planner.model import (
     Node,
     Workload,
     allreduce_seconds,
+    context_bytes,
     exchange_seconds,
     predict,
     rank_load,
@@ -25,6 +27,8 @@ from planner.model import (
 from planner.nodes import load_nodes
 from planner.plan import choose_shares, make_plan
 from planner.shapes import NAMED_SHAPES, load_shape
+from worker.kv_cache import KVCache
+from worker.models.llama import rope_table_bytes
 from worker.sharding import plan_shards
 
 GB = 10**9
@@ -206,3 +210,17 @@ def test_probe_cli_rejects_an_unknown_dtype() -> None:
 
     with pytest.raises(SystemExit, match="--dtypes: unknown int3; known: float32, bfloat16, float16, int8"):
         edgellm_main(["probe", "--dtypes", "float32,int3"])
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_planned_context_bytes_are_what_a_rank_reserves(kv_dtype: str) -> None:
+    """The budget the planner hands a rank holds what the loader reserves beside the weights:
+    the KV cache and the RoPE tables; a planner that forgot either would plan a budget under
+    which a fitting shard streams."""
+    config = load_shape("tinyllama-1.1b")
+    shard = plan_shards(config, [0.5, 0.5])[1]
+    work = Workload(kv_dtype=kv_dtype, max_batch=3, max_context=96)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[kv_dtype]
+    kv = KVCache(config.num_layers, work.max_batch, work.max_context, shard.num_kv_heads, config.head_dim, dtype)
+    reserved = kv.nbytes() + rope_table_bytes(kv.max_len, config.head_dim, dtype)
+    assert context_bytes(config, rank_load(config, shard), work) == reserved

@@ -55,7 +55,8 @@ def _window_budget(shard_dir: Path, weights: list[float], slots: int, max_batch:
                         if any(t.name == "router" for t in file.blocks[b].tensors)
                         for t in file.blocks[b].tensors if t.name in ("router", "norm"))
         file.close()
-        kv = max(kv, predictor + 2 * 4 * config.num_layers * max_batch * max_context * shard.num_kv_heads
+        rope = 2 * 4 * max_context * config.head_dim  # cos and sin tables, fp32
+        kv = max(kv, predictor + rope + 2 * 4 * config.num_layers * max_batch * max_context * shard.num_kv_heads
                  * config.head_dim)
     return kv + slots * largest
 

@@ -2,7 +2,7 @@
 the expert cache.
 
 The memory budget of a rank covers what grows with the model: its decoder weights (resident,
-or the window's buffers) and its KV cache. The Python/torch runtime is a fixed overhead on
+or the window's buffers), its KV cache and RoPE tables (both grow with the context). The Python/torch runtime is a fixed overhead on
 top (README, "Memory budget"); the expert cache has a budget of its own.
 """
 
@@ -57,7 +57,7 @@ MIN_WINDOW_SLOTS = 2  # one block computing, one loading
 def plan_window(block_bytes: Sequence[int], budget: int | None, reserved: int = 0) -> WindowPlan:
     """How to hold the dense blocks (attention, MLP of every layer, in order) under ``budget``.
 
-    ``reserved`` is what the budget must also hold (the KV cache, resident routers). With no
+    ``reserved`` is what the budget must also hold (the KV cache, the RoPE tables, resident routers). With no
     budget, or when every block fits, the shard stays resident; otherwise a window of as many
     slots of the largest block's size as fit, at least two.
     """
@@ -70,7 +70,7 @@ def plan_window(block_bytes: Sequence[int], budget: int | None, reserved: int = 
         need = reserved + MIN_WINDOW_SLOTS * slot
         raise BudgetError(
             f"memory budget {format_size(budget)} is too small: the sliding window needs at least "
-            f"{MIN_WINDOW_SLOTS} blocks of {format_size(slot)} plus {format_size(reserved)} of KV cache, "
+            f"{MIN_WINDOW_SLOTS} blocks of {format_size(slot)} plus {format_size(reserved)} of KV cache and tables, "
             f"i.e. {format_size(need)} ({need} bytes); the whole shard is {format_size(total)}")
     return WindowPlan(resident=False, slots=min(slots, len(block_bytes)), slot_bytes=slot)
 

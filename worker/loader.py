@@ -22,7 +22,7 @@ from worker.expert_cache import ExpertCache
 from worker.io_thread import IoThread
 from worker.kv_cache import KVCache
 from worker.models import model_class
-from worker.models.llama import AllReduce, RankModel
+from worker.models.llama import AllReduce, RankModel, rope_table_bytes
 from worker.models.moe import MoeRankModel, Predictor
 from worker.quant import is_aux
 from worker.shard_file import ShardFile
@@ -110,7 +110,9 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
         predictor = Predictor({m: file.read_field(mlp_block(m), "router").to(spec.dtype) for m in layers},
                               {m: file.read_field(mlp_block(m), "norm").to(spec.dtype) for m in layers},
                               cfg.rms_norm_eps, cfg.experts_per_token, spec.expert_predictor)
-    reserved = kv.nbytes() + (predictor.nbytes() if predictor else 0)
+    # held beside the weights for the rank's life: the KV cache, the RoPE tables, the predictor's routers
+    reserved = kv.nbytes() + rope_table_bytes(kv.max_len, cfg.head_dim, kv.k.dtype) + \
+        (predictor.nbytes() if predictor else 0)
     plan = plan_window([file.block_bytes(b) for b in order], spec.memory_budget, reserved)
     io = IoThread(f"weights-io-{spec.shard.rank}") if (not plan.resident or cfg.is_moe) else None
     store: WeightStore

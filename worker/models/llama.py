@@ -71,6 +71,12 @@ def rope_table(inv_freq: torch.Tensor, length: int, dtype: torch.dtype) -> tuple
             torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype))
 
 
+def rope_table_bytes(length: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of ``rope_table``'s two tensors: part of what a rank's memory budget must hold
+    (33 MB at 32k positions, head_dim 128, fp32)."""
+    return 2 * length * head_dim * dtype.itemsize
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on ``x`` (T, h, hd): ``x*cos + rotate_half(x)*sin``, with rotate_half's
     negation folded into ``signed_sin`` (-sin on the first half), so the rotation is one roll."""
