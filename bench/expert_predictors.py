@@ -4,7 +4,7 @@
 
 ``bench/moe_cache.py`` measures the predictors inside the running rank, against a cold disk,
 where late reads and a small cache blur what each guess is worth. This scores the guesses
-alone, in seconds: an MoE checkpoint whose every layer routes (Mixtral, Qwen2-MoE, OLMoE; checked
+alone, in seconds: an MoE checkpoint whose every layer routes (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE; checked
 on tiny random ones) runs in transformers over real text (module docstrings of the standard
 library, as in bench/moe_cache.py), 16 prompt tokens then ``--tokens`` teacher-forced positions. Its hidden
 states are replayed into ``worker.models.moe.Predictor`` in the order a rank calls it
