@@ -4,8 +4,8 @@
 
 ``bench/moe_cache.py`` measures the predictors inside the running rank, against a cold disk,
 where late reads and a small cache blur what each guess is worth. This scores the guesses
-alone, in seconds: an MoE checkpoint whose every layer routes (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE; checked
-on tiny random ones) runs in transformers over real text (module docstrings of the standard
+alone, in seconds: an MoE checkpoint (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, dense layers between MoE
+ones included; checked on tiny random ones) runs in transformers over real text (module docstrings of the standard
 library, as in bench/moe_cache.py), 16 prompt tokens then ``--tokens`` teacher-forced positions. Its hidden
 states are replayed into ``worker.models.moe.Predictor`` in the order a rank calls it
 (``predict`` a block ahead while the layer before routes, ``predict_at_input`` when the layer
@@ -68,12 +68,18 @@ def hidden_states(model: Any, ids: list[int]) -> tuple[list[torch.Tensor], list[
     return [inputs[i] for i in range(count)], [mids[i] for i in range(count)]
 
 
+def is_routed(layer: Any) -> bool:
+    """Whether a transformers decoder layer is an MoE block with a router (``mlp.gate.weight``)."""
+    return hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "weight")
+
+
 def score(model: Any, sequences: list[list[int]], mode: str) -> dict[str, Any]:
     """Replay every sequence through a fresh ``Predictor`` in ``mode``; tallies per layer."""
     cfg = model.config
     layers = model.model.layers
-    routers = {i: layer.mlp.gate.weight.detach() for i, layer in enumerate(layers)}
-    norms = {i: layer.post_attention_layernorm.weight.detach() for i, layer in enumerate(layers)}
+    moe = [i for i, layer in enumerate(layers) if is_routed(layer)]  # dense layers in between are skipped
+    routers = {i: layers[i].mlp.gate.weight.detach() for i in moe}
+    norms = {i: layers[i].post_attention_layernorm.weight.detach() for i in moe}
     eps, top_k = cfg.rms_norm_eps, cfg.num_experts_per_tok
     tally = {i: [0, 0, 0] for i in routers}  # layer -> [guessed and used, used, guessed]
     steps = 0
@@ -120,10 +126,11 @@ def main() -> None:
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**SHAPE)).eval()
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
-    if not all(hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "weight") for layer in model.model.layers):
-        raise SystemExit(f"{args.model}: every layer must be an MoE block with a router (mlp.gate.weight)")
+    if not any(is_routed(layer) for layer in model.model.layers):
+        raise SystemExit(f"{args.model}: no layer is an MoE block with a router (mlp.gate.weight)")
     sequences = texts(args.model or TOKENIZER, args.prompts, args.tokens)
     result = {"model": str(args.model or "random"), "layers": len(model.model.layers),
+              "moe_layers": [i for i, layer in enumerate(model.model.layers) if is_routed(layer)],
               "experts": getattr(model.config, "num_local_experts", None) or model.config.num_experts,
               "top_k": model.config.num_experts_per_tok,
               "decode_positions": sum(len(s) - PROMPT_TOKENS for s in sequences),
