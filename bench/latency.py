@@ -14,7 +14,8 @@ fp32 decode speed of the 1.1B shape against its memory-bandwidth bound, as JSON.
   weight bytes per token / measured matvec bandwidth (``planner.probe.matvec_gb_s``, through
   ``worker.quant.linear``: the kernel the decode runs). Probe and decode alternate nine times and
   each pair gives a fraction of the bound (the best decode step against the best probe pass);
-  the median is reported, with the mean decode speed beside it. Writing the 4.4 GB checkpoint takes about a minute.
+  the median is reported, with the mean decode speed beside it. Writing the 4.4 GB checkpoint
+  takes about a minute.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner_check import BIG, SMALL, cluster, measure, resident_bytes  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from planner_check import BIG, SMALL, cluster, measure, prefill, resident_bytes  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from planner.probe import matvec_gb_s  # noqa: E402
@@ -86,11 +87,8 @@ def big_model_bound(model_dir: Path, threads: int, tokens: int, pairs: int = 9) 
     weight_bytes = decode_weight_bytes(BIG)
     fractions, probes, best_steps, mean_steps = [], [], [], []
     with cluster(model_dir, 1, threads, 32 + pairs * tokens + 8) as (executor, pids):
-        prompt = [(7 * i) % 97 + 3 for i in range(32)]
-        start = time.perf_counter()
-        logits = executor.step([prompt], [SeqSpan(0, 0, len(prompt))])
-        ttft = time.perf_counter() - start
-        position = len(prompt)
+        logits, ttft = prefill(executor, 32)
+        position = 32
         for _ in range(pairs):
             bandwidth = matvec_gb_s("float32", total_bytes=2048 * MIB)
             steps = []

@@ -66,12 +66,17 @@ BIG: dict[str, Any] = dict(hidden_size=2048, num_hidden_layers=22, num_attention
 TOKEN = "planner-check"
 
 
-def decode_round(executor: Executor, prompt_len: int, tokens: int) -> tuple[float, float]:
-    """(decode tokens/s, prefill seconds) of one prompt of ``prompt_len`` then ``tokens`` greedy steps."""
+def prefill(executor: Executor, prompt_len: int) -> tuple[torch.Tensor, float]:
+    """(logits, seconds) of one synthetic prompt of ``prompt_len`` tokens in slot 0."""
     prompt = [(7 * i) % 97 + 3 for i in range(prompt_len)]
     start = time.perf_counter()
     logits = executor.step([prompt], [SeqSpan(0, 0, prompt_len)])
-    ttft = time.perf_counter() - start
+    return logits, time.perf_counter() - start
+
+
+def decode_round(executor: Executor, prompt_len: int, tokens: int) -> tuple[float, float]:
+    """(decode tokens/s, prefill seconds) of one prompt of ``prompt_len`` then ``tokens`` greedy steps."""
+    logits, ttft = prefill(executor, prompt_len)
     start = time.perf_counter()
     for i in range(tokens):
         token = int(logits[0].argmax())

@@ -16,8 +16,9 @@ streamed at the node's matvec bandwidth for that input width, ``payload`` is
 (broadcast), one after the other; ``payload_sw`` is what the software moves per second through
 a rank's end of an allreduce beyond the wire (ZeroMQ's copies, CURVE, the sum; probed with
 256 KB exchanges on loopback): nothing for a decode row, most of a prefill chunk's allreduce
-on loopback. ``hub`` is rank 0's final norm and LM head plus the step's fixed cost. The per-layer and per-step overheads are measured on this code by ``edgellm probe``. A rank whose shard
-does not fit its memory streams it from disk every step (the sliding window), so its step takes
+on loopback. ``hub`` is rank 0's final norm and LM head plus the step's fixed cost. The
+per-layer and per-step overheads are measured on this code by ``edgellm probe``. A rank whose
+shard does not fit its memory streams it from disk every step (the sliding window), so its step takes
 max(compute + comm, disk) rather than the sum. Prefill (time to first token) runs the prompt in
 chunks; each chunk is compute-bound (GEMM flops) once it has more than a few tokens.
 """

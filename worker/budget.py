@@ -2,8 +2,9 @@
 the expert cache.
 
 The memory budget of a rank covers what grows with the model: its decoder weights (resident,
-or the window's buffers), its KV cache and RoPE tables (both grow with the context). The Python/torch runtime is a fixed overhead on
-top (README, "Memory budget"); the expert cache has a budget of its own.
+or the window's buffers), its KV cache and RoPE tables (both grow with the context). The
+Python/torch runtime is a fixed overhead on top (README, "Memory budget"); the expert cache has
+a budget of its own.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ MIN_WINDOW_SLOTS = 2  # one block computing, one loading
 def plan_window(block_bytes: Sequence[int], budget: int | None, reserved: int = 0) -> WindowPlan:
     """How to hold the dense blocks (attention, MLP of every layer, in order) under ``budget``.
 
-    ``reserved`` is what the budget must also hold (the KV cache, the RoPE tables, resident routers). With no
-    budget, or when every block fits, the shard stays resident; otherwise a window of as many
-    slots of the largest block's size as fit, at least two.
+    ``reserved`` is what the budget must also hold (the KV cache, the RoPE tables, resident
+    routers). With no budget, or when every block fits, the shard stays resident; otherwise a
+    window of as many slots of the largest block's size as fit, at least two.
     """
     total = sum(block_bytes)
     if budget is None or total + reserved <= budget:
