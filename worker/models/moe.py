@@ -100,7 +100,7 @@ class Predictor:
     def _route(self, layer: int, hidden: torch.Tensor) -> set[int]:
         x = rms_norm(hidden, self.norms[layer], self.eps)
         _, experts = route(x, self.routers[layer], self.top_k, renormalize=False)
-        return set(experts.unique().tolist())
+        return set(experts.flatten().tolist())  # a set of a list: torch.unique costs ~20 µs on a (T, k) tensor
 
     def predict(self, layer: int, hidden: torch.Tensor) -> set[int]:
         """The experts to read ahead now for ``layer``, from the residual stream ``hidden`` (T, d)
@@ -184,7 +184,7 @@ class MoeRankModel(RankModel):
         cfg = self.config
         x = rms_norm(hidden, w.norm, cfg.rms_norm_eps)  # (T, d)
         weights, ids = route(x, w.router, cfg.experts_per_token, cfg.norm_topk_prob)  # (T, k) each
-        needed = ids.unique().tolist()
+        needed = sorted(set(ids.flatten().tolist()))  # torch.unique's sorted order, without its ~20 µs
         used = set(needed)
         if layer in self._predicted:
             self.experts.record_prediction(self._predicted.pop(layer), used)
