@@ -2,14 +2,16 @@
 ring (reduce-scatter + allgather over ZeroMQ), every rank in its own process, all in one run.
 
     .venv/bin/python bench/allreduce.py [--worlds 2,3,4] [--sizes-kb 16,64,256,1024]
-        [--dtypes fp32,fp16,bf16,int8] [--iters 300] [--seconds 2] [--out FILE]
+        [--dtypes fp32,fp16,bf16,int8] [--iters 300] [--seconds 2] [--rounds 3] [--out FILE]
 
 A payload of S KB is S*256 float32 values shaped (rows, 1024) like a batch of hidden states;
 a sync dtype other than fp32 puts fewer bytes on the wire (``wire_bytes``: one rank's message).
 Rank r contributes ``base * (r + 1)``; every result is checked against the known sum (fp32
 paths tightly, reduced dtypes within their format's error). Latency is rank 0's (the hub's)
 time per allreduce after a warm-up, at most ``--iters`` samples or ``--seconds`` per
-configuration. The star runs CURVE-encrypted as in serving; gloo and ``ring`` are plaintext,
+configuration. ``--rounds`` more back-to-back pairs of the fp32 star and gloo (the order flipped
+each round) give ``star_fp32_vs_gloo_paired``: each pair's ratio and their median, the
+comparison least at the mercy of one busy moment. The star runs CURVE-encrypted as in serving; gloo and ``ring`` are plaintext,
 ``ring_curve`` is the ring with CURVE on every link. At two ranks the star is the exchange
 (``worker.collective``: both partials cross at once, one hop); ``star_two_hop_fp32`` is the
 two-hop star it replaced, for comparison. The star's ranks spin 300 µs on their
@@ -27,6 +29,7 @@ import multiprocessing as mp
 import os
 import platform
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -345,9 +348,29 @@ def bench_ring(world: int, sizes: list[int], iters: int, seconds: float, curve: 
 
 # --- the report -------------------------------------------------------------------------------
 
+def paired_rounds(world: int, sizes: list[int], rounds: int, iters: int, seconds: float) -> dict[str, Any]:
+    """The fp32 star against gloo in ``rounds`` back-to-back pairs, the order flipped every round
+    (star first, then gloo first, ...), so a busy minute of a shared machine falls on both sides
+    of a pair rather than on one method's only run. Per size: each round's p50s and ratio, and
+    the median ratio, the figure to compare with a goal."""
+    out: dict[str, Any] = {"rounds": []}
+    for r in range(rounds):
+        order = ("star", "gloo") if r % 2 == 0 else ("gloo", "star")
+        p50: dict[str, dict[str, float]] = {}
+        for method in order:
+            by_size = (bench_star(world, sizes, ["fp32"], iters, seconds)["fp32"] if method == "star"
+                       else bench_gloo(world, sizes, iters, seconds))
+            p50[method] = {kb: by_size[kb]["p50_us"] for kb in by_size}
+        out["rounds"].append({"first": order[0], "star_p50_us": p50["star"], "gloo_p50_us": p50["gloo"],
+                              "ratio": {kb: round(p50["star"][kb] / p50["gloo"][kb], 2) for kb in p50["star"]}})
+    out["median_ratio"] = {str(kb): statistics.median(r["ratio"][str(kb)] for r in out["rounds"]) for kb in sizes}
+    return out
+
+
 def compare(world: int, sizes: list[int], dtypes: list[str], iters: int, seconds: float,
-            methods: tuple[str, ...] = ("star", "gloo", "ring", "ring_curve")) -> dict[str, Any]:
-    """Every method at every size for one world size, with star/gloo p50 ratios."""
+            methods: tuple[str, ...] = ("star", "gloo", "ring", "ring_curve"), rounds: int = 1) -> dict[str, Any]:
+    """Every method at every size for one world size, with star/gloo p50 ratios; with
+    ``rounds`` > 1 also the fp32 star and gloo in that many more pairs (``paired_rounds``)."""
     entry: dict[str, Any] = {}
     if "star" in methods:
         log.info("%d ranks: star %s", world, ",".join(dtypes))
@@ -370,6 +393,9 @@ def compare(world: int, sizes: list[int], dtypes: list[str], iters: int, seconds
             if name not in ("gloo", "star_spin_us"):
                 ratios[name] = {kb: round(by_size[kb]["p50_us"] / entry["gloo"][kb]["p50_us"], 2) for kb in by_size}
         entry["p50_over_gloo"] = ratios
+    if rounds > 1 and "star" in methods and "gloo" in methods:
+        log.info("%d ranks: star fp32 and gloo, %d more rounds in pairs", world, rounds)
+        entry["star_fp32_vs_gloo_paired"] = paired_rounds(world, sizes, rounds, iters, seconds)
     return entry
 
 
@@ -382,6 +408,9 @@ def main() -> None:
                         help="which of star,gloo,ring,ring_curve to run (default: all)")
     parser.add_argument("--iters", type=int, default=300, help="most samples per configuration")
     parser.add_argument("--seconds", type=float, default=2.0, help="most seconds per configuration")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="extra back-to-back pairs of the fp32 star and gloo whose median ratio is "
+                             "reported (1: none)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -396,7 +425,7 @@ def main() -> None:
         "settings": {"sizes_kb": sizes, "row": ROW, "iters": args.iters, "seconds": args.seconds},
     }
     for world in (int(w) for w in args.worlds.split(",")):
-        result[f"{world}_ranks"] = compare(world, sizes, dtypes, args.iters, args.seconds, methods)
+        result[f"{world}_ranks"] = compare(world, sizes, dtypes, args.iters, args.seconds, methods, args.rounds)
     emit(result, args.out)
 
 

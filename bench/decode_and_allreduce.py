@@ -1,6 +1,8 @@
 """Decode speed against transformers, and star-allreduce latency against gloo, as JSON
 (the allreduce part is bench/allreduce.py's, at one size; that script has every size, the
-sync dtypes and a ring).
+sync dtypes and a ring). The allreduce is timed once, then in three more back-to-back pairs of
+star and gloo whose median ratio (``p50_ratio_paired_median``) is the one a busy moment of the
+machine moves least.
 
     .venv/bin/python bench/decode_and_allreduce.py [--tokens 64] [--iters 300] [--out FILE]
 
@@ -114,10 +116,13 @@ def main() -> None:
     allreduce = {}
     kb = max(1, args.numel // 256)  # bench/allreduce.py sizes payloads in KB of float32
     for world in (2, 4):
-        both = compare(world, [kb], ["fp32"], args.iters, seconds=30.0, methods=("star", "gloo"))
+        both = compare(world, [kb], ["fp32"], args.iters, seconds=30.0, methods=("star", "gloo"), rounds=3)
         star, gloo = both["star_fp32"][str(kb)], both["gloo"][str(kb)]
+        paired = both["star_fp32_vs_gloo_paired"]
         allreduce[f"{world}_ranks"] = {"star": star, "gloo": gloo,
-                                       "p50_ratio_star_over_gloo": round(star["p50_us"] / gloo["p50_us"], 2)}
+                                       "p50_ratio_star_over_gloo": round(star["p50_us"] / gloo["p50_us"], 2),
+                                       "p50_ratio_paired_rounds": [r["ratio"][str(kb)] for r in paired["rounds"]],
+                                       "p50_ratio_paired_median": paired["median_ratio"][str(kb)]}
         if "star_two_hop_fp32" in both:  # 2 ranks: the star is the exchange; the two-hop star for comparison
             allreduce[f"{world}_ranks"]["star_two_hop"] = both["star_two_hop_fp32"][str(kb)]
     result["allreduce_fp32"] = {"numel": kb * 256, **allreduce}

@@ -72,6 +72,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             if isinstance(ar, dict):
                 rows.append(("decode_and_allreduce", f"allreduce {dec['allreduce_fp32']['numel']} floats, {key}, "
                              "p50 star / gloo (us)", f"{ar['star']['p50_us']} / {ar['gloo']['p50_us']}"))
+                if "p50_ratio_paired_median" in ar:
+                    rows.append(("decode_and_allreduce", f"allreduce {key}: star / gloo p50, each paired round "
+                                 "(median)", ", ".join(map(str, ar["p50_ratio_paired_rounds"]))
+                                 + f" ({ar['p50_ratio_paired_median']})"))
     collective = results.get("allreduce", {}).get("result")
     if collective:
         methods = ("star_fp32", "star_two_hop_fp32", "star_fp16", "star_int8", "gloo", "ring")
@@ -79,6 +83,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             for kb in entry.get("gloo", {}) if world.endswith("_ranks") else ():
                 rows.append(("allreduce", f"{world}, {kb} KB: p50 {' / '.join(methods)} (us)",
                              " / ".join(str(entry[m][kb]["p50_us"]) if m in entry else "-" for m in methods)))
+                if paired := entry.get("star_fp32_vs_gloo_paired"):
+                    rows.append(("allreduce", f"{world}, {kb} KB: star fp32 / gloo p50, each paired round (median)",
+                                 ", ".join(str(r["ratio"][kb]) for r in paired["rounds"])
+                                 + f" ({paired['median_ratio'][kb]})"))
     rows += _quant_rows(results.get("quant", {}).get("result"))
     rows += _latency_rows(results.get("latency", {}).get("result"))
     sync = results.get("sync_error", {}).get("result")
