@@ -62,3 +62,20 @@ def test_more_ranks_than_kv_heads_is_a_clear_error() -> None:
 def test_bad_weights(text: str, world: int, message: str) -> None:
     with pytest.raises(ShardingError, match=message):
         plan_shards(_config(), parse_weights(text, world))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "llama"])
+def test_every_field_of_a_rank_shard_survives_the_control_plane(checkpoints, arch: str) -> None:
+    """The coordinator tells each worker its shard over gRPC; a field the proto drops arrives as
+    its default (MoE expert columns (0, 0) once made every worker compute nothing of its experts)."""
+    import dataclasses
+
+    from worker.service import shard_from_proto, shard_to_proto
+
+    config = ModelConfig.from_dir(checkpoints(arch))
+    for shard in plan_shards(config, [2.0, 1.0, 1.0]):
+        back = shard_from_proto(shard_to_proto(shard), shard.group_size)
+        assert back == shard
+        if arch == "qwen2_moe":
+            assert all(getattr(shard, f.name) != f.default for f in dataclasses.fields(shard)
+                       if f.default is not dataclasses.MISSING), "a plan whose every field differs from its default"
