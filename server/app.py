@@ -47,7 +47,8 @@ class ServerState:
             raise APIError(503, f"the server is not ready: {self.detail}", "service_unavailable",
                            code="not_ready", headers={"Retry-After": "5"})
         if self.engine.error:
-            raise APIError(503, self.engine.error, "service_unavailable", code="cluster_unavailable")
+            raise APIError(503, self.engine.error, "service_unavailable", code="cluster_unavailable",
+                           headers={"Retry-After": "1"})
         return self.engine, self.tokenizer
 
 

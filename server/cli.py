@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from worker.quant import QuantSpec
 
 log = logging.getLogger("edgellm")
@@ -187,8 +189,18 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = EngineLimits(max_batch=args.max_batch, max_context=max_context, prefill_chunk=args.prefill_chunk,
                           max_waiting=args.max_queue, max_waiting_tokens=args.max_queued_tokens,
                           request_timeout_s=args.request_timeout, recovery_wait_s=args.recovery_wait)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
-                                           log_level="info", timeout_graceful_shutdown=3))
+
+    class Server(uvicorn.Server):
+        """uvicorn, telling the engine first when a signal asks it to exit: open streams then end
+        with a ``shutting_down`` error event and ``[DONE]`` instead of being cut off."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if state.engine is not None:
+                state.engine.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
+                                   log_level="info", timeout_graceful_shutdown=3))
     cluster: list[Cluster] = []
     failed: list[str] = []
 

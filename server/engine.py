@@ -11,6 +11,7 @@ queue on the HTTP loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -66,7 +67,8 @@ class Request:
     output: list[int] = field(default_factory=list)
 
     def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        with contextlib.suppress(RuntimeError):  # the HTTP loop has closed (the server is exiting)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     async def stream(self) -> AsyncIterator[Event]:
         """Events until (and including) the final one."""
@@ -140,6 +142,7 @@ class Engine:
         self._free_slots = list(range(limits.max_batch))
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._closing = False  # begin_shutdown: end every request, repair nothing
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -150,6 +153,14 @@ class Engine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+
+    def begin_shutdown(self) -> None:
+        """The server is exiting (safe from a signal handler): running and queued requests end now
+        with a ``shutting_down`` error, so streams close cleanly instead of being cut off, and a
+        rank that goes away meanwhile (Ctrl-C reaches local workers too) is not repaired."""
+        self._closing = True
+        self.error = "the server is shutting down"
+        self._wake.set()
 
     def health_problem(self) -> str | None:
         """Why the server cannot serve right now (None: it can)."""
@@ -194,30 +205,52 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self._running and not self._waiting and self._missing_ranks() and not self.error:
-                self.error = "a rank is missing; the cluster is recovering"  # idle: repair before the next request
-            # Requests queued before the heartbeat saw the rank go are admitted below: the check before
-            # the step then sends them through the step-failure path (wait for the rank, or end cleanly).
-            if self.error and not self._repair_in_background():
-                self._fail_waiting()  # only a request that raced past submit()'s check can be here
-                self._wake.wait(0.2)
-                continue
-            self._drop_finished_early()
-            self._admit()
-            self.metrics.running.set(len(self._running))
-            if not self._running:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
             try:
-                if missing := self._missing_ranks():  # the heartbeat saw a rank go: don't wait for a timeout
-                    raise CollectiveError(f"rank(s) {sorted(missing)} stopped answering heartbeats")
-                self._step()
-            except Exception as exc:  # a dead rank, a broken step: repair, replay, or fail cleanly
-                self._on_step_failure(exc)
+                self._iteration()
+            except Exception:  # a bug outside the step: fail what runs, keep serving, never hang a client
+                log.exception("engine: unexpected error; failing the running requests")
+                for run in list(self._running):
+                    self._finish(run, Event(error="internal error in the engine", error_code="internal_error"),
+                                 "error")
+                self._wake.wait(0.05)  # no busy loop if it repeats
         self.metrics.running.set(0)
 
+    def _iteration(self) -> None:
+        """Admit, step, or wait a little: one turn of the engine thread's loop."""
+        if self._closing:
+            self._fail_all(Event(error="the server is shutting down", error_code="shutting_down"), "cancelled")
+            self._wake.wait(0.2)
+            return
+        if not self._running and not self._waiting and self._missing_ranks() and not self.error:
+            self.error = "a rank is missing; the cluster is recovering"  # idle: repair before the next request
+        # Requests queued before the heartbeat saw the rank go are admitted below: the check before
+        # the step then sends them through the step-failure path (wait for the rank, or end cleanly).
+        if self.error and not self._repair_in_background():
+            self._fail_waiting()  # only a request that raced past submit()'s check can be here
+            self._wake.wait(0.2)
+            return
+        self._drop_finished_early()
+        self._admit()
+        self.metrics.running.set(len(self._running))
+        if not self._running:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return
+        try:
+            if missing := self._missing_ranks():  # the heartbeat saw a rank go: don't wait for a timeout
+                raise CollectiveError(f"rank(s) {sorted(missing)} stopped answering heartbeats")
+            self._step()
+        except Exception as exc:  # a dead rank, a broken step: repair, replay, or fail cleanly
+            self._on_step_failure(exc)
+
+    def _fail_all(self, event: Event, reason: str) -> None:
+        for run in list(self._running):
+            self._finish(run, event, reason)
+        self._fail_waiting(event)
+
     def _on_step_failure(self, exc: Exception) -> None:
+        if self._closing:
+            return  # the next turn ends every request
         if isinstance(exc, CollectiveError):
             log.error("step failed: %s", exc)
         else:
@@ -231,17 +264,17 @@ class Engine:
             log.info("cluster repaired; replaying %d running sequences", len(self._running))
             return
         self.error = f"a rank failed and did not come back within {self.limits.recovery_wait_s:.0f} s: {exc}"
-        for run in list(self._running):
-            self._finish(run, Event(error=self.error, error_code="cluster_unavailable"), "error")
-        self._fail_waiting()
+        self._fail_all(Event(error=self.error, error_code="cluster_unavailable"), "error")
 
-    def _fail_waiting(self) -> None:
-        """End every queued request with the cluster's error (a clean 503, never a hang)."""
+    def _fail_waiting(self, event: Event | None = None) -> None:
+        """End every queued request with ``event`` (default: the cluster's error; a clean 503,
+        never a hang)."""
+        event = event or Event(error=self.error or "the cluster is unavailable", error_code="cluster_unavailable")
         with self._lock:
             waiting, self._waiting, self._waiting_tokens = list(self._waiting), deque(), 0
             self.metrics.waiting.set(0)
         for req in waiting:
-            req.emit(Event(error=self.error or "the cluster is unavailable", error_code="cluster_unavailable"))
+            req.emit(event)
             self.metrics.requests.labels("error").inc()
 
     def _try_recover(self, deadline: float) -> bool:
@@ -289,9 +322,16 @@ class Engine:
                 req.emit(Event(error="request timed out in the queue", error_code="timeout"))
                 self.metrics.requests.labels("timeout").inc()
                 continue
+            try:
+                run = _Running(req, self.tokenizer)
+            except Exception as exc:  # e.g. a seed the generator refuses: this request fails, not the engine
+                log.exception("request %d could not start", req.id)
+                req.emit(Event(error=f"the request could not start: {exc}", error_code="internal_error"))
+                self.metrics.requests.labels("error").inc()
+                continue
             req.slot = self._free_slots.pop(0)
             self.metrics.queue_time.observe(now - req.arrival)
-            self._running.append(_Running(req, self.tokenizer))
+            self._running.append(run)
 
     def _step(self) -> None:
         spans, tokens, sampled = [], [], []

@@ -6,12 +6,22 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 from server.sampler import TokenLogprob
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+INT64 = (-(2**63), 2**63 - 1)  # the seed's range, as OpenAI's; choice j of n samples with seed + j
 
 
 class StreamOptions(BaseModel):
@@ -25,18 +35,19 @@ class _Request(BaseModel):
 
     model: StrictStr
     max_tokens: StrictInt | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # StrictFloat: a number (an int too), never a string such as "0.5"
+    temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(default=0, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: StrictInt | None = None
+    min_p: StrictFloat = Field(default=0.0, ge=0.0, le=1.0)
+    seed: StrictInt | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    presence_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: StrictFloat = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: StrictBool = False
 
     def stop_list(self) -> tuple[str, ...]:
@@ -53,13 +64,39 @@ class CompletionRequest(_Request):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # OpenAI fields this server does not implement: accepted at their defaults, refused otherwise
+    # (routes.unsupported_completion_fields) rather than silently ignored
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object) -> object:
+        """``"max_tokens": null`` means the default (16), as in OpenAI's completions API."""
+        return 16 if value is None else value
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: StrictStr
 
 
 class ChatMessage(BaseModel):
+    """A chat message; ``developer`` is OpenAI's newer name for ``system``, and content may be a
+    list of text parts (joined), as OpenAI's SDKs send it."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+
+    def template_dict(self) -> dict[str, str]:
+        """The message as the chat template takes it: a role it knows, one string of content."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatCompletionRequest(_Request):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.app import APIError, ServerState
 from server.engine import Engine, EngineError, Event, QueueFull
@@ -32,6 +32,11 @@ from server.sampler import SamplingParams, TokenLogprob
 from server.tokenizer import ChatTemplateError, TextTokenizer
 
 DISCONNECT_POLL_S = 0.5
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected; its choices are cancelled."""
 
 
 def _state(request: Request) -> ServerState:
@@ -115,8 +120,20 @@ class _Choice:
     finish_reason: str | None = None
 
 
+def _check_fits_queue(engine: Engine, prompts: list[list[int]], n: int) -> None:
+    """A request whose sequences could never all be queued is a 400, not a 503 to retry forever."""
+    limits = engine.limits
+    if len(prompts) * n > limits.max_waiting:
+        raise APIError(400, f"this request asks for {len(prompts) * n} sequences ({len(prompts)} prompt(s) x n={n}); "
+                            f"this server queues at most {limits.max_waiting}", param="n")
+    if (tokens := n * sum(len(p) for p in prompts)) > limits.max_waiting_tokens:
+        raise APIError(400, f"this request queues {tokens} prompt tokens (n={n}); this server queues at most "
+                            f"{limits.max_waiting_tokens}", param="prompt")
+
+
 def _submit_all(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], n: int) -> list[_Choice]:
     """One engine request per prompt and per ``n``; choice ``i * n + j`` is prompt i's j-th."""
+    _check_fits_queue(engine, prompts, n)
     choices: list[_Choice] = []
     try:
         for prompt, base in zip(prompts, params, strict=True):
@@ -125,10 +142,10 @@ def _submit_all(engine: Engine, prompts: list[list[int]], params: list[SamplingP
                 choices.append(_Choice(engine.submit(prompt, seeded)))
     except QueueFull as exc:
         _cancel(choices)
-        raise APIError(503, str(exc), "service_unavailable", code="queue_full", headers={"Retry-After": "1"}) from None
+        raise APIError(503, str(exc), "service_unavailable", code="queue_full", headers=RETRY_AFTER) from None
     except EngineError as exc:
         _cancel(choices)
-        raise APIError(503, str(exc), "service_unavailable", code="cluster_unavailable") from None
+        raise APIError(503, str(exc), "service_unavailable", code="cluster_unavailable", headers=RETRY_AFTER) from None
     return choices
 
 
@@ -168,21 +185,31 @@ async def _merged(choices: list[_Choice]) -> AsyncGenerator[tuple[int, Event], N
 def _error_for(event: Event) -> APIError:
     if event.error_code == "timeout":
         return APIError(504, event.error or "timed out", "timeout", code="timeout")
+    if event.error_code in ("shutting_down", "cluster_unavailable"):
+        return APIError(503, event.error or "unavailable", "service_unavailable", code=event.error_code,
+                        headers=RETRY_AFTER)
+    if event.error_code == "internal_error":
+        return APIError(500, event.error or "internal error", "server_error", code="internal_error")
     return APIError(503, event.error or "failed", "service_unavailable", code=event.error_code)
 
 
 async def _collect(choices: list[_Choice], http: Request) -> None:
-    """Fill every choice; cancel them all if the client goes away or one fails."""
+    """Fill every choice; cancel them all if the client goes away (checked every
+    ``DISCONNECT_POLL_S``, tokens arriving or not) or one fails."""
     events = _merged(choices)
     next_event: asyncio.Task | None = None
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + DISCONNECT_POLL_S
     try:
         while True:
             if next_event is None:
                 next_event = asyncio.ensure_future(events.__anext__())
-            done, _ = await asyncio.wait({next_event}, timeout=DISCONNECT_POLL_S)
-            if not done:
+            done, _ = await asyncio.wait({next_event}, timeout=max(0.0, next_check - loop.time()))
+            if loop.time() >= next_check:
                 if await http.is_disconnected():
-                    raise asyncio.CancelledError
+                    raise ClientGone
+                next_check = loop.time() + DISCONNECT_POLL_S
+            if not done:
                 continue
             try:
                 index, event = next_event.result()
@@ -293,13 +320,16 @@ def _sse(choices: list[_Choice], prompts: list[list[int]], shape: _Shape, state:
 
 
 async def _respond(http: Request, body: _Request, prompts: list[list[int]], params: list[SamplingParams],
-                   shape: _Shape) -> JSONResponse | StreamingResponse:
+                   shape: _Shape) -> Response:
     state = _state(http)
     engine, _ = state.ready_engine()
     choices = _submit_all(engine, prompts, params, body.n)
     if body.stream:
         return _sse(choices, prompts, shape, state, body.include_usage)
-    await _collect(choices, http)
+    try:
+        await _collect(choices, http)
+    except ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request": nobody is there to read it
     return JSONResponse({
         "id": new_id("cmpl" if isinstance(shape, _CompletionShape) else "chatcmpl"),
         "object": shape.object_name, "created": now(), "model": state.model_name,
@@ -316,11 +346,19 @@ def _token_text(tokenizer: TextTokenizer) -> Any:
     return text
 
 
+def _refuse_unsupported(body: CompletionRequest) -> None:
+    for name, given in (("echo", body.echo), ("suffix", body.suffix is not None),
+                        ("best_of", body.best_of not in (None, 1, body.n))):
+        if given:
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+
+
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
+async def completions(body: CompletionRequest, http: Request) -> Response:
     state = _state(http)
     _, tokenizer = state.ready_engine()
     _check_model(body, state)
+    _refuse_unsupported(body)
     prompts = _completion_prompts(body, tokenizer)
     params = [_params(body, len(p), body.max_tokens, state, "prompt", body.logprobs) for p in prompts]
     shape = _CompletionShape(LogprobFormatter(_token_text(tokenizer)), body.logprobs is not None)
@@ -328,12 +366,12 @@ async def completions(body: CompletionRequest, http: Request) -> JSONResponse | 
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
     state = _state(http)
     _, tokenizer = state.ready_engine()
     _check_model(body, state)
     try:
-        prompt = tokenizer.encode_chat([m.model_dump() for m in body.messages])
+        prompt = tokenizer.encode_chat([m.template_dict() for m in body.messages])
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -351,7 +389,7 @@ async def tokenize(body: TokenizeRequest, http: Request) -> dict:
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
     try:
         if body.messages is not None:
-            tokens = tokenizer.encode_chat([m.model_dump() for m in body.messages])
+            tokens = tokenizer.encode_chat([m.template_dict() for m in body.messages])
         else:
             tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
     except ChatTemplateError as exc:
@@ -362,4 +400,4 @@ async def tokenize(body: TokenizeRequest, http: Request) -> dict:
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, http: Request) -> dict:
     _, tokenizer = _state(http).ready_engine()
-    return {"prompt": tokenizer.decode(_check_token_ids(body.tokens, tokenizer, "tokens"))}
+    return {"prompt": tokenizer.decode(_check_token_ids(body.tokens, tokenizer, "tokens")) if body.tokens else ""}

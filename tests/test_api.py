@@ -131,6 +131,18 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
      "stream"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content"),
+    # a seed past int64 once killed the engine thread (torch's generator refuses it) and hung every request
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2 ** 64}, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -(2 ** 63) - 1}, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "0.5"}, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "!"}, "suffix"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
+    # more sequences than the queue holds (64): a 503 to retry would never succeed
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c", "d", "e"], "n": 16}, "n"),
 ]
 
 
@@ -144,6 +156,38 @@ def test_bad_input_is_400_with_openai_error_body(url: str, path: str, body: obje
     if param is not None:
         assert error["param"] == param
     assert "Traceback" not in resp.text
+
+
+def test_null_max_tokens_is_the_default_and_seed_extremes_work(url: str) -> None:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": None, "ignore_eos": True, "seed": 2 ** 63 - 1, "n": 2}
+    resp = _post(url, "/v1/completions", body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 2 * 16  # OpenAI's default for completions
+
+
+def test_developer_role_and_text_parts_equal_system_role_and_string(url: str) -> None:
+    as_parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
+    as_strings = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    replies = [_post(url, "/v1/chat/completions", {"model": MODEL, "messages": m, "max_tokens": 8, "temperature": 0})
+               for m in (as_parts, as_strings)]
+    assert [r.status_code for r in replies] == [200, 200], replies[0].text
+    assert replies[0].json()["usage"] == replies[1].json()["usage"]
+    assert replies[0].json()["choices"][0]["message"] == replies[1].json()["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe"])  # routed experts and a shared expert, split over two processes
+def test_moe_over_a_worker_process_matches_transformers(checkpoints, tmp_path: Path, arch: str) -> None:
+    from server.tokenizer import TextTokenizer
+
+    model_dir = checkpoints(arch)
+    prompt = [1, 17, 42, 99, 7, 250]
+    expected = load_reference(model_dir).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    expected_text = TextTokenizer(model_dir).decode(expected[0, len(prompt):].tolist())
+    with served(model_dir, "--local-workers", "1", "--model-name", MODEL, log_path=tmp_path / "serve.log") as base:
+        body = _post(base, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12,
+                                               "temperature": 0}).json()
+    assert body["choices"][0]["text"] == expected_text
 
 
 def test_unknown_route_is_404_with_error_body(url: str) -> None:

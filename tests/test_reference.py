@@ -106,6 +106,40 @@ def test_chunked_prefill_generates_the_same_tokens(checkpoints) -> None:
     assert outputs[0] == outputs[1]
 
 
+def test_a_request_that_cannot_start_fails_alone_and_the_engine_keeps_serving(checkpoints) -> None:
+    """A seed torch's generator refuses (the API validates seeds; the engine must not rely on it)
+    ends that request with an error event; the request beside it and the next one are served."""
+    import asyncio
+
+    from server.engine import Engine, EngineLimits
+    from server.sampler import SamplingParams
+    from server.tokenizer import TextTokenizer
+
+    model_dir = checkpoints("llama")
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    async def finish(req) -> list:
+        return [event async for event in req.stream()]
+
+    async def run(engine: Engine) -> tuple[list, list, list]:
+        bad = engine.submit(PROMPT, SamplingParams(max_tokens=6, seed=2**64))
+        good = engine.submit(PROMPT, greedy)
+        first = await asyncio.wait_for(asyncio.gather(finish(bad), finish(good)), 60)
+        after = engine.submit(PROMPT, greedy)
+        return *first, await asyncio.wait_for(finish(after), 60)
+
+    with inprocess_cluster(model_dir, [1.0]) as executor:
+        engine = Engine(executor, TextTokenizer(model_dir), EngineLimits(max_batch=2, max_context=64))
+        engine.start()
+        try:
+            bad, good, after = asyncio.run(run(engine))
+        finally:
+            engine.stop()
+    assert len(bad) == 1 and bad[0].error_code == "internal_error" and "could not start" in bad[0].error
+    assert [e.token for e in good] == [e.token for e in after] and len(good) == 6
+    assert good[-1].finish_reason == "length"
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3_moe"])
 def test_batched_decode_equals_each_sequence_alone(checkpoints, arch: str, ranks: int) -> None:

@@ -31,9 +31,12 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
 
 
-def _metric(url: str, name: str) -> float:
+def _metric(url: str, name: str, default: float | None = None) -> float:
+    """A series of /metrics; ``default`` for a labelled one not created yet (none counted)."""
     text = httpx.get(f"{url}/metrics").text
-    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    if match is None and default is not None:
+        return default
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
 
@@ -134,6 +137,24 @@ def test_client_that_drops_mid_stream_frees_its_slot(url: str, client: openai.Op
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3).choices[0].finish_reason
 
 
+def test_client_that_drops_a_non_streaming_request_frees_its_slot(url: str) -> None:
+    """Tokens keep arriving for this request, and still its client's disconnect is noticed."""
+    warm = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}  # a cold start's pause would reveal it anyway
+    assert httpx.post(f"{url}/v1/completions", json=warm, timeout=60).status_code == 200
+    cancelled = _metric(url, 'edgellm_requests_total{finish_reason="cancelled"}', 0)
+    finished = _metric(url, 'edgellm_requests_total{finish_reason="length"}', 0)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 250, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    deadline = time.monotonic() + 10
+    while (_metric(url, 'edgellm_requests_total{finish_reason="cancelled"}', 0) == cancelled
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert _metric(url, 'edgellm_requests_total{finish_reason="cancelled"}', 0) == cancelled + 1
+    assert _metric(url, 'edgellm_requests_total{finish_reason="length"}', 0) == finished, "it ran to its end"
+    assert _metric(url, "edgellm_requests_running") == 0
+
+
 def test_tokenize_detokenize(url: str) -> None:
     tokens = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
     assert tokens["count"] == len(tokens["tokens"]) > 1
@@ -143,6 +164,7 @@ def test_tokenize_detokenize(url: str) -> None:
     assert chat["count"] > 1
     bad = httpx.post(f"{url}/detokenize", json={"tokens": [-1]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(f"{url}/detokenize", json={"tokens": []}).json()["prompt"] == ""
 
 
 def test_metrics_are_exported(url: str, client: openai.OpenAI) -> None:
