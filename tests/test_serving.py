@@ -222,3 +222,33 @@ def test_api_key_and_request_timeout(checkpoints, tmp_path: Path) -> None:
         slow = httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer k3y"},
                           json={"model": MODEL, "prompt": "Hello", "max_tokens": 250, "ignore_eos": True}, timeout=60)
         assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+
+
+def test_ctrl_c_ends_an_open_stream_cleanly_and_leaves_no_worker(checkpoints, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C, which also reaches local workers) mid-stream: the client gets an error event
+    and [DONE], not a cut-off body; the server exits 0 without repairing the cluster."""
+    import signal
+
+    from tests.processes import edgellm, free_port, stop, wait_healthy
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = edgellm("serve", "--model", str(checkpoints("llama")), "--model-name", MODEL, "--local-workers", "1",
+                   "--port", str(port), "--threads", "1", log_path=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        stop(proc)
+    assert lines[-1] == "data: [DONE]"
+    assert '"code": "shutting_down"' in lines[-2]
+    assert "replaying" not in log.read_text()
