@@ -24,7 +24,9 @@ from worker.collective import CollectiveError, StarHub
 from worker.config import ModelConfig
 from worker.runtime import RankSpec
 from worker.service import DTYPES, shard_to_proto
+from worker.shard_fetch import verify_shard_file
 from worker.sharding import RankShard, plan_shards
+from worker.weights import HUB_FILE, shard_file_name
 from worker.wire import sync_dtype_name
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ class Cluster:
                 loads = [pool.submit(cls._join, opts, client, shard, hub_address, shard_source, on_progress)
                          for client, shard in zip(clients, shards[1:], strict=True)]
                 try:
+                    for name in (shard_file_name(0, len(shards)), HUB_FILE):  # as every worker checks its own
+                        verify_shard_file(opts.model_dir, name)
                     spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
                                     DTYPES[opts.dtype], memory_budget=opts.memory_budget,
                                     expert_cache_bytes=opts.expert_cache, sync_dtype=hub.sync_dtype)

@@ -87,26 +87,27 @@ def test_an_interrupted_fetch_resumes_where_it_stopped(shard_dir: Path, tmp_path
     assert file_sha256(model_cache / source.name) == file_sha256(source)
 
 
-def _with_corrupted_rank_1(shard_dir: Path, out: Path) -> Path:
-    """A copy of ``shard_dir`` whose rank-1 file has one flipped byte inside a weight (safetensors
-    itself would not notice)."""
+def _with_corrupted_file(shard_dir: Path, out: Path, victim: str) -> Path:
+    """A copy of ``shard_dir`` whose file ``victim`` has one flipped byte inside a weight
+    (safetensors itself would not notice)."""
     out.mkdir()
     for f in shard_dir.iterdir():
         (out / f.name).write_bytes(f.read_bytes())
-    victim = out / "rank-01-of-03.safetensors"
-    data = bytearray(victim.read_bytes())
+    data = bytearray((out / victim).read_bytes())
     data[-100] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    (out / victim).write_bytes(bytes(data))
     return out
 
 
-def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp_path: Path) -> None:
-    broken = _with_corrupted_rank_1(shard_dir, tmp_path / "broken")
+# a worker's file, and the coordinator's own two (rank 0's was once loaded unchecked)
+@pytest.mark.parametrize("victim", ["rank-01-of-03.safetensors", "rank-00-of-03.safetensors", "hub.safetensors"])
+def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp_path: Path, victim: str) -> None:
+    broken = _with_corrupted_file(shard_dir, tmp_path / "broken", victim)
     result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--weights",
                              "2,1,1", "--local-workers", "2", "--port", str(free_port())],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "rank-01-of-03.safetensors is corrupted" in result.stderr
+    assert f"{victim} is corrupted" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -149,6 +150,6 @@ def test_a_coordinator_serving_a_corrupted_shard_is_refused(shard_dir: Path, tmp
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The fetch checks the bytes against the coordinator's own sha256, which a corrupted file on
     the coordinator matches; the manifest's digest (from `edgellm shard`) still refuses it."""
-    broken = _with_corrupted_rank_1(shard_dir, tmp_path / "broken")
+    broken = _with_corrupted_file(shard_dir, tmp_path / "broken", "rank-01-of-03.safetensors")
     with pytest.raises(CheckpointError, match="rank-01-of-03.safetensors is corrupted"):
         _fetch_and_verify(broken, tmp_path / "cache", [], monkeypatch)

@@ -55,17 +55,24 @@ def needed_files(model_dir: Path, rank: int, world_size: int) -> list[str]:
 
 def verify_rank_file(model_dir: str | Path, rank: int, world_size: int,
                      hashed: dict[str, str] | None = None) -> None:
-    """Refuse a shard file whose sha256 differs from the one ``edgellm shard`` recorded.
+    """Refuse ``rank``'s shard file if its sha256 differs from the one ``edgellm shard`` recorded
+    (``verify_shard_file``)."""
+    verify_shard_file(model_dir, shard_file_name(rank, world_size), hashed)
+
+
+def verify_shard_file(model_dir: str | Path, name: str, hashed: dict[str, str] | None = None) -> None:
+    """Refuse a file of a shard directory whose sha256 differs from the one ``edgellm shard``
+    recorded (a rank file, or the coordinator's ``hub.safetensors``).
 
     ``hashed``: sha256 by file name of files this process has just read whole (a fetch): their
     digest is compared with the manifest's without reading a multi-GB file a second time."""
     model_dir = Path(model_dir)
     if not is_shard_dir(model_dir):
         return
-    expected = read_manifest(model_dir).get("sha256", {}).get(shard_file_name(rank, world_size))
+    expected = read_manifest(model_dir).get("sha256", {}).get(name)
     if expected is None:
         return  # written by an older `edgellm shard`: nothing to check against
-    path = model_dir / shard_file_name(rank, world_size)
+    path = model_dir / name
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file missing")
     actual = (hashed or {}).get(path.name) or file_sha256(path)

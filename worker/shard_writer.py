@@ -129,8 +129,8 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
                 "quantize": quant.to_dict() if quant else None,
                 "shards": [asdict(s) | {"file": shard_file_name(s.rank, world)} for s in shards],
                 # checked before a rank loads its file: a corrupted copy is refused, not computed with
-                "sha256": {shard_file_name(s.rank, world): file_sha256(out / shard_file_name(s.rank, world))
-                           for s in shards}}
+                "sha256": {name: file_sha256(out / name)
+                           for name in [*(shard_file_name(s.rank, world) for s in shards), HUB_FILE]}}
     (out / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=2))
     log.info("wrote %d rank shards to %s", world, out)
     return out
