@@ -87,6 +87,9 @@ class QueueFull(EngineError):
     """Admission refused: the waiting queue is at its request or token limit."""
 
 
+MAX_REPLAYS = 2  # repairs in a row, without a step that works, before the running requests fail
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     max_batch: int = 8
@@ -133,6 +136,7 @@ class Engine:
         self._recover = recover
         self._missing_ranks = missing_ranks or set
         self._next_repair = 0.0
+        self._replays = 0  # repairs since the last step that worked
         self.steps = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # guards _waiting and _waiting_tokens
@@ -259,6 +263,14 @@ class Engine:
         self.metrics.workers_up.dec()
         deadline = time.monotonic() + self.limits.recovery_wait_s
         if self._recover is not None and self._try_recover(deadline):
+            self._replays += 1
+            if self._replays > MAX_REPLAYS:  # the cluster is whole, yet this step fails: not a rank's fault
+                log.error("the step failed again after %d repairs; failing its requests", MAX_REPLAYS)
+                for run in list(self._running):
+                    self._finish(run, Event(error=f"the step keeps failing: {exc}", error_code="internal_error"),
+                                 "error")
+                self._replays = 0
+                return
             for run in self._running:
                 run.rewind()
             log.info("cluster repaired; replaying %d running sequences", len(self._running))
@@ -355,6 +367,7 @@ class Engine:
         for seconds in self.executor.allreduce_seconds:
             self.metrics.allreduce_time.observe(seconds)
         self.steps += 1
+        self._replays = 0
         for run, span, row in zip(sampled, spans, logits, strict=True):
             req = run.req
             was_prefill = run.prefilling
@@ -363,10 +376,18 @@ class Engine:
                 self.metrics.prompt_tokens.inc(span.length)
                 if run.prefilling or req.output:
                     continue  # more prompt to come, or a replay: its next token is already known
-            self._accept(run, row)
+            try:
+                self._accept(run, row)
+            except Exception:  # a sampling bug fails its request, not the cluster (no repair, no replay)
+                log.exception("request %d: sampling failed", req.id)
+                self._finish(run, Event(error="sampling failed", error_code="internal_error"), "error")
 
     def _accept(self, run: _Running, logits_row: torch.Tensor) -> None:
         req, params = run.req, run.req.params
+        if not bool(torch.isfinite(logits_row).all()):  # ~10 µs; sampling would fail or pick garbage
+            self._finish(run, Event(error="the model produced NaN or infinite logits (are its weights corrupted?)",
+                                    error_code="internal_error"), "error")
+            return
         scores = apply_penalties(logits_row, params, req.prompt, run.counts) if params.penalized else logits_row
         token = sample(scores, params, run.generator)
         logprob = token_logprob(logits_row, token, params.logprobs) if params.logprobs is not None else None

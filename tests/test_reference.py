@@ -140,6 +140,48 @@ def test_a_request_that_cannot_start_fails_alone_and_the_engine_keeps_serving(ch
     assert good[-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("fault", ["nan_logits", "step_raises"])
+def test_a_fault_that_repair_cannot_fix_fails_the_request_instead_of_looping(checkpoints, fault: str) -> None:
+    """NaN logits (corrupted weights) end their request with an error; a step that keeps failing
+    while the cluster is whole is replayed at most ``MAX_REPLAYS`` times, then its request fails.
+    Either way the client gets an answer and the next request is served."""
+    import asyncio
+
+    from server import engine as engine_module
+    from server.engine import Engine, EngineLimits
+    from server.sampler import SamplingParams
+    from server.tokenizer import TextTokenizer
+
+    model_dir = checkpoints("llama")
+    params = SamplingParams(max_tokens=4, temperature=0.7, seed=1)
+    repairs: list[float] = []
+
+    async def events(engine: Engine) -> list:
+        return [e async for e in engine.submit(PROMPT, params).stream()]
+
+    with inprocess_cluster(model_dir, [1.0]) as executor:
+        real_step = executor.step
+
+        def broken_step(tokens, spans):  # type: ignore[no-untyped-def]
+            if fault == "step_raises":
+                raise RuntimeError("a bug in the step")
+            return torch.full_like(real_step(tokens, spans), float("nan"))
+
+        engine = Engine(executor, TextTokenizer(model_dir), EngineLimits(max_batch=2, max_context=64),
+                        recover=lambda deadline: repairs.append(deadline) or True)
+        engine.start()
+        try:
+            executor.step = broken_step  # type: ignore[method-assign]
+            failed = asyncio.run(asyncio.wait_for(events(engine), 60))
+            executor.step = real_step  # type: ignore[method-assign]
+            served = asyncio.run(asyncio.wait_for(events(engine), 60))
+        finally:
+            engine.stop()
+    assert len(failed) == 1 and failed[0].error_code == "internal_error"
+    assert len(repairs) == (engine_module.MAX_REPLAYS + 1 if fault == "step_raises" else 0)
+    assert served[-1].finish_reason == "length" and len(served) == 4
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3_moe"])
 def test_batched_decode_equals_each_sequence_alone(checkpoints, arch: str, ranks: int) -> None:
