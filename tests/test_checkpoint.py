@@ -63,12 +63,27 @@ def _copy(src: Path, dst: Path) -> Path:
     (lambda d: _edit_config(d, architectures=["GPT2LMHeadModel"]), "supported: LlamaForCausalLM"),
     (lambda d: _edit_config(d, hidden_act="gelu"), "hidden_act"),
     (lambda d: _edit_config(d, hidden_size=None), "hidden_size"),
+    (lambda d: _truncate(d / "model.safetensors", 5000), "model.safetensors: not a readable safetensors file"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), "model.safetensors: not a readable safetensors"),
 ])
 def test_malformed_directory_is_a_clear_error(checkpoints, tmp_path: Path, breakage, message: str) -> None:
     model_dir = _copy(checkpoints("llama"), tmp_path / "broken")
     breakage(model_dir)
     with pytest.raises(CheckpointError, match=message):
         _our_logits(model_dir, [1])
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_sharding_into_the_checkpoint_itself_is_refused(checkpoints, tmp_path: Path) -> None:
+    model_dir = _copy(checkpoints("llama"), tmp_path / "m")
+    before = sorted(p.name for p in model_dir.iterdir())
+    with pytest.raises(CheckpointError, match="the checkpoint's own directory"):
+        write_shards(model_dir, plan_shards(ModelConfig.from_dir(model_dir), [1.0]), model_dir, progress=False)
+    assert sorted(p.name for p in model_dir.iterdir()) == before, "nothing written into the checkpoint"
 
 
 def _edit_config(model_dir: Path, **changes: object) -> None:

@@ -12,13 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from worker.config import CheckpointError, ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
+
+
+def open_safetensors(path: str | Path) -> Any:
+    """``safe_open(path)``, with a truncated or foreign file reported as a ``CheckpointError``
+    that names it rather than as safetensors' own error."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); is it truncated? "
+                              "Copy or write it again") from None
 
 class Checkpoint:
     """A checkpoint directory: its config and a name -> file map of its tensors."""
@@ -46,7 +56,7 @@ class Checkpoint:
             return files
         single = self.dir / SINGLE_FILE
         if single.is_file():
-            with safe_open(str(single), framework="pt") as f:
+            with open_safetensors(single) as f:
                 return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         if list(self.dir.glob("*.bin")):
             raise CheckpointError(f"{self.dir}: only PyTorch .bin weights found; convert them to safetensors")
@@ -58,7 +68,7 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.dir}: tensor {name!r} not found in the checkpoint") from None
         if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            self._handles[path] = self._stack.enter_context(open_safetensors(path))
         return self._handles[path]
 
     def has(self, name: str) -> bool:

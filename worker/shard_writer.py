@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from worker.checkpoint import Checkpoint
+from worker.config import CheckpointError
 from worker.quant import QuantSpec, quantize_block, quantize_lm_head
 from worker.shard_fetch import file_sha256
 from worker.sharding import RankShard
@@ -82,6 +83,8 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
     then gets its own int8 copy: the embedding is read one row per token, the head whole).
     """
     out = Path(out_dir)
+    if out.resolve() == Path(model_dir).resolve():
+        raise CheckpointError(f"--out {out} is the checkpoint's own directory; write the shards to a new one")
     out.mkdir(parents=True, exist_ok=True)
     world = len(shards)
     with Checkpoint(model_dir) as ckpt:

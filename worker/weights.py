@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import safe_open
 
-from worker.checkpoint import Checkpoint
+from worker.checkpoint import Checkpoint, open_safetensors
 from worker.config import CheckpointError
 from worker.quant import QuantWeight, Weight, field
 from worker.sharding import RankShard
@@ -224,7 +223,7 @@ def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
     path = Path(model_dir) / shard_file_name(shard.rank, shard.world_size)
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file missing")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         stored = RankShard.from_dict(json.loads(f.metadata()["shard"]))
     if stored != shard:
         raise CheckpointError(f"{path} holds {stored}, but this rank needs {shard}; re-run `edgellm shard`")
@@ -233,7 +232,7 @@ def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
 
 def load_hub(model_dir: str | Path, dtype: torch.dtype) -> HubWeights:
     if is_shard_dir(model_dir):
-        with safe_open(str(Path(model_dir) / HUB_FILE), framework="pt") as f:
+        with open_safetensors(Path(model_dir) / HUB_FILE) as f:
             stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
         embed = stored["embed"].to(dtype)
         head = field(stored, "lm_head")
