@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from types import FrameType
 
+    from worker.config import ModelConfig
     from worker.quant import QuantSpec
 
 log = logging.getLogger("edgellm")
@@ -67,12 +68,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running requests wait for a failed rank to rejoin before they fail (default: 30)")
     p.add_argument("--step-timeout", type=float, default=30.0,
                    help="seconds a step waits for a rank before the request fails (default: 30)")
-    from worker.budget import parse_size
+    from worker.budget import size_argument
 
-    p.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+    p.add_argument("--memory-budget", type=size_argument, default=None, metavar="SIZE",
                    help="weights + KV cache bytes of rank 0 and of each --local-workers rank, e.g. 2GiB; "
                         "a larger shard streams from disk (default: all resident)")
-    p.add_argument("--expert-cache", type=parse_size, default=None, metavar="SIZE",
+    p.add_argument("--expert-cache", type=size_argument, default=None, metavar="SIZE",
                    help="routed-expert cache bytes of rank 0 and each local worker (MoE; default: all resident)")
 
 
@@ -105,6 +106,15 @@ def _quant_spec(args: argparse.Namespace) -> QuantSpec | None:
     return QuantSpec(bits, args.group_size, args.expert_bits, lm_head_bits) if bits or args.expert_bits else None
 
 
+def _warn_moe_options(config: ModelConfig, **options: object) -> None:
+    """Options that only a mixture-of-experts model uses do nothing on a dense one: say so."""
+    if not config.is_moe:
+        for name, value in options.items():
+            if value is not None:
+                log.warning("--%s has no effect: %s is not a mixture-of-experts model",
+                            name.replace("_", "-"), config.architecture)
+
+
 def run_shard(args: argparse.Namespace) -> int:
     from worker.config import ModelConfig
     from worker.service import DTYPES
@@ -113,6 +123,9 @@ def run_shard(args: argparse.Namespace) -> int:
 
     quant = _quant_spec(args)
     config = ModelConfig.from_dir(args.model)
+    _warn_moe_options(config, expert_bits=args.expert_bits)
+    if not (Path(args.model) / "tokenizer.json").is_file():
+        log.warning("%s has no tokenizer.json: `edgellm serve` of the shards will need one copied in", args.model)
     shards = plan_shards(config, parse_weights(args.weights, args.ranks))
     out = write_shards(args.model, shards, args.out, DTYPES[args.dtype], quant=quant)
     for s in shards:
@@ -166,6 +179,7 @@ def run_serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     name = args.model_name or Path(args.model).absolute().name
     config = ModelConfig.from_dir(args.model)
+    _warn_moe_options(config, expert_bits=args.expert_bits, expert_cache=args.expert_cache)
     remote = [w.strip() for w in args.workers.split(",") if w.strip()]
     world = 1 + len(remote) + args.local_workers
     weights = parse_weights(args.weights, world)

@@ -117,3 +117,17 @@ def test_rope_table_bytes_is_what_the_tables_take(dtype: torch.dtype) -> None:
     """The budget reserves ``rope_table_bytes`` for the tables a rank builds (cos and sin)."""
     cos, sin = rope_table(rope_inv_freq(RopeConfig(theta=10000.0), 16), 100, dtype)
     assert cos.nbytes + sin.nbytes == rope_table_bytes(100, 16, dtype)
+
+
+def test_a_bad_size_on_the_command_line_says_what_a_size_looks_like(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from worker.budget import size_argument
+
+    parser = argparse.ArgumentParser(prog="edgellm")
+    parser.add_argument("--memory-budget", type=size_argument)
+    assert parser.parse_args(["--memory-budget", "512MiB"]).memory_budget == 512 << 20
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--memory-budget", "abc"])
+    err = capsys.readouterr().err
+    assert "not a size: 'abc' (expected e.g. 2GiB" in err and "parse_size" not in err

@@ -58,6 +58,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize(("breakage", "message"), [
     (lambda d: (d / "config.json").unlink(), "no config.json"),
+    (shutil.rmtree, "does not exist"),
     (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
     (lambda d: (d / "model.safetensors").unlink(), "neither model.safetensors"),
     (lambda d: _edit_config(d, architectures=["GPT2LMHeadModel"]), "supported: LlamaForCausalLM"),

@@ -32,6 +32,17 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def size_argument(text: str) -> int:
+    """``parse_size`` for argparse: a bad size reads as the message above, not as
+    "invalid parse_size value"."""
+    import argparse
+
+    try:
+        return parse_size(text)
+    except BudgetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def format_size(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from worker.budget import parse_size
+from worker.budget import size_argument
 from worker.service import DEFAULT_CACHE_DIR, serve
 
 log = logging.getLogger("edgellm.worker")
@@ -22,10 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-token", default=os.environ.get("EDGELLM_CLUSTER_TOKEN", ""),
                         help="shared secret every peer must present (default: $EDGELLM_CLUSTER_TOKEN)")
     parser.add_argument("--threads", type=int, default=None, help="torch compute threads (default: all cores)")
-    parser.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+    parser.add_argument("--memory-budget", type=size_argument, default=None, metavar="SIZE",
                         help="bytes for this rank's weights and KV cache, e.g. 2GiB; a larger shard streams "
                              "from disk through a sliding window (default: no budget, all resident)")
-    parser.add_argument("--expert-cache", type=parse_size, default=None, metavar="SIZE",
+    parser.add_argument("--expert-cache", type=size_argument, default=None, metavar="SIZE",
                         help="bytes for routed experts of an MoE model (default: all resident)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                         help="where model files fetched from the coordinator are kept (default: $EDGELLM_CACHE "

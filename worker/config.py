@@ -128,6 +128,10 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
+        if not Path(model_dir).exists():
+            raise CheckpointError(f"{model_dir} does not exist")
+        if Path(model_dir).is_file():
+            raise CheckpointError(f"{model_dir} is a file; give the checkpoint's directory (the one holding config.json)")
         if not path.is_file():
             raise CheckpointError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
         try:
