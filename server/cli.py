@@ -1,4 +1,5 @@
-"""The ``edgellm`` command: ``serve`` (coordinator), ``worker`` (a rank), ``shard`` (split a checkpoint)."""
+"""The ``edgellm`` command: ``serve`` (coordinator), ``worker`` (a rank), ``shard`` (split a checkpoint),
+``probe`` (measure this node) and ``plan`` (predict a cluster's speed)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,26 @@ def _warn_moe_options(config: ModelConfig, **options: object) -> None:
                             name.replace("_", "-"), config.architecture)
 
 
+def _check_shard_dir_split(model: str, plan: list, remote: int, local: int) -> None:
+    """A shard directory serves only the split it was written for: say which, before any rank
+    finds its file missing or different."""
+    from worker.config import CheckpointError
+    from worker.sharding import RankShard
+    from worker.weights import is_shard_dir, read_manifest
+
+    if not is_shard_dir(model):
+        return
+    stored = [RankShard.from_dict(s) for s in read_manifest(model).get("shards", [])]
+    if len(stored) != len(plan):
+        raise CheckpointError(f"{model} holds shards for {len(stored)} ranks, but this cluster has {len(plan)} "
+                              f"(the coordinator, {remote} --workers, {local} --local-workers); serve it with "
+                              f"{len(stored)} ranks, or re-run `edgellm shard --ranks {len(plan)}`")
+    if stored != plan:
+        widths = ", ".join(str(s.mlp_columns[1] - s.mlp_columns[0]) for s in stored)
+        raise CheckpointError(f"{model} was sharded with another split (MLP columns per rank: {widths}); pass the "
+                              f"--weights it was written with, or re-run `edgellm shard` with these")
+
+
 def run_shard(args: argparse.Namespace) -> int:
     from worker.config import ModelConfig
     from worker.service import DTYPES
@@ -183,7 +204,8 @@ def run_serve(args: argparse.Namespace) -> int:
     remote = [w.strip() for w in args.workers.split(",") if w.strip()]
     world = 1 + len(remote) + args.local_workers
     weights = parse_weights(args.weights, world)
-    plan_shards(config, weights)  # fail now, not after spawning anything
+    _check_shard_dir_split(args.model, plan_shards(config, weights), len(remote), args.local_workers)
+    # (planned now: a bad split fails here, not after spawning anything)
     if quant := _quant_spec(args):
         args.model = str(_quantized_model(args, weights, quant))
     tokenizer = TextTokenizer(args.model)
@@ -262,7 +284,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="edgellm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="edgellm", description=__doc__.replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_arguments(sub.add_parser("serve", help="run the coordinator and the HTTP API"))
     from worker.cli import add_arguments as worker_arguments

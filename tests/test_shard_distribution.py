@@ -111,6 +111,18 @@ def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--weights", "2,1", "--local-workers", "1"], "holds shards for 3 ranks, but this cluster has 2"),
+    (["--local-workers", "2"], "was sharded with another split (MLP columns per rank: "),
+])
+def test_a_shard_dir_served_with_another_split_says_which_it_holds(shard_dir: Path, extra: list[str],
+                                                                   message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(shard_dir), *extra,
+                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def _fetch_and_verify(model_dir: Path, cache: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch) -> Path:
     """Rank 1's files fetched from an in-process ShardSource over gRPC, then checked as a worker
     checks them before loading; ``reads`` collects the name of every file this side hashes."""
