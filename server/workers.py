@@ -73,6 +73,7 @@ class WorkerClient:
         stream = self._call("load", self.stub.Load, pb.LoadRequest(), timeout=None)
         self._load_call = stream
         logged_tenth = -1
+        reported = -1
         try:
             for update in stream:  # type: ignore[attr-defined]
                 if update.bytes_total:
@@ -82,7 +83,9 @@ class WorkerClient:
                         log.info("worker %s: fetched %.1f of %.1f MB of the model", self.address,
                                  update.bytes_fetched / 1e6, update.bytes_total / 1e6)
                     continue
-                on_progress(update.layers_loaded, update.layers_total)
+                if update.layers_loaded != reported:  # the final "ready" update repeats the last count
+                    reported = update.layers_loaded
+                    on_progress(update.layers_loaded, update.layers_total)
         except grpc.RpcError as exc:
             raise ClusterError(f"worker {self.address}: load failed: {exc.details()}") from None
 
