@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -176,18 +177,35 @@ def test_developer_role_and_text_parts_equal_system_role_and_string(url: str) ->
     assert replies[0].json()["choices"][0]["message"] == replies[1].json()["choices"][0]["message"]
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe"])  # routed experts and a shared expert, split over two processes
-def test_moe_over_a_worker_process_matches_transformers(checkpoints, tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize(("arch", "extra"), [
+    ("qwen2_moe", []),  # routed experts and a shared expert, split over two processes
+    # ~2 of each rank's 8 experts cached, so most are read on a miss (from `edgellm shard` output)
+    ("mixtral", ["--expert-cache", "80KiB"]),
+])
+def test_moe_over_a_worker_process_matches_transformers(checkpoints, tmp_path: Path, arch: str,
+                                                        extra: list[str]) -> None:
     from server.tokenizer import TextTokenizer
 
     model_dir = checkpoints(arch)
     prompt = [1, 17, 42, 99, 7, 250]
     expected = load_reference(model_dir).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
     expected_text = TextTokenizer(model_dir).decode(expected[0, len(prompt):].tolist())
-    with served(model_dir, "--local-workers", "1", "--model-name", MODEL, log_path=tmp_path / "serve.log") as base:
+    if extra:
+        from worker.config import ModelConfig
+        from worker.shard_writer import write_shards
+        from worker.sharding import plan_shards
+
+        shards = plan_shards(ModelConfig.from_dir(model_dir), [1.0, 1.0])
+        model_dir = write_shards(model_dir, shards, tmp_path / "shards", progress=False)
+    with served(model_dir, "--local-workers", "1", "--model-name", MODEL, *extra,
+                log_path=tmp_path / "serve.log") as base:
         body = _post(base, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12,
                                                "temperature": 0}).json()
+        metrics = httpx.get(f"{base}/metrics").text
     assert body["choices"][0]["text"] == expected_text
+    if extra:  # the worker's cache really was that small: it missed
+        misses = re.search(r'^edgellm_rank_expert_misses\{rank="1"\} ([0-9.e+]+)$', metrics, re.MULTILINE)
+        assert misses and float(misses.group(1)) > 0
 
 
 def test_unknown_route_is_404_with_error_body(url: str) -> None:
