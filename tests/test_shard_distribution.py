@@ -165,3 +165,26 @@ def test_a_coordinator_serving_a_corrupted_shard_is_refused(shard_dir: Path, tmp
     broken = _with_corrupted_file(shard_dir, tmp_path / "broken", "rank-01-of-03.safetensors")
     with pytest.raises(CheckpointError, match="rank-01-of-03.safetensors is corrupted"):
         _fetch_and_verify(broken, tmp_path / "cache", [], monkeypatch)
+
+
+def test_workers_sharing_a_cache_dir_fetch_concurrently_without_corrupting_it(checkpoints, tmp_path: Path) -> None:
+    """Two local workers (one host, one cache dir) fetch the same Hugging Face checkpoint at once;
+    they once appended to the same .partial file and neither could start."""
+    import concurrent.futures
+
+    model = checkpoints("llama")
+    server, port = serve_shards(model, "127.0.0.1", 0, "t")
+    try:
+        for attempt in range(3):
+            def fetch(rank: int, cache: Path = tmp_path / f"cache-{attempt}") -> Path:
+                return fetch_model(f"127.0.0.1:{port}", "t", rank % 2 + 1, 3, cache)[0]
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(fetch, range(4)))
+            for local in results:
+                fetched = [f for f in local.iterdir() if f.suffix not in (".lock", ".sha256")]
+                assert {"config.json", "model.safetensors"} <= {f.name for f in fetched}
+                for f in fetched:
+                    assert file_sha256(f) == file_sha256(model / f.name), f.name
+    finally:
+        server.stop(None)

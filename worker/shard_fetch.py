@@ -7,10 +7,12 @@ whose size and checksum match the coordinator's list is not fetched again.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -100,16 +102,26 @@ def fetch_model(source: str, token: str, rank: int, world_size: int, cache_dir: 
         fetched: dict[str, str] = {}
         for info in listing.files:
             path = target / info.path
-            if _cached(path, info):
-                log.info("%s: cached copy verified earlier, not fetched again", info.path)
-                done += info.size
-                continue
-            done = _fetch_file(stub, meta, info, path, done, total, progress)
+            with _exclusive(path):  # another worker of this host may be fetching it into the same cache
+                if _cached(path, info):
+                    log.info("%s: cached copy verified earlier, not fetched again", info.path)
+                    done += info.size
+                    continue
+                done = _fetch_file(stub, meta, info, path, done, total, progress)
             fetched[info.path] = info.sha256  # _fetch_file checked the bytes against it
         if progress:
             progress(total, total)
     log.info("model files for rank %d ready in %s", rank, target)
     return target, fetched
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` (flock): two processes sharing a cache dir (``--local-workers 2``, or
+    two workers on one host) once appended to the same ``.partial`` file and corrupted it."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _cached(path: Path, info: spb.FileInfo) -> bool:
