@@ -23,7 +23,7 @@ from server.workers import ClusterError, LocalWorker, WorkerClient
 from worker.collective import CollectiveError, StarHub
 from worker.config import ModelConfig
 from worker.runtime import RankSpec
-from worker.service import DTYPES, shard_to_proto
+from worker.service import DTYPES, shard_to_proto, stats_dict, stats_reply
 from worker.shard_fetch import verify_shard_file
 from worker.sharding import RankShard, plan_shards
 from worker.weights import HUB_FILE, shard_file_name
@@ -220,14 +220,16 @@ class Cluster:
         return out
 
     def rank_stats(self) -> dict[int, dict[str, float]]:
-        """Numeric stats of every reachable worker rank, keyed by rank (for /metrics)."""
-        out = {}
+        """Numeric stats of every rank, keyed by rank (for /metrics): rank 0's from this process
+        (its memory figures are the coordinator's), the workers' over gRPC, zeros included."""
+        own = self.executor.stats() | {"memory_budget_bytes": self.opts.memory_budget or 0}
+        out = {0: {name: float(v) for name, v in stats_dict(stats_reply(own)).items()}}
         for rank, client in enumerate(self.clients, start=1):
             try:
                 reply = client.stats()
             except ClusterError:
                 continue
-            out[rank] = {f.name: float(v) for f, v in reply.ListFields() if isinstance(v, (int, float))}
+            out[rank] = {name: float(v) for name, v in stats_dict(reply).items()}
         return out
 
     def close(self) -> None:

@@ -176,6 +176,10 @@ def test_metrics_are_exported(url: str, client: openai.OpenAI) -> None:
                  "edgellm_prompt_tokens_total", "edgellm_generation_tokens_total", "edgellm_step_seconds_bucket",
                  "edgellm_allreduce_seconds_bucket", "edgellm_workers_up", 'edgellm_rank_steps{rank="1"}']:
         assert name in text, name
+    # rank 0 (in the coordinator) too, and a figure that is 0 (a resident shard has no window) still reads 0
+    for rank in ("0", "1"):
+        assert _metric(url, f'edgellm_rank_steps{{rank="{rank}"}}') > 0
+        assert _metric(url, f'edgellm_rank_window_slots{{rank="{rank}"}}') == 0
     assert _metric(url, "edgellm_workers_up") == 1
 
 
