@@ -85,13 +85,32 @@ def test_window_logits_equal_resident(checkpoints, llama4: Path, tmp_path: Path,
     decode = [5, 9, 300, 42, 17, 8]
     resident, _ = _run(shard_dir, weights, decode)
     budget = _window_budget(shard_dir, weights, slots)
-    streamed, stats = _run(shard_dir, weights, decode, memory_budget=budget)
+    own_cache = {"expert_cache_bytes": 1 << 30} if arch != "llama" else {}  # the budget is the window's alone
+    streamed, stats = _run(shard_dir, weights, decode, memory_budget=budget, **own_cache)
     assert torch.equal(streamed, resident)
     assert stats[0]["window_slots"] == slots
     shard_bytes = ShardFile(rank_shard_path(shard_dir, plan_shards(ModelConfig.from_dir(shard_dir), weights)[0]))
     dense = sum(shard_bytes.block_bytes(b) for b in dense_order(ModelConfig.from_dir(shard_dir).num_layers))
     assert stats[0]["weight_bytes_read"] >= 1 + len(decode) * dense  # every step read every block again
     assert 0.0 <= stats[0]["overlap_ratio"] <= 1.0
+
+
+def test_without_an_expert_cache_the_experts_share_the_memory_budget(checkpoints, tmp_path: Path) -> None:
+    """``--memory-budget`` alone bounds the experts too: they get what the window leaves (they
+    were once all loaded outside it); a budget that leaves too few is a clear error."""
+    shard_dir = _shards(checkpoints("qwen2_moe"), [1.0], tmp_path / "shards")
+    config = ModelConfig.from_dir(shard_dir)
+    file = ShardFile(rank_shard_path(shard_dir, plan_shards(config, [1.0])[0]))
+    expert = max(file.block_bytes(f"layers.{m}.experts.{e}") for m in range(config.num_layers)
+                 for e in range(config.num_experts) if file.has(f"layers.{m}.experts.{e}"))
+    file.close()
+    window = _window_budget(shard_dir, [1.0], 2)
+    resident, _ = _run(shard_dir, [1.0], [5, 9, 300])
+    streamed, stats = _run(shard_dir, [1.0], [5, 9, 300], memory_budget=window + 3 * expert)
+    assert torch.equal(streamed, resident)
+    assert stats[0]["window_slots"] == 2 and stats[0]["expert_cache_slots"] == 3
+    with pytest.raises(BudgetError, match="without --expert-cache the experts get what --memory-budget leaves"):
+        _run(shard_dir, [1.0], [5], memory_budget=window + expert)
 
 
 def test_window_restarts_after_an_abandoned_step(checkpoints, tmp_path: Path) -> None:

@@ -3,8 +3,9 @@ the expert cache.
 
 The memory budget of a rank covers what grows with the model: its decoder weights (resident,
 or the window's buffers), its KV cache and RoPE tables (both grow with the context). The
-Python/torch runtime is a fixed overhead on top (README, "Memory budget"); the expert cache has
-a budget of its own.
+Python/torch runtime is a fixed overhead on top (README, "Memory budget"). The expert cache has
+a budget of its own (``--expert-cache``); without one, the experts get what the memory budget
+leaves (``expert_share``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ def plan_window(block_bytes: Sequence[int], budget: int | None, reserved: int = 
             f"{MIN_WINDOW_SLOTS} blocks of {format_size(slot)} plus {format_size(reserved)} of KV cache and tables, "
             f"i.e. {format_size(need)} ({need} bytes); the whole shard is {format_size(total)}")
     return WindowPlan(resident=False, slots=min(slots, len(block_bytes)), slot_bytes=slot)
+
+
+def expert_share(memory_budget: int | None, expert_cache: int | None, held: int) -> int | None:
+    """The bytes the experts may take: ``--expert-cache`` when given, else what ``--memory-budget``
+    leaves beyond ``held`` (the other weights, the KV cache, the RoPE tables); None: no limit."""
+    if expert_cache is not None or memory_budget is None:
+        return expert_cache
+    return max(0, memory_budget - held)
 
 
 def plan_expert_slots(expert_bytes: int, total_experts: int, budget: int | None, min_slots: int) -> int:

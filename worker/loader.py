@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.budget import BudgetError, format_size, plan_expert_slots, plan_window
+from worker.budget import BudgetError, expert_share, format_size, plan_expert_slots, plan_window
 from worker.checkpoint import Checkpoint
 from worker.expert_cache import ExpertCache
 from worker.io_thread import IoThread
@@ -142,7 +142,15 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
         expert_file = ShardFile(path)  # its own descriptor and byte counters
         keys = [expert_block(m, e) for m in _moe_layers(spec) for e in range(cfg.num_experts)]
         slot_bytes = max(expert_file.block_bytes(k) for k in keys)
-        slots = plan_expert_slots(slot_bytes, len(keys), spec.expert_cache_bytes, cfg.experts_per_token)
+        dense_held = sum(file.block_bytes(b) for b in order) if plan.resident else plan.nbytes
+        expert_budget = expert_share(spec.memory_budget, spec.expert_cache_bytes, dense_held + reserved)
+        try:
+            slots = plan_expert_slots(slot_bytes, len(keys), expert_budget, cfg.experts_per_token)
+        except BudgetError as exc:
+            if spec.expert_cache_bytes is not None:
+                raise
+            raise BudgetError(f"{exc}; without --expert-cache the experts get what --memory-budget leaves "
+                              f"after the other weights, the KV cache and the RoPE tables") from None
         experts = ExpertCache(expert_file, cfg.num_layers, cfg.num_experts, slots, slot_bytes, io,
                               spec.expert_policy)
     return _build(spec, store, kv, allreduce, experts, predictor, io)
@@ -170,10 +178,11 @@ def _load_from_checkpoint(spec: RankSpec, kv: KVCache, allreduce: AllReduce,
                     f"{format_size(spec.memory_budget)}; streaming reads `edgellm shard` output: run "
                     f"`edgellm shard --model {spec.model_dir} --ranks {spec.shard.world_size} --out DIR` "
                     f"and serve DIR")
-            if spec.expert_cache_bytes is not None and expert_bytes > spec.expert_cache_bytes:
+            expert_budget = expert_share(spec.memory_budget, spec.expert_cache_bytes, dense_bytes + kv.nbytes())
+            if expert_budget is not None and expert_bytes > expert_budget:
                 raise BudgetError(
                     f"rank {spec.shard.rank}'s experts exceed its expert cache of "
-                    f"{format_size(spec.expert_cache_bytes)}; an expert cache smaller than the experts reads "
+                    f"{format_size(expert_budget)}; an expert cache smaller than the experts reads "
                     f"`edgellm shard` output: shard the checkpoint first and serve that directory")
             if progress:
                 progress(layer + 1, cfg.num_layers)
