@@ -190,7 +190,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.cluster import Cluster, ClusterOptions
     from server.engine import Engine, EngineLimits
     from server.tokenizer import TextTokenizer
-    from server.workers import LocalWorker, check_workers
+    from server.workers import ClusterError, LocalWorker, check_workers
     from worker.config import ModelConfig
     from worker.sharding import parse_weights, plan_shards
 
@@ -202,6 +202,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ModelConfig.from_dir(args.model)
     _warn_moe_options(config, expert_bits=args.expert_bits, expert_cache=args.expert_cache)
     remote = [w.strip() for w in args.workers.split(",") if w.strip()]
+    if duplicated := sorted({w for w in remote if remote.count(w) > 1}):
+        raise ClusterError(f"--workers names {', '.join(duplicated)} more than once; one worker serves one rank")
     world = 1 + len(remote) + args.local_workers
     weights = parse_weights(args.weights, world)
     _check_shard_dir_split(args.model, plan_shards(config, weights), len(remote), args.local_workers)

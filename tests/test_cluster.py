@@ -224,3 +224,13 @@ def test_request_queued_as_a_rank_goes_missing_ends_cleanly(checkpoints) -> None
     assert events and events[-1].error_code == "cluster_unavailable", events
     assert repairs, "the engine must have tried to bring the rank back"
     assert engine.error and "did not come back" in engine.error
+
+
+def test_a_worker_named_twice_is_refused_at_once() -> None:
+    """(It once waited ~30 s for a second rank the one worker could never be, then blamed the token.)"""
+    from tests.processes import ROOT
+
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "127.0.0.1:9,127.0.0.1:9"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--workers names 127.0.0.1:9 more than once" in result.stderr and "Traceback" not in result.stderr

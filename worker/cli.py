@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         _exit_with_parent(int(parent))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.cluster_token:
+        log.warning("no cluster token (--cluster-token or $EDGELLM_CLUSTER_TOKEN): any coordinator that can "
+                    "reach %s:%d can configure this worker", args.host, args.port)
     try:
         serve(args.host, args.port, args.cluster_token, args.memory_budget, args.expert_cache, args.cache_dir)
     except (OSError, RuntimeError) as exc:
