@@ -101,12 +101,12 @@ class Cluster:
         shard_server, shard_port = serve_shards(opts.model_dir, bind_host, opts.shard_port, opts.token)
         shard_source = f"{host}:{shard_port}"
         try:
+            for name in (shard_file_name(0, len(shards)), HUB_FILE):  # as every worker checks its own
+                verify_shard_file(opts.model_dir, name)  # before any worker loads: nothing to cancel
             with ThreadPoolExecutor(max(1, len(clients))) as pool:
                 loads = [pool.submit(cls._join, opts, client, shard, hub_address, shard_source, on_progress)
                          for client, shard in zip(clients, shards[1:], strict=True)]
                 try:
-                    for name in (shard_file_name(0, len(shards)), HUB_FILE):  # as every worker checks its own
-                        verify_shard_file(opts.model_dir, name)
                     spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
                                     DTYPES[opts.dtype], memory_budget=opts.memory_budget,
                                     expert_cache_bytes=opts.expert_cache, sync_dtype=hub.sync_dtype)
