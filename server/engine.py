@@ -213,9 +213,7 @@ class Engine:
                 self._iteration()
             except Exception:  # a bug outside the step: fail what runs, keep serving, never hang a client
                 log.exception("engine: unexpected error; failing the running requests")
-                for run in list(self._running):
-                    self._finish(run, Event(error="internal error in the engine", error_code="internal_error"),
-                                 "error")
+                self._fail_running(Event(error="internal error in the engine", error_code="internal_error"), "error")
                 self._wake.wait(0.05)  # no busy loop if it repeats
         self.metrics.running.set(0)
 
@@ -247,9 +245,12 @@ class Engine:
         except Exception as exc:  # a dead rank, a broken step: repair, replay, or fail cleanly
             self._on_step_failure(exc)
 
-    def _fail_all(self, event: Event, reason: str) -> None:
+    def _fail_running(self, event: Event, reason: str) -> None:
         for run in list(self._running):
             self._finish(run, event, reason)
+
+    def _fail_all(self, event: Event, reason: str) -> None:
+        self._fail_running(event, reason)
         self._fail_waiting(event)
 
     def _on_step_failure(self, exc: Exception) -> None:
@@ -266,9 +267,7 @@ class Engine:
             self._replays += 1
             if self._replays > MAX_REPLAYS:  # the cluster is whole, yet this step fails: not a rank's fault
                 log.error("the step failed again after %d repairs; failing its requests", MAX_REPLAYS)
-                for run in list(self._running):
-                    self._finish(run, Event(error=f"the step keeps failing: {exc}", error_code="internal_error"),
-                                 "error")
+                self._fail_running(Event(error=f"the step keeps failing: {exc}", error_code="internal_error"), "error")
                 self._replays = 0
                 return
             for run in self._running:
@@ -368,7 +367,8 @@ class Engine:
             self.metrics.allreduce_time.observe(seconds)
         self.steps += 1
         self._replays = 0
-        for run, span, row in zip(sampled, spans, logits, strict=True):
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check per step; sampling NaN fails or picks garbage
+        for run, span, row, ok in zip(sampled, spans, logits, finite, strict=True):
             req = run.req
             was_prefill = run.prefilling
             req.position += span.length
@@ -376,6 +376,10 @@ class Engine:
                 self.metrics.prompt_tokens.inc(span.length)
                 if run.prefilling or req.output:
                     continue  # more prompt to come, or a replay: its next token is already known
+            if not ok:
+                self._finish(run, Event(error="the model produced NaN or infinite logits (are its weights "
+                                              "corrupted?)", error_code="internal_error"), "error")
+                continue
             try:
                 self._accept(run, row)
             except Exception:  # a sampling bug fails its request, not the cluster (no repair, no replay)
@@ -384,10 +388,6 @@ class Engine:
 
     def _accept(self, run: _Running, logits_row: torch.Tensor) -> None:
         req, params = run.req, run.req.params
-        if not bool(torch.isfinite(logits_row).all()):  # ~10 µs; sampling would fail or pick garbage
-            self._finish(run, Event(error="the model produced NaN or infinite logits (are its weights corrupted?)",
-                                    error_code="internal_error"), "error")
-            return
         scores = apply_penalties(logits_row, params, req.prompt, run.counts) if params.penalized else logits_row
         token = sample(scores, params, run.generator)
         logprob = token_logprob(logits_row, token, params.logprobs) if params.logprobs is not None else None

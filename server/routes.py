@@ -185,12 +185,10 @@ async def _merged(choices: list[_Choice]) -> AsyncGenerator[tuple[int, Event], N
 def _error_for(event: Event) -> APIError:
     if event.error_code == "timeout":
         return APIError(504, event.error or "timed out", "timeout", code="timeout")
-    if event.error_code in ("shutting_down", "cluster_unavailable"):
-        return APIError(503, event.error or "unavailable", "service_unavailable", code=event.error_code,
-                        headers=RETRY_AFTER)
     if event.error_code == "internal_error":
         return APIError(500, event.error or "internal error", "server_error", code="internal_error")
-    return APIError(503, event.error or "failed", "service_unavailable", code=event.error_code)
+    return APIError(503, event.error or "unavailable", "service_unavailable", code=event.error_code,
+                    headers=RETRY_AFTER)
 
 
 async def _collect(choices: list[_Choice], http: Request) -> None:
