@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import torch
 
 from server.cli import DEFAULT_MODEL
 from tests.processes import ROOT, edgellm, free_port, served, stop
@@ -234,3 +235,37 @@ def test_a_worker_named_twice_is_refused_at_once() -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "--workers names 127.0.0.1:9 more than once" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_rank_stopped_mid_step_leaves_at_once_and_closes_its_own_socket(checkpoints) -> None:
+    """A rank whose hub vanished mid-step (the coordinator was killed) is stopped by the next
+    coordinator's Configure. It used to wait 5 s, close the ZeroMQ socket under the step
+    thread, which was still waiting for the hub (``ZMQError: Socket operation on non-socket``),
+    and keep that thread and its weights alive until the 30 s step timeout."""
+    from worker.collective import StarHub
+    from worker.config import ModelConfig
+    from worker.runtime import RankSpec, WorkerRank
+    from worker.sharding import plan_shards
+
+    model_dir = checkpoints("llama")
+    config = ModelConfig.from_dir(model_dir)
+    shards = plan_shards(config, [1.0, 1.0])
+    hub = StarHub(2, token="t", timeout_s=20)
+    rank = WorkerRank(RankSpec(str(model_dir), config, shards[1], 2, 32), hub.address, "t", timeout_s=30)
+    try:
+        joining = threading.Thread(target=rank.start)
+        joining.start()
+        hub.wait_for_ranks(20)
+        joining.join()
+        spans = torch.tensor([[0, 0, 3]], dtype=torch.int64)
+        hub.start_step(spans, torch.randn(3, config.hidden_size))  # the rank computes, then waits for the hub
+        deadline = time.monotonic() + 20
+        while rank.steps == 0 and rank.link._seq == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rank.link._seq >= 1, "the rank never reached its first allreduce"
+        rank.stop()
+        assert not rank.running, "stop() returned while the step thread still waits for the hub"
+        assert rank.link.sock.closed
+    finally:
+        rank.stop()
+        hub.close()

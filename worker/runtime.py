@@ -83,6 +83,8 @@ class WorkerRank:
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._close_lock = threading.Lock()
+        self._closed = False
 
     def start(self, join_timeout_s: float = 30.0) -> None:
         self.link.wait_welcome(join_timeout_s)
@@ -94,6 +96,13 @@ class WorkerRank:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        try:
+            self._serve_steps()
+        finally:
+            if self._stop.is_set():
+                self._close()  # stop() left it to this thread: ZeroMQ sockets are not thread-safe
+
+    def _serve_steps(self) -> None:
         while not self._stop.is_set():
             try:
                 if not self.link.sock.poll(200):
@@ -123,9 +132,24 @@ class WorkerRank:
         log.info("rank %d: data plane stopped", self.spec.shard.rank)
 
     def stop(self) -> None:
+        """Leave the data plane. A step waiting for the hub ends within ``CANCEL_POLL_MS``; one
+        still computing after 5 s is left to finish, and its thread closes the socket and the
+        shard when it does (closing them under it would crash it)."""
         self._stop.set()
+        self.link.cancelled.set()
         if self._thread:
             self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                log.warning("rank %d: a step is still running; it closes the link when it ends",
+                            self.spec.shard.rank)
+                return
+        self._close()
+
+    def _close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         self.link.close()
         self.loaded.close()
 
