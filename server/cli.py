@@ -187,7 +187,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import ServerState, create_app
-    from server.cluster import Cluster, ClusterOptions
+    from server.cluster import Cluster, ClusterOptions, verify_coordinator_files
     from server.engine import Engine, EngineLimits
     from server.tokenizer import TextTokenizer
     from server.workers import ClusterError, LocalWorker, check_workers
@@ -244,6 +244,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
+            # a corrupted file of ours fails now, not after the local workers have imported torch
+            verify_coordinator_files(opts.model_dir, world)
             all_clients = clients + check_workers([w.address for w in local], token, 60.0)
             cluster.append(Cluster.start(opts, all_clients, local,
                                          lambda who, i, n: log.info("%s: %d/%d layers", who, i, n)))

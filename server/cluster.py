@@ -73,6 +73,13 @@ class ClusterOptions:
     sync_dtype: str = "fp32"  # allreduce payload dtype of every rank: fp32 (exact), fp16, bf16, int8
 
 
+def verify_coordinator_files(model_dir: str, world_size: int) -> None:
+    """Check rank 0's shard file and ``hub.safetensors`` against the manifest, as every worker
+    checks its own (a no-op for a Hugging Face directory, free the second time)."""
+    for name in (shard_file_name(0, world_size), HUB_FILE):
+        verify_shard_file(model_dir, name)
+
+
 @dataclass
 class Cluster:
     opts: ClusterOptions
@@ -101,10 +108,11 @@ class Cluster:
         shard_server, shard_port = serve_shards(opts.model_dir, bind_host, opts.shard_port, opts.token)
         shard_source = f"{host}:{shard_port}"
         try:
-            for name in (shard_file_name(0, len(shards)), HUB_FILE):  # as every worker checks its own
-                verify_shard_file(opts.model_dir, name)  # before any worker loads: nothing to cancel
+            verify_coordinator_files(opts.model_dir, len(shards))  # before any worker loads: nothing to cancel
+            abandoned = threading.Event()  # set when the start fails: no worker is configured or waited for after it
             with ThreadPoolExecutor(max(1, len(clients))) as pool:
-                loads = [pool.submit(cls._join, opts, client, shard, hub_address, shard_source, on_progress)
+                loads = [pool.submit(cls._join, opts, client, shard, hub_address, shard_source, on_progress,
+                                     abandoned)
                          for client, shard in zip(clients, shards[1:], strict=True)]
                 try:
                     spec = RankSpec(opts.model_dir, config, shards[0], opts.max_batch, opts.max_context,
@@ -124,7 +132,9 @@ class Cluster:
                     for future in loads:
                         future.result()
                 except BaseException:
-                    # One rank failed: the others' Loads would wait for a welcome that never comes.
+                    # One rank failed: the others' Loads would wait for a welcome that never comes,
+                    # and a _join not yet started would configure a worker for a cluster that is gone.
+                    abandoned.set()
                     for client in clients:
                         client.cancel_load()
                     raise
@@ -141,10 +151,13 @@ class Cluster:
 
     @staticmethod
     def _join(opts: ClusterOptions, client: WorkerClient, shard: RankShard, hub_address: str, shard_source: str,
-              on_progress: Progress | None) -> None:
+              on_progress: Progress | None, abandoned: threading.Event | None = None) -> None:
         """Configure one worker as ``shard.rank`` and load it (it then says HELLO to the hub).
 
-        A worker without the model directory fetches the files from ``shard_source`` first."""
+        A worker without the model directory fetches the files from ``shard_source`` first.
+        Once ``abandoned`` is set (another rank failed) it neither configures nor waits."""
+        if abandoned is not None and abandoned.is_set():
+            raise ClusterError(f"worker {client.address}: not configured, the cluster start was abandoned")
         config_json = (Path(opts.model_dir) / "config.json").read_text()
         client.configure(pb.ConfigureRequest(
             shard=shard_to_proto(shard), config_json=config_json,
@@ -152,7 +165,7 @@ class Cluster:
             hub_address=hub_address, max_batch=opts.max_batch, max_context=opts.max_context, dtype=opts.dtype,
             shard_source=shard_source, sync_dtype=sync_dtype_name(opts.sync_dtype)))
         report = functools.partial(on_progress, client.address) if on_progress else (lambda i, n: None)
-        client.load(report)
+        client.load(report, abandoned)
 
     def _supervise(self) -> None:
         """Heartbeat every worker over gRPC and restart local worker processes that died.

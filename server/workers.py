@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,10 +69,14 @@ class WorkerClient:
     def configure(self, request: pb.ConfigureRequest) -> None:
         self._call("configure", self.stub.Configure, request)
 
-    def load(self, on_progress: Callable[[int, int], None]) -> None:
-        """Load, reporting (layers loaded, total); a fetch of the model is logged every 10%."""
+    def load(self, on_progress: Callable[[int, int], None], abandoned: threading.Event | None = None) -> None:
+        """Load, reporting (layers loaded, total); a fetch of the model is logged every 10%.
+        ``abandoned`` set before the call is made (``cancel_load`` came too early to see it)
+        cancels it at once."""
         stream = self._call("load", self.stub.Load, pb.LoadRequest(), timeout=None)
         self._load_call = stream
+        if abandoned is not None and abandoned.is_set():
+            stream.cancel()  # type: ignore[attr-defined]
         logged_tenth = -1
         reported = -1
         try:

@@ -62,6 +62,9 @@ def verify_rank_file(model_dir: str | Path, rank: int, world_size: int,
     verify_shard_file(model_dir, shard_file_name(rank, world_size), hashed)
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime, sha256) of files found intact
+
+
 def verify_shard_file(model_dir: str | Path, name: str, hashed: dict[str, str] | None = None) -> None:
     """Refuse a file of a shard directory whose sha256 differs from the one ``edgellm shard``
     recorded (a rank file, or the coordinator's ``hub.safetensors``).
@@ -77,10 +80,15 @@ def verify_shard_file(model_dir: str | Path, name: str, hashed: dict[str, str] |
     path = model_dir / name
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file missing")
+    stat = path.stat()
+    seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
+    if seen in _VERIFIED:
+        return  # checked already by this process, unchanged since: a multi-GB file is not hashed twice
     actual = (hashed or {}).get(path.name) or file_sha256(path)
     if actual != expected:
         raise CheckpointError(f"{path} is corrupted: sha256 {actual[:16]}… differs from the manifest's "
                               f"{expected[:16]}…; run `edgellm shard` again or delete it to re-fetch")
+    _VERIFIED.add(seen)
 
 
 def fetch_model(source: str, token: str, rank: int, world_size: int, cache_dir: Path,
