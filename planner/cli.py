@@ -15,6 +15,18 @@ import yaml
 log = logging.getLogger(__name__)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: 0 or a negative count would plan nonsense (or probe
+    for seconds and then fail) rather than be refused with the option's name."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk", default=None, metavar="PATH",
                    help="measure cold sequential reads here (a directory: a temporary file is written; a file: read)")
@@ -23,16 +35,16 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-link", type=int, default=None, metavar="PORT",
                    help="run the link echo/sink for workers' probes instead of probing (until Ctrl-C)")
     p.add_argument("--host", default="127.0.0.1", help="interface of --serve-link (default: 127.0.0.1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dtypes", default="float32,bfloat16,int8",
                    help="weight dtypes to measure: float32, bfloat16, float16, int8 (an int8 shard's kernel)")
-    p.add_argument("--size-mib", type=int, default=256, help="matvec/copy/disk working set (default: 256)")
+    p.add_argument("--size-mib", type=positive_int, default=256, help="matvec/copy/disk working set (default: 256)")
     p.add_argument("--out", default=None, help="also write the YAML here (node.yaml)")
 
 
 def _host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SystemExit(f"--coordinator must be HOST:PORT, got {text!r}")
     return host, int(port)
 
@@ -50,20 +62,49 @@ def run_probe(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             server.stop()
         return 0
-    from planner.probe import DTYPES, INT8, probe_node
+    from planner.probe import DTYPES, INT8, ProbeError, check_targets, probe_node
 
     dtypes = tuple(d for d in args.dtypes.split(",") if d)
     if unknown := [d for d in dtypes if d not in DTYPES and d != INT8]:
         raise SystemExit(f"--dtypes: unknown {', '.join(unknown)}; known: {', '.join([*DTYPES, INT8])}")
     size = args.size_mib << 20
-    result = probe_node(threads=args.threads, dtypes=dtypes,
-                        matvec_bytes=size, disk=args.disk, disk_bytes=size,
-                        coordinator=_host_port(args.coordinator) if args.coordinator else None)
+    coordinator = _host_port(args.coordinator) if args.coordinator else None
+    # everything that can fail from outside is checked before ~15 s of measurements
+    if args.out:
+        _check_writable(args.out)
+    try:
+        check_targets(args.disk, size, coordinator)
+        result = probe_node(threads=args.threads, dtypes=dtypes, matvec_bytes=size, disk=args.disk,
+                            disk_bytes=size, coordinator=coordinator)
+    except ProbeError as exc:
+        if exc.measurements:  # a late failure: show what was measured rather than lose it
+            print(yaml.safe_dump(exc.measurements, sort_keys=False), end="")
+            log.error("%s; the measurements above are incomplete%s", exc,
+                      f" and were not written to {args.out}" if args.out else "")
+            return 2
+        raise SystemExit(str(exc)) from None
     text = yaml.safe_dump(result, sort_keys=False)
     print(text, end="")
     if args.out:
-        Path(args.out).write_text(text)
+        try:
+            Path(args.out).write_text(text)
+        except OSError as exc:
+            log.error("--out %s: %s (the measurements are above)", args.out, exc.strerror or exc)
+            return 2
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """``--out`` must be writable before the probe starts, not after it measured for 15 s."""
+    out = Path(path)
+    existed = out.exists()
+    try:
+        with open(out, "a"):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"--out {path}: {exc.strerror or exc}") from None
+    if not existed:
+        out.unlink()
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,12 +117,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-dtype", default="float32", choices=sorted(BYTES_PER_PARAM))
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weight dtype, float16 if integer)")
     p.add_argument("--weights", default=None, help="price this split (e.g. 2,1,1) instead of choosing one")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
-    p.add_argument("--context", type=int, default=512, help="tokens in the KV cache while decoding (default: 512)")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens for the time to first token")
-    p.add_argument("--prefill-chunk", type=int, default=256)
-    p.add_argument("--max-batch", type=int, default=1, help="KV-cache slots (memory; default: 1)")
-    p.add_argument("--max-context", type=int, default=2048, help="tokens per slot (memory; default: 2048)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default: 1)")
+    p.add_argument("--context", type=positive_int, default=512, help="tokens in the KV cache while decoding (default: 512)")
+    p.add_argument("--prompt", type=positive_int, default=128, help="prompt tokens for the time to first token")
+    p.add_argument("--prefill-chunk", type=positive_int, default=256)
+    p.add_argument("--max-batch", type=positive_int, default=1, help="KV-cache slots (memory; default: 1)")
+    p.add_argument("--max-context", type=positive_int, default=2048, help="tokens per slot (memory; default: 2048)")
     p.add_argument("--json", action="store_true", help="print only the JSON (the table goes to stderr otherwise)")
 
 

@@ -97,30 +97,72 @@ class Node:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Node:
-        """From a probe/profile mapping (see ``planner/probe.py`` and ``planner/profiles/pi5.yaml``)."""
+        """From a probe/profile mapping (see ``planner/probe.py`` and ``planner/profiles/pi5.yaml``).
+        Rates and memory must be positive and overheads not negative: a typo such as
+        ``read_mb_s: -5`` would otherwise price a plan with negative times instead of failing."""
+        name = str(raw.get("name", "node"))
         try:
             disk = raw.get("disk") or {}
             link = raw.get("link") or {}
-            rates = [float(link[k]) for k in ("up_mbit_s", "down_mbit_s", "mbit_s") if link.get(k)]
-            memory = raw.get("memory_budget_bytes") or raw.get("memory_available_bytes") or raw["memory_bytes"]
-            return cls(name=str(raw.get("name", "node")),
-                       matvec_gb_s={str(k): float(v) for k, v in dict(raw["matvec_gb_s"]).items()},
-                       matmul_gflop_s={str(k): float(v) for k, v in dict(raw["matmul_gflop_s"]).items()},
-                       memory_bytes=int(memory),
-                       layer_overhead_us=float(raw.get("layer_overhead_us", cls.layer_overhead_us)),
-                       step_overhead_us=float(raw.get("step_overhead_us", cls.step_overhead_us)),
-                       matvec_by_width={str(k): {int(w): float(g) for w, g in dict(v).items()}
+            memory_key = next((k for k in ("memory_budget_bytes", "memory_available_bytes", "memory_bytes")
+                               if raw.get(k) is not None), "memory_bytes")
+            rates = [_positive(name, f"link.{k}", link[k])
+                     for k in ("up_mbit_s", "down_mbit_s", "mbit_s") if link.get(k) is not None]
+            payload = raw.get("allreduce_payload_mb_s")
+            return cls(name=name,
+                       matvec_gb_s={str(k): _positive(name, f"matvec_gb_s.{k}", v)
+                                    for k, v in dict(raw["matvec_gb_s"]).items()},
+                       matmul_gflop_s={str(k): _positive(name, f"matmul_gflop_s.{k}", v)
+                                       for k, v in dict(raw["matmul_gflop_s"]).items()},
+                       memory_bytes=int(_positive(name, memory_key, raw[memory_key])),
+                       layer_overhead_us=_not_negative(name, "layer_overhead_us",
+                                                       raw.get("layer_overhead_us", cls.layer_overhead_us)),
+                       step_overhead_us=_not_negative(name, "step_overhead_us",
+                                                      raw.get("step_overhead_us", cls.step_overhead_us)),
+                       matvec_by_width={str(k): {int(w): _positive(name, f"matvec_by_width.{k}.{w}", g)
+                                                 for w, g in dict(v).items()}
                                         for k, v in dict(raw.get("matvec_by_width") or {}).items()},
-                       disk_mb_s=float(disk["read_mb_s"]) if disk.get("read_mb_s") else None,
-                       rtt_us=float(link.get("rtt_us", 0.0)),
-                       link_mbit_s=float(min(rates)) if rates else None,
-                       allreduce_overhead_us=float(raw.get("allreduce_overhead_us", 0.0)),
-                       exchange_overhead_us=(float(raw["exchange_overhead_us"])
+                       disk_mb_s=(_positive(name, "disk.read_mb_s", disk["read_mb_s"])
+                                  if disk.get("read_mb_s") is not None else None),
+                       rtt_us=_not_negative(name, "link.rtt_us", link.get("rtt_us", 0.0)),
+                       link_mbit_s=min(rates) if rates else None,
+                       allreduce_overhead_us=_not_negative(name, "allreduce_overhead_us",
+                                                           raw.get("allreduce_overhead_us", 0.0)),
+                       exchange_overhead_us=(_not_negative(name, "exchange_overhead_us", raw["exchange_overhead_us"])
                                              if raw.get("exchange_overhead_us") is not None else None),
-                       allreduce_payload_mb_s=(float(raw["allreduce_payload_mb_s"])
-                                               if raw.get("allreduce_payload_mb_s") else None))
+                       allreduce_payload_mb_s=(_positive(name, "allreduce_payload_mb_s", payload)
+                                               if payload is not None else None))
+        except PlanError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"node {raw.get('name', '?')!r}: bad or missing field ({exc})") from None
+            raise PlanError(f"node {name!r}: bad or missing field ({exc})") from None
+
+
+def _number(node: str, key: str, value: Any) -> float:
+    """``value`` as a finite float; a string such as ``8e9`` too (YAML 1.1 reads it as a string)."""
+    if isinstance(value, bool):
+        raise PlanError(f"node {node!r}: {key} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PlanError(f"node {node!r}: {key} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise PlanError(f"node {node!r}: {key} must be finite, got {value!r}")
+    return number
+
+
+def _positive(node: str, key: str, value: Any) -> float:
+    number = _number(node, key, value)
+    if number <= 0:
+        raise PlanError(f"node {node!r}: {key} must be positive, got {value!r}")
+    return number
+
+
+def _not_negative(node: str, key: str, value: Any) -> float:
+    number = _number(node, key, value)
+    if number < 0:
+        raise PlanError(f"node {node!r}: {key} must not be negative, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -154,27 +196,33 @@ class RankLoad:
     mlp_width: int = 0  # columns of the dense MLP on this rank
 
 
-def rank_load(config: ModelConfig, shard: RankShard) -> RankLoad:
-    """Count the decoder parameters of ``shard`` (norms included, biases ignored)."""
+def block_params(config: ModelConfig, shard: RankShard) -> tuple[list[int], int]:
+    """Parameters of ``shard``'s dense blocks in the order a forward pass reads them (each layer's
+    attention, then its MLP: for an MoE layer the norm, router and shared expert), as
+    ``worker.weight_store.dense_order`` streams them, and of one routed expert (norms included,
+    biases ignored)."""
     d, hd = config.hidden_size, config.head_dim
     qh, kh = shard.num_q_heads, shard.num_kv_heads
     attention = d * (qh + 2 * kh) * hd + qh * hd * d + d
-    held = active = 0
+    blocks = []
     for layer in range(config.num_layers):
-        held += attention
-        active += attention
+        blocks.append(attention)
         if config.is_moe_layer(layer):
-            ew = shard.expert_columns[1] - shard.expert_columns[0]
             sw = shard.shared_columns[1] - shard.shared_columns[0]
-            router = config.num_experts * d
-            shared = 3 * d * sw + (d if sw else 0)
-            held += router + config.num_experts * 3 * d * ew + shared + d
-            active += router + config.experts_per_token * 3 * d * ew + shared + d
+            blocks.append(config.num_experts * d + 3 * d * sw + (d if sw else 0) + d)
         else:
-            mlp = 3 * d * shard.mlp_width + d
-            held += mlp
-            active += mlp
-    return RankLoad(held_params=held, active_params=active, kv_heads=kh, q_heads=qh, mlp_width=shard.mlp_width)
+            blocks.append(3 * d * shard.mlp_width + d)
+    return blocks, 3 * d * (shard.expert_columns[1] - shard.expert_columns[0])
+
+
+def rank_load(config: ModelConfig, shard: RankShard) -> RankLoad:
+    """Count the decoder parameters of ``shard`` (norms included, biases ignored)."""
+    blocks, expert = block_params(config, shard)
+    moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_layers))
+    dense = sum(blocks)
+    return RankLoad(held_params=dense + moe_layers * config.num_experts * expert,
+                    active_params=dense + moe_layers * config.experts_per_token * expert,
+                    kv_heads=shard.num_kv_heads, q_heads=shard.num_q_heads, mlp_width=shard.mlp_width)
 
 
 def _interpolate(points: Sequence[tuple[int, float]], width: int) -> float:
@@ -212,7 +260,14 @@ def hub_room(config: ModelConfig, nodes: Sequence[Node], work: Workload) -> list
     but on the same machine)."""
     held, _ = hub_params(config)
     hub_bytes = int(held * work.bytes_per(work.weight_dtype))
-    return [replace(nodes[0], memory_bytes=nodes[0].memory_bytes - hub_bytes), *nodes[1:]]
+    coordinator = nodes[0]
+    if coordinator.memory_bytes - hub_bytes - FIXED_OVERHEAD_BYTES <= 0:
+        # rank 0 would get no budget at all (the plan printed a negative memory figure)
+        raise PlanError(f"coordinator {coordinator.name!r} has {coordinator.memory_bytes / MIB:.0f} MiB of memory but "
+                        f"needs more than {(hub_bytes + FIXED_OVERHEAD_BYTES) / MIB:.0f} MiB: "
+                        f"{hub_bytes / MIB:.0f} MiB for the embedding and LM head ({work.weight_dtype}) and "
+                        f"{FIXED_OVERHEAD_BYTES / MIB:.0f} MiB of fixed overhead, before its share of the layers")
+    return [replace(coordinator, memory_bytes=coordinator.memory_bytes - hub_bytes), *nodes[1:]]
 
 
 def kv_cache_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:

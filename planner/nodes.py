@@ -35,20 +35,48 @@ def _read_yaml(path: Path) -> Any:
         raise PlanError(f"{path}: not valid YAML ({exc})") from None
 
 
-def _entry(raw: Any, base: Path) -> list[Node]:
+MEMORY_KEYS = ("memory_budget_bytes", "memory_available_bytes", "memory_bytes")  # the first given wins
+
+
+def _mapping(path: Path) -> dict[str, Any]:
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
-        raise PlanError(f"a node entry must be a mapping, got {raw!r}")
+        raise PlanError(f"{path}: expected a mapping of node fields (an `edgellm probe` output or a profile)")
+    return raw
+
+
+def _count(raw: Any, entry: str) -> int:
+    """``count`` of an entry: a positive integer (``two``, 2.5 or 0 would otherwise raise a
+    traceback or silently drop the entry)."""
+    try:
+        count = int(str(raw))  # 3 and "3"; not "two", 2.5 or True
+    except ValueError:
+        count = 0
+    if count <= 0:
+        raise PlanError(f"node entry {entry}: count must be a positive integer, got {raw!r}")
+    return count
+
+
+def _entry(raw: Any, base: Path, index: int) -> list[Node]:
+    if not isinstance(raw, dict):
+        raise PlanError(f"node entry {index} must be a mapping, got {raw!r}")
     raw = dict(raw)
-    count = int(raw.pop("count", 1))
+    label = raw.get("name") or raw.get("profile") or raw.get("file")
+    entry = f"{index} ({label!r})" if label is not None else str(index)
+    count = _count(raw.pop("count", 1), entry)
     merged: dict[str, Any] = {}
     if "profile" in raw:
         name = str(raw.pop("profile"))
         path = PROFILES / f"{name}.yaml" if (PROFILES / f"{name}.yaml").is_file() else base / name
         if not path.is_file():
             raise PlanError(f"unknown profile {name!r}; built-in: {', '.join(builtin_profiles())}")
-        merged = dict(_read_yaml(path))
+        merged = dict(_mapping(path))
     if "file" in raw:
-        merged = dict(_read_yaml(base / str(raw.pop("file"))))
+        merged = dict(_mapping(base / str(raw.pop("file"))))
+    if any(k in raw for k in MEMORY_KEYS):
+        # the entry's memory figure replaces the profile's: `memory_bytes: 4e9` on a profile with
+        # `memory_available_bytes` (which wins over it) must not be silently ignored
+        merged = {k: v for k, v in merged.items() if k not in MEMORY_KEYS}
     merged |= raw
     node = Node.from_dict(merged)
     if count == 1:
@@ -65,4 +93,4 @@ def load_nodes(path: str | Path) -> list[Node]:
         raw = [raw]
     if not isinstance(raw, list) or not raw:
         raise PlanError(f"{path}: expected a list of nodes (or a mapping with 'nodes:')")
-    return [node for entry in raw for node in _entry(entry, path.parent)]
+    return [node for i, entry in enumerate(raw, 1) for node in _entry(entry, path.parent, i)]

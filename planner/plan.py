@@ -25,6 +25,7 @@ from planner.model import (
     Prediction,
     RankLoad,
     Workload,
+    block_params,
     context_bytes,
     hub_params,
     hub_room,
@@ -32,6 +33,7 @@ from planner.model import (
     rank_load,
     streams,
 )
+from worker.budget import BudgetError, expert_share, format_size, plan_expert_slots, plan_window
 from worker.config import ModelConfig
 from worker.sharding import RankShard, ShardingError, plan_shards
 
@@ -111,6 +113,31 @@ def memory_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequ
     return out
 
 
+def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node], budgets: Sequence[int],
+                  work: Workload) -> None:
+    """Refuse a plan whose ``--memory-budget`` a worker would refuse at start: a streamed shard
+    needs at least two of its largest blocks beside the KV cache and RoPE tables (the sliding
+    window, ``worker.budget.plan_window``), and an MoE rank room for one token's experts in
+    what the budget leaves (``plan_expert_slots``), the same rules ``worker.loader`` applies."""
+    bpp = work.bytes_per(work.weight_dtype)
+    moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_layers))
+    for shard, node, budget in zip(shards, nodes, budgets, strict=True):
+        blocks, expert = block_params(config, shard)
+        block_bytes = [int(math.ceil(b * bpp)) for b in blocks]
+        reserved = context_bytes(config, rank_load(config, shard), work)
+        try:
+            window = plan_window(block_bytes, budget, reserved)
+            if moe_layers and expert:
+                dense = sum(block_bytes) if window.resident else window.nbytes
+                plan_expert_slots(int(math.ceil(expert * bpp)), moe_layers * config.num_experts,
+                                  expert_share(budget, None, dense + reserved), config.experts_per_token)
+        except BudgetError as exc:
+            beside = "the fixed overhead" + (", the embedding and LM head" if shard.rank == 0 else "")
+            raise PlanError(f"node {node.name!r} (rank {shard.rank}) has room for a --memory-budget of "
+                            f"{format_size(budget)} beside {beside}, which its worker would refuse: {exc}. "
+                            f"Give it more memory, a smaller share (--weights) or leave it out") from None
+
+
 def choose_sync_dtype(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node],
                       work: Workload) -> tuple[str, dict[str, float]]:
     """float32 (exact) unless bfloat16 payloads make decode at least ``SYNC_GAIN_THRESHOLD`` faster."""
@@ -177,7 +204,9 @@ def make_plan(config: ModelConfig, nodes: Sequence[Node], work: Workload | None 
     sync, speeds = choose_sync_dtype(config, shards, nodes, work)
     prediction = predict(config, shards, nodes, replace(work, sync_dtype=sync))
     held, _ = hub_params(config)
-    budgets = memory_budgets(config, shards, hub_room(config, nodes, work), work)
+    room = hub_room(config, nodes, work)
+    budgets = memory_budgets(config, shards, room, work)
+    check_budgets(config, shards, room, budgets, work)
     return Plan(weights=chosen, shards=shards, budgets=budgets, sync_dtype=sync,
                 sync_speeds=speeds, prediction=prediction,
                 hub_bytes=int(held * work.bytes_per(work.weight_dtype)))

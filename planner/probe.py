@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import socket
 import statistics
 import tempfile
@@ -287,6 +288,55 @@ def disk_read_mb_s(path: str | Path, size_bytes: int = 256 << 20, block: int = 4
             "page_cache_dropped": dropped}
 
 
+class ProbeError(RuntimeError):
+    """A target outside this machine (the ``--disk`` path, the coordinator) failed; ``measurements``
+    holds what was measured before, so the caller can still show it."""
+
+    def __init__(self, message: str, measurements: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.measurements = measurements or {}
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_targets(disk: str | None = None, disk_bytes: int = 256 << 20,
+                  coordinator: tuple[str, int] | None = None) -> None:
+    """Fail in a second on what would otherwise fail after all the measurements: a ``disk`` path
+    that is missing, unwritable (a directory: the probe writes ``disk_bytes`` there), too full or
+    unreadable, and a ``coordinator`` that does not accept a connection."""
+    if disk is not None:
+        path = Path(disk)
+        try:
+            if path.is_dir():
+                try:
+                    fd, name = tempfile.mkstemp(prefix=".edgellm-probe-", dir=path)  # as disk_read_mb_s does
+                except OSError as exc:
+                    raise ProbeError(f"--disk {disk}: cannot write a file there ({exc.strerror or exc})") from None
+                os.close(fd)
+                os.unlink(name)
+                free = shutil.disk_usage(path).free
+                if free < disk_bytes:
+                    raise ProbeError(f"--disk {disk}: {free >> 20} MiB free, the probe writes {disk_bytes >> 20} MiB")
+            elif path.is_file():
+                with open(path, "rb"):
+                    pass
+                if path.stat().st_size == 0:
+                    raise ProbeError(f"--disk {disk}: the file is empty (give a large file, or a directory)")
+            else:
+                what = "not a directory or a regular file" if path.exists() else "no such file or directory"
+                raise ProbeError(f"--disk {disk}: {what}")
+        except OSError as exc:
+            raise ProbeError(f"--disk {disk}: {exc.strerror or exc}") from None
+    if coordinator is not None:
+        host, port = coordinator
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise ProbeError(f"--coordinator {host}:{port}: cannot connect ({exc.strerror or exc}); "
+                             f"run `edgellm probe --serve-link {port}` on the coordinator first") from None
+
+
 def probe_node(threads: int | None = None, dtypes: tuple[str, ...] = ("float32", "bfloat16", INT8),
                matvec_bytes: int = 256 << 20, matmul_n: int = 1024, disk: str | None = None,
                disk_bytes: int = 256 << 20, coordinator: tuple[str, int] | None = None,
@@ -311,12 +361,18 @@ def probe_node(threads: int | None = None, dtypes: tuple[str, ...] = ("float32",
     out.update(allreduce_overhead_us(allreduce_iters))
     if disk:
         log.info("probe: disk read on %s", disk)
-        out["disk"] = disk_read_mb_s(disk, disk_bytes)
+        try:
+            out["disk"] = disk_read_mb_s(disk, disk_bytes)
+        except OSError as exc:
+            raise ProbeError(f"disk read on {disk}: {exc.strerror or exc}", out) from None
     if coordinator:
         log.info("probe: link to %s:%d", *coordinator)
         from planner.link import measure_link
 
-        out["link"] = {"coordinator": f"{coordinator[0]}:{coordinator[1]}",
-                       **measure_link(coordinator[0], coordinator[1], transfer_bytes=link_bytes)}
+        try:
+            link = measure_link(coordinator[0], coordinator[1], transfer_bytes=link_bytes)
+        except OSError as exc:
+            raise ProbeError(f"link to {coordinator[0]}:{coordinator[1]}: {exc.strerror or exc}", out) from None
+        out["link"] = {"coordinator": f"{coordinator[0]}:{coordinator[1]}", **link}
     out["probe_seconds"] = round(time.perf_counter() - start, 2)
     return out

@@ -15,11 +15,14 @@ import yaml
 from planner.link import LinkServer, measure_link
 from planner.model import (
     FIXED_OVERHEAD_BYTES,
+    MIB,
     Node,
+    PlanError,
     Workload,
     allreduce_seconds,
     context_bytes,
     exchange_seconds,
+    hub_params,
     predict,
     rank_load,
     star_seconds,
@@ -224,3 +227,211 @@ def test_planned_context_bytes_are_what_a_rank_reserves(kv_dtype: str) -> None:
     kv = KVCache(config.num_layers, work.max_batch, work.max_context, shard.num_kv_heads, config.head_dim, dtype)
     reserved = kv.nbytes() + rope_table_bytes(kv.max_len, config.head_dim, dtype)
     assert context_bytes(config, rank_load(config, shard), work) == reserved
+
+
+def test_a_coordinator_without_room_beside_the_hub_is_refused(tmp_path: Path, caplog, capsys) -> None:
+    """The embedding and LM head live on the coordinator beside rank 0's budget: a coordinator
+    whose memory they (and the fixed overhead) fill was planned with a negative memory figure."""
+    config = load_shape("llama-3-8b")
+    work = Workload(weight_dtype="int4", kv_dtype="float16")
+    hub = int(hub_params(config)[0] * 0.5625)
+    small = node("coord", memory=hub + FIXED_OVERHEAD_BYTES - 10 * MIB)
+    with pytest.raises(PlanError, match=r"coordinator 'coord' has \d+ MiB of memory but needs more than \d+ MiB"):
+        make_plan(config, [small, node("w")], work)
+    nodes_file = tmp_path / "nodes.yaml"
+    nodes_file.write_text(f"nodes:\n  - {{profile: pi5, name: coord, memory_available_bytes: {small.memory_bytes}}}\n"
+                          "  - profile: pi5\n")
+    from server.cli import main as edgellm_main
+
+    assert edgellm_main(["plan", "--model", "llama-3-8b", "--nodes", str(nodes_file), "--weight-dtype", "int4"]) == 2
+    assert capsys.readouterr().out == ""
+    assert "coordinator 'coord'" in caplog.text and "embedding and LM head" in caplog.text
+
+
+def test_a_streamed_budget_below_the_window_minimum_is_refused() -> None:
+    """A rank that streams needs two of its largest blocks beside the KV cache (worker.budget's
+    rule); a plan giving it less would be refused by its worker at start."""
+    from planner.model import block_params
+    from worker.budget import plan_window
+
+    config = load_shape("llama-3-8b")
+    work = Workload(max_context=512)
+    nodes = [node("big"), node("small", memory=FIXED_OVERHEAD_BYTES + 100 * MIB)]
+    with pytest.raises(PlanError, match=r"node 'small' \(rank 1\).*sliding window needs at least 2 blocks"):
+        make_plan(config, nodes, work, weights=[1.0, 1.0])
+    plan = make_plan(config, nodes, work)  # the chooser's own split gives it a share it can stream
+    assert plan.prediction.ranks[1].streams
+    for shard, budget in zip(plan.shards, plan.budgets, strict=True):
+        blocks, _ = block_params(config, shard)
+        plan_window([b * 4 for b in blocks], budget, context_bytes(config, rank_load(config, shard), work))
+
+
+def test_an_moe_budget_without_room_for_a_tokens_experts_is_refused() -> None:
+    """An MoE rank's experts get what its budget leaves after the other weights, the KV cache
+    and the RoPE tables; fewer than one token's top-k there and its worker refuses to start."""
+    from worker.config import ModelConfig
+
+    config = ModelConfig.from_dict({"architectures": ["MixtralForCausalLM"], "hidden_size": 1024,
+                                    "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+                                    "intermediate_size": 4096, "vocab_size": 1000, "num_local_experts": 8,
+                                    "num_experts_per_tok": 2, "max_position_embeddings": 256})
+    work = Workload(max_context=64)
+    # rank 1's dense blocks (~25 MiB) fit; an expert is 24 MiB: 60 MiB leaves room for one, 80 for two
+    small = node("small", memory=FIXED_OVERHEAD_BYTES + 60 * MIB)
+    with pytest.raises(PlanError, match=r"node 'small' \(rank 1\).*must hold at least 2 experts"):
+        make_plan(config, [node("big"), small], work, weights=[1.0, 1.0])
+    make_plan(config, [node("big"), replace(small, memory_bytes=FIXED_OVERHEAD_BYTES + 80 * MIB)], work,
+              weights=[1.0, 1.0])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_planned_blocks_are_what_a_shard_file_holds(arch: str, checkpoints, tmp_path: Path) -> None:
+    """The window check prices blocks as the worker reads them from a shard file."""
+    from planner.model import block_params
+    from worker.config import ModelConfig
+    from worker.shard_file import ShardFile
+    from worker.shard_writer import shard_file_name, write_shards
+    from worker.weight_store import dense_order
+    from worker.weights import expert_block
+
+    config = ModelConfig.from_dir(checkpoints(arch))
+    shards = plan_shards(config, [2.0, 1.0])
+    out = write_shards(checkpoints(arch), shards, tmp_path / "shards", progress=False)
+    for shard in shards:
+        file = ShardFile(out / shard_file_name(shard.rank, len(shards)))
+        blocks, expert = block_params(config, shard)
+        assert [file.block_bytes(b) for b in dense_order(config.num_layers)] == [b * 4 for b in blocks]
+        if config.is_moe:
+            assert file.block_bytes(expert_block(0, 0)) == expert * 4
+        file.close()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("disk", {"read_mb_s": -5}, "disk.read_mb_s must be positive, got -5"),
+    ("matvec_gb_s", {"float32": -1.0}, "matvec_gb_s.float32 must be positive"),
+    ("matmul_gflop_s", {"float32": 0}, "matmul_gflop_s.float32 must be positive"),
+    ("memory_bytes", 0, "memory_bytes must be positive, got 0"),
+    ("memory_available_bytes", -1, "memory_available_bytes must be positive"),
+    ("link", {"rtt_us": 100, "up_mbit_s": -940}, "link.up_mbit_s must be positive"),
+    ("link", {"rtt_us": -1}, "link.rtt_us must not be negative"),
+    ("layer_overhead_us", -200, "layer_overhead_us must not be negative"),
+    ("allreduce_payload_mb_s", 0, "allreduce_payload_mb_s must be positive"),
+    ("matvec_by_width", {"float32": {512: -3.0}}, "matvec_by_width.float32.512 must be positive"),
+    ("step_overhead_us", "fast", "step_overhead_us must be a number, got 'fast'"),
+])
+def test_a_node_with_a_non_positive_rate_or_memory_is_refused(field: str, value: object, message: str) -> None:
+    raw = {"name": "pi", "matvec_gb_s": {"float32": 6.0}, "matmul_gflop_s": {"float32": 30.0}, "memory_bytes": GB}
+    with pytest.raises(PlanError, match=f"node 'pi': {message}"):
+        Node.from_dict({**raw, field: value})
+    # a round trip of 0 (the coordinator itself) and zero overheads are real values
+    zero = Node.from_dict({**raw, "link": {"rtt_us": 0}, "layer_overhead_us": 0, "step_overhead_us": 0,
+                           "allreduce_overhead_us": 0, "exchange_overhead_us": 0})
+    assert zero.rtt_us == 0 and zero.layer_overhead_us == 0 and zero.exchange_overhead_us == 0
+
+
+@pytest.mark.parametrize("count", ["two", 0, -1, 2.5])
+def test_a_bad_count_names_its_entry(count: object, tmp_path: Path) -> None:
+    nodes_file = tmp_path / "nodes.yaml"
+    nodes_file.write_text(yaml.safe_dump({"nodes": [{"profile": "pi5", "name": "coord"},
+                                                    {"profile": "pi5", "count": count}]}))
+    with pytest.raises(PlanError, match=r"node entry 2 \('pi5'\): count must be a positive integer"):
+        load_nodes(nodes_file)
+
+
+def test_an_entry_overrides_the_profiles_memory(tmp_path: Path) -> None:
+    """pi5.yaml gives memory_available_bytes, which wins over memory_bytes within one mapping:
+    an entry's own memory_bytes (here written 4e9, a string to YAML 1.1) must still apply."""
+    nodes_file = tmp_path / "nodes.yaml"
+    nodes_file.write_text("nodes:\n  - {profile: pi5, memory_bytes: 4e9}\n  - profile: pi5\n")
+    nodes = load_nodes(nodes_file)
+    assert nodes[0].memory_bytes == 4 * GB and nodes[1].memory_bytes == 7_300_000_000
+
+
+@pytest.mark.parametrize("argument", [["--batch", "0"], ["--context", "-5"], ["--prompt", "0"],
+                                      ["--prefill-chunk", "0"], ["--max-batch", "-1"], ["--max-context", "0"]])
+def test_plan_cli_refuses_non_positive_counts(argument: list[str], tmp_path: Path, capsys) -> None:
+    from server.cli import main as edgellm_main
+
+    nodes_file = tmp_path / "nodes.yaml"
+    nodes_file.write_text("nodes:\n  - profile: pi5\n    count: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        edgellm_main(["plan", "--model", "tinyllama-1.1b", "--nodes", str(nodes_file), *argument])
+    assert exit_info.value.code == 2
+    assert f"argument {argument[0]}: must be positive, got {argument[1]}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_measurement(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fails a test that reaches the ~15 s of measurements: the probe must refuse before them."""
+    import planner.probe
+
+    calls: list[str] = []
+
+    def measured(**kwargs: object) -> dict[str, object]:
+        calls.append("probe_node")
+        raise AssertionError("the probe started measuring")
+
+    monkeypatch.setattr(planner.probe, "probe_node", measured)
+    return calls
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("case", ["missing disk", "empty disk file", "unwritable disk", "out in a missing directory",
+                                  "out is a directory", "unreachable coordinator"])
+def test_probe_cli_checks_its_targets_before_measuring(case: str, tmp_path: Path, no_measurement: list[str]) -> None:
+    from server.cli import main as edgellm_main
+
+    (tmp_path / "empty").touch()
+    argv, message = {
+        "missing disk": (["--disk", str(tmp_path / "nope")], "--disk .*nope: no such file or directory"),
+        "empty disk file": (["--disk", str(tmp_path / "empty")], "--disk .*empty: the file is empty"),
+        "unwritable disk": (["--disk", "/proc"], "--disk /proc: cannot write a file there"),
+        "out in a missing directory": (["--out", str(tmp_path / "nope" / "node.yaml")], "--out .*node.yaml: "),
+        "out is a directory": (["--out", str(tmp_path)], f"--out {tmp_path}: "),
+        "unreachable coordinator": (["--coordinator", f"127.0.0.1:{_closed_port()}"],
+                                    "--coordinator 127.0.0.1:.*: cannot connect"),
+    }[case]
+    if case == "unwritable disk" and not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc")
+    with pytest.raises(SystemExit, match=message):
+        edgellm_main(["probe", *argv])
+    assert not no_measurement
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # --out is not left behind
+
+
+def test_probe_cli_shows_the_measurements_when_the_link_fails_late(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys, caplog) -> None:
+    """The coordinator answered the check but the link measurement failed after the local
+    measurements: they are printed (not lost to a traceback), --out is not written, exit 2."""
+    import planner.link
+    import planner.probe
+    from server.cli import main as edgellm_main
+
+    for name, value in [("matmul_gflop_s", 30.0), ("matvec_gb_s", 6.0), ("copy_gb_s", 5.0)]:
+        monkeypatch.setattr(planner.probe, name, lambda *a, v=value, **k: v)
+    monkeypatch.setattr(planner.probe, "dispatch_overhead_us", lambda *a, **k: {"layer_overhead_us": 200.0})
+    monkeypatch.setattr(planner.probe, "allreduce_overhead_us", lambda *a, **k: {"allreduce_overhead_us": 500.0})
+
+    def broken(*args: object, **kwargs: object) -> dict[str, float]:
+        raise ConnectionError("link closed mid-transfer")
+
+    monkeypatch.setattr(planner.link, "measure_link", broken)
+    server = LinkServer("127.0.0.1", 0).start()
+    try:
+        out = tmp_path / "node.yaml"
+        code = edgellm_main(["probe", "--dtypes", "float32", "--coordinator", f"127.0.0.1:{server.port}",
+                             "--out", str(out)])
+    finally:
+        server.stop()
+    assert code == 2 and not out.exists()
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["matvec_gb_s"] == {"float32": 6.0} and "link" not in printed
+    assert f"link to 127.0.0.1:{server.port}: link closed mid-transfer" in caplog.text
