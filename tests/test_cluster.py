@@ -269,3 +269,31 @@ def test_a_rank_stopped_mid_step_leaves_at_once_and_closes_its_own_socket(checkp
     finally:
         rank.stop()
         hub.close()
+
+
+def test_a_second_coordinator_cannot_take_a_worker_in_use_but_a_dead_ones_can(checkpoints) -> None:
+    """`serve --workers X` while another coordinator serves with X used to reconfigure X: the
+    first cluster then answered 500s while its /health said ok. Now X refuses; once the first
+    coordinator is killed (no goodbye), X is let go and a new coordinator starts on it."""
+    model_dir = checkpoints("llama")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(port), "--cluster-token", "s3cret",
+                     "--threads", "1")
+    common = ("--workers", address, "--cluster-token", "s3cret", "--model-name", "m")
+    try:
+        with served(model_dir, *common) as url:
+            expected = _complete(url, "m").json()["choices"][0]["text"]
+            second = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), *common,
+                                     "--threads", "1", "--port", str(free_port())],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert second.returncode != 0
+            assert "serves rank 1 of a running cluster" in second.stderr, second.stderr[-2000:]
+            assert "Traceback" not in second.stderr
+            after = _complete(url, "m")
+            assert after.status_code == 200 and after.json()["choices"][0]["text"] == expected
+            _kill(_coordinator(url))
+        with served(model_dir, *common) as url:
+            assert _complete(url, "m").json()["choices"][0]["text"] == expected
+    finally:
+        stop(worker)

@@ -31,6 +31,7 @@ import torch
 import zmq
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from worker.wire import (
     Kind,
@@ -338,6 +339,11 @@ class StarRank:
         self.sock.curve_serverkey = _curve_keypair(token, "hub")[0]
         self.sock.curve_publickey, self.sock.curve_secretkey = _curve_keypair(token, "rank")
         _keepalive(self.sock)
+        # connection events, read by hub_connected() from the worker's control threads
+        self._monitor: zmq.Socket | None = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._monitor_lock = threading.Lock()
+        self._hub_connected = False
         self.sock.connect(hub_address)
         self.step = 0
         self._seq = 0
@@ -391,5 +397,23 @@ class StarRank:
             raise CollectiveError(f"the hub sent a bad {msg.kind.name}: {exc}") from None
         return total.to(partial.dtype)
 
+    def hub_connected(self) -> bool:
+        """Whether the hub is connected now: a hub whose process died is seen as gone at once, an
+        unplugged one after the heartbeat timeout (``HEARTBEAT_TIMEOUT_MS``). Safe from any thread."""
+        with self._monitor_lock:
+            while self._monitor is not None:
+                try:
+                    event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._hub_connected = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            return self._hub_connected and self._monitor is not None
+
     def close(self) -> None:
+        with self._monitor_lock:
+            if self._monitor is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
         self.sock.close(linger=0)

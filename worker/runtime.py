@@ -95,6 +95,10 @@ class WorkerRank:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def serving_a_live_hub(self) -> bool:
+        """In the data plane, with its hub still connected (a dead coordinator's is not)."""
+        return self.running and self.link.hub_connected()
+
     def _loop(self) -> None:
         try:
             self._serve_steps()

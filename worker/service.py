@@ -21,6 +21,7 @@ import torch
 
 from protos.edgellm.v1 import control_pb2 as pb
 from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
+from worker.collective import HEARTBEAT_TIMEOUT_MS
 from worker.config import CheckpointError, ModelConfig
 from worker.runtime import RankSpec, WorkerRank
 from worker.shard_fetch import TOKEN_METADATA_KEY, fetch_model, verify_rank_file
@@ -129,6 +130,15 @@ class WorkerService(pb_grpc.WorkerServicer):
         except (CheckpointError, ValueError) as exc:  # JSONDecodeError is a ValueError
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         with self._lock:
+            if (self._rank is not None and request.hub_address != self._hub
+                    and self._rank.serving_a_live_hub()):
+                # another coordinator would silently take this rank from a cluster that is serving
+                log.warning("refused a configure for hub %s: serving the coordinator at %s", request.hub_address,
+                            self._hub)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"this worker serves rank {self._rank.spec.shard.rank} of a running cluster (hub "
+                              f"{self._hub}); stop that coordinator first. A coordinator that died is let go "
+                              f"within {HEARTBEAT_TIMEOUT_MS / 1000:.0f} s")
             self._release()
             shard = shard_from_proto(request.shard, config.group_size)
             self._spec = RankSpec(request.model_dir, config, shard, request.max_batch, request.max_context,
