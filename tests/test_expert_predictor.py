@@ -291,3 +291,27 @@ def test_a_layers_misses_are_read_ahead_together(shard_file: ShardFile) -> None:
 def test_unknown_prefetch_target_is_refused(shard_file: ShardFile) -> None:
     with pytest.raises(ValueError, match="unknown prefetch target"):
         _cache(shard_file, HeldIo(), prefetch_to="gpu")
+
+
+def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misses(shard_file: ShardFile) -> None:
+    """Two MoE layers: the next layer is also the one just used, so the distance policy evicts
+    its experts first. One predicted for it, cached already, used to be evicted by the current
+    layer's misses right after the prediction (hit rate 0.15-0.48 against recall 0.80)."""
+    cache = _cache(shard_file, HeldIo(), prefetch_to="page_cache", slots=3)
+    for expert in (2, 0, 1):  # layer 1's experts fill the cache; expert 2 is the least recent
+        cache.begin_layer(1, [expert])
+        with cache.get(1, expert):
+            pass
+        cache.end_layer()
+    cache.begin_layer(0, [0, 1])
+    cache.prefetch(1, [2])  # the predictor expects layer 1 to use expert 2 again: cached, nothing to read
+    for expert in (0, 1):  # two misses: two of layer 1's experts must go
+        with cache.get(0, expert):
+            pass
+    cache.end_layer()
+    assert (1, 2) in cache._entries
+    cache.begin_layer(1, [2])
+    with cache.get(1, 2):
+        pass
+    cache.end_layer()
+    assert cache.hits == 1 and cache.misses == 5

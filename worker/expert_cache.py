@@ -23,6 +23,10 @@ Eviction policies (``choose_victim`` is pure and table-tested):
 - ``distance`` (EdgeMoE's idea): layers are visited cyclically, so an expert of the layer
   just computed is needed again only after every other layer; evict the expert whose layer
   is farthest ahead in that cycle, then the least often used, then the least recent.
+
+Under either policy an expert the predictor asked for (cached already, or prefetched into a
+buffer) goes only when nothing else can: a prediction that is right must not be undone by the
+current layer's misses before its layer comes.
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ class ExpertCache:
         self._entries: dict[Key, Entry] = {}
         self._pinned: set[Key] = set()
         self._protected: set[Key] = set()  # still needed by the layer computing now
+        # cached experts predicted for a coming layer: the current layer's misses evict them last
+        # (with two MoE layers the next layer is also the one just used, first to go by distance)
+        self._wanted: set[Key] = set()
         self._layer = 0
         self._clock = 0
         self._cond = threading.Condition()
@@ -135,6 +142,7 @@ class ExpertCache:
             self._layer = layer
             needed = list(needed)
             self._protected = {(layer, e) for e in needed}
+            self._wanted = {k for k in self._wanted if k[0] != layer}  # needed ones are protected now
             if self.file is not None and self.io is not None:
                 misses = [(layer, e) for e in needed if (layer, e) not in self._entries and (layer, e) not in self._hinted]
                 for key in misses[1:]:  # the model asks for them in ``needed`` order: it reads misses[0] now
@@ -160,9 +168,11 @@ class ExpertCache:
         layer still needs are spared unless ``evict_protected`` (a demand miss with no other choice)."""
         if self._free:
             return self._free.pop()
-        candidates = (e for k, e in self._entries.items() if e.fields is not None and k not in self._pinned
-                      and (evict_protected or k not in self._protected))
-        victim = choose_victim(candidates, self._layer, self.num_layers, self.policy)
+        candidates = [e for k, e in self._entries.items() if e.fields is not None and k not in self._pinned
+                      and (evict_protected or k not in self._protected)]
+        victim = (choose_victim((e for e in candidates if e.key not in self._wanted), self._layer, self.num_layers,
+                                self.policy)
+                  or choose_victim(candidates, self._layer, self.num_layers, self.policy))
         if victim is None:
             return None
         del self._entries[victim.key]
@@ -205,7 +215,10 @@ class ExpertCache:
         with self._cond:
             for expert in experts:
                 key = (layer, expert)
-                if key in self._entries or key in self._hinted or self.file is None:
+                if key in self._entries:
+                    self._wanted.add(key)  # cached already: kept through this layer's misses
+                    continue
+                if key in self._hinted or self.file is None:
                     continue
                 if self.prefetch_to == "page_cache":
                     assert self.io is not None
@@ -216,6 +229,7 @@ class ExpertCache:
                     if buffer is None:
                         return
                     self._insert(key, buffer, sync=False)
+                    self._wanted.add(key)
                 self.prefetches += 1
                 self.prefetch_bytes += self.file.block_bytes(expert_block(*key))
 
