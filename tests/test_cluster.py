@@ -271,15 +271,17 @@ def test_a_rank_stopped_mid_step_leaves_at_once_and_closes_its_own_socket(checkp
         hub.close()
 
 
-def test_a_second_coordinator_cannot_take_a_worker_in_use_but_a_dead_ones_can(checkpoints) -> None:
+def test_a_second_coordinator_cannot_take_a_worker_in_use_but_a_dead_ones_can(checkpoints, tmp_path: Path) -> None:
     """`serve --workers X` while another coordinator serves with X used to reconfigure X: the
     first cluster then answered 500s while its /health said ok. Now X refuses; once the first
-    coordinator is killed (no goodbye), X is let go and a new coordinator starts on it."""
+    coordinator is killed (no goodbye), X says so in its log, is let go, and a new coordinator
+    starts on it."""
     model_dir = checkpoints("llama")
     port = free_port()
     address = f"127.0.0.1:{port}"
+    worker_log = tmp_path / "worker.log"
     worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(port), "--cluster-token", "s3cret",
-                     "--threads", "1")
+                     "--threads", "1", log_path=worker_log)
     common = ("--workers", address, "--cluster-token", "s3cret", "--model-name", "m")
     try:
         with served(model_dir, *common) as url:
@@ -293,6 +295,10 @@ def test_a_second_coordinator_cannot_take_a_worker_in_use_but_a_dead_ones_can(ch
             after = _complete(url, "m")
             assert after.status_code == 200 and after.json()["choices"][0]["text"] == expected
             _kill(_coordinator(url))
+        deadline = time.monotonic() + 30
+        while "lost the hub" not in worker_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "rank 1: lost the hub" in worker_log.read_text()
         with served(model_dir, *common) as url:
             assert _complete(url, "m").json()["choices"][0]["text"] == expected
     finally:

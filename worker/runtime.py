@@ -107,9 +107,17 @@ class WorkerRank:
                 self._close()  # stop() left it to this thread: ZeroMQ sockets are not thread-safe
 
     def _serve_steps(self) -> None:
+        hub_up = True  # it just welcomed us
         while not self._stop.is_set():
             try:
                 if not self.link.sock.poll(200):
+                    if hub_up != (hub_up := self.link.hub_connected()):
+                        # idle, a dead coordinator was otherwise noticed only by the next one's Configure
+                        if hub_up:
+                            log.info("rank %d: the hub is back", self.spec.shard.rank)
+                        else:
+                            log.warning("rank %d: lost the hub (the coordinator stopped or is unreachable); "
+                                        "waiting for it or for a new coordinator", self.spec.shard.rank)
                     continue
                 msg = self.link.recv(timeout_ms=0)
                 if msg.kind == Kind.STOP:
