@@ -77,7 +77,7 @@ def verify_coordinator_files(model_dir: str, world_size: int) -> None:
     """Check rank 0's shard file and ``hub.safetensors`` against the manifest, as every worker
     checks its own (a no-op for a Hugging Face directory, free the second time)."""
     for name in (shard_file_name(0, world_size), HUB_FILE):
-        verify_shard_file(model_dir, name)
+        verify_shard_file(model_dir, name, once=True)
 
 
 @dataclass

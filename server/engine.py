@@ -223,8 +223,9 @@ class Engine:
             self._fail_all(Event(error="the server is shutting down", error_code="shutting_down"), "cancelled")
             self._wake.wait(0.2)
             return
-        if not self._running and not self._waiting and self._missing_ranks() and not self.error:
-            self.error = "a rank is missing; the cluster is recovering"  # idle: repair before the next request
+        if not self._running and not self._waiting and not self.error and (missing := self._missing_ranks()):
+            # idle: repair before the next request (/health's detail names the rank, as the README says)
+            self.error = f"rank(s) {sorted(missing)} missing; the cluster is recovering"
         # Requests queued before the heartbeat saw the rank go are admitted below: the check before
         # the step then sends them through the step-failure path (wait for the rank, or end cleanly).
         if self.error and not self._repair_in_background():

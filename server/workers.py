@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -111,8 +112,20 @@ class WorkerClient:
 
 
 def check_workers(addresses: list[str], token: str, timeout_s: float) -> list[WorkerClient]:
-    """Connect to every worker, failing fast with the address of the first that is missing."""
+    """Connect to every worker, failing fast with the address of the first that is missing. Those
+    not up within half a second are named in the log before the wait (up to ``timeout_s``)."""
     clients = [WorkerClient(a, token) for a in addresses]
+    pending = {c.address: grpc.channel_ready_future(c.channel) for c in clients}
+    deadline = time.monotonic() + 0.5
+    late = []
+    for address, ready in pending.items():
+        try:
+            ready.result(timeout=max(0.0, deadline - time.monotonic()))
+        except grpc.FutureTimeoutError:
+            late.append(address)
+            ready.cancel()
+    if late:
+        log.info("waiting up to %g s for worker(s) %s (--connect-timeout)", timeout_s, ", ".join(late))
     with ThreadPoolExecutor(max(1, len(clients))) as pool:
         for future in [pool.submit(c.wait_reachable, timeout_s) for c in clients]:
             future.result()

@@ -34,6 +34,10 @@ def test_serve_exits_with_a_message_when_a_worker_is_missing(checkpoints) -> Non
     assert result.returncode == 2
     assert f"127.0.0.1:{port}" in result.stderr and "not reachable" in result.stderr
     assert "Traceback" not in result.stderr
+    # the wait itself is announced once, when it begins
+    waiting = f"waiting up to 2 s for worker(s) 127.0.0.1:{port} (--connect-timeout)"
+    assert result.stderr.count(waiting) == 1
+    assert result.stderr.index(waiting) < result.stderr.index("not reachable")
 
 
 def test_too_many_ranks_is_refused_before_anything_starts(checkpoints) -> None:
@@ -167,6 +171,10 @@ def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_pa
             assert _complete(url, "m").status_code == 200
             _kill(psutil.Process(worker.pid))
             worker.wait(10)
+            deadline = time.monotonic() + 30  # idle: the heartbeat finds it, /health names it
+            while (health := httpx.get(f"{url}/health")).status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "rank(s) [1] missing" in health.json()["detail"], health.json()
             resp = _complete(url, "m")
             assert resp.status_code == 503
             assert resp.json()["error"]["code"] == "cluster_unavailable"
@@ -303,3 +311,4 @@ def test_a_second_coordinator_cannot_take_a_worker_in_use_but_a_dead_ones_can(ch
             assert _complete(url, "m").json()["choices"][0]["text"] == expected
     finally:
         stop(worker)
+
