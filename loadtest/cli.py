@@ -12,11 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 from loadtest.report import human_summary, plot_sweep
-from loadtest.runner import Target, fetch_model, run_load
+from loadtest.runner import ServerCheckError, Target, fetch_model, run_load
 from loadtest.stats import SLO, request_record, summarize
 from loadtest.workload import LengthSpec, make_workload, poisson_arrivals, tokenizer_counter
 
@@ -101,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.url.startswith(("http://", "https://")):
         p.error(f"--url must start with http:// or https://, got {args.url!r}")
+    try:  # a bad port would otherwise be a traceback from deep in the socket layer
+        url = urlsplit(args.url)
+        port = url.port
+    except ValueError as exc:
+        p.error(f"--url {args.url!r}: {exc}")
+    if not url.hostname or port == 0:
+        p.error(f"--url needs a host and a port from 1 to 65535, got {args.url!r}")
     if args.sweep_rates is not None:
         if args.mode == "closed":
             p.error("--sweep-rates runs the open loop at each rate: drop --mode closed")
@@ -164,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model is None:
         try:
             model = asyncio.run(fetch_model(args.url, args.api_key))
-        except (httpx.HTTPError, ValueError) as exc:
-            log.error("cannot find the model name at %s (give --model): %s", args.url, exc)
+        except ServerCheckError as exc:
+            log.error("%s", exc)
             return 2
         log.info("model: %s", model)
     runs = asyncio.run(_run(args, model, rates))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -145,16 +146,70 @@ async def run_load(target: Target, specs: Sequence[RequestSpec], *, mode: str, c
     return warm, measured
 
 
+class ServerCheckError(Exception):
+    """``GET /v1/models`` found no usable server at the URL; the message says why, in one line."""
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions under it: httpx wraps the socket error two or three levels down."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain and len(chain) < 32:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def connect_failure(url: str, exc: httpx.HTTPError, timeout_s: float) -> str:
+    """Why nothing could be reached at ``url``: an unknown host, nothing listening, no answer at all."""
+    causes = _causes(exc)
+    if any(isinstance(c, socket.gaierror) for c in causes):
+        return f"cannot resolve {httpx.URL(url).host} (--url {url})"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"nothing listens at {url} (connection refused): is the server running, on that port?"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"nothing answered at {url} within {timeout_s:g} s (connect timeout)"
+    reason = next((str(c) for c in reversed(causes) if str(c)), type(exc).__name__)
+    return f"cannot connect to {url}: {' '.join(reason.split())}"
+
+
 async def fetch_model(url: str, api_key: str | None, timeout_s: float = 10.0) -> str:
-    """The first model id listed by ``GET /v1/models``."""
+    """The first model id listed by ``GET /v1/models``.
+
+    Raises ``ServerCheckError`` saying what is at the URL instead: nothing (refused, unknown host),
+    or a server that is not OpenAI-compatible (a 404, a page that is not JSON), so that a mistyped
+    port reads as such rather than as a missing ``--model``.
+    """
     base = url.rstrip("/")
     models_url = (base if base.endswith("/v1") else base + "/v1") + "/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(headers=headers, timeout=timeout_s) as client:
-        resp = await client.get(models_url)
-        resp.raise_for_status()
+
+    def not_openai(why: str) -> ServerCheckError:
+        return ServerCheckError(f"{url} answered but is not an OpenAI-compatible server (GET /v1/models: {why})")
+
+    try:
+        async with httpx.AsyncClient(headers=headers, timeout=timeout_s) as client:
+            resp = await client.get(models_url)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise ServerCheckError(connect_failure(url, exc, timeout_s)) from None
+    except httpx.TimeoutException:
+        raise ServerCheckError(f"{url} accepted the connection but did not answer GET /v1/models within "
+                               f"{timeout_s:g} s") from None
+    except httpx.InvalidURL as exc:
+        raise ServerCheckError(f"--url {url} is not a valid URL: {exc}") from None
+    except httpx.HTTPError as exc:  # something answered, but not in HTTP (another protocol's port)
+        raise not_openai(f"no HTTP answer: {type(exc).__name__}") from None
+    if resp.status_code in (401, 403):
+        raise ServerCheckError(f"{url} refused GET /v1/models ({resp.status_code}): check --api-key")
+    if resp.status_code != 200:
+        raise not_openai(str(resp.status_code))
+    try:
         body: Any = resp.json()
+    except ValueError:
+        raise not_openai(f"200 but not JSON ({resp.headers.get('content-type', 'no content-type')})") from None
     data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise not_openai("200 but no model list")
     if not data or not isinstance(data[0], dict) or "id" not in data[0]:
-        raise ValueError(f"{models_url} lists no model")
+        raise ServerCheckError(f"{models_url} lists no model: give --model")
     return str(data[0]["id"])

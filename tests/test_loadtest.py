@@ -12,16 +12,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from loadtest.cli import main
 from loadtest.client import RequestResult, StreamFailure, StreamState, endpoint_url, request_body, sse_data
 from loadtest.report import PNG_MAGIC, human_summary
-from loadtest.runner import closed_loop, open_loop
+from loadtest.runner import closed_loop, connect_failure, open_loop
 from loadtest.stats import SLO, count_failures, describe, meets_slo, percentile, summarize
 from loadtest.workload import (
     WORDS,
@@ -510,3 +511,77 @@ def test_failure_kinds_from_a_canned_server(status: int, body: str, failures: di
 
 def test_no_model_and_nothing_listening_exits_2() -> None:
     assert main(["--url", f"http://127.0.0.1:{free_port()}", "--requests", "1"]) == 2
+
+
+def _loadtest_cli(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loadtest", "--url", url, "--requests", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "ERROR" in result.stderr, result.stderr
+    assert message in result.stderr and "give --model" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_model_and_nothing_listening_says_so_in_one_line() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    _one_line_error(_loadtest_cli(url), f"nothing listens at {url} (connection refused)")
+
+
+@contextmanager
+def _web_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _HtmlPage(_Quiet):
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        payload = b"<html><body>a web page</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.mark.parametrize(("handler", "why"), [
+    (_Quiet, "GET /v1/models: 404"),  # `python -m http.server`: a plain file server
+    (_HtmlPage, "GET /v1/models: 200 but not JSON (text/html)"),
+])
+def test_no_model_and_a_server_that_is_not_openai_says_so_in_one_line(handler: type[BaseHTTPRequestHandler],
+                                                                      why: str) -> None:
+    with _web_server(handler) as url:
+        result = _loadtest_cli(url)
+    _one_line_error(result, f"{url} answered but is not an OpenAI-compatible server ({why})")
+
+
+def test_an_unknown_host_is_named() -> None:
+    """httpx's ConnectError for a failed lookup, as it raises it: the socket.gaierror is its cause."""
+    try:
+        try:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        except socket.gaierror as lookup:
+            raise httpx.ConnectError(str(lookup)) from lookup
+    except httpx.ConnectError as exc:
+        message = connect_failure("http://no-such-host.invalid:8000", exc, 10.0)
+    assert message == "cannot resolve no-such-host.invalid (--url http://no-such-host.invalid:8000)"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://:8000"])
+def test_a_url_without_a_usable_host_and_port_is_a_usage_error(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--url", url, "--requests", "1"])
+    assert exit_.value.code == 2 and "--url" in capsys.readouterr().err
