@@ -309,3 +309,13 @@ def test_serve_refuses_to_quantize_a_sharded_directory(tmp_path: Path) -> None:
     shard_dir = _shard(DEFAULT_MODEL, tmp_path / "s")
     assert edgellm_main(["serve", "--model", str(shard_dir), "--quantize", "int8", "--cache-dir",
                          str(tmp_path / "c")]) == 2
+
+
+def test_serve_leaves_no_partial_copy_of_a_refused_quantization(tmp_path: Path) -> None:
+    """int4 in groups of 64 is refused while the copy is written (160 MLP columns): the
+    ``quantized/*.partial`` directory it was written into goes with it."""
+    model = build_checkpoint(tmp_path / "llama", "llama")
+    cache = tmp_path / "cache"
+    assert edgellm_main(["serve", "--model", str(model), "--quantize", "int4", "--group-size", "64", "--cache-dir",
+                         str(cache), "--threads", str(torch.get_num_threads())]) == 2
+    assert not list(cache.rglob("*.partial"))

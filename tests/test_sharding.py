@@ -1,11 +1,15 @@
-"""The split plan is a pure function: table-driven checks of its invariants and errors."""
+"""The split plan is a pure function: table-driven checks of its invariants and errors. Then what
+`edgellm shard` leaves in --out: the files of the split it wrote, nothing after a failure."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from worker.config import ModelConfig, RopeConfig
 from worker.sharding import ShardingError, apportion, parse_weights, plan_shards
+from worker.weights import HUB_FILE, read_manifest
 
 
 def _config(kv_heads: int = 4, heads: int = 8, intermediate: int = 160) -> ModelConfig:
@@ -79,3 +83,60 @@ def test_every_field_of_a_rank_shard_survives_the_control_plane(checkpoints, arc
         if arch == "qwen2_moe":
             assert all(getattr(shard, f.name) != f.default for f in dataclasses.fields(shard)
                        if f.default is not dataclasses.MISSING), "a plan whose every field differs from its default"
+
+
+def _shard_cli(model: Path, out: Path, ranks: int, *args: str) -> int:
+    from server.cli import main as edgellm_main
+
+    return edgellm_main(["shard", "--model", str(model), "--ranks", str(ranks), "--out", str(out), *args])
+
+
+def test_resharding_into_a_directory_removes_the_other_splits_rank_files(checkpoints, tmp_path: Path) -> None:
+    """`shard --ranks 2` then `--ranks 1` into the same --out: only the 1-rank files remain (and the
+    manifest lists only them); files that are not rank files are the user's and stay."""
+    model, out = checkpoints("llama"), tmp_path / "shards"
+    assert _shard_cli(model, out, 2) == 0
+    assert sorted(p.name for p in out.glob("rank-*")) == ["rank-00-of-02.safetensors", "rank-01-of-02.safetensors"]
+    (out / "rank-00-of-02.safetensors.partial").write_bytes(b"an interrupted run's")
+    mine = ["notes.txt", "rank-notes.txt", "old-rank-01-of-02.safetensors", "rank-01-of-02.safetensors.bak"]
+    for name in mine:
+        (out / name).write_text("the user's")
+
+    assert _shard_cli(model, out, 1) == 0
+    assert sorted(p.name for p in out.glob("rank-*-of-*.safetensors*")) == ["rank-00-of-01.safetensors",
+                                                                               "rank-01-of-02.safetensors.bak"]
+    assert all((out / name).read_text() == "the user's" for name in mine)
+    manifest = read_manifest(out)
+    assert manifest["world_size"] == 1 and [s["file"] for s in manifest["shards"]] == ["rank-00-of-01.safetensors"]
+    assert sorted(manifest["sha256"]) == [HUB_FILE, "rank-00-of-01.safetensors"]
+
+
+def test_a_failed_shard_run_leaves_no_directory_it_created(checkpoints, tmp_path: Path) -> None:
+    """int4 in groups of 64 is refused mid-run (the MLP's 160 columns are not a multiple of 64):
+    the --out it made (parents included) is gone; an --out that existed keeps the user's files."""
+    model = checkpoints("llama")
+    refused = ("--quantize", "int4", "--group-size", "64")
+    assert _shard_cli(model, tmp_path / "new" / "shards", 1, *refused) == 2
+    assert list(tmp_path.iterdir()) == []
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("the user's")
+    assert _shard_cli(model, existing, 1, *refused) == 2
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+
+def test_a_failure_after_the_rank_files_takes_them_back(checkpoints, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while the hub file is written, after every rank file is complete: nothing is left."""
+    from worker import shard_writer
+
+    def broken_hub(*args: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shard_writer, "load_hub_weights", broken_hub)
+    model = checkpoints("llama")
+    with pytest.raises(OSError, match="No space left"):
+        shard_writer.write_shards(model, plan_shards(ModelConfig.from_dir(model), [1.0, 1.0]), tmp_path / "out",
+                                  progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import struct
 from dataclasses import asdict
@@ -81,11 +82,28 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
     taken in fp32 so quantization rounds the checkpoint's values once. The hub's embedding and
     norm stay in float; its LM head is int8 when ``quant.lm_head_bits`` says so (a tied LM head
     then gets its own int8 copy: the embedding is read one row per token, the head whole).
+
+    Into an existing directory, the rank files of another split found there are removed once
+    this one is written; a failed run into a directory it created leaves no directory behind.
     """
     out = Path(out_dir)
     if out.resolve() == Path(model_dir).resolve():
         raise CheckpointError(f"--out {out} is the checkpoint's own directory; write the shards to a new one")
+    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_shard_dir(model_dir, shards, out, dtype, progress, quant)
+    except BaseException:
+        if created:
+            _remove_failed_run(out, shards, created)
+        raise
+    _remove_stale_rank_files(out, shards)
+    log.info("wrote %d rank shards to %s", len(shards), out)
+    return out
+
+
+def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, dtype: torch.dtype, progress: bool,
+                     quant: QuantSpec | None) -> None:
     world = len(shards)
     with Checkpoint(model_dir) as ckpt:
         cfg = ckpt.config
@@ -113,16 +131,20 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
             writer.close()
         hub = load_hub_weights(ckpt, torch.float32 if quant else dtype)
         hub_writer = StreamingSafetensorsWriter(out / HUB_FILE)
-        hub_writer.add("embed", hub.embed.to(dtype))
-        hub_writer.add("norm", hub.norm.to(dtype))
-        lm_head = hub.lm_head
-        assert isinstance(lm_head, torch.Tensor)  # a checkpoint's head is float; only shards hold int8
-        head = quantize_lm_head(lm_head) if quant and quant.lm_head_bits else None
-        if head:
-            for name, tensor in head.items():
-                hub_writer.add(name, tensor)
-        elif lm_head is not hub.embed:
-            hub_writer.add("lm_head", lm_head.to(dtype))
+        try:
+            hub_writer.add("embed", hub.embed.to(dtype))
+            hub_writer.add("norm", hub.norm.to(dtype))
+            lm_head = hub.lm_head
+            assert isinstance(lm_head, torch.Tensor)  # a checkpoint's head is float; only shards hold int8
+            head = quantize_lm_head(lm_head) if quant and quant.lm_head_bits else None
+            if head:
+                for name, tensor in head.items():
+                    hub_writer.add(name, tensor)
+            elif lm_head is not hub.embed:
+                hub_writer.add("lm_head", lm_head.to(dtype))
+        except BaseException:
+            hub_writer.abort()
+            raise
         hub_writer.close()
     for name in SIDE_FILES:
         src = Path(model_dir) / name
@@ -135,5 +157,33 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
                 "sha256": {name: file_sha256(out / name)
                            for name in [*(shard_file_name(s.rank, world) for s in shards), HUB_FILE]}}
     (out / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    log.info("wrote %d rank shards to %s", world, out)
-    return out
+
+
+def _remove_failed_run(out: Path, shards: list[RankShard], created: list[Path]) -> None:
+    """A failed run into a directory it created takes back what it wrote there, then the
+    directories if they are empty: nothing is left that looks like a shard directory. Only the
+    names this run writes are removed, never other files."""
+    ours = [*(shard_file_name(s.rank, len(shards)) for s in shards), HUB_FILE, SHARD_MANIFEST, *SIDE_FILES]
+    for name in ours:
+        for path in (out / name, out / f"{name}.partial"):
+            path.unlink(missing_ok=True)
+    for directory in created:  # deepest first; rmdir refuses a directory that is not empty
+        try:
+            directory.rmdir()
+        except OSError:
+            break
+
+
+_RANK_FILE = re.compile(r"rank-\d{2,}-of-\d{2,}\.safetensors(\.partial)?")
+
+
+def _remove_stale_rank_files(out: Path, shards: list[RankShard]) -> None:
+    """Rank files of an earlier run into ``out`` that this split does not use (another --ranks,
+    or the ``.partial`` files of an interrupted run). The manifest just written lists only this
+    split's files; the others would be taken for part of it by whoever copies the directory."""
+    keep = {shard_file_name(s.rank, len(shards)) for s in shards}
+    for path in sorted(out.iterdir()):
+        ours = bool(_RANK_FILE.fullmatch(path.name)) or path.name == f"{HUB_FILE}.partial"
+        if ours and path.name not in keep and path.is_file():
+            path.unlink()
+            log.info("removed %s: not part of this %d-rank split", path, len(shards))
