@@ -38,6 +38,10 @@ __all__ = ["Cluster", "ClusterError", "ClusterOptions", "advertised_host"]
 
 
 def _running(future: Future) -> bool:
+    """Whether ``future`` still runs; one that failed raises its error (a rank's failed load
+    then says why, not only that the rank never joined)."""
+    if future.done() and (exc := future.exception()) is not None:
+        raise exc
     return not future.done()
 
 

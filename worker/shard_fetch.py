@@ -2,7 +2,8 @@
 coordinator's ShardSource in resumable chunks, and sha256 checks that refuse a corrupted file.
 
 Fetched files land in ``<cache_dir>/<model_id>/`` and are reused on the next start: a file
-whose size and checksum match the coordinator's list is not fetched again.
+whose size and checksum (hashed again at every start) match the coordinator's list is not
+fetched again; one that does not is fetched again.
 """
 
 from __future__ import annotations
@@ -114,10 +115,18 @@ def fetch_model(source: str, token: str, rank: int, world_size: int, cache_dir: 
         for info in listing.files:
             path = target / info.path
             with _exclusive(path):  # another worker of this host may be fetching it into the same cache
-                if _cached(path, info):
-                    log.info("%s: cached copy verified earlier, not fetched again", info.path)
-                    done += info.size
-                    continue
+                if path.is_file() and path.stat().st_size == info.size:
+                    # hashed at every start: a copy that rotted or was overwritten on disk since
+                    # it was fetched must not be loaded (NaN logits, or wrong text silently)
+                    digest = file_sha256(path)
+                    if digest == info.sha256:
+                        log.info("%s: cached copy checked, not fetched again", info.path)
+                        done += info.size
+                        fetched[info.path] = digest  # the rank-file check before loading reuses it
+                        continue
+                    log.warning("%s: the cached copy is corrupted (sha256 %s… differs from the coordinator's "
+                                "%s…); fetching it again", info.path, digest[:16], info.sha256[:16])
+                    path.unlink()
                 done = _fetch_file(stub, meta, info, path, done, total, progress)
             fetched[info.path] = info.sha256  # _fetch_file checked the bytes against it
         if progress:
@@ -133,12 +142,6 @@ def _exclusive(path: Path) -> Iterator[None]:
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
-
-
-def _cached(path: Path, info: spb.FileInfo) -> bool:
-    marker = path.with_name(path.name + ".sha256")
-    return (path.is_file() and path.stat().st_size == info.size and marker.is_file()
-            and marker.read_text().strip() == info.sha256)
 
 
 def _fetch_file(stub: spb_grpc.ShardSourceStub, meta: tuple, info: spb.FileInfo, path: Path, done: int,
@@ -170,5 +173,4 @@ def _fetch_file(stub: spb_grpc.ShardSourceStub, meta: tuple, info: spb.FileInfo,
         partial.unlink()
         raise CheckpointError(f"{info.path}: the fetched copy does not match the coordinator's sha256")
     partial.replace(path)
-    path.with_name(path.name + ".sha256").write_text(info.sha256)
     return done
