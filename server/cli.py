@@ -132,8 +132,28 @@ def _check_shard_dir_split(model: str, plan: list, remote: int, local: int) -> N
                               f"{len(stored)} ranks, or re-run `edgellm shard --ranks {len(plan)}`")
     if stored != plan:
         widths = ", ".join(str(s.mlp_columns[1] - s.mlp_columns[0]) for s in stored)
-        raise CheckpointError(f"{model} was sharded with another split (MLP columns per rank: {widths}); pass the "
-                              f"--weights it was written with, or re-run `edgellm shard` with these")
+        written = read_manifest(model).get("weights")
+        given = f"--weights {_weights_text(written)}" if written else "the --weights it was written with"
+        raise CheckpointError(f"{model} was sharded with another split (MLP columns per rank: {widths}); pass "
+                              f"{given}, or re-run `edgellm shard` with these")
+
+
+def _weights_text(weights: list[float]) -> str:
+    return ",".join(f"{w:g}" for w in weights)
+
+
+def _split_weights(model: str, text: str | None, world: int) -> list[float]:
+    """``--weights``, or for a shard directory served without it the split it was written with
+    (recorded in its manifest), so `serve --model SHARDS` needs no flag `edgellm shard` had."""
+    from worker.sharding import parse_weights
+    from worker.weights import is_shard_dir, read_manifest
+
+    if not text and is_shard_dir(model):
+        written = read_manifest(model).get("weights")
+        if written and len(written) == world:
+            log.info("--weights %s: the split %s was written with", _weights_text(written), model)
+            return [float(w) for w in written]
+    return parse_weights(text, world)
 
 
 def run_shard(args: argparse.Namespace) -> int:
@@ -147,11 +167,15 @@ def run_shard(args: argparse.Namespace) -> int:
     _warn_moe_options(config, expert_bits=args.expert_bits)
     if not (Path(args.model) / "tokenizer.json").is_file():
         log.warning("%s has no tokenizer.json: `edgellm serve` of the shards will need one copied in", args.model)
-    shards = plan_shards(config, parse_weights(args.weights, args.ranks))
-    out = write_shards(args.model, shards, args.out, DTYPES[args.dtype], quant=quant)
+    weights = parse_weights(args.weights, args.ranks)
+    shards = plan_shards(config, weights)
+    out = write_shards(args.model, shards, args.out, DTYPES[args.dtype], quant=quant, weights=weights)
     for s in shards:
         log.info("rank %d: kv heads [%d, %d), mlp columns [%d, %d)", s.rank, *s.kv_heads, *s.mlp_columns)
-    log.info("shards written to %s; serve them with: edgellm serve --model %s", out, out)
+    others = args.ranks - 1
+    how = f" --local-workers {others} (or --workers with {others} addresses)" if others else ""
+    log.info("shards written to %s; serve them on %d ranks with: edgellm serve --model %s%s", out, args.ranks,
+             out, how)
     return 0
 
 
@@ -192,7 +216,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.tokenizer import TextTokenizer
     from server.workers import ClusterError, LocalWorker, check_workers
     from worker.config import ModelConfig
-    from worker.sharding import parse_weights, plan_shards
+    from worker.sharding import plan_shards
 
     # the coordinator and its local workers share this machine's cores: oversubscribing them
     # (each process taking every core) made batched steps 4-25x slower in the load tests
@@ -205,7 +229,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if duplicated := sorted({w for w in remote if remote.count(w) > 1}):
         raise ClusterError(f"--workers names {', '.join(duplicated)} more than once; one worker serves one rank")
     world = 1 + len(remote) + args.local_workers
-    weights = parse_weights(args.weights, world)
+    weights = _split_weights(args.model, args.weights, world)
     _check_shard_dir_split(args.model, plan_shards(config, weights), len(remote), args.local_workers)
     # (planned now: a bad split fails here, not after spawning anything)
     if quant := _quant_spec(args):

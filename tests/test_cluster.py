@@ -55,6 +55,7 @@ def test_shard_cli_then_serve_from_shards_with_explicit_workers(checkpoints, tmp
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "sharding" in result.stderr  # the progress bar
+    assert f"serve them on 3 ranks with: edgellm serve --model {out} --local-workers 2" in result.stderr
     assert len(list(out.glob("rank-*-of-03.safetensors"))) == 3
 
     with served(model_dir, "--model-name", "m") as url:
@@ -65,8 +66,8 @@ def test_shard_cli_then_serve_from_shards_with_explicit_workers(checkpoints, tmp
                        "--threads", "1") for p in ports]
     try:
         addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
-        with served(out, "--workers", addresses, "--weights", "2,1,1", "--cluster-token", "s3cret",
-                    "--model-name", "m") as url:
+        # no --weights: the split the directory was written with (2,1,1, from its manifest)
+        with served(out, "--workers", addresses, "--cluster-token", "s3cret", "--model-name", "m") as url:
             assert _complete(url, "m").json()["choices"][0]["text"] == expected
     finally:
         for w in workers:

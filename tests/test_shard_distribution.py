@@ -42,7 +42,8 @@ def _serve_with_fetching_workers(shard_dir: Path, caches: list[Path], log: Path)
 
 
 def test_workers_fetch_only_their_own_shard_then_reuse_the_cache(shard_dir: Path, tmp_path: Path) -> None:
-    with served(shard_dir, "--weights", "2,1,1", "--local-workers", "2", "--model-name", "m") as url:
+    # no --weights: a shard directory is served with the split it was written with (2,1,1)
+    with served(shard_dir, "--local-workers", "2", "--model-name", "m") as url:
         expected = httpx.post(f"{url}/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
     caches = [tmp_path / "cache1", tmp_path / "cache2"]
     assert _serve_with_fetching_workers(shard_dir, caches, tmp_path / "first.log") == expected
@@ -112,7 +113,9 @@ def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--weights", "2,1", "--local-workers", "1"], "holds shards for 3 ranks, but this cluster has 2"),
-    (["--local-workers", "2"], "was sharded with another split (MLP columns per rank: "),
+    (["--weights", "1,1,1", "--local-workers", "2"],
+     "was sharded with another split (MLP columns per rank: "),
+    (["--weights", "1,1,1", "--local-workers", "2"], "pass --weights 2,1,1, or re-run `edgellm shard`"),
 ])
 def test_a_shard_dir_served_with_another_split_says_which_it_holds(shard_dir: Path, extra: list[str],
                                                                    message: str) -> None:

@@ -74,7 +74,8 @@ class StreamingSafetensorsWriter:
 
 
 def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | Path,
-                 dtype: torch.dtype = torch.float32, progress: bool = True, quant: QuantSpec | None = None) -> Path:
+                 dtype: torch.dtype = torch.float32, progress: bool = True, quant: QuantSpec | None = None,
+                 weights: list[float] | None = None) -> Path:
     """Write ``rank-RR-of-NN.safetensors`` per rank, ``hub.safetensors`` and a manifest.
 
     The output directory is itself servable: config and tokenizer files are copied in.
@@ -92,7 +93,7 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
     created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _write_shard_dir(model_dir, shards, out, dtype, progress, quant)
+        _write_shard_dir(model_dir, shards, out, dtype, progress, quant, weights)
     except BaseException:
         if created:
             _remove_failed_run(out, shards, created)
@@ -103,7 +104,7 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
 
 
 def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, dtype: torch.dtype, progress: bool,
-                     quant: QuantSpec | None) -> None:
+                     quant: QuantSpec | None, weights: list[float] | None) -> None:
     world = len(shards)
     with Checkpoint(model_dir) as ckpt:
         cfg = ckpt.config
@@ -152,6 +153,7 @@ def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, 
             shutil.copyfile(src, out / name)
     manifest = {"format": SHARD_FORMAT, "world_size": world, "dtype": str(dtype).removeprefix("torch."),
                 "quantize": quant.to_dict() if quant else None,
+                "weights": weights,  # the --weights of this split, for `serve` without --weights (None: not given)
                 "shards": [asdict(s) | {"file": shard_file_name(s.rank, world)} for s in shards],
                 # checked before a rank loads its file: a corrupted copy is refused, not computed with
                 "sha256": {name: file_sha256(out / name)
