@@ -193,6 +193,7 @@ class Engine:
         req = Request(next(self._ids), list(prompt), params, asyncio.get_running_loop(),
                       deadline=time.monotonic() + timeout if timeout else None)
         with self._lock:
+            self._forget_cancelled_waiting()
             if len(self._waiting) >= self.limits.max_waiting:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise QueueFull(f"the queue is full ({self.limits.max_waiting} requests waiting)")
@@ -308,7 +309,20 @@ class Engine:
         self._next_repair = time.monotonic() + 2.0
         return self._try_recover(time.monotonic() + 5.0)
 
+    def _forget_cancelled_waiting(self) -> None:
+        """Drop queued requests whose client went away (caller holds ``_lock``): they held a
+        queue place and counted in the waiting gauge until they would have reached a slot, so
+        clients that timed out and retried were refused with queue_full by their own ghosts."""
+        if not any(req.cancelled for req in self._waiting):
+            return
+        kept = deque(req for req in self._waiting if not req.cancelled)
+        self.metrics.requests.labels("cancelled").inc(len(self._waiting) - len(kept))
+        self._waiting, self._waiting_tokens = kept, sum(len(req.prompt) for req in kept)
+        self.metrics.waiting.set(len(kept))
+
     def _drop_finished_early(self) -> None:
+        with self._lock:
+            self._forget_cancelled_waiting()
         now = time.monotonic()
         for run in list(self._running):
             req = run.req

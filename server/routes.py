@@ -47,8 +47,8 @@ async def require_api_key(request: Request) -> None:
     key = _state(request).api_key
     if not key:
         return
-    given = request.headers.get("authorization", "")
-    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())):  # RFC 7235
         raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                        "authentication_error", code="invalid_api_key")
 
@@ -56,11 +56,24 @@ async def require_api_key(request: Request) -> None:
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "edgellm",
+            "max_model_len": state.max_context}
+
+
 @router.get("/v1/models")
 async def models(http: Request) -> dict:
+    return {"object": "list", "data": [_model_card(_state(http))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, http: Request) -> dict:
+    """One model (the OpenAI client's ``models.retrieve``); a name this server does not serve is a 404."""
     state = _state(http)
-    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                        "owned_by": "edgellm", "max_model_len": state.max_context}]}
+    if model_id != state.model_name:
+        raise APIError(404, f"model {model_id!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+    return _model_card(state)
 
 
 def _check_model(body: _Request, state: ServerState) -> None:

@@ -44,12 +44,23 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token, logprob), most likely first
 
 
+def seed_bits(seed: int) -> int:
+    """The 32 bits torch's CPU generator (a Mersenne twister) keeps of a 64-bit ``seed``: it
+    ignored the high half, so 0, 2**32 and 2**62 sampled alike. The high half is mixed into the
+    low one (seeds below 2**32 keep their meaning)."""
+    bits = seed & 0xFFFF_FFFF_FFFF_FFFF  # an int64 seed as its two's-complement bits
+    high = bits >> 32  # murmur3's 32-bit finalizer: a bijection with 0 -> 0
+    high = ((high ^ (high >> 16)) * 0x85EB_CA6B) & 0xFFFF_FFFF
+    high = ((high ^ (high >> 13)) * 0xC2B2_AE35) & 0xFFFF_FFFF
+    return (bits & 0xFFFF_FFFF) ^ high ^ (high >> 16)
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(seed)
+        gen.manual_seed(seed_bits(seed))
     return gen
 
 

@@ -42,6 +42,10 @@ def test_health_and_models(url: str) -> None:
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     models = httpx.get(f"{url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
+    # the OpenAI client's models.retrieve; an unknown name is a 404 with an OpenAI error body
+    assert httpx.get(f"{url}/v1/models/{MODEL}").json() == models["data"][0]
+    missing = httpx.get(f"{url}/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_greedy_completion_over_three_processes_matches_transformers(url: str, model_dir: Path) -> None:

@@ -210,3 +210,39 @@ def test_batched_decode_equals_each_sequence_alone(checkpoints, arch: str, ranks
                 for i in range(len(prompts)):
                     diff = (batched[i] - alone[i][n]).abs().max().item()
                     assert diff <= 1e-5, f"{arch}, {ranks} ranks, slots {slots}, sequence {i}, step {n}: {diff}"
+
+
+def test_a_queued_request_whose_client_left_frees_its_queue_place(checkpoints) -> None:
+    """Clients that time out while queued (the route marks their requests cancelled) used to
+    keep their queue places until each would have reached a slot: a live client was then
+    refused with queue_full by their ghosts."""
+    import asyncio
+
+    from server.engine import Engine, EngineLimits, QueueFull
+    from server.sampler import SamplingParams
+    from server.tokenizer import TextTokenizer
+
+    model_dir = checkpoints("llama")
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def run(engine: Engine) -> list[int]:
+        gone = [engine.submit([1, 2, 3], params) for _ in range(2)]  # the queue holds 2: full
+        with pytest.raises(QueueFull):
+            engine.submit([1, 2, 3], params)
+        for req in gone:
+            req.cancelled = True  # what the route does when their clients disconnect
+        live = engine.submit([1, 2, 3], params)  # not refused: the ghosts' places are free
+        assert engine.num_waiting == 1
+        engine.start()
+        async for _ in live.stream():
+            pass
+        return live.output
+
+    with inprocess_cluster(model_dir, [1.0]) as executor:
+        engine = Engine(executor, TextTokenizer(model_dir), EngineLimits(max_batch=1, max_context=64, max_waiting=2))
+        try:
+            output = asyncio.run(run(engine))
+        finally:
+            engine.stop()
+    assert len(output) == 4
+    assert engine.metrics.requests.labels("cancelled")._value.get() == 2

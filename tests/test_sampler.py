@@ -58,3 +58,13 @@ def test_logprobs_are_the_model_distribution() -> None:
     assert entry.logprob == pytest.approx(float(expected[2]))
     assert [t for t, _ in entry.top] == [0, 1]
     assert token_logprob(LOGITS, token=1, top=0).top == []
+
+
+def test_every_bit_of_a_64_bit_seed_counts() -> None:
+    """torch's CPU generator keeps 32 bits of a seed: 0, 2**32, 2**62 and -2**62 drew alike."""
+    seeds = [0, 2**32, 2**62, -2**62, -2**63, 2**63 - 1, -1]
+    draws = [tuple(torch.rand(8, generator=make_generator(s)).tolist()) for s in seeds]
+    assert len(set(draws)) == len(seeds)
+    # seeds below 2**32 draw as they always did
+    assert torch.equal(torch.rand(8, generator=make_generator(12345)),
+                       torch.rand(8, generator=torch.Generator().manual_seed(12345)))

@@ -218,6 +218,8 @@ def test_api_key_and_request_timeout(checkpoints, tmp_path: Path) -> None:
         for resp in (missing, wrong):
             assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{url}/v1/models").status_code == 401
+        # the scheme is case-insensitive (RFC 7235): some clients send "bearer"
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "bearer k3y"}).status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
         # one step: far inside the timeout
