@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from server.sampler import TokenLogprob
+from server.tokenizer import TextOffsets, TextTokenizer, TokenBytes
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -141,25 +142,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class LogprobFormatter:
-    """Token log-probabilities in the completions or the chat shape."""
+    """Token log-probabilities in the completions or the chat shape.
 
-    def __init__(self, token_text: Any):
-        self._text = token_text  # token id -> its text
+    Tokens are shown by their real text and bytes (``TokenBytes``), never by the tokenizer's
+    internal symbols ('Ġ', 'âĢ', '▁', '<0x97>').
+    """
 
-    def completion(self, entries: list[TokenLogprob], text_start: int = 0) -> dict[str, Any]:
-        tokens = [self._text(e.token) for e in entries]
-        offsets, offset = [], text_start
-        for token in tokens:
-            offsets.append(offset)
-            offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._text(t): lp for t, lp in e.top} for e in entries],
-                "text_offset": offsets}
+    def __init__(self, tokenizer: TextTokenizer):
+        self._tokenizer = tokenizer
+
+    @property
+    def tokens(self) -> TokenBytes:
+        return self._tokenizer.token_bytes  # built on the first request that asks for logprobs
+
+    def offsets(self) -> TextOffsets:
+        """A fresh ``text_offset`` count, for one choice's text from its start."""
+        return self.tokens.offsets()
+
+    def completion(self, entries: list[TokenLogprob], offsets: TextOffsets | None = None) -> dict[str, Any]:
+        """``offsets``: the choice's count so far, for the next chunk of a stream (moved past
+        ``entries``); by default the entries are the whole text from its start."""
+        text, count = self.tokens.text, offsets if offsets is not None else self.offsets()
+        return {"tokens": [text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries],
+                "text_offset": [count.push(e.token) for e in entries]}
 
     def chat(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         def item(token: int, logprob: float) -> dict[str, Any]:
-            text = self._text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": self.tokens.text(token), "logprob": logprob,
+                    "bytes": list(self.tokens.token_bytes(token))}
 
         return {"content": [item(e.token, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]}
                             for e in entries]}

@@ -4,6 +4,7 @@ per ``n``), then stream their merged events as SSE or collect them into one resp
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -12,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.app import APIError, ServerState
 from server.engine import Engine, EngineError, Event, QueueFull
@@ -29,7 +31,7 @@ from server.protocol import (
     usage,
 )
 from server.sampler import SamplingParams, TokenLogprob
-from server.tokenizer import ChatTemplateError, TextTokenizer
+from server.tokenizer import ChatTemplateError, TextOffsets, TextTokenizer
 
 DISCONNECT_POLL_S = 0.5
 RETRY_AFTER = {"Retry-After": "1"}
@@ -110,7 +112,28 @@ def _check_token_ids(ids: list[int], tokenizer: TextTokenizer, param: str) -> li
     return ids
 
 
+@functools.lru_cache(maxsize=4)
+def _longest_token_chars(tokenizer: TextTokenizer) -> int:
+    """The most characters one token can stand for: its vocabulary entry's length (a byte-level
+    symbol stands for one byte, so for at most one character; ``▁`` for one space)."""
+    return max(len(tokenizer.token_name(t)) for t in range(tokenizer.vocab_size))
+
+
+def _check_text_fits(texts: list[str], tokenizer: TextTokenizer, state: ServerState, param: str) -> None:
+    """Refuse a text that cannot fit the context before tokenizing it: a 5 MB prompt took 4.4 s to
+    tokenize, and every other stream stalled meanwhile. A token stands for at most
+    ``_longest_token_chars`` characters; the factor 4 leaves room for normalizers that merge
+    characters, so nothing that could fit is refused here."""
+    limit = 4 * state.max_context * _longest_token_chars(tokenizer)
+    for i, text in enumerate(texts):
+        if len(text) > limit:
+            which = f"prompt {i}" if len(texts) > 1 else "the prompt"
+            raise APIError(400, f"{which} has {len(text)} characters, far more than this model's context of "
+                                f"{state.max_context} tokens can hold", param=param, code="context_length_exceeded")
+
+
 def _completion_prompts(body: CompletionRequest, tokenizer: TextTokenizer) -> list[list[int]]:
+    """Token ids of every prompt (tokenizing: called in a worker thread, off the event loop)."""
     prompt = body.prompt
     if isinstance(prompt, str):
         return [tokenizer.encode(prompt)]
@@ -270,8 +293,16 @@ class _Shape:
 class _CompletionShape(_Shape):
     object_name = chunk_name = "text_completion"
 
+    def __init__(self, logprobs: LogprobFormatter, want_logprobs: bool):
+        super().__init__(logprobs, want_logprobs)
+        self._offsets: dict[int, TextOffsets] = {}  # choice index -> its text_offset count, across a stream
+
     def chunk(self, index: int, event: Event) -> dict[str, Any]:
-        lp = self.fmt.completion([event.logprob]) if self.want_logprobs and event.logprob else None
+        lp = None
+        if self.want_logprobs and event.logprob:
+            if index not in self._offsets:
+                self._offsets[index] = self.fmt.offsets()
+            lp = self.fmt.completion([event.logprob], self._offsets[index])
         return {"index": index, "text": event.text, "logprobs": lp, "finish_reason": event.finish_reason}
 
     def final(self, index: int, choice: _Choice) -> dict[str, Any]:
@@ -347,16 +378,6 @@ async def _respond(http: Request, body: _Request, prompts: list[list[int]], para
         "choices": [shape.final(i, c) for i, c in enumerate(choices)], "usage": _usage_of(choices, prompts)})
 
 
-def _token_text(tokenizer: TextTokenizer) -> Any:
-    """A token's text for logprobs; a token holding part of a UTF-8 character has no text of its
-    own, so it is named by its vocabulary entry instead (unique, unlike U+FFFD)."""
-    def text(token: int) -> str:
-        decoded = tokenizer.decode([token], skip_special_tokens=False)
-        return decoded if "\ufffd" not in decoded else tokenizer.token_name(token)
-
-    return text
-
-
 def _refuse_unsupported(body: CompletionRequest) -> None:
     for name, given in (("echo", body.echo), ("suffix", body.suffix is not None),
                         ("best_of", body.best_of not in (None, 1, body.n))):
@@ -370,9 +391,11 @@ async def completions(body: CompletionRequest, http: Request) -> Response:
     _, tokenizer = state.ready_engine()
     _check_model(body, state)
     _refuse_unsupported(body)
-    prompts = _completion_prompts(body, tokenizer)
+    texts = [body.prompt] if isinstance(body.prompt, str) else [p for p in body.prompt if isinstance(p, str)]
+    _check_text_fits(texts, tokenizer, state, "prompt")
+    prompts = await run_in_threadpool(_completion_prompts, body, tokenizer)
     params = [_params(body, len(p), body.max_tokens, state, "prompt", body.logprobs) for p in prompts]
-    shape = _CompletionShape(LogprobFormatter(_token_text(tokenizer)), body.logprobs is not None)
+    shape = _CompletionShape(LogprobFormatter(tokenizer), body.logprobs is not None)
     return await _respond(http, body, prompts, params, shape)
 
 
@@ -381,14 +404,16 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Respon
     state = _state(http)
     _, tokenizer = state.ready_engine()
     _check_model(body, state)
+    messages = [m.template_dict() for m in body.messages]
+    _check_text_fits(["".join(str(m.get("content") or "") for m in messages)], tokenizer, state, "messages")
     try:
-        prompt = tokenizer.encode_chat([m.template_dict() for m in body.messages])
+        prompt = await run_in_threadpool(tokenizer.encode_chat, messages)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _params(body, len(prompt), max_tokens, state, "messages", top)
-    shape = _ChatShape(LogprobFormatter(_token_text(tokenizer)), body.logprobs)
+    shape = _ChatShape(LogprobFormatter(tokenizer), body.logprobs)
     return await _respond(http, body, [prompt], [params], shape)
 
 

@@ -7,8 +7,11 @@ transformers does, so the coordinator does not need transformers.
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,11 @@ class TextTokenizer:
         """The vocabulary entry of ``token`` (e.g. ``Ġthe`` or ``<0xE2>``)."""
         return self._tok.id_to_token(token) or f"<{token}>"
 
+    @cached_property
+    def token_bytes(self) -> TokenBytes:
+        """The real bytes of every token, for logprobs: built on first use, once per tokenizer."""
+        return TokenBytes.build(self._tok)
+
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
@@ -98,6 +106,149 @@ class TextTokenizer:
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         # The template already writes the BOS token where the model wants it.
         return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table from each byte to the printable character byte-level BPE writes it as
+    (a space is 'Ġ', byte 0x97 is 'Ĺ'): printable Latin-1 bytes stand for themselves, the
+    others take the characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in kept}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
+_BYTE_LEVEL = {char: byte for byte, char in _bytes_to_unicode().items()}  # stand-in character -> byte
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens, e.g. <0x97>
+# decoders whose effect on one token, out of context, TokenBytes knows (Fuse joins tokens; Strip, and
+# Metaspace's prefix rule, only touch the first token of a whole text)
+_KNOWN_DECODERS = frozenset({"ByteLevel", "ByteFallback", "Metaspace", "Replace", "Fuse", "Strip"})
+
+
+def _flat_decoders(spec: dict | None) -> list[dict]:
+    if not spec:
+        return []
+    if spec.get("type") == "Sequence":
+        return [d for inner in spec.get("decoders", []) for d in _flat_decoders(inner)]
+    return [spec]
+
+
+class TokenBytes:
+    """What each token of a vocabulary adds to decoded text, as raw bytes, for logprobs.
+
+    Decoding one token alone cannot say: byte-level BPE (GPT-2, Llama 3, Qwen) writes bytes as
+    stand-in characters ('Ġ' for a space, 'âĢ' for the bytes e2 80) and its tokens may hold part of a
+    UTF-8 character; SentencePiece (Llama 2, Mistral) writes '▁' for a space and '<0x97>' for a byte.
+    So the table follows the tokenizer's decoder from tokenizer.json: ByteLevel inverts GPT-2's table
+    (a token with a character outside it is its own UTF-8, as the decoder does); ByteFallback turns
+    '<0xHH>' into that byte; Replace and Metaspace ('▁' -> ' ') apply in order. A token's bytes are its
+    own, out of context: the leading space that Metaspace or Strip drop from the first token of a
+    whole text is kept. A tokenizer with any other decoder (or none) gets each token's lone decode.
+
+    Special tokens are skipped when output text is decoded (``TextTokenizer.decode`` skips them), so
+    they add no text; so do ids the vocabulary lacks. Their ``text`` is their name, and their
+    ``token_bytes`` its UTF-8.
+    """
+
+    def __init__(self, pieces: list[bytes | None], names: list[str]):
+        self._pieces = pieces  # token id -> its bytes in decoded text; None: adds no text
+        self._names = names
+
+    @classmethod
+    def build(cls, tok: Tokenizer) -> TokenBytes:
+        vocab = tok.get_vocab(with_added_tokens=True)
+        size = max(vocab.values(), default=-1) + 1
+        names = [f"<{i}>" for i in range(size)]
+        for name, i in vocab.items():
+            names[i] = name
+        special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        steps = _flat_decoders(json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else None)
+        types = {d.get("type") for d in steps}
+        if "ByteLevel" in types:
+            def piece(name: str, i: int) -> bytes:
+                if all(c in _BYTE_LEVEL for c in name):
+                    return bytes(_BYTE_LEVEL[c] for c in name)
+                return name.encode()
+        elif steps and types <= _KNOWN_DECODERS:
+            byte_fallback = "ByteFallback" in types
+
+            def piece(name: str, i: int) -> bytes:
+                if byte_fallback and (m := _BYTE_FALLBACK.fullmatch(name)):
+                    return bytes([int(m.group(1), 16)])
+                for d in steps:
+                    if d["type"] == "Metaspace":
+                        name = name.replace(d.get("replacement", "▁"), " ")
+                    elif d["type"] == "Replace":
+                        pattern, content = d.get("pattern", {}), d.get("content", "")
+                        if "String" in pattern:
+                            name = name.replace(pattern["String"], content)
+                        elif "Regex" in pattern:
+                            name = re.sub(pattern["Regex"], content.replace("\\", "\\\\"), name)
+                return name.encode()
+        else:
+            def piece(name: str, i: int) -> bytes:
+                return tok.decode([i], skip_special_tokens=False).encode()
+        pieces: list[bytes | None] = [None] * size
+        for name, i in vocab.items():
+            if i not in special:
+                pieces[i] = piece(name, i)
+        return cls(pieces, names)
+
+    def _piece(self, token: int) -> bytes | None:
+        return self._pieces[token] if 0 <= token < len(self._pieces) else None
+
+    def adds_text(self, token: int) -> bool:
+        """Whether ``token`` adds to decoded text (special tokens and unknown ids do not)."""
+        return self._piece(token) is not None
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes ``token`` adds to decoded text (a special token: its name's UTF-8)."""
+        piece = self._piece(token)
+        return piece if piece is not None else self.text(token).encode()
+
+    def text(self, token: int) -> str:
+        """The token's text: its bytes decoded; for a token holding part of a UTF-8 character,
+        OpenAI's ``bytes:\\xe2\\x80`` form; for a token that adds no text, its name (``</s>``)."""
+        piece = self._piece(token)
+        if piece is None:
+            return self._names[token] if 0 <= token < len(self._names) else f"<{token}>"
+        try:
+            return piece.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+
+    def offsets(self) -> TextOffsets:
+        return TextOffsets(self)
+
+
+class TextOffsets:
+    """Character offsets of successive tokens in the text they decode to: a completion's
+    ``text_offset``, kept across the chunks of a stream.
+
+    A token's offset is the number of characters of the text before its first byte. A character
+    made of several byte tokens is at its first token's offset, and the tokens that continue it
+    (up to the one completing it) share that offset: the count moves only once the character is
+    complete. Tokens that add no text (special tokens) do not move it. Bytes that are not valid
+    UTF-8 count as the U+FFFD characters the decoder writes for them: an unfinished character
+    that the next token does not continue is one U+FFFD, before that token.
+    """
+
+    def __init__(self, table: TokenBytes):
+        self._table = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0
+
+    def push(self, token: int) -> int:
+        """The offset of ``token``, which follows the tokens pushed before it."""
+        if not self._table.adds_text(token):
+            return self.chars
+        data = self._table.token_bytes(token)
+        if data and not 0x80 <= data[0] <= 0xBF and self._utf8.getstate()[0]:
+            self.chars += len(self._utf8.decode(b"", final=True))  # the unfinished character: U+FFFD
+        offset = self.chars
+        self.chars += len(self._utf8.decode(data))
+        return offset
 
 
 def _read_json(path: Path) -> dict:

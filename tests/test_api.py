@@ -239,3 +239,76 @@ def test_concurrent_greedy_requests_equal_their_solo_runs(url: str) -> None:
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda p: _post(url, "/v1/completions", req | {"prompt": p}).json(), prompts))
     assert [r["choices"][0]["text"] for r in together] == solo
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")])
+def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized(url: str, path: str, field: str) -> None:
+    """A 5 MB prompt took 4.4 s to tokenize on the event loop, stalling every other stream, before
+    its 400. Its length in characters alone refuses it now (the message counts characters, not tokens)."""
+    text = "word " * 1_000_000
+    value = text if field == "prompt" else [{"role": "user", "content": text}]
+    resp = _post(url, path, {"model": MODEL, field: value, "max_tokens": 4})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == field
+    assert "5000000 characters" in error["message"]
+
+
+_SPECIAL_NAMES = {"<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"}  # tests.tiny_models.build_tokenizer
+
+
+def _logprob_token_bytes(token: str) -> bytes:
+    """The bytes a completions logprobs token stands for ("bytes:\\xe2\\x80" for part of a character)."""
+    if token.startswith("bytes:"):
+        return bytes(int(h, 16) for h in token[len("bytes:"):].split("\\x")[1:])
+    return token.encode()
+
+
+def _streamed_logprobs(url: str, req: dict) -> tuple[str, list[str], list[int]]:
+    text, tokens, offsets = "", [], []
+    with httpx.stream("POST", f"{url}/v1/completions", json=req | {"stream": True}, timeout=60) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice["text"]
+                    if choice["logprobs"]:
+                        tokens += choice["logprobs"]["tokens"]
+                        offsets += choice["logprobs"]["text_offset"]
+    return text, tokens, offsets
+
+
+def test_completion_logprobs_show_real_token_text_and_offsets_into_the_text(url: str) -> None:
+    """Tokens are shown by their text, not the byte-level BPE symbols ('Ġ', 'âĢ'); a token holding part
+    of a character as "bytes:\\x..", so the tokens' bytes concatenated are the text's UTF-8; each
+    text_offset indexes the returned text (special tokens add nothing to it); streamed offsets are those
+    of the whole text, not [0] in every chunk."""
+    req = {"model": MODEL, "prompt": "日本語 😀😀 émoji ñ ü 中文 ", "max_tokens": 40, "temperature": 1.5,
+           "seed": 36, "logprobs": 2, "ignore_eos": True}
+    choice = _post(url, "/v1/completions", req).json()["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    tokens, offsets = lp["tokens"], lp["text_offset"]
+    assert len(tokens) == len(offsets) == 40
+    assert not any(set(t) & {"Ġ", "Ċ"} for t in tokens + [k for top in lp["top_logprobs"] for k in top])
+    pieces = [_logprob_token_bytes(t) for t in tokens if t not in _SPECIAL_NAMES]
+    assert b"".join(pieces).decode("utf-8", errors="replace") == text
+    assert any(t.startswith("bytes:") for t in tokens), "want a partial-character token in this test"
+    assert any(t in _SPECIAL_NAMES for t in tokens), "want a special token in this test"
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    for i, (token, offset) in enumerate(zip(tokens, offsets, strict=True)):
+        if token in _SPECIAL_NAMES:  # adds no text: the next token is at the same place
+            assert i + 1 == len(tokens) or offsets[i + 1] == offset
+        elif not token.startswith("bytes:"):
+            assert text[offset:].startswith(token), (i, token, offset, text)
+    assert _streamed_logprobs(url, req) == (text, tokens, offsets)
+
+
+def test_chat_logprobs_bytes_are_the_real_bytes_of_the_text(url: str) -> None:
+    req = {"model": MODEL, "messages": [{"role": "user", "content": "日本語 😀 émoji ñ 中文"}], "max_tokens": 40,
+           "temperature": 1.5, "seed": 7, "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
+    choice = _post(url, "/v1/chat/completions", req).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    pieces = [bytes(c["bytes"]) for c in content if c["token"] not in _SPECIAL_NAMES]
+    assert b"".join(pieces).decode("utf-8", errors="replace") == choice["message"]["content"]
+    assert any(c["token"].startswith("bytes:") for c in content), "want a partial-character token in this test"
+    for item in content + [top for c in content for top in c["top_logprobs"]]:
+        assert bytes(item["bytes"]) == _logprob_token_bytes(item["token"]), item
