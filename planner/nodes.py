@@ -12,6 +12,7 @@ A file holding a single probe output (a mapping with ``matvec_gb_s``) is a 1-nod
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,15 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except OSError as exc:
         raise PlanError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML ({exc})") from None
+    except yaml.YAMLError as exc:  # one line, naming the file and where (not "<unicode string>")
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise PlanError(f"{path}{where}: not valid YAML ({problem})") from None
 
 
 MEMORY_KEYS = ("memory_budget_bytes", "memory_available_bytes", "memory_bytes")  # the first given wins
+ENTRY_KEYS = ("profile", "file", "count", "name")  # an entry's own keys; the rest override node fields
 
 
 def _mapping(path: Path) -> dict[str, Any]:
@@ -63,6 +68,12 @@ def _entry(raw: Any, base: Path, index: int) -> list[Node]:
     raw = dict(raw)
     label = raw.get("name") or raw.get("profile") or raw.get("file")
     entry = f"{index} ({label!r})" if label is not None else str(index)
+    for key in raw:  # a misspelt `cout: 3` was dropped silently: one node planned instead of three
+        if key not in ENTRY_KEYS and (near := difflib.get_close_matches(str(key), ENTRY_KEYS, n=1, cutoff=0.7)):
+            raise PlanError(f"node entry {entry}: unknown key {key!r}; did you mean {near[0]!r}?")
+    if not ({"profile", "file"} & raw.keys()) and "matvec_gb_s" not in raw:
+        raise PlanError(f"node entry {entry} needs `profile:` (built-in: {', '.join(builtin_profiles())}), "
+                        f"`file:` (an `edgellm probe` output) or its measured fields (matvec_gb_s, ...)")
     count = _count(raw.pop("count", 1), entry)
     merged: dict[str, Any] = {}
     if "profile" in raw:

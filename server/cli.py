@@ -64,7 +64,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                         "the model's path exists on their disk (default: only when it does not)")
     p.add_argument("--shard-port", type=int, default=0,
                    help="gRPC port from which workers without the model fetch its files (default: any free port)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for each worker")
+    p.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="seconds to wait for each worker (default: %(default)g)")
     p.add_argument("--recovery-wait", type=float, default=30.0,
                    help="seconds running requests wait for a failed rank to rejoin before they fail (default: 30)")
     p.add_argument("--step-timeout", type=float, default=30.0,
@@ -280,7 +281,9 @@ def run_serve(args: argparse.Namespace) -> int:
             engine.start()
             state.engine, state.tokenizer = engine, tokenizer
             state.status, state.detail = "ready", f"{world} ranks"
-            url = f"http://{args.host}:{args.port}"
+            # 0.0.0.0 and :: listen everywhere, but are no address to send a request to
+            host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(args.host, args.host)
+            url = f"http://{host}:{args.port}"
             log.info("ready: %d ranks serving %r at %s", world, name, url)
             print(f"\nedgellm is serving {name!r} on {world} ranks at {url}\n  try:\n"
                   f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "

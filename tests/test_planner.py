@@ -339,6 +339,22 @@ def test_a_bad_count_names_its_entry(count: object, tmp_path: Path) -> None:
         load_nodes(nodes_file)
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("nodes: [\n", r"nodes.yaml:2:1: not valid YAML \(expected the node content"),  # one line, the file named
+    ("nodes:\n  - {profile: pi5, cout: 3}\n", r"unknown key 'cout'; did you mean 'count'\?"),
+    ("nodes:\n  - {}\n", r"node entry 1 needs `profile:`"),
+    ("foo: 1\n", r"node entry 1 needs `profile:`"),
+])
+def test_a_bad_nodes_file_says_what_and_where_in_one_line(text: str, message: str, tmp_path: Path) -> None:
+    """Invalid YAML printed five lines naming "<unicode string>"; a misspelt key planned one node
+    instead of three; an entry without a profile said only "missing field 'matvec_gb_s'"."""
+    nodes_file = tmp_path / "nodes.yaml"
+    nodes_file.write_text(text)
+    with pytest.raises(PlanError, match=message) as caught:
+        load_nodes(nodes_file)
+    assert "\n" not in str(caught.value)
+
+
 def test_an_entry_overrides_the_profiles_memory(tmp_path: Path) -> None:
     """pi5.yaml gives memory_available_bytes, which wins over memory_bytes within one mapping:
     an entry's own memory_bytes (here written 4e9, a string to YAML 1.1) must still apply."""
