@@ -106,7 +106,7 @@ class _Running:
 
     def __init__(self, req: Request, tokenizer: TextTokenizer):
         self.req = req
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer, req.prompt)
         self.stops = StopMatcher(list(req.params.stop))
         self.generator = make_generator(req.params.seed)
         self.counts: Counter[int] = Counter()

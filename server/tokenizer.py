@@ -267,11 +267,20 @@ class IncrementalDecoder:
     emit partial UTF-8 for a lone byte token still produce the right text.
     """
 
-    def __init__(self, tokenizer: TextTokenizer):
+    CONTEXT_TOKENS = 4  # prompt tokens decoded ahead of the first output token
+
+    def __init__(self, tokenizer: TextTokenizer, context: list[int] | None = None):
+        """``context``: the prompt. Its last tokens are decoded ahead of the output, so the first
+        output token keeps its leading space: SentencePiece decoders (Llama 2, Mistral) strip it
+        from the first token of whatever they decode (" Paris" after "The capital of France is"
+        came out "Paris"). A context ending inside a UTF-8 character is not used."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        tail = list(context or [])[-self.CONTEXT_TOKENS:]
+        if tail and tokenizer.decode(tail).endswith("\ufffd"):
+            tail = []
+        self.ids: list[int] = tail
         self._prefix = 0
-        self._read = 0
+        self._read = len(tail)
 
     def push(self, token: int) -> str:
         self.ids.append(token)

@@ -201,3 +201,24 @@ def test_logprob_formatter_streamed_offsets_equal_the_whole_texts(tokenizer: Tex
     chat = fmt.chat(entries)["content"]
     assert b"".join(bytes(c["bytes"]) for c in chat) == _MIXED_TEXT.encode()
     assert all(bytes(c["bytes"]) == bytes(c["top_logprobs"][0]["bytes"]) for c in chat)
+
+
+@pytest.mark.parametrize("style", ["sp_replace", "sp_metaspace"])
+def test_the_first_output_token_keeps_its_leading_space(style: str, tmp_path) -> None:
+    """SentencePiece decoders strip the leading space of the first token they decode: output
+    decoded alone turned " quick" after the prompt "the" into "quick" (and every logprob
+    text_offset after it was one character off). The prompt's tail is decoded ahead of it now."""
+    tokenizer = TextTokenizer(_sentencepiece_dir(tmp_path, style))
+    ids = tokenizer.encode("the quick", add_special_tokens=False)
+    prompt, output = ids[:1], ids[1:]
+    assert tokenizer.decode(prompt) == "the"
+    decoder = IncrementalDecoder(tokenizer, prompt)
+    text = "".join(decoder.push(t) for t in output) + decoder.flush()
+    assert text == " quick"
+
+
+def test_a_prompt_context_changes_nothing_for_byte_level_text(tokenizer: TextTokenizer) -> None:
+    prompt = tokenizer.encode("Tensor parallelism:", add_special_tokens=True)
+    ids = tokenizer.encode(" ünïcödé ✓ splits 日本語 layers.", add_special_tokens=False)
+    decoder = IncrementalDecoder(tokenizer, prompt)
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == tokenizer.decode(ids)
