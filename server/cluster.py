@@ -79,9 +79,10 @@ class ClusterOptions:
 
 def verify_coordinator_files(model_dir: str, world_size: int) -> None:
     """Check rank 0's shard file and ``hub.safetensors`` against the manifest, as every worker
-    checks its own (a no-op for a Hugging Face directory, free the second time)."""
+    checks its own (a no-op for a Hugging Face directory). ``serve`` calls it before it waits for
+    its local workers, so a corrupted file fails in seconds, not after they imported torch."""
     for name in (shard_file_name(0, world_size), HUB_FILE):
-        verify_shard_file(model_dir, name, once=True)
+        verify_shard_file(model_dir, name)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Cluster:
     @classmethod
     def start(cls, opts: ClusterOptions, clients: list[WorkerClient], local: list[LocalWorker],
               on_progress: Progress | None = None) -> Cluster:
-        """Plan the split, configure and load every worker, load rank 0 here, join the hub."""
+        """Plan the split, configure and load every worker, load rank 0 here, join the hub. The
+        caller has checked rank 0's files (``verify_coordinator_files``): none is hashed twice."""
         config = ModelConfig.from_dir(opts.model_dir)
         shards = plan_shards(config, opts.weights or [1.0] * (len(clients) + 1))
         host = opts.hub_host or advertised_host([c.address for c in clients])
@@ -112,7 +114,6 @@ class Cluster:
         shard_server, shard_port = serve_shards(opts.model_dir, bind_host, opts.shard_port, opts.token)
         shard_source = f"{host}:{shard_port}"
         try:
-            verify_coordinator_files(opts.model_dir, len(shards))  # before any worker loads: nothing to cancel
             abandoned = threading.Event()  # set when the start fails: no worker is configured or waited for after it
             with ThreadPoolExecutor(max(1, len(clients))) as pool:
                 loads = [pool.submit(cls._join, opts, client, shard, hub_address, shard_source, on_progress,

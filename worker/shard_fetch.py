@@ -63,18 +63,12 @@ def verify_rank_file(model_dir: str | Path, rank: int, world_size: int,
     verify_shard_file(model_dir, shard_file_name(rank, world_size), hashed)
 
 
-_VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime, sha256) of files found intact
-
-
-def verify_shard_file(model_dir: str | Path, name: str, hashed: dict[str, str] | None = None,
-                      once: bool = False) -> None:
+def verify_shard_file(model_dir: str | Path, name: str, hashed: dict[str, str] | None = None) -> None:
     """Refuse a file of a shard directory whose sha256 differs from the one ``edgellm shard``
     recorded (a rank file, or the coordinator's ``hub.safetensors``).
 
     ``hashed``: sha256 by file name of files this process has just read whole (a fetch): their
-    digest is compared with the manifest's without reading a multi-GB file a second time.
-    ``once``: a file this process found intact, unchanged since (size, mtime), is not hashed
-    again (the coordinator checks its files before and inside ``Cluster.start``)."""
+    digest is compared with the manifest's without reading a multi-GB file a second time."""
     model_dir = Path(model_dir)
     if not is_shard_dir(model_dir):
         return
@@ -84,15 +78,10 @@ def verify_shard_file(model_dir: str | Path, name: str, hashed: dict[str, str] |
     path = model_dir / name
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file missing")
-    stat = path.stat()
-    seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
-    if once and seen in _VERIFIED:
-        return  # checked already by this process, unchanged since: a multi-GB file is not hashed twice
     actual = (hashed or {}).get(path.name) or file_sha256(path)
     if actual != expected:
         raise CheckpointError(f"{path} is corrupted: sha256 {actual[:16]}… differs from the manifest's "
                               f"{expected[:16]}…; run `edgellm shard` again or delete it to re-fetch")
-    _VERIFIED.add(seen)
 
 
 def fetch_model(source: str, token: str, rank: int, world_size: int, cache_dir: Path,
