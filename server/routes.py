@@ -4,7 +4,6 @@ per ``n``), then stream their merged events as SSE or collect them into one resp
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -112,19 +111,12 @@ def _check_token_ids(ids: list[int], tokenizer: TextTokenizer, param: str) -> li
     return ids
 
 
-@functools.lru_cache(maxsize=4)
-def _longest_token_chars(tokenizer: TextTokenizer) -> int:
-    """The most characters one token can stand for: its vocabulary entry's length (a byte-level
-    symbol stands for one byte, so for at most one character; ``▁`` for one space)."""
-    return max(len(tokenizer.token_name(t)) for t in range(tokenizer.vocab_size))
-
-
 def _check_text_fits(texts: list[str], tokenizer: TextTokenizer, state: ServerState, param: str) -> None:
     """Refuse a text that cannot fit the context before tokenizing it: a 5 MB prompt took 4.4 s to
     tokenize, and every other stream stalled meanwhile. A token stands for at most
-    ``_longest_token_chars`` characters; the factor 4 leaves room for normalizers that merge
+    ``TextTokenizer.longest_token_chars`` characters; the factor 4 leaves room for normalizers that merge
     characters, so nothing that could fit is refused here."""
-    limit = 4 * state.max_context * _longest_token_chars(tokenizer)
+    limit = 4 * state.max_context * tokenizer.longest_token_chars
     for i, text in enumerate(texts):
         if len(text) > limit:
             which = f"prompt {i}" if len(texts) > 1 else "the prompt"

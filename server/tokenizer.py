@@ -85,6 +85,12 @@ class TextTokenizer:
         return self._tok.id_to_token(token) or f"<{token}>"
 
     @cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token can stand for: its vocabulary entry's length (a byte-level
+        symbol stands for one byte, so for at most one character; ``▁`` for one space)."""
+        return max(len(self.token_name(t)) for t in range(self.vocab_size))
+
+    @cached_property
     def token_bytes(self) -> TokenBytes:
         """The real bytes of every token, for logprobs: built on first use, once per tokenizer."""
         return TokenBytes.build(self._tok)
