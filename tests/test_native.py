@@ -100,12 +100,13 @@ def test_linear_uses_it_for_fp32_activations_and_torch_otherwise(monkeypatch: py
 
 
 @needs_native
-@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541)])
+@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 40)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 64])
 def test_f32_kernel_is_exact_to_fp32_summation(m: int, n: int, k: int) -> None:
-    """Weight blocks of 4 rows and the rows left over (n % 4), 8-wide steps and the columns left
-    over (k % 8), rows of x 3 at a time and the 1 or 2 left over; one thread and two give the
-    same bits (each output is summed by one thread)."""
+    """Weight blocks of 8 rows for one row of x, then a 4-row block (n % 8 >= 4, as 135 and 5
+    rows leave), then single rows; blocks of 4 for more rows of x, 3 at a time and the 1 or 2
+    left over; 8-wide steps and the columns left over (k % 8); one thread and two give the same
+    bits (each output is summed by one thread)."""
     f32_mm = native.f32_mm()
     assert f32_mm is not None
     torch.manual_seed(m * n + k)
