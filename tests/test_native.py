@@ -164,7 +164,7 @@ def test_processes_starting_together_share_one_cached_build(tmp_path: Path) -> N
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env) for _ in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     built = sorted(p.name for p in tmp_path.iterdir())
-    assert len(built) == 1 and built[0].startswith("matmul-") and built[0].endswith(".so")  # no temp files left
+    assert len(built) == 1 and built[0].startswith("kernels-") and built[0].endswith(".so")  # no temp files left
     later = _probe({"EDGELLM_KERNEL_CACHE": str(tmp_path)})
     assert "KERNEL True" in later.stdout and "compiled" not in later.stdout
     assert f"native int8_mm kernel on: {tmp_path / built[0]}" in later.stdout

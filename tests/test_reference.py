@@ -7,6 +7,7 @@ import torch
 
 from tests.harness import inprocess_cluster
 from tests.tiny_models import load_reference
+from worker import native
 from worker.step import SeqSpan
 
 RANK_WEIGHTS = {1: [1.0], 2: [1.0, 1.0], 3: [2.0, 1.0, 1.0], 4: [1.0, 1.0, 1.0, 1.0]}
@@ -18,7 +19,22 @@ TOL = 1e-4
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
 def test_logits_match_transformers(checkpoints, arch: str, ranks: int) -> None:
-    model_dir = checkpoints(arch)
+    _check_logits(checkpoints(arch), arch, ranks)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3_moe"])
+def test_logits_match_transformers_with_torch_kernels_only(checkpoints, arch: str, ranks: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the native kernels do not build (a Pi, no compiler), decode runs torch's ops:
+    SDPA attention, RMSNorm and SiLU, with q/k norms between projection and RoPE for qwen3_moe."""
+    for name in native._WRAPPERS:
+        monkeypatch.setitem(native._loaded, name, None)
+    _check_logits(checkpoints(arch), arch, ranks)
+
+
+def _check_logits(model_dir, arch: str, ranks: int) -> None:
+    """A prompt and DECODE_STEPS one-token steps match the reference's logits within TOL."""
     reference = load_reference(model_dir)
     torch.manual_seed(ranks)
     decode = torch.randint(3, reference.config.vocab_size, (DECODE_STEPS,)).tolist()

@@ -1,7 +1,7 @@
 """Native CPU kernels: C compiled on first use with the system's C compiler, loaded with ctypes.
 
-Two kernels, both in ``kernels/matmul.c``, both for fp32 activations, both reading every
-weight from memory once for all rows of x:
+Matrix products, in ``kernels/matmul.c``, both for fp32 activations, both reading every weight
+from memory once for all rows of x:
 
 - ``int8_mm``: times an int8 shard matrix. torch's ``_weight_int8pack_mm`` reads a decode
   step's weights from DRAM at about 8 GB/s on 2 threads here (no prefetch); this prefetches and
@@ -15,6 +15,11 @@ weight from memory once for all rows of x:
   prompts; longer prompts are GEMM-bound and go to MKL). MKL's sgemv/sgemm streams 16-22 GB/s
   at 1 row and 5-9 GB/s at 2-8 rows on 2 threads here; this reads 28-34 GB/s and 19-34 GB/s
   (1.1B shape's 2048-wide matrices, cold). At 1 thread the two are even at 1 row.
+
+The small fp32 operations between a decode step's products, in ``kernels/decode.c`` (its
+header says why: after a product has streamed the weights, each small torch op runs from cold
+caches): ``rms_norm``, ``silu_mul`` (the gated MLP's activation) and ``decode_attention``
+(RoPE, KV-cache write and attention of one new token per sequence).
 
 Why compiled at run time rather than at install: the project installs as pure Python (a wheel
 for every platform, no build step on a Pi), and the kernels are optional. They are built only on
@@ -42,13 +47,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "matmul.c"
+SOURCES = tuple(Path(__file__).resolve().parent / "kernels" / name for name in ("matmul.c", "decode.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 DISABLE_ENV = "EDGELLM_NATIVE"  # "0" turns native kernels off
 CACHE_ENV = "EDGELLM_KERNEL_CACHE"
@@ -59,9 +66,11 @@ F32_MAX_ROWS = 64
 
 Int8Mm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 F32Mm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+SiluMul = Callable[[torch.Tensor], torch.Tensor]
 
 _lock = threading.Lock()
-_loaded: dict[str, Callable[..., torch.Tensor] | None] = {}  # kernel name -> its wrapper, None when off
+_loaded: dict[str, Callable[..., Any] | None] = {}  # kernel name -> its wrapper, None when off
 _library: list[ctypes.CDLL | str] = []  # the loaded library, or why it cannot be; at most one entry
 
 
@@ -98,7 +107,7 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        subprocess.run([_compiler(), *FLAGS, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=120)
         os.replace(tmp, target)
     finally:
@@ -109,8 +118,9 @@ def _build(target: Path) -> None:
 def library_path() -> Path:
     """Where this source, compiler and flags build to: a machine with no compiler can still load
     a library built there before (or copied there, as an image build could)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((_compiler(), *FLAGS)).encode()).hexdigest()[:16]
-    return cache_dir() / f"matmul-{digest}.so"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(sources + " ".join((_compiler(), *FLAGS)).encode()).hexdigest()[:16]
+    return cache_dir() / f"kernels-{digest}.so"
 
 
 def _open_library() -> ctypes.CDLL | str:
@@ -164,13 +174,90 @@ def _wrap_f32(lib: ctypes.CDLL) -> F32Mm:
     return f32_mm
 
 
-_WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., torch.Tensor]], str]] = {
+def _wrap_rms_norm(lib: ctypes.CDLL) -> RmsNorm:
+    kernel = lib.rms_norm_rows
+    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
+    kernel.restype = None
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x fp32 (..., d) contiguous, weight fp32 (d,) -> fp32 of x's shape."""
+        d = x.shape[-1]
+        out = torch.empty(x.shape)
+        kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
+        return out
+
+    return rms_norm
+
+
+def _wrap_silu_mul(lib: ctypes.CDLL) -> SiluMul:
+    kernel = lib.silu_mul_rows
+    kernel.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+    kernel.restype = None
+
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up fp32 (T, 2w) contiguous, each row [gate | up] -> silu(gate) * up, fp32 (T, w)."""
+        m, w = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(m, w)
+        kernel(gate_up.data_ptr(), out.data_ptr(), m, w)
+        return out
+
+    return silu_mul
+
+
+class TokenAttention:
+    """The attention of one new token per sequence over one model's KV cache (RoPE, cache write,
+    attention: ``kernels/decode.c`` says what it computes). Made once per model: the cache and
+    RoPE tables never move, so their addresses and sizes are read here, not at every layer (a
+    decode step's small calls run from cold caches, where each tensor method call counts)."""
+
+    def __init__(self, kernel: Callable[..., None], k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                 signed_sin: torch.Tensor, num_q_heads: int, window: int | None, scale: float):
+        """k_cache and v_cache fp32 (layers, slots, kh, max_len, hd), cos and signed_sin fp32
+        (max_len, 1, hd), all contiguous."""
+        for t in (k_cache, v_cache, cos, signed_sin):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError("TokenAttention takes contiguous float32 caches and tables")
+        self._kernel = kernel
+        self._tensors = (k_cache, v_cache, cos, signed_sin)  # kept alive: the kernel gets their addresses
+        self._layer_bytes = k_cache.stride(0) * k_cache.element_size()
+        self._k, self._v = k_cache.data_ptr(), v_cache.data_ptr()
+        self._tables = (cos.data_ptr(), signed_sin.data_ptr())
+        _, _, self._kh, self._max_len, self._hd = k_cache.shape
+        self._qh, self._window, self._scale = num_q_heads, window or 0, scale
+        self.width = (num_q_heads + 2 * self._kh) * self._hd  # floats of one token's q, k and v
+
+    def __call__(self, layer: int, qkv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """qkv fp32 (B, width): each row a token's q, k, v side by side, columns contiguous;
+        slots and positions int64 (B,), which the caller has checked against the cache.
+        Returns fp32 (B, qh * hd)."""
+        batch = qkv.shape[0]
+        out = torch.empty(batch, self._qh * self._hd)
+        offset = layer * self._layer_bytes
+        self._kernel(qkv.data_ptr(), qkv.stride(0), *self._tables, self._k + offset, self._v + offset,
+                     slots.data_ptr(), positions.data_ptr(), batch, self._qh, self._kh, self._hd, self._max_len,
+                     self._window, self._scale, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def _wrap_decode_attention(lib: ctypes.CDLL) -> Callable[..., TokenAttention]:
+    kernel = lib.decode_attention
+    argtypes: list[Any] = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 6, *[ctypes.c_int] * 6,
+                           ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    kernel.argtypes = argtypes
+    kernel.restype = None
+    return partial(TokenAttention, kernel)
+
+
+_WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., Any]], str]] = {
     "int8_mm": (_wrap_int8, "quantized layers use torch's _weight_int8pack_mm"),
     "f32_mm": (_wrap_f32, "float32 layers use torch's F.linear"),
+    "rms_norm": (_wrap_rms_norm, "RMSNorm runs in torch"),
+    "silu_mul": (_wrap_silu_mul, "the gated MLP's activation runs in torch"),
+    "decode_attention": (_wrap_decode_attention, "decode attention runs in torch (scaled_dot_product_attention)"),
 }
 
 
-def _kernel(name: str) -> Callable[..., torch.Tensor] | None:
+def _kernel(name: str) -> Callable[..., Any] | None:
     """The wrapper of kernel ``name``, or None where the library is not available (logged once
     per kernel)."""
     if name in _loaded:
@@ -197,3 +284,19 @@ def int8_mm() -> Int8Mm | None:
 def f32_mm() -> F32Mm | None:
     """The native float32 matmul for few rows (``F32_MAX_ROWS``), or None where it is not available."""
     return _kernel("f32_mm")
+
+
+def rms_norm() -> RmsNorm | None:
+    """The native fp32 RMSNorm, or None where it is not available."""
+    return _kernel("rms_norm")
+
+
+def silu_mul() -> SiluMul | None:
+    """The native fp32 SiLU-gated activation, or None where it is not available."""
+    return _kernel("silu_mul")
+
+
+def token_attention() -> Callable[..., TokenAttention] | None:
+    """``TokenAttention``'s constructor with the native kernel bound (the rest of its arguments
+    to give), or None where the kernel is not available."""
+    return _kernel("decode_attention")

@@ -55,6 +55,9 @@ class StepPlan:
     offsets: list[int]  # token offset of each span in the packed batch
     masks: list[torch.Tensor | None]  # per span: (n, start + n) bool, None when all allowed
     decode: DecodeBatch | None = None  # set when there are several spans, each of one token
+    # (B,) int64 KV-cache slot of each span when every span has one new token (``positions``
+    # holds their positions): for kernels that index the cache themselves
+    token_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -70,10 +73,13 @@ class StepPlan:
             offsets.append(offset)
             offset += span.length
             masks.append(_span_mask(span, pos, sliding_window))
-        decode = None
-        if len(spans) > 1 and all(span.length == 1 for span in spans):
-            decode = DecodeBatch.build(spans, sliding_window)
-        return cls(spans=spans, positions=torch.cat(positions), offsets=offsets, masks=masks, decode=decode)
+        decode, token_slots = None, None
+        if all(span.length == 1 for span in spans):
+            if len(spans) > 1:
+                decode = DecodeBatch.build(spans, sliding_window)
+            token_slots = decode.slots if decode is not None else torch.tensor([spans[0].slot])
+        return cls(spans=spans, positions=torch.cat(positions), offsets=offsets, masks=masks, decode=decode,
+                   token_slots=token_slots)
 
 
 def _span_mask(span: SeqSpan, pos: torch.Tensor, window: int | None) -> torch.Tensor | None:

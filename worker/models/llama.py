@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker import native
 from worker.config import ModelConfig, RopeConfig
 from worker.kv_cache import KVCache
 from worker.quant import Weight, linear
@@ -28,9 +29,17 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 _EPS: dict[float, torch.Tensor] = {}  # eps -> (1, 1) fp32 tensor, the addend of the decode fast path
 
 
+def _few_fp32_rows(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a contiguous fp32 tensor of few rows (a decode step's): where the native
+    kernels of ``worker.native`` beat torch's vectorized, multi-threaded ops."""
+    return x.dtype == torch.float32 and x.numel() <= native.F32_MAX_ROWS * x.shape[-1] and x.is_contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 as transformers does."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if _few_fp32_rows(x) and (kernel := native.rms_norm()) is not None:
+            return kernel(x, weight, eps)
         if x.dim() == 2 and x.shape[0] == 1:
             # One decode row: eps + x.x / d as one addmm (4 ops in all, against F.rms_norm's CPU
             # composite of about 10: 13-17 us instead of 25-33 at width 512 here).
@@ -102,6 +111,15 @@ class RankModel:
         # slices its rows instead of computing them (about 100 us of small ops per step).
         self.rope_cos, self.rope_sin = rope_table(rope_inv_freq(config.rope, config.head_dim), kv_cache.max_len,
                                                   kv_cache.k.dtype)
+        # Steps of one new fp32 token per sequence attend in one native call; None: torch's SDPA.
+        self._token_attention = self._native_token_attention()
+
+    def _native_token_attention(self) -> native.TokenAttention | None:
+        make = native.token_attention()
+        if make is None or self.kv.k.dtype != torch.float32:
+            return None
+        return make(self.kv.k, self.kv.v, self.rope_cos, self.rope_sin, self.shard.num_q_heads,
+                    self.config.sliding_window, self.scale)
 
     def _rope(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin (see ``apply_rope``) of the step's positions, each (T, 1, hd)."""
@@ -119,10 +137,11 @@ class RankModel:
         """
         cos, sin = self._rope(plan)
         eps = self.config.rms_norm_eps
+        natively = self._attends_tokens_natively(plan)
         for layer in range(self.config.num_layers):
             self._layer_start(layer, hidden)
             with self.store.attention(layer) as w:
-                partial = self._attention(layer, w, rms_norm(hidden, w.norm, eps), plan, cos, sin)
+                partial = self._attention(layer, w, rms_norm(hidden, w.norm, eps), plan, cos, sin, natively)
             hidden = hidden + self.allreduce(partial)
             with self.store.mlp(layer, self._mlp_class(layer)) as mlp:
                 partial = self._feed_forward(layer, mlp, hidden)
@@ -137,10 +156,23 @@ class RankModel:
         """Hook on the flat projections q (T, qh*hd), k and v (T, kh*hd) before RoPE; Llama has none."""
         return q, k, v
 
+    def _attends_tokens_natively(self, plan: StepPlan) -> bool:
+        """Whether this step's attention runs in the native kernel: one new token per sequence,
+        every slot and position inside the cache (the kernel does not check them)."""
+        return (self._token_attention is not None and plan.token_slots is not None
+                and all(0 <= span.slot < self.kv.num_slots and 0 <= span.start < self.kv.max_len
+                        for span in plan.spans))  # else the torch path raises its IndexError
+
     def _attention(self, layer: int, w: AttentionWeights, x: torch.Tensor, plan: StepPlan,
-                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                   cos: torch.Tensor, sin: torch.Tensor, natively: bool) -> torch.Tensor:
         qh, kh, hd = self.shard.num_q_heads, self.shard.num_kv_heads, self.config.head_dim
         qkv = linear(x, w.wqkv, w.bqkv)  # (T, (qh + 2kh) * hd)
+        if natively and self._token_attention is not None and plan.token_slots is not None:
+            if not self._plain_qkv:
+                q, k, v = self._qkv_hook(w, *qkv.split([qh * hd, kh * hd, kh * hd], dim=-1))
+                qkv = torch.cat([t.reshape(t.shape[0], -1) for t in (q, k, v)], dim=-1)  # (T, (qh + 2kh) * hd)
+            out = self._token_attention(layer, qkv, plan.token_slots, plan.positions)  # (T, qh*hd)
+            return linear(out, w.wo, w.bo)  # (T, d) partial sum
         if self._plain_qkv:  # q and k are adjacent columns: rotate both heads' sets at once
             qk = apply_rope(qkv[:, :(qh + kh) * hd].view(-1, qh + kh, hd), cos, sin)  # (T, qh + kh, hd)
             q, k = qk[:, :qh], qk[:, qh:]  # (T, qh, hd), (T, kh, hd)
@@ -199,5 +231,12 @@ class RankModel:
 def gated_mlp(x: torch.Tensor, w_gate_up: Weight, w_down: Weight, b_gate_up: torch.Tensor | None = None,
               b_down: torch.Tensor | None = None) -> torch.Tensor:
     """SiLU-gated MLP on this rank's columns: (T, d) -> partial (T, d)."""
-    gate, up = linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)  # (T, w) each
-    return linear(F.silu(gate) * up, w_down, b_down)
+    return linear(silu_and_mul(linear(x, w_gate_up, b_gate_up)), w_down, b_down)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of each row [gate | up] of ``gate_up`` (T, 2w): (T, w)."""
+    if gate_up.dim() == 2 and _few_fp32_rows(gate_up) and (kernel := native.silu_mul()) is not None:
+        return kernel(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)  # (T, w) each
+    return F.silu(gate) * up
