@@ -27,12 +27,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """argparse type for a TCP port to listen on (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {text}")
+    return value
+
+
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk", default=None, metavar="PATH",
                    help="measure cold sequential reads here (a directory: a temporary file is written; a file: read)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="measure the link to a coordinator running `edgellm probe --serve-link PORT`")
-    p.add_argument("--serve-link", type=int, default=None, metavar="PORT",
+    p.add_argument("--serve-link", type=port_number, default=None, metavar="PORT",
                    help="run the link echo/sink for workers' probes instead of probing (until Ctrl-C)")
     p.add_argument("--host", default="127.0.0.1", help="interface of --serve-link (default: 127.0.0.1)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
@@ -53,7 +64,10 @@ def run_probe(args: argparse.Namespace) -> int:
     if args.serve_link is not None:
         from planner.link import LinkServer
 
-        server = LinkServer(args.host, args.serve_link).start()
+        try:
+            server = LinkServer(args.host, args.serve_link).start()
+        except OSError as exc:  # the port is taken, the host is not this machine's, ...
+            raise SystemExit(f"--serve-link: cannot listen on {args.host}:{args.serve_link}: {exc.strerror or exc}") from None
         log.info("link probe sink on %s:%d; workers run: edgellm probe --coordinator HOST:%d",
                  args.host, server.port, server.port)
         try:

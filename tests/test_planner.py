@@ -215,6 +215,22 @@ def test_probe_cli_rejects_an_unknown_dtype() -> None:
         edgellm_main(["probe", "--dtypes", "float32,int3"])
 
 
+def test_probe_link_sink_refuses_a_bad_or_taken_port(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from server.cli import main as edgellm_main
+
+    with pytest.raises(SystemExit):
+        edgellm_main(["probe", "--serve-link", "70000"])
+    assert "a port is 0-65535, got 70000" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"--serve-link: cannot listen on 127.0.0.1:{port}: Address already in use"):
+            edgellm_main(["probe", "--serve-link", str(port)])
+
+
 @pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
 def test_planned_context_bytes_are_what_a_rank_reserves(kv_dtype: str) -> None:
     """The budget the planner hands a rank holds what the loader reserves beside the weights:
