@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.harness import inprocess_cluster
 from tests.test_native import needs_native
 from worker import native
 from worker.config import RopeConfig
 from worker.models.llama import apply_rope, rms_norm, rope_inv_freq, rope_table, silu_and_mul
+from worker.step import SeqSpan
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 2e-6, floor: float = 1e-30) -> None:
@@ -107,3 +109,13 @@ def test_token_attention_kernel_writes_the_cache_and_attends(window: int | None)
         assert torch.equal(attend(1, qkv, torch.tensor(slots), torch.tensor(positions)), out)  # same bits
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_native
+@pytest.mark.parametrize("span", [SeqSpan(slot=0, start=10_000, length=1), SeqSpan(slot=99, start=4, length=1)])
+def test_a_token_outside_the_cache_is_an_error_not_a_stray_write(checkpoints, span: SeqSpan) -> None:
+    """The kernel indexes the cache without checks, so such a step takes the torch path, which raises."""
+    with inprocess_cluster(checkpoints("llama"), [1.0], max_batch=2, max_context=64) as executor:
+        executor.step([[1, 17, 42, 99]], [SeqSpan(slot=0, start=0, length=4)])
+        with pytest.raises((IndexError, RuntimeError)):
+            executor.step([[5]], [span])
