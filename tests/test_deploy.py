@@ -307,3 +307,20 @@ def test_dockerfile_builds_the_native_kernel_where_the_runtime_image_loads_it(tm
     probe = "from worker import native; assert native.int8_mm() is not None"
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, "PATH": "/nonexistent"}, check=True,
                    timeout=120)
+
+
+def test_help_and_argument_errors_answer_without_loading_torch() -> None:
+    """``edgellm --help``, every subcommand's help and a bad argument answer at once: torch (seconds
+    to import on a Pi) is loaded only for the work itself."""
+    code = """
+import sys
+import server.cli
+for argv in (["--help"], ["serve", "--help"], ["worker", "--help"], ["shard", "--help"], ["probe", "--help"],
+             ["plan", "--help"], ["worker", "--port", "many"]):
+    try:
+        server.cli.main(argv)
+    except SystemExit:
+        pass
+    assert "torch" not in sys.modules, f"{argv} imported torch"
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=120)

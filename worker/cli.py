@@ -1,4 +1,7 @@
-"""``edgellm worker``: a rank daemon waiting for a coordinator to configure it."""
+"""``edgellm worker``: a rank daemon waiting for a coordinator to configure it.
+
+torch and the gRPC service are imported when the worker runs, not when its arguments are
+declared: ``edgellm --help`` and argument errors answer without loading torch (seconds on a Pi)."""
 
 from __future__ import annotations
 
@@ -8,10 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from worker.budget import size_argument
-from worker.service import DEFAULT_CACHE_DIR, serve
 
 log = logging.getLogger("edgellm.worker")
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from disk through a sliding window (default: no budget, all resident)")
     parser.add_argument("--expert-cache", type=size_argument, default=None, metavar="SIZE",
                         help="bytes for routed experts of an MoE model (default: all resident)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+    parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where model files fetched from the coordinator are kept (default: $EDGELLM_CACHE "
                              "or ~/.cache/edgellm)")
 
@@ -49,6 +49,10 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from worker.service import DEFAULT_CACHE_DIR, serve
+
     if parent := os.environ.get("EDGELLM_PARENT_PID"):
         _exit_with_parent(int(parent))
     if args.threads:
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no cluster token (--cluster-token or $EDGELLM_CLUSTER_TOKEN): any coordinator that can "
                     "reach %s:%d can configure this worker", args.host, args.port)
     try:
-        serve(args.host, args.port, args.cluster_token, args.memory_budget, args.expert_cache, args.cache_dir)
+        serve(args.host, args.port, args.cluster_token, args.memory_budget, args.expert_cache,
+              args.cache_dir or DEFAULT_CACHE_DIR)
     except (OSError, RuntimeError) as exc:
         log.error("cannot start the worker: %s", exc)
         return 2
