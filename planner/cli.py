@@ -12,30 +12,9 @@ from typing import Any
 
 import yaml
 
+from worker.arguments import port_number, positive_int
+
 log = logging.getLogger(__name__)
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts and sizes: 0 or a negative count would plan nonsense (or probe
-    for seconds and then fail) rather than be refused with the option's name."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """argparse type for a TCP port to listen on (0: any free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {text}")
-    return value
 
 
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:

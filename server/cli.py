@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.arguments import non_negative_int, port_number, positive_float, positive_int
+
 if TYPE_CHECKING:
     from types import FrameType
 
@@ -27,22 +29,22 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="Hugging Face checkpoint directory or `edgellm shard` output (default: the embedded model)")
     p.add_argument("--workers", default="", help="comma-separated host:port of running `edgellm worker`s")
-    p.add_argument("--local-workers", type=int, default=0, help="spawn K worker processes on loopback")
+    p.add_argument("--local-workers", type=non_negative_int, default=0, help="spawn K worker processes on loopback")
     p.add_argument("--weights", default=None, help="per-rank split weights, rank 0 first, e.g. 2,1,1")
     p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--cluster-token", default=os.environ.get("EDGELLM_CLUSTER_TOKEN"),
                    help="shared secret of the cluster (default: $EDGELLM_CLUSTER_TOKEN; random for local workers)")
     p.add_argument("--model-name", default=None, help="name clients use in `model` (default: the directory name)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--max-context", type=positive_int, default=None,
                    help="tokens per sequence, prompt included (default: min(2048, the model's limit))")
-    p.add_argument("--prefill-chunk", type=int, default=256,
+    p.add_argument("--prefill-chunk", type=positive_int, default=256,
                    help="prompt tokens prefilled per step, so long prompts don't stall streams (default: 256)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default: 64)")
-    p.add_argument("--max-queued-tokens", type=int, default=65536,
+    p.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting for a slot before 503 (default: 64)")
+    p.add_argument("--max-queued-tokens", type=positive_int, default=65536,
                    help="prompt tokens waiting for a slot before 503 (default: 65536)")
-    p.add_argument("--request-timeout", type=float, default=None,
+    p.add_argument("--request-timeout", type=positive_float, default=None,
                    help="seconds after which a request is abandoned (default: none)")
     p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $EDGELLM_API_KEY; none)")
@@ -55,20 +57,20 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                                                             "bfloat16"],
                    help="allreduce payload dtype of the whole cluster: fp32 exact; fp16/bf16 half the bytes; "
                         "int8 a quarter, with a scale per token (default: fp32)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads of this process and of each local worker (default: cores / processes)")
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
-    p.add_argument("--hub-port", type=int, default=0, help="ZeroMQ hub port (default: any free port)")
+    p.add_argument("--hub-port", type=port_number, default=0, help="ZeroMQ hub port (default: any free port)")
     p.add_argument("--ship-shards", action="store_true",
                    help="workers fetch their files from the coordinator (sha256-checked, cached) even when "
                         "the model's path exists on their disk (default: only when it does not)")
-    p.add_argument("--shard-port", type=int, default=0,
+    p.add_argument("--shard-port", type=port_number, default=0,
                    help="gRPC port from which workers without the model fetch its files (default: any free port)")
-    p.add_argument("--connect-timeout", type=float, default=10.0,
+    p.add_argument("--connect-timeout", type=positive_float, default=10.0,
                    help="seconds to wait for each worker (default: %(default)g)")
-    p.add_argument("--recovery-wait", type=float, default=30.0,
+    p.add_argument("--recovery-wait", type=positive_float, default=30.0,
                    help="seconds running requests wait for a failed rank to rejoin before they fail (default: 30)")
-    p.add_argument("--step-timeout", type=float, default=30.0,
+    p.add_argument("--step-timeout", type=positive_float, default=30.0,
                    help="seconds a step waits for a rank before the request fails (default: 30)")
     from worker.budget import size_argument
 
@@ -81,7 +83,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def _shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--ranks", type=int, required=True, help="number of ranks (coordinator included)")
+    p.add_argument("--ranks", type=positive_int, required=True, help="number of ranks (coordinator included)")
     p.add_argument("--weights", default=None, help="per-rank split weights, e.g. 2,1,1")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

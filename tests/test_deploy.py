@@ -324,3 +324,28 @@ for argv in (["--help"], ["serve", "--help"], ["worker", "--help"], ["shard", "-
     assert "torch" not in sys.modules, f"{argv} imported torch"
 """
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve", "--max-batch", "0"], "--max-batch: must be positive, got 0"),
+    (["serve", "--prefill-chunk", "0"], "--prefill-chunk: must be positive, got 0"),
+    (["serve", "--max-context", "0"], "--max-context: must be positive, got 0"),
+    (["serve", "--local-workers", "-1"], "--local-workers: must be 0 or more, got -1"),
+    (["serve", "--threads", "-2"], "--threads: must be positive, got -2"),
+    (["serve", "--port", "99999"], "--port: a port is 0-65535, got 99999"),
+    (["serve", "--request-timeout", "-1"], "--request-timeout: must be a positive number of seconds, got -1"),
+    (["serve", "--step-timeout", "0"], "--step-timeout: must be a positive number of seconds, got 0"),
+    (["serve", "--recovery-wait", "nan"], "--recovery-wait: must be a positive number of seconds, got nan"),
+    (["shard", "--model", "m", "--out", "o", "--ranks", "0"], "--ranks: must be positive, got 0"),
+    (["worker", "--port", "65536"], "--port: a port is 0-65535, got 65536"),
+    (["worker", "--threads", "two"], "--threads: not an integer: 'two'"),
+])
+def test_serve_shard_and_worker_refuse_values_that_could_not_work(argv: list[str], message: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, --max-batch 0 started a server on which every request hung, --prefill-chunk 0 one
+    on which every request failed with a 500, and --local-workers -1, --threads -2 and
+    --port 99999 died in tracebacks."""
+    with pytest.raises(SystemExit) as exit_info:
+        server.cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

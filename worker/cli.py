@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from worker.arguments import port_number, positive_int
 from worker.budget import size_argument
 
 log = logging.getLogger("edgellm.worker")
@@ -18,10 +19,10 @@ log = logging.getLogger("edgellm.worker")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
-    parser.add_argument("--port", type=int, default=50051, help="gRPC control port (default: 50051)")
+    parser.add_argument("--port", type=port_number, default=50051, help="gRPC control port (default: 50051)")
     parser.add_argument("--cluster-token", default=os.environ.get("EDGELLM_CLUSTER_TOKEN", ""),
                         help="shared secret every peer must present (default: $EDGELLM_CLUSTER_TOKEN)")
-    parser.add_argument("--threads", type=int, default=None, help="torch compute threads (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch compute threads (default: all cores)")
     parser.add_argument("--memory-budget", type=size_argument, default=None, metavar="SIZE",
                         help="bytes for this rank's weights and KV cache, e.g. 2GiB; a larger shard streams "
                              "from disk through a sliding window (default: no budget, all resident)")
