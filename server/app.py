@@ -103,7 +103,10 @@ def create_app(state: ServerState) -> FastAPI:
         ok = state.status == "ready" and not engine_error
         status = "ok" if ok else ("degraded" if engine_error and state.status == "ready" else state.status)
         body = {"status": status, "detail": engine_error or state.detail}
-        return JSONResponse(body, 200 if ok else 503)
+        if ok:
+            return JSONResponse(body)
+        # like every 503: loading takes seconds, a repair about one
+        return JSONResponse(body, 503, headers={"Retry-After": "5" if state.status != "ready" else "1"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

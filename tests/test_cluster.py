@@ -180,7 +180,7 @@ def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_pa
             assert resp.status_code == 503
             assert resp.json()["error"]["code"] == "cluster_unavailable"
             health = httpx.get(f"{url}/health")
-            assert health.status_code == 503
+            assert health.status_code == 503 and health.headers["retry-after"] == "1"  # as every 503
             assert health.json()["status"] == "degraded" and health.json()["detail"], health.json()
             assert _coordinator(url).is_running()
             # the worker comes back at the same address: the cluster repairs itself
