@@ -260,6 +260,8 @@ def run_serve(args: argparse.Namespace) -> int:
         with a ``shutting_down`` error event and ``[DONE]`` instead of being cut off."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            for worker in local:
+                worker.shutting_down = True
             if state.engine is not None:
                 state.engine.begin_shutdown()
             super().handle_exit(sig, frame)

@@ -148,14 +148,17 @@ class LocalWorker:
                      *(["--threads", str(threads)] if threads else []), *(extra_args or [])]
         self._env = dict(os.environ, EDGELLM_CLUSTER_TOKEN=token, EDGELLM_PARENT_PID=str(os.getpid()))
         self.restarts = 0
+        self.shutting_down = False  # set when the coordinator exits: a worker that dies is not restarted
         self.proc = self._spawn()
 
     def _spawn(self) -> subprocess.Popen:
         return subprocess.Popen(self._cmd, env=self._env, cwd=str(Path(__file__).resolve().parents[1]))
 
     def restart_if_dead(self) -> bool:
-        """Start the process again if it has exited; True when it did."""
-        if self.proc.poll() is None:
+        """Start the process again if it has exited; True when it did. Not while the coordinator
+        shuts down: a SIGTERM to the process group (``timeout``, ``docker stop``, systemd) reaches
+        the workers too, and respawning them then would load torch for nothing."""
+        if self.proc.poll() is None or self.shutting_down:
             return False
         log.warning("local worker %s exited with %s; restarting it", self.address, self.proc.returncode)
         self.restarts += 1

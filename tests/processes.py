@@ -23,11 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def edgellm(*args: str, log_path: Path | None = None) -> subprocess.Popen:
+def edgellm(*args: str, log_path: Path | None = None, own_process_group: bool = False) -> subprocess.Popen:
+    """``own_process_group``: the process leads a new group (as under ``timeout``, ``docker stop``
+    or systemd), so a signal to the group reaches it and every worker it spawns."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (owned by the process)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=own_process_group)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
