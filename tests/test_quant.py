@@ -319,3 +319,23 @@ def test_serve_leaves_no_partial_copy_of_a_refused_quantization(tmp_path: Path) 
     assert edgellm_main(["serve", "--model", str(model), "--quantize", "int4", "--group-size", "64", "--cache-dir",
                          str(cache), "--threads", str(torch.get_num_threads())]) == 2
     assert not list(cache.rglob("*.partial"))
+
+
+@pytest.mark.parametrize(("quantize", "group"), [("int8", "64"), ("int4", "64")])
+def test_three_ranks_of_a_real_intermediate_size_quantize(tmp_path: Path, quantize: str, group: str) -> None:
+    """TinyLlama's intermediate size, 5632, split three ways: each rank's down projection input
+    width is a multiple of 128 (``split_columns``), so int8 and int4 (groups up to 128; 64 here,
+    what the tiny model's o_proj slices allow) shard and run. Before, 1878/1877/1877 failed both ("needs an
+    input width divisible by 8")."""
+    from tests.tiny_models import build_checkpoint
+
+    # hidden 256 over 8 heads: the smallest rank's o_proj input (2 heads of 32) still fits a group of 64
+    model = build_checkpoint(tmp_path / "hf", "llama", hidden_size=256, intermediate_size=5632)
+    shard_dir = _shard(model, tmp_path / "q", "--quantize", quantize, "--group-size", group, ranks=3)
+    float_dir = _shard(model, tmp_path / "f", ranks=3)
+    widths = [shard.mlp_width for shard in plan_shards(ModelConfig.from_dir(shard_dir), [1.0] * 3)]
+    assert widths == [1920, 1920, 1792]
+    got, logits = _greedy(shard_dir, [1.0] * 3, 4)
+    _, float_logits = _greedy(float_dir, [1.0] * 3, 4)
+    assert len(got) == 4 and torch.isfinite(logits).all()
+    assert (logits - float_logits).abs().max() < (0.1 if quantize == "int8" else 0.5) * float_logits.abs().max()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.config import ModelConfig, RopeConfig
-from worker.sharding import ShardingError, apportion, parse_weights, plan_shards
+from worker.sharding import ShardingError, apportion, parse_weights, plan_shards, split_columns
 from worker.weights import HUB_FILE, read_manifest
 
 
@@ -32,6 +32,21 @@ def _config(kv_heads: int = 4, heads: int = 8, intermediate: int = 160) -> Model
 ])
 def test_apportion(total: int, weights: list[float], expected: list[int]) -> None:
     assert apportion(total, weights) == expected
+
+
+@pytest.mark.parametrize(("total", "weights", "expected"), [
+    (5632, [1, 1, 1], [1920, 1920, 1792]),  # TinyLlama: multiples of 128 (apportion: 1878/1877/1877)
+    (5632, [2, 1, 1], [2816, 1408, 1408]),
+    (14336, [1, 1, 1], [4864, 4736, 4736]),  # Llama 3 8B
+    (11008, [1, 1, 1, 1, 1], [2304, 2176, 2176, 2176, 2176]),  # Llama 2 7B
+    (768, [1, 1, 1], [256, 256, 256]),  # the embedded model: units of 32, 8 of them a rank
+    (160, [1, 1, 1], [56, 56, 48]),  # a test model: units of 8
+    (48, [1, 1, 1], [16, 16, 16]),  # too few columns for 4 units of 8 a rank: any split
+    (100, [1, 1], [50, 50]),  # no unit divides 100: any split
+])
+def test_split_columns_keeps_each_slice_a_multiple_of_the_quantization_units(
+        total: int, weights: list[float], expected: list[int]) -> None:
+    assert split_columns(total, weights) == expected
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
