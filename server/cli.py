@@ -119,7 +119,7 @@ def _warn_moe_options(config: ModelConfig, **options: object) -> None:
                             name.replace("_", "-"), config.architecture)
 
 
-def _check_shard_dir_split(model: str, plan: list, remote: int, local: int) -> None:
+def _check_shard_dir_split(model: str, plan: list, weights: list[float], remote: int, local: int) -> None:
     """A shard directory serves only the split it was written for: say which, before any rank
     finds its file missing or different."""
     from worker.config import CheckpointError
@@ -136,6 +136,9 @@ def _check_shard_dir_split(model: str, plan: list, remote: int, local: int) -> N
     if stored != plan:
         widths = ", ".join(str(s.mlp_columns[1] - s.mlp_columns[0]) for s in stored)
         written = read_manifest(model).get("weights")
+        if written and [float(w) for w in written] == [float(w) for w in weights]:
+            raise CheckpointError(f"{model} was written by an earlier edgellm that split the MLP columns "
+                                  f"differently (per rank: {widths}); re-run `edgellm shard` on the checkpoint")
         given = f"--weights {_weights_text(written)}" if written else "the --weights it was written with"
         raise CheckpointError(f"{model} was sharded with another split (MLP columns per rank: {widths}); pass "
                               f"{given}, or re-run `edgellm shard` with these")
@@ -233,7 +236,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ClusterError(f"--workers names {', '.join(duplicated)} more than once; one worker serves one rank")
     world = 1 + len(remote) + args.local_workers
     weights = _split_weights(args.model, args.weights, world)
-    _check_shard_dir_split(args.model, plan_shards(config, weights), len(remote), args.local_workers)
+    _check_shard_dir_split(args.model, plan_shards(config, weights), weights, len(remote), args.local_workers)
     # (planned now: a bad split fails here, not after spawning anything)
     if quant := _quant_spec(args):
         args.model = str(_quantized_model(args, weights, quant))

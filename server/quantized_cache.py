@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,10 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def cache_key(model_dir: Path, weights: list[float], quant: QuantSpec, dtype: torch.dtype) -> str:
-    """16 hex digits that change whenever the shards written from these inputs would."""
+    """16 hex digits that change whenever the shards written from these inputs would (the split
+    itself included: the rule that turns weights into column ranges can change between versions)."""
     files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json"))
+    split = [asdict(shard) for shard in plan_shards(ModelConfig.from_dir(model_dir), weights)]
     inputs = {"model": str(model_dir.resolve()), "weights": weights, "quant": quant.to_dict(), "dtype": str(dtype),
-              "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+              "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files], "split": split}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 

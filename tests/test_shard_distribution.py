@@ -15,6 +15,7 @@ from server.shard_source import serve_shards
 from tests.processes import ROOT, edgellm, free_port, served, stop
 from worker.config import CheckpointError
 from worker.shard_fetch import fetch_model, file_sha256, verify_rank_file
+from worker.weights import SHARD_MANIFEST
 
 pytestmark = pytest.mark.cluster
 BODY = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
@@ -123,6 +124,24 @@ def test_a_shard_dir_served_with_another_split_says_which_it_holds(shard_dir: Pa
                              "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_shard_dir_split_by_an_earlier_rule_asks_for_a_reshard(shard_dir: Path, tmp_path: Path) -> None:
+    """A directory written when MLP slices were not rounded to units (before ``split_columns``)
+    holds other column ranges for the same --weights: passing its weights cannot help."""
+    import json
+    import shutil
+
+    old = shutil.copytree(shard_dir, tmp_path / "old")
+    manifest = json.loads((old / SHARD_MANIFEST).read_text())
+    (start, _), (_, end) = manifest["shards"][0]["mlp_columns"], manifest["shards"][1]["mlp_columns"]
+    manifest["shards"][0]["mlp_columns"], manifest["shards"][1]["mlp_columns"] = [start, start + 1], [start + 1, end]
+    (old / SHARD_MANIFEST).write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(old), "--local-workers", "2",
+                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "was written by an earlier edgellm that split the MLP columns differently" in result.stderr
+    assert "re-run `edgellm shard`" in result.stderr
 
 
 def _fetch_and_verify(model_dir: Path, cache: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch) -> Path:
