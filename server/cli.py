@@ -106,7 +106,7 @@ def _quant_spec(args: argparse.Namespace) -> QuantSpec | None:
     from worker.quant import QuantSpec  # lazily: it imports torch, which `edgellm --help` does not need
 
     bits = {"none": None, "int8": 8, "int4": 4}[args.quantize]
-    lm_head_bits = 8 if args.lm_head == "int8" else None
+    lm_head_bits = 8 if args.lm_head == "int8" and bits else None  # as --lm-head says: float without --quantize
     return QuantSpec(bits, args.group_size, args.expert_bits, lm_head_bits) if bits or args.expert_bits else None
 
 
@@ -179,9 +179,9 @@ def run_shard(args: argparse.Namespace) -> int:
     for s in shards:
         log.info("rank %d: kv heads [%d, %d), mlp columns [%d, %d)", s.rank, *s.kv_heads, *s.mlp_columns)
     others = args.ranks - 1
-    how = f" --local-workers {others} (or --workers with {others} addresses)" if others else ""
-    log.info("shards written to %s; serve them on %d ranks with: edgellm serve --model %s%s", out, args.ranks,
-             out, how)
+    how = f" --local-workers {others} (or --workers with {others} address{'es' if others > 1 else ''})" if others else ""
+    log.info("shards written to %s; serve them on %d rank%s with: edgellm serve --model %s%s", out, args.ranks,
+             "s" if args.ranks > 1 else "", out, how)
     return 0
 
 

@@ -188,6 +188,13 @@ def test_lm_head_is_int8_by_default_and_float_on_request(tmp_path: Path) -> None
     step = head.scales.float()[:, None]  # (V, 1)
     assert ((head.dequantize() - fp32.embed).abs() <= step * (0.5 + 127 * BF16_ULP)).all()
     assert isinstance(float_hub.lm_head, torch.Tensor) and torch.equal(float_hub.lm_head, fp32.embed)
+    # Experts quantized alone (--expert-bits without --quantize): the head stays float, as
+    # --lm-head's help says (it was int8 before)
+    from tests.tiny_models import build_checkpoint
+
+    moe = build_checkpoint(tmp_path / "moe", "qwen2_moe")
+    experts_only = load_hub(_shard(moe, tmp_path / "e", "--expert-bits", "8"), torch.float32)
+    assert isinstance(experts_only.lm_head, torch.Tensor) and experts_only.lm_head.dtype == torch.float32
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
