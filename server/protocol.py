@@ -50,6 +50,9 @@ class _Request(BaseModel):
     frequency_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: StrictFloat = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: StrictBool = False
+    # not implemented: accepted empty, refused otherwise (routes._refuse_unsupported), since a
+    # client that biases tokens (or bans them with -100) must not get unbiased text silently
+    logit_bias: dict[str, float] | None = None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

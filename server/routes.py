@@ -370,9 +370,14 @@ async def _respond(http: Request, body: _Request, prompts: list[list[int]], para
         "choices": [shape.final(i, c) for i, c in enumerate(choices)], "usage": _usage_of(choices, prompts)})
 
 
-def _refuse_unsupported(body: CompletionRequest) -> None:
-    for name, given in (("echo", body.echo), ("suffix", body.suffix is not None),
-                        ("best_of", body.best_of not in (None, 1, body.n))):
+def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    unsupported = [("logit_bias", bool(body.logit_bias))]
+    if isinstance(body, CompletionRequest):
+        unsupported += [("echo", body.echo), ("suffix", body.suffix is not None),
+                        ("best_of", body.best_of not in (None, 1, body.n))]
+    elif body.top_logprobs is not None and not body.logprobs:  # OpenAI's rule too
+        raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+    for name, given in unsupported:
         if given:
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
 
@@ -396,6 +401,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Respon
     state = _state(http)
     _, tokenizer = state.ready_engine()
     _check_model(body, state)
+    _refuse_unsupported(body)
     messages = [m.template_dict() for m in body.messages]
     _check_text_fits(["".join(str(m.get("content") or "") for m in messages)], tokenizer, state, "messages")
     try:

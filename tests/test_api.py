@@ -146,6 +146,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "!"}, "suffix"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
+    # biasing or banning tokens is not implemented: refused rather than ignored
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 100}}, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "logit_bias": {"5": -100}}, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "top_logprobs": 3}, "top_logprobs"),
     # more sequences than the queue holds (64): a 503 to retry would never succeed
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c", "d", "e"], "n": 16}, "n"),
 ]
