@@ -33,7 +33,14 @@ from planner.model import (
     rank_load,
     streams,
 )
-from worker.budget import BudgetError, expert_share, format_size, plan_expert_slots, plan_window
+from worker.budget import (
+    BudgetError,
+    expert_share,
+    experts_minimum,
+    format_size,
+    plan_expert_slots,
+    plan_window,
+)
 from worker.config import ModelConfig
 from worker.sharding import RankShard, ShardingError, plan_shards
 
@@ -125,8 +132,9 @@ def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Seque
         blocks, expert = block_params(config, shard)
         block_bytes = [int(math.ceil(b * bpp)) for b in blocks]
         reserved = context_bytes(config, rank_load(config, shard), work)
+        floor = experts_minimum(int(math.ceil(expert * bpp)), config.experts_per_token, None) if moe_layers and expert else 0
         try:
-            window = plan_window(block_bytes, budget, reserved)
+            window = plan_window(block_bytes, budget, reserved, floor)
             if moe_layers and expert:
                 dense = sum(block_bytes) if window.resident else window.nbytes
                 plan_expert_slots(int(math.ceil(expert * bpp)), moe_layers * config.num_experts,

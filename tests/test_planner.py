@@ -294,7 +294,8 @@ def test_an_moe_budget_without_room_for_a_tokens_experts_is_refused() -> None:
     work = Workload(max_context=64)
     # rank 1's dense blocks (~25 MiB) fit; an expert is 24 MiB: 60 MiB leaves room for one, 80 for two
     small = node("small", memory=FIXED_OVERHEAD_BYTES + 60 * MIB)
-    with pytest.raises(PlanError, match=r"node 'small' \(rank 1\).*must hold at least 2 experts"):
+    # refused by the window, which must now leave one token's experts (2 x 24 MiB) beside it
+    with pytest.raises(PlanError, match=r"node 'small' \(rank 1\).*48.0 MiB for one token's experts"):
         make_plan(config, [node("big"), small], work, weights=[1.0, 1.0])
     make_plan(config, [node("big"), replace(small, memory_bytes=FIXED_OVERHEAD_BYTES + 80 * MIB)], work,
               weights=[1.0, 1.0])

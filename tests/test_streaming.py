@@ -111,6 +111,14 @@ def test_without_an_expert_cache_the_experts_share_the_memory_budget(checkpoints
     assert stats[0]["window_slots"] == 2 and stats[0]["expert_cache_slots"] == 3
     with pytest.raises(BudgetError, match="without --expert-cache the experts get what --memory-budget leaves"):
         _run(shard_dir, [1.0], [5], memory_budget=window + expert)
+    # A budget with room for a third window buffer, but then for less than one token's experts
+    # (2 here): the window keeps 2 buffers and the experts the rest. Before, the window took 3 and
+    # the start failed, though a smaller budget started.
+    largest = _window_budget(shard_dir, [1.0], 3) - window
+    assert config.experts_per_token == 2 and largest > expert
+    between, stats = _run(shard_dir, [1.0], [5, 9, 300], memory_budget=window + largest + expert)
+    assert torch.equal(between, resident)
+    assert stats[0]["window_slots"] == 2 and stats[0]["expert_cache_slots"] >= 2
 
 
 def test_window_restarts_after_an_abandoned_step(checkpoints, tmp_path: Path) -> None:

@@ -67,25 +67,39 @@ class WindowPlan:
 MIN_WINDOW_SLOTS = 2  # one block computing, one loading
 
 
-def plan_window(block_bytes: Sequence[int], budget: int | None, reserved: int = 0) -> WindowPlan:
+def plan_window(block_bytes: Sequence[int], budget: int | None, reserved: int = 0,
+                experts_floor: int = 0) -> WindowPlan:
     """How to hold the dense blocks (attention, MLP of every layer, in order) under ``budget``.
 
     ``reserved`` is what the budget must also hold (the KV cache, the RoPE tables, resident
-    routers). With no budget, or when every block fits, the shard stays resident; otherwise a
-    window of as many slots of the largest block's size as fit, at least two.
+    routers); ``experts_floor`` what the experts need at least when they share the budget (an MoE
+    rank without ``--expert-cache``: one token's experts, ``experts_minimum``). With no budget, or
+    when every block fits beside both, the shard stays resident; otherwise a window of as many
+    slots of the largest block's size as fit, at least two. The floor is kept out of the window:
+    before, the window took every whole slot and left the experts less than one, so a larger
+    budget could fail where a smaller one started.
     """
     total = sum(block_bytes)
-    if budget is None or total + reserved <= budget:
+    if budget is None or total + reserved + experts_floor <= budget:
         return WindowPlan(resident=True, slots=len(block_bytes), slot_bytes=0)
     slot = max(block_bytes)
-    slots = (budget - reserved) // slot if budget > reserved else 0
+    beside = reserved + experts_floor
+    slots = (budget - beside) // slot if budget > beside else 0
     if slots < MIN_WINDOW_SLOTS:
-        need = reserved + MIN_WINDOW_SLOTS * slot
+        need = beside + MIN_WINDOW_SLOTS * slot
+        experts = (f" and {format_size(experts_floor)} for one token's experts (without --expert-cache the "
+                   f"experts get what --memory-budget leaves)") if experts_floor else ""
         raise BudgetError(
             f"memory budget {format_size(budget)} is too small: the sliding window needs at least "
-            f"{MIN_WINDOW_SLOTS} blocks of {format_size(slot)} plus {format_size(reserved)} of KV cache and tables, "
-            f"i.e. {format_size(need)} ({need} bytes); the whole shard is {format_size(total)}")
+            f"{MIN_WINDOW_SLOTS} blocks of {format_size(slot)} plus {format_size(reserved)} of KV cache and tables"
+            f"{experts}, i.e. {format_size(need)} ({need} bytes); the dense blocks alone are {format_size(total)}")
     return WindowPlan(resident=False, slots=min(slots, len(block_bytes)), slot_bytes=slot)
+
+
+def experts_minimum(expert_bytes: int, min_slots: int, expert_cache: int | None) -> int:
+    """What the experts must keep out of ``--memory-budget``: ``min_slots`` (one token's top-k)
+    of ``expert_bytes`` when they share it, nothing when ``--expert-cache`` gives them their own."""
+    return 0 if expert_cache is not None else min_slots * expert_bytes
 
 
 def expert_share(memory_budget: int | None, expert_cache: int | None, held: int) -> int | None:

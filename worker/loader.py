@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.budget import BudgetError, expert_share, format_size, plan_expert_slots, plan_window
+from worker.budget import (
+    BudgetError,
+    expert_share,
+    experts_minimum,
+    format_size,
+    plan_expert_slots,
+    plan_window,
+)
 from worker.checkpoint import Checkpoint
 from worker.expert_cache import ExpertCache
 from worker.io_thread import IoThread
@@ -113,7 +120,10 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
     # held beside the weights for the rank's life: the KV cache, the RoPE tables, the predictor's routers
     reserved = kv.nbytes() + rope_table_bytes(kv.max_len, cfg.head_dim, kv.k.dtype) + \
         (predictor.nbytes() if predictor else 0)
-    plan = plan_window([file.block_bytes(b) for b in order], spec.memory_budget, reserved)
+    keys = [expert_block(m, e) for m in _moe_layers(spec) for e in range(cfg.num_experts)] if cfg.is_moe else []
+    slot_bytes = max(file.block_bytes(k) for k in keys) if keys else 0
+    floor = experts_minimum(slot_bytes, cfg.experts_per_token, spec.expert_cache_bytes) if keys else 0
+    plan = plan_window([file.block_bytes(b) for b in order], spec.memory_budget, reserved, floor)
     io = IoThread(f"weights-io-{spec.shard.rank}") if (not plan.resident or cfg.is_moe) else None
     store: WeightStore
     if plan.resident:
@@ -140,8 +150,6 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
     experts = None
     if cfg.is_moe:
         expert_file = ShardFile(path)  # its own descriptor and byte counters
-        keys = [expert_block(m, e) for m in _moe_layers(spec) for e in range(cfg.num_experts)]
-        slot_bytes = max(expert_file.block_bytes(k) for k in keys)
         dense_held = sum(file.block_bytes(b) for b in order) if plan.resident else plan.nbytes
         expert_budget = expert_share(spec.memory_budget, spec.expert_cache_bytes, dense_held + reserved)
         try:
