@@ -132,12 +132,13 @@ def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Seque
         blocks, expert = block_params(config, shard)
         block_bytes = [int(math.ceil(b * bpp)) for b in blocks]
         reserved = context_bytes(config, rank_load(config, shard), work)
-        floor = experts_minimum(int(math.ceil(expert * bpp)), config.experts_per_token, None) if moe_layers and expert else 0
+        expert_bytes = int(math.ceil(expert * bpp)) if moe_layers else 0
         try:
-            window = plan_window(block_bytes, budget, reserved, floor)
-            if moe_layers and expert:
+            window = plan_window(block_bytes, budget, reserved,
+                                 experts_minimum(expert_bytes, config.experts_per_token, None))
+            if expert_bytes:
                 dense = sum(block_bytes) if window.resident else window.nbytes
-                plan_expert_slots(int(math.ceil(expert * bpp)), moe_layers * config.num_experts,
+                plan_expert_slots(expert_bytes, moe_layers * config.num_experts,
                                   expert_share(budget, None, dense + reserved), config.experts_per_token)
         except BudgetError as exc:
             beside = "the fixed overhead" + (", the embedding and LM head" if shard.rank == 0 else "")

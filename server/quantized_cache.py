@@ -22,19 +22,20 @@ import torch
 from worker.config import ModelConfig
 from worker.quant import QuantSpec
 from worker.shard_writer import write_shards
-from worker.sharding import plan_shards
+from worker.sharding import RankShard, plan_shards
 from worker.weights import SHARD_MANIFEST
 
 log = logging.getLogger(__name__)
 
 
-def cache_key(model_dir: Path, weights: list[float], quant: QuantSpec, dtype: torch.dtype) -> str:
+def cache_key(model_dir: Path, weights: list[float], shards: list[RankShard], quant: QuantSpec,
+              dtype: torch.dtype) -> str:
     """16 hex digits that change whenever the shards written from these inputs would (the split
     itself included: the rule that turns weights into column ranges can change between versions)."""
     files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json"))
-    split = [asdict(shard) for shard in plan_shards(ModelConfig.from_dir(model_dir), weights)]
     inputs = {"model": str(model_dir.resolve()), "weights": weights, "quant": quant.to_dict(), "dtype": str(dtype),
-              "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files], "split": split}
+              "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+              "split": [asdict(shard) for shard in shards]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -43,7 +44,8 @@ def quantized_shards(model_dir: str | Path, weights: list[float], quant: QuantSp
     """The shard directory of ``model_dir`` split by ``weights`` and quantized by ``quant``:
     found in ``cache_dir``, or written there now (with a progress bar)."""
     model_dir = Path(model_dir)
-    target = cache_dir / "quantized" / f"{model_dir.resolve().name}-{cache_key(model_dir, weights, quant, dtype)}"
+    shards = plan_shards(ModelConfig.from_dir(model_dir), weights)
+    target = cache_dir / "quantized" / f"{model_dir.resolve().name}-{cache_key(model_dir, weights, shards, quant, dtype)}"
     if (target / SHARD_MANIFEST).is_file():
         log.info("serving the quantized shards cached in %s", target)
         return target
@@ -51,6 +53,6 @@ def quantized_shards(model_dir: str | Path, weights: list[float], quant: QuantSp
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
     log.info("quantizing %s to int%d once; cached in %s for the next start", model_dir, quant.bits or
              quant.expert_bits or 8, target)
-    write_shards(model_dir, plan_shards(ModelConfig.from_dir(model_dir), weights), partial, dtype, quant=quant)
+    write_shards(model_dir, shards, partial, dtype, quant=quant)
     partial.rename(target)
     return target

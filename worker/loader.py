@@ -122,7 +122,7 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
         (predictor.nbytes() if predictor else 0)
     keys = [expert_block(m, e) for m in _moe_layers(spec) for e in range(cfg.num_experts)] if cfg.is_moe else []
     slot_bytes = max(file.block_bytes(k) for k in keys) if keys else 0
-    floor = experts_minimum(slot_bytes, cfg.experts_per_token, spec.expert_cache_bytes) if keys else 0
+    floor = experts_minimum(slot_bytes, cfg.experts_per_token, spec.expert_cache_bytes)  # 0 without experts
     plan = plan_window([file.block_bytes(b) for b in order], spec.memory_budget, reserved, floor)
     io = IoThread(f"weights-io-{spec.shard.rank}") if (not plan.resident or cfg.is_moe) else None
     store: WeightStore

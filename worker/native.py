@@ -144,10 +144,16 @@ def _load_library() -> ctypes.CDLL | str:
     return ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
 
 
-def _wrap_int8(lib: ctypes.CDLL) -> Int8Mm:
-    kernel = lib.int8_gemm
-    kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+def _bind(lib: ctypes.CDLL, name: str, argtypes: list[Any]) -> Any:
+    """The library's C function ``name`` (returning void) with its argument types."""
+    kernel = getattr(lib, name)
+    kernel.argtypes = argtypes
     kernel.restype = None
+    return kernel
+
+
+def _wrap_int8(lib: ctypes.CDLL) -> Int8Mm:
+    kernel = _bind(lib, "int8_gemm", [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4)
 
     def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x fp32 (M, K) contiguous, weight int8 (N, K) contiguous, scales bf16 (N,) -> fp32 (M, N)."""
@@ -160,9 +166,7 @@ def _wrap_int8(lib: ctypes.CDLL) -> Int8Mm:
 
 
 def _wrap_f32(lib: ctypes.CDLL) -> F32Mm:
-    kernel = lib.f32_gemm
-    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-    kernel.restype = None
+    kernel = _bind(lib, "f32_gemm", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4)
 
     def f32_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x fp32 (M, K) contiguous, weight fp32 (N, K) contiguous -> fp32 (M, N) = x @ weight.T."""
@@ -175,9 +179,7 @@ def _wrap_f32(lib: ctypes.CDLL) -> F32Mm:
 
 
 def _wrap_rms_norm(lib: ctypes.CDLL) -> RmsNorm:
-    kernel = lib.rms_norm_rows
-    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
-    kernel.restype = None
+    kernel = _bind(lib, "rms_norm_rows", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float])
 
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x fp32 (..., d) contiguous, weight fp32 (d,) -> fp32 of x's shape."""
@@ -190,9 +192,7 @@ def _wrap_rms_norm(lib: ctypes.CDLL) -> RmsNorm:
 
 
 def _wrap_silu_mul(lib: ctypes.CDLL) -> SiluMul:
-    kernel = lib.silu_mul_rows
-    kernel.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
-    kernel.restype = None
+    kernel = _bind(lib, "silu_mul_rows", [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2)
 
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up fp32 (T, 2w) contiguous, each row [gate | up] -> silu(gate) * up, fp32 (T, w)."""
@@ -240,11 +240,8 @@ class TokenAttention:
 
 
 def _wrap_decode_attention(lib: ctypes.CDLL) -> Callable[..., TokenAttention]:
-    kernel = lib.decode_attention
-    argtypes: list[Any] = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 6, *[ctypes.c_int] * 6,
-                           ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-    kernel.argtypes = argtypes
-    kernel.restype = None
+    kernel = _bind(lib, "decode_attention", [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 6,
+                                             *[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
     return partial(TokenAttention, kernel)
 
 
