@@ -87,6 +87,16 @@ def test_sharding_into_the_checkpoint_itself_is_refused(checkpoints, tmp_path: P
     assert sorted(p.name for p in model_dir.iterdir()) == before, "nothing written into the checkpoint"
 
 
+def test_sharding_a_shard_directory_says_so(checkpoints, tmp_path: Path) -> None:
+    model_dir = checkpoints("llama")
+    shard_dir = write_shards(model_dir, plan_shards(ModelConfig.from_dir(model_dir), [1, 1]), tmp_path / "s",
+                             progress=False)
+    with pytest.raises(CheckpointError, match="already an edgellm shard directory"):
+        write_shards(shard_dir, plan_shards(ModelConfig.from_dir(shard_dir), [1, 1]), tmp_path / "again",
+                     progress=False)
+    assert not (tmp_path / "again").exists(), "a refused run creates no directory"
+
+
 def _edit_config(model_dir: Path, **changes: object) -> None:
     raw = json.loads((model_dir / "config.json").read_text())
     for key, value in changes.items():

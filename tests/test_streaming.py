@@ -148,6 +148,21 @@ def test_budget_too_small_is_a_clear_error(checkpoints, tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+def test_a_streamed_shard_in_another_dtype_is_a_clear_error(checkpoints, llama4: Path, tmp_path: Path,
+                                                            arch: str) -> None:
+    """Streamed blocks are used as their file bytes lie. An MoE rank always streams its experts, so
+    an fp32 MoE shard served in bf16 failed at its first step with a matmul dtype error."""
+    shard_dir = _shards(llama4 if arch == "llama" else checkpoints(arch), [1.0], tmp_path / "shards")
+    streaming = {"memory_budget": _window_budget(shard_dir, [1.0], 2, max_context=128)} if arch == "llama" else {}
+    with pytest.raises(BudgetError, match="holds float32 weights but this rank computes in bfloat16"), \
+            inprocess_cluster(shard_dir, [1.0], dtype=torch.bfloat16, **streaming):  # type: ignore[arg-type]
+        pass
+    if arch == "qwen2_moe":  # the same shard in its own dtype serves
+        with inprocess_cluster(shard_dir, [1.0]) as executor:
+            assert executor.step([PROMPT], [SeqSpan(slot=0, start=0, length=len(PROMPT))]).isfinite().all()
+
+
 def test_streaming_needs_shard_files(checkpoints) -> None:
     with pytest.raises(BudgetError, match="streaming reads `edgellm shard` output"), \
             inprocess_cluster(checkpoints("llama"), [1.0], memory_budget=64 << 10):

@@ -121,6 +121,7 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
     reserved = kv.nbytes() + rope_table_bytes(kv.max_len, cfg.head_dim, kv.k.dtype) + \
         (predictor.nbytes() if predictor else 0)
     keys = [expert_block(m, e) for m in _moe_layers(spec) for e in range(cfg.num_experts)] if cfg.is_moe else []
+    _check_streamed_dtype(file, keys, spec.dtype, "MoE experts always stream from the shard: its experts")
     slot_bytes = max(file.block_bytes(k) for k in keys) if keys else 0
     floor = experts_minimum(slot_bytes, cfg.experts_per_token, spec.expert_cache_bytes)  # 0 without experts
     plan = plan_window([file.block_bytes(b) for b in order], spec.memory_budget, reserved, floor)
@@ -136,11 +137,7 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
         store = ResidentStore(blocks)
         file.close()
     else:
-        stored = {t.dtype for b in order for t in file.blocks[b].tensors
-                  if t.dtype.is_floating_point and not is_aux(t.name)}
-        if stored != {spec.dtype}:
-            raise BudgetError(f"{path} holds {sorted(map(str, stored))} weights but this rank computes in "
-                              f"{spec.dtype}; a streamed shard must be written in that dtype (edgellm shard --dtype)")
+        _check_streamed_dtype(file, order, spec.dtype, "a streamed shard")
         store = WindowStore(file, order, plan, io)  # type: ignore[arg-type]
         log.info("rank %d streams its %s shard through %d buffers of %s (budget %s)", spec.shard.rank,
                  format_size(sum(file.block_bytes(b) for b in order)), plan.slots, format_size(plan.slot_bytes),
@@ -162,6 +159,18 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
         experts = ExpertCache(expert_file, cfg.num_layers, cfg.num_experts, slots, slot_bytes, io,
                               spec.expert_policy)
     return _build(spec, store, kv, allreduce, experts, predictor, io)
+
+
+def _check_streamed_dtype(file: ShardFile, blocks: list[str], dtype: torch.dtype, what: str) -> None:
+    """Streamed blocks are used as their bytes lie in the file, so their float weights must already
+    be in the rank's compute dtype (resident blocks are converted as they load)."""
+    stored = {t.dtype for b in blocks if file.has(b) for t in file.blocks[b].tensors
+              if t.dtype.is_floating_point and not is_aux(t.name)}
+    if stored and stored != {dtype}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
+        raise BudgetError(f"{file.path} holds {names} weights but this rank computes "
+                          f"in {str(dtype).removeprefix('torch.')}; {what} must be written in that dtype (edgellm shard --dtype, or serve "
+                          f"with the shard's dtype)")
 
 
 def _load_from_checkpoint(spec: RankSpec, kv: KVCache, allreduce: AllReduce,

@@ -29,6 +29,7 @@ from worker.weights import (
     SHARD_FORMAT,
     SHARD_MANIFEST,
     SIDE_FILES,
+    is_shard_dir,
     load_hub_weights,
     shard_file_name,
     slice_layer,
@@ -90,6 +91,9 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
     out = Path(out_dir)
     if out.resolve() == Path(model_dir).resolve():
         raise CheckpointError(f"--out {out} is the checkpoint's own directory; write the shards to a new one")
+    if is_shard_dir(model_dir):
+        raise CheckpointError(f"{model_dir} is already an edgellm shard directory ({SHARD_MANIFEST}); serve it with "
+                              "`edgellm serve --model`, or shard the original Hugging Face checkpoint")
     created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     try:
