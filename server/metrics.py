@@ -42,8 +42,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("edgellm_requests", "finished requests by finish reason", ["finish_reason"],
-                                registry=r)
+        self.requests = Counter("edgellm_requests", "finished sequences (one per choice of a request) by finish reason",
+                                ["finish_reason"], registry=r)
         self.rejected = Counter("edgellm_requests_rejected", "requests refused at admission", ["reason"],
                                 registry=r)
         self.ttft = Histogram("edgellm_time_to_first_token_seconds", "arrival to first token",
@@ -54,8 +54,8 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("edgellm_queue_time_seconds", "arrival to admission into the batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.running = Gauge("edgellm_requests_running", "requests in the running batch", registry=r)
-        self.waiting = Gauge("edgellm_requests_waiting", "requests queued for a slot", registry=r)
+        self.running = Gauge("edgellm_requests_running", "sequences in the running batch", registry=r)
+        self.waiting = Gauge("edgellm_requests_waiting", "sequences queued for a slot", registry=r)
         self.prompt_tokens = Counter("edgellm_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("edgellm_generation_tokens", "tokens generated", registry=r)
         self.step_time = Histogram("edgellm_step_seconds", "one forward step over the cluster (rank 0's view)",
