@@ -129,9 +129,42 @@ def test_linear_takes_the_f32_kernel_for_few_fp32_rows_only(monkeypatch: pytest.
     transposed = torch.randn(200, 96).T  # a weight that is not row-major (N, K) in memory
     assert torch.equal(linear(few, transposed), F.linear(few, transposed))
     half = few.bfloat16()
-    assert torch.equal(linear(half, w.bfloat16()), F.linear(half, w.bfloat16()))
+    bf16_mm = native.bf16_mm()
+    assert bf16_mm is not None
+    assert torch.equal(linear(half, w.bfloat16()), bf16_mm(half.view(6, 200), w.bfloat16()).view(2, 3, 96))
+    with pytest.raises(RuntimeError, match="same dtype"):  # mixed dtypes: torch's path and its error
+        linear(half, w)
     monkeypatch.setitem(native._loaded, "f32_mm", None)  # kernel off: torch for everything
+    monkeypatch.setitem(native._loaded, "bf16_mm", None)
     assert torch.equal(linear(few, w, bias), F.linear(few, w, bias))
+    assert torch.equal(linear(half, w.bfloat16()), F.linear(half, w.bfloat16()))
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 1040)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 64])
+def test_bf16_kernel_sums_in_fp32_and_rounds_once(m: int, n: int, k: int) -> None:
+    """bf16 x and w, fp32 sums (each product of two bf16 is exact in fp32), one rounding to bf16
+    at the end: within the fp32 summation bound plus half a bf16 ulp (2^-8 relative) of the fp64
+    result. The blocks are f32_gemm's (8 rows for one row of x, with the software prefetch for
+    rows of up to 1024 columns, as 512 and 1040 straddle; 4 rows for more), the same bits at one
+    thread and two."""
+    bf16_mm = native.bf16_mm()
+    assert bf16_mm is not None
+    torch.manual_seed(m * n + k)
+    x, w = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16()
+    ref, bound = _fp32_bound(x.float(), w.float())
+    y = bf16_mm(x, w)
+    assert y.shape == ref.shape and y.dtype == torch.bfloat16
+    assert ((y.double() - ref).abs() <= bound + 2.0 ** -8 * (ref.abs() + bound)).all()
+    # rounded to nearest, not truncated: nearly every output is the exact result rounded
+    assert (y == ref.bfloat16()).double().mean() > 0.97
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(bf16_mm(x, w), y)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

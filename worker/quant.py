@@ -133,13 +133,17 @@ Weight = torch.Tensor | QuantWeight
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype.
     fp32 activations go to the native kernels where they run (``worker.native``): every int8
-    matrix, and float32 ones for up to ``native.F32_MAX_ROWS`` rows."""
+    matrix, and float32 ones for up to ``native.F32_MAX_ROWS`` rows; so do bfloat16 activations
+    times bfloat16 matrices."""
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, K)
     if isinstance(w, torch.Tensor):
-        if not (x.dtype == w.dtype == torch.float32 and flat.shape[0] <= native.F32_MAX_ROWS
-                and w.is_contiguous() and (f32_mm := native.f32_mm()) is not None):
+        kernel = None
+        if x.dtype == w.dtype and flat.shape[0] <= native.F32_MAX_ROWS and w.is_contiguous():
+            kernel = native.f32_mm() if x.dtype == torch.float32 else \
+                native.bf16_mm() if x.dtype == torch.bfloat16 else None
+        if kernel is None:
             return F.linear(x, w, bias)
-        y = f32_mm(flat.contiguous(), w)  # (T, N)
+        y = kernel(flat.contiguous(), w)  # (T, N)
     elif (not w.group_size and x.dtype == torch.float32 and w.scales.dtype == SCALE_DTYPE
             and (int8_mm := native.int8_mm()) is not None):
         y = int8_mm(flat.contiguous(), w.weight.contiguous(), w.scales.contiguous())  # (T, N)

@@ -271,3 +271,87 @@ void f32_gemm(const float *w, const float *x, float *y, int m, int n, int k, int
     for (int r = first + 4 * blocks; r < n; r++)
         for (int i = 0; i < m; i++) y[(int64_t)i * n + r] = dot_floats(w + (int64_t)r * k, x + (int64_t)i * k, k);
 }
+
+/* 8 bfloat16 values at p as floats (a bf16 is the top half of a float32). */
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* A float rounded to the nearest bfloat16, ties to even (what torch's .bfloat16() does; NaN
+ * stays NaN). */
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* Rows x0..x(rows-1) (floats, 1-3 of them) against the bf16 weight rows r0..r0+wrows-1 (row
+ * stride k) over columns [0, k8); the caller adds the columns from k8 on. Inlined with constant
+ * counts so the accumulators stay in registers. prefetch (8-row blocks only): read the block
+ * stream ahead in software, for rows too short for the hardware prefetcher to ramp up on. */
+static inline __attribute__((always_inline)) void rows_against_bf16(const uint16_t *r0, int64_t k, int k8,
+                                                                    const float *xs[3], int rows, int wrows,
+                                                                    int prefetch, float out[3][8]) {
+    __m256 acc[3][8];
+    for (int i = 0; i < rows; i++)
+        for (int r = 0; r < wrows; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int c = 0; c < k8; c += 8) {
+        __m256 xv[3];
+        for (int i = 0; i < rows; i++) xv[i] = _mm256_loadu_ps(xs[i] + c);
+        if (prefetch) { /* the block's next 128 bytes, PREFETCH ahead (8 rows of 16 bytes a step) */
+            _mm_prefetch((const char *)(r0 + 8 * c) + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(r0 + 8 * c) + PREFETCH + 64, _MM_HINT_T0);
+        }
+        for (int r = 0; r < wrows; r++) {
+            const __m256 wv = load8_bf16(r0 + r * k + c);
+            for (int i = 0; i < rows; i++) acc[i][r] = _mm256_fmadd_ps(wv, xv[i], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int r = 0; r < wrows; r++) out[i][r] = hsum(acc[i][r]);
+}
+
+/* y (m, n) = x (m, k) @ w (n, k).T with bfloat16 x, w and y, summed in float32 and rounded once,
+ * as torch's bf16 matmul does, for few rows of x. Blocks as in f32_gemm: 8 weight rows for one
+ * row of x (decode), else 4 rows for up to 3 rows of x at a time. Why: on this AVX2 CPU (no bf16
+ * instructions) torch's bf16 F.linear read the 1.1B shape's matrices at the speed of the fp32
+ * kernel, half the bytes at half the rate (one row, 2 threads, ms per matrix, torch / this:
+ * 11264x2048 3.8-3.9 / 2.3-2.8, 2048x5632 1.8-2.4 / 1.0-1.6); here each weight converts with one
+ * shift. x is converted to floats once (xf: m * k floats of scratch from the caller). */
+void bf16_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, float *xf, int m, int n, int k, int threads) {
+    for (int64_t i = 0; i < (int64_t)m * k; i++) xf[i] = bf16_to_float(x[i]);
+    if (threads > 1 && n < 4 * MIN_BLOCKS_PER_THREAD * threads) threads = 1;
+    const int k8 = k - k % 8;
+    const int wrows = m == 1 ? 8 : 4;
+    const int blocks = n / wrows;
+    /* Rows of at most 2 KB: one row of x, ms per matrix at 2 threads, cold, hardware prefetch only
+     * against 8 KB ahead in software: 3072x512 0.34-0.35 / 0.23-0.24, 768x512 0.10 / 0.08; the
+     * 1.1B shape's rows (4 and 11 KB) were 13-25% slower with it. */
+    const int short_rows = k <= 1024;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const uint16_t *r0 = w + (int64_t)wrows * b * k;
+        for (int i = 0; i < m; i += 3) {
+            const int rows = m - i >= 3 ? 3 : m - i;
+            const float *xs[3];
+            for (int j = 0; j < 3; j++) xs[j] = xf + (int64_t)(j < rows ? i + j : i) * k;
+            float out[3][8];
+            if (wrows == 8) rows_against_bf16(r0, k, k8, xs, 1, 8, short_rows, out);
+            else if (rows == 3) rows_against_bf16(r0, k, k8, xs, 3, 4, 0, out);
+            else if (rows == 2) rows_against_bf16(r0, k, k8, xs, 2, 4, 0, out);
+            else rows_against_bf16(r0, k, k8, xs, 1, 4, 0, out);
+            for (int j = 0; j < rows; j++)
+                for (int r = 0; r < wrows; r++) {
+                    float sum = out[j][r];
+                    for (int c = k8; c < k; c++) sum += bf16_to_float(r0[(int64_t)r * k + c]) * xs[j][c];
+                    y[(int64_t)(i + j) * n + wrows * b + r] = float_to_bf16(sum);
+                }
+        }
+    }
+    for (int r = wrows * blocks; r < n; r++)
+        for (int i = 0; i < m; i++) {
+            float sum = 0.0f;
+            for (int c = 0; c < k; c++) sum += bf16_to_float(w[(int64_t)r * k + c]) * xf[(int64_t)i * k + c];
+            y[(int64_t)i * n + r] = float_to_bf16(sum);
+        }
+}
