@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine import Engine
 from server.metrics import Metrics
@@ -70,6 +71,37 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {what}" if param else what), param
 
 
+class InternalErrors:
+    """A bug in a route answers 500 with an OpenAI error body and the connection stays open.
+
+    Starlette's own handler for ``Exception`` sends its response and then re-raises, so uvicorn
+    logged the traceback a second time and closed the keep-alive connection without saying so:
+    the client's next request on it failed with a reset. Here the error ends with the response
+    (or, once a response has started, e.g. a stream, is re-raised: nothing else can be sent)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            await JSONResponse(error_body("internal server error", "server_error"), 500)(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     from server.routes import router
 
@@ -92,10 +124,7 @@ def create_app(state: ServerState) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind), exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def crash(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body("internal server error", "server_error"), 500)
+    app.add_middleware(InternalErrors)
 
     @app.get("/health")
     async def health() -> JSONResponse:

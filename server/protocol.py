@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,6 +24,21 @@ from server.tokenizer import TextOffsets, TextTokenizer, TokenBytes
 MAX_N = 16
 MAX_LOGPROBS = 20
 INT64 = (-(2**63), 2**63 - 1)  # the seed's range, as OpenAI's; choice j of n samples with seed + j
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: the
+    tokenizer raised on it (a 500, and the connection was closed under the client's next request)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X} at character "
+                         f"{exc.start}), which is not valid Unicode text") from None
+    return text
+
+
+# A string field that goes to the tokenizer or is matched against generated text.
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -42,7 +58,7 @@ class _Request(BaseModel):
     top_k: StrictInt = Field(default=0, ge=-1)
     min_p: StrictFloat = Field(default=0.0, ge=0.0, le=1.0)
     seed: StrictInt | None = Field(default=None, ge=INT64[0], le=INT64[1])
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
@@ -65,7 +81,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # OpenAI fields this server does not implement: accepted at their defaults, refused otherwise
@@ -85,7 +101,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -95,7 +111,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    content: Text | list[TextPart]
 
     def template_dict(self) -> dict[str, str]:
         """The message as the chat template takes it: a role it knows, one string of content."""
@@ -114,7 +130,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
 

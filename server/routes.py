@@ -79,8 +79,9 @@ async def model(model_id: str, http: Request) -> dict:
 
 def _check_model(body: _Request, state: ServerState) -> None:
     if body.model != state.model_name:
-        raise APIError(400, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
-                       param="model", code="model_not_found")
+        # 404 as OpenAI answers it (its client raises NotFoundError)
+        raise APIError(404, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
+                       "not_found_error", param="model", code="model_not_found")
 
 
 def _params(body: _Request, prompt_len: int, max_tokens: int | None, state: ServerState, prompt_param: str,

@@ -129,7 +129,16 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 10 ** 9]}, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
-    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, "model"),
+    # a lone UTF-16 surrogate is no Unicode text: the tokenizer raised on it (a 500, and the next
+    # request on the connection was reset)
+    ("/v1/completions", {"model": MODEL, "prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "\udfff"]}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["\ud800"]}, "stop"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a\udc00b"}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "\ud83d"}]}]}, "messages.0.content"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [3] * 300}, "prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
@@ -167,6 +176,51 @@ def test_bad_input_is_400_with_openai_error_body(url: str, path: str, body: obje
     if param is not None:
         assert error["param"] == param
     assert "Traceback" not in resp.text
+
+
+def test_an_unknown_model_is_a_404_as_openai_answers_it(url: str) -> None:
+    for path, body in [("/v1/completions", {"model": "gpt-4", "prompt": "hi"}),
+                       ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})]:
+        resp = _post(url, path, body)
+        assert resp.status_code == 404, resp.text
+        assert resp.json()["error"] | {"message": ""} == {"message": "", "type": "not_found_error", "param": "model",
+                                                           "code": "model_not_found"}
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="x").completions.create(model="gpt-4", prompt="hi")
+
+
+def test_keep_alive_connection_survives_bad_input(url: str) -> None:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for _ in range(3):
+            bad = client.post("/v1/completions", content=json.dumps({"model": MODEL, "prompt": "a\ud800"}),
+                              headers={"Content-Type": "application/json"})
+            assert bad.status_code == 400
+            good = client.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
+            assert good.status_code == 200
+
+
+def test_a_bug_in_a_route_is_a_500_with_an_error_body_and_is_not_re_raised() -> None:
+    """Re-raised (Starlette's handler for Exception does), the error made uvicorn close the
+    keep-alive connection under the client's next request; httpx's ASGI transport raises it."""
+    import asyncio
+
+    from server.app import ServerState, create_app
+
+    app = create_app(ServerState("m"))
+
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.get("/boom")
+
+    resp = asyncio.run(call())
+    assert resp.status_code == 500
+    assert resp.json() == {"error": {"message": "internal server error", "type": "server_error", "param": None,
+                                     "code": None}}
 
 
 def test_null_max_tokens_is_the_default_and_seed_extremes_work(url: str) -> None:
