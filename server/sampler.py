@@ -77,14 +77,19 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
         ids = torch.tensor(list(output_counts), dtype=torch.long)
         counts = torch.tensor(list(output_counts.values()), dtype=logits.dtype)
         logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
-    return logits
+    # A tiny repetition_penalty (any > 0 is valid) divides a logit past float32's range: inf
+    # would make softmax NaN and the request fail.
+    big = torch.finfo(logits.dtype).max
+    return logits.clamp_(-big, big)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Pick one token from ``logits`` (V,) float32 (penalties already applied)."""
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # Shifted so that the largest is 0 before dividing: a tiny temperature (1e-38 is valid) then
+    # gives 0 and -inf, i.e. greedy, where logits / temperature overflowed to inf and NaN.
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

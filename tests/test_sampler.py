@@ -68,3 +68,24 @@ def test_every_bit_of_a_64_bit_seed_counts() -> None:
     # seeds below 2**32 draw as they always did
     assert torch.equal(torch.rand(8, generator=make_generator(12345)),
                        torch.rand(8, generator=torch.Generator().manual_seed(12345)))
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-30])
+def test_a_tiny_temperature_is_greedy_not_a_nan(temperature: float) -> None:
+    """logits / 1e-38 overflowed to inf, softmax gave NaN and the request failed with a 500."""
+    assert set(_draws(SamplingParams(temperature=temperature), n=20)) == {0}
+    tied = torch.tensor([3.0, 3.0, -1.0])  # a tie stays a fair draw between the tied tokens
+    gen = make_generator(0)
+    assert {sample(tied, SamplingParams(temperature=temperature), gen) for _ in range(64)} == {0, 1}
+
+
+def test_a_tiny_repetition_penalty_keeps_the_logits_finite() -> None:
+    """2.0 / 1e-45 is inf in float32; softmax of inf is NaN."""
+    out = apply_penalties(LOGITS, SamplingParams(repetition_penalty=1e-45), prompt=[0, 4], output_counts=Counter())
+    assert out.isfinite().all() and int(out.argmax()) == 0
+    assert set(_draws_from(out, SamplingParams(temperature=1.0, repetition_penalty=1e-45))) == {0}
+
+
+def _draws_from(logits: torch.Tensor, params: SamplingParams, n: int = 50) -> Counter[int]:
+    gen = make_generator(0)
+    return Counter(sample(logits, params, gen) for _ in range(n))
