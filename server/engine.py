@@ -227,6 +227,7 @@ class Engine:
         if not self._running and not self._waiting and not self.error and (missing := self._missing_ranks()):
             # idle: repair before the next request (/health's detail names the rank, as the README says)
             self.error = f"rank(s) {sorted(missing)} missing; the cluster is recovering"
+            self._count_workers_up(len(missing))
         # Requests queued before the heartbeat saw the rank go are admitted below: the check before
         # the step then sends them through the step-failure path (wait for the rank, or end cleanly).
         if self.error and not self._repair_in_background():
@@ -263,7 +264,7 @@ class Engine:
         else:
             log.exception("step failed")
         self.error = f"a rank failed ({exc}); the cluster is recovering"
-        self.metrics.workers_up.dec()
+        self._count_workers_up(max(1, len(self._missing_ranks())))  # the failed step's rank, at least
         deadline = time.monotonic() + self.limits.recovery_wait_s
         if self._recover is not None and self._try_recover(deadline):
             self._replays += 1
@@ -278,6 +279,11 @@ class Engine:
             return
         self.error = f"a rank failed and did not come back within {self.limits.recovery_wait_s:.0f} s: {exc}"
         self._fail_all(Event(error=self.error, error_code="cluster_unavailable"), "error")
+
+    def _count_workers_up(self, missing: int) -> None:
+        """``edgellm_workers_up`` with ``missing`` workers down (once, a decrement per failed step
+        could count one dead rank several times; an idle rank's loss did not count at all)."""
+        self.metrics.workers_up.set(max(0, self.executor.hub.world_size - 1 - missing))
 
     def _fail_waiting(self, event: Event | None = None) -> None:
         """End every queued request with ``event`` (default: the cluster's error; a clean 503,
@@ -443,5 +449,6 @@ class Engine:
             self.metrics.e2e.observe(time.monotonic() - req.arrival)
         if run in self._running:
             self._running.remove(run)
+            self.metrics.running.set(len(self._running))  # also when the engine stops stepping (a failed repair)
         self._free_slots.append(req.slot)
         self._free_slots.sort()

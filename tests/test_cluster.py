@@ -176,6 +176,7 @@ def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_pa
             while (health := httpx.get(f"{url}/health")).status_code == 200 and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert "rank(s) [1] missing" in health.json()["detail"], health.json()
+            assert _workers_up(url) == 0  # it said 1 while the rank was gone, until a request failed
             resp = _complete(url, "m")
             assert resp.status_code == 503
             assert resp.json()["error"]["code"] == "cluster_unavailable"
@@ -189,9 +190,17 @@ def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_pa
             while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert _complete(url, "m").status_code == 200
+            assert _workers_up(url) == 1
     finally:
         stop(worker)
     assert "Traceback" not in log.read_text()
+
+
+def _workers_up(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("edgellm_workers_up "):
+            return float(line.split()[1])
+    raise AssertionError("no edgellm_workers_up in /metrics")
 
 
 def test_request_queued_as_a_rank_goes_missing_ends_cleanly(checkpoints) -> None:
@@ -232,6 +241,9 @@ def test_request_queued_as_a_rank_goes_missing_ends_cleanly(checkpoints) -> None
         finally:
             engine.stop()
     assert events and events[-1].error_code == "cluster_unavailable", events
+    # the gauges once kept the failed request running and the dead rank up while the engine waited
+    assert engine.metrics.registry.get_sample_value("edgellm_requests_running") == 0
+    assert engine.metrics.registry.get_sample_value("edgellm_workers_up") == 0
     assert repairs, "the engine must have tried to bring the rank back"
     assert engine.error and "did not come back" in engine.error
 
