@@ -60,6 +60,8 @@ def run_probe(args: argparse.Namespace) -> int:
     dtypes = tuple(d for d in args.dtypes.split(",") if d)
     if unknown := [d for d in dtypes if d not in DTYPES and d != INT8]:
         raise SystemExit(f"--dtypes: unknown {', '.join(unknown)}; known: {', '.join([*DTYPES, INT8])}")
+    if not dtypes:  # a node file with no matvec figure, which `edgellm plan` then refuses
+        raise SystemExit(f"--dtypes: name at least one of {', '.join([*DTYPES, INT8])}")
     size = args.size_mib << 20
     coordinator = _host_port(args.coordinator) if args.coordinator else None
     # everything that can fail from outside is checked before ~15 s of measurements

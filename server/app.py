@@ -126,7 +126,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(InternalErrors)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' health checks
     async def health() -> JSONResponse:
         engine_error = state.engine.health_problem() if state.engine else None
         ok = state.status == "ready" and not engine_error

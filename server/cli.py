@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgellm")
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+LOCAL_WORKER_START_S = 60.0  # a local worker process imports torch and opens its gRPC port in this time
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -278,7 +279,8 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             # a corrupted file of ours fails now, not after the local workers have imported torch
             verify_coordinator_files(opts.model_dir, world)
-            all_clients = clients + check_workers([w.address for w in local], token, 60.0)
+            all_clients = clients + check_workers([w.address for w in local], token, LOCAL_WORKER_START_S,
+                                                  "to start (local workers)")
             cluster.append(Cluster.start(opts, all_clients, local,
                                          lambda who, i, n: log.info("%s: %d/%d layers", who, i, n)))
             state.metrics.workers_up.set(len(all_clients))
@@ -353,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ShardingError, ClusterError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while starting, sharding or probing: no traceback
+        log.info("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -59,12 +58,13 @@ class WorkerClient:
         except ClusterError:
             return False
 
-    def wait_reachable(self, timeout_s: float) -> None:
+    def wait_reachable(self, timeout_s: float, waited_s: float | None = None) -> None:
+        """``waited_s``: the whole wait to report (the caller's deadline), if not ``timeout_s``."""
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
             raise ClusterError(f"worker {self.address} is not reachable (nothing answered within "
-                               f"{timeout_s:.0f} s; is `edgellm worker` running there?)") from None
+                               f"{waited_s or timeout_s:.0f} s; is `edgellm worker` running there?)") from None
         self.health()
 
     def configure(self, request: pb.ConfigureRequest) -> None:
@@ -111,9 +111,13 @@ class WorkerClient:
         self.channel.close()
 
 
-def check_workers(addresses: list[str], token: str, timeout_s: float) -> list[WorkerClient]:
+def check_workers(addresses: list[str], token: str, timeout_s: float,
+                  waiting_for: str = "(--connect-timeout)") -> list[WorkerClient]:
     """Connect to every worker, failing fast with the address of the first that is missing. Those
-    not up within half a second are named in the log before the wait (up to ``timeout_s``)."""
+    not up within half a second are named in the log before the wait (up to ``timeout_s``, which
+    ``waiting_for`` explains there). The channels connect in the background, so waiting for them
+    one by one against one deadline waits no longer than at once, and in the calling thread:
+    Ctrl-C ends it (a thread pool's exit waited for every worker's full timeout first)."""
     clients = [WorkerClient(a, token) for a in addresses]
     pending = {c.address: grpc.channel_ready_future(c.channel) for c in clients}
     deadline = time.monotonic() + 0.5
@@ -125,10 +129,10 @@ def check_workers(addresses: list[str], token: str, timeout_s: float) -> list[Wo
             late.append(address)
             ready.cancel()
     if late:
-        log.info("waiting up to %g s for worker(s) %s (--connect-timeout)", timeout_s, ", ".join(late))
-    with ThreadPoolExecutor(max(1, len(clients))) as pool:
-        for future in [pool.submit(c.wait_reachable, timeout_s) for c in clients]:
-            future.result()
+        log.info("waiting up to %g s for worker(s) %s %s", timeout_s, ", ".join(late), waiting_for)
+    deadline = time.monotonic() + timeout_s
+    for client in clients:
+        client.wait_reachable(max(0.0, deadline - time.monotonic()), timeout_s)
     return clients
 
 

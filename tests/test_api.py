@@ -40,6 +40,7 @@ def _post(url: str, path: str, body: object) -> httpx.Response:
 
 def test_health_and_models(url: str) -> None:
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.head(f"{url}/health").status_code == 200  # load balancers check with HEAD (it was a 405)
     models = httpx.get(f"{url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
     # the OpenAI client's models.retrieve; an unknown name is a 404 with an OpenAI error body

@@ -97,6 +97,16 @@ def test_sharding_a_shard_directory_says_so(checkpoints, tmp_path: Path) -> None
     assert not (tmp_path / "again").exists(), "a refused run creates no directory"
 
 
+@pytest.mark.parametrize("out", ["file", "file/below"])
+def test_an_out_directory_that_cannot_be_made_is_a_clear_error(checkpoints, tmp_path: Path, out: str) -> None:
+    """A file in the way (FileExistsError, NotADirectoryError) was a traceback."""
+    (tmp_path / "file").write_text("x")
+    model_dir = checkpoints("llama")
+    with pytest.raises(CheckpointError, match="cannot create the directory"):
+        write_shards(model_dir, plan_shards(ModelConfig.from_dir(model_dir), [1.0]), tmp_path / out, progress=False)
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def _edit_config(model_dir: Path, **changes: object) -> None:
     raw = json.loads((model_dir / "config.json").read_text())
     for key, value in changes.items():

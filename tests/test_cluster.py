@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +39,25 @@ def test_serve_exits_with_a_message_when_a_worker_is_missing(checkpoints) -> Non
     waiting = f"waiting up to 2 s for worker(s) 127.0.0.1:{port} (--connect-timeout)"
     assert result.stderr.count(waiting) == 1
     assert result.stderr.index(waiting) < result.stderr.index("not reachable")
+
+
+def test_ctrl_c_while_waiting_for_a_worker_exits_at_once(checkpoints, tmp_path: Path) -> None:
+    """The wait ran in a thread pool whose exit waited out the whole --connect-timeout (60 s
+    here), and then printed a KeyboardInterrupt traceback."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = edgellm("serve", "--model", str(checkpoints("llama")), "--workers", f"127.0.0.1:{port}",
+                   "--connect-timeout", "60", "--port", str(free_port()), log_path=log)
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting up to 60 s" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "waiting up to 60 s" in log.read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        stop(proc)
+    assert "Traceback" not in log.read_text()
 
 
 def test_too_many_ranks_is_refused_before_anything_starts(checkpoints) -> None:

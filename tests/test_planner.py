@@ -213,6 +213,8 @@ def test_probe_cli_rejects_an_unknown_dtype() -> None:
 
     with pytest.raises(SystemExit, match="--dtypes: unknown int3; known: float32, bfloat16, float16, int8"):
         edgellm_main(["probe", "--dtypes", "float32,int3"])
+    with pytest.raises(SystemExit, match="--dtypes: name at least one of"):  # it wrote a node file plan refused
+        edgellm_main(["probe", "--dtypes", ","])
 
 
 def test_probe_link_sink_refuses_a_bad_or_taken_port(capsys: pytest.CaptureFixture[str]) -> None:

@@ -95,7 +95,10 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
         raise CheckpointError(f"{model_dir} is already an edgellm shard directory ({SHARD_MANIFEST}); serve it with "
                               "`edgellm serve --model`, or shard the original Hugging Face checkpoint")
     created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, a read-only or missing place: no traceback
+        raise CheckpointError(f"--out {out}: cannot create the directory ({exc.strerror or exc})") from None
     try:
         _write_shard_dir(model_dir, shards, out, dtype, progress, quant, weights)
     except BaseException:
