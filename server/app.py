@@ -63,7 +63,10 @@ def _is_type_tag(part: object) -> bool:
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
-        return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+        error = str(first.get("ctx", {}).get("error", first.get("msg")))
+        if "hex escape" in error:  # what the JSON parser says of "\ud800" alone, which is no Unicode text
+            error += " (a lone UTF-16 surrogate escape is not Unicode text)"
+        return f"malformed JSON body: {error}", None
     # drop "body" and pydantic's union-branch tags ("str", "list[int]", ...) from the location
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = ".".join(loc) or None

@@ -223,6 +223,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.tokenizer import TextTokenizer
     from server.workers import ClusterError, LocalWorker, check_workers
     from worker.config import ModelConfig
+    from worker.runtime import freeze_loaded_objects
     from worker.sharding import plan_shards
 
     # the coordinator and its local workers share this machine's cores: oversubscribing them
@@ -288,6 +289,7 @@ def run_serve(args: argparse.Namespace) -> int:
             engine = Engine(cluster[0].executor, tokenizer, limits, state.metrics, recover=cluster[0].recover,
                             missing_ranks=lambda: cluster[0].missing)
             engine.start()
+            freeze_loaded_objects()
             state.engine, state.tokenizer = engine, tokenizer
             state.status, state.detail = "ready", f"{world} ranks"
             # 0.0.0.0 and :: listen everywhere, but are no address to send a request to

@@ -131,16 +131,19 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 10 ** 9]}, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
     # a lone UTF-16 surrogate is no Unicode text: the tokenizer raised on it (a 500, and the next
-    # request on the connection was reset)
-    ("/v1/completions", {"model": MODEL, "prompt": "a\ud800b"}, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "\udfff"]}, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["\ud800"]}, "stop"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a\udc00b"}]},
-     "messages.0.content"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "\ud83d"}]}]}, "messages.0.content"),
-    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+    # request on the connection was reset); the JSON parser now refuses it
+    ("/v1/completions", {"model": MODEL, "prompt": "a\ud800b"}, None),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "\udfff"]}, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["\ud800"]}, None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a\udc00b"}]}, None),
+    ("/tokenize", {"prompt": "\ud800"}, None),
     ("/v1/completions", {"model": MODEL, "prompt": [3] * 300}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[3]] * 2049}, "prompt"),  # OpenAI's limit: 2048 prompts
+    ("/v1/completions", {"model": MODEL, "prompt": [1, "a"]}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1], "a"]}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [True]}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": 5}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": None}, "prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, "messages"),
@@ -190,12 +193,34 @@ def test_an_unknown_model_is_a_404_as_openai_answers_it(url: str) -> None:
         openai.OpenAI(base_url=f"{url}/v1", api_key="x").completions.create(model="gpt-4", prompt="hi")
 
 
+def test_a_body_past_the_limit_is_a_413_before_it_is_read(url: str) -> None:
+    """A 200 MB body was read whole before its prompt was found too long."""
+    from server.routes import MAX_BODY_BYTES
+
+    big = b'{"model": "tiny", "prompt": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    declared = httpx.post(f"{url}/v1/completions", content=big, headers={"Content-Type": "application/json"},
+                          timeout=60)
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for start in range(0, len(big), 1 << 20):
+            yield big[start:start + (1 << 20)]
+
+    try:
+        streamed = httpx.post(f"{url}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"},
+                              timeout=60)
+        assert streamed.status_code == 413
+    except httpx.WriteError:  # the server answered and closed while the client still sent
+        pass
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_keep_alive_connection_survives_bad_input(url: str) -> None:
     with httpx.Client(base_url=url, timeout=60) as client:
         for _ in range(3):
             bad = client.post("/v1/completions", content=json.dumps({"model": MODEL, "prompt": "a\ud800"}),
                               headers={"Content-Type": "application/json"})
-            assert bad.status_code == 400
+            assert bad.status_code == 400 and "surrogate" in bad.json()["error"]["message"]
             good = client.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
             assert good.status_code == 200
 

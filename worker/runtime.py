@@ -6,6 +6,7 @@ talks ZeroMQ to the hub.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass
@@ -167,3 +168,13 @@ class WorkerRank:
 
     def stats(self) -> dict[str, float]:
         return self.loaded.stats() | {"steps": self.steps, "tokens": self.tokens}
+
+
+def freeze_loaded_objects() -> None:
+    """Take every object alive once a process has loaded (modules, torch's, the model's) out of
+    the garbage collector's view (``gc.freeze``), so that its full collections stop walking them.
+    Measured on the coordinator's heap: validating a 2.5 MB request of token-id lists, which
+    allocates 500k lists and so sets off full collections, took 1.9-2.1 s, then 0.7 s; a step's
+    own allocations set them off too, as a pause of the step."""
+    gc.collect()
+    gc.freeze()

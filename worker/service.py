@@ -23,7 +23,7 @@ from protos.edgellm.v1 import control_pb2 as pb
 from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
 from worker.collective import HEARTBEAT_TIMEOUT_MS
 from worker.config import CheckpointError, ModelConfig
-from worker.runtime import RankSpec, WorkerRank
+from worker.runtime import RankSpec, WorkerRank, freeze_loaded_objects
 from worker.shard_fetch import TOKEN_METADATA_KEY, fetch_model, verify_rank_file
 from worker.sharding import RankShard
 from worker.wire import sync_dtype_name
@@ -181,6 +181,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 rank.start()
                 with self._lock:
                     self._rank = rank
+                freeze_loaded_objects()
                 self._set(pb.HealthReply.READY, f"rank {spec.shard.rank} in the data plane")
             except Exception as exc:  # reported to the coordinator, not raised into gRPC's pool
                 log.error("load failed: %s", exc)
