@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.arguments import non_negative_int, port_number, positive_float, positive_int
+from worker.arguments import non_negative_int, port_number, positive_float, positive_int, worker_addresses
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -29,7 +29,8 @@ LOCAL_WORKER_START_S = 60.0  # a local worker process imports torch and opens it
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="Hugging Face checkpoint directory or `edgellm shard` output (default: the embedded model)")
-    p.add_argument("--workers", default="", help="comma-separated host:port of running `edgellm worker`s")
+    p.add_argument("--workers", type=worker_addresses, default=[],
+                   help="comma-separated host:port of running `edgellm worker`s")
     p.add_argument("--local-workers", type=non_negative_int, default=0, help="spawn K worker processes on loopback")
     p.add_argument("--weights", default=None, help="per-rank split weights, rank 0 first, e.g. 2,1,1")
     p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: 127.0.0.1)")
@@ -233,7 +234,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.model).absolute().name
     config = ModelConfig.from_dir(args.model)
     _warn_moe_options(config, expert_bits=args.expert_bits, expert_cache=args.expert_cache)
-    remote = [w.strip() for w in args.workers.split(",") if w.strip()]
+    remote: list[str] = args.workers
     if duplicated := sorted({w for w in remote if remote.count(w) > 1}):
         raise ClusterError(f"--workers names {', '.join(duplicated)} more than once; one worker serves one rank")
     world = 1 + len(remote) + args.local_workers

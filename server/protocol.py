@@ -124,6 +124,18 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart]
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: object) -> object:
+        """An image or audio part: say so (the union's own error was "Input should be a valid string")."""
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content parts of type {kind!r} are not supported: this server takes "
+                                     f"text parts only")
+        return value
+
     def template_dict(self) -> dict[str, str]:
         """The message as the chat template takes it: a role it knows, one string of content."""
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

@@ -156,7 +156,7 @@ def _check_fits_queue(engine: Engine, prompts: list[list[int]], n: int) -> None:
     limits = engine.limits
     if len(prompts) * n > limits.max_waiting:
         raise APIError(400, f"this request asks for {len(prompts) * n} sequences ({len(prompts)} prompt(s) x n={n}); "
-                            f"this server queues at most {limits.max_waiting}", param="n")
+                            f"this server queues at most {limits.max_waiting}", param="n" if n > 1 else "prompt")
     if (tokens := n * sum(len(p) for p in prompts)) > limits.max_waiting_tokens:
         raise APIError(400, f"this request queues {tokens} prompt tokens (n={n}); this server queues at most "
                             f"{limits.max_waiting_tokens}", param="prompt")

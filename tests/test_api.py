@@ -167,6 +167,7 @@ BAD_REQUESTS = [
                               "top_logprobs": 3}, "top_logprobs"),
     # more sequences than the queue holds (64): a 503 to retry would never succeed
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b", "c", "d", "e"], "n": 16}, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a"] * 65}, "prompt"),  # n=1: the prompts are too many
 ]
 
 
@@ -191,6 +192,14 @@ def test_an_unknown_model_is_a_404_as_openai_answers_it(url: str) -> None:
                                                            "code": "model_not_found"}
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="x").completions.create(model="gpt-4", prompt="hi")
+
+
+def test_an_image_part_says_that_only_text_parts_are_taken(url: str) -> None:
+    resp = _post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]})
+    assert resp.status_code == 400
+    assert "'image_url' are not supported" in resp.json()["error"]["message"], resp.json()
+    assert resp.json()["error"]["param"] == "messages.0.content"
 
 
 def test_a_body_past_the_limit_is_a_413_before_it_is_read(url: str) -> None:

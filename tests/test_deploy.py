@@ -339,6 +339,11 @@ for argv in (["--help"], ["serve", "--help"], ["worker", "--help"], ["shard", "-
     (["shard", "--model", "m", "--out", "o", "--ranks", "0"], "--ranks: must be positive, got 0"),
     (["worker", "--port", "65536"], "--port: a port is 0-65535, got 65536"),
     (["worker", "--threads", "two"], "--threads: not an integer: 'two'"),
+    # each failed only after the 10 s connect timeout ("not reachable"), and "," served 1 rank
+    (["serve", "--workers", "127.0.0.1"], "--workers: not host:port (port 1-65535): '127.0.0.1'"),
+    (["serve", "--workers", "127.0.0.1:99999"], "--workers: not host:port (port 1-65535): '127.0.0.1:99999'"),
+    (["serve", "--workers", "a:1,,b:2"], "--workers: an empty address in 'a:1,,b:2'"),
+    (["serve", "--workers", ","], "--workers: an empty address in ','"),
 ])
 def test_serve_shard_and_worker_refuse_values_that_could_not_work(argv: list[str], message: str,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,3 +48,19 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0-65535, got {text}")
     return value
+
+
+def worker_addresses(text: str) -> list[str]:
+    """Comma-separated ``host:port`` of running workers (``[::1]:port`` for IPv6); empty: none.
+    Checked here: a missing or bad port, or an empty entry (``--workers ,``, which served one
+    rank without a word), failed only after the connect timeout, or not at all."""
+    if not text.strip():
+        return []
+    addresses = [part.strip() for part in text.split(",")]
+    for address in addresses:
+        host, colon, port = address.rpartition(":")
+        if not address:
+            raise argparse.ArgumentTypeError(f"an empty address in {text!r}")
+        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"not host:port (port 1-65535): {address!r}")
+    return addresses
