@@ -91,7 +91,7 @@ def _check_cluster(services: dict) -> dict[str, argparse.Namespace]:
     args = {name: parse_edgellm([str(a) for a in s["command"]]) for name, s in services.items()}
     coordinator = args["coordinator"]
     assert coordinator.command == "serve"
-    workers = coordinator.workers.split(",")
+    workers = coordinator.workers
     assert sorted(workers) == sorted(f"{n}:{a.port}" for n, a in args.items() if a.command == "worker")
     assert len(workers) == 2
     assert coordinator.hub_host == "coordinator" and coordinator.hub_port and coordinator.host == "0.0.0.0"
@@ -267,14 +267,14 @@ def test_systemd_unit_runs_a_command_edgellm_accepts(unit: Path) -> None:
     assert args.command == expected
     if expected == "serve":
         assert args.workers and args.host == "0.0.0.0"
-        assert len(args.weights.split(",")) == 1 + len(args.workers.split(","))
+        assert len(args.weights.split(",")) == 1 + len(args.workers)
 
 
 def test_systemd_units_and_their_worker_and_coordinator_pair() -> None:
     assert {p.name for p in UNITS} == {"edgellm-worker.service", "edgellm-coordinator.service"}
     worker_port = parse_edgellm(_exec_start(DEPLOY / "systemd" / "edgellm-worker.service")[1:]).port
     coordinator = parse_edgellm(_exec_start(DEPLOY / "systemd" / "edgellm-coordinator.service")[1:])
-    assert all(w.rsplit(":", 1)[1] == str(worker_port) for w in coordinator.workers.split(","))
+    assert all(w.rsplit(":", 1)[1] == str(worker_port) for w in coordinator.workers)
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
