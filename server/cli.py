@@ -245,6 +245,9 @@ def run_serve(args: argparse.Namespace) -> int:
         args.model = str(_quantized_model(args, weights, quant))
     tokenizer = TextTokenizer(args.model)
     max_context = min(args.max_context or 2048, config.max_position_embeddings)
+    if args.max_context and args.max_context > max_context:
+        log.warning("--max-context %d is more than the model's %d positions (max_position_embeddings); "
+                    "serving %d", args.max_context, max_context, max_context)
     token = args.cluster_token or (secrets.token_hex(16) if not remote else "")
     opts = ClusterOptions(model_dir=args.model, weights=weights, token=token, max_batch=args.max_batch,
                           max_context=max_context, dtype=args.dtype, hub_host=args.hub_host,

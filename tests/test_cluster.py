@@ -41,6 +41,19 @@ def test_serve_exits_with_a_message_when_a_worker_is_missing(checkpoints) -> Non
     assert result.stderr.index(waiting) < result.stderr.index("not reachable")
 
 
+def test_a_max_context_past_the_model_is_said_before_it_is_clamped(checkpoints) -> None:
+    """It was clamped to max_position_embeddings without a word (the start then fails here, on
+    the missing worker, after the warning)."""
+    model = checkpoints("llama")
+    positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--max-context", str(positions + 1),
+         "--workers", f"127.0.0.1:{free_port()}", "--connect-timeout", "1", "--port", str(free_port())],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert f"--max-context {positions + 1} is more than the model's {positions} positions" in result.stderr
+    assert f"serving {positions}" in result.stderr
+
+
 def test_ctrl_c_while_waiting_for_a_worker_exits_at_once(checkpoints, tmp_path: Path) -> None:
     """The wait ran in a thread pool whose exit waited out the whole --connect-timeout (60 s
     here), and then printed a KeyboardInterrupt traceback."""
