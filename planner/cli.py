@@ -21,7 +21,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk", default=None, metavar="PATH",
                    help="measure cold sequential reads here (a directory: a temporary file is written; a file: read)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="measure the link to a coordinator running `edgellm probe --serve-link PORT`")
+                   help="measure the link to a coordinator running `edgellm probe --serve-link PORT --host 0.0.0.0`")
     p.add_argument("--serve-link", type=port_number, default=None, metavar="PORT",
                    help="run the link echo/sink for workers' probes instead of probing (until Ctrl-C)")
     p.add_argument("--host", default="127.0.0.1", help="interface of --serve-link (default: 127.0.0.1)")
@@ -49,6 +49,8 @@ def run_probe(args: argparse.Namespace) -> int:
             raise SystemExit(f"--serve-link: cannot listen on {args.host}:{args.serve_link}: {exc.strerror or exc}") from None
         log.info("link probe sink on %s:%d; workers run: edgellm probe --coordinator HOST:%d",
                  args.host, server.port, server.port)
+        if args.host.startswith("127.") or args.host in ("localhost", "::1"):
+            log.warning("listening on loopback only: other machines cannot reach it; add --host 0.0.0.0")
         try:
             while True:
                 time.sleep(3600)

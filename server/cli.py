@@ -50,7 +50,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds after which a request is abandoned (default: none)")
     p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $EDGELLM_API_KEY; none)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="what every rank computes in (default: float32; bfloat16 halves the memory; a streamed "
+                        "or MoE shard must be written in it)")
     _quant_arguments(p)  # serve: a checkpoint is quantized once into --cache-dir, then served from there
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where `--quantize` keeps the quantized shards of a checkpoint between starts "
@@ -88,7 +90,8 @@ def _shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=positive_int, required=True, help="number of ranks (coordinator included)")
     p.add_argument("--weights", default=None, help="per-rank split weights, e.g. 2,1,1")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="what the float weights are stored in (default: float32); serve the shards in it")
     _quant_arguments(p)
 
 

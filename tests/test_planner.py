@@ -470,3 +470,25 @@ def test_probe_cli_shows_the_measurements_when_the_link_fails_late(tmp_path: Pat
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["matvec_gb_s"] == {"float32": 6.0} and "link" not in printed
     assert f"link to 127.0.0.1:{server.port}: link closed mid-transfer" in caplog.text
+
+
+def test_a_link_sink_on_loopback_says_other_machines_cannot_reach_it(tmp_path: Path) -> None:
+    """The docs told the coordinator to run `probe --serve-link PORT`, which listens on 127.0.0.1
+    by default: the workers' probes on other machines could not connect, and nothing said so."""
+    import signal
+    import time
+
+    from tests.processes import edgellm, free_port, stop
+
+    log = tmp_path / "probe.log"
+    proc = edgellm("probe", "--serve-link", str(free_port()), log_path=log)
+    try:
+        deadline = time.monotonic() + 60
+        while "link probe sink" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        text = log.read_text()
+        assert "link probe sink on 127.0.0.1" in text and "add --host 0.0.0.0" in text, text
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+    finally:
+        stop(proc)
