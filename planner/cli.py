@@ -111,14 +111,17 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"a checkpoint or config.json-only directory, or a shape: {', '.join(NAMED_SHAPES)}")
     p.add_argument("--nodes", required=True, help="nodes.yaml (probe outputs / profiles; the first is the coordinator)")
-    p.add_argument("--weight-dtype", default="float32", choices=sorted(BYTES_PER_PARAM))
+    p.add_argument("--weight-dtype", default="float32", choices=sorted(BYTES_PER_PARAM),
+                   help="what the shards store (default: float32)")
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weight dtype, float16 if integer)")
     p.add_argument("--weights", default=None, help="price this split (e.g. 2,1,1) instead of choosing one")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default: 1)")
     p.add_argument("--context", type=positive_int, default=512, help="tokens in the KV cache while decoding (default: 512)")
     p.add_argument("--prompt", type=positive_int, default=128, help="prompt tokens for the time to first token")
-    p.add_argument("--prefill-chunk", type=positive_int, default=256)
-    p.add_argument("--max-batch", type=positive_int, default=1, help="KV-cache slots (memory; default: 1)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=256,
+                   help="prompt tokens per prefill step, as serve's --prefill-chunk (default: 256)")
+    p.add_argument("--max-batch", type=positive_int, default=1,
+                   help="KV-cache slots the budgets hold, as serve's --max-batch (default: 1; serve's is 8)")
     p.add_argument("--max-context", type=positive_int, default=2048, help="tokens per slot (memory; default: 2048)")
     p.add_argument("--json", action="store_true", help="print only the JSON (the table goes to stderr otherwise)")
 
@@ -127,7 +130,9 @@ def _table(plan: dict[str, Any]) -> str:
     pred = plan["prediction"]
     lines = [f"tokens/s {pred['tokens_per_s']:.3g}  (decode step {pred['decode_ms']:.1f} ms: comm "
              f"{pred['comm_ms']:.1f} ms, hub {pred['hub_ms']:.1f} ms)  time to first token {pred['ttft_ms']:.0f} ms",
-             f"--weights {plan['weights_arg']}  --sync-dtype {plan['sync_dtype']}",
+             # the budgets hold the KV cache of --max-batch x --max-context: serve with the same
+             f"serve with: --weights {plan['weights_arg']} --sync-dtype {plan['sync_dtype']} "
+             f"--max-batch {plan['max_batch']} --max-context {plan['max_context']}",
              f"{'rank':>4}  {'node':<14} {'kv':>3} {'mlp cols':>8} {'weights MiB':>11} {'memory MiB':>10} "
              f"{'budget MiB':>10} {'compute ms':>10} {'disk ms':>8}"]
     for r, budget in zip(pred["ranks"], plan["memory_budgets_mib"], strict=True):
@@ -163,7 +168,8 @@ def run_plan(args: argparse.Namespace) -> int:
     except PlanError as exc:
         log.error("%s", exc)
         return 2
-    plan = {"model": args.model, "nodes": [n.name for n in nodes], "weight_dtype": args.weight_dtype, **plan}
+    plan = {"model": args.model, "nodes": [n.name for n in nodes], "weight_dtype": args.weight_dtype,
+            "max_batch": work.max_batch, "max_context": work.max_context, **plan}
     print(json.dumps(plan, indent=2))
     if not args.json:
         print(_table(plan), file=sys.stderr)  # stdout stays one JSON document

@@ -206,6 +206,10 @@ def test_plan_cli_on_a_checkpoint(checkpoints, tmp_path: Path) -> None:
     assert plan["prediction"]["tokens_per_s"] > 0 and len(plan["weights"]) == 2
     assert plan["weights"][0] > plan["weights"][1]  # the faster node gets more
     assert "tokens/s" in out.stderr  # the human table
+    # the budgets hold plan's KV-cache slots (default 1, serve's 8): the line to copy says so
+    assert f"serve with: --weights {plan['weights_arg']} --sync-dtype {plan['sync_dtype']} --max-batch 1 " \
+           f"--max-context 2048" in out.stderr
+    assert (plan["max_batch"], plan["max_context"]) == (1, 2048)
 
 
 def test_probe_cli_rejects_an_unknown_dtype() -> None:
