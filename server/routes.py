@@ -134,11 +134,12 @@ def _completion_prompts(body: CompletionRequest, tokenizer: TextTokenizer) -> li
         return [tokenizer.encode(prompt)]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    if all(isinstance(p, str) for p in prompt):
-        return [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
-    if all(isinstance(p, int) for p in prompt):
-        return [_check_token_ids(prompt, tokenizer, "prompt")]  # type: ignore[arg-type]
-    return [_check_token_ids(p, tokenizer, "prompt") for p in prompt]  # type: ignore[arg-type]
+    # protocol._prompt_shape has checked that every item is of the first one's kind
+    if isinstance(prompt[0], str):
+        return [tokenizer.encode(p) for p in prompt]
+    if isinstance(prompt[0], int):
+        return [_check_token_ids(prompt, tokenizer, "prompt")]
+    return [_check_token_ids(p, tokenizer, "prompt") for p in prompt]
 
 
 @dataclass

@@ -164,13 +164,15 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
 def _check_streamed_dtype(file: ShardFile, blocks: list[str], dtype: torch.dtype, what: str) -> None:
     """Streamed blocks are used as their bytes lie in the file, so their float weights must already
     be in the rank's compute dtype (resident blocks are converted as they load)."""
-    stored = {t.dtype for b in blocks if file.has(b) for t in file.blocks[b].tensors
+    stored = {t.dtype for b in blocks for t in file.blocks[b].tensors
               if t.dtype.is_floating_point and not is_aux(t.name)}
     if stored and stored != {dtype}:
-        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
-        raise BudgetError(f"{file.path} holds {names} weights but this rank computes "
-                          f"in {str(dtype).removeprefix('torch.')}; {what} must be written in that dtype (edgellm shard --dtype, or serve "
-                          f"with the shard's dtype)")
+        def name(d: torch.dtype) -> str:
+            return str(d).removeprefix("torch.")
+
+        raise BudgetError(f"{file.path} holds {', '.join(sorted(map(name, stored)))} weights but this rank computes "
+                          f"in {name(dtype)}; {what} must be written in that dtype (edgellm shard --dtype, or "
+                          f"serve with the shard's dtype)")
 
 
 def _load_from_checkpoint(spec: RankSpec, kv: KVCache, allreduce: AllReduce,

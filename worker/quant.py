@@ -39,6 +39,7 @@ weights; ``bench/quant.py`` reports it with and without (``--lm-head float``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,11 @@ class QuantWeight:
 Weight = torch.Tensor | QuantWeight
 
 
+# The native kernel of a float dtype (both operands in it), for few rows; None where it is off.
+_FLOAT_KERNELS: dict[torch.dtype, Callable[[], native.F32Mm | None]] = {torch.float32: native.f32_mm,
+                                                                         torch.bfloat16: native.bf16_mm}
+
+
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype.
     fp32 activations go to the native kernels where they run (``worker.native``): every int8
@@ -137,10 +143,9 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     times bfloat16 matrices."""
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, K)
     if isinstance(w, torch.Tensor):
-        kernel = None
-        if x.dtype == w.dtype and flat.shape[0] <= native.F32_MAX_ROWS and w.is_contiguous():
-            kernel = native.f32_mm() if x.dtype == torch.float32 else \
-                native.bf16_mm() if x.dtype == torch.bfloat16 else None
+        native_kernel = _FLOAT_KERNELS.get(x.dtype) if x.dtype == w.dtype else None
+        kernel = native_kernel() if native_kernel and flat.shape[0] <= native.F32_MAX_ROWS and w.is_contiguous() \
+            else None
         if kernel is None:
             return F.linear(x, w, bias)
         y = kernel(flat.contiguous(), w)  # (T, N)
