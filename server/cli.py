@@ -129,10 +129,11 @@ def _check_shard_dir_split(model: str, plan: list, weights: list[float], remote:
     finds its file missing or different."""
     from worker.config import CheckpointError
     from worker.sharding import RankShard
-    from worker.weights import is_shard_dir, read_manifest
+    from worker.weights import check_quant_format, is_shard_dir, read_manifest
 
     if not is_shard_dir(model):
         return
+    check_quant_format(model, read_manifest(model))
     stored = [RankShard.from_dict(s) for s in read_manifest(model).get("shards", [])]
     if len(stored) != len(plan):
         raise CheckpointError(f"{model} holds shards for {len(stored)} ranks, but this cluster has {len(plan)} "

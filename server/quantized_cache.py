@@ -2,7 +2,7 @@
 
 The checkpoint is sharded and quantized once (``edgellm shard``'s code) into a cache directory
 named after what the shards depend on: the checkpoint's weight files (path, size, mtime), the
-split, the quantization and the storage dtype. The next start with the same inputs serves the
+split, the quantization, its byte layout (``QUANT_FORMAT``) and the storage dtype. The next start with the same inputs serves the
 cached shards at once; a changed checkpoint or split writes a new copy. The shards are written
 into a temporary directory and renamed into place when complete, so an interrupted run leaves
 nothing that a later one would take for finished.
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from worker.config import ModelConfig
-from worker.quant import QuantSpec
+from worker.quant import QUANT_FORMAT, QuantSpec
 from worker.shard_writer import write_shards
 from worker.sharding import RankShard, plan_shards
 from worker.weights import SHARD_MANIFEST
@@ -34,6 +34,7 @@ def cache_key(model_dir: Path, weights: list[float], shards: list[RankShard], qu
     itself included: the rule that turns weights into column ranges can change between versions)."""
     files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json"))
     inputs = {"model": str(model_dir.resolve()), "weights": weights, "quant": quant.to_dict(), "dtype": str(dtype),
+              "quant_format": QUANT_FORMAT,  # a copy in an older byte layout is written again, not served
               "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
               "split": [asdict(shard) for shard in shards]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tests.test_quant import _kernel_reference
 from worker import native
-from worker.quant import QuantWeight, linear, quantize_int8
+from worker.quant import QuantWeight, linear, quantize_int4, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED_HERE = (platform.system() == "Linux" and platform.machine() == "x86_64"
@@ -201,3 +201,67 @@ def test_processes_starting_together_share_one_cached_build(tmp_path: Path) -> N
     later = _probe({"EDGELLM_KERNEL_CACHE": str(tmp_path)})
     assert "KERNEL True" in later.stdout and "compiled" not in later.stdout
     assert f"native int8_mm kernel on: {tmp_path / built[0]}" in later.stdout
+
+
+def _int4(n: int, k: int, group: int, seed: int) -> QuantWeight:
+    torch.manual_seed(seed)
+    return QuantWeight(*quantize_int4(torch.randn(n, k) + 0.3 * torch.randn(n, 1), group), group)
+
+
+def _q80_bound(x: torch.Tensor, w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 reference of ``x @ dequant(w).T`` and the error bound of int4_gemm: each activation
+    rounded to a step d = max|x| / 127 of its block of 32 (off by d/2, plus 2^-21 relative for
+    the float scale it goes through), then fp32 sums of the block products and the group terms
+    scale * sum(x q) and (zero - 8 scale) * sum(x), whose sizes are up to 15 scale and
+    |zero - 8 scale| times sum |x| (not |w|): (K + 2) * 2^-24 of those."""
+    deq = w.dequantize().double()  # (N, K)
+    xd = x.double()
+    half_step = xd.abs().view(x.shape[0], -1, 32).amax(dim=-1).repeat_interleave(32, dim=1) / 254  # (M, K)
+    rounding = (half_step + xd.abs() * 2.0 ** -21) @ deq.abs().T
+    s = w.scales.double()  # (N, K/g, 2)
+    terms = (15 * s[..., 0] + (s[..., 1] - 8 * s[..., 0]).abs()).repeat_interleave(w.group_size, dim=1)  # (N, K)
+    summing = (x.shape[1] + 2) * 2.0 ** -24 * ((xd.abs() + half_step) @ terms.T)
+    return xd @ deq.T, rounding + summing
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "k"), [(64, 256), (67, 256), (1, 512), (6, 768), (1030, 512)])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_int4_kernel_matches_the_dequantized_matrix(m: int, n: int, k: int, group: int) -> None:
+    """The edgellm-int4 kernel on weights as shards store them: 4-row blocks and the n % 4 rows
+    left over, every group size (k a multiple of each), one row of x and several (the first
+    streams a block, the rest reuse it), within the int8-activation bound; one thread and two
+    give the same bits (1030 rows: enough blocks for two)."""
+    int4_mm = native.int4_mm()
+    assert int4_mm is not None
+    w = _int4(n, k, group, n + k + group)
+    x = torch.randn(m, k) * torch.rand(m, k)  # blocks of unlike magnitudes
+    _assert_within_bound_at_any_thread_count(lambda: int4_mm(x, w.weight, w.scales, group), *_q80_bound(x, w))
+
+
+@needs_native
+def test_int4_bound_is_tight_enough_to_catch_a_wrong_nibble_order() -> None:
+    """The bound above is not loose: the same bytes read as torch's AVX2 order (format 1) or with
+    the nibbles of each byte swapped are far outside it."""
+    int4_mm = native.int4_mm()
+    assert int4_mm is not None
+    w = _int4(64, 256, 32, 0)
+    x = torch.randn(2, 256)
+    ref, bound = _q80_bound(x, w)
+    swapped = ((w.weight & 15) << 4) | (w.weight >> 4)
+    assert ((int4_mm(x, swapped, w.scales, 32).double() - ref).abs() > bound).any()
+    assert ((int4_mm(x, w.weight, w.scales, 32).double() - ref).abs() <= bound).all()
+
+
+@needs_native
+def test_linear_runs_edgellm_int4_natively_for_fp32_and_bf16_activations() -> None:
+    int4_mm = native.int4_mm()
+    assert int4_mm is not None
+    w = _int4(96, 128, 64, 3)
+    x = torch.randn(2, 3, 128)
+    assert torch.equal(linear(x, w), int4_mm(x.view(6, 128), w.weight, w.scales, 64).view(2, 3, 96))
+    in_bf16 = linear(x.bfloat16(), w)
+    assert in_bf16.dtype == torch.bfloat16
+    assert torch.equal(in_bf16, int4_mm(x.view(6, 128).bfloat16().float(), w.weight, w.scales, 64)
+                       .bfloat16().view(2, 3, 96))

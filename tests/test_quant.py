@@ -24,6 +24,7 @@ from worker.quant import (
     QuantSpec,
     QuantWeight,
     field,
+    kernel_layout,
     linear,
     pack_int4,
     quantize_block,
@@ -83,39 +84,84 @@ def test_int8_matches_the_dequantized_matrix(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.allclose(y3.view(5, 96), y + bias)
 
 
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_matches_the_dequantized_matrix(group: int) -> None:
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_matches_the_dequantized_matrix(monkeypatch: pytest.MonkeyPatch, group: int) -> None:
+    """Quantization error, and torch's kernel (the fallback where no native int4 kernel runs:
+    the native one has its own tests in test_native.py) on the matrix converted as a block read
+    from a shard is."""
+    monkeypatch.setitem(native._loaded, "int4_mm", None)
     torch.manual_seed(group)
-    n, k = 64, 256
+    n, k = 64, 512
     w = torch.randn(n, k)
     x = torch.randn(3, k)
     packed, scales_zeros = quantize_int4(w, group)
     assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8
-    assert scales_zeros.shape == (k // group, n, 2)
+    assert scales_zeros.shape == (n, k // group, 2) and scales_zeros.dtype == torch.bfloat16
     qw = field({"w": packed, "w.scales_zeros": scales_zeros}, "w")
-    assert isinstance(qw, QuantWeight) and qw.group_size == group and qw.shape == (n, k)
+    assert isinstance(qw, QuantWeight) and qw.group_size == group and qw.shape == (n, k) and not qw.torch_layout
     # Min/max groups: every weight is within half a step, plus the bf16 rounding of the zero
     # (half an ulp of |zero|) and of the scale (times up to 8 steps from the zero).
-    scale = scales_zeros[..., 0].float().t().repeat_interleave(group, dim=1)  # (N, K)
-    zero = scales_zeros[..., 1].float().t().repeat_interleave(group, dim=1)
+    scale = scales_zeros[..., 0].float().repeat_interleave(group, dim=1)  # (N, K)
+    zero = scales_zeros[..., 1].float().repeat_interleave(group, dim=1)
     slack = scale * (0.5 + 8 * BF16_ULP) + zero.abs() * BF16_ULP
     assert ((qw.dequantize() - w).abs() <= slack + 1e-6).all()
+    converted = field(kernel_layout({"w": packed.clone(), "w.scales_zeros": scales_zeros.clone()}), "w")
+    assert isinstance(converted, QuantWeight) and converted.torch_layout and converted.shape == (n, k)
     ref, bound = _kernel_reference(x, qw)
-    assert ((linear(x, qw).double() - ref).abs() <= bound).all()
+    assert ((linear(x, converted).double() - ref).abs() <= bound).all()
     # A larger group is coarser: its error is larger on the same matrix.
     if group == 128:
         fine = QuantWeight(*quantize_int4(w, 32), 32)
         assert (fine.dequantize() - w).abs().mean() < (qw.dequantize() - w).abs().mean()
 
 
-@pytest.mark.parametrize("n", [32, 64, 96])
-def test_int4_layout_is_the_cpu_kernels(n: int) -> None:
-    """Shards store nibbles in the order `_convert_weight_to_int4pack_for_cpu` makes, so a block
-    computes straight from its read buffer; `pack_int4` must produce exactly that order."""
-    nibbles = torch.randint(0, 16, (n, 128), dtype=torch.int32)
-    packed = pack_int4(nibbles.to(torch.uint8))
-    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
-    assert torch.equal(unpack_int4(packed), nibbles.to(torch.uint8))
+def test_int4_layout_is_edgellms() -> None:
+    """The shard bytes of an int4 matrix, spelled out: per row, blocks of 16 bytes for 32 inputs,
+    byte i = q[32b + i] | q[32b + 16 + i] << 4 (Q4_0's order); no constraint on the rows."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (5, 48)
+    for n in range(5):
+        for b in range(3):
+            for i in range(16):
+                assert packed[n, 16 * b + i] == q[n, 32 * b + i] | (q[n, 32 * b + 16 + i] << 4)
+    assert torch.equal(unpack_int4(packed), q)
+    # (scale, zero) per row and group, row-major: row n's groups are contiguous.
+    w = torch.randn(3, 128)
+    _, scales_zeros = quantize_int4(w, 64)
+    lo, hi = w.view(3, 2, 64).amin(-1), w.view(3, 2, 64).amax(-1)
+    assert torch.allclose(scales_zeros[..., 0].float(), (hi - lo) / 15, rtol=BF16_ULP)
+
+
+@pytest.mark.parametrize("n", [16, 40, 96, 130])
+@pytest.mark.parametrize("group", [32, 128])
+def test_load_time_conversion_is_torchs_packing(monkeypatch: pytest.MonkeyPatch, n: int, group: int) -> None:
+    """Without a native int4 kernel a block's int4 matrices are converted in place as it is read:
+    the first N - N % 16 rows to exactly what `_convert_weight_to_int4pack_for_cpu` makes of the
+    whole matrix under this process's capability (converted 64 rows at a time), their scales to
+    (K/g, N, 2); the rows left over stay as stored. The weight it stands for is unchanged."""
+    monkeypatch.setitem(native._loaded, "int4_mm", None)
+    torch.manual_seed(n)
+    k = 256
+    packed, scales_zeros = quantize_int4(torch.randn(n, k), group)
+    stored = QuantWeight(packed.clone(), scales_zeros.clone(), group)
+    fields = kernel_layout({"w": packed, "w.scales_zeros": scales_zeros, "norm": torch.ones(k)})
+    assert set(fields) == {"w", "w.torch_scales_zeros", "norm"} and fields["w"] is packed
+    w = field(fields, "w")
+    assert isinstance(w, QuantWeight) and w.torch_layout and w.shape == (n, k)
+    n16 = n - n % 16
+    nibbles = unpack_int4(stored.weight[:n16]).to(torch.int32)
+    assert torch.equal(w.weight, torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
+    assert w.weight.data_ptr() == packed.data_ptr()  # in place: no memory beyond the block's
+    assert torch.equal(w.scales, stored.scales[:n16].transpose(0, 1))
+    assert (w.tail is None) == (n == n16)
+    assert torch.equal(w.dequantize(), stored.dequantize())
+    x = torch.randn(2, k)
+    ref, bound = _kernel_reference(x, stored)
+    assert ((linear(x, w).double() - ref).abs() <= bound).all()
+    # A weight that did not come through a read (here: the stored bytes) is converted per call.
+    assert ((linear(x, stored).double() - ref).abs() <= bound).all()
 
 
 def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:

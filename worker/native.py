@@ -59,7 +59,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).resolve().parent / "kernels" / name for name in ("matmul.c", "decode.c"))
+SOURCES = tuple(Path(__file__).resolve().parent / "kernels" / name for name in ("matmul.c", "int4.c", "decode.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 DISABLE_ENV = "EDGELLM_NATIVE"  # "0" turns native kernels off
 CACHE_ENV = "EDGELLM_KERNEL_CACHE"
@@ -69,6 +69,7 @@ CACHE_ENV = "EDGELLM_KERNEL_CACHE"
 F32_MAX_ROWS = 64
 
 Int8Mm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Int4Mm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 F32Mm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Bf16Mm = F32Mm
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -170,6 +171,21 @@ def _wrap_int8(lib: ctypes.CDLL) -> Int8Mm:
     return int8_mm
 
 
+def _wrap_int4(lib: ctypes.CDLL, name: str = "int4_gemm") -> Int4Mm:
+    kernel = _bind(lib, name, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5)
+
+    def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
+        """x fp32 (M, K) contiguous, weight uint8 (N, K/2) and scales_zeros bf16 (N, K/g, 2) in
+        edgellm's int4 layout (``worker.quant``), contiguous -> fp32 (M, N)."""
+        m, n, k = x.shape[0], weight.shape[0], 2 * weight.shape[1]
+        y = torch.empty(m, n)
+        kernel(weight.data_ptr(), scales_zeros.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, group,
+               torch.get_num_threads())
+        return y
+
+    return int4_mm
+
+
 def _wrap_f32(lib: ctypes.CDLL) -> F32Mm:
     kernel = _bind(lib, "f32_gemm", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4)
 
@@ -267,6 +283,8 @@ def _wrap_decode_attention(lib: ctypes.CDLL) -> Callable[..., TokenAttention]:
 
 _WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., Any]], str]] = {
     "int8_mm": (_wrap_int8, "quantized layers use torch's _weight_int8pack_mm"),
+    "int4_mm": (_wrap_int4, "int4 layers are converted at load for torch's _weight_int4pack_mm_for_cpu"),
+    "int4_f32_mm": (partial(_wrap_int4, name="int4_gemm_f32"), "(a variant for bench/int4_kernels.py)"),
     "f32_mm": (_wrap_f32, "float32 layers use torch's F.linear"),
     "bf16_mm": (_wrap_bf16, "bfloat16 layers use torch's F.linear"),
     "rms_norm": (_wrap_rms_norm, "RMSNorm runs in torch"),
@@ -297,6 +315,16 @@ def _kernel(name: str) -> Callable[..., Any] | None:
 def int8_mm() -> Int8Mm | None:
     """The native int8 matmul, or None where it is not available."""
     return _kernel("int8_mm")
+
+
+def int4_mm() -> Int4Mm | None:
+    """The native edgellm-int4 matmul (int8-quantized activations), or None where it is not available."""
+    return _kernel("int4_mm")
+
+
+def int4_f32_mm() -> Int4Mm | None:
+    """The same product with fp32 activations (dequantize and FMA), kept for the bench."""
+    return _kernel("int4_f32_mm")
 
 
 def f32_mm() -> F32Mm | None:

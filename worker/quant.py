@@ -2,17 +2,32 @@
 weight matmul of a rank goes through.
 
 On disk (``edgellm shard --quantize``) a quantized matrix ``name`` of shape (N, K) is two
-tensors of its block:
+tensors of its block. The bytes are edgellm's own (``QUANT_FORMAT``), the same whatever CPU
+writes or reads them:
 
-- int8, symmetric per output channel: ``name`` int8 (N, K) and ``name.scales`` (N,);
+- int8, symmetric per output channel: ``name`` int8 (N, K) and ``name.scales`` bfloat16 (N,);
   ``w[n, k] ~= q[n, k] * scales[n]``.
-- int4, asymmetric per group of ``g`` inputs: ``name`` uint8 (N, K/2) holding two nibbles per
-  byte and ``name.scales_zeros`` (K/g, N, 2); ``w[n, k] ~= (q[n, k] - 8) * scale + zero`` with
-  the (scale, zero) of row n, group k // g. This is the convention of torch's CPU kernel
-  ``_weight_int4pack_mm_for_cpu`` (tinygemm's), and the nibbles are stored in that kernel's
-  byte order (see ``pack_int4``): a block streams from disk into its buffer and computes as
-  it lies, with no conversion and no memory beyond the budget's buffers. The order is a
-  fixed byte layout written by pure tensor ops here, so any CPU (x86 or ARM) reads it.
+- int4, asymmetric per group of ``g`` inputs (g in ``GROUP_SIZES``; needs K % g == 0 only):
+  ``name`` uint8 (N, K/2), row-major by output row n. Each row is K/32 blocks of 16 bytes; in
+  block b, byte i (0..15) is ``q[n, 32b+i] | (q[n, 32b+16+i] << 4)``: the low nibbles are the
+  block's first 16 inputs, the high nibbles its last 16 (ggml Q4_0's order), q in 0..15.
+  ``name.scales_zeros`` bfloat16 (N, K/g, 2): (scale, zero) of row n, group j, and
+  ``w[n, k] ~= (q[n, k] - 8) * scale + zero`` with j = k // g.
+
+Format 1 (before QUANT_FORMAT was written) stored int4 nibbles in the byte order that torch's
+``_convert_weight_to_int4pack_for_cpu`` produces on AVX2; that order depends on the CPU
+capability torch picks (``default`` on every ARM CPU, ``avx2``, ``avx512`` differ), so such a
+shard computed garbage elsewhere. Its int4 shards are refused (``worker.weights``).
+
+Where int4 computes: the native kernel (``worker.native.int4_mm``: x86 AVX2, or armkern's NEON)
+reads these bytes as they lie in a block's buffer. Without one, ``kernel_layout`` rewrites each
+int4 matrix in place, right after its block is read (``ShardFile.read_into``: resident loads,
+the streamed window and the expert cache alike), into what torch's
+``_weight_int4pack_mm_for_cpu`` wants under the running capability: nibbles through
+``_convert_weight_to_int4pack_for_cpu`` 64 rows at a time, scales transposed to (K/g, N, 2).
+It needs N % 16 == 0, so the last N % 16 rows stay in edgellm's layout and are dequantized at
+each product. The conversion allocates no more than 64 rows' nibbles as int32 and one copy of
+the scales; its time is in docs/incoming/int4fmt.md.
 
 Scales are stored in bfloat16, the dtype the kernels run in (below): a bf16 scale is off by at
 most 2^-9 (0.2%), an order of magnitude under the rounding error of the weights themselves.
@@ -56,9 +71,18 @@ SCALE_DTYPE = torch.bfloat16
 KERNEL_DTYPE = torch.bfloat16  # activations of the quantized kernels (module docstring); ``linear`` casts to it
 # The weight matrices of a block that are quantized; everything else stays in float.
 QUANTIZED_FIELDS = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down")
-_SCALES, _SCALES_ZEROS = "scales", "scales_zeros"
+# Side tensors: int8 scales; int4 (scale, zero) in edgellm's layout; and the same converted in
+# place for torch's kernel (``kernel_layout``), a name no shard file holds.
+_SCALES, _SCALES_ZEROS, _TORCH_SCALES_ZEROS = "scales", "scales_zeros", "torch_scales_zeros"
 INT8_K_MULTIPLE = 8  # _weight_int8pack_mm reads K in steps of 8 and crashes (SIGSEGV) otherwise
-INT4_N_MULTIPLE = 32  # pack_int4's layout interleaves rows in blocks of 32
+# The byte layout of quantized shards (module docstring); 1 was torch's AVX2 int4 order. Written
+# in the shard manifest and in the quantized cache's key.
+QUANT_FORMAT = 2
+Q4_BLOCK = 32  # inputs per int4 block of 16 bytes
+TORCH_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu's rows ("expect N to be dividable by 16")
+# Rows converted at a time: a multiple of every capability's row block (32 on default/AVX2, 64 on
+# AVX-512), so each chunk converts to the rows of the whole matrix's conversion.
+_CONVERT_ROWS = 64
 
 
 class QuantError(CheckpointError):
@@ -101,9 +125,14 @@ class QuantSpec:
 class QuantWeight:
     """A quantized (N, K) matrix as the kernels take it (views into a block's buffer)."""
 
-    weight: torch.Tensor  # int8 (N, K), or uint8 (N, K/2) in pack_int4's order
-    scales: torch.Tensor  # int8: (N,); int4: (K/g, N, 2) scale and zero
+    weight: torch.Tensor  # int8 (N, K), or uint8 (N, K/2) in edgellm's int4 layout (pack_int4)
+    scales: torch.Tensor  # int8: (N,); int4: (N, K/g, 2) scale and zero
     group_size: int  # 0 for int8
+    # int4 converted for torch's kernel (``kernel_layout``): weight holds its first N - N % 16
+    # rows in _convert_weight_to_int4pack_for_cpu's order and scales is (K/g, N - N % 16, 2);
+    # the rest of the rows, in edgellm's layout, are ``tail`` (None when N % 16 == 0).
+    torch_layout: bool = False
+    tail: QuantWeight | None = None
 
     @property
     def bits(self) -> int:
@@ -112,19 +141,24 @@ class QuantWeight:
     @property
     def shape(self) -> tuple[int, int]:
         n, k = self.weight.shape
-        return n, k * (2 if self.group_size else 1)
+        return n + (self.tail.shape[0] if self.tail else 0), k * (2 if self.group_size else 1)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales))
+        own = sum(t.numel() * t.element_size() for t in (self.weight, self.scales))
+        return own + (self.tail.nbytes() if self.tail else 0)
 
     def dequantize(self) -> torch.Tensor:
-        """The fp32 (N, K) matrix this weight stands for (tests and error checks; compute never calls it)."""
+        """The fp32 (N, K) matrix this weight stands for (tests, error checks and the rows torch's
+        int4 kernel cannot take; the products never call it otherwise)."""
         s = self.scales.float()
         if not self.group_size:
             return self.weight.float() * s[:, None]
+        if self.torch_layout:
+            head = QuantWeight(pack_int4(unpack_torch_int4(self.weight)), self.scales.transpose(0, 1), self.group_size)
+            return torch.cat([head.dequantize(), *([self.tail.dequantize()] if self.tail else [])])
         n, k = self.shape
         q = unpack_int4(self.weight).float().view(n, k // self.group_size, self.group_size)  # (N, K/g, g)
-        scale, zero = s[..., 0].t()[..., None], s[..., 1].t()[..., None]  # (N, K/g, 1) each
+        scale, zero = s[..., 0, None], s[..., 1, None]  # (N, K/g, 1) each
         return ((q - 8) * scale + zero).view(n, k)
 
 
@@ -152,6 +186,8 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     elif (not w.group_size and x.dtype == torch.float32 and w.scales.dtype == SCALE_DTYPE
             and (int8_mm := native.int8_mm()) is not None):
         y = int8_mm(flat.contiguous(), w.weight.contiguous(), w.scales.contiguous())  # (T, N)
+    elif w.group_size and not w.torch_layout:
+        y = _edgellm_int4(flat, w).to(x.dtype)  # (T, N)
     else:
         y = _torch_kernel(flat, w)  # (T, N) in KERNEL_DTYPE
         # .bfloat16() / .float() rather than .to(dtype): the same copy, half the Python-side cost
@@ -165,9 +201,30 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
 def _torch_kernel(flat: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """torch's weight-only kernel for ``w`` on rows ``flat`` (T, K): (T, N) in ``KERNEL_DTYPE``."""
     scales = w.scales if w.scales.dtype == KERNEL_DTYPE else w.scales.to(KERNEL_DTYPE)
-    if w.group_size:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.bfloat16(), w.weight, w.group_size, scales)
-    return torch.ops.aten._weight_int8pack_mm(flat.bfloat16(), w.weight, scales)
+    if not w.group_size:
+        return torch.ops.aten._weight_int8pack_mm(flat.bfloat16(), w.weight, scales)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.bfloat16(), w.weight, w.group_size, scales)
+    if w.tail is None:
+        return y
+    tail = F.linear(flat.bfloat16().float(), w.tail.dequantize())  # (T, N % 16): as the kernel, bf16 x, fp32 sums
+    return torch.cat([y, tail.bfloat16()], dim=-1)  # (T, N)
+
+
+_warned_unconverted: list[bool] = []
+
+
+def _edgellm_int4(flat: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """An int4 weight in edgellm's layout on rows ``flat`` (T, K): (T, N) in fp32, by the native
+    kernel; without one, converted for torch's kernel at every call (a block that did not come
+    through ``kernel_layout``: correct, slow, and said once)."""
+    if (int4_mm := native.int4_mm()) is not None:
+        return int4_mm(flat.float().contiguous(), w.weight.contiguous(), w.scales.contiguous(), w.group_size)
+    if not _warned_unconverted:
+        _warned_unconverted.append(True)
+        log.warning("an int4 matrix in edgellm's layout is converted for torch's kernel at every product; "
+                    "blocks read through ShardFile are converted once, as they load")
+    converted = to_torch_layout(w.weight.clone(), w.scales.clone(), w.group_size)
+    return _torch_kernel(flat, converted).float()
 
 
 def field(fields: dict[str, torch.Tensor], name: str) -> Weight | None:
@@ -180,9 +237,11 @@ def field(fields: dict[str, torch.Tensor], name: str) -> Weight | None:
         return QuantWeight(w, scales, 0)
     if (scales_zeros := fields.get(f"{name}.{_SCALES_ZEROS}")) is not None:
         n, k = w.shape[0], 2 * w.shape[1]
-        group = k // max(1, scales_zeros.shape[0])
+        group = k // max(1, scales_zeros.shape[1])
         _check_int4(name, n, k, group)
         return QuantWeight(w, scales_zeros, group)
+    if (converted := fields.get(f"{name}.{_TORCH_SCALES_ZEROS}")) is not None:
+        return to_torch_layout(w, converted, 2 * w.shape[1] // converted.shape[1], in_place=False)
     return w
 
 
@@ -199,7 +258,7 @@ def quantize_lm_head(lm_head: torch.Tensor) -> dict[str, torch.Tensor] | None:
 
 def is_aux(name: str) -> bool:
     """Whether a block field is a quantization side tensor (kept in its stored dtype)."""
-    return name.endswith((f".{_SCALES}", f".{_SCALES_ZEROS}"))
+    return name.endswith((f".{_SCALES}", f".{_SCALES_ZEROS}", f".{_TORCH_SCALES_ZEROS}"))
 
 
 def block_bits(fields: dict[str, torch.Tensor]) -> set[int]:
@@ -217,9 +276,6 @@ def _check_int4(name: str, n: int, k: int, group: int) -> None:
     if group not in GROUP_SIZES or k % group:
         raise QuantError(f"{name} ({n}x{k}): int4 with --group-size {group} needs an input width divisible "
                          f"by {group}; use a group size that divides {k}, another split (--weights) or int8")
-    if n % INT4_N_MULTIPLE:
-        raise QuantError(f"{name} ({n}x{k}): int4 needs an output width divisible by {INT4_N_MULTIPLE}; "
-                         f"change the split (--weights) or use int8")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,35 +287,84 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of ``group`` inputs (min/max): (packed uint8 (N, K/2),
-    scales_zeros (K/g, N, 2) bf16) with w ~= (q - 8) * scale + zero."""
+    """Asymmetric int4 per group of ``group`` inputs (min/max): (packed uint8 (N, K/2) in
+    edgellm's layout, scales_zeros (N, K/g, 2) bf16) with w ~= (q - 8) * scale + zero."""
     n, k = w.shape
     wg = w.float().view(n, k // group, group)  # (N, K/g, g)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, K/g)
     scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(SCALE_DTYPE)
     zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
     q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)  # (N, K/g, g)
-    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
-    return pack_int4(q.view(n, k).to(torch.uint8)), scales_zeros
+    return pack_int4(q.view(n, k).to(torch.uint8)), torch.stack([scale, zero], dim=-1)  # (N, K/g, 2)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Nibbles (N, K) in 0..15 -> uint8 (N, K/2) in ``_convert_weight_to_int4pack_for_cpu``'s order:
-    rows in blocks of 32; for each block and input k, 16 bytes whose byte i is row i's nibble
-    (low) and row i+16's (high)."""
+    """Nibbles (N, K) in 0..15 -> uint8 (N, K/2) in edgellm's layout: per block of 32 inputs,
+    byte i holds input i (low nibble) and input 16 + i (high)."""
     n, k = q.shape
-    v = q.to(torch.uint8).view(n // 32, 2, 16, k)  # (N/32, half, 16, K)
-    packed = (v[:, 0] | (v[:, 1] << 4)).transpose(1, 2).contiguous()  # (N/32, K, 16)
-    return packed.view(n, k // 2)
+    v = q.to(torch.uint8).view(n, k // Q4_BLOCK, 2, Q4_BLOCK // 2)  # (N, K/32, half, 16)
+    return (v[:, :, 0] | (v[:, :, 1] << 4)).view(n, k // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of ``pack_int4``: uint8 (N, K/2) -> nibbles uint8 (N, K)."""
     n, half = packed.shape
-    k = 2 * half
-    v = packed.reshape(n // 32, k, 16).transpose(1, 2)  # (N/32, 16, K)
-    q = torch.stack([v & 15, v >> 4], dim=1)  # (N/32, half, 16, K)
-    return q.reshape(n, k)
+    v = packed.reshape(n, half // 16, 1, 16)  # (N, K/32, 1, 16)
+    return torch.cat([v & 15, v >> 4], dim=2).view(n, 2 * half)  # (N, K/32, half, 16) -> (N, K)
+
+
+def unpack_torch_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Nibbles uint8 (N, K) of a matrix in torch's packed order for the running capability (the
+    inverse of _convert_weight_to_int4pack_for_cpu, read back through its own kernel: the
+    product with the identity, groups of 32, scale 1 and zero 8, returns q). For tests."""
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    ones = torch.ones(k // 32, n, 2, dtype=torch.bfloat16)
+    ones[..., 1] = 8
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, 32, ones)  # (K, N): q.T exactly (0..15 in bf16)
+    return q.t().round().to(torch.uint8).contiguous()
+
+
+def to_torch_layout(weight: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+                    in_place: bool = True) -> QuantWeight:
+    """An int4 matrix in edgellm's layout (weight uint8 (N, K/2), scales_zeros (N, K/g, 2)) as
+    torch's ``_weight_int4pack_mm_for_cpu`` takes it under the running CPU capability, written
+    over the same memory (``in_place``; else the memory already holds it, as ``kernel_layout``
+    left it): the first N16 = N - N % 16 rows through ``_convert_weight_to_int4pack_for_cpu``
+    (which needs N % 16 == 0) in chunks of ``_CONVERT_ROWS`` rows, their scales transposed to
+    (K/g, N16, 2) at the start of the scales' memory; the last rows stay as they were (``tail``)."""
+    n, half = weight.shape
+    groups = scales_zeros.shape[1]
+    n16 = n - n % TORCH_INT4_N_MULTIPLE
+    if in_place:
+        for r in range(0, n16, _CONVERT_ROWS):
+            e = min(r + _CONVERT_ROWS, n16)
+            nibbles = unpack_int4(weight[r:e]).to(torch.int32)  # (rows, K)
+            weight[r:e].copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
+        head_scales = scales_zeros[:n16].transpose(0, 1).contiguous()  # (K/g, N16, 2)
+        scales_zeros.view(-1)[: head_scales.numel()].copy_(head_scales.view(-1))
+    flat = scales_zeros.view(-1)
+    tail = None
+    if n16 < n:
+        tail = QuantWeight(weight[n16:], flat[n16 * groups * 2:].view(n - n16, groups, 2), group)
+    return QuantWeight(weight[:n16], flat[: n16 * groups * 2].view(groups, n16, 2), group, torch_layout=True,
+                       tail=tail)
+
+
+def kernel_layout(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A block's fields as the running int4 kernel reads them: as they are where the native int4
+    kernel runs; otherwise each int4 matrix converted in place for torch's kernel, its scales
+    renamed so that ``field`` knows. Called on every block read from a shard (``ShardFile``)."""
+    int4 = [name for name in fields if name.endswith(f".{_SCALES_ZEROS}")]
+    if not int4 or native.int4_mm() is not None:
+        return fields
+    out = dict(fields)
+    for aux in int4:
+        name = aux.removesuffix(f".{_SCALES_ZEROS}")
+        w, scales_zeros = out[name], out.pop(aux)
+        to_torch_layout(w, scales_zeros, 2 * w.shape[1] // scales_zeros.shape[1])
+        out[f"{name}.{_TORCH_SCALES_ZEROS}"] = scales_zeros
+    return out
 
 
 def quantize_block(block: str, fields: dict[str, torch.Tensor], bits: int | None, group_size: int,

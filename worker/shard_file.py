@@ -6,6 +6,11 @@ block is one contiguous byte range and loads with one read straight into a calle
 buffer, without a copy and without mmap (mapped file pages would count in the RSS the
 budget is about).
 
+A block's int4 matrices come back as the running int4 kernel reads them
+(``worker.quant.kernel_layout``: as stored where the native kernel runs, else converted in
+place in the caller's buffer for torch's kernel), so every reader (the resident load, the
+streamed window, the expert cache) computes right on any CPU.
+
 After every read the range is dropped from the page cache (``posix_fadvise(DONTNEED)``), so
 each pass over the shard really reads the disk: the memory stays within the budget, and the
 I/O figures are cold-cache figures.
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from worker.config import CheckpointError
+from worker.quant import kernel_layout
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
            "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
@@ -92,7 +98,8 @@ class ShardFile:
         return block in self.blocks
 
     def read_into(self, block: str, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Read ``block`` into the start of ``buffer`` (uint8, contiguous); return its tensors as views."""
+        """Read ``block`` into the start of ``buffer`` (uint8, contiguous); return its tensors as
+        views, int4 matrices in the running kernel's layout (the module docstring)."""
         entry = self.blocks[block]
         if buffer.dtype != torch.uint8 or buffer.numel() < entry.nbytes:
             raise ValueError(f"buffer of {buffer.numel()} bytes cannot hold {block} ({entry.nbytes} bytes)")
@@ -109,7 +116,7 @@ class ShardFile:
         with self._lock:
             self.bytes_read += entry.nbytes
             self.read_seconds += time.perf_counter() - start
-        return {t.name: _view(buffer, t) for t in entry.tensors}
+        return kernel_layout({t.name: _view(buffer, t) for t in entry.tensors})
 
     def read_field(self, block: str, field: str) -> torch.Tensor:
         """One tensor of ``block``, into fresh memory (for the small resident routers and norms)."""

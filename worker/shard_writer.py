@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from worker.checkpoint import Checkpoint
 from worker.config import CheckpointError
-from worker.quant import QuantSpec, quantize_block, quantize_lm_head
+from worker.quant import QUANT_FORMAT, QuantSpec, quantize_block, quantize_lm_head
 from worker.shard_fetch import file_sha256
 from worker.sharding import RankShard
 from worker.weights import (
@@ -115,7 +115,8 @@ def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, 
     world = len(shards)
     with Checkpoint(model_dir) as ckpt:
         cfg = ckpt.config
-        meta = {"format": str(SHARD_FORMAT)} | ({"quantize": json.dumps(quant.to_dict())} if quant else {})
+        meta = {"format": str(SHARD_FORMAT)} | ({"quantize": json.dumps(quant.to_dict()),
+                                                 "quant_format": str(QUANT_FORMAT)} if quant else {})
         writers = [StreamingSafetensorsWriter(out / shard_file_name(s.rank, world), meta | {"shard": json.dumps(asdict(s))})
                    for s in shards]
         slice_dtype = torch.float32 if quant else dtype
@@ -160,6 +161,7 @@ def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, 
             shutil.copyfile(src, out / name)
     manifest = {"format": SHARD_FORMAT, "world_size": world, "dtype": str(dtype).removeprefix("torch."),
                 "quantize": quant.to_dict() if quant else None,
+                "quant_format": QUANT_FORMAT if quant else None,  # worker.quant's byte layout
                 "weights": weights,  # the --weights of this split, for `serve` without --weights (None: not given)
                 "shards": [asdict(s) | {"file": shard_file_name(s.rank, world)} for s in shards],
                 # checked before a rank loads its file: a corrupted copy is refused, not computed with

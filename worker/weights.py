@@ -19,7 +19,7 @@ import torch
 
 from worker.checkpoint import Checkpoint, open_safetensors
 from worker.config import CheckpointError
-from worker.quant import QuantWeight, Weight, field
+from worker.quant import QUANT_FORMAT, QuantWeight, Weight, field
 from worker.sharding import RankShard
 
 SHARD_MANIFEST = "edgellm_shards.json"
@@ -220,6 +220,7 @@ def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
     if manifest.get("format") != SHARD_FORMAT:
         raise CheckpointError(f"{model_dir} holds shards of format {manifest.get('format')}, this edgellm reads "
                               f"format {SHARD_FORMAT}; re-run `edgellm shard`")
+    check_quant_format(model_dir, manifest)
     path = Path(model_dir) / shard_file_name(shard.rank, shard.world_size)
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file missing")
@@ -228,6 +229,32 @@ def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
     if stored != shard:
         raise CheckpointError(f"{path} holds {stored}, but this rank needs {shard}; re-run `edgellm shard`")
     return path
+
+
+def check_quant_format(model_dir: str | Path, manifest: dict) -> None:
+    """Refuse int4 shards in a byte layout this edgellm does not read (format 1 stored torch's AVX2
+    order, which computes garbage on other CPUs: ``worker.quant``), naming the command that
+    rewrites them. int8 kept its layout; its shards of any format are read."""
+    quant = manifest.get("quantize")
+    found = manifest.get("quant_format", 1)
+    if not quant or 4 not in (quant.get("bits"), quant.get("expert_bits")) or found == QUANT_FORMAT:
+        return
+    flags = [f"--ranks {manifest.get('world_size', len(manifest.get('shards', [])))}"]
+    if quant.get("bits"):
+        flags.append(f"--quantize int{quant['bits']}")
+    if quant.get("expert_bits"):
+        flags.append(f"--expert-bits {quant['expert_bits']}")
+    flags.append(f"--group-size {quant.get('group_size', 64)}")
+    if quant.get("bits") and not quant.get("lm_head_bits"):
+        flags.append("--lm-head float")
+    if manifest.get("weights"):
+        flags.append("--weights " + ",".join(f"{w:g}" for w in manifest["weights"]))
+    if manifest.get("dtype", "float32") != "float32":
+        flags.append(f"--dtype {manifest['dtype']}")
+    raise CheckpointError(f"{model_dir} holds int4 shards in an older byte layout (quantization format {found}; "
+                          f"this edgellm reads format {QUANT_FORMAT}, the same on every CPU): rewrite them from the "
+                          f"Hugging Face checkpoint with `edgellm shard --model CHECKPOINT {' '.join(flags)} "
+                          f"--out {model_dir}`")
 
 
 def load_hub(model_dir: str | Path, dtype: torch.dtype) -> HubWeights:

@@ -1,0 +1,215 @@
+/* int4 products (int4_gemm): y (m, n) = x (m, k) @ dequant(w).T, reading the edgellm int4 format
+ * as it lies in a shard's buffer (worker/quant.py defines it):
+ *   w   uint8 (n, k/2), per row k/32 blocks of 16 bytes; byte i of block b holds input 32b+i in
+ *       its low nibble and input 32b+16+i in its high nibble (ggml Q4_0's order);
+ *   sz  bfloat16 (n, k/g, 2): (scale, zero) of row r, group j; w[r, c] = (q - 8) * scale + zero.
+ * x and y are float32, row-major. k is a multiple of g, and g of 32.
+ *
+ * Activations are quantized to int8 per 32-input block first (Q8_0 / distributed-llama's Q80:
+ * xq = round(x / d), d = max|x| / 127), and each block of 32 weights is one integer dot product
+ * (vpmaddubsw: unsigned nibble times signed int8, vpmaddwd: pairs to int32), converted to float
+ * and scaled by d once. In floats per group j of row r:
+ *   sum_c x[c] w[r, c] = scale_j * sum_b d_b * isum_b + (zero_j - 8 scale_j) * X_j
+ * where isum_b = sum q * xq over block b of the group and X_j = sum_b d_b * sum(xq over b), the
+ * group's sum of the quantized x (computed once per row of x). The activations' rounding (half a
+ * step, d/2, per input) is the one error beside fp32 summation; tests bound it.
+ *
+ * Built with matmul.c by worker/native.py (x86-64 with AVX2 and FMA). */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define Q4_BLOCK 32
+#define Q4_MIN_BLOCKS_PER_THREAD 16 /* 4-row blocks below which a second thread costs more than it saves */
+#define Q4_PREFETCH 4096            /* bytes ahead on a block's weight rows */
+
+static inline float q4_hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+static inline float q4_bf16(uint16_t b) {
+    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
+    return v.f;
+}
+
+/* Row x (k floats) as int8 blocks: xq (k), d (k/32) and, per group of g, X (k/g) = sum d * xq. */
+static void quantize_row_q8(const float *x, int k, int g, int8_t *xq, float *d, float *xg) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < k / Q4_BLOCK; b++) {
+        const float *xb = x + Q4_BLOCK * b;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int t = 0; t < 4; t++) {
+            v[t] = _mm256_loadu_ps(xb + 8 * t);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[t]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float mx = _mm_cvtss_f32(h);
+        const float db = mx / 127.0f;
+        const __m256 inv = _mm256_set1_ps(db > 0.0f ? 127.0f / mx : 0.0f);
+        __m256i ints[4];
+        for (int t = 0; t < 4; t++)
+            ints[t] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[t], inv),
+                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        /* int32 x 32 -> int8 x 32 in order (packs interleave 128-bit lanes; the permute undoes it) */
+        const __m256i s01 = _mm256_packs_epi32(ints[0], ints[1]), s23 = _mm256_packs_epi32(ints[2], ints[3]);
+        const __m256i s = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(s01, s23),
+                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + Q4_BLOCK * b), s);
+        const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        d[b] = db;
+        const int j = Q4_BLOCK * b / g;
+        if (Q4_BLOCK * b % g == 0) xg[j] = 0.0f;
+        xg[j] += db * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* 16 bytes of a weight block as 32 nibbles in input order: low nibbles (inputs 0-15) in the low
+ * lane, high nibbles (16-31) in the high lane. */
+static inline __m256i q4_nibbles(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+/* ROWS weight rows (row stride k/2 bytes) against one quantized row of x: out[r] = sum_c x w.
+ * Inlined with a constant ROWS (1 or 4) so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void q4_rows(const uint8_t *w, const uint16_t *sz, int k, int g,
+                                                          const int8_t *xq, const float *d, const float *xg,
+                                                          int rows, int prefetch, float *out) {
+    const int half = k / 2, groups = k / g, per_group = g / Q4_BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    float c[4];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps(), c[r] = 0.0f;
+    for (int j = 0; j < groups; j++) {
+        __m256 accg[4];
+        for (int r = 0; r < rows; r++) accg[r] = _mm256_setzero_ps();
+        for (int t = 0; t < per_group; t++) {
+            const int b = j * per_group + t;
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + Q4_BLOCK * b));
+            const __m256 db = _mm256_set1_ps(d[b]);
+            for (int r = 0; r < rows; r++) {
+                const uint8_t *p = w + (int64_t)r * half + 16 * b;
+                if (prefetch && (b & 3) == 0) _mm_prefetch((const char *)p + Q4_PREFETCH, _MM_HINT_T0);
+                const __m256i prod = _mm256_madd_epi16(_mm256_maddubs_epi16(q4_nibbles(p), xv), ones);
+                accg[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), db, accg[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const float scale = q4_bf16(sz[((int64_t)r * groups + j) * 2]);
+            const float zero = q4_bf16(sz[((int64_t)r * groups + j) * 2 + 1]);
+            acc[r] = _mm256_fmadd_ps(accg[r], _mm256_set1_ps(scale), acc[r]);
+            c[r] += (zero - 8.0f * scale) * xg[j];
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = q4_hsum(acc[r]) + c[r];
+}
+
+/* y (m, n) = x (m, k) @ dequant(w).T (the header says how). x is quantized once, then every
+ * 4-row block of w is read from memory once for all m rows of x (the first row streams it with
+ * a software prefetch, the others find it in L1/L2), the blocks split across threads. */
+void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, int m, int n, int k, int g,
+               int threads) {
+    const int nb = k / Q4_BLOCK, groups = k / g;
+    int8_t *xq = malloc((size_t)m * k);
+    float *d = malloc(sizeof(float) * (size_t)m * nb), *xg = malloc(sizeof(float) * (size_t)m * groups);
+    for (int i = 0; i < m; i++)
+        quantize_row_q8(x + (int64_t)i * k, k, g, xq + (int64_t)i * k, d + (int64_t)i * nb, xg + (int64_t)i * groups);
+    const int blocks = n / 4;
+    if (threads > 1 && blocks < Q4_MIN_BLOCKS_PER_THREAD * threads) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int blk = 0; blk < blocks; blk++) {
+        const uint8_t *w0 = w + (int64_t)4 * blk * (k / 2);
+        const uint16_t *s0 = sz + (int64_t)4 * blk * groups * 2;
+        for (int i = 0; i < m; i++) {
+            float out[4];
+            q4_rows(w0, s0, k, g, xq + (int64_t)i * k, d + (int64_t)i * nb, xg + (int64_t)i * groups, 4, i == 0, out);
+            for (int r = 0; r < 4; r++) y[(int64_t)i * n + 4 * blk + r] = out[r];
+        }
+    }
+    for (int r = 4 * blocks; r < n; r++)
+        for (int i = 0; i < m; i++)
+            q4_rows(w + (int64_t)r * (k / 2), sz + (int64_t)r * groups * 2, k, g, xq + (int64_t)i * k,
+                    d + (int64_t)i * nb, xg + (int64_t)i * groups, 1, 0, y + (int64_t)i * n + r);
+    free(xq);
+    free(d);
+    free(xg);
+}
+
+/* The same product with fp32 activations throughout: each block of 32 weights is converted to
+ * floats and multiplied by x with FMAs (no activation rounding; more work per weight). For
+ * measuring against int4_gemm (bench/int4_kernels.py); X_j is then the exact group sum of x. */
+static inline __attribute__((always_inline)) void q4f_rows(const uint8_t *w, const uint16_t *sz, int k, int g,
+                                                           const float *x, const float *xg, int rows,
+                                                           int prefetch, float *out) {
+    const int half = k / 2, groups = k / g, per_group = g / Q4_BLOCK;
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m256 acc[4];
+    float c[4];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps(), c[r] = 0.0f;
+    for (int j = 0; j < groups; j++) {
+        __m256 accg[4];
+        for (int r = 0; r < rows; r++) accg[r] = _mm256_setzero_ps();
+        for (int t = 0; t < per_group; t++) {
+            const int b = j * per_group + t;
+            const float *xb = x + Q4_BLOCK * b;
+            const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+            const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+            for (int r = 0; r < rows; r++) {
+                const uint8_t *p = w + (int64_t)r * half + 16 * b;
+                if (prefetch && (b & 3) == 0) _mm_prefetch((const char *)p + Q4_PREFETCH, _MM_HINT_T0);
+                const __m128i v = _mm_loadu_si128((const __m128i *)p);
+                const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                __m256 a = accg[r];
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0, a);
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), x1, a);
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, a);
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), x3, a);
+                accg[r] = a;
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const float scale = q4_bf16(sz[((int64_t)r * groups + j) * 2]);
+            const float zero = q4_bf16(sz[((int64_t)r * groups + j) * 2 + 1]);
+            acc[r] = _mm256_fmadd_ps(accg[r], _mm256_set1_ps(scale), acc[r]);
+            c[r] += (zero - 8.0f * scale) * xg[j];
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = q4_hsum(acc[r]) + c[r];
+}
+
+void int4_gemm_f32(const uint8_t *w, const uint16_t *sz, const float *x, float *y, int m, int n, int k, int g,
+                   int threads) {
+    const int groups = k / g;
+    float *xg = malloc(sizeof(float) * (size_t)m * groups);
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < groups; j++) {
+            float s = 0.0f;
+            for (int c = 0; c < g; c++) s += x[(int64_t)i * k + j * g + c];
+            xg[i * groups + j] = s;
+        }
+    const int blocks = n / 4;
+    if (threads > 1 && blocks < Q4_MIN_BLOCKS_PER_THREAD * threads) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int blk = 0; blk < blocks; blk++) {
+        const uint8_t *w0 = w + (int64_t)4 * blk * (k / 2);
+        const uint16_t *s0 = sz + (int64_t)4 * blk * groups * 2;
+        for (int i = 0; i < m; i++) {
+            float out[4];
+            q4f_rows(w0, s0, k, g, x + (int64_t)i * k, xg + (int64_t)i * groups, 4, i == 0, out);
+            for (int r = 0; r < 4; r++) y[(int64_t)i * n + 4 * blk + r] = out[r];
+        }
+    }
+    for (int r = 4 * blocks; r < n; r++)
+        for (int i = 0; i < m; i++)
+            q4f_rows(w + (int64_t)r * (k / 2), sz + (int64_t)r * groups * 2, k, g, x + (int64_t)i * k,
+                     xg + (int64_t)i * groups, 1, 0, y + (int64_t)i * n + r);
+    free(xg);
+}
