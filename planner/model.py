@@ -36,8 +36,9 @@ from worker.sharding import RankShard
 MIB = 1 << 20
 # Peak RSS of a rank beyond its budget (Python, torch, gRPC, ZeroMQ, activations): README "Memory budget".
 FIXED_OVERHEAD_BYTES = 384 * MIB
-# Bytes per weight. int8: per-channel scales are negligible; int4: groups of 32 with a 16-bit
-# scale (4.5 bits, like distributed-llama's Q40 and llama.cpp's Q4_0).
+# Bytes per weight. int8: per-channel scales are negligible; int4: a bf16 scale and zero per group of 64
+# inputs (edgellm shard's default --group-size; worker/quant.py's format): 4.5 bits, like
+# distributed-llama's Q40 and llama.cpp's Q4_0 (a 16-bit scale per 32).
 BYTES_PER_PARAM: dict[str, float] = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5625}
 
 

@@ -392,3 +392,52 @@ def test_three_ranks_of_a_real_intermediate_size_quantize(tmp_path: Path, quanti
     _, float_logits = _greedy(float_dir, [1.0] * 3, 4)
     assert len(got) == 4 and torch.isfinite(logits).all()
     assert (logits - float_logits).abs().max() < (0.1 if quantize == "int8" else 0.5) * float_logits.abs().max()
+
+
+def test_int4_shards_of_the_old_layout_are_refused_with_the_command_that_rewrites_them(tmp_path: Path) -> None:
+    """A manifest without ``quant_format`` (format 1: torch's AVX2 nibble order) holding int4 is
+    refused before a rank computes garbage from it, by the coordinator and by a rank, naming the
+    `edgellm shard` flags it was written with; int8 kept its layout and is still served."""
+    import json
+
+    from worker.config import CheckpointError
+    from worker.quant import QUANT_FORMAT
+    from worker.weights import SHARD_MANIFEST, check_quant_format, read_manifest
+
+    def as_format_1(shard_dir: Path) -> dict:
+        manifest = read_manifest(shard_dir)
+        assert manifest["quant_format"] == QUANT_FORMAT
+        del manifest["quant_format"]
+        (shard_dir / SHARD_MANIFEST).write_text(json.dumps(manifest))
+        return manifest
+
+    int4_dir = _shard(DEFAULT_MODEL, tmp_path / "q4", "--quantize", "int4", "--group-size", "32", ranks=2)
+    manifest = as_format_1(int4_dir)
+    with pytest.raises(CheckpointError, match="older byte layout") as refused:
+        check_quant_format(int4_dir, manifest)
+    assert (f"`edgellm shard --model CHECKPOINT --ranks 2 --quantize int4 --group-size 32 --weights 1,1 "
+            f"--out {int4_dir}`") in str(refused.value)
+    shard = plan_shards(ModelConfig.from_dir(int4_dir), [1.0, 1.0])[1]
+    with pytest.raises(CheckpointError, match="older byte layout"):
+        rank_shard_path(int4_dir, shard)
+    assert edgellm_main(["serve", "--model", str(int4_dir), "--local-workers", "1"]) == 2
+    experts_dir = tmp_path / "e4"
+    (experts_dir).mkdir()
+    with pytest.raises(CheckpointError, match="--quantize int8 --expert-bits 4 --group-size 64"):
+        check_quant_format(experts_dir, manifest | {"quantize": QuantSpec(8, 64, 4).to_dict()})
+    int8_dir = _shard(DEFAULT_MODEL, tmp_path / "q8", "--quantize", "int8", ranks=2)
+    check_quant_format(int8_dir, as_format_1(int8_dir))  # no error
+    assert rank_shard_path(int8_dir, shard).is_file()
+
+
+def test_the_quantized_cache_is_keyed_on_the_byte_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --quantize`'s cached copy written by an edgellm of another layout is not served."""
+    from server import quantized_cache
+
+    model = DEFAULT_MODEL
+    shards = plan_shards(ModelConfig.from_dir(model), [1.0])
+    spec = QuantSpec(4, 32)
+    key = quantized_cache.cache_key(model, [1.0], shards, spec, torch.float32)
+    assert quantized_cache.cache_key(model, [1.0], shards, spec, torch.float32) == key
+    monkeypatch.setattr(quantized_cache, "QUANT_FORMAT", 1)
+    assert quantized_cache.cache_key(model, [1.0], shards, spec, torch.float32) != key
