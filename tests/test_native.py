@@ -59,9 +59,19 @@ def test_the_kernel_is_built_where_it_is_supported() -> None:
     assert native.int8_mm() is not None and native.f32_mm() is not None
 
 
+# The shapes and row counts of each kernel's tests (tests/test_arm_kernels.py runs the aarch64
+# build on them too).
+INT8_SHAPES = [(96, 64), (97, 72), (3, 8), (5, 24), (1024, 512), (130, 1544)]
+INT8_ROWS = [1, 2, 3, 6, 12, 13, 14]
+F32_SHAPES = [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 40)]
+F32_ROWS = [1, 2, 3, 4, 5, 6, 64]
+BF16_SHAPES = [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 1040)]
+BF16_ROWS = [1, 2, 3, 4, 64]
+
+
 @needs_native
-@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 24), (1024, 512), (130, 1544)])
-@pytest.mark.parametrize("m", [1, 2, 3, 6, 12, 13, 14])
+@pytest.mark.parametrize(("n", "k"), INT8_SHAPES)
+@pytest.mark.parametrize("m", INT8_ROWS)
 def test_kernel_matches_the_dequantized_matrix_in_fp32(m: int, n: int, k: int) -> None:
     """Block rows and left-over rows (n % 4), 16-wide steps and an 8-wide tail (k % 16 == 8),
     rows of x one at a time and in pairs (odd and even m), and from 12 rows against a block
@@ -100,8 +110,8 @@ def test_linear_uses_it_for_fp32_activations_and_torch_otherwise(monkeypatch: py
 
 
 @needs_native
-@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 40)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 64])
+@pytest.mark.parametrize(("n", "k"), F32_SHAPES)
+@pytest.mark.parametrize("m", F32_ROWS)
 def test_f32_kernel_is_exact_to_fp32_summation(m: int, n: int, k: int) -> None:
     """Weight blocks of 8 rows for one row of x, then a 4-row block (n % 8 >= 4, as 135 and 5
     rows leave), then single rows; blocks of 4 for more rows of x, 3 at a time and the 1 or 2
@@ -141,8 +151,8 @@ def test_linear_takes_the_f32_kernel_for_few_fp32_rows_only(monkeypatch: pytest.
 
 
 @needs_native
-@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 1040)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 64])
+@pytest.mark.parametrize(("n", "k"), BF16_SHAPES)
+@pytest.mark.parametrize("m", BF16_ROWS)
 def test_bf16_kernel_sums_in_fp32_and_rounds_once(m: int, n: int, k: int) -> None:
     """bf16 x and w, fp32 sums (each product of two bf16 is exact in fp32), one rounding to bf16
     at the end: within the fp32 summation bound plus half a bf16 ulp (2^-8 relative) of the fp64
