@@ -21,7 +21,16 @@ import pytest
 import torch
 
 from tests.test_decode_kernels import HD, KH, LAYERS, MAX_LEN, QH, SLOTS, _reference
-from tests.test_native import BF16_ROWS, BF16_SHAPES, F32_ROWS, F32_SHAPES, INT8_ROWS, INT8_SHAPES
+from tests.test_native import (
+    BF16_ROWS,
+    BF16_SHAPES,
+    F32_ROWS,
+    F32_SHAPES,
+    INT8_ROWS,
+    INT8_SHAPES,
+    QBLOCK,
+    activation_half_steps,
+)
 from worker import native
 from worker.config import RopeConfig
 from worker.models.llama import rope_inv_freq, rope_table
@@ -41,7 +50,6 @@ OP_NAMES = {INT8: "int8", INT4: "int4", F32: "f32", BF16: "bf16", RMS_NORM: "rms
 # the float kernels (one code path) on the A72 only, to keep the emulated run short.
 RUNS = [(op, cpu) for op in (INT8, INT4) for cpu in CPUS] + [(op, "cortex-a72") for op in (F32, BF16, RMS_NORM,
                                                                                             SILU_MUL, ATTENTION)]
-QBLOCK = 32  # activations per quantization block (worker/kernels/arm/quant.h)
 THREADS = (2, 1)
 ONE_THREAD_MAX_WORK = 1 << 21  # m * n * k up to which a case is run again on one thread (qemu time)
 
@@ -154,9 +162,7 @@ def _check_int8(case: Case, y: torch.Tensor) -> None:
     assert (err <= bound).all(), f"max error {err.max().item()} against the quantized activations"
     # the contract against the true activations: plus at most d / 2 per activation, times |w|
     ref, _ = _fp32_bound(x, w, k)
-    d = torch.nn.functional.pad(x, (0, -k % QBLOCK)).view(x.shape[0], -1, QBLOCK).abs().amax(-1) / 127
-    half_step = d.double().repeat_interleave(QBLOCK, dim=1)[:, :k] / 2
-    assert ((y.double() - ref).abs() <= bound + half_step @ w.abs().T).all()
+    assert ((y.double() - ref).abs() <= bound + activation_half_steps(x) @ w.abs().T).all()
 
 
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -211,9 +217,7 @@ def _check_int4(case: Case, y: torch.Tensor) -> None:
     err = (y.double() - ref_hat).abs()
     assert (err <= bound).all(), f"max error {err.max().item()} against the quantized activations"
     ref = x.double() @ (centred + zero).T  # the dequantized matrix (worker/quant.py's format)
-    d = x.view(x.shape[0], -1, QBLOCK).abs().amax(-1) / 127
-    half_step = d.double().repeat_interleave(QBLOCK, dim=1) / 2
-    assert ((y.double() - ref).abs() <= bound + half_step @ centred.abs().T).all()
+    assert ((y.double() - ref).abs() <= bound + activation_half_steps(x) @ centred.abs().T).all()
 
 
 def _cases_f32() -> list[Case]:

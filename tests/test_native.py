@@ -21,9 +21,12 @@ from worker import native
 from worker.quant import QuantWeight, linear, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPPORTED_HERE = (platform.system() == "Linux" and platform.machine() == "x86_64"
-                  and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc") is not None)
-needs_native = pytest.mark.skipif(not SUPPORTED_HERE, reason="native int8 kernel is built on Linux x86-64 with AVX2 only")
+SUPPORTED_HERE = (platform.system() == "Linux" and shutil.which("cc") is not None
+                  and (native.machine() == "aarch64" or (native.machine() == "x86_64" and
+                                                          torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))))
+needs_native = pytest.mark.skipif(not SUPPORTED_HERE,
+                                  reason="native kernels are built on Linux x86-64 with AVX2 and Linux aarch64 only")
+QBLOCK = 32  # activations per quantization block of the aarch64 int8/int4 products (worker/kernels/arm/quant.h)
 
 
 def _quantized(n: int, k: int, seed: int) -> QuantWeight:
@@ -36,6 +39,25 @@ def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.T
     error bound of summing K exact products in fp32 and scaling once: (K + 2) * 2^-24 of
     sum |x||w|."""
     return x.double() @ w.double().T, (x.shape[-1] + 2) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+
+
+def activation_half_steps(x: torch.Tensor) -> torch.Tensor:
+    """fp64 (m, k): how far the aarch64 int8/int4 products' int8 activations may be from x (m, k),
+    half a quantization step d / 2, d = max|x| / 127 of the element's 32-block; plus 2^-10 of
+    it for the fp32 rounding of x * (1 / d) before it is rounded to an integer."""
+    m, k = x.shape
+    blocks = F.pad(x.double(), (0, -k % QBLOCK)).view(m, -1, QBLOCK)  # (m, blocks, 32)
+    d = blocks.abs().amax(dim=-1) / 127  # (m, blocks)
+    return (d * (0.5 + 2.0 ** -10)).repeat_interleave(QBLOCK, dim=1)[:, :k]
+
+
+def _int8_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_fp32_bound`` of x and the dequantized int8 matrix w; on aarch64 plus the activations'
+    int8 rounding (the x86 kernel multiplies fp32 activations, the aarch64 one int8 ones)."""
+    ref, bound = _fp32_bound(x, w)
+    if native.machine() == "aarch64":
+        bound = bound + activation_half_steps(x) @ w.double().abs().T
+    return ref, bound
 
 
 def _assert_within_bound_at_any_thread_count(run: Callable[[], torch.Tensor], ref: torch.Tensor,
@@ -81,7 +103,7 @@ def test_kernel_matches_the_dequantized_matrix_in_fp32(m: int, n: int, k: int) -
     assert int8_mm is not None
     w = _quantized(n, k, n + k)
     x = torch.randn(m, k)
-    _assert_within_bound_at_any_thread_count(lambda: int8_mm(x, w.weight, w.scales), *_fp32_bound(x, w.dequantize()))
+    _assert_within_bound_at_any_thread_count(lambda: int8_mm(x, w.weight, w.scales), *_int8_bound(x, w.dequantize()))
 
 
 @needs_native
