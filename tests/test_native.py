@@ -1,4 +1,4 @@
-"""The native matmuls (worker/native.py, worker/kernels/matmul.c), int8 and float32 weights:
+"""The native matmuls (worker/native.py, worker/kernels/x86/matmul.c), int8 and float32 weights:
 built here, exact to fp32 summation against the (dequantized) matrix, used by ``linear`` for fp32
 activations, and off (torch's kernels instead) where they cannot be built."""
 
@@ -21,9 +21,12 @@ from worker import native
 from worker.quant import QuantWeight, linear, quantize_int4, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPPORTED_HERE = (platform.system() == "Linux" and platform.machine() == "x86_64"
-                  and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc") is not None)
-needs_native = pytest.mark.skipif(not SUPPORTED_HERE, reason="native int8 kernel is built on Linux x86-64 with AVX2 only")
+SUPPORTED_HERE = (platform.system() == "Linux" and shutil.which("cc") is not None
+                  and (native.machine() == "aarch64" or (native.machine() == "x86_64" and
+                                                          torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))))
+needs_native = pytest.mark.skipif(not SUPPORTED_HERE,
+                                  reason="native kernels are built on Linux x86-64 with AVX2 and Linux aarch64 only")
+QBLOCK = 32  # activations per quantization block of the aarch64 int8/int4 products (worker/kernels/arm/quant.h)
 
 
 def _quantized(n: int, k: int, seed: int) -> QuantWeight:
@@ -36,6 +39,25 @@ def _fp32_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.T
     error bound of summing K exact products in fp32 and scaling once: (K + 2) * 2^-24 of
     sum |x||w|."""
     return x.double() @ w.double().T, (x.shape[-1] + 2) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+
+
+def activation_half_steps(x: torch.Tensor) -> torch.Tensor:
+    """fp64 (m, k): how far the aarch64 int8/int4 products' int8 activations may be from x (m, k),
+    half a quantization step d / 2, d = max|x| / 127 of the element's 32-block; plus 2^-10 of
+    it for the fp32 rounding of x * (1 / d) before it is rounded to an integer."""
+    m, k = x.shape
+    blocks = F.pad(x.double(), (0, -k % QBLOCK)).view(m, -1, QBLOCK)  # (m, blocks, 32)
+    d = blocks.abs().amax(dim=-1) / 127  # (m, blocks)
+    return (d * (0.5 + 2.0 ** -10)).repeat_interleave(QBLOCK, dim=1)[:, :k]
+
+
+def _int8_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_fp32_bound`` of x and the dequantized int8 matrix w; on aarch64 plus the activations'
+    int8 rounding (the x86 kernel multiplies fp32 activations, the aarch64 one int8 ones)."""
+    ref, bound = _fp32_bound(x, w)
+    if native.machine() == "aarch64":
+        bound = bound + activation_half_steps(x) @ w.double().abs().T
+    return ref, bound
 
 
 def _assert_within_bound_at_any_thread_count(run: Callable[[], torch.Tensor], ref: torch.Tensor,
@@ -59,9 +81,19 @@ def test_the_kernel_is_built_where_it_is_supported() -> None:
     assert native.int8_mm() is not None and native.f32_mm() is not None
 
 
+# The shapes and row counts of each kernel's tests (tests/test_arm_kernels.py runs the aarch64
+# build on them too).
+INT8_SHAPES = [(96, 64), (97, 72), (3, 8), (5, 24), (1024, 512), (130, 1544)]
+INT8_ROWS = [1, 2, 3, 6, 12, 13, 14]
+F32_SHAPES = [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 40)]
+F32_ROWS = [1, 2, 3, 4, 5, 6, 64]
+BF16_SHAPES = [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 1040)]
+BF16_ROWS = [1, 2, 3, 4, 64]
+
+
 @needs_native
-@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 24), (1024, 512), (130, 1544)])
-@pytest.mark.parametrize("m", [1, 2, 3, 6, 12, 13, 14])
+@pytest.mark.parametrize(("n", "k"), INT8_SHAPES)
+@pytest.mark.parametrize("m", INT8_ROWS)
 def test_kernel_matches_the_dequantized_matrix_in_fp32(m: int, n: int, k: int) -> None:
     """Block rows and left-over rows (n % 4), 16-wide steps and an 8-wide tail (k % 16 == 8),
     rows of x one at a time and in pairs (odd and even m), and from 12 rows against a block
@@ -71,7 +103,7 @@ def test_kernel_matches_the_dequantized_matrix_in_fp32(m: int, n: int, k: int) -
     assert int8_mm is not None
     w = _quantized(n, k, n + k)
     x = torch.randn(m, k)
-    _assert_within_bound_at_any_thread_count(lambda: int8_mm(x, w.weight, w.scales), *_fp32_bound(x, w.dequantize()))
+    _assert_within_bound_at_any_thread_count(lambda: int8_mm(x, w.weight, w.scales), *_int8_bound(x, w.dequantize()))
 
 
 @needs_native
@@ -100,8 +132,8 @@ def test_linear_uses_it_for_fp32_activations_and_torch_otherwise(monkeypatch: py
 
 
 @needs_native
-@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 40)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 64])
+@pytest.mark.parametrize(("n", "k"), F32_SHAPES)
+@pytest.mark.parametrize("m", F32_ROWS)
 def test_f32_kernel_is_exact_to_fp32_summation(m: int, n: int, k: int) -> None:
     """Weight blocks of 8 rows for one row of x, then a 4-row block (n % 8 >= 4, as 135 and 5
     rows leave), then single rows; blocks of 4 for more rows of x, 3 at a time and the 1 or 2
@@ -141,8 +173,8 @@ def test_linear_takes_the_f32_kernel_for_few_fp32_rows_only(monkeypatch: pytest.
 
 
 @needs_native
-@pytest.mark.parametrize(("n", "k"), [(96, 64), (97, 72), (3, 8), (5, 20), (1024, 512), (130, 1541), (135, 1040)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 64])
+@pytest.mark.parametrize(("n", "k"), BF16_SHAPES)
+@pytest.mark.parametrize("m", BF16_ROWS)
 def test_bf16_kernel_sums_in_fp32_and_rounds_once(m: int, n: int, k: int) -> None:
     """bf16 x and w, fp32 sums (each product of two bf16 is exact in fp32), one rounding to bf16
     at the end: within the fp32 summation bound plus half a bf16 ulp (2^-8 relative) of the fp64

@@ -1,6 +1,6 @@
 """Native CPU kernels: C compiled on first use with the system's C compiler, loaded with ctypes.
 
-Matrix products, in ``kernels/matmul.c``, each reading every weight from memory once for all
+Matrix products, in ``kernels/x86/matmul.c`` (``kernels/arm/matmul.c`` on aarch64), each reading every weight from memory once for all
 rows of x:
 
 - ``int8_mm``: times an int8 shard matrix. torch's ``_weight_int8pack_mm`` reads a decode
@@ -20,19 +20,28 @@ rows of x:
   streams half the bytes at half the rate; a 6-layer 1.1B-shape bf16 decode went from 14-17 to
   20-21 tok/s with it (fp32: 16).
 
-The small fp32 operations between a decode step's products, in ``kernels/decode.c`` (its
+The small fp32 operations between a decode step's products, in ``kernels/x86/decode.c`` and ``kernels/arm/decode.c`` (its
 header says why: after a product has streamed the weights, each small torch op runs from cold
 caches): ``rms_norm``, ``silu_mul`` (the gated MLP's activation) and ``decode_attention``
 (RoPE, KV-cache write and attention of one new token per sequence).
 
-Why compiled at run time rather than at install: the project installs as pure Python (a wheel
-for every platform, no build step on a Pi), and the kernels are optional. They are built only on
-Linux x86-64 with AVX2 and FMA, where they were written and measured. Elsewhere, or without a C
-compiler and a cached build, or with ``EDGELLM_NATIVE=0``, ``int8_mm()`` and ``f32_mm()`` are
-None and ``worker.quant.linear`` calls torch; a log line says which. An ARM (NEON) version is not
-written: nobody has measured torch's kernels on a Pi yet.
+Kernels per instruction set, one directory each, the same C functions and contracts
+(``COMPILE_UNITS``): ``kernels/x86/`` (AVX2 and FMA) on Linux x86-64 where torch reports AVX2 or
+AVX-512; ``kernels/arm/`` (NEON, built for armv8-a) on Linux aarch64, with the int8 and int4
+products' inner loops built a second time for armv8.2-a+dotprod (``kernels/arm/dotprod.c``) and
+chosen once at load from ``getauxval(AT_HWCAP) & HWCAP_ASIMDDP``: the Pi 5's Cortex-A76 runs
+those (``sdot``), the Pi 4's Cortex-A72 plain NEON. A log line says which kernels were chosen.
+The aarch64 int8/int4 products quantize activations per 32-block to int8 (their header says
+why): their results carry that rounding, the x86 int8 kernel's do not. tests/test_arm_kernels.py
+checks the aarch64 build under qemu against float64 references.
 
-The library is cached by a hash of its source and flags under ``$EDGELLM_KERNEL_CACHE``
+Why compiled at run time rather than at install: the project installs as pure Python (a wheel
+for every platform, no build step on a Pi), and the kernels are optional. Elsewhere (another OS
+or CPU, x86 without AVX2), or without a C compiler and a cached build, or with
+``EDGELLM_NATIVE=0``, ``int8_mm()`` and ``f32_mm()`` are None and ``worker.quant.linear`` calls
+torch; a log line says which.
+
+The library is cached by a hash of its sources and flags under ``$EDGELLM_KERNEL_CACHE``
 (default ``~/.cache/edgellm/kernels``), written to a temporary name and renamed into place, so
 processes starting together never load a half-written file. It links OpenMP by soname
 (``libgomp.so.1``), so it shares the runtime torch has already loaded and its thread pool.
@@ -51,6 +60,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,8 +69,29 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).resolve().parent / "kernels" / name for name in ("matmul.c", "int4.c", "decode.c"))
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+KERNELS = Path(__file__).resolve().parent / "kernels"
+
+
+@dataclass(frozen=True)
+class CompileUnit:
+    """Sources compiled together with one set of flags (``-c``: each to an object file)."""
+
+    sources: tuple[Path, ...]
+    flags: tuple[str, ...]
+
+
+_COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC")
+# platform.machine() -> the units of that machine's library, linked into one shared object.
+COMPILE_UNITS: dict[str, tuple[CompileUnit, ...]] = {
+    "x86_64": (CompileUnit((KERNELS / "x86" / "matmul.c", KERNELS / "x86" / "int4.c", KERNELS / "x86" / "decode.c"),
+                           (*_COMMON_FLAGS, "-mavx2", "-mfma")),),
+    "aarch64": (CompileUnit((KERNELS / "arm" / "matmul.c", KERNELS / "arm" / "decode.c"),
+                            (*_COMMON_FLAGS, "-march=armv8-a")),
+                # the dot-product loops: called only where the CPU reports them (arm/matmul.c)
+                CompileUnit((KERNELS / "arm" / "dotprod.c",), (*_COMMON_FLAGS, "-march=armv8.2-a+dotprod"))),
+}
+_MACHINES = {"AMD64": "x86_64", "arm64": "aarch64"}  # other spellings of platform.machine()
+LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
 DISABLE_ENV = "EDGELLM_NATIVE"  # "0" turns native kernels off
 CACHE_ENV = "EDGELLM_KERNEL_CACHE"
 
@@ -86,15 +117,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgellm" / "kernels"
 
 
+def machine() -> str:
+    """This machine's architecture as ``COMPILE_UNITS`` names it."""
+    return _MACHINES.get(platform.machine(), platform.machine())
+
+
 def unsupported_reason() -> str | None:
     """Why the native kernel cannot run on this machine, or None when it can."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return f"{DISABLE_ENV}=0"
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"written for Linux x86-64, this is {platform.system()} {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if platform.system() != "Linux" or machine() not in COMPILE_UNITS:
+        return f"written for Linux {' and '.join(COMPILE_UNITS)}, this is {platform.system()} {platform.machine()}"
+    if machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"the CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
-    return None
+    return None  # every aarch64 CPU has NEON; the dot-product loops are chosen in C
 
 
 def _compiler() -> str:
@@ -108,13 +144,28 @@ def build() -> Path:
     return target
 
 
+def compile_objects(arch: str, compiler: str, out_dir: Path) -> list[Path]:
+    """The object files of ``arch``'s units, compiled with ``compiler`` into ``out_dir`` (the
+    tests cross-compile the aarch64 ones with these same flags)."""
+    objects = []
+    for u, unit in enumerate(COMPILE_UNITS[arch]):
+        for source in unit.sources:
+            obj = out_dir / f"{u}-{source.stem}.o"
+            subprocess.run([compiler, *unit.flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True,
+                           text=True, timeout=120)
+            objects.append(obj)
+    return objects
+
+
 def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([_compiler(), *FLAGS, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, text=True,
-                       timeout=120)
+        with tempfile.TemporaryDirectory(dir=target.parent) as objects_dir:
+            objects = compile_objects(machine(), _compiler(), Path(objects_dir))
+            subprocess.run([_compiler(), *map(str, objects), *LINK_FLAGS, "-o", tmp], check=True, capture_output=True,
+                           text=True, timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -122,10 +173,13 @@ def _build(target: Path) -> None:
 
 
 def library_path() -> Path:
-    """Where this source, compiler and flags build to: a machine with no compiler can still load
+    """Where these sources, compiler and flags build to: a machine with no compiler can still load
     a library built there before (or copied there, as an image build could)."""
-    sources = b"".join(source.read_bytes() for source in SOURCES)
-    digest = hashlib.sha256(sources + " ".join((_compiler(), *FLAGS)).encode()).hexdigest()[:16]
+    units = COMPILE_UNITS[machine()]
+    headers = sorted({header for unit in units for source in unit.sources for header in source.parent.glob("*.h")})
+    sources = b"".join(path.read_bytes() for path in (*(s for unit in units for s in unit.sources), *headers))
+    flags = " ".join((_compiler(), *(flag for unit in units for flag in unit.flags), *LINK_FLAGS))
+    digest = hashlib.sha256(sources + flags.encode()).hexdigest()[:16]
     return cache_dir() / f"kernels-{digest}.so"
 
 
@@ -147,7 +201,20 @@ def _load_library() -> ctypes.CDLL | str:
         start = time.perf_counter()
         _build(target)
         log.info("native kernels compiled in %.2f s: %s", time.perf_counter() - start, target)
-    return ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
+    library = ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
+    log.info("native kernels chosen for this CPU: %s", kernel_isa(library))
+    return library
+
+
+def kernel_isa(library: ctypes.CDLL) -> str:
+    """Which kernels ``library`` runs on this CPU: the aarch64 build says (its int8/int4 loops
+    are chosen at load); the x86 build has one set."""
+    try:
+        isa = library.kernel_isa
+    except AttributeError:
+        return "x86-64 AVX2 and FMA"
+    isa.argtypes, isa.restype = [], ctypes.c_char_p
+    return isa().decode()
 
 
 def _bind(lib: ctypes.CDLL, name: str, argtypes: list[Any]) -> Any:
@@ -242,7 +309,7 @@ def _wrap_silu_mul(lib: ctypes.CDLL) -> SiluMul:
 
 class TokenAttention:
     """The attention of one new token per sequence over one model's KV cache (RoPE, cache write,
-    attention: ``kernels/decode.c`` says what it computes). Made once per model: the cache and
+    attention: ``kernels/x86/decode.c`` says what it computes). Made once per model: the cache and
     RoPE tables never move, so their addresses and sizes are read here, not at every layer (a
     decode step's small calls run from cold caches, where each tensor method call counts)."""
 
@@ -293,6 +360,11 @@ _WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., Any]], str]] = 
 }
 
 
+# Kernel name -> its C function, where they differ.
+_SYMBOLS = {"int8_mm": "int8_gemm", "int4_mm": "int4_gemm", "int4_f32_mm": "int4_gemm_f32", "f32_mm": "f32_gemm", "bf16_mm": "bf16_gemm", "rms_norm": "rms_norm_rows",
+            "silu_mul": "silu_mul_rows"}
+
+
 def _kernel(name: str) -> Callable[..., Any] | None:
     """The wrapper of kernel ``name``, or None where the library is not available (logged once
     per kernel)."""
@@ -305,6 +377,9 @@ def _kernel(name: str) -> Callable[..., Any] | None:
             library, (wrap, fallback) = _library[0], _WRAPPERS[name]
             if isinstance(library, str):
                 log.info("native %s kernel off (%s): %s", name, library, fallback)
+                _loaded[name] = None
+            elif not hasattr(library, _SYMBOLS.get(name, name)):
+                log.info("native %s kernel off (not in the %s build): %s", name, machine(), fallback)
                 _loaded[name] = None
             else:
                 log.info("native %s kernel on: %s", name, library._name)

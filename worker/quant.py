@@ -19,7 +19,7 @@ Format 1 (before QUANT_FORMAT was written) stored int4 nibbles in the byte order
 capability torch picks (``default`` on every ARM CPU, ``avx2``, ``avx512`` differ), so such a
 shard computed garbage elsewhere. Its int4 shards are refused (``worker.weights``).
 
-Where int4 computes: the native kernel (``worker.native.int4_mm``: x86 AVX2, or armkern's NEON)
+Where int4 computes: the native kernel (``worker.native.int4_mm``: x86 AVX2, or NEON on aarch64)
 reads these bytes as they lie in a block's buffer. Without one, ``kernel_layout`` rewrites each
 int4 matrix in place, right after its block is read (``ShardFile.read_into``: resident loads,
 the streamed window and the expert cache alike), into what torch's
