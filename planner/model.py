@@ -34,7 +34,7 @@ from worker.config import ModelConfig
 from worker.sharding import RankShard
 
 MIB = 1 << 20
-# Peak RSS of a rank beyond its budget (Python, torch, gRPC, ZeroMQ, activations): README "Memory budget".
+# Peak RSS of a rank beyond its budget (Python, torch, gRPC, ZeroMQ, activations): docs/memory.md, "Fixed overhead".
 FIXED_OVERHEAD_BYTES = 384 * MIB
 # Bytes per weight. int8: per-channel scales are negligible; int4: groups of 32 with a 16-bit
 # scale (4.5 bits, like distributed-llama's Q40 and llama.cpp's Q4_0).
