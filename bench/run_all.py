@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +46,8 @@ SUITE: dict[str, list[str]] = {
 # About 5 minutes on 2 quiet cores; its numbers are noisier and say "quick" in the tables.
 QUICK: dict[str, list[str]] = {
     "decode_and_allreduce": ["--tokens", "16", "--iters", "100", "--rounds", "2"],
-    "allreduce": ["--worlds", "2,4", "--sizes-kb", "16,1024", "--seconds", "0.5", "--rounds", "2"],
+    "allreduce": ["--worlds", "2,4", "--sizes-kb", "16,1024", "--dtypes", "fp32,fp16,int8", "--methods",
+                  "star,gloo,ring", "--seconds", "0.5", "--rounds", "2"],
     "planner_check": ["--tokens", "16", "--rounds", "2", "--passes", "1"],
     "streaming": ["--tokens", "8"],
     "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1"],
@@ -55,9 +57,9 @@ QUICK: dict[str, list[str]] = {
     "latency": ["--prompts", "32,256", "--tokens", "8"],
 }
 TIMEOUT_S = 300
-# the scripts that build the 4.4 GB 1.1B checkpoint, and the one that starts 2- and 4-rank groups
-# 16 times (300 s was too short on a busy 2-core machine)
-LONG_TIMEOUT_S = {"quant": 900, "latency": 900, "decode_and_allreduce": 600}
+# the scripts that build the 4.4 GB 1.1B checkpoint, and the two that start 2- and 4-rank process
+# groups again and again (300 s was too short for them on a busy 2-core machine)
+LONG_TIMEOUT_S = {"quant": 900, "latency": 900, "decode_and_allreduce": 600, "allreduce": 600}
 
 
 def run_script(name: str, args: list[str], out_dir: Path) -> dict[str, Any]:
@@ -66,14 +68,21 @@ def run_script(name: str, args: list[str], out_dir: Path) -> dict[str, Any]:
     timeout = LONG_TIMEOUT_S.get(name, TIMEOUT_S)
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")}
     start = time.perf_counter()
+    # A session of its own, so a timeout ends the script's rank processes too: killing the script
+    # alone left its spawned ranks running, and they slowed every benchmark after it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        (out_dir / f"{name}.log").write_text(stderr)
         return {"ok": False, "seconds": timeout, "error": f"timed out after {timeout} s", "command": cmd}
     seconds = round(time.perf_counter() - start, 1)
-    (out_dir / f"{name}.log").write_text(proc.stderr)
+    (out_dir / f"{name}.log").write_text(stderr)
     if proc.returncode != 0 or not out.is_file():
-        return {"ok": False, "seconds": seconds, "error": proc.stderr.strip().splitlines()[-5:], "command": cmd}
+        return {"ok": False, "seconds": seconds, "error": stderr.strip().splitlines()[-5:], "command": cmd}
     return {"ok": True, "seconds": seconds, "command": cmd, "result": json.loads(out.read_text())}
 
 
