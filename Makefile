@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup serve test lint bench bench-all protos
+.PHONY: setup serve test lint bench bench-all bench-quick protos
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ bench: setup
 protos: setup
 	PATH=$(VENV)/bin:$$PATH protos/generate.sh
 
-# Every benchmark of bench/ with modest sizes: bench/results/<timestamp>/{results.json,summary.md,*.png}
+# Every benchmark of bench/ with modest sizes: bench/results/<timestamp>/{results.json,summary.md,*.png},
+# and the tables of docs/benchmarks.md in docs/benchmarks/latest.md
 bench-all: setup
 	$(PY) bench/run_all.py
+
+# The same, smaller (no 1.1B-shape checkpoint): about half the time
+bench-quick: setup
+	$(PY) bench/run_all.py --quick

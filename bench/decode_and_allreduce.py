@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=300, help="allreduce iterations per configuration")
     parser.add_argument("--numel", type=int, default=4096, help="floats per allreduce (a multiple of 256)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, choices=range(2, 10), metavar="{2..9}",
+                        help="back-to-back star/gloo pairs after the first timing, whose median ratio is reported "
+                             "(default: 3)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -116,7 +119,8 @@ def main() -> None:
     allreduce = {}
     kb = max(1, args.numel // 256)  # bench/allreduce.py sizes payloads in KB of float32
     for world in (2, 4):
-        both = compare(world, [kb], ["fp32"], args.iters, seconds=30.0, methods=("star", "gloo"), rounds=3)
+        both = compare(world, [kb], ["fp32"], args.iters, seconds=30.0, methods=("star", "gloo"),
+                       rounds=args.rounds)
         star, gloo = both["star_fp32"][str(kb)], both["gloo"][str(kb)]
         paired = both["star_fp32_vs_gloo_paired"]
         allreduce[f"{world}_ranks"] = {"star": star, "gloo": gloo,

@@ -1,12 +1,14 @@
 """Run every benchmark of bench/ with modest sizes and collect their JSON, a markdown summary and plots.
 
-    .venv/bin/python bench/run_all.py [--only NAME,...]      (make bench-all)
+    .venv/bin/python bench/run_all.py [--quick] [--only NAME,...]      (make bench-all, make bench-quick)
 
 Each script runs as a subprocess with ``--out FILE`` (all of them print JSON and accept it);
 a script that fails or times out is recorded with its error and the rest still run. Output:
-``bench/results/<timestamp>/results.json``, ``summary.md`` and PNG plots (matplotlib, headless).
-About 10 minutes on 2 cores (quant and latency each write a 4.4 GB 1.1B-shape checkpoint; --only skips
-them); numbers of one run compare with each other, not across runs.
+``bench/results/<timestamp>/results.json``, ``environment.json`` (machine, versions, commit, load),
+``summary.md``, ``tables.md`` and PNG plots (matplotlib, headless); the tables also go to
+``docs/benchmarks/latest.md`` (``--tables``), the page docs/benchmarks.md links.
+About 10 minutes on 2 quiet cores (quant and latency each write a 4.4 GB 1.1B-shape checkpoint;
+``--quick`` or --only skip them); numbers of one run compare with each other, not across runs.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from environment import describe, load_average  # bench/ is sys.path[0] when run as a script
+from tables import write_tables
 
 BENCH = Path(__file__).resolve().parent
 log = logging.getLogger("bench.run_all")
@@ -36,8 +42,24 @@ SUITE: dict[str, list[str]] = {
     "sync_error": ["--tokens", "100"],
     "latency": ["--prompts", "32,256,1024", "--tokens", "16", "--big"],  # --big: the 1.1B bandwidth bound
 }
+# --quick: the same benchmarks, smaller: no 1.1B-shape checkpoint, one planner pass, shorter series.
+# About 5 minutes on 2 quiet cores; its numbers are noisier and say "quick" in the tables.
+QUICK: dict[str, list[str]] = {
+    "decode_and_allreduce": ["--tokens", "16", "--iters", "100", "--rounds", "2"],
+    "allreduce": ["--worlds", "2,4", "--sizes-kb", "16,1024", "--dtypes", "fp32,fp16,int8", "--methods",
+                  "star,gloo,ring", "--seconds", "0.5", "--rounds", "2"],
+    "planner_check": ["--tokens", "16", "--rounds", "2", "--passes", "1"],
+    "streaming": ["--tokens", "8"],
+    "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1"],
+    "expert_predictors": ["--tokens", "50", "--prompts", "3"],
+    "quant": ["--agree-tokens", "50", "--shapes", "small", "--small-tokens", "32"],
+    "sync_error": ["--tokens", "50"],
+    "latency": ["--prompts", "32,256", "--tokens", "8"],
+}
 TIMEOUT_S = 300
-LONG_TIMEOUT_S = {"quant": 900, "latency": 900}  # the scripts that build the 4.4 GB 1.1B checkpoint
+# the scripts that build the 4.4 GB 1.1B checkpoint, and the two that start 2- and 4-rank process
+# groups again and again (300 s was too short for them on a busy 2-core machine)
+LONG_TIMEOUT_S = {"quant": 900, "latency": 900, "decode_and_allreduce": 600, "allreduce": 600}
 
 
 def run_script(name: str, args: list[str], out_dir: Path) -> dict[str, Any]:
@@ -46,14 +68,21 @@ def run_script(name: str, args: list[str], out_dir: Path) -> dict[str, Any]:
     timeout = LONG_TIMEOUT_S.get(name, TIMEOUT_S)
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")}
     start = time.perf_counter()
+    # A session of its own, so a timeout ends the script's rank processes too: killing the script
+    # alone left its spawned ranks running, and they slowed every benchmark after it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        (out_dir / f"{name}.log").write_text(stderr)
         return {"ok": False, "seconds": timeout, "error": f"timed out after {timeout} s", "command": cmd}
     seconds = round(time.perf_counter() - start, 1)
-    (out_dir / f"{name}.log").write_text(proc.stderr)
+    (out_dir / f"{name}.log").write_text(stderr)
     if proc.returncode != 0 or not out.is_file():
-        return {"ok": False, "seconds": seconds, "error": proc.stderr.strip().splitlines()[-5:], "command": cmd}
+        return {"ok": False, "seconds": seconds, "error": stderr.strip().splitlines()[-5:], "command": cmd}
     return {"ok": True, "seconds": seconds, "command": cmd, "result": json.loads(out.read_text())}
 
 
@@ -257,22 +286,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="comma-separated benchmark names (default: all present)")
     parser.add_argument("--out-root", default=str(BENCH / "results"))
+    parser.add_argument("--tables", default=str(BENCH.parent / "docs" / "benchmarks" / "latest.md"),
+                        help="where the markdown tables of docs/benchmarks.md go (default: %(default)s; "
+                             "'' for nowhere); always also tables.md of the run")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes, no 1.1B-shape checkpoint (about half the time of a full run)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    suite = QUICK if args.quick else SUITE
     present = {p.stem for p in BENCH.glob("*.py")}
-    names = [n for n in SUITE if n in present]
+    names = [n for n in suite if n in present]
     if args.only:
         names = [n for n in names if n in set(args.only.split(","))]
     out_dir = Path(args.out_root) / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
+    environment = describe(sys.argv) | {"quick": args.quick}
     results: dict[str, Any] = {}
     for name in names:
         log.info("running %s", name)
-        results[name] = run_script(name, SUITE[name], out_dir)
+        results[name] = run_script(name, suite[name], out_dir)
         log.info("%s: %s in %.0f s", name, "ok" if results[name]["ok"] else "FAILED", results[name]["seconds"])
+    environment["load_average_end"] = load_average()
+    (out_dir / "environment.json").write_text(json.dumps(environment, indent=2))
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_summary(results, out_dir / "summary.md")
     plots = write_plots(results, out_dir)
+    if args.tables:
+        write_tables(out_dir, Path(args.tables))
+        log.info("tables: %s", args.tables)
     log.info("wrote %s (results.json, summary.md, %s)", out_dir, ", ".join(plots) or "no plots")
     print((out_dir / "summary.md").read_text())
 

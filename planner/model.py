@@ -34,7 +34,7 @@ from worker.config import ModelConfig
 from worker.sharding import RankShard
 
 MIB = 1 << 20
-# Peak RSS of a rank beyond its budget (Python, torch, gRPC, ZeroMQ, activations): README "Memory budget".
+# Peak RSS of a rank beyond its budget (Python, torch, gRPC, ZeroMQ, activations): docs/memory.md, "Fixed overhead".
 FIXED_OVERHEAD_BYTES = 384 * MIB
 # Bytes per weight. int8: per-channel scales are negligible; int4: a bf16 scale and zero per group of 64
 # inputs (edgellm shard's default --group-size; worker/quant.py's format): 4.5 bits, like

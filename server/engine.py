@@ -225,7 +225,7 @@ class Engine:
             self._wake.wait(0.2)
             return
         if not self._running and not self._waiting and not self.error and (missing := self._missing_ranks()):
-            # idle: repair before the next request (/health's detail names the rank, as the README says)
+            # idle: repair before the next request (/health's detail names the rank, as docs/cluster.md says)
             self.error = f"rank(s) {sorted(missing)} missing; the cluster is recovering"
             self._count_workers_up(len(missing))
         # Requests queued before the heartbeat saw the rank go are admitted below: the check before

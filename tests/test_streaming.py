@@ -34,7 +34,7 @@ from worker.weights import rank_shard_path
 MiB = 1 << 20
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77]
 # What a worker process holds beyond its budget: Python, torch, gRPC, ZeroMQ and activations.
-# An idle worker is ~240 MiB on this VM; the README's "Memory budget" section states this number.
+# An idle worker is ~240 MiB on this VM; docs/memory.md ("Fixed overhead") states this number.
 RUNTIME_OVERHEAD = 384 * MiB
 
 

@@ -3,7 +3,7 @@ the expert cache.
 
 The memory budget of a rank covers what grows with the model: its decoder weights (resident,
 or the window's buffers), its KV cache and RoPE tables (both grow with the context). The
-Python/torch runtime is a fixed overhead on top (README, "Memory budget"). The expert cache has
+Python/torch runtime is a fixed overhead on top (docs/memory.md, "Fixed overhead"). The expert cache has
 a budget of its own (``--expert-cache``); without one, the experts get what the memory budget
 leaves (``expert_share``).
 """

@@ -96,7 +96,9 @@ DISABLE_ENV = "EDGELLM_NATIVE"  # "0" turns native kernels off
 CACHE_ENV = "EDGELLM_KERNEL_CACHE"
 
 # Rows of x up to which f32_mm beats MKL's sgemm here (2048x5632 and the 512x8 shape's matrices,
-# cold, 1 and 2 threads); from 128 rows on it is even or slower at 1 thread.
+# cold, 1 and 2 threads); from 128 rows on it is even or slower at 1 thread. Short prompts gain
+# too: a 32-token prompt's time to first token on the 1.1B shape was 674-712 ms against 1336 ms
+# with MKL.
 F32_MAX_ROWS = 64
 
 Int8Mm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
