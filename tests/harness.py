@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from server.executor import Executor
 from worker.collective import StarHub
 from worker.config import ModelConfig
+from worker.executor import Executor
 from worker.runtime import RankSpec, WorkerRank
 from worker.sharding import plan_shards
 

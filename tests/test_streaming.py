@@ -15,13 +15,13 @@ import torch
 
 from protos.edgellm.v1 import control_pb2 as pb
 from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
-from server.executor import Executor
 from tests.harness import inprocess_cluster
 from tests.processes import edgellm, free_port
 from tests.tiny_models import build_checkpoint
 from worker.budget import BudgetError
 from worker.collective import StarHub
 from worker.config import ModelConfig
+from worker.executor import Executor
 from worker.runtime import RankSpec
 from worker.service import TOKEN_METADATA_KEY, shard_to_proto, stats_dict
 from worker.shard_file import ShardFile
@@ -209,7 +209,6 @@ def _greedy(executor: Executor, tokens: int) -> list[int]:
 
 
 @pytest.mark.cluster
-@pytest.mark.timeout(240)
 def test_worker_process_streams_a_shard_4x_its_budget(tmp_path: Path) -> None:
     """Rank 1 is a real `edgellm worker --memory-budget 64MiB` holding 3/4 of a ~470 MB model
     (~350 MB, 5x its budget); its tokens equal the all-resident run and its peak RSS, read
