@@ -156,8 +156,8 @@ def test_the_checks_see_what_they_must_refuse(tmp_path: Path) -> None:
     assert imports_of("worker.probe", source, modules) == {"worker.quant", "worker.config", "server.engine",
                                                           "planner.plan"}
     relative = tmp_path / "__init__.py"
-    relative.write_text("from . import llama\nfrom ..budget import format_size\n")
-    assert imports_of("worker.models", relative, modules) == {"worker.models.llama", "worker.budget"}
+    relative.write_text("from . import llama\nfrom ..arguments import positive_int\n")
+    assert imports_of("worker.models", relative, modules) == {"worker.models.llama", "worker.arguments"}
 
     graph = {"worker.a": {"worker.b"}, "worker.b": {"worker.c"}, "worker.c": {"worker.a"}, "worker.d": set()}
     assert find_cycles(graph) == [["worker.a", "worker.b", "worker.c"]]

@@ -55,7 +55,7 @@ def test_the_live_server_serves_this_schema(url: str) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_no_request_gets_a_server_error(case: schemathesis.Case, url: str) -> None:
     body = case.body
     if isinstance(body, dict) and isinstance(body.get("model"), str):
