@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decode_and_allreduce import SHAPE, bench_ours, bench_transformers, build_model  # noqa: E402
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-from server.executor import Executor  # noqa: E402
 from server.tokenizer import TextTokenizer  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
+from worker.executor import Executor  # noqa: E402
 from worker.quant import QuantSpec  # noqa: E402
 from worker.runtime import RankSpec  # noqa: E402
 from worker.shard_writer import write_shards  # noqa: E402

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-from server.executor import Executor  # noqa: E402
 from server.tokenizer import TextTokenizer  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
+from worker.executor import Executor  # noqa: E402
 from worker.runtime import RankSpec, WorkerRank  # noqa: E402
 from worker.sharding import plan_shards  # noqa: E402
 from worker.step import SeqSpan  # noqa: E402

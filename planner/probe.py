@@ -132,9 +132,9 @@ def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
     cost of one decoder layer's ops (norms, RoPE, KV cache, attention, the allreduce call...),
     ``step_overhead_us`` that of the rest of a step (embedding, plan, final norm, head)."""
     from planner.synthetic import write_random_llama
-    from server.executor import Executor
     from worker.collective import StarHub
     from worker.config import ModelConfig
+    from worker.executor import Executor
     from worker.runtime import RankSpec
     from worker.sharding import plan_shards
     from worker.step import SeqSpan

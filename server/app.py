@@ -1,56 +1,25 @@
-"""The FastAPI application: error handling, health, models; generation routes live in routes.py."""
+"""The FastAPI application: error handling, health, metrics and the OpenAPI schema; the API's routes
+live in routes.py."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.engine import Engine
-from server.metrics import Metrics
-from server.protocol import error_body, now
-from server.tokenizer import TextTokenizer
+from server.protocol import APIError, ErrorResponse, error_body
+from server.routes import BODY_MODELS, router
+from server.state import ServerState
 
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """An error the client should see, with its HTTP status and OpenAI-style fields."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-
-@dataclass
-class ServerState:
-    """What the routes need; filled in when the cluster has loaded."""
-
-    model_name: str
-    tokenizer: TextTokenizer | None = None
-    engine: Engine | None = None
-    max_context: int = 0
-    api_key: str | None = None
-    metrics: Metrics = field(default_factory=Metrics)
-    status: str = "loading"  # loading | ready | failed
-    detail: str = "loading the model across the cluster"
-    created: int = field(default_factory=now)
-
-    def ready_engine(self) -> tuple[Engine, TextTokenizer]:
-        if self.status != "ready" or self.engine is None or self.tokenizer is None:
-            raise APIError(503, f"the server is not ready: {self.detail}", "service_unavailable",
-                           code="not_ready", headers={"Retry-After": "5"})
-        if self.engine.error:
-            raise APIError(503, self.engine.error, "service_unavailable", code="cluster_unavailable",
-                           headers={"Retry-After": "1"})
-        return self.engine, self.tokenizer
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -105,12 +74,36 @@ class InternalErrors:
             await JSONResponse(error_body("internal server error", "server_error"), 500)(scope, receive, send)
 
 
-def create_app(state: ServerState) -> FastAPI:
-    from server.routes import router
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies the routes read themselves (``routes.json_body``),
+    as the pydantic models that validate them describe them."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        models: list[type[BaseModel]] = [*BODY_MODELS, ErrorResponse]
+        _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs.get("$defs", {}))
+        error = {"description": "an OpenAI-style error", "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                # an invalid request is a 400 here (``invalid`` below), never FastAPI's 422
+                if operation["responses"].pop("422", None) is not None:
+                    operation["responses"]["400"] = error
+                if path.startswith("/v1/") or "requestBody" in operation:
+                    operation["responses"].setdefault("400", error)
+                    operation["responses"]["default"] = error
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
+
+def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edgellm", version="0.1.0")
     app.state.edgellm = state
     app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -129,7 +122,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(InternalErrors)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' health checks
+    @app.head("/health", operation_id="health_head")  # load balancers' health checks
+    @app.get("/health", operation_id="health")
     async def health() -> JSONResponse:
         engine_error = state.engine.health_problem() if state.engine else None
         ok = state.status == "ready" and not engine_error

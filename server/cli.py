@@ -222,9 +222,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from server.app import ServerState, create_app
+    from server.app import create_app
     from server.cluster import Cluster, ClusterOptions, verify_coordinator_files
     from server.engine import Engine, EngineLimits
+    from server.state import ServerState
     from server.tokenizer import TextTokenizer
     from server.workers import ClusterError, LocalWorker, check_workers
     from worker.config import ModelConfig

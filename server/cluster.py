@@ -17,11 +17,11 @@ from pathlib import Path
 import grpc
 
 from protos.edgellm.v1 import control_pb2 as pb
-from server.executor import Executor
 from server.shard_source import serve_shards
 from server.workers import ClusterError, LocalWorker, WorkerClient
 from worker.collective import CollectiveError, StarHub
 from worker.config import ModelConfig
+from worker.executor import Executor
 from worker.runtime import RankSpec
 from worker.service import DTYPES, shard_to_proto, stats_dict, stats_reply
 from worker.shard_fetch import verify_shard_file

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.executor import Executor
 from server.metrics import Metrics
 from server.sampler import (
     SamplingParams,
@@ -34,6 +33,7 @@ from server.sampler import (
 )
 from server.tokenizer import IncrementalDecoder, StopMatcher, TextTokenizer
 from worker.collective import CollectiveError
+from worker.executor import Executor
 from worker.step import SeqSpan
 
 log = logging.getLogger(__name__)

@@ -68,7 +68,10 @@ class _Request(BaseModel):
 MAX_PROMPTS = 2048  # prompts in one completions request, as OpenAI allows
 
 
-def _prompt_shape(value: Any) -> str | list[str] | list[int] | list[list[int]]:
+PromptShape = str | list[str] | list[int] | list[list[int]]  # what the schema shows; _prompt_shape checks it
+
+
+def _prompt_shape(value: Any) -> PromptShape:
     """A completions prompt: a string, or a list of strings, of token ids, or of token-id lists.
 
     Checked in one pass rather than as a pydantic union: the union tried every member against
@@ -92,7 +95,7 @@ def _prompt_shape(value: Any) -> str | list[str] | list[int] | list[list[int]]:
 
 
 class CompletionRequest(_Request):
-    prompt: Annotated[str | list[str] | list[int] | list[list[int]], PlainValidator(_prompt_shape)]
+    prompt: Annotated[PromptShape, PlainValidator(_prompt_shape, json_schema_input_type=PromptShape)]
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # OpenAI fields this server does not implement: accepted at their defaults, refused otherwise
@@ -165,12 +168,35 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]
 
 
+class APIError(Exception):
+    """An error the client should see, with its HTTP status and OpenAI-style fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:
     return int(time.time())
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """What every error answers (``error_body``), as OpenAI's API does; for the schema."""
+
+    error: ErrorDetail
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

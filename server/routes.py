@@ -16,10 +16,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from server.app import APIError, ServerState
 from server.engine import Engine, EngineError, Event, QueueFull
 from server.engine import Request as EngineRequest
 from server.protocol import (
+    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -32,6 +32,7 @@ from server.protocol import (
     usage,
 )
 from server.sampler import SamplingParams, TokenLogprob
+from server.state import ServerState
 from server.tokenizer import ChatTemplateError, TextOffsets, TextTokenizer
 
 DISCONNECT_POLL_S = 0.5
@@ -421,13 +422,27 @@ def _parser(model: type[BaseModel]) -> Any:
     return parse
 
 
+BODY_MODELS: list[type[BaseModel]] = []  # every model a route reads its body as; app.openapi() adds their schemas
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's ``openapi_extra``: its request body is ``model``, which ``_parser`` validates.
+    FastAPI documents only the bodies it parses itself, and it parses JSON with ``json.loads``
+    (which takes lone surrogates, and has no size limit before reading): so the body is read by
+    our dependency and declared here, the schema coming from the same pydantic model."""
+    if model not in BODY_MODELS:
+        BODY_MODELS.append(model)
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 CompletionBody = Annotated[CompletionRequest, Depends(_parser(CompletionRequest))]
 ChatBody = Annotated[ChatCompletionRequest, Depends(_parser(ChatCompletionRequest))]
 TokenizeBody = Annotated[TokenizeRequest, Depends(_parser(TokenizeRequest))]
 DetokenizeBody = Annotated[DetokenizeRequest, Depends(_parser(DetokenizeRequest))]
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
 async def completions(http: Request, body: CompletionBody) -> Response:
     state = _state(http)
     _, tokenizer = state.ready_engine()
@@ -441,7 +456,7 @@ async def completions(http: Request, body: CompletionBody) -> Response:
     return await _respond(http, body, prompts, params, shape)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(http: Request, body: ChatBody) -> Response:
     state = _state(http)
     _, tokenizer = state.ready_engine()
@@ -460,7 +475,7 @@ async def chat_completions(http: Request, body: ChatBody) -> Response:
     return await _respond(http, body, [prompt], [params], shape)
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
 async def tokenize(http: Request, body: TokenizeBody) -> dict:
     state = _state(http)
     _, tokenizer = state.ready_engine()
@@ -476,7 +491,7 @@ async def tokenize(http: Request, body: TokenizeBody) -> dict:
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_context}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
 async def detokenize(http: Request, body: DetokenizeBody) -> dict:
     _, tokenizer = _state(http).ready_engine()
     return {"prompt": tokenizer.decode(_check_token_ids(body.tokens, tokenizer, "tokens")) if body.tokens else ""}

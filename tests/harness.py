@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from server.executor import Executor
 from worker.collective import StarHub
 from worker.config import ModelConfig
+from worker.executor import Executor
 from worker.runtime import RankSpec, WorkerRank
 from worker.sharding import plan_shards
 
@@ -29,7 +29,7 @@ def inprocess_cluster(model_dir: Path, weights: list[float], max_batch: int = 4,
     shards = plan_shards(config, weights)
     specs = [RankSpec(str(model_dir), config, s, max_batch, max_context, dtype, **spec_options)  # type: ignore[arg-type]
              for s in shards]
-    hub = StarHub(len(shards), token=token, timeout_s=20)
+    hub = StarHub(len(shards), token=token, timeout_s=120)
     workers = [WorkerRank(spec, hub.address, token) for spec in specs[1:]]
     executor = None
     try:
@@ -37,7 +37,7 @@ def inprocess_cluster(model_dir: Path, weights: list[float], max_batch: int = 4,
         starters = [threading.Thread(target=w.start) for w in workers]
         for t in starters:
             t.start()
-        hub.wait_for_ranks(20)
+        hub.wait_for_ranks(120)
         for t in starters:
             t.join()
         yield executor

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +32,39 @@ def edgellm(*args: str, log_path: Path | None = None, own_process_group: bool = 
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=own_process_group)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
+# Upper bounds for waiting on an event, not expected durations: on a busy machine (2 cores shared
+# with other heavy processes) a process that starts torch can take a minute before its first line.
+START_S = 300.0  # a process starts and says what the test waits for
+EXIT_S = 120.0  # a process asked to stop has exited
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = START_S, poll_s: float = 0.1,
+             proc: subprocess.Popen | None = None) -> None:
+    """Poll until ``condition()`` holds; fail naming ``what`` after ``timeout_s``, or at once when
+    ``proc`` exits first (it will never say it then)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not after {timeout_s:g} s: {what}")
+        time.sleep(poll_s)
+
+
+def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout_s: float = START_S) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:``port``."""
+
+    def accepts() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(accepts, f"127.0.0.1:{port} accepts connections", timeout_s, proc=proc)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = START_S) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -46,7 +78,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> N
     raise TimeoutError(f"{url} not healthy after {timeout_s} s")
 
 
-def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> int:
+def stop(proc: subprocess.Popen, timeout_s: float = EXIT_S) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:

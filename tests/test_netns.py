@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import ROOT, served, stop
+from tests.processes import ROOT, START_S, served, stop
 
 pytestmark = pytest.mark.cluster
 
@@ -55,7 +55,7 @@ import json, socket, sys, time
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "recv":
     with socket.create_server((host, port)) as srv:
-        srv.settimeout(30)
+        srv.settimeout(120)
         conn, _ = srv.accept()
         conn.settimeout(30)
         n, first = 0, None
@@ -64,7 +64,7 @@ if mode == "recv":
             n += len(chunk)
         print(json.dumps({"bytes": n, "seconds": time.monotonic() - (first or time.monotonic())}))
 else:
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 120
     while True:
         try:
             conn = socket.create_connection((host, port), timeout=5)
@@ -156,8 +156,8 @@ def test_links_are_capped(netns: NetnsCluster) -> None:
                        stdout=subprocess.PIPE)
     try:
         nbytes = 2_500_000  # 1 s at the cap
-        netns.python("coordinator", TCP_PROBE, "send", WORKERS[0], "6000", str(nbytes), timeout_s=60)
-        out, _ = sink.communicate(timeout=60)
+        netns.python("coordinator", TCP_PROBE, "send", WORKERS[0], "6000", str(nbytes), timeout_s=180)
+        out, _ = sink.communicate(timeout=180)
     finally:
         stop(sink)
     measured = json.loads(out)
@@ -186,13 +186,13 @@ def test_generation_across_namespaces_equals_loopback(netns: NetnsCluster, check
             "coordinator", sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--model-name", "m",
             "--workers", ",".join(f"{h}:50051" for h in WORKERS), "--cluster-token", TOKEN, "--threads", "1",
             "--host", COORDINATOR, "--port", "8000", "--hub-host", COORDINATOR, "--hub-port", "5555",
-            "--connect-timeout", "60", log_path=logs["coordinator"])
+            "--connect-timeout", str(START_S), log_path=logs["coordinator"])
         procs.append(coordinator)
         base = f"http://{COORDINATOR}:8000"
-        deadline = time.monotonic() + 120
-        while (health := netns.http(f"{base}/health", timeout_s=5))["status"] != 200:
+        deadline = time.monotonic() + START_S
+        while (health := netns.http(f"{base}/health", timeout_s=30))["status"] != 200:
             assert coordinator.poll() is None, f"the coordinator exited:\n{_tail(logs['coordinator'])}"
-            assert time.monotonic() < deadline, f"not healthy after 120 s: {health}\n{_tail(logs['coordinator'])}"
+            assert time.monotonic() < deadline, f"not healthy after {START_S} s: {health}\n{_tail(logs['coordinator'])}"
             time.sleep(0.5)
 
         reply = netns.http(f"{base}/v1/completions", REQUEST, timeout_s=60)

@@ -30,6 +30,7 @@ from planner.model import (
 from planner.nodes import load_nodes
 from planner.plan import choose_shares, make_plan
 from planner.shapes import NAMED_SHAPES, load_shape
+from tests.processes import START_S
 from worker.kv_cache import KVCache
 from worker.models.llama import rope_table_bytes
 from worker.sharding import plan_shards
@@ -195,12 +196,11 @@ def test_pi5_profile_and_named_shapes(tmp_path: Path) -> None:
     assert 0.5 < plan.prediction.tokens_per_s < 20
 
 
-@pytest.mark.timeout(60)
 def test_plan_cli_on_a_checkpoint(checkpoints, tmp_path: Path) -> None:
     nodes_file = tmp_path / "nodes.yaml"
     nodes_file.write_text("nodes:\n  - profile: pi5\n  - profile: pi5\n    matvec_gb_s: {float32: 3.0}\n")
     cmd = [sys.executable, "-m", "server.cli", "plan", "--model", str(checkpoints("llama")), "--nodes", str(nodes_file)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=50, cwd=REPO)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=START_S, cwd=REPO)
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["prediction"]["tokens_per_s"] > 0 and len(plan["weights"]) == 2
@@ -307,7 +307,6 @@ def test_an_moe_budget_without_room_for_a_tokens_experts_is_refused() -> None:
               weights=[1.0, 1.0])
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_planned_blocks_are_what_a_shard_file_holds(arch: str, checkpoints, tmp_path: Path) -> None:
     """The window check prices blocks as the worker reads them from a shard file."""
@@ -480,19 +479,16 @@ def test_a_link_sink_on_loopback_says_other_machines_cannot_reach_it(tmp_path: P
     """The docs told the coordinator to run `probe --serve-link PORT`, which listens on 127.0.0.1
     by default: the workers' probes on other machines could not connect, and nothing said so."""
     import signal
-    import time
 
-    from tests.processes import edgellm, free_port, stop
+    from tests.processes import EXIT_S, edgellm, free_port, stop, wait_for
 
     log = tmp_path / "probe.log"
     proc = edgellm("probe", "--serve-link", str(free_port()), log_path=log)
     try:
-        deadline = time.monotonic() + 60
-        while "link probe sink" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
+        wait_for(lambda: "link probe sink" in log.read_text(), "the probe says where its sink listens", proc=proc)
         text = log.read_text()
         assert "link probe sink on 127.0.0.1" in text and "add --host 0.0.0.0" in text, text
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=15)
+        proc.wait(timeout=EXIT_S)
     finally:
         stop(proc)

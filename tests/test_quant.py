@@ -317,7 +317,6 @@ def _greedy_text(shard_dir: Path, prompt_text: str, tokens: int) -> str:
 
 
 @pytest.mark.cluster
-@pytest.mark.timeout(120)
 def test_served_cluster_over_an_int8_shard(tmp_path: Path) -> None:
     """`edgellm serve` with a local worker process over an int8 shard: the HTTP completion is the
     text the in-process executor decodes from the same shard."""
@@ -332,7 +331,6 @@ def test_served_cluster_over_an_int8_shard(tmp_path: Path) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.timeout(180)
 def test_serve_quantizes_a_checkpoint_once_and_reuses_it(tmp_path: Path) -> None:
     """`edgellm serve --model CHECKPOINT --quantize int8`: the rank files it caches are byte for
     byte what `edgellm shard --quantize int8` writes for the same split; it serves them (the

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import httpx
 import pytest
 import torch
 
-from tests.processes import edgellm, free_port, served, stop
+from tests.processes import START_S, edgellm, free_port, served, stop
 from worker.collective import CollectiveError, StarHub, StarRank
 from worker.wire import Kind, encode_message
 
@@ -17,16 +16,16 @@ pytestmark = pytest.mark.cluster
 
 
 def test_data_plane_refuses_a_rank_with_the_wrong_token() -> None:
-    hub = StarHub(2, token="right", timeout_s=5)
-    intruder = StarRank(1, hub.address, token="wrong", timeout_s=5)
+    hub = StarHub(2, token="right", timeout_s=60)
+    intruder = StarRank(1, hub.address, token="wrong", timeout_s=60)
     try:
         with pytest.raises(CollectiveError, match="did not accept"):
             intruder.wait_welcome(1.5)
         with pytest.raises(CollectiveError, match="never joined"):
             hub.wait_for_ranks(0.5)
-        honest = StarRank(1, hub.address, token="right", timeout_s=5)
-        hub.wait_for_ranks(5)
-        honest.wait_welcome(5)
+        honest = StarRank(1, hub.address, token="right", timeout_s=60)
+        hub.wait_for_ranks(60)
+        honest.wait_welcome(60)
         hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
         honest.begin(honest.recv())
         # the allreduce needs both ends at once: the rank sends first, the hub sums and replies
@@ -68,10 +67,11 @@ def test_random_bytes_on_every_port_neither_crash_nor_hang(checkpoints, tmp_path
                 for _ in range(3):
                     for port in (*ports, hub_port, http_port):
                         _garbage(port, rng)
-                start = time.monotonic()
-                after = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+                after = httpx.post(f"{url}/v1/completions", json=body, timeout=START_S).json()["choices"][0]["text"]
                 assert after == before
-                assert time.monotonic() - start < 20, "an idle intruder must not stall the cluster"
+                # a stalled data plane ends in a step timeout (10 s) and a repair; none happened
+                log = (tmp_path / "serve.log").read_text()
+                assert "step failed" not in log and "replaying" not in log, "an idle intruder must not stall the cluster"
             finally:
                 for conn in silent:
                     conn.close()

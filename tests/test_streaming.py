@@ -15,13 +15,13 @@ import torch
 
 from protos.edgellm.v1 import control_pb2 as pb
 from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
-from server.executor import Executor
 from tests.harness import inprocess_cluster
-from tests.processes import edgellm, free_port
+from tests.processes import START_S, edgellm, free_port
 from tests.tiny_models import build_checkpoint
 from worker.budget import BudgetError
 from worker.collective import StarHub
 from worker.config import ModelConfig
+from worker.executor import Executor
 from worker.runtime import RankSpec
 from worker.service import TOKEN_METADATA_KEY, shard_to_proto, stats_dict
 from worker.shard_file import ShardFile
@@ -209,7 +209,6 @@ def _greedy(executor: Executor, tokens: int) -> list[int]:
 
 
 @pytest.mark.cluster
-@pytest.mark.timeout(240)
 def test_worker_process_streams_a_shard_4x_its_budget(tmp_path: Path) -> None:
     """Rank 1 is a real `edgellm worker --memory-budget 64MiB` holding 3/4 of a ~470 MB model
     (~350 MB, 5x its budget); its tokens equal the all-resident run and its peak RSS, read
@@ -233,22 +232,22 @@ def test_worker_process_streams_a_shard_4x_its_budget(tmp_path: Path) -> None:
     worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(port), "--cluster-token", "t", "--threads", "1",
                      "--memory-budget", "64MiB", log_path=tmp_path / "worker.log")
     sampler = _PeakSampler(worker.pid)
-    hub = StarHub(2, token="t", timeout_s=60)
+    hub = StarHub(2, token="t", timeout_s=120)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     meta = ((TOKEN_METADATA_KEY, "t"),)
     executor = None
     try:
         stub = pb_grpc.WorkerStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=60)
+        grpc.channel_ready_future(channel).result(timeout=START_S)
         stub.Configure(pb.ConfigureRequest(
             shard=shard_to_proto(shards[1]), model_dir=str(shard_dir), hub_address=hub.address,
             config_json=(shard_dir / "config.json").read_text(), max_batch=1, max_context=64, dtype="float32"),
             metadata=meta, timeout=30)
-        loading = threading.Thread(target=lambda: list(stub.Load(pb.LoadRequest(), metadata=meta, timeout=120)))
+        loading = threading.Thread(target=lambda: list(stub.Load(pb.LoadRequest(), metadata=meta, timeout=START_S)))
         loading.start()
         executor = Executor(RankSpec(str(shard_dir), config, shards[0], 1, 64), hub)
-        hub.wait_for_ranks(60)
-        loading.join(60)
+        hub.wait_for_ranks(START_S)
+        loading.join(START_S)
         start = time.monotonic()
         got = _greedy(executor, tokens)
         elapsed = time.monotonic() - start

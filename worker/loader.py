@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +24,7 @@ from worker.budget import (
     plan_window,
 )
 from worker.checkpoint import Checkpoint
+from worker.config import ModelConfig
 from worker.expert_cache import ExpertCache
 from worker.io_thread import IoThread
 from worker.kv_cache import KVCache
@@ -33,6 +33,7 @@ from worker.models.llama import AllReduce, RankModel, rope_table_bytes
 from worker.models.moe import MoeRankModel, Predictor
 from worker.quant import is_aux
 from worker.shard_file import ShardFile
+from worker.sharding import RankShard
 from worker.weight_store import ResidentStore, WeightStore, WindowStore, dense_order
 from worker.weights import (
     Fields,
@@ -44,12 +45,27 @@ from worker.weights import (
     slice_layer,
 )
 
-if TYPE_CHECKING:
-    from worker.runtime import RankSpec
-
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (layers loaded, total layers)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Everything a rank needs to know to load and join: sent by the coordinator."""
+
+    model_dir: str
+    config: ModelConfig
+    shard: RankShard
+    max_batch: int
+    max_context: int
+    dtype: torch.dtype = torch.float32
+    memory_budget: int | None = None  # bytes for weights + KV cache; None: everything resident
+    expert_cache_bytes: int | None = None  # bytes of routed experts (MoE); None: all resident
+    expert_policy: str = "distance"  # expert cache eviction: "distance" or "lru"
+    prefetch: bool = True  # MoE: predict and prefetch the next layer's experts
+    expert_predictor: str = "adaptive"  # MoE: one of worker.models.moe.PREDICTORS
+    sync_dtype: str = "fp32"  # allreduce payload dtype, the same on every rank (worker.wire.SYNC_DTYPES)
 
 
 @dataclass

@@ -9,38 +9,17 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from dataclasses import dataclass
 
 import torch
 
 from worker.collective import CollectiveError, StarRank
-from worker.config import ModelConfig
-from worker.loader import Progress, load_rank
-from worker.sharding import RankShard
+from worker.loader import Progress, RankSpec, load_rank
 from worker.step import SeqSpan, StepPlan
 from worker.wire import Kind, WireError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Progress", "RankSpec", "WorkerRank"]
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """Everything a rank needs to know to load and join: sent by the coordinator."""
-
-    model_dir: str
-    config: ModelConfig
-    shard: RankShard
-    max_batch: int
-    max_context: int
-    dtype: torch.dtype = torch.float32
-    memory_budget: int | None = None  # bytes for weights + KV cache; None: everything resident
-    expert_cache_bytes: int | None = None  # bytes of routed experts (MoE); None: all resident
-    expert_policy: str = "distance"  # expert cache eviction: "distance" or "lru"
-    prefetch: bool = True  # MoE: predict and prefetch the next layer's experts
-    expert_predictor: str = "adaptive"  # MoE: one of worker.models.moe.PREDICTORS
-    sync_dtype: str = "fp32"  # allreduce payload dtype, the same on every rank (worker.wire.SYNC_DTYPES)
 
 
 def spans_from_tensor(spans: torch.Tensor) -> list[SeqSpan]:
