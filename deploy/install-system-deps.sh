@@ -8,6 +8,38 @@
 # would install and exits 0, so `make setup` still works on a laptop without sudo.
 set -euo pipefail
 
+# ==== docker block (deploy/compose-check.sh; owner: the container cluster check) =================
+# `install-system-deps.sh docker [arm64]` installs what deploy/compose-check.sh needs to build and run
+# the images itself: the Docker engine (docker.io), docker-compose, debootstrap (a Debian base image
+# when Docker Hub is unreachable), curl (the checks' HTTP client), and with arm64 qemu-user-static
+# (aarch64 binaries run under emulation once binfmt_misc is mounted). Not part of `make setup`:
+# hundreds of MB that only this check uses. Exits 3 when they are missing and cannot be installed
+# here (not root, or no apt-get), so that the caller can say why it skips.
+if [ "${1:-}" = docker ]; then
+    want=()
+    command -v dockerd >/dev/null 2>&1 || want+=(docker.io)
+    command -v docker-compose >/dev/null 2>&1 || want+=(docker-compose)
+    command -v debootstrap >/dev/null 2>&1 || want+=(debootstrap)
+    command -v curl >/dev/null 2>&1 || want+=(curl)
+    if [ "${2:-}" = arm64 ]; then
+        [ -e /usr/bin/qemu-aarch64-static ] || want+=(qemu-user-static)
+    fi
+    if [ ${#want[@]} -eq 0 ]; then
+        echo "install-system-deps: the docker check's packages are present"
+        exit 0
+    fi
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "install-system-deps: missing ${want[*]}; install them as root with apt-get (sudo $0 docker${2:+ $2})" >&2
+        exit 3
+    fi
+    echo "install-system-deps: apt-get install ${want[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${want[@]}"
+    exit 0
+fi
+# ==== end of the docker block ======================================================================
+
 # --- aarch64 kernel tests (tests/test_arm_kernels.py) -----------------------------------------
 # gcc-aarch64-linux-gnu  aarch64-linux-gnu-gcc: cross-compiles worker/kernels/arm/ and its harness
 # qemu-user-static       qemu-aarch64-static: runs the harness as a Cortex-A72 (no dot product,
