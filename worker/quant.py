@@ -154,8 +154,11 @@ class QuantWeight:
         if not self.group_size:
             return self.weight.float() * s[:, None]
         if self.torch_layout:
-            head = QuantWeight(pack_int4(unpack_torch_int4(self.weight)), self.scales.transpose(0, 1), self.group_size)
-            return torch.cat([head.dequantize(), *([self.tail.dequantize()] if self.tail else [])])
+            parts = [self.tail] if self.tail else []
+            if self.weight.shape[0]:
+                parts.insert(0, QuantWeight(pack_int4(unpack_torch_int4(self.weight)), self.scales.transpose(0, 1),
+                                            self.group_size))
+            return torch.cat([part.dequantize() for part in parts])
         n, k = self.shape
         q = unpack_int4(self.weight).float().view(n, k // self.group_size, self.group_size)  # (N, K/g, g)
         scale, zero = s[..., 0, None], s[..., 1, None]  # (N, K/g, 1) each
@@ -203,11 +206,12 @@ def _torch_kernel(flat: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     scales = w.scales if w.scales.dtype == KERNEL_DTYPE else w.scales.to(KERNEL_DTYPE)
     if not w.group_size:
         return torch.ops.aten._weight_int8pack_mm(flat.bfloat16(), w.weight, scales)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.bfloat16(), w.weight, w.group_size, scales)
-    if w.tail is None:
-        return y
-    tail = F.linear(flat.bfloat16().float(), w.tail.dequantize())  # (T, N % 16): as the kernel, bf16 x, fp32 sums
-    return torch.cat([y, tail.bfloat16()], dim=-1)  # (T, N)
+    parts = []
+    if w.weight.shape[0]:
+        parts.append(torch.ops.aten._weight_int4pack_mm_for_cpu(flat.bfloat16(), w.weight, w.group_size, scales))
+    if w.tail is not None:  # (T, N % 16): as the kernel does, bf16 x and fp32 sums
+        parts.append(F.linear(flat.bfloat16().float(), w.tail.dequantize()).bfloat16())
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (T, N)
 
 
 _warned_unconverted: list[bool] = []

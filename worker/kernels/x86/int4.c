@@ -23,6 +23,7 @@
 #define Q4_MIN_BLOCKS_PER_THREAD 16 /* 4-row blocks below which a second thread costs more than it saves */
 #define Q4_PREFETCH 4096            /* bytes ahead on a block's weight rows */
 
+
 static inline float q4_hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -112,9 +113,47 @@ static inline __attribute__((always_inline)) void q4_rows(const uint8_t *w, cons
     for (int r = 0; r < rows; r++) out[r] = q4_hsum(acc[r]) + c[r];
 }
 
+/* Two weight rows against two quantized rows of x (i0, i1): each block's nibbles are unpacked
+ * once for both rows of x. Two by two so that the 4 group and 4 row accumulators, both x
+ * blocks and the constants fit AVX2's 16 registers. out[i][r]. Against rows of x one at a time
+ * through q4_rows (same bits), 1 thread, ms per matrix, shared and loaded machine (min of 9):
+ * 3072x512 2 rows 0.137 / 0.168, 8 rows 1.78 / 2.36; 2048x5632 2 rows 4.05 / 4.23, 8 rows
+ * 18.2 / 23.9. */
+static void q4_two_by_two(const uint8_t *w, const uint16_t *sz, int k, int g, const int8_t *xq0,
+                          const int8_t *xq1, const float *d0, const float *d1, const float *xg0,
+                          const float *xg1, float out[2][2]) {
+    const int half = k / 2, groups = k / g, per_group = g / Q4_BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc00 = _mm256_setzero_ps(), acc01 = acc00, acc10 = acc00, acc11 = acc00;
+    float c[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    for (int j = 0; j < groups; j++) {
+        __m256 g00 = _mm256_setzero_ps(), g01 = g00, g10 = g00, g11 = g00;
+        for (int t = 0; t < per_group; t++) {
+            const int b = j * per_group + t;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq0 + Q4_BLOCK * b));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq1 + Q4_BLOCK * b));
+            const __m256 e0 = _mm256_set1_ps(d0[b]), e1 = _mm256_set1_ps(d1[b]);
+            const __m256i q0 = q4_nibbles(w + 16 * b), q1 = q4_nibbles(w + half + 16 * b);
+            g00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, x0), ones)), e0, g00);
+            g01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, x0), ones)), e0, g01);
+            g10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, x1), ones)), e1, g10);
+            g11 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, x1), ones)), e1, g11);
+        }
+        const float s0 = q4_bf16(sz[2 * j]), z0 = q4_bf16(sz[2 * j + 1]);
+        const float s1 = q4_bf16(sz[2 * (groups + j)]), z1 = q4_bf16(sz[2 * (groups + j) + 1]);
+        const __m256 v0 = _mm256_set1_ps(s0), v1 = _mm256_set1_ps(s1);
+        acc00 = _mm256_fmadd_ps(g00, v0, acc00), acc01 = _mm256_fmadd_ps(g01, v1, acc01);
+        acc10 = _mm256_fmadd_ps(g10, v0, acc10), acc11 = _mm256_fmadd_ps(g11, v1, acc11);
+        c[0][0] += (z0 - 8.0f * s0) * xg0[j], c[0][1] += (z1 - 8.0f * s1) * xg0[j];
+        c[1][0] += (z0 - 8.0f * s0) * xg1[j], c[1][1] += (z1 - 8.0f * s1) * xg1[j];
+    }
+    out[0][0] = q4_hsum(acc00) + c[0][0], out[0][1] = q4_hsum(acc01) + c[0][1];
+    out[1][0] = q4_hsum(acc10) + c[1][0], out[1][1] = q4_hsum(acc11) + c[1][1];
+}
+
 /* y (m, n) = x (m, k) @ dequant(w).T (the header says how). x is quantized once, then every
- * 4-row block of w is read from memory once for all m rows of x (the first row streams it with
- * a software prefetch, the others find it in L1/L2), the blocks split across threads. */
+ * 4-row block of w is read from memory once for all m rows of x (the first row or pair streams
+ * it, the others find it in L1/L2), the blocks split across threads. */
 void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, int m, int n, int k, int g,
                int threads) {
     const int nb = k / Q4_BLOCK, groups = k / g;
@@ -128,11 +167,22 @@ void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, i
     for (int blk = 0; blk < blocks; blk++) {
         const uint8_t *w0 = w + (int64_t)4 * blk * (k / 2);
         const uint16_t *s0 = sz + (int64_t)4 * blk * groups * 2;
-        for (int i = 0; i < m; i++) {
+        int i = 0;
+        if (m % 2) { /* an odd row first: it streams the block in with a software prefetch */
             float out[4];
-            q4_rows(w0, s0, k, g, xq + (int64_t)i * k, d + (int64_t)i * nb, xg + (int64_t)i * groups, 4, i == 0, out);
-            for (int r = 0; r < 4; r++) y[(int64_t)i * n + 4 * blk + r] = out[r];
+            q4_rows(w0, s0, k, g, xq, d, xg, 4, 1, out);
+            for (int r = 0; r < 4; r++) y[4 * blk + r] = out[r];
+            i = 1;
         }
+        for (; i < m; i += 2) /* pairs of rows of x against the block's two pairs of rows */
+            for (int h = 0; h < 4; h += 2) {
+                float out[2][2];
+                q4_two_by_two(w0 + (int64_t)h * (k / 2), s0 + (int64_t)h * groups * 2, k, g, xq + (int64_t)i * k,
+                              xq + (int64_t)(i + 1) * k, d + (int64_t)i * nb, d + (int64_t)(i + 1) * nb,
+                              xg + (int64_t)i * groups, xg + (int64_t)(i + 1) * groups, out);
+                for (int a = 0; a < 2; a++)
+                    for (int r = 0; r < 2; r++) y[(int64_t)(i + a) * n + 4 * blk + h + r] = out[a][r];
+            }
     }
     for (int r = 4 * blocks; r < n; r++)
         for (int i = 0; i < m; i++)
