@@ -5,7 +5,6 @@
  * Each case: 16 little-endian int64 header fields (op, then the op's sizes; floats as their bit
  * patterns), then the op's input arrays; it writes the op's output arrays. op 0 ends the run.
  * Every array is read and written whole, in the order tests/test_arm_kernels.py packs them. */
-#include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,8 +15,8 @@ enum { END, ISA, F32, INT8, INT4, BF16, RMS_NORM, SILU_MUL, ATTENTION };
 const char *kernel_isa(void);
 void f32_gemm(const float *w, const float *x, float *y, int m, int n, int k, int threads);
 void int8_gemm(const int8_t *w, const uint16_t *scales, const float *x, float *y, int m, int n, int k, int threads);
-void int4_gemm(const float *x, const uint8_t *w, const uint16_t *scales_zeros, float *y, int64_t rows, int64_t n,
-               int64_t k, int64_t group);
+void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, int m, int n, int k, int g,
+               int threads);
 void bf16_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, float *xf, int m, int n, int k, int threads);
 void rms_norm_rows(const float *x, const float *weight, float *out, int m, int d, float eps);
 void silu_mul_rows(const float *gate_up, float *out, int m, int w);
@@ -74,8 +73,7 @@ int main(void) {
             float *x = input(4 * a * c), *y = malloc(4 * a * b);
             uint8_t *w = input(b * c / 2);
             uint16_t *sz = input(2 * b * (c / d) * 2);
-            omp_set_num_threads((int)h[5]);
-            int4_gemm(x, w, sz, y, a, b, c, d);
+            int4_gemm(w, sz, x, y, (int)a, (int)b, (int)c, (int)d, (int)h[5]);
             output(y, 4 * a * b);
             free(x), free(w), free(sz), free(y);
             break;

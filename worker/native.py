@@ -81,11 +81,11 @@ class CompileUnit:
 
 
 _COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC")
-# platform.machine() -> the units of that machine's library, linked into one shared object.
+# platform.machine() -> the units of that machine's library, linked into one shared object: every
+# C file of the machine's directory, the aarch64 dot-product loops in a unit of their own.
 COMPILE_UNITS: dict[str, tuple[CompileUnit, ...]] = {
-    "x86_64": (CompileUnit((KERNELS / "x86" / "matmul.c", KERNELS / "x86" / "decode.c"),
-                           (*_COMMON_FLAGS, "-mavx2", "-mfma")),),
-    "aarch64": (CompileUnit((KERNELS / "arm" / "matmul.c", KERNELS / "arm" / "decode.c"),
+    "x86_64": (CompileUnit(tuple(sorted((KERNELS / "x86").glob("*.c"))), (*_COMMON_FLAGS, "-mavx2", "-mfma")),),
+    "aarch64": (CompileUnit(tuple(sorted(p for p in (KERNELS / "arm").glob("*.c") if p.name != "dotprod.c")),
                             (*_COMMON_FLAGS, "-march=armv8-a")),
                 # the dot-product loops: called only where the CPU reports them (arm/matmul.c)
                 CompileUnit((KERNELS / "arm" / "dotprod.c",), (*_COMMON_FLAGS, "-march=armv8.2-a+dotprod"))),
@@ -342,11 +342,6 @@ _WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., Any]], str]] = 
 }
 
 
-# Kernel name -> its C function, where they differ.
-_SYMBOLS = {"int8_mm": "int8_gemm", "f32_mm": "f32_gemm", "bf16_mm": "bf16_gemm", "rms_norm": "rms_norm_rows",
-            "silu_mul": "silu_mul_rows"}
-
-
 def _kernel(name: str) -> Callable[..., Any] | None:
     """The wrapper of kernel ``name``, or None where the library is not available (logged once
     per kernel)."""
@@ -360,12 +355,14 @@ def _kernel(name: str) -> Callable[..., Any] | None:
             if isinstance(library, str):
                 log.info("native %s kernel off (%s): %s", name, library, fallback)
                 _loaded[name] = None
-            elif not hasattr(library, _SYMBOLS.get(name, name)):
-                log.info("native %s kernel off (not in the %s build): %s", name, machine(), fallback)
-                _loaded[name] = None
             else:
-                log.info("native %s kernel on: %s", name, library._name)
-                _loaded[name] = wrap(library)
+                try:
+                    _loaded[name] = wrap(library)
+                except AttributeError:  # a kernel this machine's sources do not have
+                    log.info("native %s kernel off (not in the %s build): %s", name, machine(), fallback)
+                    _loaded[name] = None
+                else:
+                    log.info("native %s kernel on: %s", name, library._name)
     return _loaded[name]
 
 
