@@ -1,7 +1,7 @@
 """Native CPU kernels: C compiled on first use with the system's C compiler, loaded with ctypes.
 
-Matrix products, in ``kernels/matmul.c``, each reading every weight from memory once for all
-rows of x:
+Matrix products, in ``kernels/<isa>/matmul.c``, each reading every weight from memory once for
+all rows of x (the figures below are x86's, measured on this project's AVX2 machine):
 
 - ``int8_mm``: times an int8 shard matrix. torch's ``_weight_int8pack_mm`` reads a decode
   step's weights from DRAM at about 8 GB/s on 2 threads here (no prefetch); this prefetches and
@@ -20,7 +20,7 @@ rows of x:
   streams half the bytes at half the rate; a 6-layer 1.1B-shape bf16 decode went from 14-17 to
   20-21 tok/s with it (fp32: 16).
 
-The small fp32 operations between a decode step's products, in ``kernels/decode.c`` (its
+The small fp32 operations between a decode step's products, in ``kernels/<isa>/decode.c`` (its
 header says why: after a product has streamed the weights, each small torch op runs from cold
 caches): ``rms_norm``, ``silu_mul`` (the gated MLP's activation) and ``decode_attention``
 (RoPE, KV-cache write and attention of one new token per sequence).
@@ -293,7 +293,7 @@ def _wrap_silu_mul(lib: ctypes.CDLL) -> SiluMul:
 
 class TokenAttention:
     """The attention of one new token per sequence over one model's KV cache (RoPE, cache write,
-    attention: ``kernels/decode.c`` says what it computes). Made once per model: the cache and
+    attention: ``kernels/x86/decode.c`` says what it computes). Made once per model: the cache and
     RoPE tables never move, so their addresses and sizes are read here, not at every layer (a
     decode step's small calls run from cold caches, where each tensor method call counts)."""
 
