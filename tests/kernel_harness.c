@@ -5,7 +5,6 @@
  * Each case: 16 little-endian int64 header fields (op, then the op's sizes; floats as their bit
  * patterns), then the op's input arrays; it writes the op's output arrays. op 0 ends the run.
  * Every array is read and written whole, in the order tests/test_arm_kernels.py packs them. */
-#include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,7 +15,7 @@ enum { END, ISA, F32, INT8, INT4, BF16, RMS_NORM, SILU_MUL, ATTENTION };
 const char *kernel_isa(void);
 void f32_gemm(const float *w, const float *x, float *y, int m, int n, int k, int threads);
 void int8_gemm(const int8_t *w, const uint16_t *scales, const float *x, float *y, int m, int n, int k, int threads);
-void int4_gemm(const uint8_t *w, const uint16_t *scales_zeros, const float *x, float *y, int m, int n, int k, int group,
+void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, int m, int n, int k, int g,
                int threads);
 void bf16_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, float *xf, int m, int n, int k, int threads);
 void rms_norm_rows(const float *x, const float *weight, float *out, int m, int d, float eps);

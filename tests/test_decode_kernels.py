@@ -1,4 +1,4 @@
-"""The native decode-step kernels (worker/kernels/x86/decode.c): RMSNorm, the SiLU gate and one
+"""The native decode-step kernels (worker/kernels/{x86,arm}/decode.c): RMSNorm, the SiLU gate and one
 token's attention, against float64 references of what the torch path computes. The model-level
 tests (test_reference, test_moe_reference) run them against transformers; this file pins each
 one alone, its edge cases, and the torch path they replace."""

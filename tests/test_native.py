@@ -1,4 +1,4 @@
-"""The native matmuls (worker/native.py, worker/kernels/x86/matmul.c), int8 and float32 weights:
+"""The native matmuls (worker/native.py, worker/kernels/{x86,arm}/matmul.c), int8 and float32 weights:
 built here, exact to fp32 summation against the (dequantized) matrix, used by ``linear`` for fp32
 activations, and off (torch's kernels instead) where they cannot be built."""
 

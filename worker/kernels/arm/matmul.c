@@ -10,7 +10,6 @@
  * rounding (at most d / 2 each, d = max|x| / 127 of its block): int8 -> float conversions of
  * every weight would take 4-6 instructions per 4 weights, integer products 1-2 per 16. */
 #include <arm_neon.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,29 +174,28 @@ void int8_gemm(const int8_t *w, const uint16_t *scales, const float *x, float *y
     free_rows(&qr);
 }
 
-/* y (rows, n) = x (rows, k) @ dequant(w).T for edgellm int4 w (n, k / 2) with bf16 (scale, zero)
- * pairs scales_zeros (n, k / group, 2); group a multiple of 32 that divides k (the caller
- * checks). Blocks and threads as int8_gemm's. Same signature as the x86 kernel (x86/int4.c). */
-void int4_gemm(const uint8_t *w, const uint16_t *scales_zeros, const float *x, float *y, int m, int n, int k,
-               int group, int threads) {
-    const int64_t rows = m;
+/* y (m, n) = x (m, k) @ dequant(w).T for edgellm int4 w (n, k / 2) with bf16 (scale, zero) pairs
+ * sz (n, k / g, 2); g a multiple of 32 that divides k (the caller checks). The signature of the
+ * x86 int4_gemm (int4fmt's ../x86/int4.c); blocks and threads as int8_gemm's. */
+void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, int m, int n, int k, int g,
+               int threads) {
+    const int64_t rows = m, group = g, groups = k / g, blocks = (n + 3) / 4;
     QuantRows qr;
     if (!quantize_rows(x, rows, k, group, &qr)) abort();
-    const int64_t groups = k / group, blocks = (n + 3) / 4;
     if (threads > 1 && blocks < MIN_BLOCKS_PER_THREAD * threads) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t first = 4 * b, count = n - first < 4 ? n - first : 4;
         const uint8_t *wrows[4];
-        const uint16_t *sz[4];
+        const uint16_t *pairs[4];
         for (int64_t r = 0; r < 4; r++) {
             const int64_t row = first + (r < count ? r : count - 1);
             wrows[r] = w + row * (k / 2);
-            sz[r] = scales_zeros + row * groups * 2;
+            pairs[r] = sz + row * groups * 2;
         }
         for (int64_t i = 0; i < rows; i++) {
             float out[4];
-            int4_rows4(wrows, sz, qr.q + i * qr.blocks * QBLOCK, qr.d + i * qr.blocks, qr.xsum + i * groups, groups,
+            int4_rows4(wrows, pairs, qr.q + i * qr.blocks * QBLOCK, qr.d + i * qr.blocks, qr.xsum + i * groups, groups,
                        group / QBLOCK, out);
             for (int64_t r = 0; r < count; r++) y[i * n + first + r] = out[r];
         }
