@@ -52,7 +52,7 @@ QUICK: dict[str, list[str]] = {
     "streaming": ["--tokens", "8"],
     "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1"],
     "expert_predictors": ["--tokens", "50", "--prompts", "3"],
-    "quant": ["--agree-tokens", "50", "--shapes", "small", "--small-tokens", "32"],
+    "quant": ["--agree-tokens", "24", "--shapes", "small", "--small-tokens", "16"],  # 50/32: > 900 s busy
     "sync_error": ["--tokens", "50"],
     "latency": ["--prompts", "32,256", "--tokens", "8"],
 }
