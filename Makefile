@@ -37,6 +37,6 @@ protos: setup
 bench-all: setup
 	$(PY) bench/run_all.py
 
-# The same, smaller (no 1.1B-shape checkpoint): about half the time
+# The same, smaller: no 1.1B-shape checkpoint, one planner pass, shorter series
 bench-quick: setup
 	$(PY) bench/run_all.py --quick

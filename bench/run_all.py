@@ -43,7 +43,8 @@ SUITE: dict[str, list[str]] = {
     "latency": ["--prompts", "32,256,1024", "--tokens", "16", "--big"],  # --big: the 1.1B bandwidth bound
 }
 # --quick: the same benchmarks, smaller: no 1.1B-shape checkpoint, one planner pass, shorter series.
-# About 5 minutes on 2 quiet cores; its numbers are noisier and say "quick" in the tables.
+# Not timed on a quiet machine: 40 min on the shared 2-core VM at load average 13-22. Its numbers are
+# noisier and say "quick" in the tables.
 QUICK: dict[str, list[str]] = {
     "decode_and_allreduce": ["--tokens", "16", "--iters", "100", "--rounds", "2"],
     "allreduce": ["--worlds", "2,4", "--sizes-kb", "16,1024", "--dtypes", "fp32,fp16,int8", "--methods",
@@ -52,7 +53,7 @@ QUICK: dict[str, list[str]] = {
     "streaming": ["--tokens", "8"],
     "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1"],
     "expert_predictors": ["--tokens", "50", "--prompts", "3"],
-    "quant": ["--agree-tokens", "50", "--shapes", "small", "--small-tokens", "32"],
+    "quant": ["--agree-tokens", "24", "--shapes", "small", "--small-tokens", "16"],  # 50/32: > 900 s busy
     "sync_error": ["--tokens", "50"],
     "latency": ["--prompts", "32,256", "--tokens", "8"],
 }
@@ -290,7 +291,7 @@ def main() -> None:
                         help="where the markdown tables of docs/benchmarks.md go (default: %(default)s; "
                              "'' for nowhere); always also tables.md of the run")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller sizes, no 1.1B-shape checkpoint (about half the time of a full run)")
+                        help="smaller sizes, no 1.1B-shape checkpoint, one planner pass")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     suite = QUICK if args.quick else SUITE

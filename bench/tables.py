@@ -77,7 +77,7 @@ def decode_section(res: dict[str, Any]) -> list[Section]:
             ours += f" (two-hop star: {_lat(entry['star_two_hop'])})"
         rows.append([f"allreduce {ar['numel']} floats, {world.replace('_', ' ')}, p50 / p99 µs", ours,
                      f"gloo: {_lat(entry['gloo'])}",
-                     f"{entry.get('p50_ratio_paired_median', entry.get('p50_ratio_star_over_gloo'))}x of gloo's p50 "
+                     f"star / gloo p50: {entry.get('p50_ratio_paired_median', entry.get('p50_ratio_star_over_gloo'))} "
                      "(median of paired rounds)"])
     return [("Decode and allreduce (`make bench`, `bench/decode_and_allreduce.py`)",
              "Decode speed of one rank against transformers `generate` on the same random checkpoint; the star "

@@ -60,8 +60,8 @@ def test_tables_show_each_figure_beside_its_peer_and_the_run_they_come_from(tmp_
     for expected in ("AMD EPYC, 2 CPUs", "torch 2.13.0", "`0123456789ab`", "quick: smaller sizes",
                      "**a busy machine**",  # load 6.5 on 2 CPUs
                      "| 83.2 tok/s (1 rank) | transformers `generate`: 63.0 tok/s | 1.32x |",
-                     "exchange: 444 / 1494 (two-hop star: 565 / 1200) | gloo: 754 / 7709 | 0.55x",
-                     "star: 1213 / 2365 | gloo: 7001 / 15752 | 0.19x",
+                     "exchange: 444 / 1494 (two-hop star: 565 / 1200) | gloo: 754 / 7709 | star / gloo p50: 0.55 ",
+                     "star: 1213 / 2365 | gloo: 7001 / 15752 | star / gloo p50: 0.19 ",
                      "| transformers fp32 (`generate`) | 52.20 | 1.00x |", "| edgellm int8 | 321.50 | 6.16x |",
                      "| int8 | 0.1330 | 100.0% | 51 of 51 | 2.0 |",
                      "## streaming", "FAILED: `timed out after 300 s`"):
