@@ -155,8 +155,10 @@ def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(tmp_path
     log = tmp_path / "serve.log"
     # the embedded model, 400 tokens: seconds of decoding left when the worker dies at chunk 3
     body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    # --recovery-wait: the restarted worker imports torch and loads again, which took longer than the
+    # default 30 s beside a CPU hog (the request then failed instead of being replayed)
     with served(DEFAULT_MODEL, "--local-workers", "2", "--model-name", "m", "--step-timeout", "3",
-                log_path=log) as url:
+                "--recovery-wait", str(START_S), log_path=log) as url:
         undisturbed = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         coordinator = _coordinator(url)
         watch = HealthWatch(url)

@@ -23,7 +23,7 @@ import yaml
 
 import server.cli
 import worker.cli
-from tests.processes import ROOT
+from tests.processes import ROOT, START_S
 from worker import native
 
 DEPLOY = ROOT / "deploy"
@@ -311,10 +311,10 @@ def test_dockerfile_builds_the_native_kernel_where_the_runtime_image_loads_it(tm
     build = next(a for kind, a in steps if kind == "RUN" and "native.build()" in a)
     (code,) = re.findall(r'python -c "([^"]+)"', build)
     env = {**os.environ, "EDGELLM_KERNEL_CACHE": str(tmp_path)}
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=START_S)
     probe = "from worker import native; assert native.int8_mm() is not None"
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, "PATH": "/nonexistent"}, check=True,
-                   timeout=120)
+                   timeout=START_S)
 
 
 def test_help_and_argument_errors_answer_without_loading_torch() -> None:
@@ -331,7 +331,7 @@ for argv in (["--help"], ["serve", "--help"], ["worker", "--help"], ["shard", "-
         pass
     assert "torch" not in sys.modules, f"{argv} imported torch"
 """
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=START_S)
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -65,6 +65,14 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
             for alias in node.names:
                 names.append(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
     found = {resolved for n in names if n and (resolved := _resolve(n, modules))}
+    # importing a.b.c runs a/__init__ and a/b/__init__ first: an edge to each package above the
+    # target that the importer is not itself inside (a package may import its own modules)
+    for target in list(found):
+        parts = target.split(".")
+        for end in range(1, len(parts)):
+            package = ".".join(parts[:end])
+            if package in modules and not f"{module}.".startswith(f"{package}."):
+                found.add(package)
     found.discard(module)
     return found
 
@@ -154,10 +162,14 @@ def test_the_checks_see_what_they_must_refuse(tmp_path: Path) -> None:
                       "if TYPE_CHECKING:\n    from server.engine import Engine\n"
                       "def late():\n    from planner.plan import Plan  # noqa\n")
     assert imports_of("worker.probe", source, modules) == {"worker.quant", "worker.config", "server.engine",
-                                                          "planner.plan"}
+                                                          "planner.plan", "server", "planner"}
     relative = tmp_path / "__init__.py"
     relative.write_text("from . import llama\nfrom ..arguments import positive_int\n")
     assert imports_of("worker.models", relative, modules) == {"worker.models.llama", "worker.arguments"}
+    # a module outside worker.models importing one of its modules runs worker/models/__init__ too
+    outside = tmp_path / "outside.py"
+    outside.write_text("from worker.models.llama import RankModel\n")
+    assert imports_of("worker.quant", outside, modules) == {"worker.models.llama", "worker.models"}
 
     graph = {"worker.a": {"worker.b"}, "worker.b": {"worker.c"}, "worker.c": {"worker.a"}, "worker.d": set()}
     assert find_cycles(graph) == [["worker.a", "worker.b", "worker.c"]]

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.processes import START_S
 from tests.test_quant import _kernel_reference
 from worker import native
 from worker.quant import QuantWeight, linear, quantize_int4, quantize_int8
@@ -203,7 +204,7 @@ def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
             "from worker import native; print('KERNEL', native.int8_mm() is not None)")
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=120, check=True)
+                          text=True, timeout=START_S, check=True)
 
 
 def test_off_switch_and_missing_compiler_fall_back_with_a_log_line(tmp_path: Path) -> None:
@@ -227,7 +228,7 @@ def test_processes_starting_together_share_one_cached_build(tmp_path: Path) -> N
     env = {**os.environ, "EDGELLM_KERNEL_CACHE": str(tmp_path)}
     code = "from worker import native; assert native.int8_mm() is not None"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env) for _ in range(3)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert [p.wait(timeout=START_S) for p in procs] == [0, 0, 0]
     built = sorted(p.name for p in tmp_path.iterdir())
     assert len(built) == 1 and built[0].startswith("kernels-") and built[0].endswith(".so")  # no temp files left
     later = _probe({"EDGELLM_KERNEL_CACHE": str(tmp_path)})

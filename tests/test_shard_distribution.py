@@ -12,7 +12,7 @@ import pytest
 
 import worker.shard_fetch
 from server.shard_source import serve_shards
-from tests.processes import ROOT, edgellm, free_port, served, stop
+from tests.processes import ROOT, START_S, edgellm, free_port, served, stop
 from worker.config import CheckpointError
 from worker.shard_fetch import fetch_model, file_sha256, verify_rank_file
 from worker.weights import SHARD_MANIFEST
@@ -25,7 +25,7 @@ BODY = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 12, "temper
 def shard_dir(checkpoints, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sharded") / "llama-3"
     subprocess.run([sys.executable, "-m", "server.cli", "shard", "--model", str(checkpoints("llama")), "--ranks", "3",
-                    "--weights", "2,1,1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=120)
+                    "--weights", "2,1,1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=START_S)
     return out
 
 
@@ -106,7 +106,7 @@ def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp
     broken = _with_corrupted_file(shard_dir, tmp_path / "broken", victim)
     result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--weights",
                              "2,1,1", "--local-workers", "2", "--port", str(free_port())],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=START_S)
     assert result.returncode != 0
     assert f"{victim} is corrupted" in result.stderr
     assert "Traceback" not in result.stderr
@@ -121,7 +121,7 @@ def test_corrupted_shard_file_is_refused_with_a_clear_error(shard_dir: Path, tmp
 def test_a_shard_dir_served_with_another_split_says_which_it_holds(shard_dir: Path, extra: list[str],
                                                                    message: str) -> None:
     result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(shard_dir), *extra,
-                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=START_S)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -138,7 +138,7 @@ def test_a_shard_dir_split_by_an_earlier_rule_asks_for_a_reshard(shard_dir: Path
     manifest["shards"][0]["mlp_columns"], manifest["shards"][1]["mlp_columns"] = [start, start + 1], [start + 1, end]
     (old / SHARD_MANIFEST).write_text(json.dumps(manifest))
     result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(old), "--local-workers", "2",
-                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=START_S)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "was written by an earlier edgellm that split the MLP columns differently" in result.stderr
     assert "re-run `edgellm shard`" in result.stderr
