@@ -11,6 +11,9 @@ all rows of x (the figures below are x86's, measured on this project's AVX2 mach
   for all 32 matmuls, native / torch), before the last two speed-ups of its loop: 1 row
   1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8, 64 rows 37 / 49-56 (from
   12 rows on, each weight block is converted to floats once), 128 rows 71-75 / 100-104.
+- ``int4_mm``: times an int4 matrix in edgellm's format (``worker.quant``), read as stored, in
+  ``kernels/int4.c``: the activations quantized to int8 per 32 inputs, integer dot products
+  (``int4_f32_mm``: the same with fp32 activations, slower; kept for bench/int4_kernels.py).
 - ``f32_mm``: times a float32 matrix, for up to ``F32_MAX_ROWS`` rows (decode, batches, short
   prompts; longer prompts are GEMM-bound and go to MKL). MKL's sgemv/sgemm streams 16-22 GB/s
   at 1 row and 5-9 GB/s at 2-8 rows on 2 threads here; this reads 28-34 GB/s and 19-34 GB/s
@@ -38,7 +41,7 @@ checks the aarch64 build under qemu against float64 references.
 Why compiled at run time rather than at install: the project installs as pure Python (a wheel
 for every platform, no build step on a Pi), and the kernels are optional. Elsewhere (another OS
 or CPU, x86 without AVX2), or without a C compiler and a cached build, or with
-``EDGELLM_NATIVE=0``, ``int8_mm()`` and ``f32_mm()`` are None and ``worker.quant.linear`` calls
+``EDGELLM_NATIVE=0``, ``int8_mm()``, ``int4_mm()`` and ``f32_mm()`` are None and ``worker.quant.linear`` calls
 torch; a log line says which.
 
 The library is cached by a hash of its sources and flags under ``$EDGELLM_KERNEL_CACHE``

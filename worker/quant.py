@@ -34,7 +34,8 @@ most 2^-9 (0.2%), an order of magnitude under the rounding error of the weights 
 
 Compute never builds a float copy of a weight: ``linear`` calls a kernel on the stored tensors.
 int8 with fp32 activations goes to the native kernel of ``worker.native`` where it builds (x86-64
-with AVX2: 1.8x torch's at decode, fp32 activations). Otherwise ``_weight_int8pack_mm`` or
+with AVX2: 1.8x torch's at decode, fp32 activations), and so does int4 with any activations
+(``int4_mm``: activations in int8 per 32 inputs; 1.6-8x torch's int4 kernel, docs/incoming/int4fmt.md). Otherwise ``_weight_int8pack_mm`` or
 ``_weight_int4pack_mm_for_cpu``, both with bfloat16 activations (``KERNEL_DTYPE``): measured on
 this AVX2 machine at decode (one row, 2048-5632 wide), torch's int8 kernel takes 0.25-0.45x the
 time of an fp32 ``F.linear`` with bf16 activations, 3-4x with fp32 ones and 4-9x with fp16 ones,
