@@ -77,7 +77,7 @@ def decode_section(res: dict[str, Any]) -> list[Section]:
             ours += f" (two-hop star: {_lat(entry['star_two_hop'])})"
         rows.append([f"allreduce {ar['numel']} floats, {world.replace('_', ' ')}, p50 / p99 µs", ours,
                      f"gloo: {_lat(entry['gloo'])}",
-                     f"star / gloo p50: {entry.get('p50_ratio_paired_median', entry.get('p50_ratio_star_over_gloo'))} "
+                     f"star / gloo p50: {_num(entry.get('p50_ratio_paired_median', entry.get('p50_ratio_star_over_gloo')), 2)} "
                      "(median of paired rounds)"])
     return [("Decode and allreduce (`make bench`, `bench/decode_and_allreduce.py`)",
              "Decode speed of one rank against transformers `generate` on the same random checkpoint; the star "
@@ -110,13 +110,15 @@ def allreduce_section(res: dict[str, Any]) -> list[Section]:
 def quant_section(res: dict[str, Any]) -> list[Section]:
     out: list[Section] = []
     errors = res.get("error_default_model", {})
-    rows = [[variant, _num(e["max_abs_logit_diff"], 4), f"{e['top1_agreement']:.1%}",
-             f"{e['greedy_prefix']} of {errors.get('positions', '?')}", f"{e['shard_bytes'] / 2**20:.1f}"]
+    rows = [[variant, _num(e["max_abs_logit_diff"], 4), f"{e['top1_agreement']:.1%}", str(e["greedy_prefix"]),
+             f"{e['shard_bytes'] / 2**20:.1f}"]
             for variant, e in errors.items() if isinstance(e, dict)]
     if rows:
         out.append(("Quantization error (`bench/quant.py`)",
-                    "Each variant against fp32 on the embedded model, teacher-forced on fp32's greedy tokens; "
-                    "greedy prefix: tokens generated freely before the first that differs from fp32's.",
+                    "Each variant against fp32 on the embedded model, teacher-forced on fp32's greedy tokens "
+                    f"({errors.get('positions', '?')} positions, prompt included); greedy prefix: how many tokens a "
+                    "free-running greedy decode (`--agree-tokens` + 1 of them) matches fp32's before the first "
+                    "that differs.",
                     ["variant", "max abs logit diff", "top-1 agreement", "greedy prefix", "shard MiB"], rows))
     for key, speed in res.items():
         if not key.startswith("speed_"):
