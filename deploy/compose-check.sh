@@ -16,14 +16,17 @@
 #    TORCH_VERSION from TORCH_INDEX: under emulation 2.9.1 from PyPI (a CPU build for aarch64; the
 #    pinned 2.13 there is a CUDA build), on a Pi the Dockerfile's defaults (the pin, CPU index).
 # 3. Compose: `up -d` on docker-compose.yml as it is (HTTP on a free loopback port), waits for
-#    /health, sends the README's chat request (greedy) and checks the answer against the embedded
-#    model's greedy sample, records `docker stats` idle and while serving, then streams a long greedy
-#    completion, SIGKILLs worker1's process during it (as a crash or the OOM killer would; a
-#    `docker kill` is a manual stop, which no restart policy undoes), and checks that the stream ends
-#    with the same text as without the kill or with a clean error, that the restart policy brings
-#    worker1 back and that /health is 200 again and a new request is answered; `down -v`.
-# 4. Swarm (amd64 only): `swarm init` on this node, the labels deploy/stack.yml places by, `stack
-#    deploy`, the same chat check, `stack rm`, `swarm leave --force`.
+#    /health, sends the README's chat request (temperature 0, repetition penalty 1.1) and checks the
+#    answer against the embedded model's sample in its README, records `docker stats` idle and while
+#    serving, then streams a long greedy completion, SIGKILLs worker1's process during it (as a crash
+#    or the OOM killer would; a `docker kill` is a manual stop, which no restart policy undoes), and
+#    checks that the stream ends with the same text as without the kill or with a clean error, that
+#    the restart policy brings worker1 back and that /health is 200 again and a new request is
+#    answered; `down -v`.
+#    Under emulation: a compose override gives the workers a longer healthcheck start period, and
+#    there is no kill (a worker needs minutes to start under qemu).
+# 4. Swarm (not under emulation): `swarm init` on this node, the labels deploy/stack.yml places
+#    by, `stack deploy`, the same chat check, `stack rm`, `swarm leave --force`.
 #
 # Prints each step with its time; exits 0 when all passed, 1 on a failure, 77 when it cannot run
 # here (not root and no usable engine, no apt-get to install one), with the reason.
@@ -388,6 +391,10 @@ swarm_check() {
 }
 
 main() {
+    # One run at a time on a machine: two would share the compose project, the stack and the swarm.
+    mkdir -p "$CACHE"
+    exec 9>"$CACHE/compose-check.lock"
+    flock -n 9 || { log "waiting for another compose-check run to finish"; flock 9; }
     step "engine: install-system-deps, dockerd"
     ensure_engine
     done_step "engine ready ($(docker version -f '{{.Server.Version}}'), docker-compose $(docker-compose version --short))"
