@@ -31,6 +31,7 @@ of ``--source`` (a git ref, default the working tree) when that tree has them.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import re
@@ -56,37 +57,73 @@ class Cpu:
     """A Pi's core: how code is built for it and which llvm-mca model prices it."""
 
     name: str
-    gcc_cpu: str  # -mcpu= for the cross compiler (what -march=native picks on that Pi)
     mca_cpu: str  # -mcpu= for llvm-mca
     mca_attr: str  # -mattr= for llvm-mca ("" for none)
     ghz: float
 
 
-CPUS = (Cpu("pi5", "cortex-a76", "neoverse-n1", "+dotprod", 2.4), Cpu("pi4", "cortex-a72", "cortex-a72", "", 1.8))
+CPUS = (Cpu("pi5", "neoverse-n1", "+dotprod", 2.4), Cpu("pi4", "cortex-a72", "", 1.8))
+
+
+# worker/native.py's aarch64 compile units: matmul.c for armv8-a (every 64-bit Pi), dotprod.c's
+# loops for armv8.2-a+dotprod (chosen at run time where HWCAP_ASIMDDP says so: the Pi 5)
+ARM_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-march=armv8-a")
+DOTPROD_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-march=armv8.2-a+dotprod")
+# f32_gemm's one-row loop is a static function inlined into an OpenMP body beside the multi-row
+# ones; a wrapper gets it alone (the same loop, compiled with the same flags)
+F32_ROW = """
+void bench_f32_row(const float *r0, int64_t k, int64_t k4, const float *x, float out[8]) {
+    one_row_against_eight(r0, k, k4, x, out);
+}
+"""
+
+
+@dataclass(frozen=True)
+class Build:
+    """How one CPU's variant of a kernel is compiled, and which function holds its loop."""
+
+    source: str  # "dllama", or a file of worker/kernels/arm/
+    flags: tuple[str, ...]
+    function: str  # a regex matched against the assembly's function symbols
+    wrapper: str = ""  # C appended to the source: a function around a static loop, measured instead
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """One matvec kernel: the function whose innermost hot loop is measured, and what a weight costs in bytes."""
+    """One matvec kernel: per CPU the function whose hot loop is measured; what a weight costs in bytes."""
 
     name: str
     dtype: str  # the shard dtype it serves: float32, int8, int4
-    source: str  # "dllama" or a path under worker/kernels/
-    function: str  # a regex matched against the assembly's function symbols
+    builds: dict[str, Build]  # by Cpu.name
     bytes_per_weight: float
     # which products consume a weight: int8 x int8 ones ("int": sdot, smull, smlal) or float ones
     # ("float": fmla, fmul on vectors); the others in the loop (a block scale's fmla) are not weights
     products: str = "int"
+    # >0: the loop around the hot one runs it this many times per iteration (edgellm int4: the
+    # blocks of one group, whose scale and zero are applied outside the block loop), measured together
+    inner_trips: int = 0
+
+
+def _dllama(gcc_cpu: str) -> Build:
+    # its Makefile: -std=c++11 -O3 -march=native -mtune=native, i.e. the Pi's own core; gcc inlines
+    # matmul_Q80_Q40_F32 into its only caller, matmulForward_Q80_Q40_F32
+    return Build("dllama", ("-std=c++11", "-O3", f"-mcpu={gcc_cpu}"), r"matmul(Forward)?_Q80_Q40_F32")
 
 
 KERNELS = (
     # 18-byte blocks of 32 weights: an fp16 scale and 16 bytes of nibbles (Q40), against Q80 activations
-    # (gcc inlines matmul_Q80_Q40_F32 into its only caller, matmulForward_Q80_Q40_F32)
-    Kernel("distributed-llama Q40xQ80", "int4", "dllama", r"matmul(Forward)?_Q80_Q40_F32", 18 / 32),
-    # edgellm's own aarch64 kernels (armkern's; none on a branch without them: reported as missing)
-    Kernel("edgellm f32", "float32", "worker/kernels/matmul_neon.c", r"f32_(gemm|mm|matvec)", 4.0, "float"),
-    Kernel("edgellm int8", "int8", "worker/kernels/matmul_neon.c", r"int8_(gemm|mm|matvec)", 1.0),
-    Kernel("edgellm int4", "int4", "worker/kernels/matmul_neon.c", r"int4_(gemm|mm|matvec)", 18 / 32),
+    Kernel("distributed-llama Q40xQ80", "int4", {"pi5": _dllama("cortex-a76"), "pi4": _dllama("cortex-a72")},
+           18 / 32),
+    # edgellm's (worker/kernels/arm/): 4 weight rows against one row of int8-quantized activations
+    Kernel("edgellm int4 (group 64)", "int4",
+           {"pi5": Build("dotprod.c", DOTPROD_FLAGS, r"^int4_rows4_dotprod$"),
+            "pi4": Build("matmul.c", ARM_FLAGS, r"^int4_rows4_neon$")},
+           0.5 + 4 / 64, inner_trips=2),  # 16 bytes per 32 weights, a bf16 (scale, zero) pair per 64
+    Kernel("edgellm int8", "int8",
+           {"pi5": Build("dotprod.c", DOTPROD_FLAGS, r"^int8_rows4_dotprod$"),
+            "pi4": Build("matmul.c", ARM_FLAGS, r"^int8_rows4_neon$")}, 1.0),
+    Kernel("edgellm f32", "float32", {cpu: Build("matmul.c", ARM_FLAGS, r"^bench_f32_row$", F32_ROW)
+                                      for cpu in ("pi5", "pi4")}, 4.0, "float"),
 )
 
 # Products per instruction, by mnemonic and the arrangement of its first source register: integer
@@ -138,24 +175,41 @@ def instructions(lines: list[str]) -> list[str]:
     return out
 
 
-def hot_loop(body: list[str]) -> list[str]:
-    """The innermost loop (a label and a later branch back to it with no loop inside) with the
-    most products: the instructions from the label to the branch, inclusive."""
+def loops(body: list[str]) -> list[tuple[int, int]]:
+    """(label line, backward branch line) of every loop in ``body``."""
     where = {m.group(1): i for i, line in enumerate(body) if (m := LABEL.match(line))}
-    loops = []
+    found = []
     for i, line in enumerate(body):
         m = BRANCH.match(line)
         if m and m.group(2) in where and where[m.group(2)] < i:
-            loops.append((where[m.group(2)], i))
-    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+            found.append((where[m.group(2)], i))
+    return found
+
+
+def hot_loop(body: list[str], inner_trips: int = 0) -> list[str]:
+    """The innermost loop (a label and a later branch back to it with no loop inside) with the
+    most products: the instructions from the label to the branch, inclusive. With
+    ``inner_trips``, the smallest loop around it instead, its inner loop written out that many
+    times (llvm-mca runs straight-line code: a nest is one iteration of the outer loop)."""
+    all_loops = loops(body)
+    inside = {ab: [cd for cd in all_loops if ab[0] <= cd[0] and cd[1] <= ab[1] and cd != ab] for ab in all_loops}
+    innermost = [ab for ab in all_loops if not inside[ab]]
     if not innermost:
         raise LookupError("no loop in the function")
+
     def weight(ab: tuple[int, int]) -> tuple[int, int]:
         loop = instructions(body[ab[0]:ab[1] + 1])
         return products(loop, INT_PRODUCTS) + products(loop, FLOAT_PRODUCTS), ab[1] - ab[0]
 
     start, end = max(innermost, key=weight)
-    return instructions(body[start:end + 1])
+    if not inner_trips:
+        return instructions(body[start:end + 1])
+    outer = [ab for ab in all_loops if (start, end) in inside[ab]]
+    if not outer:
+        raise LookupError("the hot loop has no loop around it")
+    a, b = min(outer, key=lambda ab: ab[1] - ab[0])
+    return instructions(body[a:start]) + instructions(body[start:end + 1]) * inner_trips + \
+        instructions(body[end + 1:b + 1])
 
 
 def mca(loop: list[str], cpu: Cpu) -> dict[str, float]:
@@ -169,39 +223,54 @@ def mca(loop: list[str], cpu: Cpu) -> dict[str, float]:
             "block_rthroughput": fields["Block RThroughput"]}
 
 
-def dllama_assembly(cpu: Cpu, work: Path) -> tuple[str, list[str]]:
-    """distributed-llama's nn-cpu-ops.cpp compiled for ``cpu`` as its Makefile does on that Pi."""
+def dllama_source(work: Path) -> Path:
+    """distributed-llama's tree, unpacked once per run."""
     src = work / "dllama"
     if not src.exists():
         src.mkdir()
         with tarfile.open(DLLAMA_TGZ) as tgz:
             tgz.extractall(src, filter="data")
-    flags = ["-std=c++11", "-O3", f"-mcpu={cpu.gcc_cpu}"]
-    out = work / f"dllama-{cpu.name}.s"
-    subprocess.run(["aarch64-linux-gnu-g++", *flags, "-S", str(src / "src/nn/nn-cpu-ops.cpp"), "-o", str(out)],
-                   check=True, capture_output=True, text=True)
-    return out.read_text(), flags
+    return src
 
 
-def edgellm_assembly(path: str, ref: str | None, cpu: Cpu, work: Path) -> tuple[str, list[str]] | None:
-    """One of edgellm's kernel sources (working tree, or ``ref``) compiled for ``cpu``; None if absent."""
+def edgellm_source(ref: str | None, work: Path) -> Path | None:
+    """worker/kernels/arm/ of the working tree or of git ref ``ref``, copied into ``work``; None
+    where it has no aarch64 kernels."""
+    dest = work / "edgellm-arm"
+    if dest.exists():
+        return dest if any(dest.iterdir()) else None
+    dest.mkdir()
     if ref is None:
-        file = REPO / path
-        if not file.exists():
-            return None
-        text = file.read_text()
+        src = REPO / "worker" / "kernels" / "arm"
+        if src.is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
     else:
-        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:{path}"], capture_output=True, text=True)
-        if shown.returncode:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "worker/kernels/arm"], capture_output=True)
+        if archive.returncode == 0:
+            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                tar.extractall(work / "archive", filter="data")
+            shutil.copytree(work / "archive" / "worker" / "kernels" / "arm", dest, dirs_exist_ok=True)
+    return dest if any(dest.iterdir()) else None
+
+
+def assemble(build: Build, ref: str | None, work: Path, tag: str) -> str | None:
+    """``build``'s source compiled to assembly with its flags; None where the source is absent."""
+    if build.source == "dllama":
+        src = dllama_source(work) / "src" / "nn" / "nn-cpu-ops.cpp"
+        compiler = "aarch64-linux-gnu-g++"
+    else:
+        tree = edgellm_source(ref, work)
+        if tree is None or not (tree / build.source).exists():
             return None
-        text = shown.stdout
-    src = work / f"{ref or 'tree'}-{Path(path).name}".replace("/", "_")
-    src.write_text(text)
-    flags = ["-O3", "-fopenmp", f"-mcpu={cpu.gcc_cpu}"]
-    out = src.with_suffix(f".{cpu.name}.s")
-    subprocess.run(["aarch64-linux-gnu-gcc", *flags, "-S", str(src), "-o", str(out)], check=True,
-                   capture_output=True, text=True)
-    return out.read_text(), flags
+        src = tree / build.source
+        compiler = "aarch64-linux-gnu-gcc"
+        if build.wrapper:  # beside the original, so that its #include "..." still resolve
+            wrapped = tree / f"bench-{tag}-{build.source}"
+            wrapped.write_text(src.read_text() + build.wrapper)
+            src = wrapped
+    out = work / f"{tag}.s"
+    subprocess.run([compiler, *build.flags, "-S", str(src), "-o", str(out)], check=True, capture_output=True, text=True)
+    return out.read_text()
 
 
 def measure(kernels: tuple[Kernel, ...], ref: str | None) -> dict[str, Any]:
@@ -211,26 +280,25 @@ def measure(kernels: tuple[Kernel, ...], ref: str | None) -> dict[str, Any]:
     missing: list[str] = []
     with tempfile.TemporaryDirectory(prefix="arm-cycles-") as tmp:
         work = Path(tmp)
-        for kernel in kernels:
+        for n, kernel in enumerate(kernels):
             for cpu in CPUS:
-                built = dllama_assembly(cpu, work) if kernel.source == "dllama" else \
-                    edgellm_assembly(kernel.source, ref, cpu, work)
-                if built is None:
-                    missing.append(f"{kernel.name}: no {kernel.source} in {ref or 'the working tree'}")
+                build = kernel.builds[cpu.name]
+                asm = assemble(build, ref, work, f"k{n}-{cpu.name}")
+                if asm is None:
+                    missing.append(f"{kernel.name}: no worker/kernels/arm/{build.source} in {ref or 'the working tree'}")
                     break
-                asm, flags = built
                 try:
-                    symbol, body = function_body(asm, kernel.function)
+                    symbol, body = function_body(asm, build.function)
+                    loop = hot_loop(body, kernel.inner_trips)
                 except LookupError as exc:
-                    missing.append(f"{kernel.name}: {exc} in {kernel.source}")
+                    missing.append(f"{kernel.name}: {exc} ({build.source}, {cpu.name})")
                     break
-                loop = hot_loop(body)
                 weights = products(loop, INT_PRODUCTS if kernel.products == "int" else FLOAT_PRODUCTS)
                 timing = mca(loop, cpu)
                 cpw = timing["cycles_per_iteration"] / weights
                 rows.append({"kernel": kernel.name, "dtype": kernel.dtype, "cpu": cpu.name,
                              "mca_cpu": cpu.mca_cpu + (f" {cpu.mca_attr}" if cpu.mca_attr else ""),
-                             "compile": " ".join(flags), "function": symbol, "loop_instructions": len(loop),
+                             "compile": " ".join(build.flags), "function": symbol, "loop_instructions": len(loop),
                              **{k: round(v, 3) for k, v in timing.items()},
                              "weights_per_iteration": weights, "cycles_per_weight": round(cpw, 4),
                              "bytes_per_weight": round(kernel.bytes_per_weight, 4),
@@ -240,8 +308,7 @@ def measure(kernels: tuple[Kernel, ...], ref: str | None) -> dict[str, Any]:
                              "loop": loop})
     return {"llvm_mca": next((line.strip() for line in version.splitlines() if "version" in line), "?"),
             "iterations": ITERATIONS, "source": ref or "working tree",
-            "cpus": {c.name: {"gcc": f"-mcpu={c.gcc_cpu}", "llvm_mca": f"-mcpu={c.mca_cpu} {c.mca_attr}".strip(),
-                              "ghz": c.ghz} for c in CPUS},
+            "cpus": {c.name: {"llvm_mca": f"-mcpu={c.mca_cpu} {c.mca_attr}".strip(), "ghz": c.ghz} for c in CPUS},
             "kernels": rows, "missing": missing}
 
 

@@ -79,29 +79,45 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Never delete a tree with something still mounted inside it (a bound /dev would go with it).
-if [ -e "$build" ]; then
-    if grep -q " $build/" /proc/mounts; then log "$build has mounts inside; unmount them first"; exit 1; fi
+# A build that stopped after debootstrap (pip failed: network) starts again from there.
+if grep -q " $build/" /proc/mounts 2>/dev/null; then log "$build has mounts inside; unmount them first"; exit 1; fi
+if [ ! -f "$build/.debootstrapped" ] || [ "$(cat "$build/.debootstrapped")" != "$suite $mirror" ]; then
+    # never delete a tree with something mounted inside it (checked above: a bound /dev would go with it)
     rm -rf "$build"
+    mkdir -p "$(dirname "$root")"
+    log "debootstrap $suite arm64 from $mirror into $build (several minutes: its second stage runs under qemu)"
+    start=$SECONDS
+    debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,gcc,libc6-dev \
+        "$suite" "$build" "$mirror" >&2
+    echo "$suite $mirror" > "$build/.debootstrapped"
+    log "debootstrap took $((SECONDS - start)) s"
 fi
-mkdir -p "$(dirname "$root")"
-log "debootstrap $suite arm64 from $mirror into $build (a few minutes)"
-start=$SECONDS
-debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,gcc,libc6-dev \
-    "$suite" "$build" "$mirror" >&2
-log "debootstrap took $((SECONDS - start)) s"
 
 for d in proc sys dev; do
     mount --bind "/$d" "$build/$d"
     mounted=("$build/$d" "${mounted[@]}")
 done
 cp -L /etc/resolv.conf "$build/etc/resolv.conf"
+# pip inside trusts what pip here trusts: this machine's CA bundle (it may hold a proxy's CA that
+# the tree's own ca-certificates lacks)
+host_ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 
 start=$SECONDS
 log "venv /opt/venv: ${deps[*]} ${test_deps[*]} (pip under emulation: several minutes)"
-chroot "$build" /usr/bin/python3 -m venv /opt/venv
-chroot "$build" /opt/venv/bin/pip install --quiet --no-cache-dir "${deps[@]}" "${test_deps[@]}" >&2
-chroot "$build" /opt/venv/bin/python -c 'import torch; print("arm64-root: torch", torch.__version__, torch.backends.cpu.get_cpu_capability())' >&2
+# A clean environment inside: this machine's PIP_* settings (a certificate file, find-links) name
+# paths that do not exist in the tree. Proxies, if any, go through.
+inside=(/usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin)
+if [ -f "$host_ca" ]; then
+    cp -L "$host_ca" "$build/etc/ssl/edgellm-host-ca.crt"
+    inside+=(PIP_CERT=/etc/ssl/edgellm-host-ca.crt)
+fi
+for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+    [ -n "${!v:-}" ] && inside+=("$v=${!v}")
+done
+chroot "$build" "${inside[@]}" /usr/bin/python3 -m venv /opt/venv
+chroot "$build" "${inside[@]}" /opt/venv/bin/pip install --quiet --no-cache-dir "${deps[@]}" "${test_deps[@]}" >&2
+chroot "$build" "${inside[@]}" /opt/venv/bin/python -c \
+    'import torch; print("arm64-root: torch", torch.__version__, torch.backends.cpu.get_cpu_capability())' >&2
 log "venv took $((SECONDS - start)) s"
 
 cleanup
