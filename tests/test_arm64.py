@@ -79,7 +79,7 @@ class Arm64Tree:
                 f"QEMU_CPU={cpu}", "PYTHONUNBUFFERED=1"]
 
     def run(self, cpu: str, *cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["chroot", str(self.root), *self.env(cpu), "sh", "-c", f'cd {INSIDE} && "$@"', "-",
+        return subprocess.run(["chroot", str(self.root), *self.env(cpu), "sh", "-c", f'cd {INSIDE} && exec "$@"', "-",
                                *cmd], capture_output=True, text=True, timeout=timeout)
 
     def popen(self, cpu: str, *cmd: str, log_path: Path) -> subprocess.Popen[bytes]:
@@ -175,7 +175,9 @@ def test_two_ranks_on_aarch64_give_the_x86_fp32_text(arm64: Arm64Tree, x86_text:
     log_path = tmp_path / "serve.log"
     start = time.monotonic()
     proc = arm64.popen(cpu, "/opt/venv/bin/edgellm", "serve", "--port", str(port), "--local-workers", "1",
-                       "--threads", "1", "--quantize", quantize, "--cache-dir", cache, log_path=log_path)
+                       "--threads", "1", "--quantize", quantize, "--cache-dir", cache,
+                       # the worker imports torch under emulation: minutes on a busy machine
+                       "--connect-timeout", "900", log_path=log_path)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, log_path, timeout_s=900)
