@@ -140,6 +140,7 @@ def _table(plan: dict[str, Any]) -> str:
                      f"{r['weight_bytes'] / 2**20:>11.0f} {r['memory_bytes'] / 2**20:>10.0f} {budget:>10} "
                      f"{r['compute_ms']:>10.2f} {r['disk_ms']:>8.1f}{'  (streams)' if r['streams'] else ''}")
     lines.append(f"coordinator also holds the embedding and LM head: {plan['hub_bytes'] / 2**20:.0f} MiB")
+    lines += [f"why: {reason}" for reason in pred["reasons"]]
     return "\n".join(lines)
 
 

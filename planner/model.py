@@ -3,6 +3,7 @@
 One decode step (batch B, L layers, N ranks, rank 0 is the coordinator and the star hub):
 
     compute_r = max(sum_m bytes_m / matvec_bw_r(width_m), flops_r / gemm_r) + L * layer_overhead_r
+    matvec_bw_r = min(memory bandwidth, cores * clock / cycles_per_weight * bytes_per_weight)
     allreduce = hub software overhead + max_r rtt_r                      (the star, N > 2)
                 + 2 * max((N - 1) * payload / hub_link_bw, max_r payload / link_bw_r)
                 + (N - 1) * payload / payload_sw
@@ -11,7 +12,9 @@ One decode step (batch B, L layers, N ranks, rank 0 is the coordinator and the s
     token     = max(max_r compute_r + 2 L * allreduce + hub, max_r disk_r)
 
 ``bytes_m`` are the weights of each matrix a rank reads per token (its slice of every layer),
-streamed at the node's matvec bandwidth for that input width, ``payload`` is
+streamed at the node's matvec bandwidth for that input width, or at the rate its cores can
+consume them where a profile gives the kernel's cycles per weight and that is lower (a compute
+ceiling: ``bench/arm_cycles.py`` estimates it with llvm-mca for a Pi's cores), ``payload`` is
 ``B * hidden * sync_dtype bytes``; the hub link carries N - 1 payloads in (gather) and N - 1 out
 (broadcast), one after the other; ``payload_sw`` is what the software moves per second through
 a rank's end of an allreduce beyond the wire (ZeroMQ's copies, CURVE, the sum; probed with
@@ -72,6 +75,38 @@ class Node:
     # what an allreduce pays per payload byte beyond the wire (ZeroMQ copies, CURVE, the sum), as
     # MB/s; None (an older probe, a profile without it): nothing, as if only the wire counted
     allreduce_payload_mb_s: float | None = None
+    # the matvec kernel's inner loop, cycles per weight on one core, by dtype (a profile's estimate,
+    # bench/arm_cycles.py); with ``clock_ghz`` and ``cores`` a compute ceiling beside the bandwidth
+    matvec_cycles_per_weight: Mapping[str, float] = field(default_factory=dict)
+    clock_ghz: float | None = None
+    cores: int = 1  # threads a rank computes a product with
+
+    def compute_ceiling(self, dtype: str) -> float | None:
+        """Bytes/s of ``dtype`` weights the cores can consume by the kernel's cycles per weight
+        (all operands in L1), or None where the node gives no such figure."""
+        cycles = self.matvec_cycles_per_weight.get(dtype)
+        if not cycles or not self.clock_ghz or dtype not in BYTES_PER_PARAM:
+            return None
+        return self.cores * self.clock_ghz * 1e9 / cycles * BYTES_PER_PARAM[dtype]
+
+    def matvec_rate(self, dtype: str, width: int | None = None) -> float:
+        """Bytes/s a matvec over ``dtype`` weights streams: the memory bandwidth, or the compute
+        ceiling where that is lower."""
+        memory = self.bandwidth(dtype, width)
+        ceiling = self.compute_ceiling(dtype)
+        return min(memory, ceiling) if ceiling else memory
+
+    def matvec_bound(self, dtype: str, width: int | None = None) -> str:
+        """Why a matvec over ``dtype`` weights takes the time it does, in words."""
+        memory = self.bandwidth(dtype, width) / 1e9
+        ceiling = self.compute_ceiling(dtype)
+        if ceiling is None:
+            return f"memory-bound at {memory:.3g} GB/s (no compute ceiling given for {dtype})"
+        what = (f"{self.matvec_cycles_per_weight[dtype]:.3g} cycles/weight x {self.cores} cores x "
+                f"{self.clock_ghz:.3g} GHz = {ceiling / 1e9:.3g} GB/s of {dtype}")
+        if ceiling < memory * 1e9:
+            return f"compute-bound: {what}, below the {memory:.3g} GB/s of memory"
+        return f"memory-bound at {memory:.3g} GB/s (compute ceiling {what})"
 
     def bandwidth(self, dtype: str, width: int | None = None) -> float:
         """Bytes/s streamed by a matvec over weights of ``dtype`` with ``width`` input features,
@@ -110,6 +145,7 @@ class Node:
             rates = [_positive(name, f"link.{k}", link[k])
                      for k in ("up_mbit_s", "down_mbit_s", "mbit_s") if link.get(k) is not None]
             payload = raw.get("allreduce_payload_mb_s")
+            clock = raw.get("clock_ghz")
             return cls(name=name,
                        matvec_gb_s={str(k): _positive(name, f"matvec_gb_s.{k}", v)
                                     for k, v in dict(raw["matvec_gb_s"]).items()},
@@ -132,7 +168,11 @@ class Node:
                        exchange_overhead_us=(_not_negative(name, "exchange_overhead_us", raw["exchange_overhead_us"])
                                              if raw.get("exchange_overhead_us") is not None else None),
                        allreduce_payload_mb_s=(_positive(name, "allreduce_payload_mb_s", payload)
-                                               if payload is not None else None))
+                                               if payload is not None else None),
+                       matvec_cycles_per_weight={str(k): _positive(name, f"matvec_cycles_per_weight.{k}", v)
+                                                 for k, v in dict(raw.get("matvec_cycles_per_weight") or {}).items()},
+                       clock_ghz=_positive(name, "clock_ghz", clock) if clock is not None else None,
+                       cores=int(_positive(name, "threads", raw.get("threads") or raw.get("cpus") or 1)))
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -247,7 +287,7 @@ def _matvec_seconds(config: ModelConfig, load: RankLoad, node: Node, dtype: str,
     parts = [(n * layers, w) for n, w in parts if n]
     rest = max(params - sum(n for n, _ in parts), 0)
     parts.append((rest, d))
-    return sum(n * bpp / node.bandwidth(dtype, max(w, 1)) for n, w in parts if n)
+    return sum(n * bpp / node.matvec_rate(dtype, max(w, 1)) for n, w in parts if n)
 
 
 def hub_params(config: ModelConfig) -> tuple[int, int]:
@@ -358,7 +398,7 @@ def _rank_pass_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Wo
 def _hub_seconds(config: ModelConfig, node: Node, work: Workload, rows: int) -> float:
     """Final norm and LM head for ``rows`` rows on the coordinator, plus the step's bookkeeping."""
     _, read = hub_params(config)
-    busy = max(read * work.bytes_per(work.weight_dtype) / node.bandwidth(work.weight_dtype, config.hidden_size),
+    busy = max(read * work.bytes_per(work.weight_dtype) / node.matvec_rate(work.weight_dtype, config.hidden_size),
                2.0 * read * rows / node.flops(work.weight_dtype))
     return busy + node.step_overhead_us * 1e-6
 
@@ -384,11 +424,12 @@ class Prediction:
     comm_s: float  # per decode step: 2 L allreduces + the step broadcast
     hub_s: float
     ranks: list[RankPrediction] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # what the decode step is made of, and what bounds each part
 
     def as_dict(self) -> dict[str, Any]:
         return {"tokens_per_s": round(self.tokens_per_s, 3), "decode_ms": round(self.decode_s * 1e3, 3),
                 "ttft_ms": round(self.ttft_s * 1e3, 2), "comm_ms": round(self.comm_s * 1e3, 3),
-                "hub_ms": round(self.hub_s * 1e3, 3),
+                "hub_ms": round(self.hub_s * 1e3, 3), "reasons": self.reasons,
                 "ranks": [{**r.__dict__, "compute_ms": round(r.compute_s * 1e3, 3),
                            "disk_ms": round(r.disk_s * 1e3, 3)} for r in self.ranks]}
 
@@ -437,7 +478,33 @@ def predict(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[No
                                     weight_bytes=int(ld.held_params * bpp),
                                     memory_bytes=min(resident, nd.memory_bytes) if dk else resident,
                                     streams=dk > 0, compute_s=c, disk_s=dk))
-    return Prediction(tokens_per_s=1.0 / decode, decode_s=decode, ttft_s=ttft, comm_s=comm, hub_s=hub, ranks=ranks)
+    reasons = _reasons(config, nodes, work, compute, comm, hub, disk)
+    return Prediction(tokens_per_s=1.0 / decode, decode_s=decode, ttft_s=ttft, comm_s=comm, hub_s=hub, ranks=ranks,
+                      reasons=reasons)
+
+
+def _reasons(config: ModelConfig, nodes: Sequence[Node], work: Workload, compute: Sequence[float], comm: float,
+             hub: float, disk: Sequence[float]) -> list[str]:
+    """The decode step in words: the slowest rank's matvecs and overhead, the allreduces, the hub."""
+    slow = max(range(len(nodes)), key=lambda r: compute[r])
+    node, dtype = nodes[slow], work.weight_dtype
+    overhead = config.num_layers * node.layer_overhead_us * 1e-6
+    out = [f"decode step {(max(compute) + comm + hub) * 1e3:.1f} ms = slowest rank {max(compute) * 1e3:.1f} "
+           f"+ allreduces {comm * 1e3:.1f} + hub {hub * 1e3:.1f}",
+           f"rank {slow} ({node.name}): weights and KV cache read {(compute[slow] - overhead) * 1e3:.1f} ms, "
+           f"{node.matvec_bound(dtype, config.hidden_size)}; "
+           f"Python step overhead {overhead * 1e3:.1f} ms ({config.num_layers} layers x {node.layer_overhead_us:g} us)"]
+    if len(nodes) > 1:
+        payload = work.batch * config.hidden_size * work.bytes_per(work.sync_dtype)
+        one = allreduce_seconds(nodes, payload)
+        out.append(f"allreduces: {2 * config.num_layers} x {one * 1e3:.2f} ms ({work.sync_dtype} payload of "
+                   f"{payload / 1024:.0f} KiB; software overhead {nodes[0].allreduce_overhead_us:g} us each) "
+                   f"+ the step broadcast")
+    step = nodes[0].step_overhead_us * 1e-6
+    out.append(f"hub: embedding/LM head {(hub - step) * 1e3:.1f} ms + step overhead {step * 1e3:.1f} ms")
+    if max(disk) > max(compute) + comm + hub:
+        out.append(f"but a rank streams its shard from disk: {max(disk) * 1e3:.0f} ms a step")
+    return out
 
 
 def _ttft_seconds(config: ModelConfig, loads: Sequence[RankLoad], nodes: Sequence[Node], work: Workload,

@@ -57,7 +57,7 @@ def _full_load(config: ModelConfig) -> RankLoad:
 def _rank_time(share: float, full: RankLoad, config: ModelConfig, node: Node, work: Workload) -> float:
     """Decode seconds of a rank holding ``share`` of every layer (continuous approximation)."""
     bpp = work.bytes_per(work.weight_dtype)
-    compute = share * full.active_params * bpp / node.bandwidth(work.weight_dtype, config.hidden_size)
+    compute = share * full.active_params * bpp / node.matvec_rate(work.weight_dtype, config.hidden_size)
     if _resident(share, full, config, node, work):
         return compute
     held = share * full.held_params * bpp

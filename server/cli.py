@@ -71,7 +71,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-port", type=port_number, default=0,
                    help="gRPC port from which workers without the model fetch its files (default: any free port)")
     p.add_argument("--connect-timeout", type=positive_float, default=10.0,
-                   help="seconds to wait for each worker (default: %(default)g)")
+                   help="seconds to wait for each worker (default: %(default)g); local workers get at least "
+                        f"{LOCAL_WORKER_START_S:g} s to start")
     p.add_argument("--recovery-wait", type=positive_float, default=30.0,
                    help="seconds running requests wait for a failed rank to rejoin before they fail (default: 30)")
     p.add_argument("--step-timeout", type=positive_float, default=30.0,
@@ -289,8 +290,10 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             # a corrupted file of ours fails now, not after the local workers have imported torch
             verify_coordinator_files(opts.model_dir, world)
-            all_clients = clients + check_workers([w.address for w in local], token, LOCAL_WORKER_START_S,
-                                                  "to start (local workers)")
+            # a slower machine (or one under emulation) asks for more with --connect-timeout
+            all_clients = clients + check_workers([w.address for w in local], token,
+                                                  max(LOCAL_WORKER_START_S, args.connect_timeout),
+                                                  "to start (local workers; --connect-timeout)")
             cluster.append(Cluster.start(opts, all_clients, local,
                                          lambda who, i, n: log.info("%s: %d/%d layers", who, i, n)))
             state.metrics.workers_up.set(len(all_clients))

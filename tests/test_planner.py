@@ -492,3 +492,33 @@ def test_a_link_sink_on_loopback_says_other_machines_cannot_reach_it(tmp_path: P
         proc.wait(timeout=EXIT_S)
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize(("cycles", "bound"), [
+    (None, "memory-bound at 6 GB/s (no compute ceiling"),  # no figure: memory alone, as before
+    (0.219, "memory-bound at 6 GB/s (compute ceiling 0.219 cycles/weight x 4 cores x 2.4 GHz = 24.7 GB/s"),
+    (2.0, "compute-bound: 2 cycles/weight x 4 cores x 2.4 GHz = 2.7 GB/s of int4, below the 6 GB/s"),
+])
+def test_a_matvec_streams_at_the_lower_of_memory_and_its_compute_ceiling(tmp_path: Path, cycles: float | None,
+                                                                         bound: str) -> None:
+    """A profile's cycles per weight (bench/arm_cycles.py) caps the matvec rate at cores x clock /
+    cycles x bytes per weight; the plan says which bound applies, and prices the compute-bound
+    rank's weights at that rate."""
+    profile = yaml.safe_load((REPO / "planner" / "profiles" / "pi5.yaml").read_text())
+    profile["matvec_cycles_per_weight"] = {"int4": cycles} if cycles else {}
+    pi = Node.from_dict(profile)
+    ceiling = 4 * 2.4e9 / cycles * 0.5625 if cycles else None
+    assert pi.compute_ceiling("int4") == (pytest.approx(ceiling) if ceiling else None)
+    assert pi.matvec_rate("int4", 4096) == pytest.approx(min(6 * GB, ceiling or 6 * GB))
+    config = load_shape("llama-3-8b")
+    work = Workload(weight_dtype="int4", kv_dtype="float16", context=256)
+    shards = plan_shards(config, [1.0] * 4)
+    got = predict(config, shards, [pi] * 4, work)
+    memory_only = predict(config, shards, [Node.from_dict({**profile, "matvec_cycles_per_weight": {}})] * 4, work)
+    assert bound in got.reasons[1], got.reasons
+    if ceiling and ceiling < 6 * GB:  # the rank's weights at the ceiling instead of 6 GB/s
+        weights = rank_load(config, shards[1]).active_params * 0.5625
+        extra = weights / ceiling - weights / (6 * GB)
+        assert got.ranks[1].compute_s - memory_only.ranks[1].compute_s == pytest.approx(extra, rel=1e-6)
+    else:
+        assert got.decode_s == memory_only.decode_s

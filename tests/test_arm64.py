@@ -1,0 +1,216 @@
+"""edgellm on aarch64 (a Raspberry Pi's ISA), run here under qemu: the kernel tests through the real
+``worker.native``, and the embedded model served on 2 ranks in fp32, int8 and int4, which must
+give x86's fp32 greedy text.
+
+The arm64 Debian tree with torch 2.9.1 (PyPI's aarch64 CPU build) comes from
+``deploy/arm64-root.sh`` (cached under ~/.cache/edgellm; its first build takes ~10 minutes).
+The working tree is copied into it and installed with ``--no-deps``, so what runs is this
+checkout. Each run picks a CPU model through ``QEMU_CPU``: ``cortex-a72`` (the Pi 4: no
+dot-product instructions) and ``cortex-a76`` (the Pi 5: ``sdot``), checked from inside by
+``getauxval(AT_HWCAP)``. Needs root (chroot, mounts, binfmt_misc) and the tools of
+``deploy/install-system-deps.sh``; skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.cli import DEFAULT_MODEL
+from tests.processes import free_port, served
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "deploy" / "arm64-root.sh"
+INSIDE = "/work/edgellm"  # where the working tree is copied in the arm64 tree
+# QEMU_CPU -> whether it has the dot-product instructions (HWCAP_ASIMDDP)
+CPUS = {"cortex-a72": False, "cortex-a76": True}
+HWCAP_ASIMDDP = 1 << 20
+PROMPT = "The json module"
+TOKENS = 4  # emulation is slow: a few greedy tokens (int4 agrees with fp32 for 4 on x86, tests/test_quant.py)
+# The kernel tests run inside, as on x86 (test_quant's cluster and shard-command tests are left to x86:
+# under emulation each costs minutes; its kernel and layout tests are kept)
+KERNEL_TESTS = ("tests/test_native.py", "tests/test_decode_kernels.py",
+                "tests/test_quant.py::test_int8_matches_the_dequantized_matrix",
+                "tests/test_quant.py::test_int4_matches_the_dequantized_matrix",
+                "tests/test_quant.py::test_int4_layout_is_the_cpu_kernels")
+
+
+def _why_skip() -> str | None:
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return "emulates aarch64 on a Linux x86-64 machine"
+    if os.geteuid() != 0:
+        return "needs root (debootstrap, chroot, binfmt_misc): run the tests as root"
+    missing = [tool for tool in ("debootstrap", "qemu-aarch64-static", "chroot")
+               if not shutil.which(tool) and not Path("/usr/sbin", tool).exists()]
+    if missing:
+        return f"missing {', '.join(missing)}: run deploy/install-system-deps.sh as root"
+    if not Path("/proc/sys/fs/binfmt_misc").is_dir():
+        return "no binfmt_misc in this kernel"
+    return None
+
+
+WHY_SKIP = _why_skip()
+pytestmark = [pytest.mark.cluster, pytest.mark.skipif(WHY_SKIP is not None, reason=WHY_SKIP or "")]
+
+
+class Arm64Tree:
+    """The cached arm64 tree with this checkout in it and /proc, /sys, /dev bound (for as long as
+    the module's tests run)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mounts: list[Path] = []
+
+    def env(self, cpu: str) -> list[str]:
+        return ["/usr/bin/env", "-i", "HOME=/root", "LANG=C.UTF-8", "PATH=/opt/venv/bin:/usr/bin:/bin",
+                f"QEMU_CPU={cpu}", "PYTHONUNBUFFERED=1"]
+
+    def run(self, cpu: str, *cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["chroot", str(self.root), *self.env(cpu), "sh", "-c", f'cd {INSIDE} && exec "$@"', "-",
+                               *cmd], capture_output=True, text=True, timeout=timeout)
+
+    def popen(self, cpu: str, *cmd: str, log_path: Path) -> subprocess.Popen[bytes]:
+        out = open(log_path, "wb")  # noqa: SIM115 (owned by the process)
+        return subprocess.Popen(["chroot", str(self.root), *self.env(cpu), *cmd], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def mount(self) -> None:
+        for name in ("proc", "sys", "dev"):
+            target = self.root / name
+            subprocess.run(["mount", "--bind", f"/{name}", str(target)], check=True)
+            self.mounts.append(target)
+
+    def unmount(self) -> None:
+        while self.mounts:
+            target = self.mounts.pop()
+            if subprocess.run(["umount", str(target)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+def _copy_checkout(dest: Path) -> None:
+    """This checkout's files (tracked and untracked, not ignored: no .venv, no caches) into ``dest``."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+@pytest.fixture(scope="module")
+def arm64() -> Iterator[Arm64Tree]:
+    start = time.monotonic()
+    made = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=3600)
+    assert made.returncode == 0, made.stderr[-4000:]
+    tree = Arm64Tree(Path(made.stdout.strip().splitlines()[-1]))
+    ready = time.monotonic()
+    assert not any(f" {tree.root}/" in line for line in Path("/proc/mounts").read_text().splitlines()), \
+        f"{tree.root} has mounts inside: another run is using it"
+    _copy_checkout(tree.root / INSIDE.lstrip("/"))
+    tree.mount()
+    try:
+        installed = tree.run("cortex-a72", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--no-index", ".", timeout=900)
+        assert installed.returncode == 0, installed.stderr[-4000:]
+        log.info("arm64 tree %s: ready in %.1f s, checkout installed in %.1f s", tree.root, ready - start,
+                 time.monotonic() - ready)
+        yield tree
+    finally:
+        tree.unmount()
+
+
+@pytest.fixture(scope="module")
+def x86_text() -> str:
+    """The reference: x86's fp32 greedy text on 2 ranks, this checkout, this machine."""
+    with served(DEFAULT_MODEL, "--local-workers", "1") as url:
+        return _complete(url)
+
+
+def _complete(url: str) -> str:
+    reply = httpx.post(f"{url}/v1/completions", timeout=600, json={
+        "model": "default_model", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["text"]
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("cpu", list(CPUS))
+def test_kernel_tests_pass_on_aarch64(arm64: Arm64Tree, cpu: str, tmp_path: Path) -> None:
+    """The kernel tests of x86 run inside the arm64 tree, on the CPU model asked for."""
+    hwcap = arm64.run(cpu, "python", "-c", "import ctypes; print(ctypes.CDLL(None).getauxval(16))", timeout=120)
+    assert hwcap.returncode == 0, hwcap.stderr
+    assert bool(int(hwcap.stdout) & HWCAP_ASIMDDP) == CPUS[cpu], f"QEMU_CPU={cpu} gave HWCAP {hwcap.stdout}"
+    start = time.monotonic()
+    done = arm64.run(cpu, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+                     *KERNEL_TESTS, timeout=3000)
+    log.info("kernel tests on %s: %.0f s\n%s", cpu, time.monotonic() - start, done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("cpu", list(CPUS))
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_two_ranks_on_aarch64_give_the_x86_fp32_text(arm64: Arm64Tree, x86_text: str, cpu: str, quantize: str,
+                                                     tmp_path: Path) -> None:
+    """``edgellm serve`` (embedded model, 2 ranks) inside the arm64 tree, in fp32 or quantized at
+    start (``--quantize``, shards written there, by aarch64 code), answers x86's fp32 greedy text."""
+    port = free_port()
+    cache = f"/tmp/edgellm-quantized-{port}"  # inside the tree: a fresh quantization every run
+    log_path = tmp_path / "serve.log"
+    start = time.monotonic()
+    proc = arm64.popen(cpu, "/opt/venv/bin/edgellm", "serve", "--port", str(port), "--local-workers", "1",
+                       "--threads", "1", "--quantize", quantize, "--cache-dir", cache,
+                       # the worker imports torch under emulation: minutes on a busy machine
+                       "--connect-timeout", "900", log_path=log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log_path, timeout_s=900)
+        healthy = time.monotonic()
+        text = _complete(url)
+        log.info("%s on %s: healthy after %.0f s, %d tokens in %.1f s: %r", quantize, cpu, healthy - start, TOKENS,
+                 time.monotonic() - healthy, text)
+    finally:
+        _stop(proc)
+        shutil.rmtree(arm64.root / cache.lstrip("/"), ignore_errors=True)
+    assert text == x86_text, f"aarch64 {quantize} on {cpu}: {text!r}, x86 fp32: {x86_text!r}"
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"not healthy after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT (the server stops its worker), then the whole process group this test started."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything left of the group started for this test
+    proc.wait()
