@@ -383,7 +383,7 @@ class StarHub:
         return sync_value(payload, self._sync, shape, partial.dtype, check=False).to(partial.dtype)
 
     @contextlib.contextmanager
-    def _lane_errors(self, rank: int): -> Iterator[None]:
+    def _lane_errors(self, rank: int) -> Iterator[None]:
         """A broken lane is closed (the rank must join again for lanes to be used) and reported
         as a ``CollectiveError``, like a rank gone from ZeroMQ."""
         try:
