@@ -206,7 +206,8 @@ class StarHub:
 
     def wait_for_ranks(self, timeout_s: float, still_loading: Callable[[], bool] = lambda: False,
                        ranks: list[int] | None = None) -> None:
-        """Block until every worker rank (or those of ``ranks``) said HELLO with the right token.
+        """Block until every worker rank (or those of ``ranks``) said HELLO with the right token
+        and, where it was offered one, opened its lane (it does in ``StarRank.wait_welcome``).
 
         The ``timeout_s`` clock restarts while ``still_loading()`` is true: loading a big
         shard may take minutes, joining after it should take seconds.
@@ -223,7 +224,7 @@ class StarHub:
             if left_ms <= 0:
                 names = sorted(m.decode() for m in missing) + [f"rank-{r}'s lane" for r in sorted(lanes_due)]
                 raise CollectiveError(f"ranks never joined the data plane: {', '.join(names)}")
-            if not self.sock.poll(min(left_ms, 20 if lanes_due else 200)):
+            if not self.sock.poll(min(left_ms, 10 if lanes_due else 200)):
                 continue
             ident, *frames = self.sock.recv_multipart(copy=False)
             sender = ident.bytes
@@ -240,12 +241,12 @@ class StarHub:
                 rank = self._peers.index(sender) + 1
                 self._drop_lane(rank)  # a rank that joins again opens a new one
                 hello = msg.tensors[0] if msg.tensors else torch.zeros(1, dtype=torch.int64)
+                # a rank that can open a lane is told its port, and waited for until it has
+                port = []
                 if self.listener is not None and hello.numel() >= 2 and int(hello[1]) == 1:
+                    port = [torch.tensor([self.listener.port])]
                     lanes_due.add(rank)
-                    port = torch.tensor([self.listener.port])
-                    self.sock.send_multipart([sender, *encode_message(Kind.WELCOME, [port])])
-                else:
-                    self.sock.send_multipart([sender, *encode_message(Kind.WELCOME)])
+                self.sock.send_multipart([sender, *encode_message(Kind.WELCOME, port)])
 
     def _adopt_lanes(self) -> None:
         if self.listener is None:
@@ -414,7 +415,7 @@ class StarHub:
             if raw:
                 return []
             try:
-                return split_sync_payload(lane.payload(got), self._sync, shape, exact_dtype)
+                return split_sync_payload(lane.payload(got), lane.format, self._sync, shape, exact_dtype)
             except WireError as exc:
                 raise CollectiveError(f"rank-{rank} sent a bad partial: {exc}") from None
 
@@ -552,7 +553,7 @@ class StarRank:
             payload = sync_payload(partial, self.sync_dtype)
             lane.send(Kind.PARTIAL, self.step, self._seq, [t.contiguous() for t in payload])
             got = self._lane_wait(lane)
-            received = split_sync_payload(lane.payload(got), self.sync_dtype, shape, partial.dtype)
+            received = split_sync_payload(lane.payload(got), lane.format, self.sync_dtype, shape, partial.dtype)
             if lane.kind == Kind.PARTIAL:
                 return sum_payloads([received, payload], self.sync_dtype, shape, partial.dtype)
             return sync_value(received, self.sync_dtype, shape, partial.dtype, check=False).to(partial.dtype)

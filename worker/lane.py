@@ -10,7 +10,8 @@ Security, bound to the cluster token as ZeroMQ CURVE was:
 
 - Handshake (``client_handshake``/``server_handshake``): the rank sends a fresh nonce, the hub
   answers with its own and an HMAC-SHA256 of both under a key derived from the token, the rank
-  checks it and answers with its HMAC. Neither side sends anything keyed before it has seen the
+  checks it and answers with its HMAC, the hub checks that and confirms with one byte once the
+  lane is registered (so a step that follows the rank's join already uses it). Neither side sends anything keyed before it has seen the
   other prove the token; the session keys (one per direction) are HMACs of the transcript, so
   each connection has its own.
 - Every frame carries a ChaCha20-Poly1305 tag (libsodium) under its direction's key, its nonce
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 
 from worker.native import cache_dir
+from worker.wire import DTYPE_CODES
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,12 @@ ERRORS = {-1: "timed out", -2: "the peer closed the connection", -3: "a frame fa
           -4: "a frame does not follow the lane format", -5: "a frame is too large", -6: "send failed",
           -7: "a frame is out of order", -8: "a control frame arrived"}
 TIMEOUT, CONTROL = -1, -8
+NO_FORMAT = 0xFFFF  # a frame without tensors
 
 _HELLO = struct.Struct("<4sBI32s")  # magic, version, rank, rank's nonce
 _REPLY = struct.Struct("<4sBBH32s")  # magic, mode, ranks on the rank's host, 0, hub's nonce (+ 32-byte MAC)
 _MAC = 32
+_ADOPTED = b"\x01"  # hub -> rank, last: the lane is registered
 VERSION = 1
 
 
@@ -121,9 +125,10 @@ def _open() -> ctypes.CDLL | str:
             ("lane_reserve", c_int, [p, i64]),
             ("lane_payload", p, [p]),
             ("lane_kind", c_int, [p]),
+            ("lane_format", c_int, [p]),
             ("lane_step", u64, [p]),
             ("lane_seq", u32, [p]),
-            ("lane_send", c_int, [p, c_int, u64, u32, p, i64, p, i64]),
+            ("lane_send", c_int, [p, c_int, c_int, u64, u32, p, i64, p, i64]),
             ("lane_recv", i64, [p, u64, u32, c_int, c_int]),
             ("lane_add_f32", None, [p, p, p, i64]),
             ("lane_accumulate_f32", None, [p, p, i64]),
@@ -200,6 +205,8 @@ def client_handshake(sock: socket.socket, token: str, rank: int) -> tuple[bytes,
         raise PermissionError(f"the hub asked for lane mode {mode}")
     sock.sendall(_mac(base, b"rank", hello, reply))
     to_hub, to_rank = _session_keys(base, hello + reply)
+    if _read_exactly(sock, 1) != _ADOPTED:  # the hub holds the lane: a step may use it at once
+        raise PermissionError("the hub did not confirm the lane")
     return to_hub, to_rank, mode, ranks_on_host
 
 
@@ -227,17 +234,21 @@ class Lane:
     def __init__(self, lib: ctypes.CDLL, sock: socket.socket, send_key: bytes, recv_key: bytes, mode: int,
                  spin: int):
         sock.settimeout(None)  # blocking: the C side reads with MSG_DONTWAIT and polls itself
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):  # (tests join lanes by socketpair)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lib, self.sock, self.mode, self.spin_us = lib, sock, mode, spin
         self._h = lib.lane_new(sock.fileno(), send_key, recv_key, mode, INITIAL_CAPACITY)
         if not self._h:
             raise MemoryError("cannot allocate a lane")
-        self.kind = 0
+        self.kind = 0  # of the last frame received
+        self.format = NO_FORMAT  # the wire dtype code of its first tensor
 
     def send(self, kind: int, step: int, seq: int, tensors: list[torch.Tensor] = ()) -> None:  # type: ignore[assignment]
-        """One frame carrying ``tensors``' bytes back to back (at most two, contiguous)."""
+        """One frame carrying ``tensors``' bytes back to back (at most two, contiguous); its
+        header names the first one's dtype."""
         parts = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors] + [(None, 0)] * (2 - len(tensors))
-        rc = self._lib.lane_send(self._h, kind, step, seq, parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+        fmt = DTYPE_CODES[tensors[0].dtype] if tensors else NO_FORMAT
+        rc = self._lib.lane_send(self._h, kind, fmt, step, seq, parts[0][0], parts[0][1], parts[1][0], parts[1][1])
         if rc:
             raise LaneError(rc)
 
@@ -251,6 +262,7 @@ class Lane:
         if got < 0:
             raise LaneError(got)
         self.kind = self._lib.lane_kind(self._h)
+        self.format = self._lib.lane_format(self._h)
         return got
 
     def exchange_f32(self, kind: int, step: int, seq: int, own: torch.Tensor, out: torch.Tensor,
@@ -345,6 +357,7 @@ class Listener:
                 old, self._ready[rank] = self._ready.get(rank), lane
             if old is not None:
                 old.close()  # never adopted: the rank reconnected before a step needed it
+            conn.sendall(_ADOPTED)
         except (OSError, PermissionError, struct.error) as exc:
             log.warning("refused a data-plane connection: %s", exc)
             conn.close()

@@ -217,15 +217,19 @@ def sum_payloads(payloads: list[list[torch.Tensor]], sync: str, shape: tuple[int
     return total.to(exact_dtype)
 
 
-def split_sync_payload(raw: torch.Tensor, sync: str, shape: tuple[int, ...], exact_dtype: torch.dtype) -> list[torch.Tensor]:
+def split_sync_payload(raw: torch.Tensor, fmt: int, sync: str, shape: tuple[int, ...],
+                       exact_dtype: torch.dtype) -> list[torch.Tensor]:
     """A ``sync`` payload of ``shape`` from the bytes of one lane frame (``worker.lane``), where
-    its tensors lie back to back, as views of ``raw`` (uint8), checked like ``check_sync_payload``.
-    Raises ``WireError`` when the byte count does not fit."""
+    its tensors lie back to back and ``fmt`` is the ``DTYPES`` code of the first, as views of
+    ``raw`` (uint8), checked like ``check_sync_payload``. Raises ``WireError`` when the dtype or
+    the byte count does not fit (a lane frame carries no shapes: the step fixes them)."""
     sync = effective_sync(sync, shape)
     dtypes = [(exact_dtype if sync == "fp32" else SYNC_DTYPES[sync], shape)]
     if sync == "int8":
         dtypes.append((torch.float32, (*shape[:-1], 1)))
     sizes = [math.prod(s) * d.itemsize for d, s in dtypes]
+    if DTYPES.get(fmt) != dtypes[0][0]:
+        raise WireError(f"{sync} payload of dtype code {fmt}, expected {dtypes[0][0]}")
     if raw.numel() != sum(sizes):
         raise WireError(f"{sync} payload of {raw.numel()} bytes, expected {sum(sizes)} for {shape}")
     tensors, offset = [], 0

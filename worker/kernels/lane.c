@@ -3,8 +3,10 @@
  *
  * Built and loaded by worker/lane.py (portable C, libsodium). A frame is
  *
- *   header (24 bytes, little-endian): magic "EDL1" | kind u8 | flags u8 | 0 u16 | step u64 |
+ *   header (24 bytes, little-endian): magic "EDL1" | kind u8 | mode u8 | format u16 | step u64 |
  *                                     seq u32 | payload bytes u32
+ *   (kind: worker/wire.py's Kind; mode: 1 integrity, 2 encryption; format: the wire dtype code
+ *   of the payload's first tensor, 0xFFFF for none)
  *   payload (payload bytes)
  *   tag (16 bytes): ChaCha20-Poly1305 (IETF) under this direction's session key, the nonce the
  *                   count of frames sent before it in this direction (so a frame replayed,
@@ -29,6 +31,7 @@
 #define HEADER_BYTES 24
 #define TAG_BYTES 16
 #define KEY_BYTES 32
+#define FORMAT_F32 0 /* worker/wire.py's DTYPES code of float32 */
 /* The most payload bytes a frame may announce: the buffers grow to what a frame needs up to
  * this (its tag can only be checked once it is read whole). */
 #define MAX_PAYLOAD ((int64_t)1 << 30)
@@ -49,7 +52,7 @@ typedef struct {
     uint8_t *in;               /* header | payload | tag of the frame being received */
     int64_t have;              /* bytes of the current incoming frame read so far */
     /* the last frame received whole and checked */
-    int kind;
+    int kind, format;
     uint64_t step;
     uint32_t seq;
     int64_t length;
@@ -110,6 +113,7 @@ void lane_free(void *handle) {
 /* The payload of the last frame received (valid until the next receive). */
 const uint8_t *lane_payload(void *handle) { return ((Lane *)handle)->in + HEADER_BYTES; }
 int lane_kind(void *handle) { return ((Lane *)handle)->kind; }
+int lane_format(void *handle) { return ((Lane *)handle)->format; }
 uint64_t lane_step(void *handle) { return ((Lane *)handle)->step; }
 uint32_t lane_seq(void *handle) { return ((Lane *)handle)->seq; }
 
@@ -131,14 +135,14 @@ static int send_all(int fd, const uint8_t *p, int64_t n) {
 }
 
 /* Send one frame whose payload is a followed by b (either may be empty). */
-int lane_send(void *handle, int kind, uint64_t step, uint32_t seq, const void *a, int64_t na, const void *b,
-              int64_t nb) {
+int lane_send(void *handle, int kind, int format, uint64_t step, uint32_t seq, const void *a, int64_t na,
+              const void *b, int64_t nb) {
     Lane *l = handle;
     const int64_t n = na + nb;
     if (n > l->capacity && lane_reserve(l, n)) return ERR_TOO_BIG;
     uint8_t *h = l->out;
     memcpy(h, "EDL1", 4);
-    h[4] = (uint8_t)kind, h[5] = (uint8_t)l->mode, h[6] = h[7] = 0;
+    h[4] = (uint8_t)kind, h[5] = (uint8_t)l->mode, h[6] = (uint8_t)format, h[7] = (uint8_t)(format >> 8);
     put_u64(h + 8, step);
     put_u32(h + 16, seq);
     put_u32(h + 20, (uint32_t)n);
@@ -216,6 +220,7 @@ int64_t lane_recv(void *handle, uint64_t step, uint32_t seq, int timeout_ms, int
         if (bad) return ERR_TAG;
         l->received++;
         l->kind = h[4];
+        l->format = h[6] | h[7] << 8;
         l->step = get_u64(h + 8);
         l->seq = get_u32(h + 16);
         l->length = n;
@@ -246,7 +251,7 @@ void lane_accumulate_f32(void *handle, float *acc, int64_t n) {
 int lane_finish_f32(void *handle, const float *own, float *out, int64_t n) {
     Lane *l = handle;
     if (l->kind != KIND_PARTIAL && l->kind != KIND_REDUCED) return ERR_CONTROL;
-    if (l->length != n * 4) return ERR_FORMAT;
+    if (l->length != n * 4 || l->format != FORMAT_F32) return ERR_FORMAT;
     const float *theirs = (const float *)lane_payload(handle);
     if (l->kind == KIND_PARTIAL) lane_add_f32(own, theirs, out, n);
     else memcpy(out, theirs, (size_t)n * 4);
@@ -255,7 +260,7 @@ int lane_finish_f32(void *handle, const float *own, float *out, int64_t n) {
 
 int lane_exchange_f32(void *handle, int kind, uint64_t step, uint32_t seq, const float *own, float *out, int64_t n,
                       int timeout_ms, int spin_us) {
-    int rc = lane_send(handle, kind, step, seq, own, n * 4, NULL, 0);
+    int rc = lane_send(handle, kind, FORMAT_F32, step, seq, own, n * 4, NULL, 0);
     if (rc) return rc;
     const int64_t got = lane_recv(handle, step, seq, timeout_ms, spin_us);
     if (got < 0) return (int)got;
