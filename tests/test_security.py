@@ -88,4 +88,8 @@ def test_random_bytes_on_every_port_neither_crash_nor_hang(checkpoints, tmp_path
     finally:
         for w in workers:
             stop(w)
-    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log
+    assert log.count("data-plane lane is up") == 2, "both workers' allreduces went over their lanes"
+    assert "refused a data-plane connection" in log, "the garbage reached the lane port and was refused there"
+

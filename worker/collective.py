@@ -254,6 +254,8 @@ class StarHub:
         for rank, lane in self.listener.take().items():
             self._drop_lane(rank)
             self._lanes[rank] = lane
+            log.info("rank %d's data-plane lane is up (%s, spin %d us)", rank,
+                     "encrypted" if lane.mode == lanes.MODES["encrypt"] else "authenticated", lane.spin_us)
 
     def _drop_lane(self, rank: int) -> None:
         if (lane := self._lanes.pop(rank, None)) is not None:
