@@ -184,13 +184,34 @@ def test_steps_over_lanes_sum_exactly_and_a_rank_killed_mid_step_is_reported(enc
             rank.begin(rank.recv())
             assert hub.on_lanes
             sums: list[torch.Tensor] = []
-            worker = threading.Thread(target=lambda out=sums: out.append(rank.allreduce(torch.full((2, 64), 2.0))))
+            theirs = torch.full((2, 64), 2.0)
+            worker = threading.Thread(target=lambda out=sums, x=theirs: out.append(rank.allreduce_(x)))
             worker.start()
-            total = hub.allreduce(torch.full((2, 64), float(step)))
+            ours = torch.full((2, 64), float(step))
+            # allreduce_ writes the sum into the partial it is given (fp32 on lanes), allreduce does not
+            total = hub.allreduce_(ours) if step % 2 else hub.allreduce(ours)
             worker.join(5)
             assert torch.equal(total, torch.full((2, 64), step + 2.0)) and torch.equal(sums[0], total)
+            assert sums[0] is theirs and torch.equal(theirs, total)
+            assert (total is ours) == bool(step % 2)
         hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+        rank.begin(rank.recv())
+        errors: list[str] = []
+
+        def waiting_rank() -> None:
+            try:
+                rank.allreduce_(torch.ones(2, 64))
+            except CollectiveError as exc:
+                errors.append(str(exc))
+
+        worker = threading.Thread(target=waiting_rank)
+        worker.start()  # the rank waits for the hub's partial, which never comes: the hub aborts
+        time.sleep(0.1)
+        hub.abort_step()
+        worker.join(5)
+        assert errors == ["hub sent ABORT during the step"]
         assert rank.lane is not None
+        hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
         rank.lane.sock.shutdown(socket.SHUT_RDWR)  # as a killed process's socket: closed mid-step
         with pytest.raises(CollectiveError, match="rank-1's lane"):
             hub.allreduce(torch.ones(2, 64))

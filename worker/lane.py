@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import hmac
 import logging
@@ -133,6 +134,9 @@ def _open() -> ctypes.CDLL | str:
             ("lane_add_f32", None, [p, p, p, i64]),
             ("lane_accumulate_f32", None, [p, p, i64]),
             ("lane_finish_f32", c_int, [p, p, p, i64]),
+            ("lane_begin", None, [p, u64, c_int, c_int]),
+            ("lane_allreduce_f32", c_int, [p, p, i64, u32]),
+            ("lane_bench_exchange", c_int, [p, p, p, i64, c_int, p]),
             ("lane_exchange_f32", c_int, [p, c_int, u64, u32, p, p, i64, c_int, c_int])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
@@ -279,6 +283,30 @@ class Lane:
         if rc:
             raise LaneError(rc)
         return True
+
+    def refresh(self) -> None:
+        """Read ``kind`` and ``format`` of the last frame from C (after an ``allreduce_f32`` call)."""
+        self.kind = self._lib.lane_kind(self._h)
+        self.format = self._lib.lane_format(self._h)
+
+    def begin(self, step: int, slice_ms: int) -> None:
+        """The step of the next ``allreduce_f32`` calls; each waits ``slice_ms`` at most."""
+        self._lib.lane_begin(self._h, step, slice_ms, self.spin_us)
+
+    def allreduce_f32(self) -> Callable[[int, int, int], int]:
+        """The C call ``(x pointer, floats, seq) -> 0 or an error code``: ``exchange_f32`` in
+        place, in ``begin``'s step, with no Python wrapper in between (the hot path of a step)."""
+        return functools.partial(self._lib.lane_allreduce_f32, ctypes.c_void_p(self._h))
+
+    def bench_exchange(self, own: torch.Tensor, out: torch.Tensor, iters: int) -> list[float]:
+        """Benchmark only: ``iters`` exchanges (step 1, seq 1..iters) in a C loop; seconds each."""
+        self._lib.lane_begin(self._h, 1, 10_000, self.spin_us)
+        times = torch.zeros(iters, dtype=torch.int64)
+        rc = self._lib.lane_bench_exchange(self._h, own.data_ptr(), out.data_ptr(), own.numel(), iters,
+                                           times.data_ptr())
+        if rc:
+            raise LaneError(rc)
+        return [t * 1e-9 for t in times.tolist()]
 
     def finish_f32(self, own: torch.Tensor, out: torch.Tensor) -> None:
         """What ``exchange_f32`` does with the answer, after a ``recv`` that got it."""

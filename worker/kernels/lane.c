@@ -56,6 +56,9 @@ typedef struct {
     uint64_t step;
     uint32_t seq;
     int64_t length;
+    /* the step lane_allreduce_f32 works in, set by lane_begin */
+    uint64_t current_step;
+    int slice_ms, spin_us;
 } Lane;
 
 static void put_u32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
@@ -265,4 +268,32 @@ int lane_exchange_f32(void *handle, int kind, uint64_t step, uint32_t seq, const
     const int64_t got = lane_recv(handle, step, seq, timeout_ms, spin_us);
     if (got < 0) return (int)got;
     return lane_finish_f32(handle, own, out, n);
+}
+
+/* The step the next lane_allreduce_f32 calls belong to, and how long each waits at most before
+ * it returns ERR_TIMEOUT to its caller (who checks heartbeats and cancellation, then goes on
+ * with lane_recv and lane_finish_f32), spinning spin_us first. */
+void lane_begin(void *handle, uint64_t step, int slice_ms, int spin_us) {
+    Lane *l = handle;
+    l->current_step = step, l->slice_ms = slice_ms, l->spin_us = spin_us;
+}
+
+/* lane_exchange_f32 in place, in the step of lane_begin: x (n floats) is sent as a PARTIAL and
+ * becomes the sum. Four arguments: each one costs ctypes about half a microsecond. */
+int lane_allreduce_f32(void *handle, float *x, int64_t n, uint32_t seq) {
+    Lane *l = handle;
+    return lane_exchange_f32(handle, KIND_PARTIAL, l->current_step, seq, x, x, n, l->slice_ms, l->spin_us);
+}
+
+/* Benchmark only (bench/lane.py): `iters` back-to-back lane_exchange_f32 calls in C, the time of
+ * each in nanoseconds into times_ns: the wire's cost with no Python in the loop. */
+int lane_bench_exchange(void *handle, const float *own, float *out, int64_t n, int iters, int64_t *times_ns) {
+    for (int i = 0; i < iters; i++) {
+        const double start = now_us();
+        const int rc = lane_exchange_f32(handle, KIND_PARTIAL, 1, (uint32_t)i + 1, own, out, n, 10000,
+                                         ((Lane *)handle)->spin_us);
+        if (rc) return rc;
+        times_ns[i] = (int64_t)((now_us() - start) * 1e3);
+    }
+    return 0;
 }
