@@ -12,8 +12,13 @@ missing=()
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 { command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || missing+=(iproute2)
 
+# --- tpstep: the data-plane lanes (worker/lane.py, worker/kernels/lane.c) compile against
+# libsodium (ChaCha20-Poly1305 on every frame); without it allreduces fall back to ZeroMQ.
+[ -f /usr/include/sodium.h ] || missing+=(libsodium-dev)
+# --- end tpstep
+
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-system-deps: docker-compose, ip and tc are present"
+    echo "install-system-deps: docker-compose, ip, tc and libsodium-dev are present"
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -106,6 +106,13 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
+def build() -> Path:
+    """Compile the library into the cache now (the image build does this, where a compiler is)."""
+    target = library_path()
+    _build(target)
+    return target
+
+
 def _open() -> ctypes.CDLL | str:
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return f"{DISABLE_ENV}=0"
