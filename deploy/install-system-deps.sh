@@ -79,8 +79,13 @@ command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || missing+=(g++-aarch64-linux-
 [ -x /usr/lib/llvm-19/bin/llvm-mca ] || missing+=(llvm-19)
 # --- end aarch64 ---
 
+# --- tpstep: the data-plane lanes (worker/lane.py, worker/kernels/lane.c) compile against
+# libsodium (ChaCha20-Poly1305 on every frame); without it allreduces fall back to ZeroMQ.
+[ -f /usr/include/sodium.h ] || missing+=(libsodium-dev)
+# --- end tpstep
+
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-system-deps: docker-compose, ip, tc and the aarch64 tools are present"
+    echo "install-system-deps: docker-compose, ip, tc, the aarch64 tools and libsodium-dev are present"
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -65,6 +65,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads of this process and of each local worker (default: cores / processes)")
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
     p.add_argument("--hub-port", type=port_number, default=0, help="ZeroMQ hub port (default: any free port)")
+    p.add_argument("--lane-port", type=port_number, default=0,
+                   help="TCP port of the data-plane lanes the allreduces use (default: any free port)")
+    p.add_argument("--data-plane-encryption", action="store_true",
+                   help="encrypt the lanes' payloads (ChaCha20-Poly1305); by default every frame is "
+                        "authenticated but travels in the clear")
     p.add_argument("--ship-shards", action="store_true",
                    help="workers fetch their files from the coordinator (sha256-checked, cached) even when "
                         "the model's path exists on their disk (default: only when it does not)")
@@ -259,7 +264,8 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_context=max_context, dtype=args.dtype, hub_host=args.hub_host,
                           hub_port=args.hub_port, shard_port=args.shard_port, ship_shards=args.ship_shards, connect_timeout_s=args.connect_timeout,
                           step_timeout_s=args.step_timeout, memory_budget=args.memory_budget,
-                          expert_cache=args.expert_cache, sync_dtype=args.sync_dtype)
+                          expert_cache=args.expert_cache, sync_dtype=args.sync_dtype, lane_port=args.lane_port,
+                          encrypt=args.data_plane_encryption)
     _check_port_free(args.host, args.port)
     clients = check_workers(remote, token, args.connect_timeout)
     budgets = [*(["--memory-budget", str(args.memory_budget)] if args.memory_budget else []),

@@ -58,6 +58,14 @@ def advertised_host(worker_addresses: list[str]) -> str:
         return s.getsockname()[0]
 
 
+def ranks_on_host(worker_addresses: list[str]) -> Callable[[int], int]:
+    """rank -> how many ranks run on its host, from the workers' addresses (rank r is
+    ``worker_addresses[r - 1]``; rank 0, the coordinator, shares the loopback workers' host).
+    A lane spins before it sleeps only where its host has a core per rank (``worker.lane.spin_us``)."""
+    hosts = ["127.0.0.1"] + [a.rsplit(":", 1)[0].replace("localhost", "127.0.0.1") for a in worker_addresses]
+    return lambda rank: hosts.count(hosts[rank]) if 0 <= rank < len(hosts) else 1
+
+
 @dataclass
 class ClusterOptions:
     model_dir: str
@@ -75,6 +83,8 @@ class ClusterOptions:
     shard_port: int = 0  # ShardSource port for workers that fetch the model (0: any free port)
     ship_shards: bool = False  # every worker fetches its files from us, even if it sees the path
     sync_dtype: str = "fp32"  # allreduce payload dtype of every rank: fp32 (exact), fp16, bf16, int8
+    lane_port: int = 0  # TCP port of the data-plane lanes (0: any free port)
+    encrypt: bool = False  # lanes encrypt their payloads (they are always authenticated)
 
 
 def verify_coordinator_files(model_dir: str, world_size: int) -> None:
@@ -109,7 +119,8 @@ class Cluster:
         host = opts.hub_host or advertised_host([c.address for c in clients])
         bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         hub = StarHub(len(shards), bind=f"tcp://{bind_host}:{opts.hub_port}", token=opts.token,
-                      timeout_s=opts.step_timeout_s, sync_dtype=opts.sync_dtype)
+                      timeout_s=opts.step_timeout_s, sync_dtype=opts.sync_dtype, lane_port=opts.lane_port,
+                      encrypt=opts.encrypt, ranks_on_host=ranks_on_host([c.address for c in clients]))
         hub_address = f"tcp://{host}:{hub.address.rsplit(':', 1)[1]}"
         shard_server, shard_port = serve_shards(opts.model_dir, bind_host, opts.shard_port, opts.token)
         shard_source = f"{host}:{shard_port}"

@@ -124,46 +124,83 @@ def test_malformed_payloads_are_refused_by_the_codec(sync: str) -> None:
             sync_value(tensors, sync, (3, 64), torch.float32)
 
 
+def _join(hub: StarHub, rank: StarRank) -> None:
+    """The hub welcomes the rank while the rank waits for it (and opens its lane) in a thread."""
+    welcome = threading.Thread(target=rank.wait_welcome, args=(60,))
+    welcome.start()
+    hub.wait_for_ranks(60)
+    welcome.join(60)
+
+
 def _start(hub: StarHub, rank: StarRank) -> None:
     hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
     rank.begin(rank.recv())
 
 
+def _same_bytes(tensors: list[torch.Tensor], valid: list[torch.Tensor]) -> bool:
+    """Whether a lane frame of ``tensors`` reads as ``valid``'s: a lane carries the first tensor's
+    dtype and the bytes, not the shapes (the step fixes those), so a scale of shape (3,) for
+    (3, 1) is the same payload there."""
+    return (tensors[0].dtype == valid[0].dtype
+            and sum(t.nbytes for t in tensors) == sum(t.nbytes for t in valid))
+
+
+def _send_partial(rank: StarRank, tensors: list[torch.Tensor], lane: bool) -> None:
+    if lane:
+        assert rank.lane is not None
+        rank.lane.send(Kind.PARTIAL, rank.step, 1, [t.contiguous() for t in tensors])
+    else:
+        rank.sock.send_multipart(encode_message(Kind.PARTIAL, tensors, step=rank.step, seq=1))
+
+
+@pytest.mark.parametrize("lane", [False, True], ids=["zeromq", "lane"])
 @pytest.mark.parametrize("sync", ["fp16", "int8"])
-def test_hub_refuses_a_partial_that_breaks_the_agreed_sync_dtype_and_goes_on(sync: str) -> None:
-    hub = StarHub(2, token="t", timeout_s=60, sync_dtype=sync)
+def test_hub_refuses_a_partial_that_breaks_the_agreed_sync_dtype_and_goes_on(sync: str, lane: bool) -> None:
+    hub = StarHub(2, token="t", timeout_s=60, sync_dtype=sync, lane=lane)
     rank = StarRank(1, hub.address, token="t", timeout_s=60, sync_dtype=sync)
     try:
-        hub.wait_for_ranks(60)
-        rank.wait_welcome(60)
-        for tensors in _bad(sync):
+        _join(hub, rank)
+        valid = sync_payload(torch.randn(3, 64), sync)
+        cases = [t for t in _bad(sync) if not (lane and _same_bytes(t, valid))]
+        assert len(cases) >= 2
+        for tensors in cases:
             _start(hub, rank)
-            rank.sock.send_multipart(encode_message(Kind.PARTIAL, tensors, step=rank.step, seq=1))
+            assert hub.on_lanes == lane and (rank.lane is not None) == lane
+            _send_partial(rank, tensors, lane)
             with pytest.raises(CollectiveError, match="rank-1 sent a bad partial"):
                 hub.allreduce(torch.zeros(3, 64))
             hub.abort_step()
             # at two ranks the hub sent its own partial before it waited for ours (the exchange)
-            assert [rank.recv().kind for _ in range(2)] == [Kind.PARTIAL, Kind.ABORT]
+            if lane:
+                assert rank.lane is not None
+                kinds = [rank.lane.recv(rank.step, 1, 1000) >= 0 and rank.lane.kind for _ in range(2)]
+                assert kinds == [Kind.PARTIAL, Kind.ABORT]
+                assert rank.recv().kind == Kind.ABORT  # told on ZeroMQ too
+            else:
+                assert [rank.recv().kind for _ in range(2)] == [Kind.PARTIAL, Kind.ABORT]
         _start(hub, rank)  # the next step is served normally
         partial = torch.ones(3, 64)
-        rank.sock.send_multipart(encode_message(Kind.PARTIAL, sync_payload(partial * 2, sync), step=rank.step,
-                                                seq=1))
+        _send_partial(rank, sync_payload(partial * 2, sync), lane)
         assert torch.equal(hub.allreduce(partial), partial * 3)  # 3 is exact in every format
     finally:
         rank.close()
         hub.close()
 
 
+@pytest.mark.parametrize("lane", [False, True], ids=["zeromq", "lane"])
 @pytest.mark.parametrize("kind", [Kind.REDUCED, Kind.PARTIAL])
-def test_rank_refuses_a_sum_or_partial_in_the_wrong_dtype(kind: Kind) -> None:
-    hub = StarHub(2, token="t", timeout_s=60, sync_dtype="fp16")
+def test_rank_refuses_a_sum_or_partial_in_the_wrong_dtype(kind: Kind, lane: bool) -> None:
+    hub = StarHub(2, token="t", timeout_s=60, sync_dtype="fp16", lane=lane)
     rank = StarRank(1, hub.address, token="t", timeout_s=60, sync_dtype="fp16")
     try:
-        hub.wait_for_ranks(60)
-        rank.wait_welcome(60)
+        _join(hub, rank)
         _start(hub, rank)
         # float32 although fp16 was agreed, already queued when the rank asks
-        hub.sock.send_multipart([b"rank-1", *encode_message(kind, [torch.ones(3, 64)], step=rank.step, seq=1)])
+        if lane:
+            (hub_lane,) = hub._lanes.values()
+            hub_lane.send(kind, rank.step, 1, [torch.ones(3, 64)])
+        else:
+            hub.sock.send_multipart([b"rank-1", *encode_message(kind, [torch.ones(3, 64)], step=rank.step, seq=1)])
         with pytest.raises(CollectiveError, match=f"the hub sent a bad {kind.name}"):
             rank.allreduce(torch.ones(3, 64))
     finally:
@@ -185,8 +222,7 @@ def test_a_spinning_star_sums_exactly_and_still_times_out() -> None:
     hub = StarHub(2, token="t", timeout_s=60, spin_wait_s=0.005)
     rank = StarRank(1, hub.address, token="t", timeout_s=60, spin_wait_s=0.005)
     try:
-        hub.wait_for_ranks(60)
-        rank.wait_welcome(60)
+        _join(hub, rank)
         for step in range(3):
             _start(hub, rank)
             sums: list[torch.Tensor] = []
@@ -244,11 +280,12 @@ def _bound(sync: str, world: int) -> torch.Tensor:
     return (steps / INT8_LEVELS / 2 * (1 + 1e-3)).expand(SHAPE)
 
 
+@pytest.mark.parametrize("lane", [False, True], ids=["zeromq", "lane"])
 @pytest.mark.parametrize("world", [2, 3], ids=["exchange", "star"])
-def test_multi_process_star_allreduce_for_every_sync_dtype(world: int) -> None:
+def test_multi_process_star_allreduce_for_every_sync_dtype(world: int, lane: bool) -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    hub = StarHub(world, token="arange", timeout_s=120)
+    hub = StarHub(world, token="arange", timeout_s=30, lane=lane)
     procs = [ctx.Process(target=_rank_process, args=(r, hub.address, results), daemon=True)
              for r in range(1, world)]
     for p in procs:
@@ -259,6 +296,7 @@ def test_multi_process_star_allreduce_for_every_sync_dtype(world: int) -> None:
         for sync in SYNC_DTYPES:
             hub.sync_dtype = sync
             hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+            assert hub.on_lanes == lane
             totals = [hub.allreduce(_contribution(0)) for _ in range(2)]
             got = {}
             for _ in range(world - 1):

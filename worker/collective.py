@@ -25,7 +25,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import torch
 import zmq
@@ -33,6 +34,7 @@ import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from worker import lane as lanes
 from worker.wire import (
     Kind,
     Message,
@@ -42,6 +44,7 @@ from worker.wire import (
     decode_message,
     effective_sync,
     encode_message,
+    split_sync_payload,
     sum_payloads,
     sync_dtype_name,
     sync_payload,
@@ -106,6 +109,10 @@ class _TokenKeys:
         return allowed
 
 
+def _kind_name(kind: int) -> str:
+    return Kind(kind).name if kind in Kind._value2member_map_ else f"kind {kind}"
+
+
 def _identity(rank: int) -> bytes:
     return f"rank-{rank}".encode()
 
@@ -153,7 +160,13 @@ class StarHub:
 
     def __init__(self, world_size: int, bind: str = "tcp://127.0.0.1:0", token: str = "",
                  timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None,
-                 sync_dtype: str = "fp32", spin_wait_s: float | None = None, exchange: bool = True):
+                 sync_dtype: str = "fp32", spin_wait_s: float | None = None, exchange: bool = True,
+                 lane: bool = True, lane_port: int = 0, encrypt: bool = False,
+                 ranks_on_host: Callable[[int], int] | None = None):
+        """``lane``: the allreduces go over lanes (``worker.lane``, listening on ``lane_port``) where
+        every rank has one, else over ZeroMQ; ``encrypt`` encrypts lane payloads (integrity
+        alone otherwise); ``ranks_on_host(rank)``: how many ranks share that rank's host (rank 0:
+        this one), which decides whether lanes spin (default: all of them)."""
         self.world_size = world_size
         # two ranks swap partials (one hop, ``_exchange``); False keeps the two-hop star there too,
         # for the benchmark and the planner's probe, which measure both
@@ -175,6 +188,14 @@ class StarHub:
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peers = [_identity(r) for r in range(1, world_size)]
+        self._lanes: dict[int, lanes.Lane] = {}  # adopted by the engine thread, by rank
+        self._fast: Callable[[int, int, int], int] | None = None  # this step's in-place exchange (allreduce_)
+        self.listener: lanes.Listener | None = None
+        lib = lanes.library() if lane and world_size > 1 else None
+        if lib is not None:
+            host = bind.split("://", 1)[-1].rsplit(":", 1)[0]
+            self.listener = lanes.Listener(lib, host, lane_port, token, world_size, encrypt,
+                                           ranks_on_host or (lambda rank: world_size))
         # ranks known to be gone (a heartbeat says so): an allreduce waiting on one fails at once
         self.missing_ranks: Callable[[], set[int]] = set
         self._step = 0
@@ -191,21 +212,25 @@ class StarHub:
 
     def wait_for_ranks(self, timeout_s: float, still_loading: Callable[[], bool] = lambda: False,
                        ranks: list[int] | None = None) -> None:
-        """Block until every worker rank (or those of ``ranks``) said HELLO with the right token.
+        """Block until every worker rank (or those of ``ranks``) said HELLO with the right token
+        and, where it was offered one, opened its lane (it does in ``StarRank.wait_welcome``).
 
         The ``timeout_s`` clock restarts while ``still_loading()`` is true: loading a big
         shard may take minutes, joining after it should take seconds.
         """
         missing = set(self._peers) if ranks is None else {_identity(r) for r in ranks}
+        lanes_due: set[int] = set()  # welcomed ranks whose lane has not passed its handshake yet
         deadline = time.monotonic() + timeout_s
-        while missing:
+        while missing or lanes_due:
             if still_loading():
                 deadline = time.monotonic() + timeout_s
+            self._adopt_lanes()
+            lanes_due -= self._lanes.keys()
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
-                names = ", ".join(sorted(m.decode() for m in missing))
-                raise CollectiveError(f"ranks never joined the data plane: {names}")
-            if not self.sock.poll(min(left_ms, 200)):
+                names = sorted(m.decode() for m in missing) + [f"rank-{r}'s lane" for r in sorted(lanes_due)]
+                raise CollectiveError(f"ranks never joined the data plane: {', '.join(names)}")
+            if not self.sock.poll(min(left_ms, 10 if lanes_due else 200)):
                 continue
             ident, *frames = self.sock.recv_multipart(copy=False)
             sender = ident.bytes
@@ -219,7 +244,34 @@ class StarHub:
                 continue
             if sender in missing:
                 missing.discard(sender)
-                self.sock.send_multipart([sender, *encode_message(Kind.WELCOME)])
+                rank = self._peers.index(sender) + 1
+                self._drop_lane(rank)  # a rank that joins again opens a new one
+                hello = msg.tensors[0] if msg.tensors else torch.zeros(1, dtype=torch.int64)
+                # a rank that can open a lane is told its port, and waited for until it has
+                port = []
+                if self.listener is not None and hello.numel() >= 2 and int(hello[1]) == 1:
+                    port = [torch.tensor([self.listener.port])]
+                    lanes_due.add(rank)
+                self.sock.send_multipart([sender, *encode_message(Kind.WELCOME, port)])
+
+    def _adopt_lanes(self) -> None:
+        if self.listener is None:
+            return
+        for rank, lane in self.listener.take().items():
+            self._drop_lane(rank)
+            self._lanes[rank] = lane
+            log.info("rank %d's data-plane lane is up (%s, spin %d us)", rank,
+                     "encrypted" if lane.mode == lanes.MODES["encrypt"] else "authenticated", lane.spin_us)
+
+    def _drop_lane(self, rank: int) -> None:
+        self._fast = None
+        if (lane := self._lanes.pop(rank, None)) is not None:
+            lane.close()
+
+    @property
+    def on_lanes(self) -> bool:
+        """Whether this step's allreduces go over lanes: every worker rank has one."""
+        return self.listener is not None and len(self._lanes) == len(self._peers)
 
     def _broadcast(self, frames: list) -> None:
         # a large payload becomes one zmq.Frame, built once: each peer's send shares its buffer
@@ -235,7 +287,14 @@ class StarHub:
         self._step += 1
         self._seq = 0
         if self._peers:  # alone, there is nothing to encode (~100 us of a 512x8 decode step)
-            self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step))
+            self._adopt_lanes()
+            # the header's seq says where the step's allreduces go: 1 lanes, 0 ZeroMQ
+            self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step, seq=int(self.on_lanes)))
+        self._fast = None
+        if self.on_lanes and self.exchange and self._sync == "fp32":
+            (lane,) = self._lanes.values()
+            lane.begin(self._step, LIVENESS_POLL_MS)
+            self._fast = lane.allreduce_f32()
 
     def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum rank 0's ``partial`` with every worker's, in rank order, and send the sum back.
@@ -250,6 +309,8 @@ class StarHub:
             return partial
         self._seq += 1
         shape = tuple(partial.shape)
+        if self.on_lanes:
+            return self._lane_allreduce(partial, shape)
         if self.exchange:
             return self._exchange(partial, shape)
         received = self._gather_partials(shape, partial.dtype)
@@ -262,6 +323,23 @@ class StarHub:
         if exact:
             return payload[0]
         return sync_value(payload, self._sync, shape, partial.dtype, check=False).to(partial.dtype)
+
+    def allreduce_(self, partial: torch.Tensor) -> torch.Tensor:
+        """``allreduce`` for a caller that gives ``partial`` up: the sum may be written into it
+        (two ranks on lanes, fp32: one C call, no allocation). The models' blocks call this."""
+        fast = self._fast
+        if fast is None or partial.dtype != torch.float32 or not partial.is_contiguous():
+            return self.allreduce(partial)
+        self._seq += 1
+        if rc := fast(partial.data_ptr(), partial.numel(), self._seq):
+            ((rank, lane),) = self._lanes.items()
+            lane.refresh()
+            with self._lane_errors(rank):
+                if rc != lanes.TIMEOUT:
+                    raise lanes.LaneError(rc)
+                self._lane_receive(rank, tuple(partial.shape), partial.dtype, raw=True)
+                lane.finish_f32(partial, partial)
+        return partial
 
     def _exchange(self, partial: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Two ranks: the hub sends its own partial before it waits, the worker sends its own,
@@ -307,19 +385,97 @@ class StarHub:
             received[sender] = msg.tensors  # views of the frames: no copy until the sum
         return received
 
+    def _lane_allreduce(self, partial: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """``allreduce`` over the lanes: the same sums, in the same rank order, as over ZeroMQ."""
+        if self.exchange:
+            ((rank, lane),) = self._lanes.items()
+            if effective_sync(self._sync, shape) == "fp32" and partial.dtype == torch.float32:
+                own = partial.contiguous()
+                out = torch.empty_like(own)  # (T, d)
+                with self._lane_errors(rank):
+                    if not lane.exchange_f32(Kind.PARTIAL, self._step, self._seq, own, out, LIVENESS_POLL_MS):
+                        self._lane_receive(rank, shape, partial.dtype, raw=True)
+                        lane.finish_f32(own, out)
+                return out
+            payload = sync_payload(partial, self._sync)
+            with self._lane_errors(rank):
+                lane.send(Kind.PARTIAL, self._step, self._seq, [t.contiguous() for t in payload])
+            theirs = self._lane_receive(rank, shape, partial.dtype)
+            return sum_payloads([payload, theirs], self._sync, shape, partial.dtype)
+        total = partial.to(torch.float32, copy=True)  # (T, d) float32 accumulator, summed in place
+        for rank in sorted(self._lanes):  # rank order, as over ZeroMQ; each lane keeps its own buffer
+            add_sync_payload(total, self._lane_receive(rank, shape, partial.dtype), self._sync)
+        exact = effective_sync(self._sync, shape) == "fp32"
+        payload = [t.contiguous() for t in sync_payload(total.to(partial.dtype) if exact else total, self._sync)]
+        for rank, lane in sorted(self._lanes.items()):
+            with self._lane_errors(rank):
+                lane.send(Kind.REDUCED, self._step, self._seq, payload)
+        if exact:
+            return payload[0]
+        return sync_value(payload, self._sync, shape, partial.dtype, check=False).to(partial.dtype)
+
+    @contextlib.contextmanager
+    def _lane_errors(self, rank: int) -> Iterator[None]:
+        """A broken lane is closed (the rank must join again for lanes to be used) and reported
+        as a ``CollectiveError``, like a rank gone from ZeroMQ."""
+        try:
+            yield
+        except lanes.LaneError as exc:
+            self._drop_lane(rank)
+            raise CollectiveError(f"rank-{rank}'s lane: {exc}") from None
+
+    def _lane_receive(self, rank: int, shape: tuple[int, ...], exact_dtype: torch.dtype,
+                      raw: bool = False) -> list[torch.Tensor]:
+        """Rank ``rank``'s checked PARTIAL of this step and seq, as views of its lane's buffer
+        (``raw``: left in the buffer, unchecked, for ``finish_f32``)."""
+        lane = self._lanes[rank]
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise CollectiveError(f"timed out waiting for partial sums from rank-{rank}")
+            with self._lane_errors(rank):
+                got = lane.recv(self._step, self._seq, min(left_ms, LIVENESS_POLL_MS))
+            if got < 0:
+                if rank in self.missing_ranks():
+                    raise CollectiveError(f"rank-{rank} stopped answering heartbeats mid-step")
+                continue
+            if lane.kind != Kind.PARTIAL:
+                self._drop_lane(rank)
+                raise CollectiveError(f"rank-{rank} sent a {_kind_name(lane.kind)} frame on its lane")
+            if raw:
+                return []
+            try:
+                return split_sync_payload(lane.payload(got), lane.format, self._sync, shape, exact_dtype)
+            except WireError as exc:
+                raise CollectiveError(f"rank-{rank} sent a bad partial: {exc}") from None
+
+    def _lane_control(self, kind: Kind) -> None:
+        for rank, lane in list(self._lanes.items()):
+            try:
+                lane.send(kind, self._step, self._seq)
+            except lanes.LaneError:
+                self._drop_lane(rank)
+
     def abort_step(self) -> None:
         """Tell every reachable rank to drop the current step (one of them failed)."""
+        self._lane_control(Kind.ABORT)
         for peer in self._peers:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.send_multipart([peer, *encode_message(Kind.ABORT, step=self._step)])
         # partials of the dead step still in flight are dropped later by their step id
 
     def stop(self) -> None:
+        self._lane_control(Kind.STOP)
         for peer in self._peers:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.send_multipart([peer, *encode_message(Kind.STOP)])
 
     def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        for rank in list(self._lanes):
+            self._drop_lane(rank)
         self.sock.close(linger=0)
         self._auth.stop()
         self._ctx.term()
@@ -346,12 +502,19 @@ class StarRank:
         self._monitor_lock = threading.Lock()
         self._hub_connected = False
         self.sock.connect(hub_address)
+        self._hub_host = hub_address.split("://", 1)[-1].rsplit(":", 1)[0]
+        self._token = token
+        self._lib = lanes.library()
+        self.lane: lanes.Lane | None = None  # opened once the hub welcomed us and offered one
+        self._on_lane = False  # this step's allreduces go over the lane (the STEP header says)
+        self._fast: Callable[[int, int, int], int] | None = None  # this step's in-place exchange (allreduce_)
         self.step = 0
         self._seq = 0
         # set by another thread (the rank stopping): a wait for the hub ends within CANCEL_POLL_MS
         # instead of the step timeout, so the owning thread can close the socket itself
         self.cancelled = threading.Event()
-        self.sock.send_multipart(encode_message(Kind.HELLO, [torch.tensor([rank])]))
+        # [rank, 1 when this rank can open a lane]
+        self.sock.send_multipart(encode_message(Kind.HELLO, [torch.tensor([rank, int(self._lib is not None)])]))
 
     def wait_welcome(self, timeout_s: float) -> None:
         if not self.sock.poll(int(timeout_s * 1000)):
@@ -359,6 +522,12 @@ class StarRank:
         msg = self.recv(timeout_ms=0)
         if msg.kind != Kind.WELCOME:
             raise CollectiveError(f"expected WELCOME from the hub, got {msg.kind.name}")
+        if msg.tensors and self._lib is not None:  # the hub offers a lane on this port
+            port = int(msg.tensors[0][0])
+            try:
+                self.lane = lanes.connect(self._lib, self._hub_host, port, self._token, self.rank, timeout_s)
+            except (OSError, PermissionError) as exc:
+                raise CollectiveError(f"cannot open the data-plane lane to {self._hub_host}:{port}: {exc}") from None
 
     def recv(self, timeout_ms: int | None = None) -> Message:
         wait = self.timeout_ms if timeout_ms is None else timeout_ms
@@ -373,6 +542,37 @@ class StarRank:
         """Adopt the step id of a STEP message."""
         self.step = msg.step
         self._seq = 0
+        self._on_lane = msg.seq == 1 and self.lane is not None
+        self._fast = None
+        if self._on_lane and self.lane is not None and self.sync_dtype == "fp32":
+            self.lane.begin(self.step, CANCEL_POLL_MS)
+            self._fast = self.lane.allreduce_f32()
+
+    def allreduce_(self, partial: torch.Tensor) -> torch.Tensor:
+        """``allreduce`` for a caller that gives ``partial`` up: on the lane with fp32 the sum is
+        written into it, in one C call (see ``StarHub.allreduce_``)."""
+        fast = self._fast
+        if fast is None or partial.dtype != torch.float32 or not partial.is_contiguous():
+            return self.allreduce(partial)
+        self._seq += 1
+        if rc := fast(partial.data_ptr(), partial.numel(), self._seq):
+            lane = self.lane
+            assert lane is not None
+            lane.refresh()
+            try:
+                if rc != lanes.TIMEOUT:
+                    raise lanes.LaneError(rc)
+                self._lane_wait(lane)
+                lane.finish_f32(partial, partial)
+            except lanes.LaneError as exc:
+                self._lane_failed(lane, exc)
+        return partial
+
+    def _lane_failed(self, lane: lanes.Lane, exc: lanes.LaneError) -> NoReturn:
+        if exc.code == lanes.CONTROL or lane.kind in (Kind.ABORT, Kind.STOP):
+            raise CollectiveError(f"hub sent {_kind_name(lane.kind)} during the step") from None
+        self._on_lane, self._fast = False, None
+        raise CollectiveError(f"the lane to the hub broke: {exc}") from None
 
     def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Send ``partial`` in the sync dtype (from its own memory when it needs no conversion)
@@ -381,6 +581,8 @@ class StarRank:
         ``StarHub._exchange``). ``partial`` may still be being sent: never modify it in place."""
         self._seq += 1
         shape = tuple(partial.shape)
+        if self._on_lane:
+            return self._lane_allreduce(partial, shape)
         payload = sync_payload(partial, self.sync_dtype)
         _send_frames(self.sock, encode_message(Kind.PARTIAL, payload, step=self.step, seq=self._seq))
         msg = self.recv()
@@ -397,6 +599,46 @@ class StarRank:
         except WireError as exc:
             raise CollectiveError(f"the hub sent a bad {msg.kind.name}: {exc}") from None
         return total.to(partial.dtype)
+
+    def _lane_allreduce(self, partial: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """``allreduce`` over the lane: the hub's PARTIAL (two ranks) or REDUCED, as over ZeroMQ."""
+        lane = self.lane
+        assert lane is not None
+        try:
+            if effective_sync(self.sync_dtype, shape) == "fp32" and partial.dtype == torch.float32:
+                own = partial.contiguous()
+                out = torch.empty_like(own)  # (T, d)
+                if not lane.exchange_f32(Kind.PARTIAL, self.step, self._seq, own, out, CANCEL_POLL_MS):
+                    self._lane_wait(lane)
+                    lane.finish_f32(own, out)
+                return out
+            payload = sync_payload(partial, self.sync_dtype)
+            lane.send(Kind.PARTIAL, self.step, self._seq, [t.contiguous() for t in payload])
+            got = self._lane_wait(lane)
+            received = split_sync_payload(lane.payload(got), lane.format, self.sync_dtype, shape, partial.dtype)
+            if lane.kind == Kind.PARTIAL:
+                return sum_payloads([received, payload], self.sync_dtype, shape, partial.dtype)
+            return sync_value(received, self.sync_dtype, shape, partial.dtype, check=False).to(partial.dtype)
+        except lanes.LaneError as exc:
+            self._lane_failed(lane, exc)
+        except WireError as exc:
+            raise CollectiveError(f"the hub sent a bad {_kind_name(lane.kind)}: {exc}") from None
+
+    def _lane_wait(self, lane: lanes.Lane) -> int:
+        """The byte count of the hub's answer on the lane, waiting up to the step timeout and
+        leaving within ``CANCEL_POLL_MS`` once ``cancelled`` is set."""
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+            if self.cancelled.is_set():
+                raise CollectiveError("this rank is stopping")
+            got = lane.recv(self.step, self._seq, min(left_ms, CANCEL_POLL_MS))
+            if got >= 0:
+                if lane.kind in (Kind.ABORT, Kind.STOP):
+                    raise lanes.LaneError(lanes.CONTROL)
+                if lane.kind not in (Kind.PARTIAL, Kind.REDUCED):
+                    raise lanes.LaneError(-4)
+                return got
+        raise CollectiveError("timed out waiting for the hub")
 
     def hub_connected(self) -> bool:
         """Whether the hub is connected now: a hub whose process died is seen as gone at once, an
@@ -417,4 +659,7 @@ class StarRank:
                     self.sock.disable_monitor()
                 self._monitor.close(linger=0)
                 self._monitor = None
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
         self.sock.close(linger=0)

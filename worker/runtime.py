@@ -53,7 +53,7 @@ class WorkerRank:
         self.spec = spec
         self.link = StarRank(spec.shard.rank, hub_address, token, timeout_s, sync_dtype=spec.sync_dtype)
         try:
-            self.loaded = load_rank(spec, self.link.allreduce, progress)
+            self.loaded = load_rank(spec, self.link.allreduce_, progress)
         except BaseException:
             self.link.close()
             raise

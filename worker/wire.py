@@ -215,3 +215,26 @@ def sum_payloads(payloads: list[list[torch.Tensor]], sync: str, shape: tuple[int
     for payload in payloads[1:]:
         add_sync_payload(total, payload, sync)
     return total.to(exact_dtype)
+
+
+def split_sync_payload(raw: torch.Tensor, fmt: int, sync: str, shape: tuple[int, ...],
+                       exact_dtype: torch.dtype) -> list[torch.Tensor]:
+    """A ``sync`` payload of ``shape`` from the bytes of one lane frame (``worker.lane``), where
+    its tensors lie back to back and ``fmt`` is the ``DTYPES`` code of the first, as views of
+    ``raw`` (uint8), checked like ``check_sync_payload``. Raises ``WireError`` when the dtype or
+    the byte count does not fit (a lane frame carries no shapes: the step fixes them)."""
+    sync = effective_sync(sync, shape)
+    dtypes = [(exact_dtype if sync == "fp32" else SYNC_DTYPES[sync], shape)]
+    if sync == "int8":
+        dtypes.append((torch.float32, (*shape[:-1], 1)))
+    sizes = [math.prod(s) * d.itemsize for d, s in dtypes]
+    if DTYPES.get(fmt) != dtypes[0][0]:
+        raise WireError(f"{sync} payload of dtype code {fmt}, expected {dtypes[0][0]}")
+    if raw.numel() != sum(sizes):
+        raise WireError(f"{sync} payload of {raw.numel()} bytes, expected {sum(sizes)} for {shape}")
+    tensors, offset = [], 0
+    for (dtype, s), size in zip(dtypes, sizes, strict=True):
+        tensors.append(raw[offset:offset + size].view(dtype).view(s))
+        offset += size
+    check_sync_payload(tensors, sync, shape, exact_dtype)
+    return tensors

@@ -23,6 +23,8 @@ from worker.step import DecodeBatch, SeqSpan, StepPlan
 from worker.weight_store import WeightStore
 from worker.weights import AttentionWeights, MlpWeights
 
+# the sum over ranks of a block's partial output; the block gives its partial up (the sum may be
+# written into it: worker.collective's allreduce_)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -1,0 +1,221 @@
+"""The data plane's lanes (``worker.lane``): frames that were altered, replayed, cut short or keyed
+without the token are never used; the handshake binds a lane to the cluster token; the
+allreduce over lanes matches the sum; a lane that encrypts hides its payload."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from worker import lane as lanes
+from worker.collective import CollectiveError, StarHub, StarRank
+from worker.wire import Kind
+
+LIB = lanes.library()
+pytestmark = pytest.mark.skipif(LIB is None, reason="the lane library cannot be built here")
+KEY_A, KEY_B = bytes(range(32)), bytes(range(32, 64))
+
+
+def _pair(mode: str = "mac") -> tuple[lanes.Lane, lanes.Lane, socket.socket, socket.socket]:
+    """Two lanes joined through a tap: (sender, receiver, tap_in, tap_out): what the sender writes
+    arrives on tap_in; what the test writes to tap_out reaches the receiver."""
+    assert LIB is not None
+    send_sock, tap_in = socket.socketpair()
+    tap_out, recv_sock = socket.socketpair()
+    code = lanes.MODES[mode]
+    sender = lanes.Lane(LIB, send_sock, KEY_A, KEY_B, code, 0)
+    receiver = lanes.Lane(LIB, recv_sock, KEY_B, KEY_A, code, 0)
+    return sender, receiver, tap_in, tap_out
+
+
+def _frame(tap: socket.socket, payload_bytes: int) -> bytes:
+    want, data = 24 + payload_bytes + 16, b""
+    while len(data) < want:
+        data += tap.recv(want - len(data))
+    return data
+
+
+def _close(*things: lanes.Lane | socket.socket) -> None:
+    for thing in things:
+        thing.close()
+
+
+@pytest.mark.parametrize("mode", ["mac", "encrypt"])
+def test_a_frame_arrives_whole_and_only_the_payload_is_hidden_when_encrypting(mode: str) -> None:
+    sender, receiver, tap_in, tap_out = _pair(mode)
+    try:
+        values = torch.arange(64, dtype=torch.float32)
+        sender.send(Kind.PARTIAL, 7, 3, [values])
+        frame = _frame(tap_in, values.nbytes)
+        assert frame[:4] == b"EDL1"
+        assert (values.numpy().tobytes() in frame) == (mode == "mac")
+        tap_out.sendall(frame)
+        assert receiver.recv(7, 3, 1000) == values.nbytes and receiver.kind == Kind.PARTIAL
+        assert torch.equal(receiver.payload(values.nbytes).view(torch.float32), values)
+    finally:
+        _close(sender, receiver, tap_in, tap_out)
+
+
+@pytest.mark.parametrize("flip", [2, 10, 30, 24 + 256 + 3], ids=["magic", "step", "payload", "tag"])
+def test_an_altered_frame_breaks_the_lane_and_is_never_summed(flip: int) -> None:
+    sender, receiver, tap_in, tap_out = _pair()
+    try:
+        own = torch.ones(64)
+        sender.send(Kind.PARTIAL, 1, 1, [torch.full((64,), 2.0)])
+        frame = bytearray(_frame(tap_in, 256))
+        frame[flip] ^= 0x10
+        tap_out.sendall(bytes(frame))
+        out = torch.full((64,), -1.0)
+        with pytest.raises(lanes.LaneError):
+            assert receiver.exchange_f32(Kind.PARTIAL, 1, 1, own, out, 1000)
+        assert torch.equal(out, torch.full((64,), -1.0))
+    finally:
+        _close(sender, receiver, tap_in, tap_out)
+
+
+def test_a_replayed_or_reordered_frame_fails_its_tag() -> None:
+    sender, receiver, tap_in, tap_out = _pair()
+    try:
+        sender.send(Kind.PARTIAL, 1, 1, [torch.ones(8)])
+        sender.send(Kind.PARTIAL, 1, 2, [torch.ones(8)])
+        first, second = _frame(tap_in, 32), _frame(tap_in, 32)
+        tap_out.sendall(first)
+        assert receiver.recv(1, 1, 1000) == 32
+        tap_out.sendall(first)  # the same bytes again: its nonce (the frame count) has passed
+        with pytest.raises(lanes.LaneError, match="authentication tag"):
+            receiver.recv(1, 2, 1000)
+        del second
+    finally:
+        _close(sender, receiver, tap_in, tap_out)
+
+
+def test_a_half_written_frame_times_out_then_fails_when_the_peer_dies_and_is_never_used() -> None:
+    sender, receiver, tap_in, tap_out = _pair()
+    try:
+        sender.send(Kind.PARTIAL, 1, 1, [torch.full((64,), 2.0)])
+        frame = _frame(tap_in, 256)
+        tap_out.sendall(frame[:100])  # the peer was killed mid-send
+        assert receiver.recv(1, 1, 50) == -1  # what came is kept: the next call reads on
+        tap_out.close()
+        with pytest.raises(lanes.LaneError, match="closed"):
+            receiver.recv(1, 1, 1000)
+        assert receiver.kind == 0  # no frame was ever taken as received
+    finally:
+        _close(sender, receiver, tap_in)
+
+
+def test_frames_of_an_abandoned_step_are_dropped_and_abort_is_returned() -> None:
+    sender, receiver, tap_in, tap_out = _pair()
+    try:
+        sender.send(Kind.PARTIAL, 4, 2, [torch.ones(8)])  # left in flight by step 4
+        sender.send(Kind.ABORT, 4, 2)  # step 4's abort, seen only once step 5 runs
+        sender.send(Kind.PARTIAL, 5, 1, [torch.full((8,), 3.0)])
+        sender.send(Kind.ABORT, 5, 1)
+        for nbytes in (32, 0, 32, 0):
+            tap_out.sendall(_frame(tap_in, nbytes))
+        out = torch.empty(8)
+        assert receiver.exchange_f32(Kind.PARTIAL, 5, 1, torch.ones(8), out, 1000)
+        assert torch.equal(out, torch.full((8,), 4.0))
+        assert receiver.recv(5, 2, 1000) == 0 and receiver.kind == Kind.ABORT
+    finally:
+        _close(sender, receiver, tap_in, tap_out)
+
+
+def test_a_lane_peer_without_the_token_is_refused_on_both_sides() -> None:
+    assert LIB is not None
+    listener = lanes.Listener(LIB, "127.0.0.1", 0, "right", 2, False, lambda rank: 1)
+    try:
+        with pytest.raises(PermissionError, match="did not prove the cluster token"):
+            lanes.connect(LIB, "127.0.0.1", listener.port, "wrong", 1, 5)
+        # a client that fakes the hub's side: it reads the hub's reply and answers garbage
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as conn:
+            conn.sendall(lanes._HELLO.pack(b"EDLH", lanes.VERSION, 1, bytes(32)))
+            conn.recv(1024)
+            conn.sendall(bytes(32))
+            assert conn.recv(1) == b""  # hung up on, no confirmation
+        time.sleep(0.2)
+        assert listener.take() == {}
+        good = lanes.connect(LIB, "127.0.0.1", listener.port, "right", 1, 5)
+        (adopted,) = listener.take().values()
+        good.send(Kind.PARTIAL, 1, 1, [torch.ones(4)])
+        assert adopted.recv(1, 1, 1000) == 16
+        _close(good, adopted)
+    finally:
+        listener.close()
+
+
+def test_a_rank_number_outside_the_cluster_is_refused() -> None:
+    assert LIB is not None
+    listener = lanes.Listener(LIB, "127.0.0.1", 0, "t", 2, False, lambda rank: 1)
+    try:
+        with pytest.raises((PermissionError, ConnectionError)):
+            lanes.connect(LIB, "127.0.0.1", listener.port, "t", 5, 5)
+        assert listener.take() == {}
+    finally:
+        listener.close()
+
+
+def test_spin_is_on_where_each_rank_has_a_core_and_the_environment_wins(monkeypatch) -> None:
+    monkeypatch.delenv(lanes.SPIN_ENV, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert [lanes.spin_us(n) for n in (1, 4, 5)] == [lanes.DEFAULT_SPIN_US, lanes.DEFAULT_SPIN_US, 0]
+    monkeypatch.setenv(lanes.SPIN_ENV, "250")
+    assert lanes.spin_us(8) == 250
+    monkeypatch.setenv(lanes.SPIN_ENV, "fast")
+    with pytest.raises(ValueError, match=lanes.SPIN_ENV):
+        lanes.spin_us(1)
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["mac", "encrypt"])
+def test_steps_over_lanes_sum_exactly_and_a_rank_killed_mid_step_is_reported(encrypt: bool) -> None:
+    hub = StarHub(2, token="t", timeout_s=5, encrypt=encrypt)
+    rank = StarRank(1, hub.address, token="t", timeout_s=5)
+    try:
+        welcome = threading.Thread(target=rank.wait_welcome, args=(5,))
+        welcome.start()
+        hub.wait_for_ranks(5)
+        welcome.join(5)
+        for step in range(3):
+            hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+            rank.begin(rank.recv())
+            assert hub.on_lanes
+            sums: list[torch.Tensor] = []
+            theirs = torch.full((2, 64), 2.0)
+            worker = threading.Thread(target=lambda out=sums, x=theirs: out.append(rank.allreduce_(x)))
+            worker.start()
+            ours = torch.full((2, 64), float(step))
+            # allreduce_ writes the sum into the partial it is given (fp32 on lanes), allreduce does not
+            total = hub.allreduce_(ours) if step % 2 else hub.allreduce(ours)
+            worker.join(5)
+            assert torch.equal(total, torch.full((2, 64), step + 2.0)) and torch.equal(sums[0], total)
+            assert sums[0] is theirs and torch.equal(theirs, total)
+            assert (total is ours) == bool(step % 2)
+        hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+        rank.begin(rank.recv())
+        errors: list[str] = []
+
+        def waiting_rank() -> None:
+            try:
+                rank.allreduce_(torch.ones(2, 64))
+            except CollectiveError as exc:
+                errors.append(str(exc))
+
+        worker = threading.Thread(target=waiting_rank)
+        worker.start()  # the rank waits for the hub's partial, which never comes: the hub aborts
+        time.sleep(0.1)
+        hub.abort_step()
+        worker.join(5)
+        assert errors == ["hub sent ABORT during the step"]
+        assert rank.lane is not None
+        hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+        rank.lane.sock.shutdown(socket.SHUT_RDWR)  # as a killed process's socket: closed mid-step
+        with pytest.raises(CollectiveError, match="rank-1's lane"):
+            hub.allreduce(torch.ones(2, 64))
+        assert not hub.on_lanes  # until the rank joins again
+    finally:
+        rank.close()
+        hub.close()
