@@ -416,3 +416,14 @@ def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misse
     cache.end_layer()
     assert cache.hits == 1 and cache.misses == 5
     cache.close()
+
+
+def test_prefetch_gate_stops_a_layer_whose_guesses_land_late_but_probes_it() -> None:
+    gate = PrefetchGate()
+    for _ in range(5):
+        gate.observe_landing(2, started=2, landed=0)
+    plans = [gate.plan(2, [1, 2], available=0.01, expert_s=0.005, piece_s=0.001) for _ in range(16)]
+    assert sum(map(bool, plans)) == 2 and plans[7] == [1, 2]  # one probe in PROBE_EVERY (8) calls
+    for _ in range(10):
+        gate.observe_landing(2, started=2, landed=2)
+    assert gate.plan(2, [1, 2], available=0.01, expert_s=0.005, piece_s=0.001) == [1, 2]

@@ -164,6 +164,8 @@ class ExpertCache:
                 self.rate[(layer, expert)] = FREQUENCY_DECAY * old + (1 - FREQUENCY_DECAY) * (expert in needed)
             if self.reads is None:
                 return
+            guesses = [e for k, e in self._entries.items() if k[0] == layer and e.guess]
+            self.gate.observe_landing(layer, len(guesses), sum(e.fields is not None for e in guesses))
             for key, entry in list(self._entries.items()):
                 if key[0] != layer or entry.read is None:
                     continue
