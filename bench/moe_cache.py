@@ -1,7 +1,8 @@
 """MoE expert cache at a fixed budget: prediction + prefetch against on-demand loading and
-against all experts resident, the expert predictors, and the eviction policies, as JSON.
+against all experts resident, the expert predictors, the eviction policies, and the I/O bound
+of every run, as JSON.
 
-    .venv/bin/python bench/moe_cache.py [--model DIR] [--expert-bits 4] [--cache-experts N]
+    .venv/bin/python bench/moe_cache.py [--model DIR] [--expert-bits 4] [--caches 2x,25%]
                                         [--tokens 24] [--prompts 3] [--repeats 2] [--runs a,b,...]
                                         [--out FILE]
 
@@ -9,26 +10,26 @@ One rank in this process. ``--model DIR`` is a Hugging Face Mixtral-style checkp
 (``scripts/train_tiny_moe.py`` trains one whose routing is learned); without it, a random
 Mixtral (8 experts, top-2), whose routers send tokens close to uniformly, the hard case for a
 cache. ``--expert-bits 4`` (or 8) writes the routed experts in int4 (int8), as
-``edgellm shard --quantize none --expert-bits 4``: EdgeMoE's bitwidth-adaptive experts, 8x (4x)
-fewer bytes to read than fp32, so the disk time per expert moves closer to its compute time.
+``edgellm shard --expert-bits 4``; bench/expert_bits.py measures ``--expert-bits auto``.
 
-The cache holds ``--cache-experts`` experts for the whole model (default 2x the active experts
-of one layer; ``--cache-experts per-layer`` is 2x the active experts of every layer). Reads drop
-the page cache after use, so misses really go to disk. The text is real: ``--prompts`` module
-docstrings of the standard library (the corpus the tiny MoE was trained on, so possibly seen
-in training), each fed as ``16`` prompt tokens and then ``--tokens`` decode steps of its own
-continuation (teacher forcing: every run decodes the same tokens, and the routing is that of
-real text rather than of a greedy loop). Only decode steps are timed and counted.
+Each run is measured with each cache of ``--caches``: ``2x`` holds twice one layer's active
+experts (for the whole model), ``25%`` a quarter of all experts. Reads drop the page cache
+after use, so misses really go to disk. The text is real: ``--prompts`` module docstrings of the
+standard library (the corpus the tiny MoE was trained on, so possibly seen in training), each
+fed as ``16`` prompt tokens and then ``--tokens`` decode steps of its own continuation (teacher
+forcing: every run decodes the same tokens, and the routing is that of real text rather than of
+a greedy loop). Only decode steps are timed and counted.
 
-Runs are named ``prefetch_<predictor>_<eviction>``; a prefetch asks the kernel to read the
-predicted experts ahead into the page cache (the default), or, in ``*_buffers_*`` runs, reads
-them into cache buffers on the rank's I/O thread (``worker.expert_cache.PREFETCH_TO``). The hit
-rate counts an expert that was prefetched, finished or not, as a hit. ``bytes_read_per_token``
-is what the rank read (from disk, or from the page cache for a read-ahead expert),
-``prefetch_bytes_per_token`` what it asked ahead, right or wrong.
+Runs are named ``prefetch_<predictor>[_ungated]_<eviction>`` and ``on_demand_<eviction>``
+(``RUNS``). The hit rate counts an expert that was prefetched, landed or not, as a hit.
 
-``disk`` reports the cold read throughput of the shard's expert blocks at 1, 2 and 4 reads in
-flight, which bounds what overlapping reads can gain.
+The I/O bound: ``disk`` measures cold reads of whole expert blocks at 1, 2 and 4 in flight, as
+the cache reads them (no read-ahead, pages dropped); ``needed_bytes_per_token`` is what a run's
+steps had to bring in (experts used that were not in the cache from an earlier use; wrong
+guesses are not in it), and ``io_bound_tokens_per_s`` = best disk MB/s / needed bytes per
+token: no run can decode faster, however well it overlaps reads with compute.
+``io_bound_fraction`` is the share of it the run reached. ``disk_bytes_per_token`` is what the
+block device really read (``/proc/self/io``), wrong guesses included.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
     try:
         for seq in sequences:
             executor.step([seq[:PROMPT_TOKENS]], [SeqSpan(0, 0, PROMPT_TOKENS)])
+            # cold for the decode: loading the dense blocks read ahead into experts' pages (default
+            # read-ahead of the loader's descriptor), which on-demand runs then found in memory
+            drop_page_cache(rank_shard_path(shard_dir, spec.shard))
             before = executor.rank.stats()
             disk_before = disk_bytes()
             start = time.perf_counter()

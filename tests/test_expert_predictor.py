@@ -327,7 +327,8 @@ def test_a_guess_never_evicts_an_expert_needed_sooner(shard_file: ShardFile) -> 
 def test_a_guess_evicts_only_an_expert_used_less_often_than_the_guess_is_right(shard_file: ShardFile) -> None:
     """Three layers (the file's two, and a third whose one cached expert is placed by hand): at
     layer 0, a guess for layer 1 may take the buffer of layer 2's expert (needed later), but only
-    while that expert is used less often at its layer than layer 1's guesses are right."""
+    while that expert (by its routing rate, and by how often layer 2's cached experts are used) is
+    less likely to be used than layer 1's guesses are right."""
     slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
     cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
     _open_gate(cache)
@@ -337,6 +338,10 @@ def test_a_guess_evicts_only_an_expert_used_less_often_than_the_guess_is_right(s
     cache.prefetch(1, [3])
     assert cache.prefetches == 0 and (2, 1) in cache._entries
     cache.gate.precision[1] = 0.9
+    cache.reuse[2] = 0.95  # layer 2's cached experts are nearly always used when it comes
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache.reuse[2] = 0.4
     cache.prefetch(1, [3])
     assert cache.prefetches == 1 and set(cache._entries) == {(1, 3)}
     cache.close()

@@ -105,7 +105,8 @@ def router_frequency(model_dir: str, text: str, max_tokens: int = 2048) -> dict[
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
+    limit = min(max_tokens, getattr(model.config, "max_position_embeddings", max_tokens))
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :limit]  # (1, T)
     with torch.inference_mode():
         logits = model(input_ids=ids, output_router_logits=True).router_logits  # per MoE layer (T, E)
     top_k = model.config.num_experts_per_tok
