@@ -333,15 +333,15 @@ def test_a_guess_evicts_only_an_expert_used_less_often_than_the_guess_is_right(s
     cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
     _open_gate(cache)
     cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
-    cache.rate[(2, 1)] = 0.5
-    cache.gate.precision[1] = 0.3
+    cache.rate[(2, 1)] = 0.1
+    cache.gate.precision[1] = 0.05
     cache.prefetch(1, [3])
     assert cache.prefetches == 0 and (2, 1) in cache._entries
     cache.gate.precision[1] = 0.9
-    cache.reuse[2] = 0.95  # layer 2's cached experts are nearly always used when it comes
+    cache.reuse[2] = 0.6  # layer 2's cached experts are often used when it comes
     cache.prefetch(1, [3])
     assert cache.prefetches == 0 and (2, 1) in cache._entries
-    cache.reuse[2] = 0.4
+    cache.reuse[2] = 0.1
     cache.prefetch(1, [3])
     assert cache.prefetches == 1 and set(cache._entries) == {(1, 3)}
     cache.close()
@@ -407,6 +407,7 @@ def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misse
         with cache.get(1, expert):
             pass
         cache.end_layer()
+    cache.gate.precision[1] = 0.9  # a layer whose guesses are usually right
     cache.keep(1, [2])  # the predictor expects layer 1 to use expert 2 again: cached, nothing to read
     cache.begin_layer(0, [0, 1])
     cache.prefetch(1, [2])
@@ -432,3 +433,23 @@ def test_prefetch_gate_stops_a_layer_whose_guesses_land_late_but_probes_it() -> 
     for _ in range(10):
         gate.observe_landing(2, started=2, landed=2)
     assert gate.plan(2, [1, 2], available=0.01, expert_s=0.005, piece_s=0.001) == [1, 2]
+
+
+def test_an_unsure_guess_does_not_keep_a_cached_expert(shard_file: ShardFile) -> None:
+    """Where the layer's guesses are right only half of the time, the policy's own victim choice
+    stands: the predicted expert is the least recent and goes first."""
+    cache = _cache(shard_file, slots=3)
+    for expert in (2, 0, 1):
+        cache.begin_layer(1, [expert])
+        with cache.get(1, expert):
+            pass
+        cache.end_layer()
+    cache.gate.precision[1] = 0.5
+    cache.keep(1, [2])
+    cache.begin_layer(0, [0, 1])
+    for expert in (0, 1):
+        with cache.get(0, expert):
+            pass
+    cache.end_layer()
+    assert (1, 2) not in cache._entries
+    cache.close()

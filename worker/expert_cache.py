@@ -27,9 +27,11 @@ Eviction policies (``choose_victim`` is pure and table-tested):
   across the whole cycle of layers.
 
 A prefetch takes a free buffer, or evicts an expert needed later in the cycle than the guess
-(never one of the current layer, never one predicted for a coming layer, and never
-one more likely to be used than the guess is right: on a random MoE with a cache of a quarter of
-all experts, guesses that evicted by distance alone raised the bytes a step had to read by 7-18%): a wrong guess must not
+(never one of the current layer, never one predicted for a coming layer, never
+one more likely to be used than the guess is right, and never one used more than
+``GUESS_VICTIM_USE`` of the time: a right guess is read either way, only earlier, so an eviction
+for a guess only ever adds bytes; on a random MoE with a cache of a quarter of all experts,
+guesses that evicted by distance alone raised the bytes a step had to read by 7-18%): a wrong guess must not
 cost the step an expert it was about to use.
 """
 
@@ -45,13 +47,20 @@ import torch
 
 from worker import expert_reads
 from worker.expert_reads import Read, ReadQueue
-from worker.prefetch_gate import PrefetchGate
+from worker.prefetch_gate import PRIOR_PRECISION, PrefetchGate
 from worker.shard_file import ShardFile
 from worker.weights import ExpertWeights, Fields, expert_block, from_fields
 
 POLICIES = ("distance", "lru", "frequency")
 GATED = True  # PrefetchGate decides per layer; False reads every guess (a switch for bench/moe_cache.py)
 DEFAULT_READ_DEPTH = 2  # reads in flight for a layer's demand misses (bench/moe_cache.py's disk figures)
+# A guess never lowers the bytes a step must read (a right one is read either way, only earlier),
+# so the expert it evicts is pure loss if used again: only one rarely used (below this) may go.
+GUESS_VICTIM_USE = 0.15
+# A cached expert predicted for a coming layer outlives the current layer's misses only where the
+# predictor is this sure there: on the random MoE (precision 0.5, 25% cache) keeping every guess
+# made the policy evict experts used more often, +7-17% bytes a step had to read.
+KEEP_PRECISION = 0.7
 FREQUENCY_DECAY = 0.9  # ``frequency`` policy: weight of the past in an expert's use rate at its layer
 Key = tuple[int, int]  # (layer, expert)
 
@@ -242,13 +251,14 @@ class ExpertCache:
         """A buffer for a guess for ``layer`` that costs the step nothing it is about to use
         (caller holds the lock): a free one, or an expert needed later in the cycle than ``layer``
         that is less likely to be used when its layer comes (its own routing rate, and how often
-        its layer's cached experts are used) than the guess is to be right."""
+        its layer's cached experts are used) than the guess is to be right, and rarely used
+        (``GUESS_VICTIM_USE``)."""
         if self._free:
             return self._free.pop()
         lead = (layer - self._layer) % self.num_layers
         candidates = [e for e in self._candidates() if e.key not in self._wanted
                       and (e.key[0] - self._layer) % self.num_layers > lead
-                      and max(self.rate.get(e.key, 0.0), self.reuse.get(e.key[0], 0.0)) < precision]
+                      and max(self.rate.get(e.key, 0.0), self.reuse.get(e.key[0], 0.0)) < min(precision, GUESS_VICTIM_USE)]
         victim = choose_victim(candidates, self._layer, self.num_layers, self.policy, self.rate)
         if victim is None:
             return None
@@ -257,9 +267,11 @@ class ExpertCache:
 
     def keep(self, layer: int, experts: Iterable[int]) -> None:
         """``layer``'s ``experts`` are predicted for its coming step: those cached survive the
-        current layer's misses (call before ``begin_layer``, which starts reading them)."""
+        current layer's misses where the predictor is sure enough there (``KEEP_PRECISION``; call
+        before ``begin_layer``, which starts reading the misses)."""
         with self._cond:
-            self._wanted.update(k for e in experts if (k := (layer, e)) in self._entries)
+            if self.gate.precision.get(layer, PRIOR_PRECISION) >= KEEP_PRECISION:
+                self._wanted.update(k for e in experts if (k := (layer, e)) in self._entries)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Read ahead ``layer``'s ``experts`` that are not cached (most likely first), as far as
@@ -273,7 +285,8 @@ class ExpertCache:
             for expert in experts:
                 key = (layer, expert)
                 if key in self._entries:
-                    self._wanted.add(key)  # cached or on its way already: kept through this layer's misses
+                    if self.gate.precision.get(layer, PRIOR_PRECISION) >= KEEP_PRECISION:
+                        self._wanted.add(key)  # cached or on its way already: kept through this layer's misses
                 elif self.reads is not None:
                     todo.append(expert)
             if not todo or self.reads is None:
