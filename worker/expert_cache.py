@@ -58,8 +58,9 @@ DEFAULT_READ_DEPTH = 2  # reads in flight for a layer's demand misses (bench/moe
 # so the expert it evicts is pure loss if used again: only one rarely used (below this) may go.
 GUESS_VICTIM_USE = 0.15
 # A cached expert predicted for a coming layer outlives the current layer's misses only where the
-# predictor is this sure there: on the random MoE (precision 0.5, 25% cache) keeping every guess
-# made the policy evict experts used more often, +7-17% bytes a step had to read.
+# predictor is this sure there; elsewhere the policy's own choice stands. (Meant to remove the
+# 7-17% more bytes per token that prefetch runs need on the random MoE with a 25% cache; the run
+# after it still showed them: their cause is not found.)
 KEEP_PRECISION = 0.7
 FREQUENCY_DECAY = 0.9  # ``frequency`` policy: weight of the past in an expert's use rate at its layer
 Key = tuple[int, int]  # (layer, expert)
