@@ -78,3 +78,24 @@ def test_shard_with_auto_expert_bits(tmp_path: Path) -> None:
     assert stats[0]["expert_misses"] > 0
     reference, _ = _run(_shard(model, tmp_path / "f"), [1.0], decode)
     assert (resident - reference).abs().max().item() < 0.25 * reference.abs().max().item()
+
+
+def test_calibration_weighs_experts_by_their_routing(tmp_path: Path) -> None:
+    """``--expert-calibration``: the router's top-k shares on a text, per layer, weigh the plan."""
+    from worker.expert_bits import router_frequency
+
+    model = build_checkpoint(tmp_path / "moe", "qwen3_moe", moe_intermediate_size=64, num_experts=8)
+    text = "a b"  # a few tokens: at most 2 experts each of 8 per layer, so some are never picked
+    frequency = router_frequency(str(model), text)
+    config = ModelConfig.from_dir(model)
+    for layer in range(config.num_layers):
+        shares = [frequency[(layer, e)] for e in range(config.num_experts)]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0.0
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(text)
+    shard_dir = _shard(model, tmp_path / "auto", "--expert-bits", "auto", "--expert-budget", "20%",
+                       "--group-size", "32", "--expert-calibration", str(calibration))
+    planned = json.loads((shard_dir / SHARD_MANIFEST).read_text())["expert_bits"]
+    unrouted = [k for k, share in frequency.items() if share == 0.0]
+    assert unrouted, "the text routes to every expert: the check below would be empty"
+    assert all(planned[f"{layer}.{e}"] == 4 for layer, e in unrouted)  # never picked on the text: int4
