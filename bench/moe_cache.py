@@ -1,7 +1,8 @@
 """MoE expert cache at a fixed budget: prediction + prefetch against on-demand loading and
-against all experts resident, the expert predictors, and the eviction policies, as JSON.
+against all experts resident, the expert predictors, the eviction policies, and the I/O bound
+of every run, as JSON.
 
-    .venv/bin/python bench/moe_cache.py [--model DIR] [--expert-bits 4] [--cache-experts N]
+    .venv/bin/python bench/moe_cache.py [--model DIR] [--expert-bits 4] [--caches 2x,25%]
                                         [--tokens 24] [--prompts 3] [--repeats 2] [--runs a,b,...]
                                         [--out FILE]
 
@@ -9,26 +10,26 @@ One rank in this process. ``--model DIR`` is a Hugging Face Mixtral-style checkp
 (``scripts/train_tiny_moe.py`` trains one whose routing is learned); without it, a random
 Mixtral (8 experts, top-2), whose routers send tokens close to uniformly, the hard case for a
 cache. ``--expert-bits 4`` (or 8) writes the routed experts in int4 (int8), as
-``edgellm shard --quantize none --expert-bits 4``: EdgeMoE's bitwidth-adaptive experts, 8x (4x)
-fewer bytes to read than fp32, so the disk time per expert moves closer to its compute time.
+``edgellm shard --expert-bits 4``; bench/expert_bits.py measures ``--expert-bits auto``.
 
-The cache holds ``--cache-experts`` experts for the whole model (default 2x the active experts
-of one layer; ``--cache-experts per-layer`` is 2x the active experts of every layer). Reads drop
-the page cache after use, so misses really go to disk. The text is real: ``--prompts`` module
-docstrings of the standard library (the corpus the tiny MoE was trained on, so possibly seen
-in training), each fed as ``16`` prompt tokens and then ``--tokens`` decode steps of its own
-continuation (teacher forcing: every run decodes the same tokens, and the routing is that of
-real text rather than of a greedy loop). Only decode steps are timed and counted.
+Each run is measured with each cache of ``--caches``: ``2x`` holds twice one layer's active
+experts (for the whole model), ``25%`` a quarter of all experts. Reads drop the page cache
+after use, so misses really go to disk. The text is real: ``--prompts`` module docstrings of the
+standard library (the corpus the tiny MoE was trained on, so possibly seen in training), each
+fed as ``16`` prompt tokens and then ``--tokens`` decode steps of its own continuation (teacher
+forcing: every run decodes the same tokens, and the routing is that of real text rather than of
+a greedy loop). Only decode steps are timed and counted.
 
-Runs are named ``prefetch_<predictor>_<eviction>``; a prefetch asks the kernel to read the
-predicted experts ahead into the page cache (the default), or, in ``*_buffers_*`` runs, reads
-them into cache buffers on the rank's I/O thread (``worker.expert_cache.PREFETCH_TO``). The hit
-rate counts an expert that was prefetched, finished or not, as a hit. ``bytes_read_per_token``
-is what the rank read (from disk, or from the page cache for a read-ahead expert),
-``prefetch_bytes_per_token`` what it asked ahead, right or wrong.
+Runs are named ``prefetch_<predictor>[_ungated]_<eviction>`` and ``on_demand_<eviction>``
+(``RUNS``). The hit rate counts an expert that was prefetched, landed or not, as a hit.
 
-``disk`` reports the cold read throughput of the shard's expert blocks at 1, 2 and 4 reads in
-flight, which bounds what overlapping reads can gain.
+The I/O bound: ``disk`` measures cold reads of whole expert blocks at 1, 2 and 4 in flight, as
+the cache reads them (no read-ahead, pages dropped); ``needed_bytes_per_token`` is what a run's
+steps had to bring in (experts used that were not in the cache from an earlier use; wrong
+guesses are not in it), and ``io_bound_tokens_per_s`` = best disk MB/s / needed bytes per
+token: no run can decode faster, however well it overlaps reads with compute.
+``io_bound_fraction`` is the share of it the run reached. ``disk_bytes_per_token`` is what the
+block device really read (``/proc/self/io``), wrong guesses included.
 """
 
 from __future__ import annotations
@@ -70,21 +71,37 @@ SHAPE: dict[str, Any] = dict(hidden_size=512, intermediate_size=1536, num_hidden
 PROMPT_TOKENS = 16
 TEXT_MODULES = ("json", "subprocess", "argparse", "logging", "threading", "collections", "pathlib", "csv",
                 "random", "datetime")
-# name -> (eviction policy, prefetch, predictor, prefetch target); all_resident has no cache limit.
-RUNS: dict[str, tuple[str, bool, str, str]] = {
-    "prefetch_temporal_distance": ("distance", True, "temporal", "page_cache"),
-    "prefetch_router_distance": ("distance", True, "router", "page_cache"),
-    "prefetch_input_distance": ("distance", True, "input", "page_cache"),
-    "prefetch_adaptive_distance": ("distance", True, "adaptive", "page_cache"),
-    "prefetch_union_distance": ("distance", True, "union", "page_cache"),
-    "prefetch_adaptive_lru": ("lru", True, "adaptive", "page_cache"),
-    "prefetch_temporal_buffers_distance": ("distance", True, "temporal", "buffers"),
-    "prefetch_adaptive_buffers_distance": ("distance", True, "adaptive", "buffers"),
-    "prefetch_union_buffers_distance": ("distance", True, "union", "buffers"),
-    "on_demand_distance": ("distance", False, "temporal", "page_cache"),
-    "on_demand_lru": ("lru", False, "temporal", "page_cache"),
-    "all_resident": ("distance", False, "temporal", "page_cache"),
+# name -> (eviction policy, prefetch, predictor, gated); all_resident has no cache limit. A gated
+# prefetch reads a layer's guesses only where worker.prefetch_gate expects them to pay; "ungated"
+# reads every guess (still only while no demand read waits, and cancelled when wrong).
+RUNS: dict[str, tuple[str, bool, str, bool]] = {
+    "prefetch_temporal_distance": ("distance", True, "temporal", True),
+    "prefetch_router_distance": ("distance", True, "router", True),
+    "prefetch_input_distance": ("distance", True, "input", True),
+    "prefetch_adaptive_distance": ("distance", True, "adaptive", True),
+    "prefetch_union_distance": ("distance", True, "union", True),
+    "prefetch_adaptive_lru": ("lru", True, "adaptive", True),
+    "prefetch_adaptive_frequency": ("frequency", True, "adaptive", True),
+    "prefetch_adaptive_ungated_distance": ("distance", True, "adaptive", False),
+    "prefetch_union_ungated_distance": ("distance", True, "union", False),
+    "on_demand_distance": ("distance", False, "temporal", True),
+    "on_demand_lru": ("lru", False, "temporal", True),
+    "on_demand_frequency": ("frequency", False, "temporal", True),
+    "all_resident": ("distance", False, "temporal", True),
 }
+# --caches: "2x" is twice one layer's active experts, "25%" a quarter of all experts, "per-layer"
+# twice the active experts of every layer, or a number of experts.
+CACHES = ("2x", "25%")
+
+
+def disk_bytes() -> int:
+    """Bytes this process has had read from the block device (``/proc/self/io``: what really came
+    from disk, read-ahead and wrong guesses included, page-cache copies not)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
 
 def texts(model_dir: Path, count: int, tokens: int) -> list[list[int]]:
     """``count`` token sequences of real text, each ``PROMPT_TOKENS + tokens`` long."""
@@ -116,29 +133,36 @@ def build(out: Path, model: Path | None, expert_bits: int | None) -> Path:
 
 
 def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: str, prefetch: bool,
-        predictor: str, prefetch_to: str = expert_cache.DEFAULT_PREFETCH_TO) -> dict[str, Any]:
+        predictor: str, gated: bool = True) -> dict[str, Any]:
     config = ModelConfig.from_dir(shard_dir)
     spec = RankSpec(str(shard_dir), config, plan_shards(config, [1.0])[0], 1, 256, expert_cache_bytes=cache,
                     expert_policy=policy, prefetch=prefetch, expert_predictor=predictor)
-    default = expert_cache.DEFAULT_PREFETCH_TO
-    expert_cache.DEFAULT_PREFETCH_TO = prefetch_to  # not a RankSpec field (yet): the loader takes the default
+    expert_cache.GATED = gated  # not a RankSpec field: a bench switch the cache reads when built
     try:
         executor = Executor(spec, StarHub(1))
     finally:
-        expert_cache.DEFAULT_PREFETCH_TO = default
+        expert_cache.GATED = True
     keys = ("expert_hits", "expert_misses", "expert_bytes_read", "expert_stall_seconds", "expert_late_prefetches",
-            "expert_prefetches", "expert_prefetch_bytes", "expert_cancelled_prefetches", "expert_predicted", "expert_predicted_used", "expert_used")
+            "expert_prefetches", "expert_prefetch_bytes", "expert_prefetch_bytes_read", "expert_prefetch_skipped",
+            "expert_cancelled_prefetches", "expert_predicted", "expert_predicted_used", "expert_used",
+            "expert_fetched_bytes")
     total = dict.fromkeys(keys, 0.0)
     elapsed = 0.0
+    from_disk = 0
     argmax: list[int] = []
     try:
         for seq in sequences:
             executor.step([seq[:PROMPT_TOKENS]], [SeqSpan(0, 0, PROMPT_TOKENS)])
+            # cold for the decode: loading the dense blocks read ahead into experts' pages (default
+            # read-ahead of the loader's descriptor), which on-demand runs then found in memory
+            drop_page_cache(rank_shard_path(shard_dir, spec.shard))
             before = executor.rank.stats()
+            disk_before = disk_bytes()
             start = time.perf_counter()
             for pos in range(PROMPT_TOKENS, len(seq)):
                 argmax.append(int(executor.step([[seq[pos]]], [SeqSpan(0, pos, 1)])[0].argmax()))
             elapsed += time.perf_counter() - start
+            from_disk += disk_bytes() - disk_before
             after = executor.rank.stats()
             for key in keys:
                 total[key] += after.get(key, 0) - before.get(key, 0)
@@ -147,6 +171,10 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
     tokens = sum(len(s) - PROMPT_TOKENS for s in sequences)
     lookups = total["expert_hits"] + total["expert_misses"]
     return {"tokens_per_s": tokens / elapsed,
+            "needed_bytes_per_token": total["expert_fetched_bytes"] / tokens,
+            "disk_bytes_per_token": from_disk / tokens,
+            "prefetch_bytes_read_per_token": total["expert_prefetch_bytes_read"] / tokens,
+            "guesses_skipped_per_token": total["expert_prefetch_skipped"] / tokens,
             "hit_rate": total["expert_hits"] / lookups if lookups else 1.0,
             "recall": total["expert_predicted_used"] / total["expert_used"] if total["expert_used"] else 0.0,
             "precision": total["expert_predicted_used"] / total["expert_predicted"] if total["expert_predicted"]
@@ -179,19 +207,25 @@ def _reader(file: ShardFile, todo: list[str], lock: threading.Lock, size: int) -
         file.read_into(block, buffer)
 
 
-def disk(shard_dir: Path, config: ModelConfig, reads: int = 48) -> dict[str, float]:
-    """MB/s of cold reads of expert blocks with 1, 2 and 4 in flight (each depth twice, best kept)."""
-    file = ShardFile(rank_shard_path(shard_dir, plan_shards(config, [1.0])[0]))
+def disk(shard_dir: Path, config: ModelConfig, reads: int = 32) -> dict[str, float]:
+    """MB/s of cold reads of whole expert blocks with 1, 2 and 4 in flight, through a descriptor
+    opened as the expert cache opens it (no read-ahead past a block, pages dropped after each
+    read); each depth twice, interleaved, the best kept. ``disk_bytes_per_read_byte`` is what the
+    block device really read per byte asked (1.0: no read-ahead waste)."""
+    file = ShardFile(rank_shard_path(shard_dir, plan_shards(config, [1.0])[0]), random_access=True)
     blocks = [expert_block(m, e) for m in range(config.num_layers) for e in range(config.num_experts)
-              if file.has(expert_block(m, e))][:reads]
+              if file.has(expert_block(m, e))]
+    blocks = blocks[:: max(1, len(blocks) // reads)][:reads]  # spread over the file, as the routers spread reads
     nbytes = sum(file.block_bytes(b) for b in blocks)
     out: dict[str, float] = {}
+    asked = device = 0
     try:
         for depth in (1, 2, 4, 1, 2, 4):
             drop_page_cache(file.path)
             todo = list(blocks)
             lock = threading.Lock()
             size = max(file.block_bytes(b) for b in blocks)
+            before = disk_bytes()
             start = time.perf_counter()
             threads = [threading.Thread(target=_reader, args=(file, todo, lock, size)) for _ in range(depth)]
             for t in threads:
@@ -200,9 +234,35 @@ def disk(shard_dir: Path, config: ModelConfig, reads: int = 48) -> dict[str, flo
                 t.join()
             key = f"read_mb_per_s_depth_{depth}"
             out[key] = max(out.get(key, 0.0), nbytes / (time.perf_counter() - start) / 1e6)
+            asked, device = asked + nbytes, device + disk_bytes() - before
     finally:
         file.close()
+    out["best_mb_per_s"] = max(out.values())
+    out["disk_bytes_per_read_byte"] = round(device / asked, 3) if device else float("nan")
     return out
+
+
+def cache_experts(choice: str, config: ModelConfig, moe_layers: int) -> int:
+    """Experts the cache holds for a ``--caches`` item."""
+    active = config.experts_per_token
+    if choice == "2x":
+        return 2 * active
+    if choice == "per-layer":
+        return 2 * active * moe_layers
+    if choice.endswith("%"):
+        return max(active, round(float(choice[:-1]) / 100 * config.num_experts * moe_layers))
+    return int(choice)
+
+
+def io_bound(result: dict[str, Any], mb_per_s: float) -> dict[str, float | None]:
+    """The decode speed the disk allows a run: the bytes its steps had to bring in (experts used that
+    were not cached from an earlier use) at the disk's best measured throughput, and the share of
+    it the run reached. Compute is not in it: no run can beat it, however well it overlaps."""
+    needed = result["needed_bytes_per_token"]
+    if not needed:
+        return {"io_bound_tokens_per_s": None, "io_bound_fraction": None}  # nothing read: no bound
+    bound = mb_per_s * 1e6 / needed
+    return {"io_bound_tokens_per_s": bound, "io_bound_fraction": result["tokens_per_s"] / bound}
 
 
 def main() -> None:
@@ -213,9 +273,9 @@ def main() -> None:
                         help="routed experts in int4/int8 (default: fp32 like the rest)")
     parser.add_argument("--tokens", type=int, default=24, help="decode steps per prompt")
     parser.add_argument("--prompts", type=int, default=3)
-    parser.add_argument("--cache-experts", default=None,
-                        help="cache size in experts for the whole model, or 'per-layer' for 2x the active "
-                             "experts of every layer (default: 2x the active experts of one layer)")
+    parser.add_argument("--caches", default=",".join(CACHES),
+                        help="comma-separated cache sizes: '2x' (twice one layer's active experts), '25%%' (a quarter "
+                             "of all experts), 'per-layer' (twice every layer's active experts) or a number of experts")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each configuration; tokens/s is the best, the other figures the last")
@@ -236,33 +296,40 @@ def main() -> None:
         expert_bytes = max(file.block_bytes(expert_block(m, e)) for m in range(config.num_layers)
                            for e in range(config.num_experts) if file.has(expert_block(m, e)))
         file.close()
-        active = config.experts_per_token
-        experts = (2 * active * moe_layers if args.cache_experts == "per-layer"
-                   else int(args.cache_experts or 2 * active))
-        cache = experts * expert_bytes
+        caches = {c: cache_experts(c, config, moe_layers) for c in args.caches.split(",")}
         io = disk(shard_dir, config)
-        runs: dict[str, dict[str, Any]] = {}
+        per_cache: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in caches}
         for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits every run alike
             for name in names:
-                policy, prefetch, predictor, prefetch_to = RUNS[name]
-                drop_page_cache(file.path)  # every run starts cold
-                result = run(shard_dir, sequences, None if name == "all_resident" else cache, policy, prefetch,
-                             predictor, prefetch_to)
-                best = runs.get(name, result)["tokens_per_s"]
-                runs[name] = result | {"tokens_per_s": max(best, result["tokens_per_s"])}
-    reference = runs[names[-1]]["argmax"]
-    same = all(r.pop("argmax") == reference for r in runs.values())
+                for choice, experts in caches.items():
+                    if name == "all_resident" and choice != next(iter(caches)):
+                        continue  # no cache limit: once is enough
+                    policy, prefetch, predictor, gated = RUNS[name]
+                    drop_page_cache(file.path)  # every run starts cold
+                    result = run(shard_dir, sequences, None if name == "all_resident" else experts * expert_bytes,
+                                 policy, prefetch, predictor, gated)
+                    runs = per_cache[choice]
+                    best = runs.get(name, result)["tokens_per_s"]
+                    runs[name] = result | {"tokens_per_s": max(best, result["tokens_per_s"])}
+    reference = next(iter(per_cache.values()))[names[-1]]["argmax"]
+    same = all(r.pop("argmax") == reference for runs in per_cache.values() for r in runs.values())
     report: dict[str, Any] = {
         "model": str(args.model) if args.model else "random", "shape": {
             "hidden_size": config.hidden_size, "layers": config.num_layers, "experts": config.num_experts,
-            "top_k": active, "expert_width": config.moe_intermediate_size},
+            "top_k": config.experts_per_token, "expert_width": config.moe_intermediate_size},
         "expert_bits": args.expert_bits or 32, "threads": torch.get_num_threads(), "expert_bytes": expert_bytes,
-        "cache_bytes": cache, "cache_experts": experts, "decode_tokens": sum(len(s) - PROMPT_TOKENS for s in sequences),
+        "decode_tokens": sum(len(s) - PROMPT_TOKENS for s in sequences),
         "page_cache": "posix_fadvise(DONTNEED) after every read", "disk": io, "same_tokens_in_every_run": same,
-        "runs": runs}
-    if "on_demand_distance" in runs:
-        base = runs["on_demand_distance"]["tokens_per_s"]
-        report["speedup_over_on_demand_distance"] = {n: r["tokens_per_s"] / base for n, r in runs.items()}
+        "caches": {}}
+    for choice, runs in per_cache.items():
+        for result in runs.values():
+            result |= io_bound(result, io["best_mb_per_s"])
+        entry: dict[str, Any] = {"cache_experts": caches[choice], "cache_bytes": caches[choice] * expert_bytes,
+                                 "runs": runs}
+        if "on_demand_distance" in runs:
+            base = runs["on_demand_distance"]["tokens_per_s"]
+            entry["speedup_over_on_demand_distance"] = {n: r["tokens_per_s"] / base for n, r in runs.items()}
+        report["caches"][choice] = entry
     emit(report, args.out)
 
 

@@ -36,7 +36,9 @@ SUITE: dict[str, list[str]] = {
     "allreduce": ["--worlds", "2,4", "--sizes-kb", "16,1024", "--seconds", "1"],
     "planner_check": ["--tokens", "32", "--rounds", "4", "--passes", "3"],
     "streaming": ["--tokens", "16"],
-    "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1"],  # random Mixtral (no trained one here)
+    "moe_cache": ["--tokens", "8", "--prompts", "2", "--repeats", "1",  # random Mixtral (no trained one here)
+                  "--runs", "on_demand_distance,prefetch_adaptive_distance,prefetch_adaptive_ungated_distance,"
+                            "on_demand_frequency,all_resident"],
     "expert_predictors": ["--tokens", "100"],  # the same random Mixtral, offline: recall of each predictor
     "quant": ["--agree-tokens", "100", "--tokens", "8"],  # writes and runs the 1.1B shape: ~5 min
     "sync_error": ["--tokens", "100"],

@@ -99,6 +99,14 @@ def _shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="what the float weights are stored in (default: float32); serve the shards in it")
     _quant_arguments(p)
+    p.add_argument("--expert-budget", default="25%",
+                   help="--expert-bits auto: the routed experts' size on disk, as a share of their float32 bytes "
+                        "(25%%: about all int8) or a size (e.g. 300MB); between the int4 and the int8 size, the "
+                        "experts that matter most get int8 (default: 25%%)")
+    p.add_argument("--expert-calibration", default=None, metavar="FILE",
+                   help="--expert-bits auto: a text whose routing weighs each expert by how often it is used "
+                        "(the checkpoint is loaded whole in transformers for it); without one, each expert's "
+                        "quantization error alone decides")
 
 
 def _quant_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,11 +114,21 @@ def _quant_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight matrices in int8 (per output channel) or int4 (per group); norms, routers "
                         "and the embedding stay in --dtype (default: none)")
     p.add_argument("--group-size", type=int, default=64, help="inputs per int4 group: 32, 64, 128 or 256 (default: 64)")
-    p.add_argument("--expert-bits", type=int, default=None,
-                   help="bits of routed MoE experts, 8 or 4 (default: as --quantize)")
+    p.add_argument("--expert-bits", type=_expert_bits, default=None,
+                   help="bits of routed MoE experts, 8 or 4, or (edgellm shard) 'auto': int8 for the experts that "
+                        "matter most, int4 for the rest, within --expert-budget (default: as --quantize)")
     p.add_argument("--lm-head", default="int8", choices=["int8", "float"],
                    help="the LM head of a quantized shard: int8 per output row, or --dtype (default: int8; "
                         "without --quantize it stays in --dtype)")
+
+
+def _expert_bits(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--expert-bits takes 8, 4 or auto, not {text!r}") from None
 
 
 def _quant_spec(args: argparse.Namespace) -> QuantSpec | None:
@@ -118,7 +136,8 @@ def _quant_spec(args: argparse.Namespace) -> QuantSpec | None:
 
     bits = {"none": None, "int8": 8, "int4": 4}[args.quantize]
     lm_head_bits = 8 if args.lm_head == "int8" and bits else None  # as --lm-head says: float without --quantize
-    return QuantSpec(bits, args.group_size, args.expert_bits, lm_head_bits) if bits or args.expert_bits else None
+    expert_bits = None if args.expert_bits == "auto" else args.expert_bits  # auto: a width per expert, at shard time
+    return QuantSpec(bits, args.group_size, expert_bits, lm_head_bits) if bits or expert_bits else None
 
 
 def _warn_moe_options(config: ModelConfig, **options: object) -> None:
@@ -174,6 +193,23 @@ def _split_weights(model: str, text: str | None, world: int) -> list[float]:
     return parse_weights(text, world)
 
 
+def _auto_expert_bits(args: argparse.Namespace) -> dict[tuple[int, int], int]:
+    """``--expert-bits auto``: measure every expert's int4/int8 error, weigh it by its routing
+    frequency on ``--expert-calibration`` if given, and plan the widths within ``--expert-budget``."""
+    from worker.budget import BudgetError
+    from worker.expert_bits import measure_experts, parse_budget, plan_expert_bits, router_frequency
+
+    measured = measure_experts(args.model, args.group_size)
+    float_bytes = sum(m[32][0] for m in measured.values())
+    try:
+        budget = parse_budget(args.expert_budget, float_bytes)
+        frequency = (router_frequency(args.model, Path(args.expert_calibration).read_text())
+                     if args.expert_calibration else None)
+        return plan_expert_bits(measured, budget, frequency)
+    except (ValueError, BudgetError, OSError) as exc:
+        raise SystemExit(f"edgellm shard: {exc}") from None
+
+
 def run_shard(args: argparse.Namespace) -> int:
     from worker.config import ModelConfig
     from worker.service import DTYPES
@@ -187,7 +223,9 @@ def run_shard(args: argparse.Namespace) -> int:
         log.warning("%s has no tokenizer.json: `edgellm serve` of the shards will need one copied in", args.model)
     weights = parse_weights(args.weights, args.ranks)
     shards = plan_shards(config, weights)
-    out = write_shards(args.model, shards, args.out, DTYPES[args.dtype], quant=quant, weights=weights)
+    expert_bits = _auto_expert_bits(args) if args.expert_bits == "auto" and config.is_moe else None
+    out = write_shards(args.model, shards, args.out, DTYPES[args.dtype], quant=quant, weights=weights,
+                       expert_bits=expert_bits)
     for s in shards:
         log.info("rank %d: kv heads [%d, %d), mlp columns [%d, %d)", s.rank, *s.kv_heads, *s.mlp_columns)
     others = args.ranks - 1
@@ -252,6 +290,9 @@ def run_serve(args: argparse.Namespace) -> int:
     weights = _split_weights(args.model, args.weights, world)
     _check_shard_dir_split(args.model, plan_shards(config, weights), weights, len(remote), args.local_workers)
     # (planned now: a bad split fails here, not after spawning anything)
+    if args.expert_bits == "auto":
+        raise SystemExit("edgellm serve: --expert-bits auto is chosen at `edgellm shard` time; shard the checkpoint "
+                         "with it and serve that directory")
     if quant := _quant_spec(args):
         args.model = str(_quantized_model(args, weights, quant))
     tokenizer = TextTokenizer(args.model)

@@ -1,23 +1,24 @@
 """The expert predictors' choices, and the expert cache's handling of speculative prefetches:
-read-ahead hints to the kernel that take no buffer and are dropped when wrong; buffered
-prefetches cancelled when the layer turns out not to need them and read at once by the compute
-thread when needed but still queued; demand reads that leave the cache's lock free."""
+cancelled when the layer turns out not to need them, finished by the compute thread (never read
+twice) when needed but not landed, read only while no demand read waits, never at the cost of an
+expert the step is about to use, and not at all where the prefetch gate expects no gain."""
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from worker import expert_reads
 from worker.config import ModelConfig
-from worker.expert_cache import ExpertCache
+from worker.expert_cache import Entry, ExpertCache, choose_victim
+from worker.expert_reads import PAGE, PREFETCH_PIECE, ReadQueue, pieces
 from worker.models.moe import Predictor
+from worker.prefetch_gate import PrefetchGate
 from worker.shard_file import ShardFile
 from worker.shard_writer import write_shards
 from worker.sharding import plan_shards
@@ -117,38 +118,21 @@ def test_union_predictor_names_both_guesses() -> None:
     assert predictor.predict(1, HIDDEN) == {0, 2, 3}
 
 
-class HeldIo:
-    """An I/O thread that runs nothing until told: prefetches stay queued (cancellable)."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Future, Callable[[], Any]]] = []
-
-    def submit(self, priority: int, job: Callable[[], Any]) -> Future:
-        future: Future = Future()
-        self.jobs.append((future, job))
-        return future
-
-    def run_all(self) -> None:
-        for future, job in self.jobs:
-            if future.set_running_or_notify_cancel():
-                future.set_result(job())
-        self.jobs = []
-
-
 @pytest.fixture
 def shard_file(checkpoints, tmp_path: Path):
     model_dir = checkpoints("mixtral")  # 2 layers, 4 experts
     config = ModelConfig.from_dir(model_dir)
     shards = plan_shards(config, [1.0])
     shard_dir = write_shards(model_dir, shards, tmp_path / "shards", progress=False)
-    file = ShardFile(rank_shard_path(shard_dir, shards[0]))
+    file = ShardFile(rank_shard_path(shard_dir, shards[0]), random_access=True)
     yield file
     file.close()
 
 
-def _cache(file: ShardFile, io: Any, prefetch_to: str = "buffers", slots: int = 4) -> ExpertCache:
+def _cache(file: ShardFile, slots: int = 4, readers: int = 0, policy: str = "distance") -> ExpertCache:
+    """No reader threads by default: only the compute thread reads, prefetches stay queued."""
     slot_bytes = max(file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
-    return ExpertCache(file, 2, 4, slots, slot_bytes, io, prefetch_to=prefetch_to)
+    return ExpertCache(file, 2, 4, slots, slot_bytes, policy=policy, readers=readers)
 
 
 def _same(got: Any, block: str, file: ShardFile) -> bool:
@@ -156,33 +140,129 @@ def _same(got: Any, block: str, file: ShardFile) -> bool:
     return torch.equal(got.w_gate_up, want["w_gate_up"]) and torch.equal(got.w_down, want["w_down"])
 
 
-def test_unneeded_queued_prefetches_are_cancelled_and_their_buffers_reused(shard_file: ShardFile) -> None:
-    io = HeldIo()
-    cache = _cache(shard_file, io)
+def _open_gate(cache: ExpertCache) -> None:
+    cache.gated = False  # these tests are about what a prefetch does, not whether the gate lets it
+
+
+def test_unneeded_prefetches_are_cancelled_and_their_buffers_reused(shard_file: ShardFile) -> None:
+    cache = _cache(shard_file)
+    _open_gate(cache)
     cache.prefetch(1, [0, 1, 2])
     assert cache.prefetches == 3 and len(cache._free) == 1
     cache.begin_layer(1, [1])  # the router asks for expert 1 only
     assert cache.cancelled == 2 and len(cache._free) == 3
-    with cache.get(1, 1) as weights:  # still queued: read by the caller, not waited for
+    with cache.get(1, 1) as weights:  # still queued: read by the caller now
+        assert shard_file.bytes_read == shard_file.block_bytes(expert_block(1, 1))  # the guesses read nothing
         assert _same(weights, expert_block(1, 1), shard_file)
     cache.end_layer()
-    io.run_all()  # the cancelled jobs and the taken-over one do nothing
     assert cache.late == 1 and cache.misses == 0
     assert set(cache._entries) == {(1, 1)}
-    assert cache.stats()["expert_cancelled_prefetches"] == 2
+    cache.close()
 
 
-def test_started_prefetches_are_not_cancelled(shard_file: ShardFile) -> None:
-    io = HeldIo()
-    cache = _cache(shard_file, io)
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefetch pieces of 16 KiB: the tiny model's experts (72 KiB) are read in several."""
+    monkeypatch.setattr(expert_reads, "PREFETCH_PIECE", 16 << 10)
+
+
+def test_a_needed_prefetch_half_read_is_finished_not_read_again(shard_file: ShardFile, small_pieces: None) -> None:
+    cache = _cache(shard_file)
+    _open_gate(cache)
+    cache.prefetch(0, [3])
+    read = cache._entries[(0, 3)].read
+    assert read is not None and cache.reads is not None
+    nbytes = read.nbytes
+    with cache._cond:  # a reader thread reads its first piece, as it would while the disk idles
+        piece = cache.reads._take(read)
+    assert piece is not None
+    cache.reads._read_piece(read, piece)
+    assert shard_file.bytes_read == piece[1] - piece[0] < nbytes
+    cache.begin_layer(0, [3])
+    with cache.get(0, 3) as weights:
+        assert _same(weights, expert_block(0, 3), shard_file)
+    cache.end_layer()
+    assert shard_file.bytes_read == nbytes + nbytes  # its own bytes once, and _same's check read
+    assert cache.late == 1 and cache.stats()["expert_fetched_bytes"] == nbytes
+    cache.close()
+
+
+def test_a_landed_prefetch_is_a_hit_and_is_not_cancelled(shard_file: ShardFile) -> None:
+    cache = _cache(shard_file, readers=1)
+    _open_gate(cache)
     cache.prefetch(0, [0, 3])
-    io.run_all()
+    with cache._cond:
+        assert cache._cond.wait_for(lambda: all(e.fields is not None for e in cache._entries.values()), 30)
     cache.begin_layer(0, [0])
     assert cache.cancelled == 0
     with cache.get(0, 0) as weights:
         assert _same(weights, expert_block(0, 0), shard_file)
     cache.end_layer()
     assert cache.hits == 1 and (0, 3) in cache._entries
+    cache.close()
+
+
+def test_a_layers_misses_start_reading_when_it_routes(shard_file: ShardFile) -> None:
+    cache = _cache(shard_file, readers=2)
+    cache.begin_layer(0, [0, 1, 2])  # all three are read by the reader threads, before any get
+    with cache._cond:
+        assert cache._cond.wait_for(lambda: all(e.fields is not None for e in cache._entries.values()), 30)
+    assert set(cache._entries) == {(0, 0), (0, 1), (0, 2)}
+    for expert in (0, 1, 2):
+        with cache.get(0, expert) as weights:
+            assert _same(weights, expert_block(0, expert), shard_file)
+    cache.end_layer()
+    assert (cache.misses, cache.hits, cache.late) == (3, 0, 0)  # read on demand, early: still misses
+    cache.close()
+
+
+def test_prefetch_pieces_wait_while_a_demand_read_is_queued_or_in_flight(shard_file: ShardFile,
+                                                                         small_pieces: None) -> None:
+    cond = threading.Condition()
+    queue = ReadQueue(shard_file, cond, depth=2, threads=0)
+    size = shard_file.block_bytes(expert_block(0, 0))
+    with cond:
+        guess = queue.submit(expert_block(1, 0), torch.empty(size, dtype=torch.uint8), demand=False)
+        assert queue._next() is guess  # the disk is idle: the guess may read
+        demand = queue.submit(expert_block(0, 0), torch.empty(size, dtype=torch.uint8), demand=True)
+        assert len(demand.todo) == 2 and len(guess.todo) == -(-size // expert_reads.PREFETCH_PIECE) > 2
+        assert queue._next() is demand
+        queue._take(demand)
+        queue._take(demand)  # both pieces in flight, none queued
+        assert queue._next() is None  # the guess still waits
+    queue.close()
+
+
+def test_a_cancelled_read_returns_its_buffer_only_when_its_piece_in_flight_is_done(shard_file: ShardFile,
+                                                                                  small_pieces: None) -> None:
+    cache = _cache(shard_file)
+    _open_gate(cache)
+    cache.prefetch(1, [2])
+    read = cache._entries[(1, 2)].read
+    assert read is not None and cache.reads is not None
+    with cache._cond:
+        piece = cache.reads._take(read)  # a reader is writing into the buffer
+    free = len(cache._free)
+    cache.begin_layer(1, [0])  # a wrong guess: cancelled; the needed expert takes a free buffer
+    assert cache.cancelled == 1 and len(cache._free) == free - 1  # the guess's not yet: its piece is in flight
+    assert piece is not None
+    cache.reads._read_piece(read, piece)
+    assert len(cache._free) == free and not read.todo
+    assert shard_file.bytes_read == piece[1] - piece[0]  # the rest of the wrong guess was never read
+    with cache.get(1, 0):
+        pass
+    cache.end_layer()
+    cache.close()
+
+
+def test_pieces_cover_the_block_on_page_boundaries() -> None:
+    for nbytes, kw in ((10 * PAGE + 5, {"count": 2}), (3 * PREFETCH_PIECE + 1, {"size": PREFETCH_PIECE}),
+                       (100, {"count": 4})):
+        parts = list(pieces(nbytes, **kw))
+        assert parts[0][0] == 0 and parts[-1][1] == nbytes
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+        assert all(start % PAGE == 0 for start, _ in parts)
+    assert pieces(10 * PAGE, count=2) == deque([(0, 5 * PAGE), (5 * PAGE, 10 * PAGE)])
 
 
 class BlockingFile(ShardFile):
@@ -192,20 +272,19 @@ class BlockingFile(ShardFile):
         super().__init__(path)
         self.reading, self.release = threading.Event(), threading.Event()
 
-    def read_into(self, block: str, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    def read_part(self, block: str, buffer: torch.Tensor, start: int, stop: int) -> None:
         self.reading.set()
         assert self.release.wait(30), "test hang guard"
-        return super().read_into(block, buffer)
+        super().read_part(block, buffer, start, stop)
 
 
 def test_a_demand_read_does_not_hold_the_cache_lock(shard_file: ShardFile) -> None:
     file = BlockingFile(shard_file.path)
-    io = HeldIo()
-    cache = _cache(file, io)
+    cache = _cache(file)
+    _open_gate(cache)
     got: list[bool] = []
 
     def demand() -> None:
-        cache.begin_layer(0, [2])
         with cache.get(0, 2) as weights:
             got.append(_same(weights, expert_block(0, 2), shard_file))
 
@@ -213,7 +292,7 @@ def test_a_demand_read_does_not_hold_the_cache_lock(shard_file: ShardFile) -> No
     reader.start()
     try:
         assert file.reading.wait(30)
-        # The demand read is in flight; the I/O side can still take the lock and queue a prefetch.
+        # The demand read is in flight; another thread can still take the lock and queue a prefetch.
         acquired = cache._cond.acquire(timeout=30)
         assert acquired, "the cache lock is held during a demand read"
         cache._cond.release()
@@ -222,89 +301,116 @@ def test_a_demand_read_does_not_hold_the_cache_lock(shard_file: ShardFile) -> No
     finally:
         file.release.set()
         reader.join(30)
-        file.close()
+        cache.close()
     assert got == [True] and cache.misses == 1
 
 
-def test_page_cache_prefetch_takes_no_buffer_and_forgets_wrong_guesses(shard_file: ShardFile) -> None:
-    io = HeldIo()
-    cache = _cache(shard_file, io, prefetch_to="page_cache")
-    cache.prefetch(1, [0, 1])  # two hints for the I/O thread, no buffer
-    assert len(io.jobs) == 2 and len(cache._free) == 4 and set(cache._hinted) == {(1, 0), (1, 1)}
-    assert cache.stats()["expert_prefetch_bytes"] == 2 * shard_file.block_bytes(expert_block(1, 0))
-    cache.prefetch(1, [1])  # asked already: not again
-    assert cache.prefetches == 2 and len(io.jobs) == 2
-    cache.begin_layer(1, [1, 3])
-    assert set(cache._hinted) == {(1, 1)} and cache.cancelled == 1  # expert 0's read-ahead is dropped
-    assert io.jobs[0][0].cancelled()  # before the I/O thread got to it
-    for expert in (1, 3):
-        with cache.get(1, expert) as weights:
-            assert _same(weights, expert_block(1, expert), shard_file)
+def test_a_guess_never_evicts_an_expert_needed_sooner(shard_file: ShardFile) -> None:
+    """Three buffers: layer 1's expert 0 (needed next) and layer 0's experts 0 and 1 (the layer
+    computing now). A guess for layer 1 finds no buffer it may take, and is not read."""
+    cache = _cache(shard_file, slots=3)
+    _open_gate(cache)
+    cache.begin_layer(1, [0])
+    with cache.get(1, 0):
+        pass
     cache.end_layer()
-    assert (cache.late, cache.misses, cache.hits) == (1, 1, 0)  # 1 was read ahead, 3 was not
-    assert cache._hinted == {}
-
-
-class AdviceLog(ShardFile):
-    """Records every ``posix_fadvise`` hint, and still gives it."""
-
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self.advice: list[tuple[str, int]] = []
-
-    def advise(self, block: str, advice: int) -> None:
-        self.advice.append((block, advice))
-        super().advise(block, advice)
-
-
-def test_a_layers_misses_are_read_ahead_together(shard_file: ShardFile) -> None:
-    file = AdviceLog(shard_file.path)
-    io = HeldIo()
-    cache = _cache(file, io)
-    try:
-        cache.begin_layer(0, [1])  # one miss: nothing to overlap it with, no hint
-        with cache.get(0, 1):
+    cache.begin_layer(0, [0, 1])
+    for expert in (0, 1):
+        with cache.get(0, expert):
             pass
-        cache.end_layer()
-        assert file.advice == []
-        cache.begin_layer(0, [0, 1, 2])  # (0, 1) is cached, (0, 0) is read first: (0, 2) is read ahead
-        assert file.advice == [] and len(io.jobs) == 1  # by the I/O thread, not by the caller
-        io.run_all()
-        assert file.advice == [(expert_block(0, 2), os.POSIX_FADV_WILLNEED)]
-        for expert in (0, 1, 2):
-            with cache.get(0, expert) as weights:
-                assert _same(weights, expert_block(0, expert), shard_file)
-        cache.end_layer()
-        assert (cache.misses, cache.hits, cache.late) == (3, 1, 0)  # read ahead on demand: still misses
-        file.advice.clear()
-        cache.begin_layer(1, [0, 1])  # the I/O thread falls behind: (1, 1) is read before its hint runs
-        for expert in (0, 1):
-            with cache.get(1, expert):
-                pass
-        cache.end_layer()
-        io.run_all()
-        assert file.advice == []  # the late hint was cancelled, not given after the read
-    finally:
-        file.close()
+    cache.prefetch(1, [3])  # layer 0 is current (ahead 0), layer 1's expert is as near as the guess
+    assert cache.prefetches == 0 and set(cache._entries) == {(1, 0), (0, 0), (0, 1)}
+    cache.end_layer()
+    cache.close()
 
 
-def test_unknown_prefetch_target_is_refused(shard_file: ShardFile) -> None:
-    with pytest.raises(ValueError, match="unknown prefetch target"):
-        _cache(shard_file, HeldIo(), prefetch_to="gpu")
+def test_a_guess_evicts_only_an_expert_used_less_often_than_the_guess_is_right(shard_file: ShardFile) -> None:
+    """Three layers (the file's two, and a third whose one cached expert is placed by hand): at
+    layer 0, a guess for layer 1 may take the buffer of layer 2's expert (needed later), but only
+    while that expert (by its routing rate, and by how often layer 2's cached experts are used) is
+    less likely to be used than layer 1's guesses are right."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
+    _open_gate(cache)
+    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
+    cache.rate[(2, 1)] = 0.1
+    cache.gate.precision[1] = 0.05
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache.gate.precision[1] = 0.9
+    cache.reuse[2] = 0.6  # layer 2's cached experts are often used when it comes
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache.reuse[2] = 0.1
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 1 and set(cache._entries) == {(1, 3)}
+    cache.close()
+
+
+def test_frequency_policy_evicts_the_least_used_then_the_farthest_ahead() -> None:
+    entries = [Entry((0, 1), 0, {}), Entry((1, 2), 1, {}), Entry((2, 3), 2, {})]
+    victim = choose_victim(entries, 0, 3, "frequency", {(0, 1): 0.05, (1, 2): 0.1, (2, 3): 0.2})
+    assert victim is not None and victim.key == (0, 1)  # the least used, though it is this layer's
+    victim = choose_victim(entries, 0, 3, "frequency", {(0, 1): 0.5, (1, 2): 0.1, (2, 3): 0.1})
+    assert victim is not None and victim.key == (2, 3)  # a tie: layer 2 is used after layer 1
+
+
+@pytest.mark.parametrize(("precision", "available", "expected"), [
+    (None, 0.010, [5, 6]),  # no record: the prior lets it try, two reads fit in the lead
+    (0.9, 0.030, [5, 6, 7]),  # room for all three
+    (0.9, 0.004, [5]),  # less than one read's time: the likeliest only
+    (0.9, 0.0, []),  # demand reads fill the lead: the I/O queue is the bottleneck
+    (0.9, -0.5, []),
+    (0.1, 0.002, []),  # 0.1 * 2 ms < 0.9 * 1 ms: a wrong guess costs more than a right one saves
+    (0.3, 0.010, [5, 6]),  # 0.3 * 5 ms > 0.7 * 1 ms
+])
+def test_prefetch_gate(precision: float | None, available: float, expected: list[int]) -> None:
+    gate = PrefetchGate()
+    if precision is not None:
+        gate.precision[3] = precision
+    assert gate.plan(3, [5, 6, 7], available, expert_s=0.005, piece_s=0.001) == expected
+    assert gate.skipped == 3 - len(expected)
+
+
+def test_prefetch_gate_measures_precision_and_lead() -> None:
+    gate = PrefetchGate()
+    gate.observe_prediction(1, guessed=2, right=2)
+    gate.observe_prediction(1, guessed=2, right=0)
+    assert gate.precision[1] == pytest.approx(0.8)  # an exponential average: the past weighs 0.8
+    assert gate.available(1, elapsed=0.0, backlog_s=0.0, expert_s=0.004) == 0.004  # no lead measured yet
+    gate.observe_lead(1, 0.010)
+    assert gate.available(1, elapsed=0.002, backlog_s=0.003, expert_s=0.004) == pytest.approx(0.005)
+
+
+def test_the_gate_keeps_a_layer_with_wrong_guesses_from_reading_ahead(shard_file: ShardFile) -> None:
+    cache = _cache(shard_file)
+    assert cache.reads is not None
+    cache.reads.seconds_per_byte = 1e-9  # as measured by demand reads
+    for _ in range(10):
+        cache.record_prediction(1, {0, 1}, {2, 3})
+    cache.prefetch(1, [0, 1])
+    assert cache.prefetches == 0 and cache.gate.skipped == 2
+    for _ in range(10):
+        cache.record_prediction(1, {0, 1}, {0, 1})
+    cache.prefetch(1, [0, 1])  # right again: read ahead again
+    assert cache.prefetches >= 1
+    cache.close()
 
 
 def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misses(shard_file: ShardFile) -> None:
     """Two MoE layers: the next layer is also the one just used, so the distance policy evicts
     its experts first. One predicted for it, cached already, used to be evicted by the current
     layer's misses right after the prediction (hit rate 0.15-0.48 against recall 0.80)."""
-    cache = _cache(shard_file, HeldIo(), prefetch_to="page_cache", slots=3)
+    cache = _cache(shard_file, slots=3)
     for expert in (2, 0, 1):  # layer 1's experts fill the cache; expert 2 is the least recent
         cache.begin_layer(1, [expert])
         with cache.get(1, expert):
             pass
         cache.end_layer()
+    cache.gate.precision[1] = 0.9  # a layer whose guesses are usually right
+    cache.keep(1, [2])  # the predictor expects layer 1 to use expert 2 again: cached, nothing to read
     cache.begin_layer(0, [0, 1])
-    cache.prefetch(1, [2])  # the predictor expects layer 1 to use expert 2 again: cached, nothing to read
+    cache.prefetch(1, [2])
     for expert in (0, 1):  # two misses: two of layer 1's experts must go
         with cache.get(0, expert):
             pass
@@ -315,3 +421,35 @@ def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misse
         pass
     cache.end_layer()
     assert cache.hits == 1 and cache.misses == 5
+    cache.close()
+
+
+def test_prefetch_gate_stops_a_layer_whose_guesses_land_late_but_probes_it() -> None:
+    gate = PrefetchGate()
+    for _ in range(5):
+        gate.observe_landing(2, started=2, landed=0)
+    plans = [gate.plan(2, [1, 2], available=0.01, expert_s=0.005, piece_s=0.001) for _ in range(16)]
+    assert sum(map(bool, plans)) == 2 and plans[7] == [1, 2]  # one probe in PROBE_EVERY (8) calls
+    for _ in range(10):
+        gate.observe_landing(2, started=2, landed=2)
+    assert gate.plan(2, [1, 2], available=0.01, expert_s=0.005, piece_s=0.001) == [1, 2]
+
+
+def test_an_unsure_guess_does_not_keep_a_cached_expert(shard_file: ShardFile) -> None:
+    """Where the layer's guesses are right only half of the time, the policy's own victim choice
+    stands: the predicted expert is the least recent and goes first."""
+    cache = _cache(shard_file, slots=3)
+    for expert in (2, 0, 1):
+        cache.begin_layer(1, [expert])
+        with cache.get(1, expert):
+            pass
+        cache.end_layer()
+    cache.gate.precision[1] = 0.5
+    cache.keep(1, [2])
+    cache.begin_layer(0, [0, 1])
+    for expert in (0, 1):
+        with cache.get(0, expert):
+            pass
+    cache.end_layer()
+    assert (1, 2) not in cache._entries
+    cache.close()

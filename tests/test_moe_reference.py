@@ -65,16 +65,15 @@ def test_moe_logits_match_with_a_small_expert_cache(checkpoints, tmp_path: Path,
     assert diff <= TOL, f"{arch} with {ranks} ranks and a 3-expert cache: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize(("predictor", "prefetch_to"), [("router", "page_cache"), ("input", "page_cache"),
-                                                        ("adaptive", "page_cache"),
-                                                        ("union", "page_cache"), ("temporal", "buffers"),
-                                                        ("adaptive", "buffers"), ("union", "buffers")])
+@pytest.mark.parametrize(("predictor", "gated"), [("router", True), ("input", True), ("adaptive", True),
+                                                  ("union", True), ("temporal", False), ("adaptive", False),
+                                                  ("union", False)])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_moe_logits_match_with_every_predictor(checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               arch: str, predictor: str, prefetch_to: str) -> None:
-    """The expert predictor and where prefetches go change what is read ahead (and cancelled),
+                                               arch: str, predictor: str, gated: bool) -> None:
+    """The expert predictor and the prefetch gate change what is read ahead (and cancelled),
     never the math."""
-    monkeypatch.setattr(expert_cache, "DEFAULT_PREFETCH_TO", prefetch_to)  # the loader takes the default
+    monkeypatch.setattr(expert_cache, "GATED", gated)  # the cache reads it when built
     model_dir = checkpoints(arch)
     config = ModelConfig.from_dir(model_dir)
     weights = RANK_WEIGHTS[2]
@@ -84,4 +83,4 @@ def test_moe_logits_match_with_every_predictor(checkpoints, tmp_path: Path, monk
     ours = _ours(shard_dir, weights, decode, expert_cache_bytes=3 * 3 * d * (width[1] - width[0]) * 4,
                  expert_predictor=predictor)
     diff = (ours - expected).abs().max().item()
-    assert diff <= TOL, f"{arch}, {predictor} predictor, prefetch to {prefetch_to}: max abs logit diff {diff}"
+    assert diff <= TOL, f"{arch}, {predictor} predictor, gated {gated}: max abs logit diff {diff}"

@@ -1,21 +1,19 @@
 """A rank's cache of routed experts (EdgeMoE), with its own byte budget.
 
-Every expert of a rank has the same size, so the cache is a pool of equal preallocated
-buffers. An expert is loaded on a miss (in the compute thread: it is needed now) or
-prefetched on the I/O thread when the predictor expects the next layer to use it. Buffers
-in use (pinned) and the experts the current layer still needs are never evicted.
+Every expert buffer has the size of the rank's largest expert, so the cache is a pool of equal
+preallocated buffers. Experts move into them through ``worker.expert_reads``: a layer's missed
+experts are read as soon as the router names them (``begin_layer``), several pieces in flight,
+while the compute thread computes the experts it has; the predictor's guesses for the next layer
+are read ahead only while the disk would otherwise idle, in pieces that stop when the guess is
+known wrong. Buffers in use (pinned) and the experts the current layer still needs are never
+evicted.
 
-By default a prefetch is a read-ahead hint to the kernel (``PREFETCH_TO``), given by the I/O
-thread: it costs no buffer, so a wrong guess evicts nothing and costs only disk time, and the
-page cache of a layer's wrong guesses is dropped when the layer starts (the hinted bytes stay
-about one layer's prediction). A miss on a hinted expert counts as a late prefetch, not a miss.
-
-With ``buffers``, a prefetch is read into the cache and gives way: when a layer starts, its prefetches that the
-router did not ask for and that the I/O thread has not started are cancelled (their buffers
-return to the pool), and a needed expert whose prefetch is still queued is read at once by the
-compute thread instead of waiting behind other reads. Demand reads run outside the cache's
-lock, so an I/O-thread read and a demand read can be in flight together (the disk serves two
-reads faster than one after the other; bench/moe_cache.py measures it).
+Whether a layer's guesses are read ahead at all is decided per layer by ``PrefetchGate`` from
+what the cache measures: the predictor's recent precision at that layer, the demand reads already
+queued (the I/O queue as the bottleneck), and whether a read can land before the layer starts.
+When the layer starts, its prefetches the router did not ask for are cancelled (their buffers
+return to the pool once their piece in flight is done), and those it asked for become demand
+reads where they stand: nothing is read twice.
 
 Eviction policies (``choose_victim`` is pure and table-tested):
 
@@ -23,106 +21,133 @@ Eviction policies (``choose_victim`` is pure and table-tested):
 - ``distance`` (EdgeMoE's idea): layers are visited cyclically, so an expert of the layer
   just computed is needed again only after every other layer; evict the expert whose layer
   is farthest ahead in that cycle, then the least often used, then the least recent.
+- ``frequency``: the expert least likely to be used at its layer's next step (an exponential
+  average of how often the router picked it there, ``FREQUENCY_DECAY``), then the farthest ahead:
+  on a trained model a few experts of each layer take most tokens, and those are worth keeping
+  across the whole cycle of layers.
 
-Under either policy an expert the predictor asked for (cached already, or prefetched into a
-buffer) goes only when nothing else can: a prediction that is right must not be undone by the
-current layer's misses before its layer comes.
+A prefetch takes a free buffer, or evicts an expert needed later in the cycle than the guess
+(never one of the current layer, never one predicted for a coming layer, never
+one more likely to be used than the guess is right, and never one used more than
+``GUESS_VICTIM_USE`` of the time: a right guess is read either way, only earlier, so an eviction
+for a guess only ever adds bytes; on a random MoE with a cache of a quarter of all experts,
+guesses that evicted by distance alone raised the bytes a step had to read by 7-18%): a wrong guess must not
+cost the step an expert it was about to use.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from worker.io_thread import NEEDED, PREFETCH, IoThread
+from worker import expert_reads
+from worker.expert_reads import Read, ReadQueue
+from worker.prefetch_gate import PRIOR_PRECISION, PrefetchGate
 from worker.shard_file import ShardFile
 from worker.weights import ExpertWeights, Fields, expert_block, from_fields
 
-POLICIES = ("distance", "lru")
-# Where a prefetch puts a predicted expert: "page_cache" asks the kernel to read it ahead
-# (posix_fadvise WILLNEED, from the rank's I/O thread: the call itself costs ~0.3 ms per MB here
-# before the kernel reads on asynchronously, time the compute thread should not pay; several
-# reads in flight; a miss then copies from memory), "buffers" reads it into a cache buffer on
-# the I/O thread. bench/moe_cache.py measures both; the first is the default.
-PREFETCH_TO = ("page_cache", "buffers")
-DEFAULT_PREFETCH_TO = "page_cache"
+POLICIES = ("distance", "lru", "frequency")
+GATED = True  # PrefetchGate decides per layer; False reads every guess (a switch for bench/moe_cache.py)
+DEFAULT_READ_DEPTH = 2  # reads in flight for a layer's demand misses (bench/moe_cache.py's disk figures)
+# A guess never lowers the bytes a step must read (a right one is read either way, only earlier),
+# so the expert it evicts is pure loss if used again: only one rarely used (below this) may go.
+GUESS_VICTIM_USE = 0.15
+# A cached expert predicted for a coming layer outlives the current layer's misses only where the
+# predictor is this sure there; elsewhere the policy's own choice stands. (Meant to remove the
+# 7-17% more bytes per token that prefetch runs need on the random MoE with a 25% cache; the run
+# after it still showed them: their cause is not found.)
+KEEP_PRECISION = 0.7
+FREQUENCY_DECAY = 0.9  # ``frequency`` policy: weight of the past in an expert's use rate at its layer
 Key = tuple[int, int]  # (layer, expert)
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     key: Key
     buffer: int
     fields: Fields | None  # None while its read is queued or in flight
     last_use: int = 0
     uses: int = 0
-    job: Future | None = None  # a prefetch's I/O job, cancellable until the I/O thread starts it
+    read: Read | None = None  # its read, until done
+    fetched: bool = True  # read from the file and not used since: its first use counts in ``fetched_bytes``
+    guess: bool = False  # read ahead on a prediction, not yet asked for
+    missed: bool = False  # read on demand from ``begin_layer``: a miss when asked for, landed or not
 
 
-def choose_victim(candidates: Iterable[Entry], layer: int, num_layers: int, policy: str) -> Entry | None:
-    """The entry to evict when the model is at ``layer``; None when there is no candidate."""
+def choose_victim(candidates: Iterable[Entry], layer: int, num_layers: int, policy: str,
+                  rate: dict[Key, float] | None = None) -> Entry | None:
+    """The entry to evict when the model is at ``layer``; None when there is no candidate.
+    ``rate``: each expert's use rate at its layer (``frequency``; 0 when absent)."""
     if policy == "lru":
         return min(candidates, key=lambda e: e.last_use, default=None)
 
-    def keep(e: Entry) -> tuple[int, int, int]:  # smallest is evicted first
-        ahead = (e.key[0] - layer) % num_layers  # 0: this layer, num_layers-1: just used
-        return -ahead, e.uses, e.last_use
+    def ahead(e: Entry) -> int:  # 0: this layer, num_layers-1: just used
+        return (e.key[0] - layer) % num_layers
 
-    return min(candidates, key=keep, default=None)
+    if policy == "frequency":
+        rates = rate or {}
+        return min(candidates, key=lambda e: (rates.get(e.key, 0.0), -ahead(e), e.last_use), default=None)
+    return min(candidates, key=lambda e: (-ahead(e), e.uses, e.last_use), default=None)
 
 
 class ExpertCache:
     """``slots`` buffers of ``slot_bytes``; experts of ``file`` (a rank's shard) move through them."""
 
     def __init__(self, file: ShardFile | None, num_layers: int, num_experts: int, slots: int, slot_bytes: int,
-                 io: IoThread | None, policy: str = "distance", preloaded: dict[Key, Fields] | None = None,
-                 prefetch_to: str | None = None):
+                 policy: str = "distance", preloaded: dict[Key, Fields] | None = None,
+                 read_depth: int = DEFAULT_READ_DEPTH, readers: int | None = None):
         """``preloaded``: every expert already in memory (sliced from a checkpoint); no file, no I/O.
-        ``prefetch_to``: one of ``PREFETCH_TO`` (None: ``DEFAULT_PREFETCH_TO``)."""
+        ``read_depth``: reads in flight for demand misses; ``readers``: reader threads (default
+        ``read_depth``; 0 in tests: only the compute thread reads, prefetches wait)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}; choose from {POLICIES}")
-        self.prefetch_to = prefetch_to or DEFAULT_PREFETCH_TO
-        if self.prefetch_to not in PREFETCH_TO:
-            raise ValueError(f"unknown prefetch target {self.prefetch_to!r}; choose from {PREFETCH_TO}")
-        self._hinted: dict[Key, Future] = {}  # read-ahead asked of the kernel (an I/O job), not read by us yet
-        self._read_ahead: dict[Key, Future] = {}  # the same for a layer's later misses (begin_layer)
-        self.prefetch_bytes = 0
         self.file = file
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.policy = policy
-        self.io = io
         self.slot_bytes = slot_bytes
         self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(0 if preloaded else slots)]
-        self._free = list(range(slots))
+        self._free = list(range(len(self.buffers)))
         self._entries: dict[Key, Entry] = {}
         self._pinned: set[Key] = set()
         self._protected: set[Key] = set()  # still needed by the layer computing now
         # cached experts predicted for a coming layer: the current layer's misses evict them last
         # (with two MoE layers the next layer is also the one just used, first to go by distance)
         self._wanted: set[Key] = set()
+        self.rate: dict[Key, float] = {}  # (layer, expert) -> EMA of "the router picked it" per layer step
+        self.reuse: dict[int, float] = {}  # layer -> EMA of the share of its cached experts used at its step
+        self.gate = PrefetchGate()
+        self.gated = GATED
+        self._lead_start: dict[int, float] = {}  # layer -> when its first prediction of this step came
         self._layer = 0
         self._clock = 0
         self._cond = threading.Condition()
         self.hits = self.misses = self.late = 0
         self.stall_seconds = 0.0
+        # bytes of the experts a step used that were not in the cache from an earlier use: what had to
+        # come from disk whatever the prefetching (wrong guesses are not in it); the I/O bound's numerator
+        self.fetched_bytes = 0
         self.predicted = self.predicted_used = self.used = 0  # for recall: |P ∩ A| / |A|
         self.prefetches = self.cancelled = 0
+        self.prefetch_bytes = 0
+        self.reads: ReadQueue | None = None
         if preloaded is not None:
-            self._entries = {key: Entry(key, -1, fields) for key, fields in preloaded.items()}
-        elif slots >= num_layers * num_experts:  # everything fits: load it all now
-            assert file is not None
+            self._entries = {key: Entry(key, -1, fields, fetched=False) for key, fields in preloaded.items()}
+            return
+        assert file is not None
+        self.reads = ReadQueue(file, self._cond, read_depth, readers)
+        if slots >= num_layers * num_experts:  # everything fits: load it all now
             for layer in range(num_layers):
                 for expert in range(num_experts):
                     if file.has(expert_block(layer, expert)):
-                        self._insert((layer, expert), self._free.pop(), sync=True)
+                        buffer = self._free.pop()
+                        fields = file.read_into(expert_block(layer, expert), self.buffers[buffer])
+                        self._entries[(layer, expert)] = Entry((layer, expert), buffer, fields, fetched=False)
 
     @property
     def nbytes(self) -> int:
@@ -131,154 +156,205 @@ class ExpertCache:
                        for e in self._entries.values() if e.fields is not None)
         return len(self.buffers) * self.slot_bytes
 
+    def _block_bytes(self, key: Key) -> int:
+        return self.file.block_bytes(expert_block(*key)) if self.file is not None else 0
+
     def begin_layer(self, layer: int, needed: Iterable[int]) -> None:
         """The model enters ``layer``'s experts; ``needed`` are those it will ask for. Its
-        prefetches of other experts that have not started are cancelled. When two or more of
-        ``needed`` are neither cached nor prefetched, the I/O thread asks the kernel to read the
-        second and later ones ahead (``WILLNEED``) while the compute thread reads the first, so
-        the demand reads overlap on disk instead of queuing one by one (at queue depth 2-4 this
-        VM's disk reads 1.2-1.4x faster than at 1)."""
+        prefetches of other experts are cancelled, those of needed ones become demand reads, and
+        the other needed experts start reading now, while the compute thread computes the first
+        (a buffer permitting; else ``get`` reads it)."""
         with self._cond:
             self._layer = layer
             needed = list(needed)
             self._protected = {(layer, e) for e in needed}
             self._wanted = {k for k in self._wanted if k[0] != layer}  # needed ones are protected now
-            if self.file is not None and self.io is not None:
-                misses = [(layer, e) for e in needed if (layer, e) not in self._entries and (layer, e) not in self._hinted]
-                for key in misses[1:]:  # the model asks for them in ``needed`` order: it reads misses[0] now
-                    self._read_ahead[key] = self.io.submit(
-                        NEEDED, lambda k=key: self._advise(k, os.POSIX_FADV_WILLNEED))  # type: ignore[misc]
+            if (started := self._lead_start.pop(layer, None)) is not None:
+                self.gate.observe_lead(layer, time.perf_counter() - started)
+            for expert in range(self.num_experts):
+                old = self.rate.get((layer, expert), 0.0)
+                self.rate[(layer, expert)] = FREQUENCY_DECAY * old + (1 - FREQUENCY_DECAY) * (expert in needed)
+            if self.reads is None:
+                return
+            cached = [k for k, e in self._entries.items() if k[0] == layer and not e.guess and e.fields is not None]
+            if cached:  # how often an expert kept in the cache is used at its layer's next step
+                share = sum(k in self._protected for k in cached) / len(cached)
+                self.reuse[layer] = FREQUENCY_DECAY * self.reuse.get(layer, share) + (1 - FREQUENCY_DECAY) * share
+            guesses = [e for k, e in self._entries.items() if k[0] == layer and e.guess]
+            self.gate.observe_landing(layer, len(guesses), sum(e.fields is not None for e in guesses))
             for key, entry in list(self._entries.items()):
-                if (key[0] == layer and key not in self._protected and entry.job is not None
-                        and entry.job.cancel()):
-                    del self._entries[key]
-                    self._free.append(entry.buffer)
-                    self.cancelled += 1
-            for key in [k for k in self._hinted if k[0] == layer and k not in self._protected]:
-                if not self._hinted.pop(key).cancel() and self.io is not None:  # a wrong guess, read:
-                    self.io.submit(PREFETCH, lambda k=key: self._advise(k, os.POSIX_FADV_DONTNEED))  # type: ignore[misc]
-                self.cancelled += 1
+                if key[0] != layer or entry.read is None:
+                    continue
+                if key in self._protected:
+                    self.reads.promote(entry.read)
+                else:
+                    self._drop_guess(entry)
+            for key in self._protected:
+                if key not in self._entries:
+                    buffer = self._victim()
+                    if buffer is None:
+                        break
+                    self._start(key, buffer, demand=True).missed = True
+
+    def _drop_guess(self, entry: Entry) -> None:
+        """Cancel a prefetch still reading (caller holds the lock); its buffer returns when the
+        piece in flight is done."""
+        assert self.reads is not None and entry.read is not None
+        del self._entries[entry.key]
+        self._wanted.discard(entry.key)
+        self.reads.cancel(entry.read)
+        self.cancelled += 1
 
     def end_layer(self) -> None:
         with self._cond:
             self._protected = set()
+
+    def _start(self, key: Key, buffer: int, demand: bool) -> Entry:
+        """A new entry for ``key`` in ``buffer`` and its read (caller holds the lock)."""
+        assert self.reads is not None
+        entry = Entry(key, buffer, None, guess=not demand)
+        self._entries[key] = entry
+
+        def done(read: Read) -> None:  # under the lock, from whichever thread finished the read
+            if read.cancelled or read.error is not None:
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
+                self._free.append(buffer)
+            else:
+                assert self.file is not None
+                entry.fields = self.file.views(read.block, read.buffer)
+            entry.read = None
+            self._cond.notify_all()
+
+        entry.read = self.reads.submit(expert_block(*key), self.buffers[buffer], demand, done)
+        return entry
+
+    def _candidates(self, evict_protected: bool = False) -> list[Entry]:
+        return [e for k, e in self._entries.items() if e.fields is not None and k not in self._pinned
+                and (evict_protected or k not in self._protected)]
 
     def _victim(self, evict_protected: bool = False) -> int | None:
         """A free buffer, or one freed by evicting (caller holds the lock). Experts the current
         layer still needs are spared unless ``evict_protected`` (a demand miss with no other choice)."""
         if self._free:
             return self._free.pop()
-        candidates = [e for k, e in self._entries.items() if e.fields is not None and k not in self._pinned
-                      and (evict_protected or k not in self._protected)]
+        candidates = self._candidates(evict_protected)
         victim = (choose_victim((e for e in candidates if e.key not in self._wanted), self._layer, self.num_layers,
-                                self.policy)
-                  or choose_victim(candidates, self._layer, self.num_layers, self.policy))
+                                self.policy, self.rate)
+                  or choose_victim(candidates, self._layer, self.num_layers, self.policy, self.rate))
+        if victim is None:
+            return None
+        del self._entries[victim.key]
+        self._wanted.discard(victim.key)
+        return victim.buffer
+
+    def _victim_for_guess(self, layer: int, precision: float) -> int | None:
+        """A buffer for a guess for ``layer`` that costs the step nothing it is about to use
+        (caller holds the lock): a free one, or an expert needed later in the cycle than ``layer``
+        that is less likely to be used when its layer comes (its own routing rate, and how often
+        its layer's cached experts are used) than the guess is to be right, and rarely used
+        (``GUESS_VICTIM_USE``)."""
+        if self._free:
+            return self._free.pop()
+        lead = (layer - self._layer) % self.num_layers
+        candidates = [e for e in self._candidates() if e.key not in self._wanted
+                      and (e.key[0] - self._layer) % self.num_layers > lead
+                      and max(self.rate.get(e.key, 0.0), self.reuse.get(e.key[0], 0.0)) < min(precision, GUESS_VICTIM_USE)]
+        victim = choose_victim(candidates, self._layer, self.num_layers, self.policy, self.rate)
         if victim is None:
             return None
         del self._entries[victim.key]
         return victim.buffer
 
-    def _insert(self, key: Key, buffer: int, sync: bool) -> Entry:
-        """A new entry for ``key`` in ``buffer``, read now (``sync``) or queued on the I/O thread."""
-        assert self.file is not None and self.io is not None
-        entry = Entry(key, buffer, None)
-        self._entries[key] = entry
-        if sync:
-            entry.fields = self.file.read_into(expert_block(*key), self.buffers[buffer])
-        else:
-            entry.job = self.io.submit(PREFETCH, lambda: self._read(entry))
-        return entry
-
-    def _read(self, entry: Entry) -> None:
-        """Fill ``entry`` from disk, without holding the lock; on failure the entry is dropped."""
-        assert self.file is not None
-        try:
-            fields = self.file.read_into(expert_block(*entry.key), self.buffers[entry.buffer])
-        except BaseException:
-            with self._cond:
-                if self._entries.get(entry.key) is entry:
-                    del self._entries[entry.key]
-                    self._free.append(entry.buffer)
-                self._cond.notify_all()
-            raise
+    def keep(self, layer: int, experts: Iterable[int]) -> None:
+        """``layer``'s ``experts`` are predicted for its coming step: those cached survive the
+        current layer's misses where the predictor is sure enough there (``KEEP_PRECISION``; call
+        before ``begin_layer``, which starts reading the misses)."""
         with self._cond:
-            entry.fields = fields
-            self._cond.notify_all()
-
-    def _advise(self, key: Key, advice: int) -> None:
-        assert self.file is not None
-        self.file.advise(expert_block(*key), advice)
+            if self.gate.precision.get(layer, PRIOR_PRECISION) >= KEEP_PRECISION:
+                self._wanted.update(k for e in experts if (k := (layer, e)) in self._entries)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
-        """Start reading ``layer``'s ``experts`` that are not cached: ask the kernel to read them
-        ahead, or read them into buffers on the I/O thread as far as buffers allow."""
+        """Read ahead ``layer``'s ``experts`` that are not cached (most likely first), as far as
+        the gate and the buffers allow."""
+        now = time.perf_counter()
+        experts = list(experts)
         with self._cond:
+            if experts:
+                self._lead_start.setdefault(layer, now)
+            todo = []
             for expert in experts:
                 key = (layer, expert)
                 if key in self._entries:
-                    self._wanted.add(key)  # cached already: kept through this layer's misses
-                    continue
-                if key in self._hinted or self.file is None:
-                    continue
-                if self.prefetch_to == "page_cache":
-                    assert self.io is not None
-                    self._hinted[key] = self.io.submit(
-                        PREFETCH, lambda k=key: self._advise(k, os.POSIX_FADV_WILLNEED))  # type: ignore[misc]
-                else:
-                    buffer = self._victim()
-                    if buffer is None:
-                        return
-                    self._insert(key, buffer, sync=False)
-                    self._wanted.add(key)
+                    if self.gate.precision.get(layer, PRIOR_PRECISION) >= KEEP_PRECISION:
+                        self._wanted.add(key)  # cached or on its way already: kept through this layer's misses
+                elif self.reads is not None:
+                    todo.append(expert)
+            if not todo or self.reads is None:
+                return
+            todo.sort(key=lambda e: -self.rate.get((layer, e), 0.0))
+            if self.gated:
+                spb, nbytes = self.reads.seconds_per_byte, self._block_bytes((layer, todo[0]))
+                expert_s = spb * nbytes
+                available = self.gate.available(layer, now - self._lead_start[layer],
+                                                spb * self.reads.backlog_bytes(), expert_s)
+                todo = self.gate.plan(layer, todo, available, expert_s, spb * min(nbytes, expert_reads.PREFETCH_PIECE))
+            precision = self.gate.precision.get(layer, 1.0)
+            for expert in todo:
+                buffer = self._victim_for_guess(layer, precision)
+                if buffer is None:
+                    return
+                self._start((layer, expert), buffer, demand=False)
+                self._wanted.add((layer, expert))
                 self.prefetches += 1
-                self.prefetch_bytes += self.file.block_bytes(expert_block(*key))
+                self.prefetch_bytes += self._block_bytes((layer, expert))
 
-    def record_prediction(self, predicted: set[int], actual: set[int]) -> None:
-        self.predicted += len(predicted)
-        self.predicted_used += len(predicted & actual)
-        self.used += len(actual)
+    def record_prediction(self, layer: int, predicted: set[int], actual: set[int]) -> None:
+        with self._cond:
+            self.predicted += len(predicted)
+            self.predicted_used += len(predicted & actual)
+            self.used += len(actual)
+            self.gate.observe_prediction(layer, len(predicted), len(predicted & actual))
 
     @contextmanager
     def get(self, layer: int, expert: int) -> Iterator[ExpertWeights]:
-        """The expert's weights, pinned until the block exits; loads it on a miss."""
+        """The expert's weights, pinned until the block exits; read on a miss."""
         key = (layer, expert)
         start = time.perf_counter()
         with self._cond:
             self._clock += 1
             entry = self._entries.get(key)
-            read = entry is None
             if entry is None:
-                if key in self._hinted:
-                    self._hinted.pop(key).cancel()  # a hint still queued is moot: the read below does it
-                    self.late += 1  # prefetched into the page cache: the read below copies it
-                else:
-                    self.misses += 1
-                if (hint := self._read_ahead.pop(key, None)) is not None:
-                    hint.cancel()  # not started yet: the read below does it, the hint would only read it again
-                entry = Entry(key, self._buffer_for_miss(), None)
-                self._entries[key] = entry
-            elif entry.fields is None:
-                self.late += 1  # prefetched, not read yet
-                read = entry.job is not None and entry.job.cancel()  # still queued: read it now instead
+                self.misses += 1
+                entry = self._start(key, self._buffer_for_miss(), demand=True)
+            elif entry.missed:
+                self.misses += 1  # its demand read started in begin_layer, landed or not
+            elif entry.guess and entry.fields is None:
+                self.late += 1  # read ahead, not landed yet: the rest is read now, not again
             else:
                 self.hits += 1
+            if entry.read is not None and self.reads is not None:
+                self.reads.promote(entry.read)
+            entry.guess = entry.missed = False
             self._pinned.add(key)
-        if read:
-            try:
-                self._read(entry)  # outside the lock: the I/O thread may read another expert meanwhile
-            except BaseException:
-                with self._cond:
-                    self._pinned.discard(key)
-                raise
-        with self._cond:
-            while entry.fields is None:
-                if self._entries.get(key) is not entry:
-                    self._pinned.discard(key)
-                    raise RuntimeError(f"expert cache: the read of expert {expert} of layer {layer} failed")
-                self._cond.wait(1.0)
-            entry.last_use, entry.uses = self._clock, entry.uses + 1
-            self.stall_seconds += time.perf_counter() - start
-            fields = entry.fields
+            read = entry.read
+        try:
+            if read is not None:
+                assert self.reads is not None
+                self.reads.help(read)  # outside the lock: reader threads read other pieces meanwhile
+            with self._cond:
+                while entry.fields is None:  # the read's completion sets it under the lock
+                    self._cond.wait(1.0)
+                entry.last_use, entry.uses = self._clock, entry.uses + 1
+                if entry.fetched:
+                    entry.fetched = False
+                    self.fetched_bytes += self._block_bytes(key)
+                self.stall_seconds += time.perf_counter() - start
+                fields = entry.fields
+        except BaseException:
+            with self._cond:
+                self._pinned.discard(key)
+            raise
         try:
             yield from_fields(ExpertWeights, fields)
         finally:
@@ -288,19 +364,26 @@ class ExpertCache:
 
     def _buffer_for_miss(self) -> int:
         """A buffer for an expert needed now (caller holds the lock): evicts even an expert the
-        current layer still needs if nothing else can go, and waits while every buffer is pinned
-        or being read."""
-        buffer = self._victim()
-        while buffer is None:
-            buffer = self._victim(evict_protected=True)
+        current layer still needs if nothing else can go, then takes one from a prefetch still
+        reading, and waits while every buffer is pinned or being read."""
+        for _ in range(600):  # bounded: a minute of 0.1 s waits
+            buffer = self._victim()
             if buffer is None:
-                if all(e.fields is not None for e in self._entries.values()):
-                    raise RuntimeError("expert cache: every buffer is pinned (the cache is too small)")
-                self._cond.wait(1.0)
-        return buffer
+                buffer = self._victim(evict_protected=True)
+            if buffer is not None:
+                return buffer
+            guesses = [e for e in self._entries.values() if e.read is not None and e.key not in self._protected]
+            for entry in guesses:
+                self._drop_guess(entry)  # its buffer comes back when its piece in flight is done
+            if not guesses and all(e.fields is not None for e in self._entries.values()):
+                raise RuntimeError("expert cache: every buffer is pinned (the cache is too small)")
+            self._cond.wait(0.1)
+        raise RuntimeError("expert cache: no buffer came free for a minute")
 
     def close(self) -> None:
-        """Close the experts' shard file (after the I/O thread that reads it has stopped)."""
+        """Stop the reader threads and close the experts' shard file."""
+        if self.reads is not None:
+            self.reads.close()
         if self.file is not None:
             self.file.close()
 
@@ -315,7 +398,9 @@ class ExpertCache:
             "expert_late_prefetches": self.late,
             "expert_prefetches": self.prefetches,
             "expert_cancelled_prefetches": self.cancelled,
-            "expert_prefetch_bytes": self.prefetch_bytes,  # asked of the disk ahead, right or wrong
+            "expert_prefetch_bytes": self.prefetch_bytes,  # asked ahead, right or wrong
+            "expert_prefetch_bytes_read": self.reads.prefetch_bytes_read if self.reads else 0,
+            "expert_prefetch_skipped": self.gate.skipped,  # guesses the gate did not read ahead
             "expert_prediction_recall": self.predicted_used / self.used if self.used else 0.0,
             "expert_prediction_precision": self.predicted_used / self.predicted if self.predicted else 0.0,
             "expert_predicted": self.predicted,  # the counts behind recall and precision
@@ -324,4 +409,5 @@ class ExpertCache:
             "expert_bytes_read": self.file.bytes_read if self.file else 0,
             "expert_read_seconds": self.file.read_seconds if self.file else 0.0,
             "expert_stall_seconds": self.stall_seconds,
+            "expert_fetched_bytes": self.fetched_bytes,
         }

@@ -141,7 +141,7 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
     slot_bytes = max(file.block_bytes(k) for k in keys) if keys else 0
     floor = experts_minimum(slot_bytes, cfg.experts_per_token, spec.expert_cache_bytes)  # 0 without experts
     plan = plan_window([file.block_bytes(b) for b in order], spec.memory_budget, reserved, floor)
-    io = IoThread(f"weights-io-{spec.shard.rank}") if (not plan.resident or cfg.is_moe) else None
+    io = IoThread(f"weights-io-{spec.shard.rank}") if not plan.resident else None  # experts have their readers
     store: WeightStore
     if plan.resident:
         blocks = {}
@@ -162,7 +162,7 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
             progress(cfg.num_layers, cfg.num_layers)
     experts = None
     if cfg.is_moe:
-        expert_file = ShardFile(path)  # its own descriptor and byte counters
+        expert_file = ShardFile(path, random_access=True)  # its own descriptor, byte counters and read-ahead
         dense_held = sum(file.block_bytes(b) for b in order) if plan.resident else plan.nbytes
         expert_budget = expert_share(spec.memory_budget, spec.expert_cache_bytes, dense_held + reserved)
         try:
@@ -172,8 +172,7 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
                 raise
             raise BudgetError(f"{exc}; without --expert-cache the experts get what --memory-budget leaves "
                               f"after the other weights, the KV cache and the RoPE tables") from None
-        experts = ExpertCache(expert_file, cfg.num_layers, cfg.num_experts, slots, slot_bytes, io,
-                              spec.expert_policy)
+        experts = ExpertCache(expert_file, cfg.num_layers, cfg.num_experts, slots, slot_bytes, spec.expert_policy)
     return _build(spec, store, kv, allreduce, experts, predictor, io)
 
 
@@ -224,6 +223,6 @@ def _load_from_checkpoint(spec: RankSpec, kv: KVCache, allreduce: AllReduce,
     cache = None
     predictor = None
     if cfg.is_moe:
-        cache = ExpertCache(None, cfg.num_layers, cfg.num_experts, len(experts), 0, None, spec.expert_policy,
+        cache = ExpertCache(None, cfg.num_layers, cfg.num_experts, len(experts), 0, spec.expert_policy,
                             preloaded=experts)
     return _build(spec, ResidentStore(blocks), kv, allreduce, cache, predictor, None)

@@ -76,8 +76,11 @@ class StreamingSafetensorsWriter:
 
 def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | Path,
                  dtype: torch.dtype = torch.float32, progress: bool = True, quant: QuantSpec | None = None,
-                 weights: list[float] | None = None) -> Path:
+                 weights: list[float] | None = None, expert_bits: dict[tuple[int, int], int] | None = None) -> Path:
     """Write ``rank-RR-of-NN.safetensors`` per rank, ``hub.safetensors`` and a manifest.
+
+    ``expert_bits``: a width per routed expert ((layer, expert) -> 4 or 8, ``worker.expert_bits``),
+    overriding ``quant.expert_bits``; the dense weights follow ``quant`` (float without it).
 
     The output directory is itself servable: config and tokenizer files are copied in.
     ``quant`` quantizes the rank blocks' weight matrices (``worker.quant``); slices are then
@@ -100,7 +103,7 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
     except OSError as exc:  # a file in the way, a read-only or missing place: no traceback
         raise CheckpointError(f"--out {out}: cannot create the directory ({exc.strerror or exc})") from None
     try:
-        _write_shard_dir(model_dir, shards, out, dtype, progress, quant, weights)
+        _write_shard_dir(model_dir, shards, out, dtype, progress, quant, weights, expert_bits)
     except BaseException:
         if created:
             _remove_failed_run(out, shards, created)
@@ -111,8 +114,11 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
 
 
 def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, dtype: torch.dtype, progress: bool,
-                     quant: QuantSpec | None, weights: list[float] | None) -> None:
+                     quant: QuantSpec | None, weights: list[float] | None,
+                     expert_bits: dict[tuple[int, int], int] | None) -> None:
     world = len(shards)
+    if expert_bits and quant is None:
+        quant = QuantSpec(bits=None, lm_head_bits=None)  # experts as planned, everything else in float
     with Checkpoint(model_dir) as ckpt:
         cfg = ckpt.config
         meta = {"format": str(SHARD_FORMAT)} | ({"quantize": json.dumps(quant.to_dict()),
@@ -127,8 +133,10 @@ def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, 
                         # Block by block, field by field: every block is one contiguous byte range.
                         for block, fields in slice_layer(ckpt, shard, layer, slice_dtype).items():
                             if quant:
-                                fields = quantize_block(block, fields, quant.bits_for(block), quant.group_size,
-                                                        dtype)
+                                bits = quant.bits_for(block)
+                                if expert_bits and (key := _expert_key(block)) is not None:
+                                    bits = expert_bits[key]
+                                fields = quantize_block(block, fields, bits, quant.group_size, dtype)
                             for name, tensor in fields.items():
                                 writer.add(f"{block}.{name}", tensor)
                         bar.update(1)
@@ -162,12 +170,21 @@ def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, 
     manifest = {"format": SHARD_FORMAT, "world_size": world, "dtype": str(dtype).removeprefix("torch."),
                 "quantize": quant.to_dict() if quant else None,
                 "quant_format": QUANT_FORMAT if quant else None,  # worker.quant's byte layout
+                # --expert-bits auto: each routed expert's width, "layer.expert" -> bits
+                "expert_bits": {f"{layer}.{e}": b for (layer, e), b in sorted(expert_bits.items())} if expert_bits
+                else None,
                 "weights": weights,  # the --weights of this split, for `serve` without --weights (None: not given)
                 "shards": [asdict(s) | {"file": shard_file_name(s.rank, world)} for s in shards],
                 # checked before a rank loads its file: a corrupted copy is refused, not computed with
                 "sha256": {name: file_sha256(out / name)
                            for name in [*(shard_file_name(s.rank, world) for s in shards), HUB_FILE]}}
     (out / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _expert_key(block: str) -> tuple[int, int] | None:
+    """``layers.3.experts.5`` -> (3, 5); None for any other block."""
+    parts = block.split(".")
+    return (int(parts[1]), int(parts[3])) if len(parts) == 4 and parts[2] == "experts" else None
 
 
 def _remove_failed_run(out: Path, shards: list[RankShard], created: list[Path]) -> None:

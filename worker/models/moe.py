@@ -187,13 +187,16 @@ class MoeRankModel(RankModel):
         needed = sorted(set(ids.flatten().tolist()))  # torch.unique's sorted order, without its ~20 µs
         used = set(needed)
         if layer in self._predicted:
-            self.experts.record_prediction(self._predicted.pop(layer), used)
-        self.experts.begin_layer(layer, needed)
+            self.experts.record_prediction(layer, self._predicted.pop(layer), used)
+        following = None
         if self.predictor is not None:
             self.predictor.observe(layer, used)
             if (following := self.predictor.next_layer(layer)) is not None:
                 self._predicted[following] = self.predictor.predict(following, hidden)
-                self.experts.prefetch(following, sorted(self._predicted[following]))
+                self.experts.keep(following, self._predicted[following])  # before this layer's misses evict
+        self.experts.begin_layer(layer, needed)  # this layer's misses start reading
+        if following is not None:
+            self.experts.prefetch(following, sorted(self._predicted[following]))  # then the guesses, behind them
         out = torch.zeros_like(x)  # (T, d) partial
         try:
             for expert in needed:

@@ -1,0 +1,149 @@
+"""``--expert-bits auto`` against float32 experts: decode speed with the experts streamed, greedy
+agreement and logit difference, as JSON.
+
+    .venv/bin/python bench/expert_bits.py --model bench/results/tiny_moe_8l [--budget 25%]
+                                          [--caches 2x,25%] [--agree-tokens 200] [--repeats 2]
+
+Writes the checkpoint twice, float32 and ``edgellm shard --expert-bits auto --expert-budget
+BUDGET`` (calibrated on module docstrings of the standard library other than those decoded),
+then, interleaved, decodes the same teacher-forced text as bench/moe_cache.py with each through
+the same number of expert buffers (on demand, and with the default prefetch), and with every
+expert resident. Agreement: the float32 model decodes ``--agree-tokens`` greedy tokens from a
+prompt; along that text the auto model's top-1 token is compared at every position (and its
+own greedy run's common prefix with it), and the largest logit difference is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import moe_cache as mc  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from report import emit  # noqa: E402
+
+from server.executor import Executor  # noqa: E402
+from worker.collective import StarHub  # noqa: E402
+from worker.config import ModelConfig  # noqa: E402
+from worker.expert_bits import measure_experts, parse_budget, plan_expert_bits, router_frequency  # noqa: E402
+from worker.runtime import RankSpec  # noqa: E402
+from worker.shard_file import ShardFile  # noqa: E402
+from worker.shard_writer import write_shards  # noqa: E402
+from worker.sharding import plan_shards  # noqa: E402
+from worker.step import SeqSpan  # noqa: E402
+from worker.weights import expert_block, rank_shard_path  # noqa: E402
+
+CALIBRATION_MODULES = ("os", "re", "typing", "functools", "itertools", "unittest", "email", "http")
+RUNS = ("on_demand_distance", "prefetch_adaptive_distance")
+
+
+def calibration_text() -> str:
+    return "\n\n".join(inspect.getdoc(__import__(name)) or "" for name in CALIBRATION_MODULES)
+
+
+def expert_sizes(shard_dir: Path) -> dict[tuple[int, int], int]:
+    config = ModelConfig.from_dir(shard_dir)
+    file = ShardFile(rank_shard_path(shard_dir, plan_shards(config, [1.0])[0]))
+    sizes = {(m, e): file.block_bytes(expert_block(m, e)) for m in range(config.num_layers)
+             for e in range(config.num_experts) if file.has(expert_block(m, e))}
+    file.close()
+    return sizes
+
+
+def greedy(shard_dir: Path, prompt: list[int], tokens: int, forced: list[int] | None = None
+           ) -> tuple[list[int], torch.Tensor]:
+    """``tokens`` greedy tokens after ``prompt`` (all experts resident), or, with ``forced``, the
+    top-1 at each position of ``forced``; and the logits (tokens, V)."""
+    config = ModelConfig.from_dir(shard_dir)
+    executor = Executor(RankSpec(str(shard_dir), config, plan_shards(config, [1.0])[0], 1, len(prompt) + tokens + 1),
+                        StarHub(1))
+    try:
+        logits = [executor.step([prompt], [SeqSpan(0, 0, len(prompt))])[0]]
+        out = [int(logits[-1].argmax())]
+        for i in range(tokens - 1):
+            token = forced[i] if forced else out[-1]
+            logits.append(executor.step([[token]], [SeqSpan(0, len(prompt) + i, 1)])[0])
+            out.append(int(logits[-1].argmax()))
+    finally:
+        executor.close()
+    return out, torch.stack(logits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a trained HF Mixtral dir (scripts/train_tiny_moe.py)")
+    parser.add_argument("--budget", default="25%", help="--expert-budget of the auto shard (default: 25%%)")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--caches", default=",".join(mc.CACHES))
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--agree-tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ModelConfig.from_dir(args.model)
+        fp32 = write_shards(args.model, plan_shards(config, [1.0]), Path(tmp) / "fp32", progress=False)
+        measured = measure_experts(str(args.model), args.group_size)
+        float_bytes = sum(m[32][0] for m in measured.values())
+        bits = plan_expert_bits(measured, parse_budget(args.budget, float_bytes),
+                                router_frequency(str(args.model), calibration_text()))
+        from worker.quant import QuantSpec
+
+        auto = write_shards(args.model, plan_shards(config, [1.0]), Path(tmp) / "auto", progress=False,
+                            quant=QuantSpec(bits=None, group_size=args.group_size, lm_head_bits=None),
+                            expert_bits=bits)
+        shards = {"fp32": fp32, "auto": auto}
+        sizes = {name: expert_sizes(d) for name, d in shards.items()}
+        sequences = mc.texts(args.model, args.prompts, args.tokens)
+        moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_layers))
+        caches = {c: mc.cache_experts(c, config, moe_layers) for c in args.caches.split(",")}
+        results: dict[str, dict[str, Any]] = {}
+        for _ in range(args.repeats):
+            for run_name in (*RUNS, "all_resident"):
+                for choice, experts in caches.items():
+                    if run_name == "all_resident" and choice != next(iter(caches)):
+                        continue
+                    for name, shard_dir in shards.items():
+                        policy, prefetch, predictor, gated = mc.RUNS[run_name]
+                        cache = None if run_name == "all_resident" else experts * max(sizes[name].values())
+                        mc.drop_page_cache(rank_shard_path(shard_dir, plan_shards(config, [1.0])[0]))
+                        r = mc.run(shard_dir, sequences, cache, policy, prefetch, predictor, gated)
+                        r.pop("argmax")
+                        key = f"{name}/{run_name}" + ("" if run_name == "all_resident" else f"/{choice}")
+                        best = results.get(key, r)["tokens_per_s"]
+                        results[key] = {k: r[k] for k in ("tokens_per_s", "needed_bytes_per_token", "hit_rate")} | {
+                            "tokens_per_s": max(best, r["tokens_per_s"])}
+        prompt = sequences[0][: mc.PROMPT_TOKENS]
+        reference, ref_logits = greedy(fp32, prompt, args.agree_tokens)
+        forced, auto_logits = greedy(auto, prompt, args.agree_tokens, forced=reference)
+        own, _ = greedy(auto, prompt, args.agree_tokens)
+    prefix = next((i for i, (a, b) in enumerate(zip(own, reference, strict=True)) if a != b), len(reference))
+    report = {
+        "model": str(args.model), "budget": args.budget,
+        "experts_int8": sum(b == 8 for b in bits.values()), "experts_int4": sum(b == 4 for b in bits.values()),
+        "expert_bytes_share_of_fp32": sum(sizes["auto"].values()) / sum(sizes["fp32"].values()),
+        "top1_agreement_teacher_forced": sum(a == b for a, b in zip(forced, reference, strict=True)) / len(reference),
+        "greedy_common_prefix": prefix, "agree_tokens": args.agree_tokens,
+        "max_abs_logit_diff": float((auto_logits - ref_logits).abs().max()),
+        "logit_scale": float(ref_logits.abs().max()),
+        "runs": results,
+        "speedup_auto_over_fp32": {key.split("/", 1)[1]: results[key]["tokens_per_s"] /
+                                   results["fp32/" + key.split("/", 1)[1]]["tokens_per_s"]
+                                   for key in results if key.startswith("auto/")},
+    }
+    emit(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Whether to read a layer's predicted experts ahead at all, and how many: decided per layer
+from what the expert cache measures, so that prefetching never costs more than it saves.
+
+A prefetch reads only while the disk would otherwise idle (``worker.expert_reads``), so what a
+guess costs and gains is bounded:
+
+- a right guess saves at most the demand wait of its expert, and no more than the disk time
+  left before its layer starts (``available``: the layer's measured lead time, less the demand
+  reads already queued in front of it, less the time since the lead started);
+- a wrong guess delays a demand read by at most the one piece it has in flight when the demand
+  comes (and, when its buffer had to be taken, the cached expert it displaced, which the cache
+  only does for an expert needed later than the guess).
+
+Whether reads land in time is also measured: the share of a layer's read-ahead guesses that were
+whole in memory when the layer started (``landed``). A layer whose guesses mostly arrive late
+(below ``MIN_LANDED``) stops reading ahead, except for one probe step in ``PROBE_EVERY``: on a
+machine whose CPU is the bottleneck (the reads' copies compete with compute) or whose lead time
+is shorter than one read, a late guess saves little and its reads and bookkeeping cost compute.
+
+With ``p`` the layer's recent precision (right guesses / guesses, an exponential average), a
+layer prefetches when ``p * min(available, expert_s) > (1 - p) * piece_s``, and only as many
+guesses as can land: ``ceil(available / expert_s)``. No lead time left (the disk is busy with
+demand reads past the layer's start: the I/O queue is the bottleneck) means no prefetch. The
+predictor is still scored on the layers that do not prefetch, so a layer whose guesses become
+good starts again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+PRIOR_PRECISION = 0.5  # before a layer has been scored: try, and let the record decide
+DECAY = 0.8  # weight of the past in the exponential averages (about the last 5 steps count)
+MIN_LANDED = 0.5  # a layer whose guesses land whole less often than this stops reading ahead...
+PROBE_EVERY = 8  # ...but for one step in this many, to keep measuring
+
+
+class PrefetchGate:
+    def __init__(self) -> None:
+        self.precision: dict[int, float] = {}  # layer -> EMA of right / guessed
+        self.lead: dict[int, float] = {}  # layer -> EMA of seconds from its first prediction to its start
+        self.landed: dict[int, float] = {}  # layer -> EMA of guesses whole in memory when it started
+        self._closed: dict[int, int] = {}  # layer -> calls since it stopped reading ahead for late guesses
+        self.skipped = 0  # guesses not read ahead because of this gate
+
+    def observe_prediction(self, layer: int, guessed: int, right: int) -> None:
+        if guessed:
+            rate = right / guessed
+            old = self.precision.get(layer)
+            self.precision[layer] = rate if old is None else DECAY * old + (1 - DECAY) * rate
+
+    def observe_lead(self, layer: int, seconds: float) -> None:
+        old = self.lead.get(layer)
+        self.lead[layer] = seconds if old is None else DECAY * old + (1 - DECAY) * seconds
+
+    def observe_landing(self, layer: int, started: int, landed: int) -> None:
+        if started:
+            rate = landed / started
+            old = self.landed.get(layer)
+            self.landed[layer] = rate if old is None else DECAY * old + (1 - DECAY) * rate
+
+    def _late(self, layer: int) -> bool:
+        """Whether ``layer``'s guesses land too late to read ahead this time (probes counted here)."""
+        if self.landed.get(layer, 1.0) >= MIN_LANDED:
+            self._closed.pop(layer, None)
+            return False
+        calls = self._closed[layer] = self._closed.get(layer, 0) + 1
+        return calls % PROBE_EVERY != 0
+
+    def available(self, layer: int, elapsed: float, backlog_s: float, expert_s: float) -> float:
+        """Disk seconds left to read ahead before ``layer`` starts; one expert's read time while
+        the layer's lead is not measured yet."""
+        lead = self.lead.get(layer)
+        return (expert_s if lead is None else lead - elapsed) - backlog_s
+
+    def plan(self, layer: int, guesses: Sequence[int], available: float, expert_s: float,
+             piece_s: float) -> list[int]:
+        """The guesses to read ahead, most likely first (``guesses`` come in that order)."""
+        if not guesses:
+            return []
+        p = self.precision.get(layer, PRIOR_PRECISION)
+        if (available <= 0 or expert_s <= 0 or p * min(available, expert_s) <= (1 - p) * piece_s
+                or self._late(layer)):
+            self.skipped += len(guesses)
+            return []
+        count = max(1, math.ceil(available / expert_s))
+        self.skipped += max(0, len(guesses) - count)
+        return list(guesses[:count])
