@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_cache as mc  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 from report import emit  # noqa: E402
 
-from server.executor import Executor  # noqa: E402
 from worker.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
+from worker.executor import Executor  # noqa: E402
 from worker.expert_bits import measure_experts, parse_budget, plan_expert_bits, router_frequency  # noqa: E402
 from worker.runtime import RankSpec  # noqa: E402
 from worker.shard_file import ShardFile  # noqa: E402
