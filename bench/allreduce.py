@@ -13,7 +13,7 @@ configuration. ``--rounds`` more back-to-back pairs of the fp32 star and gloo (t
 each round) give ``star_fp32_vs_gloo_paired``: each pair's ratio and their median, the
 comparison least at the mercy of one busy moment. The star runs CURVE-encrypted as in serving; gloo and ``ring`` are plaintext,
 ``ring_curve`` is the ring with CURVE on every link. At two ranks the star is the exchange
-(``worker.collective``: both partials cross at once, one hop); ``star_two_hop_fp32`` is the
+(``worker.comm.collective``: both partials cross at once, one hop); ``star_two_hop_fp32`` is the
 two-hop star it replaced, for comparison. The star's ranks spin 300 µs on their
 socket before they sleep when every rank has a core of its own (``star_spin_us``; what
 ``EDGELLM_SPIN_US`` does in a deployment with one rank per device), and not when they share.
@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-from worker.collective import CollectiveError, StarHub, StarRank  # noqa: E402
-from worker.wire import SYNC_DTYPES, Kind, sync_payload  # noqa: E402
+from worker.comm.collective import CollectiveError, StarHub, StarRank  # noqa: E402
+from worker.comm.wire import SYNC_DTYPES, Kind, sync_payload  # noqa: E402
 
 log = logging.getLogger("bench.allreduce")
 
@@ -104,7 +104,7 @@ def _agreed_count(times: list[float], iters: int, seconds: float) -> int:
 # --- star (the project's collective) ---------------------------------------------------------
 
 def star_spin_s(world: int) -> float:
-    """The spin before a star receive sleeps (``worker.collective.default_spin_wait_s``): as a
+    """The spin before a star receive sleeps (``worker.comm.collective.default_spin_wait_s``): as a
     deployment sets it, on (300 µs) when every rank has a core of its own, off when they share."""
     return SPIN_S if world <= (os.cpu_count() or 1) else 0.0
 
@@ -112,7 +112,7 @@ def star_spin_s(world: int) -> float:
 def _star_rank(rank: int, address: str, spin_s: float) -> None:
     """A worker rank: each STEP names a configuration (numel, sync dtype); ABORT ends it."""
     torch.set_num_threads(1)
-    logging.getLogger("worker.collective").setLevel(logging.ERROR)
+    logging.getLogger("worker.comm.collective").setLevel(logging.ERROR)
     link = StarRank(rank, address, token="bench", timeout_s=JOIN_S, spin_wait_s=spin_s)
     link.wait_welcome(JOIN_S)
     names = list(SYNC_DTYPES)
@@ -414,7 +414,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("worker.collective").setLevel(logging.ERROR)  # stale partials after each ABORT
+    logging.getLogger("worker.comm.collective").setLevel(logging.ERROR)  # stale partials after each ABORT
     torch.set_num_threads(1)
     sizes = [int(s) for s in args.sizes_kb.split(",")]
     dtypes = [d for d in args.dtypes.split(",") if d]

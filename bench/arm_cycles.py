@@ -65,7 +65,7 @@ class Cpu:
 CPUS = (Cpu("pi5", "neoverse-n1", "+dotprod", 2.4), Cpu("pi4", "cortex-a72", "", 1.8))
 
 
-# worker/native.py's aarch64 compile units: matmul.c for armv8-a (every 64-bit Pi), dotprod.c's
+# worker/kernels/native.py's aarch64 compile units: matmul.c for armv8-a (every 64-bit Pi), dotprod.c's
 # loops for armv8.2-a+dotprod (chosen at run time where HWCAP_ASIMDDP says so: the Pi 5)
 ARM_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-march=armv8-a")
 DOTPROD_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-march=armv8.2-a+dotprod")

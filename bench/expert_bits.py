@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_cache as mc  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 from report import emit  # noqa: E402
 
-from worker.collective import StarHub  # noqa: E402
+from worker.comm.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
-from worker.executor import Executor  # noqa: E402
-from worker.expert_bits import measure_experts, parse_budget, plan_expert_bits, router_frequency  # noqa: E402
-from worker.runtime import RankSpec  # noqa: E402
-from worker.shard_file import ShardFile  # noqa: E402
-from worker.shard_writer import write_shards  # noqa: E402
-from worker.sharding import plan_shards  # noqa: E402
-from worker.step import SeqSpan  # noqa: E402
-from worker.weights import expert_block, rank_shard_path  # noqa: E402
+from worker.rank.executor import Executor  # noqa: E402
+from worker.rank.runtime import RankSpec  # noqa: E402
+from worker.rank.step import SeqSpan  # noqa: E402
+from worker.shards.expert_bits import measure_experts, parse_budget, plan_expert_bits, router_frequency  # noqa: E402
+from worker.shards.shard_file import ShardFile  # noqa: E402
+from worker.shards.shard_writer import write_shards  # noqa: E402
+from worker.shards.sharding import plan_shards  # noqa: E402
+from worker.shards.weights import expert_block, rank_shard_path  # noqa: E402
 
 CALIBRATION_MODULES = ("os", "re", "typing", "functools", "itertools", "unittest", "email", "http")
 RUNS = ("on_demand_distance", "prefetch_adaptive_distance")
@@ -98,7 +98,7 @@ def main() -> None:
         float_bytes = sum(m[32][0] for m in measured.values())
         bits = plan_expert_bits(measured, parse_budget(args.budget, float_bytes),
                                 router_frequency(str(args.model), calibration_text()))
-        from worker.quant import QuantSpec
+        from worker.kernels.quant import QuantSpec
 
         auto = write_shards(args.model, plan_shards(config, [1.0]), Path(tmp) / "auto", progress=False,
                             quant=QuantSpec(bits=None, group_size=args.group_size, lm_head_bits=None),

@@ -12,7 +12,7 @@ average; ``2048x5632``, TinyLlama's down projection, in copies enough to exceed 
 cache. Each round times every kernel once over the whole set (cold caches: a decode step reads
 every weight from DRAM), interleaved; the figures are the fastest round (``min``: on a machine
 shared with other work, the round least disturbed) and the median. Compare kernels within one run. Also the load-time cost of the torch fallback's
-conversion (``worker.quant.to_torch_layout``), ms per 2048x5632 matrix.
+conversion (``worker.kernels.quant.to_torch_layout``), ms per 2048x5632 matrix.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-from worker import native  # noqa: E402
-from worker.quant import linear, quantize_int4, quantize_int8, to_torch_layout  # noqa: E402
+from worker.kernels import native  # noqa: E402
+from worker.kernels.quant import linear, quantize_int4, quantize_int8, to_torch_layout  # noqa: E402
 
 log = logging.getLogger("bench.int4_kernels")
 

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402
 
-from worker import lane as lanes  # noqa: E402
-from worker.collective import CollectiveError, StarHub, StarRank  # noqa: E402
-from worker.wire import Kind  # noqa: E402
+from worker.comm import lane as lanes  # noqa: E402
+from worker.comm.collective import CollectiveError, StarHub, StarRank  # noqa: E402
+from worker.comm.wire import Kind  # noqa: E402
 
 RAW = {"wire": "none", "lane_mac_c": "mac", "lane_encrypt_c": "encrypt", "lane_mac_raw": "mac"}
 STAR = {"lane": dict(lane=True), "lane_encrypt": dict(lane=True, encrypt=True), "zeromq": dict(lane=False)}
@@ -91,7 +91,7 @@ def _raw(name: str, numel: int, iters: int, spin: int) -> list[float]:
 
 
 def _star_peer(address: str, numel: int, iters: int, spin: int) -> None:
-    logging.getLogger("worker.collective").setLevel(logging.ERROR)
+    logging.getLogger("worker.comm.collective").setLevel(logging.ERROR)
     os.environ[lanes.SPIN_ENV] = str(spin)
     link = StarRank(1, address, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6)
     link.wait_welcome(30)
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--spin-us", type=int, default=lanes.spin_us(2), help="spin of both ranks (default: "
-                        "worker.lane.spin_us for 2 ranks on this host)")
+                        "worker.comm.lane.spin_us for 2 ranks on this host)")
     parser.add_argument("--out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -12,7 +12,7 @@ fp32 decode speed of the 1.1B shape against its memory-bandwidth bound, as JSON.
 - ``--big``: the 1.1B shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate 5632,
   vocab 32000) at 1 rank, fp32, ``--threads`` threads: measured decode tokens/s beside the bound
   weight bytes per token / measured matvec bandwidth (``planner.probe.matvec_pass``, through
-  ``worker.quant.linear``: the kernel the decode runs). One probe pass and one decode step
+  ``worker.kernels.quant.linear``: the kernel the decode runs). One probe pass and one decode step
   alternate 72 times; each round gives a fraction of the bound, and the median is reported
   (``big_model_bound`` says why). Writing the 4.4 GB checkpoint takes about a minute.
 """
@@ -38,7 +38,7 @@ from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a scri
 
 from planner.probe import matvec_pass  # noqa: E402
 from planner.synthetic import write_random_llama  # noqa: E402
-from worker.step import SeqSpan  # noqa: E402
+from worker.rank.step import SeqSpan  # noqa: E402
 
 log = logging.getLogger("bench.latency")
 MIB = 1 << 20

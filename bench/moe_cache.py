@@ -51,17 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-from worker import expert_cache  # noqa: E402
-from worker.collective import StarHub  # noqa: E402
+from worker.comm.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
-from worker.executor import Executor  # noqa: E402
-from worker.quant import QuantSpec  # noqa: E402
-from worker.runtime import RankSpec  # noqa: E402
-from worker.shard_file import ShardFile  # noqa: E402
-from worker.shard_writer import write_shards  # noqa: E402
-from worker.sharding import plan_shards  # noqa: E402
-from worker.step import SeqSpan  # noqa: E402
-from worker.weights import expert_block, rank_shard_path  # noqa: E402
+from worker.kernels.quant import QuantSpec  # noqa: E402
+from worker.memory import expert_cache  # noqa: E402
+from worker.rank.executor import Executor  # noqa: E402
+from worker.rank.runtime import RankSpec  # noqa: E402
+from worker.rank.step import SeqSpan  # noqa: E402
+from worker.shards.shard_file import ShardFile  # noqa: E402
+from worker.shards.shard_writer import write_shards  # noqa: E402
+from worker.shards.sharding import plan_shards  # noqa: E402
+from worker.shards.weights import expert_block, rank_shard_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "server" / "default_model"
@@ -72,7 +72,7 @@ PROMPT_TOKENS = 16
 TEXT_MODULES = ("json", "subprocess", "argparse", "logging", "threading", "collections", "pathlib", "csv",
                 "random", "datetime")
 # name -> (eviction policy, prefetch, predictor, gated); all_resident has no cache limit. A gated
-# prefetch reads a layer's guesses only where worker.prefetch_gate expects them to pay; "ungated"
+# prefetch reads a layer's guesses only where worker.memory.prefetch_gate expects them to pay; "ungated"
 # reads every guess (still only while no demand read waits, and cancelled when wrong).
 RUNS: dict[str, tuple[str, bool, str, bool]] = {
     "prefetch_temporal_distance": ("distance", True, "temporal", True),

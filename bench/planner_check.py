@@ -10,7 +10,7 @@ fall in different minutes):
 2. For each configuration, predict decode tokens/s and time to first token with
    ``planner.model.predict`` and measure them with the real code:
    - the random Llama 512 x 8 layers (8 heads, 4 KV heads, intermediate 1536, vocab 8000), 1 rank,
-     at each ``--threads`` count (``worker.executor.Executor``, as in bench/decode_and_allreduce.py);
+     at each ``--threads`` count (``worker.rank.executor.Executor``, as in bench/decode_and_allreduce.py);
    - the same model as an int8 shard (``edgellm shard --quantize int8``: LM head in int8 too), 1
      rank, at the largest ``--threads`` count, predicted from the probe's int8 matvec rate;
    - the same model on 2 ranks on loopback: rank 0 here and rank 1 a real ``WorkerRank`` in a
@@ -48,14 +48,14 @@ from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a scri
 from planner.model import Node, Workload, predict  # noqa: E402
 from planner.probe import MATVEC_WIDTHS, matvec_gb_s, probe_node  # noqa: E402
 from planner.synthetic import write_random_llama  # noqa: E402
-from worker.collective import StarHub  # noqa: E402
+from worker.comm.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
-from worker.executor import Executor  # noqa: E402
-from worker.quant import QuantSpec  # noqa: E402
-from worker.runtime import RankSpec, WorkerRank  # noqa: E402
-from worker.shard_writer import write_shards  # noqa: E402
-from worker.sharding import plan_shards  # noqa: E402
-from worker.step import SeqSpan  # noqa: E402
+from worker.kernels.quant import QuantSpec  # noqa: E402
+from worker.rank.executor import Executor  # noqa: E402
+from worker.rank.runtime import RankSpec, WorkerRank  # noqa: E402
+from worker.rank.step import SeqSpan  # noqa: E402
+from worker.shards.shard_writer import write_shards  # noqa: E402
+from worker.shards.sharding import plan_shards  # noqa: E402
 
 log = logging.getLogger("bench.planner_check")
 

@@ -42,14 +42,14 @@ from decode_and_allreduce import SHAPE, bench_ours, bench_transformers, build_mo
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from server.tokenizer import TextTokenizer  # noqa: E402
-from worker.collective import StarHub  # noqa: E402
+from worker.comm.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
-from worker.executor import Executor  # noqa: E402
-from worker.quant import QuantSpec  # noqa: E402
-from worker.runtime import RankSpec  # noqa: E402
-from worker.shard_writer import write_shards  # noqa: E402
-from worker.sharding import plan_shards  # noqa: E402
-from worker.step import SeqSpan  # noqa: E402
+from worker.kernels.quant import QuantSpec  # noqa: E402
+from worker.rank.executor import Executor  # noqa: E402
+from worker.rank.runtime import RankSpec  # noqa: E402
+from worker.rank.step import SeqSpan  # noqa: E402
+from worker.shards.shard_writer import write_shards  # noqa: E402
+from worker.shards.sharding import plan_shards  # noqa: E402
 
 log = logging.getLogger("bench.quant")
 

@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-from worker.collective import StarHub  # noqa: E402
+from worker.comm.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
-from worker.executor import Executor  # noqa: E402
-from worker.runtime import RankSpec  # noqa: E402
-from worker.shard_writer import write_shards  # noqa: E402
-from worker.sharding import plan_shards  # noqa: E402
-from worker.step import SeqSpan  # noqa: E402
+from worker.rank.executor import Executor  # noqa: E402
+from worker.rank.runtime import RankSpec  # noqa: E402
+from worker.rank.step import SeqSpan  # noqa: E402
+from worker.shards.shard_writer import write_shards  # noqa: E402
+from worker.shards.sharding import plan_shards  # noqa: E402
 
 SHAPE: dict[str, Any] = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                              num_key_value_heads=4, vocab_size=4000, max_position_embeddings=512)

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from server.tokenizer import TextTokenizer  # noqa: E402
-from worker.collective import StarHub  # noqa: E402
+from worker.comm.collective import StarHub  # noqa: E402
+from worker.comm.wire import SYNC_DTYPES, sync_payload  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
-from worker.executor import Executor  # noqa: E402
-from worker.runtime import RankSpec, WorkerRank  # noqa: E402
-from worker.sharding import plan_shards  # noqa: E402
-from worker.step import SeqSpan  # noqa: E402
-from worker.wire import SYNC_DTYPES, sync_payload  # noqa: E402
+from worker.rank.executor import Executor  # noqa: E402
+from worker.rank.runtime import RankSpec, WorkerRank  # noqa: E402
+from worker.rank.step import SeqSpan  # noqa: E402
+from worker.shards.sharding import plan_shards  # noqa: E402
 
 log = logging.getLogger("bench.sync_error")
 

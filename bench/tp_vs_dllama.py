@@ -1,5 +1,5 @@
 """Tensor-parallel decode against distributed-llama, in one run: edgellm with its allreduces on
-lanes (``worker.lane``), edgellm on ZeroMQ (``EDGELLM_LANE=0``, the data plane before lanes), and
+lanes (``worker.comm.lane``), edgellm on ZeroMQ (``EDGELLM_LANE=0``, the data plane before lanes), and
 distributed-llama, each configuration of a round measured back to back, the rounds interleaved.
 
     .venv/bin/python bench/tp_vs_dllama.py --dll DLL_DIR --models DIR [--rounds 2] [--out FILE]
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner_check import cluster, decode_round  # noqa: E402
 from report import emit  # noqa: E402
 
-from worker import lane as lanes  # noqa: E402
+from worker.comm import lane as lanes  # noqa: E402
 
 log = logging.getLogger("bench.tp_vs_dllama")
 PEERS = Path(__file__).resolve().parents[1].parent.parent / "shared" / "peers"
@@ -77,7 +77,7 @@ def edgellm(model_dir: Path, ranks: int, weights: str, cache: Path) -> float:
     model = model_dir
     if weights == "int8":
         from server.quantized_cache import quantized_shards
-        from worker.quant import QuantSpec
+        from worker.kernels.quant import QuantSpec
 
         model = quantized_shards(model_dir, [1.0] * ranks, QuantSpec(bits=8), torch.float32, cache)
     with cluster(model, ranks, 2 if ranks == 1 else 1, PROMPT + TOKENS + 8) as (executor, _):

@@ -266,7 +266,7 @@ compose_check() {
     done_step "compose up until /health is 200"
     if [ "$ARCH" = amd64 ]; then  # the kernels built into the image load as the runtime user, with no compiler
         docker exec "$(dc ps -q coordinator)" python -c \
-            "from worker import native; assert native.f32_mm() is not None and native.int8_mm() is not None" \
+            "from worker.kernels import native; assert native.f32_mm() is not None and native.int8_mm() is not None" \
             || fail "the image's native kernels do not load in the coordinator container"
         log "   native kernels load in the container (built at image build time)"
     fi

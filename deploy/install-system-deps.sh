@@ -79,7 +79,7 @@ command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || missing+=(g++-aarch64-linux-
 [ -x /usr/lib/llvm-19/bin/llvm-mca ] || missing+=(llvm-19)
 # --- end aarch64 ---
 
-# --- tpstep: the data-plane lanes (worker/lane.py, worker/kernels/lane.c) compile against
+# --- tpstep: the data-plane lanes (worker/comm/lane.py, worker/kernels/lane.c) compile against
 # libsodium (ChaCha20-Poly1305 on every frame); without it allreduces fall back to ZeroMQ.
 [ -f /usr/include/sodium.h ] || missing+=(libsodium-dev)
 # --- end tpstep

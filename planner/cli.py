@@ -149,7 +149,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from planner.nodes import load_nodes
     from planner.plan import make_plan
     from planner.shapes import load_shape
-    from worker.sharding import parse_weights
+    from worker.shards.sharding import parse_weights
 
     config = load_shape(args.model)
     try:

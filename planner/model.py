@@ -34,13 +34,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from worker.config import ModelConfig
-from worker.sharding import RankShard
+from worker.shards.sharding import RankShard
 
 MIB = 1 << 20
 # Peak RSS of a rank beyond its budget (Python, torch, gRPC, ZeroMQ, activations): docs/memory.md, "Fixed overhead".
 FIXED_OVERHEAD_BYTES = 384 * MIB
 # Bytes per weight. int8: per-channel scales are negligible; int4: a bf16 scale and zero per group of 64
-# inputs (edgellm shard's default --group-size; worker/quant.py's format): 4.5 bits, like
+# inputs (edgellm shard's default --group-size; worker/kernels/quant.py's format): 4.5 bits, like
 # distributed-llama's Q40 and llama.cpp's Q4_0 (a 16-bit scale per 32).
 BYTES_PER_PARAM: dict[str, float] = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5625}
 
@@ -240,7 +240,7 @@ class RankLoad:
 def block_params(config: ModelConfig, shard: RankShard) -> tuple[list[int], int]:
     """Parameters of ``shard``'s dense blocks in the order a forward pass reads them (each layer's
     attention, then its MLP: for an MoE layer the norm, router and shared expert), as
-    ``worker.weight_store.dense_order`` streams them, and of one routed expert (norms included,
+    ``worker.memory.weight_store.dense_order`` streams them, and of one routed expert (norms included,
     biases ignored)."""
     d, hd = config.hidden_size, config.head_dim
     qh, kh = shard.num_q_heads, shard.num_kv_heads
@@ -319,7 +319,7 @@ def kv_cache_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
 
 def context_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
     """What a rank's budget holds beside its weights: the KV cache and the RoPE tables (cos and
-    sin of every position, in the KV dtype), as ``worker.loader`` reserves them."""
+    sin of every position, in the KV dtype), as ``worker.rank.loader`` reserves them."""
     rope = 2 * work.max_context * config.head_dim * work.bytes_per(work.kv_dtype)
     return kv_cache_bytes(config, load, work) + int(rope)
 
@@ -331,7 +331,7 @@ def rank_memory_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> in
 
 
 def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
-    """One allreduce of ``payload_bytes`` per rank, as ``worker.collective`` runs it: the
+    """One allreduce of ``payload_bytes`` per rank, as ``worker.comm.collective`` runs it: the
     exchange at two ranks, the star from three."""
     if len(nodes) == 1:
         return 0.0

@@ -6,7 +6,7 @@ bandwidth``, or ``max(that + comm, s * bytes / disk)`` once the share no longer 
 memory). The chooser finds the smallest step time T whose affordable shares
 ``s_r(T) = max{s : t_r(s) <= T}`` add up to the whole model (bisection on T), so shares come out
 proportional to bandwidth where memory allows and a node without memory for its share gets less.
-The shares are then rounded to whole KV heads and MLP columns by ``worker.sharding.plan_shards``
+The shares are then rounded to whole KV heads and MLP columns by ``worker.shards.sharding.plan_shards``
 and the resulting plan is priced by ``planner.model.predict``.
 """
 
@@ -33,7 +33,8 @@ from planner.model import (
     rank_load,
     streams,
 )
-from worker.budget import (
+from worker.config import ModelConfig
+from worker.memory.budget import (
     BudgetError,
     expert_share,
     experts_minimum,
@@ -41,8 +42,7 @@ from worker.budget import (
     plan_expert_slots,
     plan_window,
 )
-from worker.config import ModelConfig
-from worker.sharding import RankShard, ShardingError, plan_shards
+from worker.shards.sharding import RankShard, ShardingError, plan_shards
 
 SYNC_DTYPES = ("float32", "bfloat16")
 # A reduced-precision allreduce must buy at least this much speed to be worth its rounding error.
@@ -124,8 +124,8 @@ def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Seque
                   work: Workload) -> None:
     """Refuse a plan whose ``--memory-budget`` a worker would refuse at start: a streamed shard
     needs at least two of its largest blocks beside the KV cache and RoPE tables (the sliding
-    window, ``worker.budget.plan_window``), and an MoE rank room for one token's experts in
-    what the budget leaves (``plan_expert_slots``), the same rules ``worker.loader`` applies."""
+    window, ``worker.memory.budget.plan_window``), and an MoE rank room for one token's experts in
+    what the budget leaves (``plan_expert_slots``), the same rules ``worker.rank.loader`` applies."""
     bpp = work.bytes_per(work.weight_dtype)
     moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_layers))
     for shard, node, budget in zip(shards, nodes, budgets, strict=True):

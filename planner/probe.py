@@ -4,17 +4,17 @@ Every measurement is bounded: a fixed amount of work, repeated a few times, best
 best run is the machine's capability; the others saw noise from neighbours).
 
 - ``matmul_gflop_s``: dense (n x n) @ (n x n) in each dtype (prefill is GEMM-bound); int8: fp32
-  activations times an int8 weight through ``worker.quant.linear``.
+  activations times an int8 weight through ``worker.kernels.quant.linear``.
 - ``matvec_gb_s``: a vector times a set of weight matrices larger than the last-level cache,
   as bytes of weights per second (decode at batch 1 is bound by this), at an input width of
   4096; ``matvec_by_width`` also at 512 and 1024 (narrow matrices stream less efficiently).
-  Every dtype goes through ``worker.quant.linear``, so it times the kernel a shard of that dtype
+  Every dtype goes through ``worker.kernels.quant.linear``, so it times the kernel a shard of that dtype
   runs here (the native float32 and int8 kernels where they build).
 - ``copy_gb_s``: a large tensor copy (read + write bytes per second), for reference.
 - ``layer_overhead_us`` / ``step_overhead_us``: what our own decode step costs beyond its matrix
   work, per layer and per step, measured by running it on tiny random models.
 - ``allreduce_overhead_us``: one 2-rank star allreduce of a small payload over loopback, rank 1
-  in its own process (ZeroMQ, CURVE, Python, the real ``worker.collective`` code), minus the
+  in its own process (ZeroMQ, CURVE, Python, the real ``worker.comm.collective`` code), minus the
   loopback round trip: the software cost each allreduce adds beyond the wire.
   ``exchange_overhead_us``: the same for the 2-rank exchange (what 2 ranks run), minus half a
   round trip.
@@ -42,13 +42,13 @@ from typing import Any
 import psutil
 import torch
 
-from worker.quant import SCALE_DTYPE, QuantWeight, linear
+from worker.kernels.quant import SCALE_DTYPE, QuantWeight, linear
 
 log = logging.getLogger(__name__)
 
 MATVEC_WIDTHS = (512, 1024, 4096)  # input features of the probed matrices; the last is the headline
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INT8 = "int8"  # weight-only int8 (``edgellm shard --quantize int8``), timed through worker.quant.linear
+INT8 = "int8"  # weight-only int8 (``edgellm shard --quantize int8``), timed through worker.kernels.quant.linear
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
@@ -75,7 +75,7 @@ def _random_weight(dtype: str, rows: int, cols: int) -> Any:
 
 def matmul_gflop_s(dtype: str, n: int = 1024, repeats: int = 5, budget_s: float = 3.0) -> float:
     """(n x n) @ (n x n) flop/s; int8: n fp32 rows times an int8 (n, n) weight through
-    ``worker.quant.linear``, the kernel a quantized shard's prefill runs on this node."""
+    ``worker.kernels.quant.linear``, the kernel a quantized shard's prefill runs on this node."""
     if dtype == INT8:
         x, w = torch.randn(n, n), _random_weight(INT8, n, n)
         seconds = _best_seconds(lambda: linear(x, w), repeats, budget_s)
@@ -132,12 +132,12 @@ def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
     cost of one decoder layer's ops (norms, RoPE, KV cache, attention, the allreduce call...),
     ``step_overhead_us`` that of the rest of a step (embedding, plan, final norm, head)."""
     from planner.synthetic import write_random_llama
-    from worker.collective import StarHub
+    from worker.comm.collective import StarHub
     from worker.config import ModelConfig
-    from worker.executor import Executor
-    from worker.runtime import RankSpec
-    from worker.sharding import plan_shards
-    from worker.step import SeqSpan
+    from worker.rank.executor import Executor
+    from worker.rank.runtime import RankSpec
+    from worker.rank.step import SeqSpan
+    from worker.shards.sharding import plan_shards
 
     def step_seconds(model_dir: Path) -> float:
         config = ModelConfig.from_dir(model_dir)
@@ -169,7 +169,7 @@ def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
 def _probe_rank(address: str, phases: list[tuple[int, int]]) -> None:
     """Rank 1 of the allreduce probe, in its own process as on a real worker: ``phases`` of
     (allreduces, floats each), in the hub's order; this side answers a star or an exchange alike."""
-    from worker.collective import StarRank
+    from worker.comm.collective import StarRank
 
     torch.set_num_threads(1)
     link = StarRank(1, address, token="probe", timeout_s=30)
@@ -195,7 +195,7 @@ def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]
     import multiprocessing as mp
 
     from planner.link import LinkServer, measure_link
-    from worker.collective import StarHub
+    from worker.comm.collective import StarHub
 
     large_iters = max(10, iters // 5)
     # (label, exchange?, allreduces, floats): rank 1 runs the same phases in the same order

@@ -1,7 +1,7 @@
 """Random Llama checkpoints written straight to safetensors, for probing and benchmarks.
 
 No ``transformers`` needed: config.json plus one ``model.safetensors`` of std-0.02 weights under
-the Hugging Face names that ``worker.checkpoint`` reads.
+the Hugging Face names that ``worker.shards.checkpoint`` reads.
 """
 
 from __future__ import annotations

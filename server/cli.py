@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from worker.config import ModelConfig
-    from worker.quant import QuantSpec
+    from worker.kernels.quant import QuantSpec
 
 log = logging.getLogger("edgellm")
 
@@ -82,7 +82,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running requests wait for a failed rank to rejoin before they fail (default: 30)")
     p.add_argument("--step-timeout", type=positive_float, default=30.0,
                    help="seconds a step waits for a rank before the request fails (default: 30)")
-    from worker.budget import size_argument
+    from worker.memory.budget import size_argument
 
     p.add_argument("--memory-budget", type=size_argument, default=None, metavar="SIZE",
                    help="weights + KV cache bytes of rank 0 and of each --local-workers rank, e.g. 2GiB; "
@@ -132,7 +132,9 @@ def _expert_bits(text: str) -> int | str:
 
 
 def _quant_spec(args: argparse.Namespace) -> QuantSpec | None:
-    from worker.quant import QuantSpec  # lazily: it imports torch, which `edgellm --help` does not need
+    from worker.kernels.quant import (
+        QuantSpec,  # lazily: it imports torch, which `edgellm --help` does not need
+    )
 
     bits = {"none": None, "int8": 8, "int4": 4}[args.quantize]
     lm_head_bits = 8 if args.lm_head == "int8" and bits else None  # as --lm-head says: float without --quantize
@@ -153,8 +155,8 @@ def _check_shard_dir_split(model: str, plan: list, weights: list[float], remote:
     """A shard directory serves only the split it was written for: say which, before any rank
     finds its file missing or different."""
     from worker.config import CheckpointError
-    from worker.sharding import RankShard
-    from worker.weights import check_quant_format, is_shard_dir, read_manifest
+    from worker.shards.sharding import RankShard
+    from worker.shards.weights import check_quant_format, is_shard_dir, read_manifest
 
     if not is_shard_dir(model):
         return
@@ -182,8 +184,8 @@ def _weights_text(weights: list[float]) -> str:
 def _split_weights(model: str, text: str | None, world: int) -> list[float]:
     """``--weights``, or for a shard directory served without it the split it was written with
     (recorded in its manifest), so `serve --model SHARDS` needs no flag `edgellm shard` had."""
-    from worker.sharding import parse_weights
-    from worker.weights import is_shard_dir, read_manifest
+    from worker.shards.sharding import parse_weights
+    from worker.shards.weights import is_shard_dir, read_manifest
 
     if not text and is_shard_dir(model):
         written = read_manifest(model).get("weights")
@@ -196,8 +198,8 @@ def _split_weights(model: str, text: str | None, world: int) -> list[float]:
 def _auto_expert_bits(args: argparse.Namespace) -> dict[tuple[int, int], int]:
     """``--expert-bits auto``: measure every expert's int4/int8 error, weigh it by its routing
     frequency on ``--expert-calibration`` if given, and plan the widths within ``--expert-budget``."""
-    from worker.budget import BudgetError
-    from worker.expert_bits import measure_experts, parse_budget, plan_expert_bits, router_frequency
+    from worker.memory.budget import BudgetError
+    from worker.shards.expert_bits import measure_experts, parse_budget, plan_expert_bits, router_frequency
 
     measured = measure_experts(args.model, args.group_size)
     float_bytes = sum(m[32][0] for m in measured.values())
@@ -212,9 +214,9 @@ def _auto_expert_bits(args: argparse.Namespace) -> dict[tuple[int, int], int]:
 
 def run_shard(args: argparse.Namespace) -> int:
     from worker.config import ModelConfig
-    from worker.service import DTYPES
-    from worker.shard_writer import write_shards
-    from worker.sharding import parse_weights, plan_shards
+    from worker.rank.service import DTYPES
+    from worker.shards.shard_writer import write_shards
+    from worker.shards.sharding import parse_weights, plan_shards
 
     quant = _quant_spec(args)
     config = ModelConfig.from_dir(args.model)
@@ -253,8 +255,8 @@ def _quantized_model(args: argparse.Namespace, weights: list[float], quant: Quan
     ``server.quantized_cache``)."""
     from server.quantized_cache import quantized_shards
     from worker.config import CheckpointError
-    from worker.service import DEFAULT_CACHE_DIR, DTYPES
-    from worker.weights import is_shard_dir
+    from worker.rank.service import DEFAULT_CACHE_DIR, DTYPES
+    from worker.shards.weights import is_shard_dir
 
     if is_shard_dir(args.model):
         raise CheckpointError(f"{args.model} is already sharded (its quantization was chosen by `edgellm shard`): "
@@ -273,8 +275,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.tokenizer import TextTokenizer
     from server.workers import ClusterError, LocalWorker, check_workers
     from worker.config import ModelConfig
-    from worker.runtime import freeze_loaded_objects
-    from worker.sharding import plan_shards
+    from worker.rank.runtime import freeze_loaded_objects
+    from worker.shards.sharding import plan_shards
 
     # the coordinator and its local workers share this machine's cores: oversubscribing them
     # (each process taking every core) made batched steps 4-25x slower in the load tests
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from server.workers import ClusterError
     from worker.config import CheckpointError
-    from worker.sharding import ShardingError
+    from worker.shards.sharding import ShardingError
 
     try:
         if args.command == "serve":

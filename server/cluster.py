@@ -19,15 +19,15 @@ import grpc
 from protos.edgellm.v1 import control_pb2 as pb
 from server.shard_source import serve_shards
 from server.workers import ClusterError, LocalWorker, WorkerClient
-from worker.collective import CollectiveError, StarHub
+from worker.comm.collective import CollectiveError, StarHub
+from worker.comm.wire import sync_dtype_name
 from worker.config import ModelConfig
-from worker.executor import Executor
-from worker.runtime import RankSpec
-from worker.service import DTYPES, shard_to_proto, stats_dict, stats_reply
-from worker.shard_fetch import verify_shard_file
-from worker.sharding import RankShard, plan_shards
-from worker.weights import HUB_FILE, shard_file_name
-from worker.wire import sync_dtype_name
+from worker.rank.executor import Executor
+from worker.rank.runtime import RankSpec
+from worker.rank.service import DTYPES, shard_to_proto, stats_dict, stats_reply
+from worker.shards.shard_fetch import verify_shard_file
+from worker.shards.sharding import RankShard, plan_shards
+from worker.shards.weights import HUB_FILE, shard_file_name
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def advertised_host(worker_addresses: list[str]) -> str:
 def ranks_on_host(worker_addresses: list[str]) -> Callable[[int], int]:
     """rank -> how many ranks run on its host, from the workers' addresses (rank r is
     ``worker_addresses[r - 1]``; rank 0, the coordinator, shares the loopback workers' host).
-    A lane spins before it sleeps only where its host has a core per rank (``worker.lane.spin_us``)."""
+    A lane spins before it sleeps only where its host has a core per rank (``worker.comm.lane.spin_us``)."""
     hosts = ["127.0.0.1"] + [a.rsplit(":", 1)[0].replace("localhost", "127.0.0.1") for a in worker_addresses]
     return lambda rank: hosts.count(hosts[rank]) if 0 <= rank < len(hosts) else 1
 
@@ -238,7 +238,7 @@ class Cluster:
     def stats(self) -> list[dict]:
         """Every rank's numbers, rank 0 (this process) first: ``{"rank", "address", <StatsReply fields>}``;
         an unreachable worker gets only ``rank``, ``address`` and ``"error"``."""
-        from worker.service import stats_dict
+        from worker.rank.service import stats_dict
 
         out: list[dict] = [{"rank": 0, "address": "coordinator", **self.executor.stats()}]
         for rank, client in enumerate(self.clients, start=1):

@@ -32,9 +32,9 @@ from server.sampler import (
     token_logprob,
 )
 from server.tokenizer import IncrementalDecoder, StopMatcher, TextTokenizer
-from worker.collective import CollectiveError
-from worker.executor import Executor
-from worker.step import SeqSpan
+from worker.comm.collective import CollectiveError
+from worker.rank.executor import Executor
+from worker.rank.step import SeqSpan
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from worker.config import ModelConfig
-from worker.quant import QUANT_FORMAT, QuantSpec
-from worker.shard_writer import write_shards
-from worker.sharding import RankShard, plan_shards
-from worker.weights import SHARD_MANIFEST
+from worker.kernels.quant import QUANT_FORMAT, QuantSpec
+from worker.shards.shard_writer import write_shards
+from worker.shards.sharding import RankShard, plan_shards
+from worker.shards.weights import SHARD_MANIFEST
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Shard distribution, coordinator side: a gRPC service that hands each worker the files of
-the model it needs, in chunks, with their sha256 (see worker/shard_fetch.py)."""
+the model it needs, in chunks, with their sha256 (see worker/shards/shard_fetch.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import grpc
 
 from protos.edgellm.v1 import shards_pb2 as spb
 from protos.edgellm.v1 import shards_pb2_grpc as spb_grpc
-from worker.service import TokenInterceptor
-from worker.shard_fetch import CHUNK_BYTES, file_sha256, needed_files
+from worker.rank.service import TokenInterceptor
+from worker.shards.shard_fetch import CHUNK_BYTES, file_sha256, needed_files
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import grpc
 
 from protos.edgellm.v1 import control_pb2 as pb
 from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
-from worker.service import TOKEN_METADATA_KEY
+from worker.rank.service import TOKEN_METADATA_KEY
 
 log = logging.getLogger(__name__)
 

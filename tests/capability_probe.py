@@ -15,14 +15,14 @@ import torch
 
 from server.cli import main as edgellm_main
 from tests.harness import inprocess_cluster
-from worker import native
-from worker.checkpoint import open_safetensors
 from worker.config import ModelConfig
-from worker.quant import QuantWeight, field, linear
-from worker.shard_file import ShardFile
-from worker.sharding import plan_shards
-from worker.step import SeqSpan
-from worker.weights import rank_shard_path
+from worker.kernels import native
+from worker.kernels.quant import QuantWeight, field, linear
+from worker.rank.step import SeqSpan
+from worker.shards.checkpoint import open_safetensors
+from worker.shards.shard_file import ShardFile
+from worker.shards.sharding import plan_shards
+from worker.shards.weights import rank_shard_path
 
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77]
 TOKENS = 12

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from worker.collective import StarHub
+from worker.comm.collective import StarHub
 from worker.config import ModelConfig
-from worker.executor import Executor
-from worker.runtime import RankSpec, WorkerRank
-from worker.sharding import plan_shards
+from worker.rank.executor import Executor
+from worker.rank.runtime import RankSpec, WorkerRank
+from worker.shards.sharding import plan_shards
 
 
 @contextmanager

@@ -12,8 +12,15 @@ import torch
 import zmq
 
 from tests.processes import served
-from worker.collective import SPIN_ENV, CollectiveError, StarHub, StarRank, _recv_frames, default_spin_wait_s
-from worker.wire import (
+from worker.comm.collective import (
+    SPIN_ENV,
+    CollectiveError,
+    StarHub,
+    StarRank,
+    _recv_frames,
+    default_spin_wait_s,
+)
+from worker.comm.wire import (
     INT8_LEVELS,
     LOSSY_MIN_WIDTH,
     SYNC_DTYPES,

@@ -291,8 +291,8 @@ def test_moe_over_a_worker_process_matches_transformers(checkpoints, tmp_path: P
     expected_text = TextTokenizer(model_dir).decode(expected[0, len(prompt):].tolist())
     if extra:
         from worker.config import ModelConfig
-        from worker.shard_writer import write_shards
-        from worker.sharding import plan_shards
+        from worker.shards.shard_writer import write_shards
+        from worker.shards.sharding import plan_shards
 
         shards = plan_shards(ModelConfig.from_dir(model_dir), [1.0, 1.0])
         model_dir = write_shards(model_dir, shards, tmp_path / "shards", progress=False)

@@ -1,5 +1,5 @@
 """edgellm on aarch64 (a Raspberry Pi's ISA), run here under qemu: the kernel tests through the real
-``worker.native``, and the embedded model served on 2 ranks in fp32, int8 and int4, which must
+``worker.kernels.native``, and the embedded model served on 2 ranks in fp32, int8 and int4, which must
 give x86's fp32 greedy text.
 
 The arm64 Debian tree with torch 2.9.1 (PyPI's aarch64 CPU build) comes from

@@ -1,4 +1,4 @@
-"""The aarch64 kernels (worker/kernels/arm/) cross-compiled with worker.native's own flags and run
+"""The aarch64 kernels (worker/kernels/arm/) cross-compiled with worker.kernels.native's own flags and run
 under qemu as a Cortex-A72 (the Pi 4: no dot-product instructions) and a Cortex-A76 (the Pi 5:
 sdot), through a C harness (tests/kernel_harness.c), against float64 references: the shapes and
 row counts of the x86 tests (tests/test_native.py, tests/test_decode_kernels.py) plus the
@@ -31,8 +31,8 @@ from tests.test_native import (
     QBLOCK,
     activation_half_steps,
 )
-from worker import native
 from worker.config import RopeConfig
+from worker.kernels import native
 from worker.models.llama import rope_inv_freq, rope_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def _check_int4(case: Case, y: torch.Tensor) -> None:
     ref_hat, bound = _int4_reference(case)
     err = (y.double() - ref_hat).abs()
     assert (err <= bound).all(), f"max error {err.max().item()} against the quantized activations"
-    ref = x.double() @ (centred + zero).T  # the dequantized matrix (worker/quant.py's format)
+    ref = x.double() @ (centred + zero).T  # the dequantized matrix (worker/kernels/quant.py's format)
     assert ((y.double() - ref).abs() <= bound + activation_half_steps(x) @ centred.abs().T).all()
 
 
@@ -339,7 +339,7 @@ def _run(harness: Path, cpu: str, cases: list[Case]) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Case], dict[str, str]]:
-    """The harness built from worker.native's aarch64 compile units, and every case run on both
+    """The harness built from worker.kernels.native's aarch64 compile units, and every case run on both
     CPU models (in parallel): (the cases with their outputs, cpu -> the kernels it chose)."""
     out = tmp_path_factory.mktemp("arm")
     objects = native.compile_objects("aarch64", CROSS_CC, out)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.budget import BudgetError, WindowPlan, parse_size, plan_expert_slots, plan_window
 from worker.config import RopeConfig
-from worker.expert_cache import Entry, choose_victim
+from worker.memory.budget import BudgetError, WindowPlan, parse_size, plan_expert_slots, plan_window
+from worker.memory.expert_cache import Entry, choose_victim
 from worker.models.llama import rope_inv_freq, rope_table, rope_table_bytes
 from worker.models.moe import Predictor
 
@@ -122,7 +122,7 @@ def test_rope_table_bytes_is_what_the_tables_take(dtype: torch.dtype) -> None:
 def test_a_bad_size_on_the_command_line_says_what_a_size_looks_like(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from worker.budget import size_argument
+    from worker.memory.budget import size_argument
 
     parser = argparse.ArgumentParser(prog="edgellm")
     parser.add_argument("--memory-budget", type=size_argument)

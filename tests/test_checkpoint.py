@@ -12,9 +12,9 @@ import torch
 from tests.harness import inprocess_cluster
 from tests.tiny_models import build_checkpoint, load_reference
 from worker.config import CheckpointError, ModelConfig
-from worker.shard_writer import write_shards
-from worker.sharding import plan_shards
-from worker.step import SeqSpan
+from worker.rank.step import SeqSpan
+from worker.shards.shard_writer import write_shards
+from worker.shards.sharding import plan_shards
 
 PROMPT = [1, 5, 9, 33, 2, 71, 18]
 

@@ -294,10 +294,10 @@ def test_a_rank_stopped_mid_step_leaves_at_once_and_closes_its_own_socket(checkp
     coordinator's Configure. It used to wait 5 s, close the ZeroMQ socket under the step
     thread, which was still waiting for the hub (``ZMQError: Socket operation on non-socket``),
     and keep that thread and its weights alive until the 30 s step timeout."""
-    from worker.collective import StarHub
+    from worker.comm.collective import StarHub
     from worker.config import ModelConfig
-    from worker.runtime import RankSpec, WorkerRank
-    from worker.sharding import plan_shards
+    from worker.rank.runtime import RankSpec, WorkerRank
+    from worker.shards.sharding import plan_shards
 
     model_dir = checkpoints("llama")
     config = ModelConfig.from_dir(model_dir)

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from tests.harness import inprocess_cluster
 from tests.test_native import needs_native
-from worker import native
 from worker.config import RopeConfig
+from worker.kernels import native
 from worker.models.llama import apply_rope, rms_norm, rope_inv_freq, rope_table, silu_and_mul
-from worker.step import SeqSpan
+from worker.rank.step import SeqSpan
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 2e-6, floor: float = 1e-30) -> None:

@@ -24,7 +24,7 @@ import yaml
 import server.cli
 import worker.cli
 from tests.processes import ROOT, START_S
-from worker import native
+from worker.kernels import native
 
 DEPLOY = ROOT / "deploy"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
@@ -312,7 +312,7 @@ def test_dockerfile_builds_the_native_kernel_where_the_runtime_image_loads_it(tm
     (code,) = re.findall(r'python -c "([^"]+)"', build)
     env = {**os.environ, "EDGELLM_KERNEL_CACHE": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=START_S)
-    probe = "from worker import native; assert native.int8_mm() is not None"
+    probe = "from worker.kernels import native; assert native.int8_mm() is not None"
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, "PATH": "/nonexistent"}, check=True,
                    timeout=START_S)
 

@@ -14,11 +14,11 @@ from tests.test_quant import _shard
 from tests.test_streaming import _run
 from tests.tiny_models import build_checkpoint
 from worker.config import ModelConfig
-from worker.expert_bits import measure_experts, parse_budget, plan_expert_bits
-from worker.quant import block_bits
-from worker.shard_file import ShardFile
-from worker.sharding import plan_shards
-from worker.weights import SHARD_MANIFEST, expert_block, rank_shard_path
+from worker.kernels.quant import block_bits
+from worker.shards.expert_bits import measure_experts, parse_budget, plan_expert_bits
+from worker.shards.shard_file import ShardFile
+from worker.shards.sharding import plan_shards
+from worker.shards.weights import SHARD_MANIFEST, expert_block, rank_shard_path
 
 # (bytes, error) per width of four equal-sized experts whose int4 errors differ
 MEASURED = {(0, e): {4: (100, err), 8: (200, err / 16), 32: (800, 0.0)}
@@ -82,7 +82,7 @@ def test_shard_with_auto_expert_bits(tmp_path: Path) -> None:
 
 def test_calibration_weighs_experts_by_their_routing(tmp_path: Path) -> None:
     """``--expert-calibration``: the router's top-k shares on a text, per layer, weigh the plan."""
-    from worker.expert_bits import router_frequency
+    from worker.shards.expert_bits import router_frequency
 
     model = build_checkpoint(tmp_path / "moe", "qwen3_moe", moe_intermediate_size=64, num_experts=8)
     text = "a b"  # a few tokens: at most 2 experts each of 8 per layer, so some are never picked

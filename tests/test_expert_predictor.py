@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 import torch
 
-from worker import expert_reads
 from worker.config import ModelConfig
-from worker.expert_cache import Entry, ExpertCache, choose_victim
-from worker.expert_reads import PAGE, PREFETCH_PIECE, ReadQueue, pieces
+from worker.memory import expert_reads
+from worker.memory.expert_cache import Entry, ExpertCache, choose_victim
+from worker.memory.expert_reads import PAGE, PREFETCH_PIECE, ReadQueue, pieces
+from worker.memory.prefetch_gate import PrefetchGate
 from worker.models.moe import Predictor
-from worker.prefetch_gate import PrefetchGate
-from worker.shard_file import ShardFile
-from worker.shard_writer import write_shards
-from worker.sharding import plan_shards
-from worker.weights import expert_block, rank_shard_path
+from worker.shards.shard_file import ShardFile
+from worker.shards.shard_writer import write_shards
+from worker.shards.sharding import plan_shards
+from worker.shards.weights import expert_block, rank_shard_path
 
 # Layer 1's router sends a hidden state with a positive first feature to experts 2 and 3.
 ROUTER = torch.tensor([[-1.0, 0.0], [-2.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # (E=4, d=2)

@@ -1,4 +1,4 @@
-"""The data plane's lanes (``worker.lane``): frames that were altered, replayed, cut short or keyed
+"""The data plane's lanes (``worker.comm.lane``): frames that were altered, replayed, cut short or keyed
 without the token are never used; the handshake binds a lane to the cluster token; the
 allreduce over lanes matches the sum; a lane that encrypts hides its payload."""
 
@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from worker import lane as lanes
-from worker.collective import CollectiveError, StarHub, StarRank
-from worker.wire import Kind
+from worker.comm import lane as lanes
+from worker.comm.collective import CollectiveError, StarHub, StarRank
+from worker.comm.wire import Kind
 
 LIB = lanes.library()
 pytestmark = pytest.mark.skipif(LIB is None, reason="the lane library cannot be built here")

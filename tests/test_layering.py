@@ -61,7 +61,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
             if node.level:  # relative: from the package, up level - 1
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
-            # "from worker import quant" imports the module worker.quant, "from x import name" x
+            # "from worker.kernels import quant" imports the module worker.kernels.quant, "from x import name" x
             for alias in node.names:
                 names.append(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
     found = {resolved for n in names if n and (resolved := _resolve(n, modules))}
@@ -170,7 +170,7 @@ def test_the_checks_see_what_they_must_refuse(tmp_path: Path) -> None:
     # a module outside worker.models importing one of its modules runs worker/models/__init__ too
     outside = tmp_path / "outside.py"
     outside.write_text("from worker.models.llama import RankModel\n")
-    assert imports_of("worker.quant", outside, modules) == {"worker.models.llama", "worker.models"}
+    assert imports_of("worker.kernels.quant", outside, modules) == {"worker.models.llama", "worker.models"}
 
     graph = {"worker.a": {"worker.b"}, "worker.b": {"worker.c"}, "worker.c": {"worker.a"}, "worker.d": set()}
     assert find_cycles(graph) == [["worker.a", "worker.b", "worker.c"]]

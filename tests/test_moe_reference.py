@@ -10,11 +10,11 @@ import torch
 
 from tests.harness import inprocess_cluster
 from tests.tiny_models import MOE_ARCHS, load_reference
-from worker import expert_cache
 from worker.config import ModelConfig
-from worker.shard_writer import write_shards
-from worker.sharding import plan_shards
-from worker.step import SeqSpan
+from worker.memory import expert_cache
+from worker.rank.step import SeqSpan
+from worker.shards.shard_writer import write_shards
+from worker.shards.sharding import plan_shards
 
 RANK_WEIGHTS = {1: [1.0], 2: [1.0, 1.0], 3: [2.0, 1.0, 1.0]}
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77, 200, 11]

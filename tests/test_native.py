@@ -1,4 +1,4 @@
-"""The native matmuls (worker/native.py, worker/kernels/{x86,arm}/matmul.c), int8 and float32 weights:
+"""The native matmuls (worker/kernels/native.py, worker/kernels/{x86,arm}/matmul.c), int8 and float32 weights:
 built here, exact to fp32 summation against the (dequantized) matrix, used by ``linear`` for fp32
 activations, and off (torch's kernels instead) where they cannot be built."""
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from tests.processes import START_S
 from tests.test_quant import _kernel_reference
-from worker import native
-from worker.quant import QuantWeight, linear, quantize_int4, quantize_int8
+from worker.kernels import native
+from worker.kernels.quant import QuantWeight, linear, quantize_int4, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED_HERE = (platform.system() == "Linux" and shutil.which("cc") is not None
@@ -202,7 +202,7 @@ def test_bf16_kernel_sums_in_fp32_and_rounds_once(m: int, n: int, k: int) -> Non
 
 def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
-            "from worker import native; print('KERNEL', native.int8_mm() is not None)")
+            "from worker.kernels import native; print('KERNEL', native.int8_mm() is not None)")
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=START_S, check=True)
 
@@ -226,7 +226,7 @@ def test_a_cached_build_loads_without_a_compiler(tmp_path: Path) -> None:
 @needs_native
 def test_processes_starting_together_share_one_cached_build(tmp_path: Path) -> None:
     env = {**os.environ, "EDGELLM_KERNEL_CACHE": str(tmp_path)}
-    code = "from worker import native; assert native.int8_mm() is not None"
+    code = "from worker.kernels import native; assert native.int8_mm() is not None"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env) for _ in range(3)]
     assert [p.wait(timeout=START_S) for p in procs] == [0, 0, 0]
     built = sorted(p.name for p in tmp_path.iterdir())

@@ -31,9 +31,9 @@ from planner.nodes import load_nodes
 from planner.plan import choose_shares, make_plan
 from planner.shapes import NAMED_SHAPES, load_shape
 from tests.processes import START_S
-from worker.kv_cache import KVCache
+from worker.memory.kv_cache import KVCache
 from worker.models.llama import rope_table_bytes
-from worker.sharding import plan_shards
+from worker.shards.sharding import plan_shards
 
 GB = 10**9
 REPO = Path(__file__).resolve().parents[1]
@@ -271,10 +271,10 @@ def test_a_coordinator_without_room_beside_the_hub_is_refused(tmp_path: Path, ca
 
 
 def test_a_streamed_budget_below_the_window_minimum_is_refused() -> None:
-    """A rank that streams needs two of its largest blocks beside the KV cache (worker.budget's
+    """A rank that streams needs two of its largest blocks beside the KV cache (worker.memory.budget's
     rule); a plan giving it less would be refused by its worker at start."""
     from planner.model import block_params
-    from worker.budget import plan_window
+    from worker.memory.budget import plan_window
 
     config = load_shape("llama-3-8b")
     work = Workload(max_context=512)
@@ -312,10 +312,10 @@ def test_planned_blocks_are_what_a_shard_file_holds(arch: str, checkpoints, tmp_
     """The window check prices blocks as the worker reads them from a shard file."""
     from planner.model import block_params
     from worker.config import ModelConfig
-    from worker.shard_file import ShardFile
-    from worker.shard_writer import shard_file_name, write_shards
-    from worker.weight_store import dense_order
-    from worker.weights import expert_block
+    from worker.memory.weight_store import dense_order
+    from worker.shards.shard_file import ShardFile
+    from worker.shards.shard_writer import shard_file_name, write_shards
+    from worker.shards.weights import expert_block
 
     config = ModelConfig.from_dir(checkpoints(arch))
     shards = plan_shards(config, [2.0, 1.0])

@@ -16,9 +16,9 @@ from tests.harness import inprocess_cluster
 from tests.processes import served
 from tests.test_streaming import _run, _window_budget
 from tests.tiny_models import build_checkpoint
-from worker import native
 from worker.config import ModelConfig
-from worker.quant import (
+from worker.kernels import native
+from worker.kernels.quant import (
     KERNEL_DTYPE,
     QuantError,
     QuantSpec,
@@ -32,11 +32,11 @@ from worker.quant import (
     quantize_int8,
     unpack_int4,
 )
-from worker.shard_file import ShardFile
-from worker.sharding import plan_shards
-from worker.step import SeqSpan
-from worker.weight_store import dense_order
-from worker.weights import expert_block, load_hub, rank_shard_path
+from worker.memory.weight_store import dense_order
+from worker.rank.step import SeqSpan
+from worker.shards.shard_file import ShardFile
+from worker.shards.sharding import plan_shards
+from worker.shards.weights import expert_block, load_hub, rank_shard_path
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "server" / "default_model"
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77]
@@ -400,8 +400,8 @@ def test_int4_shards_of_the_old_layout_are_refused_with_the_command_that_rewrite
     import json
 
     from worker.config import CheckpointError
-    from worker.quant import QUANT_FORMAT
-    from worker.weights import SHARD_MANIFEST, check_quant_format, read_manifest
+    from worker.kernels.quant import QUANT_FORMAT
+    from worker.shards.weights import SHARD_MANIFEST, check_quant_format, read_manifest
 
     def as_format_1(shard_dir: Path) -> dict:
         manifest = read_manifest(shard_dir)

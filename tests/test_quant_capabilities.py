@@ -92,7 +92,7 @@ def test_shards_are_the_same_and_serve_the_same_tokens_under_every_capability(wr
 
 def _float_tokens() -> list[int]:
     from tests.harness import inprocess_cluster
-    from worker.step import SeqSpan
+    from worker.rank.step import SeqSpan
 
     with inprocess_cluster(DEFAULT_MODEL, [1.0] * RANKS, max_batch=1, max_context=64) as executor:
         tokens = [int(executor.step([PROMPT], [SeqSpan(0, 0, len(PROMPT))])[0].argmax())]

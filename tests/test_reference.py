@@ -7,8 +7,8 @@ import torch
 
 from tests.harness import inprocess_cluster
 from tests.tiny_models import load_reference
-from worker import native
-from worker.step import SeqSpan
+from worker.kernels import native
+from worker.rank.step import SeqSpan
 
 RANK_WEIGHTS = {1: [1.0], 2: [1.0, 1.0], 3: [2.0, 1.0, 1.0], 4: [1.0, 1.0, 1.0, 1.0]}
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77, 200, 11]  # 14 tokens > mistral's window of 12
@@ -203,7 +203,7 @@ def test_a_fault_that_repair_cannot_fix_fails_the_request_instead_of_looping(che
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3_moe"])
 def test_batched_decode_equals_each_sequence_alone(checkpoints, arch: str, ranks: int) -> None:
     """A decode step of several one-token sequences attends in one call over the longest one's
-    cache rows, masked per sequence (``worker.step.DecodeBatch``). Its logits equal those of each
+    cache rows, masked per sequence (``worker.rank.step.DecodeBatch``). Its logits equal those of each
     sequence decoded alone: with consecutive and scattered slots, a prompt longer than mistral's
     window, and slots that held a longer sequence before (stale keys must stay masked)."""
     prompts = [PROMPT, PROMPT[:5], [1, 300, 2, 150]]

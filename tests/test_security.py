@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.processes import START_S, edgellm, free_port, served, stop
-from worker.collective import CollectiveError, StarHub, StarRank
+from worker.comm.collective import CollectiveError, StarHub, StarRank
 
 pytestmark = pytest.mark.cluster
 

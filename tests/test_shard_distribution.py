@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-import worker.shard_fetch
+import worker.shards.shard_fetch
 from server.shard_source import serve_shards
 from tests.processes import ROOT, START_S, edgellm, free_port, served, stop
 from worker.config import CheckpointError
-from worker.shard_fetch import fetch_model, file_sha256, verify_rank_file
-from worker.weights import SHARD_MANIFEST
+from worker.shards.shard_fetch import fetch_model, file_sha256, verify_rank_file
+from worker.shards.weights import SHARD_MANIFEST
 
 pytestmark = pytest.mark.cluster
 BODY = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
@@ -147,7 +147,7 @@ def test_a_shard_dir_split_by_an_earlier_rule_asks_for_a_reshard(shard_dir: Path
 def _fetch_and_verify(model_dir: Path, cache: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch) -> Path:
     """Rank 1's files fetched from an in-process ShardSource over gRPC, then checked as a worker
     checks them before loading; ``reads`` collects the name of every file this side hashes."""
-    real = worker.shard_fetch.file_sha256
+    real = worker.shards.shard_fetch.file_sha256
 
     def counting(path: Path) -> str:
         reads.append(Path(path).name.removesuffix(".partial"))  # a fetch hashes its .partial file
@@ -155,12 +155,12 @@ def _fetch_and_verify(model_dir: Path, cache: Path, reads: list[str], monkeypatc
 
     server, port = serve_shards(model_dir, "127.0.0.1", 0, "t")
     try:
-        monkeypatch.setattr(worker.shard_fetch, "file_sha256", counting)
+        monkeypatch.setattr(worker.shards.shard_fetch, "file_sha256", counting)
         local, hashed = fetch_model(f"127.0.0.1:{port}", "t", 1, 3, cache)
         verify_rank_file(local, 1, 3, hashed)
         return local
     finally:
-        monkeypatch.setattr(worker.shard_fetch, "file_sha256", real)
+        monkeypatch.setattr(worker.shards.shard_fetch, "file_sha256", real)
         server.stop(None)
 
 

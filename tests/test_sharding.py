@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from worker.config import ModelConfig, RopeConfig
-from worker.sharding import ShardingError, apportion, parse_weights, plan_shards, split_columns
-from worker.weights import HUB_FILE, read_manifest
+from worker.shards.sharding import ShardingError, apportion, parse_weights, plan_shards, split_columns
+from worker.shards.weights import HUB_FILE, read_manifest
 
 
 def _config(kv_heads: int = 4, heads: int = 8, intermediate: int = 160) -> ModelConfig:
@@ -89,7 +89,7 @@ def test_every_field_of_a_rank_shard_survives_the_control_plane(checkpoints, arc
     its default (MoE expert columns (0, 0) once made every worker compute nothing of its experts)."""
     import dataclasses
 
-    from worker.service import shard_from_proto, shard_to_proto
+    from worker.rank.service import shard_from_proto, shard_to_proto
 
     config = ModelConfig.from_dir(checkpoints(arch))
     for shard in plan_shards(config, [2.0, 1.0, 1.0]):
@@ -144,7 +144,7 @@ def test_a_failed_shard_run_leaves_no_directory_it_created(checkpoints, tmp_path
 def test_a_failure_after_the_rank_files_takes_them_back(checkpoints, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure while the hub file is written, after every rank file is complete: nothing is left."""
-    from worker import shard_writer
+    from worker.shards import shard_writer
 
     def broken_hub(*args: object) -> None:
         raise OSError("No space left on device")

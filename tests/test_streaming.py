@@ -18,18 +18,18 @@ from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
 from tests.harness import inprocess_cluster
 from tests.processes import START_S, edgellm, free_port
 from tests.tiny_models import build_checkpoint
-from worker.budget import BudgetError
-from worker.collective import StarHub
+from worker.comm.collective import StarHub
 from worker.config import ModelConfig
-from worker.executor import Executor
-from worker.runtime import RankSpec
-from worker.service import TOKEN_METADATA_KEY, shard_to_proto, stats_dict
-from worker.shard_file import ShardFile
-from worker.shard_writer import write_shards
-from worker.sharding import plan_shards
-from worker.step import SeqSpan
-from worker.weight_store import dense_order
-from worker.weights import rank_shard_path
+from worker.memory.budget import BudgetError
+from worker.memory.weight_store import dense_order
+from worker.rank.executor import Executor
+from worker.rank.runtime import RankSpec
+from worker.rank.service import TOKEN_METADATA_KEY, shard_to_proto, stats_dict
+from worker.rank.step import SeqSpan
+from worker.shards.shard_file import ShardFile
+from worker.shards.shard_writer import write_shards
+from worker.shards.sharding import plan_shards
+from worker.shards.weights import rank_shard_path
 
 MiB = 1 << 20
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.runtime import spans_from_tensor, validate_step
-from worker.step import SeqSpan
-from worker.wire import Header, Kind, WireError, decode_message, encode_message
+from worker.comm.wire import Header, Kind, WireError, decode_message, encode_message
+from worker.rank.runtime import spans_from_tensor, validate_step
+from worker.rank.step import SeqSpan
 
 
 def _bytes(frames: list) -> list[bytes]:

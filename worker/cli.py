@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from worker.arguments import port_number, positive_int
-from worker.budget import size_argument
+from worker.memory.budget import size_argument
 
 log = logging.getLogger("edgellm.worker")
 
@@ -52,7 +52,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from worker.service import DEFAULT_CACHE_DIR, serve
+    from worker.rank.service import DEFAULT_CACHE_DIR, serve
 
     if parent := os.environ.get("EDGELLM_PARENT_PID"):
         _exit_with_parent(int(parent))

@@ -1,11 +1,11 @@
 /* The data plane's lane: one pre-connected TCP socket between the hub and a rank, framed and
  * authenticated, driven by the thread that computes (no I/O thread, no hand-off per message).
  *
- * Built and loaded by worker/lane.py (portable C, libsodium). A frame is
+ * Built and loaded by worker/comm/lane.py (portable C, libsodium). A frame is
  *
  *   header (24 bytes, little-endian): magic "EDL1" | kind u8 | mode u8 | format u16 | step u64 |
  *                                     seq u32 | payload bytes u32
- *   (kind: worker/wire.py's Kind; mode: 1 integrity, 2 encryption; format: the wire dtype code
+ *   (kind: worker/comm/wire.py's Kind; mode: 1 integrity, 2 encryption; format: the wire dtype code
  *   of the payload's first tensor, 0xFFFF for none)
  *   payload (payload bytes)
  *   tag (16 bytes): ChaCha20-Poly1305 (IETF) under this direction's session key, the nonce the
@@ -31,15 +31,15 @@
 #define HEADER_BYTES 24
 #define TAG_BYTES 16
 #define KEY_BYTES 32
-#define FORMAT_F32 0 /* worker/wire.py's DTYPES code of float32 */
+#define FORMAT_F32 0 /* worker/comm/wire.py's DTYPES code of float32 */
 /* The most payload bytes a frame may announce: the buffers grow to what a frame needs up to
  * this (its tag can only be checked once it is read whole). */
 #define MAX_PAYLOAD ((int64_t)1 << 30)
 
 enum { MODE_NONE = 0, MODE_MAC = 1, MODE_ENCRYPT = 2 };
-enum { KIND_PARTIAL = 3, KIND_REDUCED = 4, KIND_STOP = 5, KIND_ABORT = 7 }; /* worker/wire.py's Kind */
+enum { KIND_PARTIAL = 3, KIND_REDUCED = 4, KIND_STOP = 5, KIND_ABORT = 7 }; /* worker/comm/wire.py's Kind */
 
-/* Return codes (negative): the Python side names them in worker/lane.py. */
+/* Return codes (negative): the Python side names them in worker/comm/lane.py. */
 enum { ERR_TIMEOUT = -1, ERR_CLOSED = -2, ERR_TAG = -3, ERR_FORMAT = -4, ERR_TOO_BIG = -5, ERR_SEND = -6,
        ERR_ORDER = -7, ERR_CONTROL = -8 };
 

@@ -14,17 +14,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker import native
 from worker.config import ModelConfig, RopeConfig
-from worker.kv_cache import KVCache
-from worker.quant import Weight, linear
-from worker.sharding import RankShard
-from worker.step import DecodeBatch, SeqSpan, StepPlan
-from worker.weight_store import WeightStore
-from worker.weights import AttentionWeights, MlpWeights
+from worker.kernels import native
+from worker.kernels.quant import Weight, linear
+from worker.memory.kv_cache import KVCache
+from worker.memory.weight_store import WeightStore
+from worker.rank.step import DecodeBatch, SeqSpan, StepPlan
+from worker.shards.sharding import RankShard
+from worker.shards.weights import AttentionWeights, MlpWeights
 
 # the sum over ranks of a block's partial output; the block gives its partial up (the sum may be
-# written into it: worker.collective's allreduce_)
+# written into it: worker.comm.collective's allreduce_)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -33,7 +33,7 @@ _EPS: dict[float, torch.Tensor] = {}  # eps -> (1, 1) fp32 tensor, the addend of
 
 def _few_fp32_rows(x: torch.Tensor) -> bool:
     """Whether ``x`` is a contiguous fp32 tensor of few rows (a decode step's): where the native
-    kernels of ``worker.native`` beat torch's vectorized, multi-threaded ops."""
+    kernels of ``worker.kernels.native`` beat torch's vectorized, multi-threaded ops."""
     return x.dtype == torch.float32 and x.numel() <= native.F32_MAX_ROWS * x.shape[-1] and x.is_contiguous()
 
 

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from worker.config import ModelConfig
-from worker.expert_cache import ExpertCache
-from worker.kv_cache import KVCache
+from worker.memory.expert_cache import ExpertCache
+from worker.memory.kv_cache import KVCache
+from worker.memory.weight_store import WeightStore
 from worker.models.llama import AllReduce, RankModel, gated_mlp, rms_norm
-from worker.sharding import RankShard
-from worker.weight_store import WeightStore
-from worker.weights import MlpWeights, MoeWeights
+from worker.shards.sharding import RankShard
+from worker.shards.weights import MlpWeights, MoeWeights
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from worker.models.moe import MoeRankModel
-from worker.weights import AttentionWeights
+from worker.shards.weights import AttentionWeights
 
 
 class OlmoeRankModel(MoeRankModel):

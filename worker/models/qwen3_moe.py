@@ -7,7 +7,7 @@ import torch
 
 from worker.models.llama import rms_norm
 from worker.models.moe import MoeRankModel
-from worker.weights import AttentionWeights
+from worker.shards.weights import AttentionWeights
 
 
 class Qwen3MoeRankModel(MoeRankModel):

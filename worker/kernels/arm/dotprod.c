@@ -1,7 +1,7 @@
 /* The quantized products' inner loops with the dot-product instructions (sdot: 16 int8
  * products summed into 4 int32 lanes by one instruction), for CPUs that have them (the Pi 5's
  * Cortex-A76; not the Pi 4's Cortex-A72). Compiled with -march=armv8.2-a+dotprod as its own unit
- * (worker/native.py); matmul.c calls these only where getauxval(AT_HWCAP) has HWCAP_ASIMDDP. */
+ * (worker/kernels/native.py); matmul.c calls these only where getauxval(AT_HWCAP) has HWCAP_ASIMDDP. */
 #include <arm_neon.h>
 #include <stdint.h>
 #include <string.h>

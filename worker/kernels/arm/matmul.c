@@ -1,8 +1,8 @@
 /* Matrix products for decode on aarch64 (NEON), the same C functions and contracts as
  * ../x86/matmul.c: f32_gemm and bf16_gemm (float weights, few rows of x), int8_gemm (int8
- * weights, bf16 per-row scales, fp32 x) and int4_gemm (edgellm int4 weights: worker/quant.py).
+ * weights, bf16 per-row scales, fp32 x) and int4_gemm (edgellm int4 weights: worker/kernels/quant.py).
  *
- * Built for armv8-a, which every 64-bit Pi runs (worker/native.py). The quantized products
+ * Built for armv8-a, which every 64-bit Pi runs (worker/kernels/native.py). The quantized products
  * quantize x per 32-block to int8 first (quant.h) and sum integer products: with the
  * dot-product instructions (dotprod.c, chosen once at load from HWCAP_ASIMDDP: the Pi 5's
  * Cortex-A76) or with widening multiplies (here: the Pi 4's Cortex-A72). Unlike the x86 int8
@@ -65,7 +65,7 @@ __attribute__((constructor)) static void choose_kernels(void) {
     }
 }
 
-/* Which kernels the library runs on this CPU, for worker/native.py's log line. */
+/* Which kernels the library runs on this CPU, for worker/kernels/native.py's log line. */
 const char *kernel_isa(void) {
     return has_dotprod ? "aarch64 NEON, dot product (sdot) for int8/int4" : "aarch64 NEON, no dot product";
 }

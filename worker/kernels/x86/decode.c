@@ -1,7 +1,7 @@
 /* The small operations of a decode step, between its matrix products: RMSNorm, the gated MLP's
  * SiLU, and one new token's attention (RoPE, KV-cache write, grouped-query softmax attention).
  *
- * Built and loaded with matmul.c by worker/native.py. Why in C: a decode step streams every
+ * Built and loaded with matmul.c by worker/kernels/native.py. Why in C: a decode step streams every
  * weight from DRAM, which evicts the interpreter's and torch's own code and data from the
  * caches, so each small torch op after a matrix product costs 10-35 us instead of 3-5. On the
  * 1.1B shape (2 threads) the ops between a layer's four products took 0.96 ms, 10% of the step;

@@ -1,5 +1,5 @@
 /* int4 products (int4_gemm): y (m, n) = x (m, k) @ dequant(w).T, reading the edgellm int4 format
- * as it lies in a shard's buffer (worker/quant.py defines it):
+ * as it lies in a shard's buffer (worker/kernels/quant.py defines it):
  *   w   uint8 (n, k/2), per row k/32 blocks of 16 bytes; byte i of block b holds input 32b+i in
  *       its low nibble and input 32b+16+i in its high nibble (ggml Q4_0's order);
  *   sz  bfloat16 (n, k/g, 2): (scale, zero) of row r, group j; w[r, c] = (q - 8) * scale + zero.
@@ -14,7 +14,7 @@
  * group's sum of the quantized x (computed once per row of x). The activations' rounding (half a
  * step, d/2, per input) is the one error beside fp32 summation; tests bound it.
  *
- * Built with matmul.c by worker/native.py (x86-64 with AVX2 and FMA). */
+ * Built with matmul.c by worker/kernels/native.py (x86-64 with AVX2 and FMA). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>

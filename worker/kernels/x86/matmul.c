@@ -1,7 +1,7 @@
 /* Matrix products for decode: int8 weights (int8_gemm: y[i, n] = scale[n] * sum_k x[i, k] *
  * w[n, k]) and float32 weights for few rows (f32_gemm, at the end of this file).
  *
- * Built and loaded by worker/native.py (x86-64 with AVX2 and FMA; see its docstring for why).
+ * Built and loaded by worker/kernels/native.py (x86-64 with AVX2 and FMA; see its docstring for why).
  * The weights are a shard's int8 matrix (N, K), row-major, as it lies in its buffer; scales are
  * the shard's bfloat16 per-row scales; x (M, K) and y (M, N) are float32. Products are summed in
  * fp32 with fp32 activations: no bf16 rounding of x, unlike torch's _weight_int8pack_mm.

@@ -21,7 +21,7 @@ import grpc
 from protos.edgellm.v1 import shards_pb2 as spb
 from protos.edgellm.v1 import shards_pb2_grpc as spb_grpc
 from worker.config import CheckpointError
-from worker.weights import SHARD_MANIFEST, is_shard_dir, read_manifest, shard_file_name
+from worker.shards.weights import SHARD_MANIFEST, is_shard_dir, read_manifest, shard_file_name
 
 log = logging.getLogger(__name__)
 

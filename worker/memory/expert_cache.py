@@ -1,7 +1,7 @@
 """A rank's cache of routed experts (EdgeMoE), with its own byte budget.
 
 Every expert buffer has the size of the rank's largest expert, so the cache is a pool of equal
-preallocated buffers. Experts move into them through ``worker.expert_reads``: a layer's missed
+preallocated buffers. Experts move into them through ``worker.memory.expert_reads``: a layer's missed
 experts are read as soon as the router names them (``begin_layer``), several pieces in flight,
 while the compute thread computes the experts it has; the predictor's guesses for the next layer
 are read ahead only while the disk would otherwise idle, in pieces that stop when the guess is
@@ -45,11 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from worker import expert_reads
-from worker.expert_reads import Read, ReadQueue
-from worker.prefetch_gate import PRIOR_PRECISION, PrefetchGate
-from worker.shard_file import ShardFile
-from worker.weights import ExpertWeights, Fields, expert_block, from_fields
+from worker.memory import expert_reads
+from worker.memory.expert_reads import Read, ReadQueue
+from worker.memory.prefetch_gate import PRIOR_PRECISION, PrefetchGate
+from worker.shards.shard_file import ShardFile
+from worker.shards.weights import ExpertWeights, Fields, expert_block, from_fields
 
 POLICIES = ("distance", "lru", "frequency")
 GATED = True  # PrefetchGate decides per layer; False reads every guess (a switch for bench/moe_cache.py)

@@ -1,5 +1,5 @@
 """The data plane's lanes: one pre-connected TCP socket per worker rank to the hub, for the
-allreduces of a step (``worker.collective`` uses them when every rank has one).
+allreduces of a step (``worker.comm.collective`` uses them when every rank has one).
 
 Why not ZeroMQ for these: a 2-rank allreduce there cost ~300 µs, mostly software (its I/O
 thread on both ends, CURVE, thread wake-ups). A lane is driven by the thread that computes:
@@ -18,7 +18,7 @@ Security, bound to the cluster token as ZeroMQ CURVE was:
   the frame count: a frame forged, altered, replayed or reordered breaks the lane. Integrity is
   the default; ``encrypt`` also encrypts the payloads (``--data-plane-encryption``).
 
-The C source is compiled at first use like ``worker.native``'s kernels (cached by its hash) and
+The C source is compiled at first use like ``worker.kernels.native``'s kernels (cached by its hash) and
 linked with libsodium (``libsodium-dev``, installed by ``deploy/install-system-deps.sh``); where
 it cannot be built, ranks fall back to ZeroMQ for their allreduces and a log line says so.
 """
@@ -44,12 +44,12 @@ from pathlib import Path
 
 import torch
 
-from worker.native import cache_dir
-from worker.wire import DTYPE_CODES
+from worker.comm.wire import DTYPE_CODES
+from worker.kernels.native import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "lane.c"
+SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "lane.c"
 FLAGS = ("-O3", "-shared", "-fPIC")
 LIBS = ("-lsodium",)
 DISABLE_ENV = "EDGELLM_LANE"  # "0": allreduces over ZeroMQ, as before lanes

@@ -12,14 +12,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from worker.collective import StarHub
-from worker.kv_cache import KVCache
-from worker.loader import load_rank
+from worker.comm.collective import StarHub
+from worker.kernels.quant import linear
+from worker.memory.kv_cache import KVCache
 from worker.models.llama import rms_norm
-from worker.quant import linear
-from worker.runtime import RankSpec, spans_to_tensor
-from worker.step import SeqSpan, StepPlan
-from worker.weights import HubWeights, load_hub
+from worker.rank.loader import load_rank
+from worker.rank.runtime import RankSpec, spans_to_tensor
+from worker.rank.step import SeqSpan, StepPlan
+from worker.shards.weights import HubWeights, load_hub
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Executor:
 
     def stats(self) -> dict[str, float]:
         """Rank 0's numbers, the same keys as a worker's ``Stats`` reply (see ``rank_stats``)."""
-        from worker.service import process_memory
+        from worker.rank.service import process_memory
 
         return process_memory() | self.rank.stats() | {"steps": self.steps, "tokens": self.tokens}
 

@@ -219,7 +219,7 @@ def sum_payloads(payloads: list[list[torch.Tensor]], sync: str, shape: tuple[int
 
 def split_sync_payload(raw: torch.Tensor, fmt: int, sync: str, shape: tuple[int, ...],
                        exact_dtype: torch.dtype) -> list[torch.Tensor]:
-    """A ``sync`` payload of ``shape`` from the bytes of one lane frame (``worker.lane``), where
+    """A ``sync`` payload of ``shape`` from the bytes of one lane frame (``worker.comm.lane``), where
     its tensors lie back to back and ``fmt`` is the ``DTYPES`` code of the first, as views of
     ``raw`` (uint8), checked like ``check_sync_payload``. Raises ``WireError`` when the dtype or
     the byte count does not fit (a lane frame carries no shapes: the step fixes them)."""

@@ -21,12 +21,12 @@ import torch
 
 from protos.edgellm.v1 import control_pb2 as pb
 from protos.edgellm.v1 import control_pb2_grpc as pb_grpc
-from worker.collective import HEARTBEAT_TIMEOUT_MS
+from worker.comm.collective import HEARTBEAT_TIMEOUT_MS
+from worker.comm.wire import sync_dtype_name
 from worker.config import CheckpointError, ModelConfig
-from worker.runtime import RankSpec, WorkerRank, freeze_loaded_objects
-from worker.shard_fetch import TOKEN_METADATA_KEY, fetch_model, verify_rank_file
-from worker.sharding import RankShard
-from worker.wire import sync_dtype_name
+from worker.rank.runtime import RankSpec, WorkerRank, freeze_loaded_objects
+from worker.shards.shard_fetch import TOKEN_METADATA_KEY, fetch_model, verify_rank_file
+from worker.shards.sharding import RankShard
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Every connection is ZeroMQ CURVE, with keys derived from the cluster token: a pe
 the token fails the handshake (the hub's ZAP handler refuses its key) and never gets to send
 a frame; the frames of those who pass are encrypted and authenticated.
 
-Payloads travel in the cluster's sync dtype (``worker.wire.SYNC_DTYPES``): fp32 is exact (the
+Payloads travel in the cluster's sync dtype (``worker.comm.wire.SYNC_DTYPES``): fp32 is exact (the
 model's own dtype), fp16/bf16/int8 cut the bytes; the hub always sums in float32. No extra
 copies: tensors are sent from their own memory and received as views of the ZeroMQ frames
 (CURVE decrypts into a fresh buffer anyway, so a ``recv_into`` would only add a copy).
@@ -34,8 +34,8 @@ import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from worker import lane as lanes
-from worker.wire import (
+from worker.comm import lane as lanes
+from worker.comm.wire import (
     Kind,
     Message,
     WireError,
@@ -163,7 +163,7 @@ class StarHub:
                  sync_dtype: str = "fp32", spin_wait_s: float | None = None, exchange: bool = True,
                  lane: bool = True, lane_port: int = 0, encrypt: bool = False,
                  ranks_on_host: Callable[[int], int] | None = None):
-        """``lane``: the allreduces go over lanes (``worker.lane``, listening on ``lane_port``) where
+        """``lane``: the allreduces go over lanes (``worker.comm.lane``, listening on ``lane_port``) where
         every rank has one, else over ZeroMQ; ``encrypt`` encrypts lane payloads (integrity
         alone otherwise); ``ranks_on_host(rank)``: how many ranks share that rank's host (rank 0:
         this one), which decides whether lanes spin (default: all of them)."""

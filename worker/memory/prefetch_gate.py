@@ -1,7 +1,7 @@
 """Whether to read a layer's predicted experts ahead at all, and how many: decided per layer
 from what the expert cache measures, so that prefetching never costs more than it saves.
 
-A prefetch reads only while the disk would otherwise idle (``worker.expert_reads``), so what a
+A prefetch reads only while the disk would otherwise idle (``worker.memory.expert_reads``), so what a
 guess costs and gains is bounded:
 
 - a right guess saves at most the demand wait of its expert, and no more than the disk time

@@ -12,10 +12,10 @@ import threading
 
 import torch
 
-from worker.collective import CollectiveError, StarRank
-from worker.loader import Progress, RankSpec, load_rank
-from worker.step import SeqSpan, StepPlan
-from worker.wire import Kind, WireError
+from worker.comm.collective import CollectiveError, StarRank
+from worker.comm.wire import Kind, WireError
+from worker.rank.loader import Progress, RankSpec, load_rank
+from worker.rank.step import SeqSpan, StepPlan
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.budget import (
+from worker.config import ModelConfig
+from worker.kernels.quant import is_aux
+from worker.memory.budget import (
     BudgetError,
     expert_share,
     experts_minimum,
@@ -23,19 +25,17 @@ from worker.budget import (
     plan_expert_slots,
     plan_window,
 )
-from worker.checkpoint import Checkpoint
-from worker.config import ModelConfig
-from worker.expert_cache import ExpertCache
-from worker.io_thread import IoThread
-from worker.kv_cache import KVCache
+from worker.memory.expert_cache import ExpertCache
+from worker.memory.io_thread import IoThread
+from worker.memory.kv_cache import KVCache
+from worker.memory.weight_store import ResidentStore, WeightStore, WindowStore, dense_order
 from worker.models import model_class
 from worker.models.llama import AllReduce, RankModel, rope_table_bytes
 from worker.models.moe import MoeRankModel, Predictor
-from worker.quant import is_aux
-from worker.shard_file import ShardFile
-from worker.sharding import RankShard
-from worker.weight_store import ResidentStore, WeightStore, WindowStore, dense_order
-from worker.weights import (
+from worker.shards.checkpoint import Checkpoint
+from worker.shards.shard_file import ShardFile
+from worker.shards.sharding import RankShard
+from worker.shards.weights import (
     Fields,
     expert_block,
     fields_nbytes,
@@ -65,7 +65,7 @@ class RankSpec:
     expert_policy: str = "distance"  # expert cache eviction: "distance" or "lru"
     prefetch: bool = True  # MoE: predict and prefetch the next layer's experts
     expert_predictor: str = "adaptive"  # MoE: one of worker.models.moe.PREDICTORS
-    sync_dtype: str = "fp32"  # allreduce payload dtype, the same on every rank (worker.wire.SYNC_DTYPES)
+    sync_dtype: str = "fp32"  # allreduce payload dtype, the same on every rank (worker.comm.wire.SYNC_DTYPES)
 
 
 @dataclass

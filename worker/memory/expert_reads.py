@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.shard_file import ShardFile
+from worker.shards.shard_file import ShardFile
 
 log = logging.getLogger(__name__)
 

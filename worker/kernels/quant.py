@@ -17,9 +17,9 @@ writes or reads them:
 Format 1 (before QUANT_FORMAT was written) stored int4 nibbles in the byte order that torch's
 ``_convert_weight_to_int4pack_for_cpu`` produces on AVX2; that order depends on the CPU
 capability torch picks (``default`` on every ARM CPU, ``avx2``, ``avx512`` differ), so such a
-shard computed garbage elsewhere. Its int4 shards are refused (``worker.weights``).
+shard computed garbage elsewhere. Its int4 shards are refused (``worker.shards.weights``).
 
-Where int4 computes: the native kernel (``worker.native.int4_mm``: x86 AVX2, or NEON on aarch64)
+Where int4 computes: the native kernel (``worker.kernels.native.int4_mm``: x86 AVX2, or NEON on aarch64)
 reads these bytes as they lie in a block's buffer. Without one, ``kernel_layout`` rewrites each
 int4 matrix in place, right after its block is read (``ShardFile.read_into``: resident loads,
 the streamed window and the expert cache alike), into what torch's
@@ -33,7 +33,7 @@ Scales are stored in bfloat16, the dtype the kernels run in (below): a bf16 scal
 most 2^-9 (0.2%), an order of magnitude under the rounding error of the weights themselves.
 
 Compute never builds a float copy of a weight: ``linear`` calls a kernel on the stored tensors.
-int8 with fp32 activations goes to the native kernel of ``worker.native`` where it builds (x86-64
+int8 with fp32 activations goes to the native kernel of ``worker.kernels.native`` where it builds (x86-64
 with AVX2: 1.8x torch's at decode, fp32 activations), and so does int4 with any activations
 (``int4_mm``: activations in int8 per 32 inputs; 1.6-8x torch's int4 kernel, docs/incoming/int4fmt.md). Otherwise ``_weight_int8pack_mm`` or
 ``_weight_int4pack_mm_for_cpu``, both with bfloat16 activations (``KERNEL_DTYPE``): measured on
@@ -61,8 +61,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker import native
 from worker.config import CheckpointError
+from worker.kernels import native
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ _FLOAT_KERNELS: dict[torch.dtype, Callable[[], native.F32Mm | None]] = {torch.fl
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype.
-    fp32 activations go to the native kernels where they run (``worker.native``): every int8
+    fp32 activations go to the native kernels where they run (``worker.kernels.native``): every int8
     matrix, and float32 ones for up to ``native.F32_MAX_ROWS`` rows; so do bfloat16 activations
     times bfloat16 matrices."""
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, K)

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from worker.budget import WindowPlan
-from worker.io_thread import WINDOW, IoThread
-from worker.shard_file import ShardFile
-from worker.weights import (
+from worker.memory.budget import WindowPlan
+from worker.memory.io_thread import WINDOW, IoThread
+from worker.shards.shard_file import ShardFile
+from worker.shards.weights import (
     AttentionWeights,
     Fields,
     attn_block,
@@ -38,7 +38,7 @@ from worker.weights import (
 
 log = logging.getLogger(__name__)
 
-B = TypeVar("B")  # a block dataclass of worker.weights
+B = TypeVar("B")  # a block dataclass of worker.shards.weights
 
 
 def dense_order(num_layers: int) -> list[str]:

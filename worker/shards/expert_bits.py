@@ -9,7 +9,7 @@ matrices. Frequencies come from a calibration text run through the checkpoint (`
 calibration``); without one, every expert counts the same and the weights' error alone decides.
 Every expert starts in int4; the most important are raised to int8 while the budget allows.
 
-Errors are measured through ``worker.quant``'s own ``quantize_block`` and ``QuantWeight.dequantize``
+Errors are measured through ``worker.kernels.quant``'s own ``quantize_block`` and ``QuantWeight.dequantize``
 (whatever their byte layout), on the whole expert (one rank's slices of it get the same width).
 """
 
@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import torch
 
-from worker.checkpoint import Checkpoint
-from worker.quant import QUANTIZED_FIELDS, QuantWeight, field, quantize_block
-from worker.sharding import plan_shards
-from worker.weights import slice_layer
+from worker.kernels.quant import QUANTIZED_FIELDS, QuantWeight, field, quantize_block
+from worker.shards.checkpoint import Checkpoint
+from worker.shards.sharding import plan_shards
+from worker.shards.weights import slice_layer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def plan_expert_bits(measured: dict[Key, dict[int, tuple[int, float]]], budget: 
 
 def parse_budget(text: str, float_bytes: int) -> int:
     """``--expert-budget``: a share of the experts' float32 bytes (``25%``) or a size (``30MB``)."""
-    from worker.budget import parse_size
+    from worker.memory.budget import parse_size
 
     text = text.strip()
     if text.endswith("%"):

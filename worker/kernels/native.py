@@ -11,7 +11,7 @@ all rows of x (the figures below are x86's, measured on this project's AVX2 mach
   for all 32 matmuls, native / torch), before the last two speed-ups of its loop: 1 row
   1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8, 64 rows 37 / 49-56 (from
   12 rows on, each weight block is converted to floats once), 128 rows 71-75 / 100-104.
-- ``int4_mm``: times an int4 matrix in edgellm's format (``worker.quant``), read as stored, in
+- ``int4_mm``: times an int4 matrix in edgellm's format (``worker.kernels.quant``), read as stored, in
   ``kernels/int4.c``: the activations quantized to int8 per 32 inputs, integer dot products
   (``int4_f32_mm``: the same with fp32 activations, slower; kept for bench/int4_kernels.py).
 - ``f32_mm``: times a float32 matrix, for up to ``F32_MAX_ROWS`` rows (decode, batches, short
@@ -41,7 +41,7 @@ checks the aarch64 build under qemu against float64 references.
 Why compiled at run time rather than at install: the project installs as pure Python (a wheel
 for every platform, no build step on a Pi), and the kernels are optional. Elsewhere (another OS
 or CPU, x86 without AVX2), or without a C compiler and a cached build, or with
-``EDGELLM_NATIVE=0``, ``int8_mm()``, ``int4_mm()`` and ``f32_mm()`` are None and ``worker.quant.linear`` calls
+``EDGELLM_NATIVE=0``, ``int8_mm()``, ``int4_mm()`` and ``f32_mm()`` are None and ``worker.kernels.quant.linear`` calls
 torch; a log line says which.
 
 The library is cached by a hash of its sources and flags under ``$EDGELLM_KERNEL_CACHE``
@@ -72,7 +72,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-KERNELS = Path(__file__).resolve().parent / "kernels"
+KERNELS = Path(__file__).resolve().parent  # the C sources sit beside this module, one directory per ISA
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def _wrap_int4(lib: ctypes.CDLL, name: str = "int4_gemm") -> Int4Mm:
 
     def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
         """x fp32 (M, K) contiguous, weight uint8 (N, K/2) and scales_zeros bf16 (N, K/g, 2) in
-        edgellm's int4 layout (``worker.quant``), contiguous -> fp32 (M, N)."""
+        edgellm's int4 layout (``worker.kernels.quant``), contiguous -> fp32 (M, N)."""
         m, n, k = x.shape[0], weight.shape[0], 2 * weight.shape[1]
         y = torch.empty(m, n)
         kernel(weight.data_ptr(), scales_zeros.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, group,

@@ -17,10 +17,10 @@ from typing import TypeVar
 
 import torch
 
-from worker.checkpoint import Checkpoint, open_safetensors
 from worker.config import CheckpointError
-from worker.quant import QUANT_FORMAT, QuantWeight, Weight, field
-from worker.sharding import RankShard
+from worker.kernels.quant import QUANT_FORMAT, QuantWeight, Weight, field
+from worker.shards.checkpoint import Checkpoint, open_safetensors
+from worker.shards.sharding import RankShard
 
 SHARD_MANIFEST = "edgellm_shards.json"
 HUB_FILE = "hub.safetensors"
@@ -233,7 +233,7 @@ def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
 
 def check_quant_format(model_dir: str | Path, manifest: dict) -> None:
     """Refuse int4 shards in a byte layout this edgellm does not read (format 1 stored torch's AVX2
-    order, which computes garbage on other CPUs: ``worker.quant``), naming the command that
+    order, which computes garbage on other CPUs: ``worker.kernels.quant``), naming the command that
     rewrites them. int8 kept its layout; its shards of any format are read."""
     quant = manifest.get("quantize")
     found = manifest.get("quant_format", 1)

@@ -19,12 +19,12 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
-from worker.checkpoint import Checkpoint
 from worker.config import CheckpointError
-from worker.quant import QUANT_FORMAT, QuantSpec, quantize_block, quantize_lm_head
-from worker.shard_fetch import file_sha256
-from worker.sharding import RankShard
-from worker.weights import (
+from worker.kernels.quant import QUANT_FORMAT, QuantSpec, quantize_block, quantize_lm_head
+from worker.shards.checkpoint import Checkpoint
+from worker.shards.shard_fetch import file_sha256
+from worker.shards.sharding import RankShard
+from worker.shards.weights import (
     HUB_FILE,
     SHARD_FORMAT,
     SHARD_MANIFEST,
@@ -79,11 +79,11 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
                  weights: list[float] | None = None, expert_bits: dict[tuple[int, int], int] | None = None) -> Path:
     """Write ``rank-RR-of-NN.safetensors`` per rank, ``hub.safetensors`` and a manifest.
 
-    ``expert_bits``: a width per routed expert ((layer, expert) -> 4 or 8, ``worker.expert_bits``),
+    ``expert_bits``: a width per routed expert ((layer, expert) -> 4 or 8, ``worker.shards.expert_bits``),
     overriding ``quant.expert_bits``; the dense weights follow ``quant`` (float without it).
 
     The output directory is itself servable: config and tokenizer files are copied in.
-    ``quant`` quantizes the rank blocks' weight matrices (``worker.quant``); slices are then
+    ``quant`` quantizes the rank blocks' weight matrices (``worker.kernels.quant``); slices are then
     taken in fp32 so quantization rounds the checkpoint's values once. The hub's embedding and
     norm stay in float; its LM head is int8 when ``quant.lm_head_bits`` says so (a tied LM head
     then gets its own int8 copy: the embedding is read one row per token, the head whole).
@@ -169,7 +169,7 @@ def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, 
             shutil.copyfile(src, out / name)
     manifest = {"format": SHARD_FORMAT, "world_size": world, "dtype": str(dtype).removeprefix("torch."),
                 "quantize": quant.to_dict() if quant else None,
-                "quant_format": QUANT_FORMAT if quant else None,  # worker.quant's byte layout
+                "quant_format": QUANT_FORMAT if quant else None,  # worker.kernels.quant's byte layout
                 # --expert-bits auto: each routed expert's width, "layer.expert" -> bits
                 "expert_bits": {f"{layer}.{e}": b for (layer, e), b in sorted(expert_bits.items())} if expert_bits
                 else None,

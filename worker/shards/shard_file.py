@@ -7,7 +7,7 @@ buffer, without a copy and without mmap (mapped file pages would count in the RS
 budget is about).
 
 A block's int4 matrices come back as the running int4 kernel reads them
-(``worker.quant.kernel_layout``: as stored where the native kernel runs, else converted in
+(``worker.kernels.quant.kernel_layout``: as stored where the native kernel runs, else converted in
 place in the caller's buffer for torch's kernel), so every reader (the resident load, the
 streamed window, the expert cache) computes right on any CPU.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from worker.config import CheckpointError
-from worker.quant import kernel_layout
+from worker.kernels.quant import kernel_layout
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
            "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
