@@ -27,7 +27,7 @@ the streamed window and the expert cache alike), into what torch's
 ``_convert_weight_to_int4pack_for_cpu`` 64 rows at a time, scales transposed to (K/g, N, 2).
 It needs N % 16 == 0, so the last N % 16 rows stay in edgellm's layout and are dequantized at
 each product. The conversion allocates no more than 64 rows' nibbles as int32 and one copy of
-the scales; its time is in docs/incoming/int4fmt.md.
+the scales; its time is in docs/quantization.md.
 
 Scales are stored in bfloat16, the dtype the kernels run in (below): a bf16 scale is off by at
 most 2^-9 (0.2%), an order of magnitude under the rounding error of the weights themselves.
@@ -35,7 +35,7 @@ most 2^-9 (0.2%), an order of magnitude under the rounding error of the weights 
 Compute never builds a float copy of a weight: ``linear`` calls a kernel on the stored tensors.
 int8 with fp32 activations goes to the native kernel of ``worker.kernels.native`` where it builds (x86-64
 with AVX2: 1.8x torch's at decode, fp32 activations), and so does int4 with any activations
-(``int4_mm``: activations in int8 per 32 inputs; 1.6-8x torch's int4 kernel, docs/incoming/int4fmt.md). Otherwise ``_weight_int8pack_mm`` or
+(``int4_mm``: activations in int8 per 32 inputs; 1.6-8x torch's int4 kernel, docs/quantization.md). Otherwise ``_weight_int8pack_mm`` or
 ``_weight_int4pack_mm_for_cpu``, both with bfloat16 activations (``KERNEL_DTYPE``): measured on
 this AVX2 machine at decode (one row, 2048-5632 wide), torch's int8 kernel takes 0.25-0.45x the
 time of an fp32 ``F.linear`` with bf16 activations, 3-4x with fp32 ones and 4-9x with fp16 ones,

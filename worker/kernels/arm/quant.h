@@ -12,7 +12,7 @@
  * activations: the activation loads are shared by the 4 rows, and the 4 rows' int32 sums of a
  * block are reduced into one vector (lane r: row r) so that the scales are applied to 4 rows
  * with one instruction. Each is one small function so that it can be read and measured alone
- * (llvm-mca: docs/incoming/armkern.md). */
+ * (llvm-mca: docs/benchmarks.md). */
 #ifndef EDGELLM_ARM_QUANT_H
 #define EDGELLM_ARM_QUANT_H
 
