@@ -65,6 +65,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads of this process and of each local worker (default: cores / processes)")
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
     p.add_argument("--hub-port", type=port_number, default=0, help="ZeroMQ hub port (default: any free port)")
+    p.add_argument("--lanes", action="store_true", default=None,
+                   help="allreduces over data-plane lanes (one authenticated TCP socket per worker, driven by "
+                        "the computing thread) instead of ZeroMQ; also EDGELLM_LANE=1 (default: ZeroMQ)")
     p.add_argument("--lane-port", type=port_number, default=0,
                    help="TCP port of the data-plane lanes the allreduces use (default: any free port)")
     p.add_argument("--data-plane-encryption", action="store_true",
@@ -307,7 +310,8 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_context=max_context, dtype=args.dtype, hub_host=args.hub_host,
                           hub_port=args.hub_port, shard_port=args.shard_port, ship_shards=args.ship_shards, connect_timeout_s=args.connect_timeout,
                           step_timeout_s=args.step_timeout, memory_budget=args.memory_budget,
-                          expert_cache=args.expert_cache, sync_dtype=args.sync_dtype, lane_port=args.lane_port,
+                          expert_cache=args.expert_cache, sync_dtype=args.sync_dtype, lanes=args.lanes,
+                          lane_port=args.lane_port,
                           encrypt=args.data_plane_encryption)
     _check_port_free(args.host, args.port)
     clients = check_workers(remote, token, args.connect_timeout)

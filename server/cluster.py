@@ -83,6 +83,7 @@ class ClusterOptions:
     shard_port: int = 0  # ShardSource port for workers that fetch the model (0: any free port)
     ship_shards: bool = False  # every worker fetches its files from us, even if it sees the path
     sync_dtype: str = "fp32"  # allreduce payload dtype of every rank: fp32 (exact), fp16, bf16, int8
+    lanes: bool | None = None  # allreduces over lanes (None: EDGELLM_LANE=1, see worker.comm.lane)
     lane_port: int = 0  # TCP port of the data-plane lanes (0: any free port)
     encrypt: bool = False  # lanes encrypt their payloads (they are always authenticated)
 
@@ -119,7 +120,8 @@ class Cluster:
         host = opts.hub_host or advertised_host([c.address for c in clients])
         bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         hub = StarHub(len(shards), bind=f"tcp://{bind_host}:{opts.hub_port}", token=opts.token,
-                      timeout_s=opts.step_timeout_s, sync_dtype=opts.sync_dtype, lane_port=opts.lane_port,
+                      timeout_s=opts.step_timeout_s, sync_dtype=opts.sync_dtype, lane=opts.lanes,
+                      lane_port=opts.lane_port,
                       encrypt=opts.encrypt, ranks_on_host=ranks_on_host([c.address for c in clients]))
         hub_address = f"tcp://{host}:{hub.address.rsplit(':', 1)[1]}"
         shard_server, shard_port = serve_shards(opts.model_dir, bind_host, opts.shard_port, opts.token)

@@ -151,14 +151,15 @@ class HealthWatch(threading.Thread):
             time.sleep(0.05)
 
 
-def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("plane", [[], ["--lanes"]], ids=["zeromq", "lanes"])
+def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(tmp_path: Path, plane: list[str]) -> None:
     log = tmp_path / "serve.log"
     # the embedded model, 400 tokens: seconds of decoding left when the worker dies at chunk 3
     body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
     # --recovery-wait: the restarted worker imports torch and loads again, which took longer than the
     # default 30 s beside a CPU hog (the request then failed instead of being replayed)
     with served(DEFAULT_MODEL, "--local-workers", "2", "--model-name", "m", "--step-timeout", "3",
-                "--recovery-wait", str(START_S), log_path=log) as url:
+                "--recovery-wait", str(START_S), *plane, log_path=log) as url:
         undisturbed = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         coordinator = _coordinator(url)
         watch = HealthWatch(url)
@@ -190,6 +191,8 @@ def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(tmp_path
     text = log.read_text()
     assert "replaying 1 running sequences" in text, "the kill must have hit the request mid-stream"
     assert "Traceback" not in text
+    if plane:  # both workers' lanes, then the restarted worker's new one
+        assert text.count("data-plane lane is up") >= 3
 
 
 def test_remote_worker_that_stays_dead_ends_requests_cleanly(checkpoints, tmp_path: Path) -> None:

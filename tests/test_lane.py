@@ -159,6 +159,18 @@ def test_a_rank_number_outside_the_cluster_is_refused() -> None:
         listener.close()
 
 
+def test_hubs_use_lanes_only_when_asked(monkeypatch) -> None:
+    monkeypatch.delenv(lanes.DISABLE_ENV, raising=False)
+    assert not lanes.enabled_by_default()
+    monkeypatch.setenv(lanes.DISABLE_ENV, "1")
+    assert lanes.enabled_by_default()
+    hub = StarHub(2, token="t", timeout_s=5)
+    try:
+        assert hub.listener is not None
+    finally:
+        hub.close()
+
+
 def test_spin_is_on_where_each_rank_has_a_core_and_the_environment_wins(monkeypatch) -> None:
     monkeypatch.delenv(lanes.SPIN_ENV, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 4)
@@ -172,7 +184,7 @@ def test_spin_is_on_where_each_rank_has_a_core_and_the_environment_wins(monkeypa
 
 @pytest.mark.parametrize("encrypt", [False, True], ids=["mac", "encrypt"])
 def test_steps_over_lanes_sum_exactly_and_a_rank_killed_mid_step_is_reported(encrypt: bool) -> None:
-    hub = StarHub(2, token="t", timeout_s=5, encrypt=encrypt)
+    hub = StarHub(2, token="t", timeout_s=5, encrypt=encrypt, lane=True)
     rank = StarRank(1, hub.address, token="t", timeout_s=5)
     try:
         welcome = threading.Thread(target=rank.wait_welcome, args=(5,))

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cluster
 
 
 def test_data_plane_refuses_a_rank_with_the_wrong_token() -> None:
-    hub = StarHub(2, token="right", timeout_s=60)
+    hub = StarHub(2, token="right", timeout_s=60, lane=True)
     intruder = StarRank(1, hub.address, token="wrong", timeout_s=60)
     try:
         with pytest.raises(CollectiveError, match="did not accept"):
@@ -62,7 +62,7 @@ def test_random_bytes_on_every_port_neither_crash_nor_hang(checkpoints, tmp_path
     workers = [edgellm("worker", "--host", "127.0.0.1", "--port", str(p), "--cluster-token", "tok") for p in ports]
     try:
         with served(checkpoints("llama"), "--workers", ",".join(f"127.0.0.1:{p}" for p in ports),
-                    "--cluster-token", "tok", "--hub-port", str(hub_port), "--lane-port", str(lane_port),
+                    "--cluster-token", "tok", "--hub-port", str(hub_port), "--lanes", "--lane-port", str(lane_port),
                     "--model-name", "m",
                     "--step-timeout", "10", log_path=tmp_path / "serve.log") as url:
             body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}

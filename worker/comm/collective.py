@@ -161,10 +161,11 @@ class StarHub:
     def __init__(self, world_size: int, bind: str = "tcp://127.0.0.1:0", token: str = "",
                  timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None,
                  sync_dtype: str = "fp32", spin_wait_s: float | None = None, exchange: bool = True,
-                 lane: bool = True, lane_port: int = 0, encrypt: bool = False,
+                 lane: bool | None = None, lane_port: int = 0, encrypt: bool = False,
                  ranks_on_host: Callable[[int], int] | None = None):
         """``lane``: the allreduces go over lanes (``worker.comm.lane``, listening on ``lane_port``) where
-        every rank has one, else over ZeroMQ; ``encrypt`` encrypts lane payloads (integrity
+        every rank has one, else over ZeroMQ (None: ``lanes.enabled_by_default()``, off unless
+        ``EDGELLM_LANE=1``); ``encrypt`` encrypts lane payloads (integrity
         alone otherwise); ``ranks_on_host(rank)``: how many ranks share that rank's host (rank 0:
         this one), which decides whether lanes spin (default: all of them)."""
         self.world_size = world_size
@@ -191,6 +192,8 @@ class StarHub:
         self._lanes: dict[int, lanes.Lane] = {}  # adopted by the engine thread, by rank
         self._fast: Callable[[int, int, int], int] | None = None  # this step's in-place exchange (allreduce_)
         self.listener: lanes.Listener | None = None
+        if lane is None:
+            lane = lanes.enabled_by_default()
         lib = lanes.library() if lane and world_size > 1 else None
         if lib is not None:
             host = bind.split("://", 1)[-1].rsplit(":", 1)[0]

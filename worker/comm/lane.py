@@ -52,7 +52,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "lane.c"
 FLAGS = ("-O3", "-shared", "-fPIC")
 LIBS = ("-lsodium",)
-DISABLE_ENV = "EDGELLM_LANE"  # "0": allreduces over ZeroMQ, as before lanes
+# "1": a hub uses lanes unless told otherwise (serve --lanes does too); "0": this process has no
+# lanes at all. Unset: hubs use ZeroMQ, ranks can open a lane when a hub offers one. Off by
+# default because a served 2-rank step on an oversubscribed 2-core machine measured slower on
+# lanes than on ZeroMQ (docs/incoming/tpstep.md), although one allreduce is 10x faster.
+DISABLE_ENV = "EDGELLM_LANE"
 SPIN_ENV = "EDGELLM_SPIN_US"
 # µs a lane spins on its socket before it sleeps, where each rank of the host has a core: a wake-up
 # from poll() costs 30-60 µs here, more than most waits of an allreduce
@@ -150,6 +154,11 @@ def _open() -> ctypes.CDLL | str:
     if lib.lane_init() != 0:
         return "libsodium failed to initialise"
     return lib
+
+
+def enabled_by_default() -> bool:
+    """Whether a hub not told either way uses lanes: ``EDGELLM_LANE=1``."""
+    return os.environ.get(DISABLE_ENV) == "1"
 
 
 def library() -> ctypes.CDLL | None:
