@@ -1,6 +1,7 @@
 """edgellm on aarch64 (a Raspberry Pi's ISA), run here under qemu: the kernel tests through the real
 ``worker.kernels.native``, and the embedded model served on 2 ranks in fp32, int8 and int4, which must
-give x86's fp32 greedy text.
+give x86's fp32 greedy text (fp32 on the Pi 4 model only: the dot-product instructions serve the
+quantized products alone).
 
 The arm64 Debian tree with torch 2.9.1 (PyPI's aarch64 CPU build) comes from
 ``deploy/arm64-root.sh`` (cached under ~/.cache/edgellm; its first build takes ~10 minutes).
@@ -163,9 +164,13 @@ def test_kernel_tests_pass_on_aarch64(arm64: Arm64Tree, cpu: str, tmp_path: Path
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
 
 
+# fp32 once: only the quantized products use the dot-product instructions (chosen at run time)
+SERVED = [("none", "cortex-a72"), ("int8", "cortex-a72"), ("int8", "cortex-a76"), ("int4", "cortex-a72"),
+          ("int4", "cortex-a76")]
+
+
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize("cpu", list(CPUS))
-@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize(("quantize", "cpu"), SERVED)
 def test_two_ranks_on_aarch64_give_the_x86_fp32_text(arm64: Arm64Tree, x86_text: str, cpu: str, quantize: str,
                                                      tmp_path: Path) -> None:
     """``edgellm serve`` (embedded model, 2 ranks) inside the arm64 tree, in fp32 or quantized at
