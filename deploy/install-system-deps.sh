@@ -46,32 +46,19 @@ if [ "${1:-}" = docker ]; then
 fi
 # ==== end of the docker block ======================================================================
 
-# --- aarch64 kernel tests (tests/test_arm_kernels.py) -----------------------------------------
-# gcc-aarch64-linux-gnu  aarch64-linux-gnu-gcc: cross-compiles worker/kernels/arm/ and its harness
-# qemu-user-static       qemu-aarch64-static: runs the harness as a Cortex-A72 (no dot product,
-#                        the Pi 4) and a Cortex-A76 (dot product, the Pi 5)
-# The tests call qemu-aarch64-static directly, so binfmt_misc is not needed for them; it is
-# mounted here (as root, once per boot) for whoever runs aarch64 binaries or chroots directly.
-arm_missing=()
-command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || arm_missing+=(gcc-aarch64-linux-gnu)
-command -v qemu-aarch64-static >/dev/null 2>&1 || arm_missing+=(qemu-user-static)
-if [ ${#arm_missing[@]} -gt 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "install-system-deps: apt-get install ${arm_missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${arm_missing[@]}"
-elif [ ${#arm_missing[@]} -gt 0 ]; then
-    echo "install-system-deps: missing ${arm_missing[*]} (tests/test_arm_kernels.py skips); as root: $0" >&2
-fi
+# --- binfmt_misc, for aarch64 binaries and chroots run directly (tests/test_arm64.py, the arm64
+# images): mounted as root, once per boot. The aarch64 packages are in the list below.
 if [ "$(id -u)" -eq 0 ] && [ -d /proc/sys/fs/binfmt_misc ] && [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || echo "install-system-deps: could not mount binfmt_misc" >&2
 fi
-# --- end of the aarch64 kernel tests' block ---------------------------------------------------
+# --- end of binfmt_misc
 
 missing=()
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 { command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || missing+=(iproute2)
 
-# --- aarch64 under emulation and its cycle estimates ---
+# --- aarch64 under emulation (tests/test_arm_kernels.py: the cross compiler and qemu-aarch64-static,
+# as a Cortex-A72 and a Cortex-A76; tests/test_arm64.py: debootstrap) and its cycle estimates (llvm-19)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 command -v qemu-aarch64-static >/dev/null 2>&1 || missing+=(qemu-user-static)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing+=(gcc-aarch64-linux-gnu)
@@ -79,10 +66,10 @@ command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || missing+=(g++-aarch64-linux-
 [ -x /usr/lib/llvm-19/bin/llvm-mca ] || missing+=(llvm-19)
 # --- end aarch64 ---
 
-# --- tpstep: the data-plane lanes (worker/comm/lane.py, worker/kernels/lane.c) compile against
+# --- the data-plane lanes (worker/comm/lane.py, worker/kernels/lane.c) compile against
 # libsodium (ChaCha20-Poly1305 on every frame); without it allreduces fall back to ZeroMQ.
 [ -f /usr/include/sodium.h ] || missing+=(libsodium-dev)
-# --- end tpstep
+# --- end lanes
 
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install-system-deps: docker-compose, ip, tc, the aarch64 tools and libsodium-dev are present"

@@ -46,7 +46,8 @@ TOKENS = 4  # emulation is slow: a few greedy tokens (int4 agrees with fp32 for 
 KERNEL_TESTS = ("tests/test_native.py", "tests/test_decode_kernels.py",
                 "tests/test_quant.py::test_int8_matches_the_dequantized_matrix",
                 "tests/test_quant.py::test_int4_matches_the_dequantized_matrix",
-                "tests/test_quant.py::test_int4_layout_is_the_cpu_kernels")
+                "tests/test_quant.py::test_int4_layout_is_edgellms",
+                "tests/test_quant.py::test_load_time_conversion_is_torchs_packing")
 
 
 def _why_skip() -> str | None:
