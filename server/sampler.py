@@ -88,8 +88,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return int(torch.argmax(logits))
     # Shifted so that the largest is 0 before dividing: a tiny temperature (1e-38 is valid) then
-    # gives 0 and -inf, i.e. greedy, where logits / temperature overflowed to inf and NaN.
-    logits = (logits - logits.max()) / params.temperature
+    # gives 0 and -inf, i.e. greedy, where logits / temperature overflowed to inf and NaN. One
+    # under float32's smallest normal (1e-300) would round to 0 in float32 and give 0/0 = NaN for
+    # the largest: it divides by that smallest normal instead, the same greedy draw (ties stay fair).
+    logits = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -70,7 +70,7 @@ def test_every_bit_of_a_64_bit_seed_counts() -> None:
                        torch.rand(8, generator=torch.Generator().manual_seed(12345)))
 
 
-@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-30])
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-30, 1e-300, 5e-324])
 def test_a_tiny_temperature_is_greedy_not_a_nan(temperature: float) -> None:
     """logits / 1e-38 overflowed to inf, softmax gave NaN and the request failed with a 500."""
     assert set(_draws(SamplingParams(temperature=temperature), n=20)) == {0}
