@@ -178,7 +178,8 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     """``F.linear`` for a float or a quantized weight: (..., K) -> (..., N) in ``x``'s dtype.
     fp32 activations go to the native kernels where they run (``worker.kernels.native``): every int8
     matrix, and float32 ones for up to ``native.F32_MAX_ROWS`` rows; so do bfloat16 activations
-    times bfloat16 matrices."""
+    times bfloat16 matrices. int4 in edgellm's layout goes to the native int4 kernel, int4
+    converted at load (``kernel_layout``) to torch's."""
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, K)
     if isinstance(w, torch.Tensor):
         native_kernel = _FLOAT_KERNELS.get(x.dtype) if x.dtype == w.dtype else None
