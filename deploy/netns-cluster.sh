@@ -5,7 +5,8 @@
 # bucket (tc tbf), so the data plane runs over real interfaces at Ethernet-like or Wi-Fi-like
 # rates. The root namespace is never touched: no route, no address, no bridge there.
 #
-#   deploy/netns-cluster.sh up N [--rate 100mbit]   coordinator + N workers (replaces any previous one)
+#   deploy/netns-cluster.sh up N [--rate 100mbit] [--burst BYTES]
+#                                                   coordinator + N workers (replaces any previous one)
 #   deploy/netns-cluster.sh down                    kill what runs inside, delete the namespaces
 #   deploy/netns-cluster.sh exec NAME CMD...        run CMD in NAME's namespace (coordinator, worker1, ...)
 #   deploy/netns-cluster.sh addr NAME               print NAME's address
@@ -36,7 +37,7 @@ say() { echo "netns-cluster: $*"; }
 
 usage() {
     cat >&2 <<EOF
-usage: $0 up N [--rate 100mbit]   coordinator + N workers (replaces any previous one)
+usage: $0 up N [--rate 100mbit] [--burst BYTES]   coordinator + N workers (replaces any previous one)
        $0 down                    kill what runs inside, delete the namespaces
        $0 exec NAME CMD...        run CMD in NAME's namespace (coordinator, worker1, ...)
        $0 addr NAME               print NAME's address
@@ -82,12 +83,17 @@ rate_bits() {
 }
 
 # Cap one interface's egress: a token bucket holding 10 ms of traffic (at least 32 KiB, so
-# segmentation-offloaded packets pass whole), and at most 100 ms of queue before drops.
+# segmentation-offloaded packets pass whole), and at most 100 ms of queue before drops. A bucket
+# that large lets a 2 KB frame through at once (a decode step never empties it); --burst BYTES
+# (e.g. 4096) makes frames leave at the link's rate as on a wire (tbf then segments offloaded
+# packets itself): what bench/netns_comm.py uses to check payload / bandwidth.
 cap() {
-    local ns="$1" dev="$2" rate="$3" bits burst
-    bits="$(rate_bits "$rate")"
-    burst=$((bits / 8 / 100))
-    [ "$burst" -ge 32768 ] || burst=32768
+    local ns="$1" dev="$2" rate="$3" burst="$4" bits
+    if [ -z "$burst" ]; then
+        bits="$(rate_bits "$rate")"
+        burst=$((bits / 8 / 100))
+        [ "$burst" -ge 32768 ] || burst=32768
+    fi
     ip netns exec "$ns" tc qdisc replace dev "$dev" root tbf rate "$rate" burst "$burst" latency 100ms
 }
 
@@ -117,18 +123,22 @@ cmd_down() {
 
 cmd_up() {
     [ $# -ge 1 ] || usage
-    local workers="$1" rate="100mbit"
+    local workers="$1" rate="100mbit" burst=""
     shift
     while [ $# -gt 0 ]; do
         case "$1" in
             --rate) [ $# -ge 2 ] || usage; rate="$2"; shift 2 ;;
             --rate=*) rate="${1#--rate=}"; shift ;;
+            --burst) [ $# -ge 2 ] || usage; burst="$2"; shift 2 ;;
+            --burst=*) burst="${1#--burst=}"; shift ;;
             *) usage ;;
         esac
     done
     [[ "$workers" =~ ^[0-9]+$ ]] && [ "$workers" -ge 1 ] && [ "$workers" -le "$MAX_WORKERS" ] \
         || die "N must be a number of workers from 1 to $MAX_WORKERS"
     rate_bits "$rate" >/dev/null
+    [ -z "$burst" ] || { [[ "$burst" =~ ^[0-9]+$ ]] && [ "$burst" -ge 1600 ]; } \
+        || die "--burst is a number of bytes, at least 1600 (one full frame)"
     need_root
     cmd_down >/dev/null  # idempotent: `up` always starts from nothing
     UP_DONE=0
@@ -149,9 +159,9 @@ cmd_up() {
         ip -n "$BRIDGE_NS" link set "veth$i" master br0 up
         ip -n "$ns" addr add "$addr/24" dev eth0
         ip -n "$ns" link set eth0 up
-        cap "$ns" eth0 "$rate"              # node -> bridge
-        cap "$BRIDGE_NS" "veth$i" "$rate"   # bridge -> node
-        say "$node: namespace $ns, address $addr, link capped at $rate each way"
+        cap "$ns" eth0 "$rate" "$burst"              # node -> bridge
+        cap "$BRIDGE_NS" "veth$i" "$rate" "$burst"   # bridge -> node
+        say "$node: namespace $ns, address $addr, link capped at $rate each way${burst:+ (burst $burst bytes)}"
         i=$((i + 1))
     done
     UP_DONE=1
