@@ -61,7 +61,8 @@ def advertised_host(worker_addresses: list[str]) -> str:
 def ranks_on_host(worker_addresses: list[str]) -> Callable[[int], int]:
     """rank -> how many ranks run on its host, from the workers' addresses (rank r is
     ``worker_addresses[r - 1]``; rank 0, the coordinator, shares the loopback workers' host).
-    A lane spins before it sleeps only where its host has a core per rank (``worker.comm.lane.spin_us``)."""
+    A lane spins before it sleeps only where its host has a core to spare beyond one per rank
+    (``worker.comm.lane.spin_us``)."""
     hosts = ["127.0.0.1"] + [a.rsplit(":", 1)[0].replace("localhost", "127.0.0.1") for a in worker_addresses]
     return lambda rank: hosts.count(hosts[rank]) if 0 <= rank < len(hosts) else 1
 

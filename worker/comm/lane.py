@@ -174,14 +174,16 @@ def library() -> ctypes.CDLL | None:
 
 def spin_us(ranks_on_host: int) -> int:
     """µs to spin before sleeping: ``$EDGELLM_SPIN_US``, else ``DEFAULT_SPIN_US`` where this host
-    has a core for each of its ranks and 0 where ranks share cores (a spinning rank would take
-    the core the rank it waits for needs)."""
+    has a core to spare beyond one per rank, and 0 otherwise. With exactly a core per rank the
+    OS, the coordinator's other threads or any other load take a spinning rank's core away: on 2
+    cores with 2 ranks, spinning made a step's communication 14x slower (bench/netns_comm.py)
+    and served decode 8x slower (bench/tp_vs_dllama.py) than sleeping at once."""
     if configured := os.environ.get(SPIN_ENV):
         try:
             return max(0, int(float(configured)))
         except ValueError:
             raise ValueError(f"{SPIN_ENV} must be a number of microseconds") from None
-    return DEFAULT_SPIN_US if (os.cpu_count() or 1) >= ranks_on_host else 0
+    return DEFAULT_SPIN_US if (os.cpu_count() or 1) > ranks_on_host else 0
 
 
 # --- handshake -------------------------------------------------------------------------------------
