@@ -1,10 +1,11 @@
 """The data plane's software overhead: a 2-rank allreduce of a small payload on loopback through
 each layer of the stack, in one run, the configurations interleaved round by round.
 
-    .venv/bin/python bench/lane.py [--kb 2] [--iters 3000] [--rounds 3] [--spin-us N] [--out FILE]
+    .venv/bin/python bench/lane.py [--kb 2] [--iters 3000] [--rounds 3] [--spin-us N] [--pin] [--out FILE]
 
 Each process is one rank with one thread; both call the allreduce back to back, so rank 0's time
-per call is one crossing of the wire plus both ends' software. Configurations:
+per call is one crossing of the wire plus both ends' software. ``--pin``: rank 0 on core 0, the
+other rank on core 1 (``sched_setaffinity``, what ``taskset`` does): each rank a core of its own. Configurations:
 
 - ``wire``: two lanes without authentication (``MODES["none"]``, benchmark only), both looping
   in C (``lane_bench_exchange``): the syscalls, the loopback stack and the wake-up; what "the
@@ -50,7 +51,14 @@ KEY_A, KEY_B = bytes(32), bytes(range(32))
 WARMUP = 50
 
 
-def _raw_peer(port: int, mode: str, in_c: bool, numel: int, iters: int, spin: int) -> None:
+def pin(core: int | None) -> None:
+    """Run this process on ``core`` only (None: leave it where it is)."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+
+
+def _raw_peer(port: int, mode: str, in_c: bool, numel: int, iters: int, spin: int, core: int | None) -> None:
+    pin(core)
     lib = lanes.library()
     assert lib is not None
     sock = socket.create_connection(("127.0.0.1", port))
@@ -64,13 +72,13 @@ def _raw_peer(port: int, mode: str, in_c: bool, numel: int, iters: int, spin: in
     lane.close()
 
 
-def _raw(name: str, numel: int, iters: int, spin: int) -> list[float]:
+def _raw(name: str, numel: int, iters: int, spin: int, core: int | None) -> list[float]:
     lib = lanes.library()
     assert lib is not None
     mode, in_c = RAW[name], name != "lane_mac_raw"
     server = socket.create_server(("127.0.0.1", 0))
     peer = mp.get_context("spawn").Process(target=_raw_peer,
-                                           args=(server.getsockname()[1], mode, in_c, numel, iters, spin))
+                                           args=(server.getsockname()[1], mode, in_c, numel, iters, spin, core))
     peer.start()
     conn, _ = server.accept()
     lane = lanes.Lane(lib, conn, KEY_A, KEY_B, lanes.MODES[mode], spin)
@@ -90,7 +98,8 @@ def _raw(name: str, numel: int, iters: int, spin: int) -> list[float]:
     return times[WARMUP:]
 
 
-def _star_peer(address: str, numel: int, iters: int, spin: int) -> None:
+def _star_peer(address: str, numel: int, iters: int, spin: int, core: int | None) -> None:
+    pin(core)
     logging.getLogger("worker.comm.collective").setLevel(logging.ERROR)
     os.environ[lanes.SPIN_ENV] = str(spin)
     link = StarRank(1, address, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6)
@@ -106,10 +115,10 @@ def _star_peer(address: str, numel: int, iters: int, spin: int) -> None:
     link.close()
 
 
-def _star(options: dict[str, Any], numel: int, iters: int, spin: int) -> list[float]:
+def _star(options: dict[str, Any], numel: int, iters: int, spin: int, core: int | None) -> list[float]:
     os.environ[lanes.SPIN_ENV] = str(spin)
     hub = StarHub(2, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6, **options)
-    peer = mp.get_context("spawn").Process(target=_star_peer, args=(hub.address, numel, iters, spin))
+    peer = mp.get_context("spawn").Process(target=_star_peer, args=(hub.address, numel, iters, spin, core))
     peer.start()
     try:
         hub.wait_for_ranks(60)
@@ -172,10 +181,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--spin-us", type=int, default=lanes.spin_us(2), help="spin of both ranks (default: "
                         "worker.comm.lane.spin_us for 2 ranks on this host)")
+    parser.add_argument("--pin", action="store_true", help="rank 0 on core 0, the other rank on core 1")
     parser.add_argument("--out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(1)
+    core = None
+    if args.pin:
+        pin(0)
+        core = 1
     numel = int(args.kb * 256)
     rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
@@ -184,8 +198,8 @@ def main() -> None:
             names.reverse()
         row: dict[str, float] = {}
         for name in names:
-            times = (_raw(name, numel, args.iters, args.spin_us) if name in RAW
-                     else _star(STAR[name], numel, args.iters, args.spin_us))
+            times = (_raw(name, numel, args.iters, args.spin_us, core) if name in RAW
+                     else _star(STAR[name], numel, args.iters, args.spin_us, core))
             row[name] = round(p50(times), 1)
             row[name + "_p99"] = round(sorted(times)[int(0.99 * len(times))] * 1e6, 1)
         rounds.append(row)
@@ -193,7 +207,8 @@ def main() -> None:
     configs = list(RAW) + list(STAR)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "payload_bytes": numel * 4, "iters": args.iters, "spin_us": args.spin_us, "rounds": rounds,
+        "payload_bytes": numel * 4, "iters": args.iters, "spin_us": args.spin_us, "pinned": args.pin,
+        "loadavg": os.getloadavg(), "rounds": rounds,
         "p50_us": {c: statistics.median(r[c] for r in rounds) for c in configs},
         "overhead_p50_us": {c: round(statistics.median(r[c] - r["wire"] for r in rounds), 1)
                             for c in configs if c != "wire"},

@@ -1,6 +1,7 @@
 """Tensor-parallel decode against distributed-llama, in one run: edgellm with its allreduces on
-lanes (``worker.comm.lane``), edgellm on ZeroMQ (``EDGELLM_LANE=0``, the data plane before lanes), and
-distributed-llama, each configuration of a round measured back to back, the rounds interleaved.
+lanes (``worker.comm.lane``, spinning as it decides from cores and ranks), the same with
+``EDGELLM_SPIN_US=0`` (``lanes_spin0``), edgellm on ZeroMQ (``EDGELLM_LANE=0``, the data plane
+before lanes), and distributed-llama, each configuration of a round measured back to back, the rounds interleaved.
 
     .venv/bin/python bench/tp_vs_dllama.py --dll DLL_DIR --models DIR [--rounds 2] [--out FILE]
 
@@ -67,9 +68,14 @@ def make_models(root: Path) -> None:
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def set_lanes(on: bool) -> None:
-    """Lanes on or off for this process and the worker processes it spawns from now on."""
+def set_lanes(on: bool, spin: str | None = None) -> None:
+    """Lanes on or off, and the lanes' spin (None: their default), for this process and the
+    worker processes it spawns from now on."""
     os.environ[lanes.DISABLE_ENV] = "1" if on else "0"
+    if spin is None:
+        os.environ.pop(lanes.SPIN_ENV, None)
+    else:
+        os.environ[lanes.SPIN_ENV] = spin
     lanes._library.clear()
 
 
@@ -107,18 +113,21 @@ def main() -> None:
         row: dict[str, Any] = {}
         for name, model, ranks, weights in configs:
             result: dict[str, float] = {}
-            systems = ["lanes", "zeromq", "dllama"] if ranks > 1 else ["lanes", "dllama"]
+            systems = ["lanes", "lanes_spin0", "zeromq", "dllama"] if ranks > 1 else ["lanes", "dllama"]
             for system in systems if r % 2 == 0 else systems[::-1]:
                 if system == "dllama":
                     rate = dll.dllama(model, ranks, "f32" if weights == "fp32" else "q40", reps=RUNS)
                 else:
-                    set_lanes(system == "lanes")
+                    set_lanes(system != "zeromq", "0" if system == "lanes_spin0" else None)
                     rate = edgellm(args.models / model, ranks, weights, cache)
                 result[system] = round(rate, 1)
                 log.warning("round %d %s %s: %.1f tok/s", r, name, system, rate)
-            result["lanes_vs_dllama"] = round(result["lanes"] / result["dllama"], 2)
+            for system in ("lanes", "lanes_spin0", "zeromq"):
+                if system in result:
+                    result[f"{system}_vs_dllama"] = round(result[system] / result["dllama"], 2)
             if "zeromq" in result:
                 result["lanes_vs_zeromq"] = round(result["lanes"] / result["zeromq"], 2)
+            result["loadavg"] = round(os.getloadavg()[0], 2)
             row[name] = result
         rounds.append(row)
     set_lanes(True)
