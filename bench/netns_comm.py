@@ -35,9 +35,11 @@ Measured, per configuration (every loop bounded in count and in time):
 
 Formula: payload P = d x 4 bytes (fp32 sync), bandwidth B the cap, N ranks. ``goal_ms`` =
 2L x ((N - 1) P / B + rtt) (the hub's link carries N - 1 payloads each way), ``ratio_to_goal`` =
-the median over ``--rounds`` (the planes interleaved) / goal (the goal: at most 1.5). ``star_floor_ms`` = 2L x (2 (N - 1) P / B + rtt), what a
-star cannot beat at N >= 3 (it gathers before it can send the sum back); at N = 2 the exchange's
-floor is 2L x (P / B + rtt / 2).
+the median over ``--rounds`` (the planes interleaved) / goal (the goal: at most 1.5).
+``star_floor_ms`` = 2L x (2 (N - 1) P / B + rtt), the star's floor where a bucket holds less than
+one frame (the hub gathers, then sends the sum back); the 4 KiB bucket of ``--burst wire`` holds
+two 2 KB frames, so at 3 ranks a star comes in under it.
+At N = 2 the exchange's floor is 2L x (P / B + rtt / 2).
 """
 
 from __future__ import annotations
