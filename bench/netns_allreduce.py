@@ -216,6 +216,7 @@ def main() -> None:
     if reason := nc.skip_reason():
         emit({"skipped": reason}, args.out)
         return
+    nc.exit_on_sigterm()
     rows = [int(r) for r in args.rows.split(",")]
     wanted = args.methods.split(",")
     result: dict[str, Any] = {"machine": {"cores": os.cpu_count()}, "loadavg_start": os.getloadavg(), "d": D,

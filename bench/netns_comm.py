@@ -50,6 +50,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -85,6 +86,12 @@ STEP_WARMUP = 20
 JOIN_S = 180.0  # spawning a rank (torch import) took over a minute on the loaded 2-core machine
 BUDGET_S = 60.0  # the most one measurement loop runs
 WIRE_BURST = 4096  # bytes: a bucket of a couple of frames
+
+
+def exit_on_sigterm() -> None:
+    """``timeout`` and ``kill`` end the script through its ``finally`` blocks, which remove the
+    namespaces (the default SIGTERM would leave them behind)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def skip_reason() -> str:
@@ -412,6 +419,7 @@ def main() -> None:
     if reason := skip_reason():
         emit({"skipped": reason}, args.out)
         return
+    exit_on_sigterm()
     layers, d = SHAPE["num_hidden_layers"], SHAPE["hidden_size"]
     model_dir = args.models / "small"
     if args.served and not (model_dir / "config.json").exists():
