@@ -453,3 +453,42 @@ def test_an_unsure_guess_does_not_keep_a_cached_expert(shard_file: ShardFile) ->
     cache.end_layer()
     assert (1, 2) not in cache._entries
     cache.close()
+
+
+@pytest.mark.parametrize(("slots", "expected"), [(2, 0.0), (4, 1.0)])
+def test_survival_measures_whether_a_layers_experts_outlive_the_cycle(shard_file: ShardFile, slots: int,
+                                                                        expected: float) -> None:
+    """Two layers each using two experts: with two buffers each layer's misses evict the other's
+    experts, so none outlives the cycle (survival 0); with four, all do (1)."""
+    cache = _cache(shard_file, slots=slots)
+    for _ in range(3):
+        for layer, experts in ((0, [0, 1]), (1, [2, 3])):
+            cache.begin_layer(layer, experts)
+            for expert in experts:
+                with cache.get(layer, expert):
+                    pass
+            cache.end_layer()
+    assert cache.survival == {0: expected, 1: expected}
+    assert cache.misses == (12 if slots == 2 else 4)
+    cache.close()
+
+
+def test_a_guess_may_take_a_popular_expert_that_would_not_survive_until_used(shard_file: ShardFile) -> None:
+    """At layer 0, a guess for layer 1 may take the buffer of layer 2's expert, routed 90% of the
+    time there, only where layer 2's experts are measured not to outlive the cycle: then the
+    demand misses before layer 2 would evict it anyway (a cache of 2x the active experts)."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
+    _open_gate(cache)
+    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
+    cache.rate[(2, 1)] = 0.9
+    cache.gate.precision[1] = 0.9
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries  # survival not measured: kept
+    cache.survival[2] = 0.5
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache.survival[2] = 0.0
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 1 and set(cache._entries) == {(1, 3)}
+    cache.close()
