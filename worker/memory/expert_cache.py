@@ -138,6 +138,7 @@ class ExpertCache:
         self.fetched_bytes = 0
         self.predicted = self.predicted_used = self.used = 0  # for recall: |P ∩ A| / |A|
         self.prefetches = self.cancelled = 0
+        self.prefetches_used = 0  # guesses the layer then asked for, landed or late
         self.prefetch_bytes = 0
         self.reads: ReadQueue | None = None
         if preloaded is not None:
@@ -317,6 +318,7 @@ class ExpertCache:
             if not todo or self.reads is None:
                 return
             todo.sort(key=lambda e: -self.rate.get((layer, e), 0.0))
+            self.gate.open[layer] = True  # ungated: every layer reads its guesses; else plan() decides
             if self.gated:
                 spb, nbytes = self.reads.seconds_per_byte, self._block_bytes((layer, todo[0]))
                 expert_s = spb * nbytes
@@ -357,6 +359,7 @@ class ExpertCache:
                 self.late += 1  # read ahead, not landed yet: the rest is read now, not again
             else:
                 self.hits += 1
+            self.prefetches_used += entry.guess
             if entry.read is not None and self.reads is not None:
                 self.reads.promote(entry.read)
             entry.guess = entry.missed = False
@@ -434,4 +437,7 @@ class ExpertCache:
             "expert_read_seconds": self.file.read_seconds if self.file else 0.0,
             "expert_stall_seconds": self.stall_seconds,
             "expert_fetched_bytes": self.fetched_bytes,
+            "expert_prefetches_used": self.prefetches_used,
+            # the gate's state: MoE layers whose last guesses it let read ahead
+            "expert_prefetch_layers_open": sum(self.gate.open.values()),
         }

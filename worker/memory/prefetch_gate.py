@@ -43,6 +43,7 @@ class PrefetchGate:
         self.landed: dict[int, float] = {}  # layer -> EMA of guesses whole in memory when it started
         self._closed: dict[int, int] = {}  # layer -> calls since it stopped reading ahead for late guesses
         self.skipped = 0  # guesses not read ahead because of this gate
+        self.open: dict[int, bool] = {}  # layer -> whether its last plan read anything ahead
 
     def observe_prediction(self, layer: int, guessed: int, right: int) -> None:
         if guessed:
@@ -83,7 +84,9 @@ class PrefetchGate:
         if (available <= 0 or expert_s <= 0 or p * min(available, expert_s) <= (1 - p) * piece_s
                 or self._late(layer)):
             self.skipped += len(guesses)
+            self.open[layer] = False
             return []
+        self.open[layer] = True
         count = max(1, math.ceil(available / expert_s))
         self.skipped += max(0, len(guesses) - count)
         return list(guesses[:count])
