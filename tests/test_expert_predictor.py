@@ -17,7 +17,7 @@ from worker.config import ModelConfig
 from worker.memory import expert_reads
 from worker.memory.expert_cache import Entry, ExpertCache, choose_victim
 from worker.memory.expert_reads import PAGE, PREFETCH_PIECE, ReadQueue, pieces
-from worker.memory.prefetch_gate import PrefetchGate
+from worker.memory.prefetch_gate import MIN_SPANS, PROBE_EVERY, PrefetchGate
 from worker.models.moe import Predictor
 from worker.shards.shard_file import ShardFile
 from worker.shards.shard_writer import write_shards
@@ -491,4 +491,49 @@ def test_a_guess_may_take_a_popular_expert_that_would_not_survive_until_used(sha
     cache.survival[2] = 0.0
     cache.prefetch(1, [3])
     assert cache.prefetches == 1 and set(cache._entries) == {(1, 3)}
+    cache.close()
+
+
+def _gate_step(gate: PrefetchGate, layer: int, seconds_if_read_ahead: float, seconds_if_not: float) -> bool:
+    """One step of ``layer``: the gate's plan, then the span it took by the plan's kind."""
+    read_ahead = bool(gate.plan(layer, [1, 2], available=0.01, expert_s=0.005, piece_s=0.001))
+    gate.observe_span(layer, seconds_if_read_ahead if read_ahead else seconds_if_not)
+    return read_ahead
+
+
+def test_the_gate_turns_off_a_layer_where_reading_ahead_measures_slower_and_probes_it() -> None:
+    """Every model-based test passes (no record, lead time left); only the measured spans differ."""
+    gate = PrefetchGate()
+    steps = [_gate_step(gate, 2, 0.010, 0.005) for _ in range(64)]
+    # the first 8 steps read ahead but for a probe without, until MIN_SPANS of each kind; then
+    # reading ahead, slower, is off but for one probe in PROBE_EVERY
+    assert gate.losing(2) and gate.spans[(2, False)] >= MIN_SPANS
+    assert sum(steps[-32:]) == 32 // PROBE_EVERY
+    # now reading ahead pays: the probes see it (their average forgets the slow past in ~5 probes)
+    steps = [_gate_step(gate, 2, 0.002, 0.005) for _ in range(64)]
+    assert not gate.losing(2) and sum(steps[-16:]) == 16
+
+
+def test_the_gate_keeps_reading_ahead_where_it_measures_faster() -> None:
+    gate = PrefetchGate()
+    steps = [_gate_step(gate, 2, 0.004, 0.005) for _ in range(64)]
+    assert not gate.losing(2)
+    assert sum(steps) == 64 - MIN_SPANS  # off only for the probes that measured the other side
+
+
+def test_the_cache_scores_each_layer_span_by_whether_it_read_ahead(shard_file: ShardFile) -> None:
+    cache = _cache(shard_file)
+    assert cache.reads is not None
+    cache.reads.seconds_per_byte = 1e-9  # as measured by demand reads: a read lands in the lead
+    for precision, read_ahead in ((0.9, True), (0.01, False)):
+        cache.gate.precision[1] = precision
+        cache.prefetch(1, [0])
+        cache.begin_layer(1, [0])
+        with cache.get(1, 0):
+            pass
+        cache.end_layer()
+        assert cache.gate.spans.get((1, read_ahead)) == 1
+        cache._entries.clear()
+        cache._free = list(range(len(cache.buffers)))
+    assert cache.stats()["expert_prefetch_layers_open"] == 0
     cache.close()

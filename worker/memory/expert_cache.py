@@ -128,6 +128,7 @@ class ExpertCache:
         self.gate = PrefetchGate()
         self.gated = GATED
         self._lead_start: dict[int, float] = {}  # layer -> when its first prediction of this step came
+        self._span_start: dict[int, float] = {}  # the same, kept until the layer's experts are done
         self._layer = 0
         self._clock = 0
         self._cond = threading.Condition()
@@ -231,6 +232,8 @@ class ExpertCache:
     def end_layer(self) -> None:
         with self._cond:
             self._protected = set()
+            if (started := self._span_start.pop(self._layer, None)) is not None:
+                self.gate.observe_span(self._layer, time.perf_counter() - started)
 
     def _start(self, key: Key, buffer: int, demand: bool) -> Entry:
         """A new entry for ``key`` in ``buffer`` and its read (caller holds the lock)."""
@@ -307,6 +310,7 @@ class ExpertCache:
         with self._cond:
             if experts:
                 self._lead_start.setdefault(layer, now)
+                self._span_start.setdefault(layer, now)
             todo = []
             for expert in experts:
                 key = (layer, expert)
@@ -440,4 +444,5 @@ class ExpertCache:
             "expert_prefetches_used": self.prefetches_used,
             # the gate's state: MoE layers whose last guesses it let read ahead
             "expert_prefetch_layers_open": sum(self.gate.open.values()),
+            "expert_prefetch_layers_off": sum(self.gate.losing(layer) for layer in self.gate.open),
         }
