@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    mc.require_model(args.model)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

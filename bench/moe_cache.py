@@ -279,6 +279,16 @@ def paired_ratios(runs: dict[str, dict[str, Any]], base: str) -> dict[str, float
     return out
 
 
+TRAIN_HINT = ("make it first (bench/results/ is git-ignored; about 25 minutes on one core): .venv/bin/python "
+              "scripts/train_tiny_moe.py --output bench/results/tiny_moe_8l --layers 8 --minutes 25 --threads 1")
+
+
+def require_model(model: Path | None) -> None:
+    """Stop with how to make the trained tiny MoE when ``--model`` names a checkpoint that is not there."""
+    if model is not None and not (model / "config.json").exists():
+        raise SystemExit(f"{model} holds no checkpoint; {TRAIN_HINT}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None,
@@ -297,6 +307,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    require_model(args.model)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     names = args.runs.split(",")
