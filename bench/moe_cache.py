@@ -185,7 +185,10 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
             "stall_ms_per_token": 1000 * total["expert_stall_seconds"] / tokens,
             "prefetches_per_token": total["expert_prefetches"] / tokens,
             "cancelled_prefetches_per_token": total["expert_cancelled_prefetches"] / tokens,
-            "late_prefetches": total["expert_late_prefetches"], "argmax": argmax}
+            "late_prefetches": total["expert_late_prefetches"], "argmax": argmax,
+            # the gate's state after the last prompt: layers reading ahead, and layers it measured losing
+            "prefetch_layers_open": after.get("expert_prefetch_layers_open", 0),
+            "prefetch_layers_off": after.get("expert_prefetch_layers_off", 0)}
 
 
 def drop_page_cache(path: Path) -> None:

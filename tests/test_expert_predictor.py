@@ -537,3 +537,19 @@ def test_the_cache_scores_each_layer_span_by_whether_it_read_ahead(shard_file: S
         cache._free = list(range(len(cache.buffers)))
     assert cache.stats()["expert_prefetch_layers_open"] == 0
     cache.close()
+
+
+def test_an_expert_a_guess_took_counts_as_surviving(shard_file: ShardFile) -> None:
+    """Survival is what the demand misses leave: were the guesses' own evictions counted, each would
+    lower survival and so let guesses evict more."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
+    _open_gate(cache)
+    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
+    cache._last_used[2] = {(2, 1)}  # layer 2 used expert 1 at its last step
+    cache.rate[(2, 1)], cache.gate.precision[1], cache.survival[2] = 0.9, 0.9, 0.0
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 1 and (2, 1) not in cache._entries
+    cache._observe_survival(2)  # as layer 2 starts
+    assert cache.survival[2] == pytest.approx(0.1)  # 0.9 * 0 + 0.1 * 1: kept, as far as demand goes
+    cache.close()
