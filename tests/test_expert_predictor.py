@@ -539,17 +539,24 @@ def test_the_cache_scores_each_layer_span_by_whether_it_read_ahead(shard_file: S
     cache.close()
 
 
-def test_an_expert_a_guess_took_counts_as_surviving(shard_file: ShardFile) -> None:
-    """Survival is what the demand misses leave: were the guesses' own evictions counted, each would
-    lower survival and so let guesses evict more."""
+def test_an_expert_a_guess_took_is_no_sample_of_survival(shard_file: ShardFile) -> None:
+    """Survival is what the demand misses leave. Counted as lost, a guess's eviction would lower
+    survival and so let guesses evict more; counted as kept, it would shut guesses out of a cache
+    that keeps nothing a cycle. Layer 2 used experts 1 and 2; a guess took 1, 2 is still cached."""
     slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
-    cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
+    cache = ExpertCache(shard_file, 3, 4, 2, slot_bytes, readers=0)
     _open_gate(cache)
-    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
-    cache._last_used[2] = {(2, 1)}  # layer 2 used expert 1 at its last step
-    cache.rate[(2, 1)], cache.gate.precision[1], cache.survival[2] = 0.9, 0.9, 0.0
+    for expert in (1, 2):
+        cache._entries[(2, expert)] = Entry((2, expert), cache._free.pop(), {}, fetched=False)
+    cache._last_used[2] = {(2, 1), (2, 2)}
+    cache.rate[(2, 1)], cache.rate[(2, 2)] = 0.1, 0.9
+    cache.gate.precision[1], cache.survival[2] = 0.9, 0.5
     cache.prefetch(1, [3])
-    assert cache.prefetches == 1 and (2, 1) not in cache._entries
+    assert cache.prefetches == 1 and (2, 1) not in cache._entries and (2, 2) in cache._entries
     cache._observe_survival(2)  # as layer 2 starts
-    assert cache.survival[2] == pytest.approx(0.1)  # 0.9 * 0 + 0.1 * 1: kept, as far as demand goes
+    assert cache.survival[2] == pytest.approx(0.55)  # 0.9 * 0.5 + 0.1 * 1: expert 2 kept, expert 1 no sample
+    cache._last_used[2] = {(2, 1)}  # a step where the only expert used was taken: no sample at all
+    cache._taken_by_guess.add((2, 1))
+    cache._observe_survival(2)
+    assert cache.survival[2] == pytest.approx(0.55)
     cache.close()

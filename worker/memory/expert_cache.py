@@ -125,7 +125,7 @@ class ExpertCache:
         # where the cache is too small to keep anything a whole cycle of layers (2 buffers per active expert)
         self.survival: dict[int, float] = {}
         self._last_used: dict[int, set[Key]] = {}  # layer -> the experts it used at its last step
-        self._taken_by_guess: set[Key] = set()  # evicted for a guess: survival counts them as kept
+        self._taken_by_guess: set[Key] = set()  # evicted for a guess: no sample of survival
         self.gate = PrefetchGate()
         self.gated = GATED
         self._lead_start: dict[int, float] = {}  # layer -> when its first prediction of this step came
@@ -207,16 +207,16 @@ class ExpertCache:
     def _observe_survival(self, layer: int) -> None:
         """Score how many of ``layer``'s experts of its last step outlived the cycle of layers
         (caller holds the lock, at the layer's start, before its reads)."""
-        if last := self._last_used.get(layer):
-            # an expert a guess took counts as kept: survival is what the demand misses alone leave,
-            # else guesses that evict would lower it and so let guesses evict more (on the random MoE,
-            # 25% cache: 72 MB needed per token against 42 on demand)
-            kept = sum(1 for k in last if k in self._taken_by_guess
-                       or ((e := self._entries.get(k)) is not None and not e.guess))
-            self._taken_by_guess -= last
-            share = kept / len(last)
+        # an expert a guess took is left out: survival is what the demand misses alone leave. Counted
+        # as lost, guesses that evict lowered it and so let guesses evict more (random MoE, 25% cache:
+        # 72 MB needed per token against 42.5 on demand); counted as kept, they raised it and shut
+        # guesses out of a 2x cache that keeps nothing a cycle (0.44 MB read ahead per token, 4.1 before)
+        if sample := self._last_used.get(layer, set()) - self._taken_by_guess:
+            kept = sum(1 for k in sample if (e := self._entries.get(k)) is not None and not e.guess)
+            share = kept / len(sample)
             old = self.survival.get(layer, share)
             self.survival[layer] = FREQUENCY_DECAY * old + (1 - FREQUENCY_DECAY) * share
+        self._taken_by_guess -= self._last_used.get(layer, set())
         self._last_used[layer] = set(self._protected)
 
     def _keep_value(self, entry: Entry) -> float:
