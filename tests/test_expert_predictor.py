@@ -560,3 +560,21 @@ def test_an_expert_a_guess_took_is_no_sample_of_survival(shard_file: ShardFile) 
     cache._observe_survival(2)
     assert cache.survival[2] == pytest.approx(0.55)
     cache.close()
+
+
+def test_survival_only_adds_victims_where_experts_are_lost_anyway(shard_file: ShardFile) -> None:
+    """An expert routed 25% of the time at a layer whose experts survive half the time is a hit
+    one time in eight when kept: a guess must not take it (weighted by survival, it would pass the
+    0.15 bar, and on the random MoE with a 25% cache guesses added 20-50% to the bytes a step
+    needs). Below LOST_ANYWAY survival it goes."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
+    _open_gate(cache)
+    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
+    cache.rate[(2, 1)], cache.gate.precision[1], cache.survival[2] = 0.25, 0.9, 0.5
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache.survival[2] = 0.05
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 1 and (2, 1) not in cache._entries
+    cache.close()
