@@ -483,6 +483,7 @@ def test_a_guess_may_take_a_popular_expert_that_would_not_survive_until_used(sha
     cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
     cache.rate[(2, 1)] = 0.9
     cache.gate.precision[1] = 0.9
+    cache._last_used = {0: {(0, 0), (0, 1)}, 1: {(1, 0), (1, 1)}}  # a step's experts outnumber the buffer
     cache.prefetch(1, [3])
     assert cache.prefetches == 0 and (2, 1) in cache._entries  # survival not measured: kept
     cache.survival[2] = 0.5
@@ -575,6 +576,9 @@ def test_survival_only_adds_victims_where_experts_are_lost_anyway(shard_file: Sh
     cache.prefetch(1, [3])
     assert cache.prefetches == 0 and (2, 1) in cache._entries
     cache.survival[2] = 0.05
+    cache.prefetch(1, [3])  # no step measured yet: nothing says the cycle overflows the buffer
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache._last_used = {0: {(0, 0), (0, 1)}, 1: {(1, 0), (1, 1)}}  # it does
     cache.prefetch(1, [3])
     assert cache.prefetches == 1 and (2, 1) not in cache._entries
     cache.close()
