@@ -38,6 +38,7 @@ import argparse
 import inspect
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -184,7 +185,10 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
             "stall_ms_per_token": 1000 * total["expert_stall_seconds"] / tokens,
             "prefetches_per_token": total["expert_prefetches"] / tokens,
             "cancelled_prefetches_per_token": total["expert_cancelled_prefetches"] / tokens,
-            "late_prefetches": total["expert_late_prefetches"], "argmax": argmax}
+            "late_prefetches": total["expert_late_prefetches"], "argmax": argmax,
+            # the gate's state after the last prompt: layers reading ahead, and layers it measured losing
+            "prefetch_layers_open": after.get("expert_prefetch_layers_open", 0),
+            "prefetch_layers_off": after.get("expert_prefetch_layers_off", 0)}
 
 
 def drop_page_cache(path: Path) -> None:
@@ -260,9 +264,32 @@ def io_bound(result: dict[str, Any], mb_per_s: float) -> dict[str, float | None]
     it the run reached. Compute is not in it: no run can beat it, however well it overlaps."""
     needed = result["needed_bytes_per_token"]
     if not needed:
-        return {"io_bound_tokens_per_s": None, "io_bound_fraction": None}  # nothing read: no bound
+        return {"io_bound_tokens_per_s": None, "io_bound_fraction": None, "io_bound_fraction_median": None}  # nothing read: no bound
     bound = mb_per_s * 1e6 / needed
-    return {"io_bound_tokens_per_s": bound, "io_bound_fraction": result["tokens_per_s"] / bound}
+    median = statistics.median(result.get("tokens_per_s_each", [result["tokens_per_s"]]))
+    return {"io_bound_tokens_per_s": bound, "io_bound_fraction": result["tokens_per_s"] / bound,
+            "io_bound_fraction_median": median / bound}
+
+
+def paired_ratios(runs: dict[str, dict[str, Any]], base: str) -> dict[str, float]:
+    """Each run's tok/s over ``base``'s in the same repeat, the median over repeats: runs of one
+    repeat are minutes apart at most, so a busy stretch of a shared machine hits both sides of a
+    ratio, where a ratio of bests pairs one run's lucky minute with another's unlucky one."""
+    out = {}
+    for name, result in runs.items():
+        pairs = zip(result["tokens_per_s_each"], runs[base]["tokens_per_s_each"], strict=False)
+        out[name] = statistics.median(a / b for a, b in pairs)
+    return out
+
+
+TRAIN_HINT = ("make it first (bench/results/ is git-ignored; about 25 minutes on one core): .venv/bin/python "
+              "scripts/train_tiny_moe.py --output bench/results/tiny_moe_8l --layers 8 --minutes 25 --threads 1")
+
+
+def require_model(model: Path | None) -> None:
+    """Stop with how to make the trained tiny MoE when ``--model`` names a checkpoint that is not there."""
+    if model is not None and not (model / "config.json").exists():
+        raise SystemExit(f"{model} holds no checkpoint; {TRAIN_HINT}")
 
 
 def main() -> None:
@@ -278,10 +305,12 @@ def main() -> None:
                              "of all experts), 'per-layer' (twice every layer's active experts) or a number of experts")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of each configuration; tokens/s is the best, the other figures the last")
+                        help="interleaved runs of each configuration; tokens_per_s is the best, tokens_per_s_each every one, "
+                             "speedups the median of ratios within a repeat, the other figures the last")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    require_model(args.model)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     names = args.runs.split(",")
@@ -309,8 +338,8 @@ def main() -> None:
                     result = run(shard_dir, sequences, None if name == "all_resident" else experts * expert_bytes,
                                  policy, prefetch, predictor, gated)
                     runs = per_cache[choice]
-                    best = runs.get(name, result)["tokens_per_s"]
-                    runs[name] = result | {"tokens_per_s": max(best, result["tokens_per_s"])}
+                    every = runs.get(name, {}).get("tokens_per_s_each", []) + [result["tokens_per_s"]]
+                    runs[name] = result | {"tokens_per_s": max(every), "tokens_per_s_each": every}
     reference = next(iter(per_cache.values()))[names[-1]]["argmax"]
     same = all(r.pop("argmax") == reference for runs in per_cache.values() for r in runs.values())
     report: dict[str, Any] = {
@@ -327,8 +356,7 @@ def main() -> None:
         entry: dict[str, Any] = {"cache_experts": caches[choice], "cache_bytes": caches[choice] * expert_bytes,
                                  "runs": runs}
         if "on_demand_distance" in runs:
-            base = runs["on_demand_distance"]["tokens_per_s"]
-            entry["speedup_over_on_demand_distance"] = {n: r["tokens_per_s"] / base for n, r in runs.items()}
+            entry["speedup_over_on_demand_distance"] = paired_ratios(runs, "on_demand_distance")
         report["caches"][choice] = entry
     emit(report, args.out)
 

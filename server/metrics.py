@@ -18,6 +18,8 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 # Per-rank figures polled from the cluster at scrape time: {rank: {name: value}}.
 RankStats = Callable[[], dict[int, dict[str, float]]]
+# Expert-cache figures that are not counts or sizes: no cluster sum (the per-rank series stay)
+EXPERT_RATIOS = frozenset({"expert_hit_rate", "expert_prediction_recall", "expert_prediction_precision"})
 
 
 class _RankCollector(Collector):
@@ -36,6 +38,21 @@ class _RankCollector(Collector):
                     f"edgellm_rank_{name}", f"per-rank {name.replace('_', ' ')}", labels=["rank"]))
                 family.add_metric([str(rank)], float(value))
         yield from families.values()
+        yield from _expert_sums(stats)
+
+
+def _expert_sums(stats: dict[int, dict[str, float]]) -> Iterable[GaugeMetricFamily]:
+    """``edgellm_expert_*``: the expert caches' counters summed over ranks. Every rank streams its
+    own columns of every expert, so the cluster's bytes read and reads waited for are the sum."""
+    sums: dict[str, float] = {}
+    for values in stats.values():
+        for name, value in values.items():
+            if name.startswith("expert_") and name not in EXPERT_RATIOS:
+                sums[name] = sums.get(name, 0.0) + float(value)
+    for name, total in sorted(sums.items()):
+        family = GaugeMetricFamily(f"edgellm_{name}", f"{name.replace('_', ' ')}, summed over ranks")
+        family.add_metric([], total)
+        yield family
 
 
 class Metrics:

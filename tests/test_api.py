@@ -303,8 +303,33 @@ def test_moe_over_a_worker_process_matches_transformers(checkpoints, tmp_path: P
         metrics = httpx.get(f"{base}/metrics").text
     assert body["choices"][0]["text"] == expected_text
     if extra:  # the worker's cache really was that small: it missed
-        misses = re.search(r'^edgellm_rank_expert_misses\{rank="1"\} ([0-9.e+]+)$', metrics, re.MULTILINE)
-        assert misses and float(misses.group(1)) > 0
+        _check_expert_metrics(metrics)
+
+
+def _series(metrics: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", metrics, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def _check_expert_metrics(metrics: str) -> None:
+    """The expert caches' counters, rank 1's through its gRPC StatsReply, and their cluster sums."""
+    names = ("expert_hits", "expert_misses", "expert_late_prefetches", "expert_prefetches", "expert_prefetches_used",
+             "expert_cancelled_prefetches", "expert_prefetch_skipped", "expert_bytes_read", "expert_fetched_bytes",
+             "expert_prefetch_bytes", "expert_prefetch_bytes_read", "expert_prefetch_layers_open",
+             "expert_prefetch_layers_off")
+    ranks = [{n: _series(metrics, f'edgellm_rank_{n}{{rank="{r}"}}') for n in names} for r in (0, 1)]
+    for name in names:
+        assert _series(metrics, f"edgellm_{name}") == ranks[0][name] + ranks[1][name], name
+    assert "edgellm_expert_hit_rate " not in metrics  # a ratio: per rank only
+    worker = ranks[1]
+    assert worker["expert_misses"] > 0 and worker["expert_fetched_bytes"] > 0
+    # both ranks route alike: the same lookups; what was read covers what was used and what was guessed
+    assert worker["expert_hits"] + worker["expert_misses"] == ranks[0]["expert_hits"] + ranks[0]["expert_misses"]
+    assert worker["expert_bytes_read"] >= worker["expert_fetched_bytes"]
+    assert worker["expert_bytes_read"] >= worker["expert_prefetch_bytes_read"]
+    assert worker["expert_prefetches_used"] + worker["expert_cancelled_prefetches"] <= worker["expert_prefetches"]
+    assert max(worker["expert_prefetch_layers_open"], worker["expert_prefetch_layers_off"]) <= 2  # two MoE layers
 
 
 def test_unknown_route_is_404_with_error_body(url: str) -> None:

@@ -17,7 +17,7 @@ from worker.config import ModelConfig
 from worker.memory import expert_reads
 from worker.memory.expert_cache import Entry, ExpertCache, choose_victim
 from worker.memory.expert_reads import PAGE, PREFETCH_PIECE, ReadQueue, pieces
-from worker.memory.prefetch_gate import PrefetchGate
+from worker.memory.prefetch_gate import MIN_SPANS, PROBE_EVERY, PrefetchGate
 from worker.models.moe import Predictor
 from worker.shards.shard_file import ShardFile
 from worker.shards.shard_writer import write_shards
@@ -452,4 +452,133 @@ def test_an_unsure_guess_does_not_keep_a_cached_expert(shard_file: ShardFile) ->
             pass
     cache.end_layer()
     assert (1, 2) not in cache._entries
+    cache.close()
+
+
+@pytest.mark.parametrize(("slots", "expected"), [(2, 0.0), (4, 1.0)])
+def test_survival_measures_whether_a_layers_experts_outlive_the_cycle(shard_file: ShardFile, slots: int,
+                                                                        expected: float) -> None:
+    """Two layers each using two experts: with two buffers each layer's misses evict the other's
+    experts, so none outlives the cycle (survival 0); with four, all do (1)."""
+    cache = _cache(shard_file, slots=slots)
+    for _ in range(3):
+        for layer, experts in ((0, [0, 1]), (1, [2, 3])):
+            cache.begin_layer(layer, experts)
+            for expert in experts:
+                with cache.get(layer, expert):
+                    pass
+            cache.end_layer()
+    assert cache.survival == {0: expected, 1: expected}
+    assert cache.misses == (12 if slots == 2 else 4)
+    cache.close()
+
+
+def test_a_guess_may_take_a_popular_expert_that_would_not_survive_until_used(shard_file: ShardFile) -> None:
+    """At layer 0, a guess for layer 1 may take the buffer of layer 2's expert, routed 90% of the
+    time there, only where layer 2's experts are measured not to outlive the cycle: then the
+    demand misses before layer 2 would evict it anyway (a cache of 2x the active experts)."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
+    _open_gate(cache)
+    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
+    cache.rate[(2, 1)] = 0.9
+    cache.gate.precision[1] = 0.9
+    cache._last_used = {0: {(0, 0), (0, 1)}, 1: {(1, 0), (1, 1)}}  # a step's experts outnumber the buffer
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries  # survival not measured: kept
+    cache.survival[2] = 0.5
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache.survival[2] = 0.0
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 1 and set(cache._entries) == {(1, 3)}
+    cache.close()
+
+
+def _gate_step(gate: PrefetchGate, layer: int, seconds_if_read_ahead: float, seconds_if_not: float) -> bool:
+    """One step of ``layer``: the gate's plan, then the span it took by the plan's kind."""
+    read_ahead = bool(gate.plan(layer, [1, 2], available=0.01, expert_s=0.005, piece_s=0.001))
+    gate.observe_span(layer, seconds_if_read_ahead if read_ahead else seconds_if_not)
+    return read_ahead
+
+
+def test_the_gate_turns_off_a_layer_where_reading_ahead_measures_slower_and_probes_it() -> None:
+    """Every model-based test passes (no record, lead time left); only the measured spans differ."""
+    gate = PrefetchGate()
+    steps = [_gate_step(gate, 2, 0.010, 0.005) for _ in range(64)]
+    # the first 8 steps read ahead but for a probe without, until MIN_SPANS of each kind; then
+    # reading ahead, slower, is off but for one probe in PROBE_EVERY
+    assert gate.losing(2) and gate.spans[(2, False)] >= MIN_SPANS
+    assert sum(steps[-32:]) == 32 // PROBE_EVERY
+    # now reading ahead pays: the probes see it (their average forgets the slow past in ~5 probes)
+    steps = [_gate_step(gate, 2, 0.002, 0.005) for _ in range(64)]
+    assert not gate.losing(2) and sum(steps[-16:]) == 16
+
+
+def test_the_gate_keeps_reading_ahead_where_it_measures_faster() -> None:
+    gate = PrefetchGate()
+    steps = [_gate_step(gate, 2, 0.004, 0.005) for _ in range(64)]
+    assert not gate.losing(2)
+    assert sum(steps) == 64 - MIN_SPANS  # off only for the probes that measured the other side
+
+
+def test_the_cache_scores_each_layer_span_by_whether_it_read_ahead(shard_file: ShardFile) -> None:
+    cache = _cache(shard_file)
+    assert cache.reads is not None
+    cache.reads.seconds_per_byte = 1e-9  # as measured by demand reads: a read lands in the lead
+    for precision, read_ahead in ((0.9, True), (0.01, False)):
+        cache.gate.precision[1] = precision
+        cache.prefetch(1, [0])
+        cache.begin_layer(1, [0])
+        with cache.get(1, 0):
+            pass
+        cache.end_layer()
+        assert cache.gate.spans.get((1, read_ahead)) == 1
+        cache._entries.clear()
+        cache._free = list(range(len(cache.buffers)))
+    assert cache.stats()["expert_prefetch_layers_open"] == 0
+    cache.close()
+
+
+def test_an_expert_a_guess_took_is_no_sample_of_survival(shard_file: ShardFile) -> None:
+    """Survival is what the demand misses leave. Counted as lost, a guess's eviction would lower
+    survival and so let guesses evict more; counted as kept, it would shut guesses out of a cache
+    that keeps nothing a cycle. Layer 2 used experts 1 and 2; a guess took 1, 2 is still cached."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 3, 4, 2, slot_bytes, readers=0)
+    _open_gate(cache)
+    for expert in (1, 2):
+        cache._entries[(2, expert)] = Entry((2, expert), cache._free.pop(), {}, fetched=False)
+    cache._last_used[2] = {(2, 1), (2, 2)}
+    cache.rate[(2, 1)], cache.rate[(2, 2)] = 0.1, 0.9
+    cache.gate.precision[1], cache.survival[2] = 0.9, 0.5
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 1 and (2, 1) not in cache._entries and (2, 2) in cache._entries
+    cache._observe_survival(2)  # as layer 2 starts
+    assert cache.survival[2] == pytest.approx(0.55)  # 0.9 * 0.5 + 0.1 * 1: expert 2 kept, expert 1 no sample
+    cache._last_used[2] = {(2, 1)}  # a step where the only expert used was taken: no sample at all
+    cache._taken_by_guess.add((2, 1))
+    cache._observe_survival(2)
+    assert cache.survival[2] == pytest.approx(0.55)
+    cache.close()
+
+
+def test_survival_only_adds_victims_where_experts_are_lost_anyway(shard_file: ShardFile) -> None:
+    """An expert routed 25% of the time at a layer whose experts survive half the time is a hit
+    one time in eight when kept: a guess must not take it (weighted by survival, it would pass the
+    0.15 bar, and on the random MoE with a 25% cache guesses added 20-50% to the bytes a step
+    needs). Below LOST_ANYWAY survival it goes."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
+    _open_gate(cache)
+    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
+    cache.rate[(2, 1)], cache.gate.precision[1], cache.survival[2] = 0.25, 0.9, 0.5
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache.survival[2] = 0.05
+    cache.prefetch(1, [3])  # no step measured yet: nothing says the cycle overflows the buffer
+    assert cache.prefetches == 0 and (2, 1) in cache._entries
+    cache._last_used = {0: {(0, 0), (0, 1)}, 1: {(1, 0), (1, 1)}}  # it does
+    cache.prefetch(1, [3])
+    assert cache.prefetches == 1 and (2, 1) not in cache._entries
     cache.close()

@@ -23,6 +23,15 @@ guesses as can land: ``ceil(available / expert_s)``. No lead time left (the disk
 demand reads past the layer's start: the I/O queue is the bottleneck) means no prefetch. The
 predictor is still scored on the layers that do not prefetch, so a layer whose guesses become
 good starts again.
+
+Last, the gate checks the result rather than the model: per layer, the time from its first
+prediction of a step to the end of its experts (``observe_span``: its guesses' reads, the compute
+they compete with, and its waits for experts) is averaged separately over steps that read ahead
+and steps that did not. Where reading ahead has been slower by more than ``LOSS_MARGIN``
+(``losing``), the layer stops, except for one probe step in ``PROBE_EVERY``; a layer short of
+``MIN_SPANS`` steps without reading ahead skips one in ``PROBE_EVERY`` to measure that side. On
+the loaded 2-core VM of docs/moe-streaming.md, prefetch runs lost up to 0.6x to on-demand with
+every model-based test passing: there the reads' copies and threads compete with compute.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ PRIOR_PRECISION = 0.5  # before a layer has been scored: try, and let the record
 DECAY = 0.8  # weight of the past in the exponential averages (about the last 5 steps count)
 MIN_LANDED = 0.5  # a layer whose guesses land whole less often than this stops reading ahead...
 PROBE_EVERY = 8  # ...but for one step in this many, to keep measuring
+MIN_SPANS = 4  # steps of each kind (read ahead or not) before the gate judges a layer by its time
+LOSS_MARGIN = 0.05  # reading ahead must be this much slower to be judged losing (noise)
 
 
 class PrefetchGate:
@@ -43,6 +54,11 @@ class PrefetchGate:
         self.landed: dict[int, float] = {}  # layer -> EMA of guesses whole in memory when it started
         self._closed: dict[int, int] = {}  # layer -> calls since it stopped reading ahead for late guesses
         self.skipped = 0  # guesses not read ahead because of this gate
+        self.open: dict[int, bool] = {}  # layer -> whether its last plan read anything ahead
+        self.span: dict[tuple[int, bool], float] = {}  # (layer, read ahead) -> EMA of its span's seconds
+        self.spans: dict[tuple[int, bool], int] = {}  # (layer, read ahead) -> spans observed
+        self._arm: dict[int, bool] = {}  # layer -> whether any plan of its current step read ahead
+        self._judged: dict[int, int] = {}  # layer -> plans since its time was last probed
 
     def observe_prediction(self, layer: int, guessed: int, right: int) -> None:
         if guessed:
@@ -59,6 +75,32 @@ class PrefetchGate:
             rate = landed / started
             old = self.landed.get(layer)
             self.landed[layer] = rate if old is None else DECAY * old + (1 - DECAY) * rate
+
+    def observe_span(self, layer: int, seconds: float) -> None:
+        """``layer``'s step took ``seconds`` from its first prediction to the end of its experts;
+        scored as a step that read ahead or not (not at all where no plan ran: nothing to guess)."""
+        arm = self._arm.pop(layer, None)
+        if arm is None:
+            return
+        key = (layer, arm)
+        old = self.span.get(key)
+        self.span[key] = seconds if old is None else DECAY * old + (1 - DECAY) * seconds
+        self.spans[key] = self.spans.get(key, 0) + 1
+
+    def losing(self, layer: int) -> bool:
+        """Whether reading ahead has measured slower than not at ``layer``."""
+        if min(self.spans.get((layer, True), 0), self.spans.get((layer, False), 0)) < MIN_SPANS:
+            return False
+        return self.span[(layer, True)] > (1 + LOSS_MARGIN) * self.span[(layer, False)]
+
+    def _judged_off(self, layer: int) -> bool:
+        """Whether ``layer`` skips reading ahead this step on its measured time: it has been losing
+        (but for a probe), or it lacks steps without reading ahead (one in ``PROBE_EVERY``)."""
+        calls = self._judged[layer] = self._judged.get(layer, 0) + 1
+        probe = calls % PROBE_EVERY == 0
+        if self.losing(layer):
+            return not probe
+        return probe and self.spans.get((layer, False), 0) < MIN_SPANS
 
     def _late(self, layer: int) -> bool:
         """Whether ``layer``'s guesses land too late to read ahead this time (probes counted here)."""
@@ -81,9 +123,12 @@ class PrefetchGate:
             return []
         p = self.precision.get(layer, PRIOR_PRECISION)
         if (available <= 0 or expert_s <= 0 or p * min(available, expert_s) <= (1 - p) * piece_s
-                or self._late(layer)):
+                or self._late(layer) or self._judged_off(layer)):
             self.skipped += len(guesses)
+            self.open[layer] = False
+            self._arm.setdefault(layer, False)
             return []
+        self.open[layer] = self._arm[layer] = True
         count = max(1, math.ceil(available / expert_s))
         self.skipped += max(0, len(guesses) - count)
         return list(guesses[:count])

@@ -107,7 +107,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("rss_bytes", "weight_bytes", "kv_cache_bytes", "steps", "threads", "peak_rss_bytes", "tokens", "memory_budget_bytes", "window_slots", "weight_bytes_read", "io_read_seconds", "io_stall_seconds", "overlap_ratio", "expert_cache_bytes", "expert_cache_slots", "expert_hits", "expert_misses", "expert_hit_rate", "expert_late_prefetches", "expert_prefetches", "expert_prediction_recall", "expert_prediction_precision", "expert_bytes_read", "expert_read_seconds", "expert_stall_seconds")
+    __slots__ = ("rss_bytes", "weight_bytes", "kv_cache_bytes", "steps", "threads", "peak_rss_bytes", "tokens", "memory_budget_bytes", "window_slots", "weight_bytes_read", "io_read_seconds", "io_stall_seconds", "overlap_ratio", "expert_cache_bytes", "expert_cache_slots", "expert_hits", "expert_misses", "expert_hit_rate", "expert_late_prefetches", "expert_prefetches", "expert_prediction_recall", "expert_prediction_precision", "expert_bytes_read", "expert_read_seconds", "expert_stall_seconds", "expert_cancelled_prefetches", "expert_prefetch_bytes", "expert_prefetch_bytes_read", "expert_prefetch_skipped", "expert_fetched_bytes", "expert_prefetches_used", "expert_prefetch_layers_open", "expert_prefetch_layers_off")
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,14 @@ class StatsReply(_message.Message):
     EXPERT_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     EXPERT_READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CANCELLED_PREFETCHES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREFETCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREFETCH_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREFETCH_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREFETCHES_USED_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREFETCH_LAYERS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PREFETCH_LAYERS_OFF_FIELD_NUMBER: _ClassVar[int]
     rss_bytes: int
     weight_bytes: int
     kv_cache_bytes: int
@@ -158,7 +166,15 @@ class StatsReply(_message.Message):
     expert_bytes_read: int
     expert_read_seconds: float
     expert_stall_seconds: float
-    def __init__(self, rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., threads: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., window_slots: _Optional[int] = ..., weight_bytes_read: _Optional[int] = ..., io_read_seconds: _Optional[float] = ..., io_stall_seconds: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., expert_cache_bytes: _Optional[int] = ..., expert_cache_slots: _Optional[int] = ..., expert_hits: _Optional[int] = ..., expert_misses: _Optional[int] = ..., expert_hit_rate: _Optional[float] = ..., expert_late_prefetches: _Optional[int] = ..., expert_prefetches: _Optional[int] = ..., expert_prediction_recall: _Optional[float] = ..., expert_prediction_precision: _Optional[float] = ..., expert_bytes_read: _Optional[int] = ..., expert_read_seconds: _Optional[float] = ..., expert_stall_seconds: _Optional[float] = ...) -> None: ...
+    expert_cancelled_prefetches: int
+    expert_prefetch_bytes: int
+    expert_prefetch_bytes_read: int
+    expert_prefetch_skipped: int
+    expert_fetched_bytes: int
+    expert_prefetches_used: int
+    expert_prefetch_layers_open: int
+    expert_prefetch_layers_off: int
+    def __init__(self, rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., steps: _Optional[int] = ..., threads: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., window_slots: _Optional[int] = ..., weight_bytes_read: _Optional[int] = ..., io_read_seconds: _Optional[float] = ..., io_stall_seconds: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., expert_cache_bytes: _Optional[int] = ..., expert_cache_slots: _Optional[int] = ..., expert_hits: _Optional[int] = ..., expert_misses: _Optional[int] = ..., expert_hit_rate: _Optional[float] = ..., expert_late_prefetches: _Optional[int] = ..., expert_prefetches: _Optional[int] = ..., expert_prediction_recall: _Optional[float] = ..., expert_prediction_precision: _Optional[float] = ..., expert_bytes_read: _Optional[int] = ..., expert_read_seconds: _Optional[float] = ..., expert_stall_seconds: _Optional[float] = ..., expert_cancelled_prefetches: _Optional[int] = ..., expert_prefetch_bytes: _Optional[int] = ..., expert_prefetch_bytes_read: _Optional[int] = ..., expert_prefetch_skipped: _Optional[int] = ..., expert_fetched_bytes: _Optional[int] = ..., expert_prefetches_used: _Optional[int] = ..., expert_prefetch_layers_open: _Optional[int] = ..., expert_prefetch_layers_off: _Optional[int] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()
