@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.config import ModelConfig
+from worker.config import CheckpointError, ModelConfig
 from worker.kernels.quant import is_aux
 from worker.memory.budget import (
     BudgetError,
@@ -129,7 +129,7 @@ def _build(spec: RankSpec, store: WeightStore, kv: KVCache, allreduce: AllReduce
 def _head_from_shard(spec: RankSpec, file: ShardFile, tied_rows: torch.Tensor | None) -> HeadSlice:
     """The rank file's ``head`` block; a float head of a tied model from ``tied_rows`` where given."""
     if not file.has(HEAD_BLOCK):
-        raise BudgetError(f"{file.path} holds no LM head rows (block {HEAD_BLOCK!r}); re-run `edgellm shard`")
+        raise CheckpointError(f"{file.path} holds no LM head rows (block {HEAD_BLOCK!r}); re-run `edgellm shard`")
     quantized = any(is_aux(t.name) for t in file.blocks[HEAD_BLOCK].tensors)
     if tied_rows is not None and not quantized:
         fields = {"norm": file.read_field(HEAD_BLOCK, "norm").to(spec.dtype), "lm_head": tied_rows}
@@ -140,7 +140,7 @@ def _head_from_shard(spec: RankSpec, file: ShardFile, tied_rows: torch.Tensor | 
 
 def _checked_head(spec: RankSpec, head: HeadSlice) -> HeadSlice:
     if head.rows != spec.shard.vocab_width:
-        raise BudgetError(f"rank {spec.shard.rank}'s LM head has {head.rows} rows, its split "
+        raise CheckpointError(f"rank {spec.shard.rank}'s LM head has {head.rows} rows, its split "
                           f"{spec.shard.vocab_rows} needs {spec.shard.vocab_width}; re-run `edgellm shard`")
     return head
 
