@@ -183,6 +183,11 @@ def test_probe_tiny(tmp_path: Path) -> None:
     assert node.bandwidth("float32", 700) > 0 and node.bandwidth("int8", 700) > 0
     assert node.exchange_overhead_us == result["exchange_overhead_us"]
     assert node.allreduce_payload_mb_s == result["allreduce_payload_mb_s"]
+    from worker.comm import lane
+
+    assert lane.library() is not None, "lanes build here (deploy/install-system-deps.sh installs libsodium-dev)"
+    # the lanes' software cost, what a plan on lanes prices
+    assert result["lane_allreduce_loopback_us"] > 0 and node.lane_overhead_us == result["lane_overhead_us"]
     assert yaml.safe_load(yaml.safe_dump(result)) == result  # what `edgellm probe --out` writes
 
 
@@ -560,11 +565,11 @@ def test_lanes_are_priced_by_their_software_cost_where_the_profile_gives_it() ->
     config = load_shape("llama-3-8b")
     nodes = load_nodes_text("nodes:\n  - profile: pi5\n    count: 4\n")
     pi = nodes[0]
-    assert pi.lane_overhead_us == 60 and pi.allreduce_overhead_us == 1000
+    assert pi.lane_overhead_us == 180 and pi.allreduce_overhead_us == 1000
     payload = config.hidden_size * 2.0
-    assert star_seconds(nodes, payload, lanes=True) == pytest.approx(star_seconds(nodes, payload) - (1000 - 3 * 60) * 1e-6)
+    assert star_seconds(nodes, payload, lanes=True) == pytest.approx(star_seconds(nodes, payload) - (1000 - 3 * 180) * 1e-6)
     plan = make_plan(config, nodes, Workload(weight_dtype="int4", kv_dtype="float16", context=256))
-    assert plan.lanes and "over lanes; software overhead 180 us each" in plan.prediction.reasons[2]
+    assert plan.lanes and "over lanes; software overhead 540 us each" in plan.prediction.reasons[2]
     assert not make_plan(config, [replace(n, lane_overhead_us=None) for n in nodes],
                          Workload(weight_dtype="int4", kv_dtype="float16", context=256)).lanes
 
