@@ -114,6 +114,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-dtype", default="float32", choices=sorted(BYTES_PER_PARAM),
                    help="what the shards store (default: float32)")
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weight dtype, float16 if integer)")
+    p.add_argument("--lm-head", default="int8", choices=("int8", "float"),
+                   help="the LM head's dtype in int8/int4 shards, as `edgellm shard --lm-head` (default: int8)")
     p.add_argument("--weights", default=None, help="price this split (e.g. 2,1,1) instead of choosing one")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default: 1)")
     p.add_argument("--context", type=positive_int, default=512, help="tokens in the KV cache while decoding (default: 512)")
@@ -132,14 +134,17 @@ def _table(plan: dict[str, Any]) -> str:
              f"{pred['comm_ms']:.1f} ms, hub {pred['hub_ms']:.1f} ms)  time to first token {pred['ttft_ms']:.0f} ms",
              # the budgets hold the KV cache of --max-batch x --max-context: serve with the same
              f"serve with: --weights {plan['weights_arg']} --sync-dtype {plan['sync_dtype']} "
-             f"--max-batch {plan['max_batch']} --max-context {plan['max_context']}",
+             f"--max-batch {plan['max_batch']} --max-context {plan['max_context']}{' --lanes' if plan['lanes'] else ''}",
              f"{'rank':>4}  {'node':<14} {'kv':>3} {'mlp cols':>8} {'weights MiB':>11} {'memory MiB':>10} "
              f"{'budget MiB':>10} {'compute ms':>10} {'disk ms':>8}"]
     for r, budget in zip(pred["ranks"], plan["memory_budgets_mib"], strict=True):
         lines.append(f"{r['rank']:>4}  {r['node']:<14} {r['kv_heads']:>3} {r['mlp_columns']:>8} "
                      f"{r['weight_bytes'] / 2**20:>11.0f} {r['memory_bytes'] / 2**20:>10.0f} {budget:>10} "
                      f"{r['compute_ms']:>10.2f} {r['disk_ms']:>8.1f}{'  (streams)' if r['streams'] else ''}")
-    lines.append(f"coordinator also holds the embedding and LM head: {plan['hub_bytes'] / 2**20:.0f} MiB")
+    lines.append(f"coordinator also holds the embedding: {plan['hub_bytes'] / 2**20:.0f} MiB (each rank holds its "
+                 f"rows of the LM head, counted in its memory)")
+    speeds = ", ".join(f"{k} {v:.3g}" for k, v in plan["sync_tokens_per_s"].items())
+    lines.append(f"sync dtype: {plan['sync_dtype']} (tokens/s by sync dtype: {speeds}; int8 is priced, not chosen)")
     lines += [f"why: {reason}" for reason in pred["reasons"]]
     return "\n".join(lines)
 
@@ -158,7 +163,8 @@ def run_plan(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     integer = args.weight_dtype.startswith("int")
-    work = Workload(weight_dtype=args.weight_dtype,
+    head = "int8" if integer and args.lm_head == "int8" else ("float32" if integer else args.weight_dtype)
+    work = Workload(weight_dtype=args.weight_dtype, head_dtype=head,
                     kv_dtype=args.kv_dtype or ("float16" if integer else args.weight_dtype),
                     batch=args.batch, context=args.context, prompt_tokens=args.prompt,
                     prefill_chunk=args.prefill_chunk, max_batch=max(args.max_batch, args.batch),

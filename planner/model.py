@@ -3,13 +3,18 @@
 One decode step (batch B, L layers, N ranks, rank 0 is the coordinator and the star hub):
 
     compute_r = max(sum_m bytes_m / matvec_bw_r(width_m), flops_r / gemm_r) + L * layer_overhead_r
+                + head_r
+    head_r    = max(V_r * hidden * head bytes / matvec_bw_r(hidden), 2 B V_r hidden / gemm_r)
     matvec_bw_r = min(memory bandwidth, cores * clock / cycles_per_weight * bytes_per_weight)
     allreduce = hub software overhead + max_r rtt_r                      (the star, N > 2)
                 + 2 * max((N - 1) * payload / hub_link_bw, max_r payload / link_bw_r)
                 + (N - 1) * payload / payload_sw
               = exchange overhead + rtt_1 / 2 + payload / min link_bw    (N = 2: both partials
                 + payload / payload_sw                                    cross at once, one hop)
-    token     = max(max_r compute_r + 2 L * allreduce + hub, max_r disk_r)
+    gather    = hub software overhead + max_r rtt_r / 2                 (the logits, N > 1)
+                + max(sum_r>0 logits_r / hub_link_bw, max_r logits_r / link_bw_r)
+                + sum_r>0 logits_r / payload_sw,     logits_r = B * V_r * 4 (float32)
+    token     = max(max_r compute_r + 2 L * allreduce + gather + hub, max_r disk_r)
 
 ``bytes_m`` are the weights of each matrix a rank reads per token (its slice of every layer),
 streamed at the node's matvec bandwidth for that input width, or at the rate its cores can
@@ -19,7 +24,12 @@ ceiling: ``bench/arm_cycles.py`` estimates it with llvm-mca for a Pi's cores), `
 (broadcast), one after the other; ``payload_sw`` is what the software moves per second through
 a rank's end of an allreduce beyond the wire (ZeroMQ's copies, CURVE, the sum; probed with
 256 KB exchanges on loopback): nothing for a decode row, most of a prefill chunk's allreduce
-on loopback. ``hub`` is rank 0's final norm and LM head plus the step's fixed cost. The
+on loopback. Each rank applies the final norm and its rows ``V_r`` of the LM head (vocab-parallel,
+``worker.rank.head``; V_r follows the split) in the head's stored dtype (int8 for int8 and int4
+shards, ``edgellm shard``'s default ``--lm-head``), and the hub gathers the (B, V_r) float32 logits.
+``hub`` is the step's fixed cost on the coordinator. The software overhead of an allreduce is
+the node's ``lane_overhead_us`` per worker rank where the cluster runs on lanes (``serve
+--lanes``), else its ``allreduce_overhead_us`` (ZeroMQ). The
 per-layer and per-step overheads are measured on this code by ``edgellm probe``. A rank whose
 shard does not fit its memory streams it from disk every step (the sliding window), so its step takes
 max(compute + comm, disk) rather than the sum. Prefill (time to first token) runs the prompt in
@@ -80,6 +90,9 @@ class Node:
     matvec_cycles_per_weight: Mapping[str, float] = field(default_factory=dict)
     clock_ghz: float | None = None
     cores: int = 1  # threads a rank computes a product with
+    # software cost of one allreduce over the data-plane lanes (``serve --lanes``) per worker rank the
+    # hub serves (the 2-rank exchange: once), beyond the wire; None: not known, lanes not priced
+    lane_overhead_us: float | None = None
 
     def compute_ceiling(self, dtype: str) -> float | None:
         """Bytes/s of ``dtype`` weights the cores can consume by the kernel's cycles per weight
@@ -172,6 +185,8 @@ class Node:
                        matvec_cycles_per_weight={str(k): _positive(name, f"matvec_cycles_per_weight.{k}", v)
                                                  for k, v in dict(raw.get("matvec_cycles_per_weight") or {}).items()},
                        clock_ghz=_positive(name, "clock_ghz", clock) if clock is not None else None,
+                       lane_overhead_us=(_not_negative(name, "lane_overhead_us", raw["lane_overhead_us"])
+                                         if raw.get("lane_overhead_us") is not None else None),
                        cores=int(_positive(name, "threads", raw.get("threads") or raw.get("cpus") or 1)))
         except PlanError:
             raise
@@ -219,6 +234,22 @@ class Workload:
     prefill_chunk: int = 256  # prompt tokens per step (serve --prefill-chunk)
     max_batch: int = 1  # KV-cache slots (memory)
     max_context: int = 2048  # tokens per slot (memory)
+    head_dtype: str | None = None  # the LM head's stored dtype; None: as ``edgellm shard`` writes it
+    lanes: bool = False  # allreduces over the data-plane lanes (serve --lanes), not ZeroMQ
+
+    @property
+    def lm_head_dtype(self) -> str:
+        """The LM head's dtype: int8 for int8 and int4 shards (``--lm-head int8``, the default:
+        ``worker.kernels.quant.QuantSpec``), else the weights' own."""
+        if self.head_dtype:
+            return self.head_dtype
+        return "int8" if self.weight_dtype in ("int8", "int4") else self.weight_dtype
+
+    @property
+    def float_dtype(self) -> str:
+        """The float dtype of the embedding and activations: the weights' own, float32 for integer
+        weights (``edgellm shard``'s default ``--dtype``)."""
+        return self.weight_dtype if self.weight_dtype in ("float32", "bfloat16", "float16") else "float32"
 
     def bytes_per(self, dtype: str) -> float:
         if dtype not in BYTES_PER_PARAM:
@@ -235,6 +266,7 @@ class RankLoad:
     kv_heads: int
     q_heads: int
     mlp_width: int = 0  # columns of the dense MLP on this rank
+    head_rows: int = 0  # rows of the LM head (vocab-parallel) on this rank
 
 
 def block_params(config: ModelConfig, shard: RankShard) -> tuple[list[int], int]:
@@ -263,7 +295,8 @@ def rank_load(config: ModelConfig, shard: RankShard) -> RankLoad:
     dense = sum(blocks)
     return RankLoad(held_params=dense + moe_layers * config.num_experts * expert,
                     active_params=dense + moe_layers * config.experts_per_token * expert,
-                    kv_heads=shard.num_kv_heads, q_heads=shard.num_q_heads, mlp_width=shard.mlp_width)
+                    kv_heads=shard.num_kv_heads, q_heads=shard.num_q_heads, mlp_width=shard.mlp_width,
+                    head_rows=shard.vocab_width)
 
 
 def _interpolate(points: Sequence[tuple[int, float]], width: int) -> float:
@@ -290,25 +323,31 @@ def _matvec_seconds(config: ModelConfig, load: RankLoad, node: Node, dtype: str,
     return sum(n * bpp / node.matvec_rate(dtype, max(w, 1)) for n, w in parts if n)
 
 
-def hub_params(config: ModelConfig) -> tuple[int, int]:
-    """(held, read per token) parameters of the coordinator's embedding, final norm and LM head."""
-    table = config.vocab_size * config.hidden_size
-    return table * (1 if config.tie_word_embeddings else 2) + config.hidden_size, table + config.hidden_size
+def hub_bytes(config: ModelConfig, work: Workload) -> int:
+    """What the coordinator holds beside rank 0's shard: the embedding, in the float dtype (the
+    shard's hub file); the LM head is split over the ranks (``head_bytes``)."""
+    return int(config.vocab_size * config.hidden_size * work.bytes_per(work.float_dtype))
+
+
+def head_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
+    """A rank's LM head rows and final norm, in the head's dtype (int8 adds a bf16 scale per row)."""
+    scales = 2 if work.lm_head_dtype == "int8" else 0
+    return int(load.head_rows * (config.hidden_size * work.bytes_per(work.lm_head_dtype) + scales)) \
+        + config.hidden_size * 4
 
 
 def hub_room(config: ModelConfig, nodes: Sequence[Node], work: Workload) -> list[Node]:
-    """``nodes`` with the coordinator's memory less its embedding and LM head (outside rank 0's budget
-    but on the same machine)."""
-    held, _ = hub_params(config)
-    hub_bytes = int(held * work.bytes_per(work.weight_dtype))
+    """``nodes`` with the coordinator's memory less its embedding (outside rank 0's budget but on
+    the same machine)."""
+    hub = hub_bytes(config, work)
     coordinator = nodes[0]
-    if coordinator.memory_bytes - hub_bytes - FIXED_OVERHEAD_BYTES <= 0:
+    if coordinator.memory_bytes - hub - FIXED_OVERHEAD_BYTES <= 0:
         # rank 0 would get no budget at all (the plan printed a negative memory figure)
         raise PlanError(f"coordinator {coordinator.name!r} has {coordinator.memory_bytes / MIB:.0f} MiB of memory but "
-                        f"needs more than {(hub_bytes + FIXED_OVERHEAD_BYTES) / MIB:.0f} MiB: "
-                        f"{hub_bytes / MIB:.0f} MiB for the embedding and LM head ({work.weight_dtype}) and "
+                        f"needs more than {(hub + FIXED_OVERHEAD_BYTES) / MIB:.0f} MiB: "
+                        f"{hub / MIB:.0f} MiB for the embedding ({work.float_dtype}) and "
                         f"{FIXED_OVERHEAD_BYTES / MIB:.0f} MiB of fixed overhead, before its share of the layers")
-    return [replace(coordinator, memory_bytes=coordinator.memory_bytes - hub_bytes), *nodes[1:]]
+    return [replace(coordinator, memory_bytes=coordinator.memory_bytes - hub), *nodes[1:]]
 
 
 def kv_cache_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
@@ -325,19 +364,36 @@ def context_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
 
 
 def rank_memory_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> int:
-    """Resident footprint of a rank that holds its whole shard (hub weights not included)."""
+    """Resident footprint of a rank that holds its whole shard and its LM head rows (the hub's
+    embedding not included)."""
     return int(load.held_params * work.bytes_per(work.weight_dtype)) + context_bytes(config, load, work) \
-        + FIXED_OVERHEAD_BYTES
+        + head_bytes(config, load, work) + FIXED_OVERHEAD_BYTES
 
 
-def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
+def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False) -> float:
     """One allreduce of ``payload_bytes`` per rank, as ``worker.comm.collective`` runs it: the
     exchange at two ranks, the star from three."""
     if len(nodes) == 1:
         return 0.0
     if len(nodes) == 2:
-        return exchange_seconds(nodes, payload_bytes)
-    return star_seconds(nodes, payload_bytes)
+        return exchange_seconds(nodes, payload_bytes, lanes)
+    return star_seconds(nodes, payload_bytes, lanes)
+
+
+def gather_seconds(nodes: Sequence[Node], payloads: Sequence[float], lanes: bool = False) -> float:
+    """The hub receiving every worker's logits (``payloads[r]`` bytes from rank r, rank 0's own
+    not sent): one hop in, the workers' payloads one after the other on the hub's link."""
+    if len(nodes) == 1:
+        return 0.0
+    hub, workers = nodes[0], nodes[1:]
+    worker_links = [w.link_mbit_s for w in workers if w.link_mbit_s]
+    hub_link = hub.link_mbit_s or (min(worker_links) if worker_links else None)
+    incoming = sum(payloads[1:])
+    wire = incoming / (hub_link * 1e6 / 8) if hub_link else 0.0
+    if worker_links:
+        wire = max(wire, max(payloads[1:]) / (min(worker_links) * 1e6 / 8))
+    return (software_overhead_us(nodes, lanes) + max(w.rtt_us for w in workers) / 2) * 1e-6 + wire + \
+        payload_software_seconds(nodes, incoming)
 
 
 def payload_software_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
@@ -347,17 +403,28 @@ def payload_software_seconds(nodes: Sequence[Node], payload_bytes: float) -> flo
     return payload_bytes / (min(rates) * 1e6) if rates else 0.0
 
 
-def exchange_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
+def software_overhead_us(nodes: Sequence[Node], lanes: bool) -> float:
+    """The hub's software cost of one allreduce beyond the wire: over lanes, ``lane_overhead_us`` per
+    worker rank; over ZeroMQ, the probed star (or, at two ranks, exchange) overhead."""
+    hub = nodes[0]
+    if lanes and hub.lane_overhead_us is not None:
+        return hub.lane_overhead_us * (len(nodes) - 1)
+    if len(nodes) == 2 and hub.exchange_overhead_us is not None:
+        return hub.exchange_overhead_us
+    return hub.allreduce_overhead_us
+
+
+def exchange_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False) -> float:
     """Two ranks swap partials and each sums both: one payload each way at once (full duplex),
     each side handling one out and one in, at the same time as the other."""
     hub, worker = nodes
     links = [r.link_mbit_s for r in nodes if r.link_mbit_s]
     wire = payload_bytes / (min(links) * 1e6 / 8) if links else 0.0
-    overhead = hub.allreduce_overhead_us if hub.exchange_overhead_us is None else hub.exchange_overhead_us
-    return (overhead + worker.rtt_us / 2) * 1e-6 + wire + payload_software_seconds(nodes, payload_bytes)
+    return (software_overhead_us(nodes, lanes) + worker.rtt_us / 2) * 1e-6 + wire + \
+        payload_software_seconds(nodes, payload_bytes)
 
 
-def star_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
+def star_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False) -> float:
     """One star allreduce of ``payload_bytes`` per rank: up to the hub, summed, back down."""
     n = len(nodes)
     if n == 1:
@@ -372,7 +439,9 @@ def star_seconds(nodes: Sequence[Node], payload_bytes: float) -> float:
         wire = max(wire, payload_bytes / (min(worker_links) * 1e6 / 8))
     # the hub handles N - 1 payloads in and N - 1 out, one rank's pair after the other
     software = (n - 1) * payload_software_seconds(nodes, payload_bytes)
-    return (hub.allreduce_overhead_us + max(w.rtt_us for w in workers)) * 1e-6 + 2 * wire + software
+    overhead = hub.lane_overhead_us * (n - 1) if lanes and hub.lane_overhead_us is not None \
+        else hub.allreduce_overhead_us
+    return (overhead + max(w.rtt_us for w in workers)) * 1e-6 + 2 * wire + software
 
 
 def _rank_pass_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload, tokens: int,
@@ -395,12 +464,19 @@ def _rank_pass_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Wo
     return busy + config.num_layers * node.layer_overhead_us * 1e-6
 
 
-def _hub_seconds(config: ModelConfig, node: Node, work: Workload, rows: int) -> float:
-    """Final norm and LM head for ``rows`` rows on the coordinator, plus the step's bookkeeping."""
-    _, read = hub_params(config)
-    busy = max(read * work.bytes_per(work.weight_dtype) / node.matvec_rate(work.weight_dtype, config.hidden_size),
-               2.0 * read * rows / node.flops(work.weight_dtype))
-    return busy + node.step_overhead_us * 1e-6
+def _head_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload, rows: int) -> float:
+    """A rank's final norm and LM head rows for ``rows`` rows (the vocab-parallel head): its rows
+    read once in the head's dtype, or their flops, whichever binds."""
+    dtype = work.lm_head_dtype
+    params = load.head_rows * config.hidden_size
+    return max(params * work.bytes_per(dtype) / node.matvec_rate(dtype, config.hidden_size),
+               2.0 * params * rows / node.flops(dtype))
+
+
+def _gather_seconds(config: ModelConfig, loads: Sequence[RankLoad], nodes: Sequence[Node], work: Workload,
+                    rows: int) -> float:
+    """The hub gathering ``rows`` rows of float32 logits from every rank's head rows."""
+    return gather_seconds(nodes, [rows * ld.head_rows * 4.0 for ld in loads], work.lanes)
 
 
 @dataclass(frozen=True)
@@ -412,8 +488,9 @@ class RankPrediction:
     weight_bytes: int
     memory_bytes: int  # the rank's predicted peak: weights (or its window budget) + KV + overhead
     streams: bool  # shard larger than the memory: streamed from disk every step
-    compute_s: float  # per decoded token
+    compute_s: float  # per decoded token, its LM head rows included
     disk_s: float  # per decoded token (0 when resident)
+    head_s: float = 0.0  # of compute_s: its LM head rows
 
 
 @dataclass(frozen=True)
@@ -421,8 +498,8 @@ class Prediction:
     tokens_per_s: float  # per sequence
     decode_s: float  # one decode step
     ttft_s: float
-    comm_s: float  # per decode step: 2 L allreduces + the step broadcast
-    hub_s: float
+    comm_s: float  # per decode step: 2 L allreduces + the step broadcast + the logits' gather
+    hub_s: float  # the coordinator's fixed cost of a step
     ranks: list[RankPrediction] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)  # what the decode step is made of, and what bounds each part
 
@@ -444,8 +521,8 @@ def _step_comm_seconds(config: ModelConfig, nodes: Sequence[Node], work: Workloa
         return 0.0
     payload = rows * config.hidden_size * work.bytes_per(work.sync_dtype)
     # the step header broadcast: half a round trip and N - 1 copies of the hidden rows out of the hub
-    start = star_seconds(nodes, payload) / 2
-    return 2 * config.num_layers * allreduce_seconds(nodes, payload) + start
+    start = star_seconds(nodes, payload, work.lanes) / 2
+    return 2 * config.num_layers * allreduce_seconds(nodes, payload, work.lanes) + start
 
 
 def _disk_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload) -> float:
@@ -465,43 +542,50 @@ def predict(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[No
     nodes = hub_room(config, nodes, work)
     loads = [rank_load(config, s) for s in shards]
     bpp = work.bytes_per(work.weight_dtype)
-    compute = [_rank_pass_seconds(config, ld, nd, work, 1, work.context) for ld, nd in zip(loads, nodes, strict=True)]
+    heads = [_head_seconds(config, ld, nd, work, work.batch) for ld, nd in zip(loads, nodes, strict=True)]
+    compute = [_rank_pass_seconds(config, ld, nd, work, 1, work.context) + h
+               for ld, nd, h in zip(loads, nodes, heads, strict=True)]
     disk = [_disk_seconds(config, ld, nd, work) for ld, nd in zip(loads, nodes, strict=True)]
-    comm = _step_comm_seconds(config, nodes, work, work.batch)
-    hub = _hub_seconds(config, nodes[0], work, work.batch)
+    gather = _gather_seconds(config, loads, nodes, work, work.batch)
+    comm = _step_comm_seconds(config, nodes, work, work.batch) + gather
+    hub = nodes[0].step_overhead_us * 1e-6
     decode = max(max(compute) + comm + hub, max(disk))
     ttft = _ttft_seconds(config, loads, nodes, work, disk)
     ranks = []
-    for s, ld, nd, c, dk in zip(shards, loads, nodes, compute, disk, strict=True):
+    for s, ld, nd, c, dk, h in zip(shards, loads, nodes, compute, disk, heads, strict=True):
         resident = rank_memory_bytes(config, ld, work)
         ranks.append(RankPrediction(rank=s.rank, node=nd.name, kv_heads=s.num_kv_heads, mlp_columns=s.mlp_width,
                                     weight_bytes=int(ld.held_params * bpp),
                                     memory_bytes=min(resident, nd.memory_bytes) if dk else resident,
-                                    streams=dk > 0, compute_s=c, disk_s=dk))
-    reasons = _reasons(config, nodes, work, compute, comm, hub, disk)
+                                    streams=dk > 0, compute_s=c, disk_s=dk, head_s=h))
+    reasons = _reasons(config, nodes, work, compute, heads, comm, gather, hub, disk)
     return Prediction(tokens_per_s=1.0 / decode, decode_s=decode, ttft_s=ttft, comm_s=comm, hub_s=hub, ranks=ranks,
                       reasons=reasons)
 
 
-def _reasons(config: ModelConfig, nodes: Sequence[Node], work: Workload, compute: Sequence[float], comm: float,
-             hub: float, disk: Sequence[float]) -> list[str]:
-    """The decode step in words: the slowest rank's matvecs and overhead, the allreduces, the hub."""
+def _reasons(config: ModelConfig, nodes: Sequence[Node], work: Workload, compute: Sequence[float],
+             heads: Sequence[float], comm: float, gather: float, hub: float, disk: Sequence[float]) -> list[str]:
+    """The decode step in words: the slowest rank's matvecs, head and overhead, the allreduces,
+    the logits' gather, the hub."""
     slow = max(range(len(nodes)), key=lambda r: compute[r])
     node, dtype = nodes[slow], work.weight_dtype
     overhead = config.num_layers * node.layer_overhead_us * 1e-6
+    head_dtype = work.lm_head_dtype
     out = [f"decode step {(max(compute) + comm + hub) * 1e3:.1f} ms = slowest rank {max(compute) * 1e3:.1f} "
-           f"+ allreduces {comm * 1e3:.1f} + hub {hub * 1e3:.1f}",
-           f"rank {slow} ({node.name}): weights and KV cache read {(compute[slow] - overhead) * 1e3:.1f} ms, "
-           f"{node.matvec_bound(dtype, config.hidden_size)}; "
-           f"Python step overhead {overhead * 1e3:.1f} ms ({config.num_layers} layers x {node.layer_overhead_us:g} us)"]
+           f"+ allreduces and gather {comm * 1e3:.1f} + hub {hub * 1e3:.1f}",
+           f"rank {slow} ({node.name}): weights and KV cache read {(compute[slow] - overhead - heads[slow]) * 1e3:.1f} "
+           f"ms, {node.matvec_bound(dtype, config.hidden_size)}; its LM head rows {heads[slow] * 1e3:.1f} ms "
+           f"({head_dtype}, 1/{len(nodes)} of the vocab at even weights); Python step overhead "
+           f"{overhead * 1e3:.1f} ms ({config.num_layers} layers x {node.layer_overhead_us:g} us)"]
     if len(nodes) > 1:
         payload = work.batch * config.hidden_size * work.bytes_per(work.sync_dtype)
-        one = allreduce_seconds(nodes, payload)
+        one = allreduce_seconds(nodes, payload, work.lanes)
+        plane = "lanes" if work.lanes and nodes[0].lane_overhead_us is not None else "ZeroMQ"
         out.append(f"allreduces: {2 * config.num_layers} x {one * 1e3:.2f} ms ({work.sync_dtype} payload of "
-                   f"{payload / 1024:.0f} KiB; software overhead {nodes[0].allreduce_overhead_us:g} us each) "
-                   f"+ the step broadcast")
-    step = nodes[0].step_overhead_us * 1e-6
-    out.append(f"hub: embedding/LM head {(hub - step) * 1e3:.1f} ms + step overhead {step * 1e3:.1f} ms")
+                   f"{payload / 1024:.0f} KiB over {plane}; software overhead "
+                   f"{software_overhead_us(nodes, work.lanes):g} us each) + the step broadcast")
+        out.append(f"logits gather: {gather * 1e3:.2f} ms (float32 logits of every worker's head rows to the hub)")
+    out.append(f"hub: step overhead {hub * 1e3:.1f} ms (the LM head is split over the ranks)")
     if max(disk) > max(compute) + comm + hub:
         out.append(f"but a rank streams its shard from disk: {max(disk) * 1e3:.0f} ms a step")
     return out
@@ -509,7 +593,8 @@ def _reasons(config: ModelConfig, nodes: Sequence[Node], work: Workload, compute
 
 def _ttft_seconds(config: ModelConfig, loads: Sequence[RankLoad], nodes: Sequence[Node], work: Workload,
                   disk: Sequence[float]) -> float:
-    """Prefill of ``work.prompt_tokens`` for one sequence in chunks, then the LM head of its last token."""
+    """Prefill of ``work.prompt_tokens`` for one sequence in chunks, then the LM head rows of its
+    last token on every rank and the gather."""
     one = replace(work, batch=1)
     total, done = 0.0, 0
     chunks = max(1, math.ceil(work.prompt_tokens / work.prefill_chunk))
@@ -519,5 +604,6 @@ def _ttft_seconds(config: ModelConfig, loads: Sequence[RankLoad], nodes: Sequenc
         total += max(compute + _step_comm_seconds(config, nodes, one, n), max(disk))
         done += n
         if i == chunks - 1:
-            total += _hub_seconds(config, nodes[0], one, 1)
+            total += max(_head_seconds(config, ld, nd, one, 1) for ld, nd in zip(loads, nodes, strict=True)) \
+                + _gather_seconds(config, loads, nodes, one, 1) + nodes[0].step_overhead_us * 1e-6
     return total

@@ -27,7 +27,8 @@ from planner.model import (
     Workload,
     block_params,
     context_bytes,
-    hub_params,
+    head_bytes,
+    hub_bytes,
     hub_room,
     predict,
     rank_load,
@@ -44,7 +45,10 @@ from worker.memory.budget import (
 )
 from worker.shards.sharding import RankShard, ShardingError, plan_shards
 
-SYNC_DTYPES = ("float32", "bfloat16")
+SYNC_DTYPES = ("float32", "bfloat16")  # chosen among: exact, or the rounding bench/sync_error.py measures
+# priced besides, not chosen: int8 payloads with a float32 scale per row (distributed-llama's Q80 is
+# int8 with a scale per 32 values), lossier than bfloat16; `serve --sync-dtype int8` runs it
+SYNC_PRICED = (*SYNC_DTYPES, "int8")
 # A reduced-precision allreduce must buy at least this much speed to be worth its rounding error.
 SYNC_GAIN_THRESHOLD = 0.05
 MIN_SHARE = 1e-3  # plan_shards needs positive weights; a useless node still gets one KV head
@@ -55,13 +59,21 @@ def _full_load(config: ModelConfig) -> RankLoad:
 
 
 def _rank_time(share: float, full: RankLoad, config: ModelConfig, node: Node, work: Workload) -> float:
-    """Decode seconds of a rank holding ``share`` of every layer (continuous approximation)."""
+    """Decode seconds of a rank holding ``share`` of every layer and of the LM head's rows
+    (continuous approximation)."""
     bpp = work.bytes_per(work.weight_dtype)
     compute = share * full.active_params * bpp / node.matvec_rate(work.weight_dtype, config.hidden_size)
+    head = share * full.head_rows * config.hidden_size * work.bytes_per(work.lm_head_dtype)
+    compute += head / node.matvec_rate(work.lm_head_dtype, config.hidden_size)
     if _resident(share, full, config, node, work):
         return compute
     held = share * full.held_params * bpp
-    if not node.disk_mb_s:
+    # a streaming rank still holds its LM head rows and KV cache resident, beside two blocks of the
+    # window; its KV cache and attention blocks are of one KV head at least
+    heads = max(share, 1 / config.num_kv_heads)
+    pinned = share * head_bytes(config, full, work) + heads * _kv_bytes(config, work) + FIXED_OVERHEAD_BYTES \
+        + 2 * heads * full.held_params * bpp / (2 * config.num_layers)
+    if not node.disk_mb_s or pinned > node.memory_bytes:
         return math.inf
     return max(compute, held / (node.disk_mb_s * 1e6))
 
@@ -114,7 +126,8 @@ def memory_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequ
     out = []
     for shard, node in zip(shards, nodes, strict=True):
         load = rank_load(config, shard)
-        need = load.held_params * work.bytes_per(work.weight_dtype) + context_bytes(config, load, work)
+        need = load.held_params * work.bytes_per(work.weight_dtype) + context_bytes(config, load, work) \
+            + head_bytes(config, load, work)
         room = node.memory_bytes - FIXED_OVERHEAD_BYTES
         out.append(int(math.ceil(min(need, max(room, 0)) / MIB)) * MIB)
     return out
@@ -131,7 +144,8 @@ def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Seque
     for shard, node, budget in zip(shards, nodes, budgets, strict=True):
         blocks, expert = block_params(config, shard)
         block_bytes = [int(math.ceil(b * bpp)) for b in blocks]
-        reserved = context_bytes(config, rank_load(config, shard), work)
+        load = rank_load(config, shard)
+        reserved = context_bytes(config, load, work) + head_bytes(config, load, work)  # as the loader reserves
         expert_bytes = int(math.ceil(expert * bpp)) if moe_layers else 0
         try:
             window = plan_window(block_bytes, budget, reserved,
@@ -141,7 +155,7 @@ def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Seque
                 plan_expert_slots(expert_bytes, moe_layers * config.num_experts,
                                   expert_share(budget, None, dense + reserved), config.experts_per_token)
         except BudgetError as exc:
-            beside = "the fixed overhead" + (", the embedding and LM head" if shard.rank == 0 else "")
+            beside = "the fixed overhead" + (", the embedding" if shard.rank == 0 else "")
             raise PlanError(f"node {node.name!r} (rank {shard.rank}) has room for a --memory-budget of "
                             f"{format_size(budget)} beside {beside}, which its worker would refuse: {exc}. "
                             f"Give it more memory, a smaller share (--weights) or leave it out") from None
@@ -149,8 +163,9 @@ def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Seque
 
 def choose_sync_dtype(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node],
                       work: Workload) -> tuple[str, dict[str, float]]:
-    """float32 (exact) unless bfloat16 payloads make decode at least ``SYNC_GAIN_THRESHOLD`` faster."""
-    speeds = {d: predict(config, shards, nodes, replace(work, sync_dtype=d)).tokens_per_s for d in SYNC_DTYPES}
+    """float32 (exact) unless bfloat16 payloads make decode at least ``SYNC_GAIN_THRESHOLD`` faster;
+    the speeds of ``SYNC_PRICED`` (int8 too, for the user to weigh against its rounding)."""
+    speeds = {d: predict(config, shards, nodes, replace(work, sync_dtype=d)).tokens_per_s for d in SYNC_PRICED}
     best = "bfloat16" if speeds["bfloat16"] >= speeds["float32"] * (1 + SYNC_GAIN_THRESHOLD) else "float32"
     return best, speeds
 
@@ -173,11 +188,25 @@ def _fit_rounding(config: ModelConfig, nodes: Sequence[Node], work: Workload, sh
     return shares, shards
 
 
+def choose_lanes(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node], work: Workload) -> bool:
+    """Lanes (``serve --lanes``) where the coordinator's node gives their software cost and they
+    predict faster decode than ZeroMQ: on a cluster whose ranks each have their own cores (served
+    on a shared 2-core machine they were slower, docs/benchmarks.md)."""
+    if len(nodes) < 2 or nodes[0].lane_overhead_us is None:
+        return False
+    on, off = (predict(config, shards, nodes, replace(work, lanes=lanes)).tokens_per_s for lanes in (True, False))
+    return on > off
+
+
+def _kv_bytes(config: ModelConfig, work: Workload) -> float:
+    """The whole model's KV cache (a rank holds its share of it)."""
+    return work.max_batch * work.max_context * config.num_layers * 2 * config.num_kv_heads * config.head_dim \
+        * work.bytes_per(work.kv_dtype)
+
+
 def _resident(share: float, full: RankLoad, config: ModelConfig, node: Node, work: Workload) -> bool:
-    held = share * full.held_params * work.bytes_per(work.weight_dtype)
-    kv = share * work.max_batch * work.max_context * config.num_layers * 2 * config.num_kv_heads \
-        * config.head_dim * work.bytes_per(work.kv_dtype)
-    return held + kv + FIXED_OVERHEAD_BYTES <= node.memory_bytes
+    held = share * full.held_params * work.bytes_per(work.weight_dtype) + share * head_bytes(config, full, work)
+    return held + share * _kv_bytes(config, work) + FIXED_OVERHEAD_BYTES <= node.memory_bytes
 
 
 @dataclass(frozen=True)
@@ -188,13 +217,14 @@ class Plan:
     sync_dtype: str
     sync_speeds: dict[str, float]  # predicted tokens/s per sync dtype
     prediction: Prediction
-    hub_bytes: int  # embedding + LM head on the coordinator, outside rank 0's budget
+    hub_bytes: int  # the embedding on the coordinator, outside rank 0's budget
+    lanes: bool = False  # serve --lanes
 
     def as_dict(self) -> dict[str, Any]:
         return {"weights": [round(w, 4) for w in self.weights], "weights_arg": ",".join(f"{w:.3g}" for w in self.weights),
                 "memory_budgets_mib": [b // MIB for b in self.budgets], "sync_dtype": self.sync_dtype,
                 "sync_tokens_per_s": {k: round(v, 3) for k, v in self.sync_speeds.items()},
-                "hub_bytes": self.hub_bytes, "prediction": self.prediction.as_dict()}
+                "hub_bytes": self.hub_bytes, "lanes": self.lanes, "prediction": self.prediction.as_dict()}
 
 
 def make_plan(config: ModelConfig, nodes: Sequence[Node], work: Workload | None = None,
@@ -210,12 +240,11 @@ def make_plan(config: ModelConfig, nodes: Sequence[Node], work: Workload | None 
             chosen, shards = _fit_rounding(config, hub_room(config, nodes, work), work, chosen, shards)
     except ShardingError as exc:
         raise PlanError(str(exc)) from None
+    work = replace(work, lanes=choose_lanes(config, shards, nodes, work))
     sync, speeds = choose_sync_dtype(config, shards, nodes, work)
     prediction = predict(config, shards, nodes, replace(work, sync_dtype=sync))
-    held, _ = hub_params(config)
     room = hub_room(config, nodes, work)
     budgets = memory_budgets(config, shards, room, work)
     check_budgets(config, shards, room, budgets, work)
     return Plan(weights=chosen, shards=shards, budgets=budgets, sync_dtype=sync,
-                sync_speeds=speeds, prediction=prediction,
-                hub_bytes=int(held * work.bytes_per(work.weight_dtype)))
+                sync_speeds=speeds, prediction=prediction, hub_bytes=hub_bytes(config, work), lanes=work.lanes)

@@ -17,7 +17,8 @@ best run is the machine's capability; the others saw noise from neighbours).
   in its own process (ZeroMQ, CURVE, Python, the real ``worker.comm.collective`` code), minus the
   loopback round trip: the software cost each allreduce adds beyond the wire.
   ``exchange_overhead_us``: the same for the 2-rank exchange (what 2 ranks run), minus half a
-  round trip.
+  round trip. ``lane_overhead_us``: the star allreduce over a data-plane lane (``serve --lanes``)
+  minus the round trip: what the hub pays per worker rank there (absent where lanes cannot be built).
 - ``disk``: sequential read of a file, with the page cache dropped first
   (``posix_fadvise(POSIX_FADV_DONTNEED)``), so it is a cold read: a hypervisor's own cache
   below a VM is out of reach and can still flatter the figure.
@@ -230,11 +231,48 @@ def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]
     star_us, exchange_us, large_us = (quiet_mean(times[label][len(times[label]) // 10:]) * 1e6
                                       for label in ("star", "exchange", "exchange_large"))
     extra_bytes = (PAYLOAD_PROBE_FLOATS - numel) * 4
-    return {"allreduce_loopback_us": round(star_us, 1), "exchange_loopback_us": round(exchange_us, 1),
+    log.info("probe: star allreduce over a data-plane lane on loopback")
+    return lane_overhead_us(iters, numel, rtt) | {"allreduce_loopback_us": round(star_us, 1), "exchange_loopback_us": round(exchange_us, 1),
             "exchange_256kb_loopback_us": round(large_us, 1),
             "loopback_rtt_us": rtt, "allreduce_overhead_us": round(max(star_us - rtt, 0.0), 1),
             "exchange_overhead_us": round(max(exchange_us - rtt / 2, 0.0), 1),
             "allreduce_payload_mb_s": round(extra_bytes / max(large_us - exchange_us, 1.0), 1)}
+
+
+def lane_overhead_us(iters: int, numel: int, rtt_us: float) -> dict[str, float]:
+    """A 2-rank star allreduce over a lane on loopback (rank 1 in a spawned process, as
+    ``allreduce_overhead_us``), minus the loopback round trip; {} where lanes do not build."""
+    import multiprocessing as mp
+
+    from worker.comm import lane as lanes
+    from worker.comm.collective import CollectiveError, StarHub
+
+    if lanes.library() is None:
+        return {}
+    hub = StarHub(2, token="probe", timeout_s=60, exchange=False, lane=True)
+    proc = mp.get_context("spawn").Process(target=_probe_rank, args=(hub.address, [(iters, numel)]), daemon=True)
+    proc.start()
+    samples: list[float] = []
+    try:
+        hub.wait_for_ranks(120)
+        hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+        if not hub.on_lanes:
+            return {}
+        partial = torch.ones(numel)
+        for _ in range(iters):
+            start = time.perf_counter()
+            hub.allreduce(partial)
+            samples.append(time.perf_counter() - start)
+        proc.join(30)
+    except CollectiveError as exc:  # the probe's other figures stand without this one
+        log.warning("probe: no lane figure (%s); a plan prices ZeroMQ's allreduces", exc)
+        return {}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        hub.close()
+    star_us = quiet_mean(samples[len(samples) // 10:]) * 1e6
+    return {"lane_allreduce_loopback_us": round(star_us, 1), "lane_overhead_us": round(max(star_us - rtt_us, 0.0), 1)}
 
 
 def quiet_mean(samples: list[float], batches: int = 5, drop: float = 0.1) -> float:

@@ -22,7 +22,8 @@ from planner.model import (
     allreduce_seconds,
     context_bytes,
     exchange_seconds,
-    hub_params,
+    head_bytes,
+    hub_bytes,
     predict,
     rank_load,
     star_seconds,
@@ -182,6 +183,11 @@ def test_probe_tiny(tmp_path: Path) -> None:
     assert node.bandwidth("float32", 700) > 0 and node.bandwidth("int8", 700) > 0
     assert node.exchange_overhead_us == result["exchange_overhead_us"]
     assert node.allreduce_payload_mb_s == result["allreduce_payload_mb_s"]
+    from worker.comm import lane
+
+    assert lane.library() is not None, "lanes build here (deploy/install-system-deps.sh installs libsodium-dev)"
+    # the lanes' software cost, what a plan on lanes prices
+    assert result["lane_allreduce_loopback_us"] > 0 and node.lane_overhead_us == result["lane_overhead_us"]
     assert yaml.safe_load(yaml.safe_dump(result)) == result  # what `edgellm probe --out` writes
 
 
@@ -252,11 +258,13 @@ def test_planned_context_bytes_are_what_a_rank_reserves(kv_dtype: str) -> None:
 
 
 def test_a_coordinator_without_room_beside_the_hub_is_refused(tmp_path: Path, caplog, capsys) -> None:
-    """The embedding and LM head live on the coordinator beside rank 0's budget: a coordinator
-    whose memory they (and the fixed overhead) fill was planned with a negative memory figure."""
+    """The embedding lives on the coordinator beside rank 0's budget (in float32: int4 shards keep
+    it in their float dtype): a coordinator whose memory it (and the fixed overhead) fills was
+    planned with a negative memory figure."""
     config = load_shape("llama-3-8b")
     work = Workload(weight_dtype="int4", kv_dtype="float16")
-    hub = int(hub_params(config)[0] * 0.5625)
+    hub = hub_bytes(config, work)
+    assert hub == config.vocab_size * config.hidden_size * 4
     small = node("coord", memory=hub + FIXED_OVERHEAD_BYTES - 10 * MIB)
     with pytest.raises(PlanError, match=r"coordinator 'coord' has \d+ MiB of memory but needs more than \d+ MiB"):
         make_plan(config, [small, node("w")], work)
@@ -267,7 +275,7 @@ def test_a_coordinator_without_room_beside_the_hub_is_refused(tmp_path: Path, ca
 
     assert edgellm_main(["plan", "--model", "llama-3-8b", "--nodes", str(nodes_file), "--weight-dtype", "int4"]) == 2
     assert capsys.readouterr().out == ""
-    assert "coordinator 'coord'" in caplog.text and "embedding and LM head" in caplog.text
+    assert "coordinator 'coord'" in caplog.text and "for the embedding (float32)" in caplog.text
 
 
 def test_a_streamed_budget_below_the_window_minimum_is_refused() -> None:
@@ -285,7 +293,8 @@ def test_a_streamed_budget_below_the_window_minimum_is_refused() -> None:
     assert plan.prediction.ranks[1].streams
     for shard, budget in zip(plan.shards, plan.budgets, strict=True):
         blocks, _ = block_params(config, shard)
-        plan_window([b * 4 for b in blocks], budget, context_bytes(config, rank_load(config, shard), work))
+        load = rank_load(config, shard)
+        plan_window([b * 4 for b in blocks], budget, context_bytes(config, load, work) + head_bytes(config, load, work))
 
 
 def test_an_moe_budget_without_room_for_a_tokens_experts_is_refused() -> None:
@@ -522,3 +531,53 @@ def test_a_matvec_streams_at_the_lower_of_memory_and_its_compute_ceiling(tmp_pat
         assert got.ranks[1].compute_s - memory_only.ranks[1].compute_s == pytest.approx(extra, rel=1e-6)
     else:
         assert got.decode_s == memory_only.decode_s
+
+
+@pytest.mark.parametrize(("head_dtype", "head_bpp"), [(None, 1.0), ("float32", 4.0)])
+def test_the_lm_head_is_priced_on_every_rank_in_its_stored_dtype_then_gathered(head_dtype: str | None,
+                                                                               head_bpp: float) -> None:
+    """Each rank reads its rows of the LM head (vocab-parallel: rows by the split) in the dtype the
+    shards store it in (int8 for int4 shards unless --lm-head float), and the hub gathers every
+    worker's (B, V_r) float32 logits over its link; the rows count in each rank's memory."""
+    config = load_shape("llama-3-8b")
+    work = Workload(weight_dtype="int4", kv_dtype="float16", context=256, head_dtype=head_dtype)
+    shards = plan_shards(config, [2.0, 1.0, 1.0])
+    nodes = [node(f"n{i}", 6.0, rtt=200.0, link=940.0, allreduce_overhead_us=1000.0) for i in range(3)]
+    got = predict(config, shards, nodes, work)
+    no_head = predict(config, shards, nodes, replace(work, head_dtype="int8"))
+    d = config.hidden_size
+    for shard, rank in zip(shards, got.ranks, strict=True):
+        assert rank.head_s == pytest.approx(shard.vocab_width * d * head_bpp / (6 * GB))
+        load = rank_load(config, shard)
+        assert head_bytes(config, load, work) == shard.vocab_width * (d * head_bpp + (2 if head_bpp == 1 else 0)) + d * 4
+    assert abs(shards[0].vocab_width - 2 * shards[1].vocab_width) <= 2 * 128  # rows follow the weights (128-row units)
+    logits = [4.0 * s.vocab_width for s in shards]
+    gather = (1000 + 200 / 2) * 1e-6 + (logits[1] + logits[2]) / (940e6 / 8)
+    allreduces = predict(config, shards, nodes, work).comm_s - gather
+    assert allreduces == pytest.approx(no_head.comm_s - gather)
+    assert any(f"logits gather: {gather * 1e3:.2f} ms" in r for r in got.reasons), got.reasons
+    assert got.hub_s == 0.0  # the coordinator's step overhead only (none in these nodes)
+
+
+def test_lanes_are_priced_by_their_software_cost_where_the_profile_gives_it() -> None:
+    """The pi5 profile's ``lane_overhead_us`` (per worker rank the hub serves) replaces the assumed
+    1 ms ZeroMQ cost when the plan runs on lanes; the plan chooses lanes there and says so."""
+    config = load_shape("llama-3-8b")
+    nodes = load_nodes_text("nodes:\n  - profile: pi5\n    count: 4\n")
+    pi = nodes[0]
+    assert pi.lane_overhead_us == 180 and pi.allreduce_overhead_us == 1000
+    payload = config.hidden_size * 2.0
+    assert star_seconds(nodes, payload, lanes=True) == pytest.approx(star_seconds(nodes, payload) - (1000 - 3 * 180) * 1e-6)
+    plan = make_plan(config, nodes, Workload(weight_dtype="int4", kv_dtype="float16", context=256))
+    assert plan.lanes and "over lanes; software overhead 540 us each" in plan.prediction.reasons[2]
+    assert not make_plan(config, [replace(n, lane_overhead_us=None) for n in nodes],
+                         Workload(weight_dtype="int4", kv_dtype="float16", context=256)).lanes
+
+
+def load_nodes_text(text: str) -> list[Node]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_nodes(f.name)

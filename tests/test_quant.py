@@ -36,7 +36,7 @@ from worker.memory.weight_store import dense_order
 from worker.rank.step import SeqSpan
 from worker.shards.shard_file import ShardFile
 from worker.shards.sharding import plan_shards
-from worker.shards.weights import expert_block, load_hub, rank_shard_path
+from worker.shards.weights import HEAD_BLOCK, expert_block, load_hub, rank_shard_path, read_manifest
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "server" / "default_model"
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77]
@@ -221,27 +221,37 @@ def test_quantized_default_model_generates_the_float_text(tmp_path: Path, quanti
 
 
 def test_lm_head_is_int8_by_default_and_float_on_request(tmp_path: Path) -> None:
-    """A quantized shard's hub holds the LM head in int8 per output row (the embedded model ties
-    it to the embedding, which stays float), within half a quantization step of the fp32 head;
-    ``--lm-head float`` keeps it exactly as it was."""
-    fp32 = load_hub(DEFAULT_MODEL, torch.float32)
-    assert fp32.lm_head is fp32.embed  # tied: the int8 head is a copy of its own
-    int8_hub = load_hub(_shard(DEFAULT_MODEL, tmp_path / "q", "--quantize", "int8"), torch.float32)
-    float_hub = load_hub(_shard(DEFAULT_MODEL, tmp_path / "f", "--quantize", "int8", "--lm-head", "float"),
-                         torch.float32)
-    head = int8_hub.lm_head
-    assert isinstance(head, QuantWeight) and head.weight.dtype == torch.int8 and head.bits == 8
-    assert torch.equal(int8_hub.embed, fp32.embed)
+    """A quantized shard's rank files hold their LM head rows in int8 per output row (the embedded
+    model ties the head to the embedding, which stays float in the hub file), within half a
+    quantization step of the fp32 head; ``--lm-head float`` keeps them exactly as they were."""
+    embed = load_hub(DEFAULT_MODEL, torch.float32).embed
+    int8_dir = _shard(DEFAULT_MODEL, tmp_path / "q", "--quantize", "int8", ranks=2)
+    float_dir = _shard(DEFAULT_MODEL, tmp_path / "f", "--quantize", "int8", "--lm-head", "float", ranks=2)
+    assert torch.equal(load_hub(int8_dir, torch.float32).embed, embed)
+    head = QuantWeight(*(torch.cat(t) for t in zip(*((f["lm_head"], f["lm_head.scales"])
+                                                      for f in _head_blocks(int8_dir)), strict=True)), 0)
+    assert head.weight.dtype == torch.int8 and head.bits == 8
     step = head.scales.float()[:, None]  # (V, 1)
-    assert ((head.dequantize() - fp32.embed).abs() <= step * (0.5 + 127 * BF16_ULP)).all()
-    assert isinstance(float_hub.lm_head, torch.Tensor) and torch.equal(float_hub.lm_head, fp32.embed)
+    assert ((head.dequantize() - embed).abs() <= step * (0.5 + 127 * BF16_ULP)).all()
+    assert torch.equal(torch.cat([f["lm_head"] for f in _head_blocks(float_dir)]), embed)
     # Experts quantized alone (--expert-bits without --quantize): the head stays float, as
     # --lm-head's help says (it was int8 before)
     from tests.tiny_models import build_checkpoint
 
     moe = build_checkpoint(tmp_path / "moe", "qwen2_moe")
-    experts_only = load_hub(_shard(moe, tmp_path / "e", "--expert-bits", "8"), torch.float32)
-    assert isinstance(experts_only.lm_head, torch.Tensor) and experts_only.lm_head.dtype == torch.float32
+    (experts_only,) = _head_blocks(_shard(moe, tmp_path / "e", "--expert-bits", "8"))
+    assert experts_only["lm_head"].dtype == torch.float32 and "lm_head.scales" not in experts_only
+
+
+def _head_blocks(shard_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """The ``head`` block of every rank file, in rank order."""
+    out = []
+    for shard in plan_shards(ModelConfig.from_dir(shard_dir), read_manifest(shard_dir)["weights"] or
+                             [1.0] * read_manifest(shard_dir)["world_size"]):
+        file = ShardFile(rank_shard_path(shard_dir, shard))
+        out.append(file.read(HEAD_BLOCK))
+        file.close()
+    return out
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

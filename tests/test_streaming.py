@@ -29,7 +29,7 @@ from worker.rank.step import SeqSpan
 from worker.shards.shard_file import ShardFile
 from worker.shards.shard_writer import write_shards
 from worker.shards.sharding import plan_shards
-from worker.shards.weights import rank_shard_path
+from worker.shards.weights import HEAD_BLOCK, rank_shard_path
 
 MiB = 1 << 20
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 5, 64, 128, 3, 77]
@@ -54,9 +54,10 @@ def _window_budget(shard_dir: Path, weights: list[float], slots: int, max_batch:
         predictor = sum(t.dtype.itemsize * torch.Size(t.shape).numel() for b in dense_order(config.num_layers)
                         if any(t.name == "router" for t in file.blocks[b].tensors)
                         for t in file.blocks[b].tensors if t.name in ("router", "norm"))
+        head = file.block_bytes(HEAD_BLOCK)  # the LM head rows stay resident, inside the budget (untied heads)
         file.close()
         rope = 2 * 4 * max_context * config.head_dim  # cos and sin tables, fp32
-        kv = max(kv, predictor + rope + 2 * 4 * config.num_layers * max_batch * max_context * shard.num_kv_heads
+        kv = max(kv, head + predictor + rope + 2 * 4 * config.num_layers * max_batch * max_context * shard.num_kv_heads
                  * config.head_dim)
     return kv + slots * largest
 

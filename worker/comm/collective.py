@@ -36,6 +36,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from worker.comm import lane as lanes
 from worker.comm.wire import (
+    DTYPES,
+    STEP_ALL_LOGITS,
+    STEP_ON_LANES,
     Kind,
     Message,
     WireError,
@@ -285,14 +288,16 @@ class StarHub:
             except zmq.ZMQError as exc:
                 raise CollectiveError(f"{peer.decode()} is not connected ({exc})") from None
 
-    def start_step(self, spans: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Send the step's batch layout (S, 3) and input hidden states (T, d) to every rank."""
+    def start_step(self, spans: torch.Tensor, hidden: torch.Tensor, all_logits: bool = False) -> None:
+        """Send the step's batch layout (S, 3) and input hidden states (T, d) to every rank;
+        ``all_logits``: the ranks return logits of every token, not only each span's last."""
         self._step += 1
         self._seq = 0
         if self._peers:  # alone, there is nothing to encode (~100 us of a 512x8 decode step)
             self._adopt_lanes()
-            # the header's seq says where the step's allreduces go: 1 lanes, 0 ZeroMQ
-            self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step, seq=int(self.on_lanes)))
+            # the header's seq holds the step's flags: where its allreduces go, which logits it returns
+            flags = STEP_ON_LANES * self.on_lanes | STEP_ALL_LOGITS * all_logits
+            self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step, seq=flags))
         self._fast = None
         if self.on_lanes and self.exchange and self._sync == "fp32":
             (lane,) = self._lanes.values()
@@ -356,6 +361,15 @@ class StarHub:
 
     def _gather_partials(self, shape: tuple[int, ...], exact_dtype: torch.dtype) -> dict[bytes, list[torch.Tensor]]:
         """Every worker's checked PARTIAL of the current step and seq, as views of its frames."""
+        def check(tensors: list[torch.Tensor], expected: tuple[int, ...]) -> None:
+            check_sync_payload(tensors, self._sync, expected, exact_dtype)
+
+        return self._collect(Kind.PARTIAL, dict.fromkeys(self._peers, shape), check)
+
+    def _collect(self, kind: Kind, shapes: dict[bytes, tuple[int, ...]],
+                 check: Callable[[list[torch.Tensor], tuple[int, ...]], None]) -> dict[bytes, list[torch.Tensor]]:
+        """Every worker's ``kind`` message of the current step and seq, its tensors checked by
+        ``check`` against the worker's shape in ``shapes``, as views of its frames."""
         received: dict[bytes, list[torch.Tensor]] = {}
         deadline = time.monotonic() + self.timeout_ms / 1000
         while len(received) < len(self._peers):
@@ -376,15 +390,15 @@ class StarHub:
             except WireError as exc:
                 log.warning("dropping malformed frames from %r: %s", sender, exc)
                 continue
-            if msg.kind != Kind.PARTIAL or (msg.step, msg.seq) != (self._step, self._seq):
+            if msg.kind != kind or (msg.step, msg.seq) != (self._step, self._seq):
                 log.warning("dropping stale %s step=%d seq=%d from %r", msg.kind.name, msg.step, msg.seq, sender)
                 continue
             if sender not in self._peers:
                 raise CollectiveError(f"{sender!r} is not a rank of this cluster")
             try:
-                check_sync_payload(msg.tensors, self._sync, shape, exact_dtype)
+                check(msg.tensors, shapes[sender])
             except WireError as exc:
-                raise CollectiveError(f"{sender.decode()} sent a bad partial: {exc}") from None
+                raise CollectiveError(f"{sender.decode()} sent a bad {kind.name.lower()}: {exc}") from None
             received[sender] = msg.tensors  # views of the frames: no copy until the sum
         return received
 
@@ -432,26 +446,69 @@ class StarHub:
         """Rank ``rank``'s checked PARTIAL of this step and seq, as views of its lane's buffer
         (``raw``: left in the buffer, unchecked, for ``finish_f32``)."""
         lane = self._lanes[rank]
+        got = self._lane_frame(rank, Kind.PARTIAL)
+        if raw:
+            return []
+        try:
+            return split_sync_payload(lane.payload(got), lane.format, self._sync, shape, exact_dtype)
+        except WireError as exc:
+            raise CollectiveError(f"rank-{rank} sent a bad partial: {exc}") from None
+
+    def _lane_frame(self, rank: int, kind: Kind) -> int:
+        """The byte count of rank ``rank``'s ``kind`` frame of this step and seq, waited for up to
+        the step timeout; a rank the heartbeat finds gone fails it at once."""
+        lane = self._lanes[rank]
         deadline = time.monotonic() + self.timeout_ms / 1000
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
-                raise CollectiveError(f"timed out waiting for partial sums from rank-{rank}")
+                raise CollectiveError(f"timed out waiting for the {kind.name} of rank-{rank}")
             with self._lane_errors(rank):
                 got = lane.recv(self._step, self._seq, min(left_ms, LIVENESS_POLL_MS))
             if got < 0:
                 if rank in self.missing_ranks():
                     raise CollectiveError(f"rank-{rank} stopped answering heartbeats mid-step")
                 continue
-            if lane.kind != Kind.PARTIAL:
+            if lane.kind != kind:
                 self._drop_lane(rank)
                 raise CollectiveError(f"rank-{rank} sent a {_kind_name(lane.kind)} frame on its lane")
-            if raw:
-                return []
-            try:
-                return split_sync_payload(lane.payload(got), lane.format, self._sync, shape, exact_dtype)
-            except WireError as exc:
-                raise CollectiveError(f"rank-{rank} sent a bad partial: {exc}") from None
+            return got
+
+    def gather_logits(self, own: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """The step's logits (R, V): rank 0's ``own`` (R, V_0) and every worker's LOGITS (R, V_r),
+        side by side in rank order. A gather, not a sum: each rank projects onto its own LM head
+        rows (``worker.rank.head``); a rank's V_r is what it sends, the whole must be ``vocab_size``."""
+        if self.world_size == 1:
+            return own
+        self._seq += 1
+        rows = own.shape[0]
+        if self.on_lanes:
+            parts = [own, *(self._lane_logits(rank, rows) for rank in sorted(self._lanes))]
+        else:
+            received = self._collect(Kind.LOGITS, dict.fromkeys(self._peers, (rows,)), self._check_logits)
+            parts = [own, *(received[peer][0] for peer in self._peers)]
+        if (width := sum(p.shape[1] for p in parts)) != vocab_size:
+            raise CollectiveError(f"the ranks' logits add up to {width} columns, expected {vocab_size}: "
+                                  f"{[p.shape[1] for p in parts]}")
+        return torch.cat(parts, dim=1)  # (R, V)
+
+    @staticmethod
+    def _check_logits(tensors: list[torch.Tensor], shape: tuple[int, ...]) -> None:
+        """One float32 (R, V_r) tensor, R = ``shape[0]``."""
+        if len(tensors) != 1 or tensors[0].dtype != torch.float32 or tensors[0].dim() != 2 \
+                or tensors[0].shape[0] != shape[0]:
+            got = [(tuple(t.shape), t.dtype) for t in tensors]
+            raise WireError(f"logits {got}, expected one ({shape[0]}, V_r) float32")
+
+    def _lane_logits(self, rank: int, rows: int) -> torch.Tensor:
+        """Rank ``rank``'s LOGITS of this step (R, V_r) float32, a view of its lane's buffer (valid
+        until that lane's next receive)."""
+        lane = self._lanes[rank]
+        raw = lane.payload(self._lane_frame(rank, Kind.LOGITS))
+        if DTYPES.get(lane.format) != torch.float32 or raw.numel() % (rows * 4):
+            raise CollectiveError(f"rank-{rank} sent {raw.numel()} bytes of logits (dtype code {lane.format}), "
+                                  f"not ({rows}, V_r) float32")
+        return raw.view(torch.float32).view(rows, -1)  # (R, V_r)
 
     def _lane_control(self, kind: Kind) -> None:
         for rank, lane in list(self._lanes.items()):
@@ -513,6 +570,7 @@ class StarRank:
         self._fast: Callable[[int, int, int], int] | None = None  # this step's in-place exchange (allreduce_)
         self.step = 0
         self._seq = 0
+        self.all_logits = False  # this step returns logits of every token (its STEP's flags)
         # set by another thread (the rank stopping): a wait for the hub ends within CANCEL_POLL_MS
         # instead of the step timeout, so the owning thread can close the socket itself
         self.cancelled = threading.Event()
@@ -545,7 +603,8 @@ class StarRank:
         """Adopt the step id of a STEP message."""
         self.step = msg.step
         self._seq = 0
-        self._on_lane = msg.seq == 1 and self.lane is not None
+        self.all_logits = bool(msg.seq & STEP_ALL_LOGITS)
+        self._on_lane = bool(msg.seq & STEP_ON_LANES) and self.lane is not None
         self._fast = None
         if self._on_lane and self.lane is not None and self.sync_dtype == "fp32":
             self.lane.begin(self.step, CANCEL_POLL_MS)
@@ -570,6 +629,19 @@ class StarRank:
             except lanes.LaneError as exc:
                 self._lane_failed(lane, exc)
         return partial
+
+    def send_logits(self, logits: torch.Tensor) -> None:
+        """This rank's (R, V_r) float32 logits of the step to the hub (``StarHub.gather_logits``),
+        on the lane where the step's allreduces went, else over ZeroMQ."""
+        self._seq += 1
+        logits = logits.contiguous()
+        if self._on_lane and self.lane is not None:
+            try:
+                self.lane.send(Kind.LOGITS, self.step, self._seq, [logits])
+            except lanes.LaneError as exc:
+                self._lane_failed(self.lane, exc)
+            return
+        _send_frames(self.sock, encode_message(Kind.LOGITS, [logits], step=self.step, seq=self._seq))
 
     def _lane_failed(self, lane: lanes.Lane, exc: lanes.LaneError) -> NoReturn:
         if exc.code == lanes.CONTROL or lane.kind in (Kind.ABORT, Kind.STOP):

@@ -31,6 +31,12 @@ class Kind(enum.IntEnum):
     STOP = 5  # hub -> ranks: leave the data-plane loop
     WELCOME = 6  # hub -> rank: HELLO accepted
     ABORT = 7  # hub -> ranks: the current step is abandoned (a rank failed); wait for the next
+    LOGITS = 8  # rank -> hub, after the last layer: its (R, V_r) float32 logits of the LM head rows it holds
+
+
+# Bits of a STEP message's seq field (a STEP has no allreduce sequence of its own).
+STEP_ON_LANES = 1  # the step's allreduces and logits go over the lanes, not ZeroMQ
+STEP_ALL_LOGITS = 2  # logits of every token of the step, not only each span's last
 
 
 DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.int64,

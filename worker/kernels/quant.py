@@ -45,8 +45,9 @@ activations' bf16 rounding (0.4%) is small next to the weights' int8 (about 1%) 
 
 Norms, biases, routers, the shared-expert gate and the hub's embedding stay in float: they
 are a small share of the bytes read per token (the embedding is read one row per token), and
-routers/gates pick discrete experts, where a small error flips a choice. The hub's LM head is
-int8 per output row by default (``QuantSpec.lm_head_bits``): it is read whole at every step and
+routers/gates pick discrete experts, where a small error flips a choice. The LM head (split
+over the ranks by rows, ``worker.rank.head``) is int8 per output row by default
+(``QuantSpec.lm_head_bits``): it is read whole at every step and
 is the largest single matrix (vocab x hidden: 40% of an int8 shard's per-token bytes for a
 512-wide, 8000-word model, 15% of a 1.1B step in fp32). Its error is the int8 rounding of the
 weights; ``bench/quant.py`` reports it with and without (``--lm-head float``).
@@ -94,7 +95,7 @@ class QuantError(CheckpointError):
 class QuantSpec:
     """What ``edgellm shard`` quantizes: ``bits`` for the dense matrices (None: float),
     ``expert_bits`` for routed experts (None: as ``bits``), int4 groups of ``group_size``, and
-    the hub's LM head in int8 (``lm_head_bits`` 8) or float (None)."""
+    the LM head (each rank's rows of it) in int8 (``lm_head_bits`` 8) or float (None)."""
 
     bits: int | None = 8
     group_size: int = 64

@@ -1,7 +1,8 @@
 """Rank 0 and the hub: turns token ids of a batch into next-token logits across the cluster.
 
-The embedding, final norm and LM head stay here (one copy, on the coordinator); every
-rank, this one included, runs its shard of the decoder layers between two allreduces.
+The embedding stays here (one copy, on the coordinator); every rank, this one included, runs
+its shard of the decoder layers between two allreduces, then the final norm and its rows of the
+LM head (``worker.rank.head``); the hub gathers the logits.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from worker.comm.collective import StarHub
-from worker.kernels.quant import linear
 from worker.memory.kv_cache import KVCache
-from worker.models.llama import rms_norm
+from worker.rank.head import logit_rows
 from worker.rank.loader import load_rank
 from worker.rank.runtime import RankSpec, spans_to_tensor
 from worker.rank.step import SeqSpan, StepPlan
@@ -34,7 +34,9 @@ class Executor:
         self.weights = hub_weights or load_hub(spec.model_dir, spec.dtype)
         self.allreduce_seconds: list[float] = []  # hub time of each allreduce in the last step
         # Rank 0's shard goes through the same weight store / expert cache as a worker's.
-        self.rank = load_rank(spec, self._timed_allreduce)
+        v0, v1 = spec.shard.vocab_rows
+        tied = self.weights.embed[v0:v1] if spec.config.tie_word_embeddings else None  # (V_0, d) views
+        self.rank = load_rank(spec, self._timed_allreduce, tied_rows=tied)
         self.model = self.rank.model
         self.kv: KVCache = self.model.kv
         self.steps = 0
@@ -53,15 +55,18 @@ class Executor:
         self.allreduce_seconds.clear()
         ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)  # (T,)
         hidden = F.embedding(ids, self.weights.embed)  # (T, d)
-        self.hub.start_step(spans_to_tensor(spans), hidden)
+        self.hub.start_step(spans_to_tensor(spans), hidden, all_logits)
         hidden = self.model.forward(hidden, StepPlan.build(spans, self.config.sliding_window))
         self.steps += 1
         self.tokens += int(ids.shape[0])
-        if not all_logits and hidden.shape[0] != len(spans):  # some span has several tokens
-            last = torch.tensor([sum(s.length for s in spans[: i + 1]) - 1 for i in range(len(spans))])
-            hidden = hidden[last]  # (S, d)
-        hidden = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
-        return linear(hidden, self.weights.lm_head).float()  # (S or T, V)
+        return self._logits(logit_rows(hidden, spans, all_logits))  # (S or T, V)
+
+    # --- after the last layer: the vocab-parallel LM head -------------------------------------------
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(R, d) final hidden states -> (R, V): this rank's head rows, then every worker's (each
+        projected the same rows onto its own: ``WorkerRank``), gathered in rank order."""
+        return self.hub.gather_logits(self.rank.head.logits(hidden), self.config.vocab_size)  # (R, V)
 
     def stats(self) -> dict[str, float]:
         """Rank 0's numbers, the same keys as a worker's ``Stats`` reply (see ``rank_stats``)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.config import ModelConfig
+from worker.config import CheckpointError, ModelConfig
 from worker.kernels.quant import is_aux
 from worker.memory.budget import (
     BudgetError,
@@ -32,13 +32,16 @@ from worker.memory.weight_store import ResidentStore, WeightStore, WindowStore, 
 from worker.models import model_class
 from worker.models.llama import AllReduce, RankModel, rope_table_bytes
 from worker.models.moe import MoeRankModel, Predictor
+from worker.rank.head import HeadSlice
 from worker.shards.checkpoint import Checkpoint
 from worker.shards.shard_file import ShardFile
 from worker.shards.sharding import RankShard
 from worker.shards.weights import (
+    HEAD_BLOCK,
     Fields,
     expert_block,
     fields_nbytes,
+    head_fields,
     is_shard_dir,
     mlp_block,
     rank_shard_path,
@@ -74,6 +77,7 @@ class LoadedRank:
     store: WeightStore
     experts: ExpertCache | None
     io: IoThread | None
+    head: HeadSlice  # held resident beside the store, outside the streamed window
 
     def stats(self) -> dict[str, float]:
         out = self.store.stats()
@@ -100,32 +104,57 @@ def _to(fields: Fields, dtype: torch.dtype) -> Fields:
     return {k: v.to(dtype) if v.is_floating_point() and not is_aux(k) else v for k, v in fields.items()}
 
 
-def load_rank(spec: RankSpec, allreduce: AllReduce, progress: Progress | None = None) -> LoadedRank:
+def load_rank(spec: RankSpec, allreduce: AllReduce, progress: Progress | None = None,
+              tied_rows: torch.Tensor | None = None) -> LoadedRank:
+    """``tied_rows``: this rank's LM head rows (V_r, d) already in memory, used instead of reading
+    them where the head is the embedding in float (rank 0 in the coordinator, which holds the
+    embedding: the head rows are then views, not a second copy)."""
     kv = new_kv_cache(spec)
     if is_shard_dir(spec.model_dir):
-        return _load_from_shard(spec, kv, allreduce, progress)
-    return _load_from_checkpoint(spec, kv, allreduce, progress)
+        return _load_from_shard(spec, kv, allreduce, progress, tied_rows)
+    return _load_from_checkpoint(spec, kv, allreduce, progress, tied_rows)
 
 
 def _build(spec: RankSpec, store: WeightStore, kv: KVCache, allreduce: AllReduce, experts: ExpertCache | None,
-           predictor: Predictor | None, io: IoThread | None) -> LoadedRank:
+           predictor: Predictor | None, io: IoThread | None, head: HeadSlice) -> LoadedRank:
     cls = model_class(spec.config.architecture)
     if issubclass(cls, MoeRankModel):
         assert experts is not None
         model: RankModel = cls(spec.config, spec.shard, store, kv, allreduce, experts, predictor)
     else:
         model = cls(spec.config, spec.shard, store, kv, allreduce)
-    return LoadedRank(model, store, experts, io)
+    return LoadedRank(model, store, experts, io, head)
+
+
+def _head_from_shard(spec: RankSpec, file: ShardFile, tied_rows: torch.Tensor | None) -> HeadSlice:
+    """The rank file's ``head`` block; a float head of a tied model from ``tied_rows`` where given."""
+    if not file.has(HEAD_BLOCK):
+        raise CheckpointError(f"{file.path} holds no LM head rows (block {HEAD_BLOCK!r}); re-run `edgellm shard`")
+    quantized = any(is_aux(t.name) for t in file.blocks[HEAD_BLOCK].tensors)
+    if tied_rows is not None and not quantized:
+        fields = {"norm": file.read_field(HEAD_BLOCK, "norm").to(spec.dtype), "lm_head": tied_rows}
+    else:
+        fields = _to(file.read(HEAD_BLOCK), spec.dtype)
+    return _checked_head(spec, HeadSlice.from_fields(fields, spec.config.rms_norm_eps))
+
+
+def _checked_head(spec: RankSpec, head: HeadSlice) -> HeadSlice:
+    if head.rows != spec.shard.vocab_width:
+        raise CheckpointError(f"rank {spec.shard.rank}'s LM head has {head.rows} rows, its split "
+                          f"{spec.shard.vocab_rows} needs {spec.shard.vocab_width}; re-run `edgellm shard`")
+    return head
 
 
 def _moe_layers(spec: RankSpec) -> list[int]:
     return [layer for layer in range(spec.config.num_layers) if spec.config.is_moe_layer(layer)]
 
 
-def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress: Progress | None) -> LoadedRank:
+def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress: Progress | None,
+                     tied_rows: torch.Tensor | None) -> LoadedRank:
     cfg = spec.config
     path = rank_shard_path(spec.model_dir, spec.shard)
     file = ShardFile(path)
+    head = _head_from_shard(spec, file, tied_rows)
     order = dense_order(cfg.num_layers)
     predictor = None
     if cfg.is_moe and spec.prefetch:
@@ -134,8 +163,9 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
                               {m: file.read_field(mlp_block(m), "norm").to(spec.dtype) for m in layers},
                               cfg.rms_norm_eps, cfg.experts_per_token, spec.expert_predictor)
     # held beside the weights for the rank's life: the KV cache, the RoPE tables, the predictor's routers
+    # and the LM head rows (views of the coordinator's embedding for rank 0 of a tied float head)
     reserved = kv.nbytes() + rope_table_bytes(kv.max_len, cfg.head_dim, kv.k.dtype) + \
-        (predictor.nbytes() if predictor else 0)
+        (predictor.nbytes() if predictor else 0) + (head.nbytes() if tied_rows is None else 0)
     keys = [expert_block(m, e) for m in _moe_layers(spec) for e in range(cfg.num_experts)] if cfg.is_moe else []
     _check_streamed_dtype(file, keys, spec.dtype, "MoE experts always stream from the shard: its experts")
     slot_bytes = max(file.block_bytes(k) for k in keys) if keys else 0
@@ -173,7 +203,7 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
             raise BudgetError(f"{exc}; without --expert-cache the experts get what --memory-budget leaves "
                               f"after the other weights, the KV cache and the RoPE tables") from None
         experts = ExpertCache(expert_file, cfg.num_layers, cfg.num_experts, slots, slot_bytes, spec.expert_policy)
-    return _build(spec, store, kv, allreduce, experts, predictor, io)
+    return _build(spec, store, kv, allreduce, experts, predictor, io, head)
 
 
 def _check_streamed_dtype(file: ShardFile, blocks: list[str], dtype: torch.dtype, what: str) -> None:
@@ -191,12 +221,16 @@ def _check_streamed_dtype(file: ShardFile, blocks: list[str], dtype: torch.dtype
 
 
 def _load_from_checkpoint(spec: RankSpec, kv: KVCache, allreduce: AllReduce,
-                          progress: Progress | None) -> LoadedRank:
+                          progress: Progress | None, tied_rows: torch.Tensor | None) -> LoadedRank:
     cfg = spec.config
     blocks: dict[str, Fields] = {}
     experts: dict[tuple[int, int], Fields] = {}
-    dense_bytes = expert_bytes = 0
     with Checkpoint(spec.model_dir) as ckpt:
+        head_block = head_fields(ckpt, spec.shard, spec.dtype) if tied_rows is None else \
+            {"norm": ckpt.get("model.norm.weight").to(spec.dtype), "lm_head": tied_rows}
+        head = _checked_head(spec, HeadSlice.from_fields(head_block, cfg.rms_norm_eps))
+        dense_bytes = head.nbytes() if tied_rows is None else 0  # the head counts against the budget
+        expert_bytes = 0
         for layer in range(cfg.num_layers):
             for name, fields in slice_layer(ckpt, spec.shard, layer, spec.dtype).items():
                 parts = name.split(".")
@@ -225,4 +259,4 @@ def _load_from_checkpoint(spec: RankSpec, kv: KVCache, allreduce: AllReduce,
     if cfg.is_moe:
         cache = ExpertCache(None, cfg.num_layers, cfg.num_experts, len(experts), 0, spec.expert_policy,
                             preloaded=experts)
-    return _build(spec, ResidentStore(blocks), kv, allreduce, cache, predictor, None)
+    return _build(spec, ResidentStore(blocks), kv, allreduce, cache, predictor, None, head)

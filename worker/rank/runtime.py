@@ -14,6 +14,7 @@ import torch
 
 from worker.comm.collective import CollectiveError, StarRank
 from worker.comm.wire import Kind, WireError
+from worker.rank.head import logit_rows
 from worker.rank.loader import Progress, RankSpec, load_rank
 from worker.rank.step import SeqSpan, StepPlan
 
@@ -113,7 +114,9 @@ class WorkerRank:
                               self.spec.max_context)
                 self.link.begin(msg)
                 with torch.inference_mode():
-                    self.model.forward(hidden.to(self.spec.dtype), StepPlan.build(spans, self.spec.config.sliding_window))
+                    final = self.model.forward(hidden.to(self.spec.dtype),
+                                               StepPlan.build(spans, self.spec.config.sliding_window))
+                    self._send_logits(final, spans)
                 self.steps += 1
                 self.tokens += hidden.shape[0]
             except (CollectiveError, WireError) as exc:
@@ -122,6 +125,12 @@ class WorkerRank:
             except Exception:  # a bug must not silently kill the data plane
                 log.exception("rank %d: step failed", self.spec.shard.rank)
         log.info("rank %d: data plane stopped", self.spec.shard.rank)
+
+    def _send_logits(self, final: torch.Tensor, spans: list[SeqSpan]) -> None:
+        """After the last layer: this rank's LM head rows applied to the rows the hub asked for
+        (``StarHub.gather_logits`` puts them beside the other ranks')."""
+        rows = logit_rows(final, spans, self.link.all_logits)  # (R, d)
+        self.link.send_logits(self.loaded.head.logits(rows))  # (R, V_r)
 
     def stop(self) -> None:
         """Leave the data plane. A step waiting for the hub ends within ``CANCEL_POLL_MS``; one

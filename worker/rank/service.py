@@ -58,7 +58,7 @@ def shard_from_proto(msg: pb.RankShard, group_size: int) -> RankShard:
     return RankShard(rank=msg.rank, world_size=msg.world_size, kv_heads=(msg.kv_head_start, msg.kv_head_end),
                      mlp_columns=(msg.mlp_start, msg.mlp_end), group_size=group_size,
                      expert_columns=(msg.expert_start, msg.expert_end),
-                     shared_columns=(msg.shared_start, msg.shared_end))
+                     shared_columns=(msg.shared_start, msg.shared_end), vocab_rows=(msg.vocab_start, msg.vocab_end))
 
 
 def shard_to_proto(shard: RankShard) -> pb.RankShard:
@@ -66,7 +66,8 @@ def shard_to_proto(shard: RankShard) -> pb.RankShard:
                         kv_head_end=shard.kv_heads[1], mlp_start=shard.mlp_columns[0],
                         mlp_end=shard.mlp_columns[1], expert_start=shard.expert_columns[0],
                         expert_end=shard.expert_columns[1], shared_start=shard.shared_columns[0],
-                        shared_end=shard.shared_columns[1])
+                        shared_end=shard.shared_columns[1], vocab_start=shard.vocab_rows[0],
+                        vocab_end=shard.vocab_rows[1])
 
 
 def process_memory() -> dict[str, float]:

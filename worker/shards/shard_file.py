@@ -51,8 +51,11 @@ class BlockEntry:
 
 
 def block_of(name: str) -> tuple[str, str]:
-    """``layers.3.experts.5.w_down`` -> (``layers.3.experts.5``, ``w_down``)."""
+    """``layers.3.experts.5.w_down`` -> (``layers.3.experts.5``, ``w_down``); ``head.lm_head.scales``
+    -> (``head``, ``lm_head.scales``)."""
     parts = name.split(".")
+    if parts[0] != "layers":
+        return parts[0], ".".join(parts[1:])
     cut = 4 if len(parts) > 4 and parts[2] == "experts" else 3
     return ".".join(parts[:cut]), ".".join(parts[cut:])
 

@@ -25,10 +25,13 @@ from worker.shards.checkpoint import Checkpoint
 from worker.shards.shard_fetch import file_sha256
 from worker.shards.sharding import RankShard
 from worker.shards.weights import (
+    HEAD_BLOCK,
     HUB_FILE,
     SHARD_FORMAT,
     SHARD_MANIFEST,
     SIDE_FILES,
+    Fields,
+    head_fields,
     is_shard_dir,
     load_hub_weights,
     shard_file_name,
@@ -84,9 +87,10 @@ def write_shards(model_dir: str | Path, shards: list[RankShard], out_dir: str | 
 
     The output directory is itself servable: config and tokenizer files are copied in.
     ``quant`` quantizes the rank blocks' weight matrices (``worker.kernels.quant``); slices are then
-    taken in fp32 so quantization rounds the checkpoint's values once. The hub's embedding and
-    norm stay in float; its LM head is int8 when ``quant.lm_head_bits`` says so (a tied LM head
-    then gets its own int8 copy: the embedding is read one row per token, the head whole).
+    taken in fp32 so quantization rounds the checkpoint's values once. Each rank file ends with
+    its ``head`` block: the final norm and its rows of the LM head, int8 when ``quant.lm_head_bits``
+    says so (a tied head then gets its own int8 rows: the embedding is read one row per token,
+    the head whole). The hub file holds the embedding, in float.
 
     Into an existing directory, the rank files of another split found there are removed once
     this one is written; a failed run into a directory it created leaves no directory behind.
@@ -140,25 +144,19 @@ def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, 
                             for name, tensor in fields.items():
                                 writer.add(f"{block}.{name}", tensor)
                         bar.update(1)
+            for shard, writer in zip(shards, writers, strict=True):
+                for name, tensor in _head_block(ckpt, shard, dtype, quant).items():
+                    writer.add(f"{HEAD_BLOCK}.{name}", tensor)
         except BaseException:
             for writer in writers:
                 writer.abort()
             raise
         for writer in writers:
             writer.close()
-        hub = load_hub_weights(ckpt, torch.float32 if quant else dtype)
+        hub = load_hub_weights(ckpt, dtype)
         hub_writer = StreamingSafetensorsWriter(out / HUB_FILE)
         try:
-            hub_writer.add("embed", hub.embed.to(dtype))
-            hub_writer.add("norm", hub.norm.to(dtype))
-            lm_head = hub.lm_head
-            assert isinstance(lm_head, torch.Tensor)  # a checkpoint's head is float; only shards hold int8
-            head = quantize_lm_head(lm_head) if quant and quant.lm_head_bits else None
-            if head:
-                for name, tensor in head.items():
-                    hub_writer.add(name, tensor)
-            elif lm_head is not hub.embed:
-                hub_writer.add("lm_head", lm_head.to(dtype))
+            hub_writer.add("embed", hub.embed)
         except BaseException:
             hub_writer.abort()
             raise
@@ -179,6 +177,14 @@ def _write_shard_dir(model_dir: str | Path, shards: list[RankShard], out: Path, 
                 "sha256": {name: file_sha256(out / name)
                            for name in [*(shard_file_name(s.rank, world) for s in shards), HUB_FILE]}}
     (out / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _head_block(ckpt: Checkpoint, shard: RankShard, dtype: torch.dtype, quant: QuantSpec | None) -> Fields:
+    """A rank's ``head`` fields: the final norm in ``dtype``, its LM head rows in int8 where
+    ``quant.lm_head_bits`` asks for it (per output row: the rows of the whole head's int8), else in ``dtype``."""
+    fields = head_fields(ckpt, shard, torch.float32 if quant else dtype)
+    head = quantize_lm_head(fields["lm_head"]) if quant and quant.lm_head_bits else None
+    return {"norm": fields["norm"].to(dtype), **(head or {"lm_head": fields["lm_head"].to(dtype)})}
 
 
 def _expert_key(block: str) -> tuple[int, int] | None:

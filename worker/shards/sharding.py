@@ -30,6 +30,7 @@ class RankShard:
     group_size: int  # query heads per KV head
     expert_columns: tuple[int, int] = (0, 0)  # of every routed expert (MoE), split like a dense MLP
     shared_columns: tuple[int, int] = (0, 0)  # of the shared expert (Qwen2-MoE)
+    vocab_rows: tuple[int, int] = (0, 0)  # of the LM head (vocab-parallel; ``split_vocab``)
 
     @classmethod
     def from_dict(cls, raw: dict) -> RankShard:
@@ -37,7 +38,8 @@ class RankShard:
         return cls(rank=int(raw["rank"]), world_size=int(raw["world_size"]), kv_heads=tuple(raw["kv_heads"]),
                    mlp_columns=tuple(raw["mlp_columns"]), group_size=int(raw["group_size"]),
                    expert_columns=tuple(raw.get("expert_columns", (0, 0))),
-                   shared_columns=tuple(raw.get("shared_columns", (0, 0))))
+                   shared_columns=tuple(raw.get("shared_columns", (0, 0))),
+                   vocab_rows=tuple(raw.get("vocab_rows", (0, 0))))
 
     @property
     def num_kv_heads(self) -> int:
@@ -54,6 +56,10 @@ class RankShard:
     @property
     def mlp_width(self) -> int:
         return self.mlp_columns[1] - self.mlp_columns[0]
+
+    @property
+    def vocab_width(self) -> int:
+        return self.vocab_rows[1] - self.vocab_rows[0]
 
 
 def apportion(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
@@ -100,6 +106,23 @@ def split_columns(total: int, weights: Sequence[float]) -> list[int]:
     return apportion(total, weights)
 
 
+# Rows a rank's LM head slice starts on a multiple of: the native kernels compute 4 rows at a
+# time and a ragged rest apart, with another summation order, so a slice that starts off this grid
+# would give other bits than the same rows of the whole head (measured: a slice from row 1 differs).
+VOCAB_UNITS = (128, 64, 32, 16, 8)
+
+
+def split_vocab(total: int, weights: Sequence[float]) -> list[int]:
+    """LM head rows per rank: multiples of the largest of ``VOCAB_UNITS`` that leaves every rank
+    ``MIN_UNITS_PER_RANK`` units, the ``total % unit`` rows left over going to the last rank, so
+    every slice starts on the kernels' grid and the logits are the bits of the unsplit head."""
+    n = len(weights)
+    unit = next((u for u in VOCAB_UNITS if total // u >= MIN_UNITS_PER_RANK * n), 1)
+    parts = [units * unit for units in apportion(total // unit, weights)]
+    parts[-1] += total % unit
+    return parts
+
+
 def _ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
     out, start = [], 0
     for size in sizes:
@@ -109,7 +132,7 @@ def _ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def plan_shards(config: ModelConfig, weights: Sequence[float]) -> list[RankShard]:
-    """Each rank's KV-head range and MLP column range for ``len(weights)`` ranks."""
+    """Each rank's KV-head range, MLP column range and LM head rows for ``len(weights)`` ranks."""
     n = len(weights)
     if n > config.num_kv_heads:
         raise ShardingError(
@@ -122,9 +145,10 @@ def plan_shards(config: ModelConfig, weights: Sequence[float]) -> list[RankShard
     experts = _ranges(split_columns(config.moe_intermediate_size, weights)) if config.is_moe else none
     shared = (_ranges(split_columns(config.shared_expert_intermediate_size, weights))
               if config.shared_expert_intermediate_size else none)
+    vocab = _ranges(split_vocab(config.vocab_size, weights))
     return [
         RankShard(rank=r, world_size=n, kv_heads=kv[r], mlp_columns=mlp[r], group_size=config.group_size,
-                  expert_columns=experts[r], shared_columns=shared[r])
+                  expert_columns=experts[r], shared_columns=shared[r], vocab_rows=vocab[r])
         for r in range(n)
     ]
 

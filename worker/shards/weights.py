@@ -24,7 +24,10 @@ from worker.shards.sharding import RankShard
 
 SHARD_MANIFEST = "edgellm_shards.json"
 HUB_FILE = "hub.safetensors"
-SHARD_FORMAT = 2  # 2: blocks (attn, mlp, experts.E) per layer
+# 2: blocks (attn, mlp, experts.E) per layer; 3: and each rank's LM head rows (block ``head``),
+# the hub file the embedding only
+SHARD_FORMAT = 3
+HEAD_BLOCK = "head"  # a rank's final norm (d,) and LM head rows (V_r, d): ``head_fields``
 # Files copied next to the shards so a shard directory is also a servable model directory.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "special_tokens_map.json")
@@ -108,11 +111,10 @@ def fields_nbytes(fields: Fields) -> int:
 
 @dataclass
 class HubWeights:
-    """What the hub keeps beyond rank 0's shard: embedding, final norm, LM head."""
+    """What the hub keeps beyond rank 0's shard: the embedding (the LM head is split over the
+    ranks, each holding its rows: ``head_fields``)."""
 
     embed: torch.Tensor  # (V, d)
-    norm: torch.Tensor  # (d,)
-    lm_head: Weight  # (V, d): the same storage as embed when tied, or int8 (quantized shards)
 
 
 def _hf(layer: int, name: str) -> str:
@@ -194,12 +196,22 @@ def slice_layer(ckpt: Checkpoint, shard: RankShard, layer: int, dtype: torch.dty
 
 
 def load_hub_weights(ckpt: Checkpoint, dtype: torch.dtype) -> HubWeights:
-    embed = ckpt.get("model.embed_tokens.weight").to(dtype)
-    if ckpt.config.tie_word_embeddings or not ckpt.has("lm_head.weight"):
-        lm_head = embed
-    else:
-        lm_head = ckpt.get("lm_head.weight").to(dtype)
-    return HubWeights(embed=embed, norm=ckpt.get("model.norm.weight").to(dtype), lm_head=lm_head)
+    return HubWeights(embed=ckpt.get("model.embed_tokens.weight").to(dtype))
+
+
+def head_is_tied(ckpt: Checkpoint) -> bool:
+    """Whether the LM head is the embedding (tied, or a checkpoint without ``lm_head.weight``)."""
+    return ckpt.config.tie_word_embeddings or not ckpt.has("lm_head.weight")
+
+
+def head_fields(ckpt: Checkpoint, shard: RankShard, dtype: torch.dtype) -> Fields:
+    """This rank's ``head`` block: the final norm (d,) and its rows ``shard.vocab_rows`` of the LM
+    head (V_r, d), taken from the embedding when the head is tied."""
+    name = "model.embed_tokens.weight" if head_is_tied(ckpt) else "lm_head.weight"
+    v0, v1 = shard.vocab_rows
+    # a copy: safetensors' row slice views the whole tensor's storage, which would stay alive
+    rows = ckpt.get_rows(name, v0, v1).to(dtype, copy=True)  # (V_r, d)
+    return {"norm": ckpt.get("model.norm.weight").to(dtype), "lm_head": rows}
 
 
 def shard_file_name(rank: int, world_size: int) -> str:
@@ -217,9 +229,7 @@ def read_manifest(model_dir: str | Path) -> dict:
 def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
     """This rank's file in a shard directory, checked against the split it must hold."""
     manifest = read_manifest(model_dir)
-    if manifest.get("format") != SHARD_FORMAT:
-        raise CheckpointError(f"{model_dir} holds shards of format {manifest.get('format')}, this edgellm reads "
-                              f"format {SHARD_FORMAT}; re-run `edgellm shard`")
+    check_shard_format(model_dir, manifest)
     check_quant_format(model_dir, manifest)
     path = Path(model_dir) / shard_file_name(shard.rank, shard.world_size)
     if not path.is_file():
@@ -231,6 +241,39 @@ def rank_shard_path(model_dir: str | Path, shard: RankShard) -> Path:
     return path
 
 
+def check_shard_format(model_dir: str | Path, manifest: dict) -> None:
+    """Refuse a shard directory of another format, naming the command that rewrites it. Format 2
+    (no LM head rows in the rank files, the whole head in ``hub.safetensors``) is refused rather
+    than served with the head on the coordinator: one code path, and the coordinator never holds
+    the whole head."""
+    found = manifest.get("format")
+    if found == SHARD_FORMAT:
+        return
+    why = " (its rank files hold no LM head rows: the head is now split over the ranks)" if found == 2 else ""
+    raise CheckpointError(f"{model_dir} holds shards of format {found}{why}; this edgellm reads format "
+                          f"{SHARD_FORMAT}: rewrite them from the Hugging Face checkpoint with "
+                          f"`{shard_command(model_dir, manifest)}`")
+
+
+def shard_command(model_dir: str | Path, manifest: dict) -> str:
+    """The ``edgellm shard`` command that writes ``model_dir`` again, as its manifest describes it."""
+    quant = manifest.get("quantize") or {}
+    flags = [f"--ranks {manifest.get('world_size', len(manifest.get('shards', [])))}"]
+    if quant.get("bits"):
+        flags.append(f"--quantize int{quant['bits']}")
+    if quant.get("expert_bits"):
+        flags.append(f"--expert-bits {quant['expert_bits']}")
+    if quant:
+        flags.append(f"--group-size {quant.get('group_size', 64)}")
+    if quant.get("bits") and not quant.get("lm_head_bits"):
+        flags.append("--lm-head float")
+    if manifest.get("weights"):
+        flags.append("--weights " + ",".join(f"{w:g}" for w in manifest["weights"]))
+    if manifest.get("dtype", "float32") != "float32":
+        flags.append(f"--dtype {manifest['dtype']}")
+    return f"edgellm shard --model CHECKPOINT {' '.join(flags)} --out {model_dir}"
+
+
 def check_quant_format(model_dir: str | Path, manifest: dict) -> None:
     """Refuse int4 shards in a byte layout this edgellm does not read (format 1 stored torch's AVX2
     order, which computes garbage on other CPUs: ``worker.kernels.quant``), naming the command that
@@ -239,31 +282,15 @@ def check_quant_format(model_dir: str | Path, manifest: dict) -> None:
     found = manifest.get("quant_format", 1)
     if not quant or 4 not in (quant.get("bits"), quant.get("expert_bits")) or found == QUANT_FORMAT:
         return
-    flags = [f"--ranks {manifest.get('world_size', len(manifest.get('shards', [])))}"]
-    if quant.get("bits"):
-        flags.append(f"--quantize int{quant['bits']}")
-    if quant.get("expert_bits"):
-        flags.append(f"--expert-bits {quant['expert_bits']}")
-    flags.append(f"--group-size {quant.get('group_size', 64)}")
-    if quant.get("bits") and not quant.get("lm_head_bits"):
-        flags.append("--lm-head float")
-    if manifest.get("weights"):
-        flags.append("--weights " + ",".join(f"{w:g}" for w in manifest["weights"]))
-    if manifest.get("dtype", "float32") != "float32":
-        flags.append(f"--dtype {manifest['dtype']}")
     raise CheckpointError(f"{model_dir} holds int4 shards in an older byte layout (quantization format {found}; "
                           f"this edgellm reads format {QUANT_FORMAT}, the same on every CPU): rewrite them from the "
-                          f"Hugging Face checkpoint with `edgellm shard --model CHECKPOINT {' '.join(flags)} "
-                          f"--out {model_dir}`")
+                          f"Hugging Face checkpoint with `{shard_command(model_dir, manifest)}`")
 
 
 def load_hub(model_dir: str | Path, dtype: torch.dtype) -> HubWeights:
     if is_shard_dir(model_dir):
+        check_shard_format(model_dir, read_manifest(model_dir))
         with open_safetensors(Path(model_dir) / HUB_FILE) as f:
-            stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        embed = stored["embed"].to(dtype)
-        head = field(stored, "lm_head")
-        lm_head = embed if head is None else head if isinstance(head, QuantWeight) else head.to(dtype)
-        return HubWeights(embed=embed, norm=stored["norm"].to(dtype), lm_head=lm_head)
+            return HubWeights(embed=f.get_tensor("embed").to(dtype))
     with Checkpoint(model_dir) as ckpt:
         return load_hub_weights(ckpt, dtype)

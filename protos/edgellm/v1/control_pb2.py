@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/edgellm/v1/control.proto\x12\nedgellm.v1\"\xd1\x01\n\tRankShard\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x15\n\rkv_head_start\x18\x03 \x01(\r\x12\x13\n\x0bkv_head_end\x18\x04 \x01(\r\x12\x11\n\tmlp_start\x18\x05 \x01(\r\x12\x0f\n\x07mlp_end\x18\x06 \x01(\r\x12\x14\n\x0c\x65xpert_start\x18\x07 \x01(\r\x12\x12\n\nexpert_end\x18\x08 \x01(\r\x12\x14\n\x0cshared_start\x18\t \x01(\r\x12\x12\n\nshared_end\x18\n \x01(\r\"\xd6\x01\n\x10\x43onfigureRequest\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.edgellm.v1.RankShard\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0bhub_address\x18\x04 \x01(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0cshard_source\x18\x08 \x01(\t\x12\x12\n\nsync_dtype\x18\t \x01(\t\"\x10\n\x0e\x43onfigureReply\"\r\n\x0bLoadRequest\"v\n\x0cLoadProgress\x12\x15\n\rlayers_loaded\x18\x01 \x01(\r\x12\x14\n\x0clayers_total\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x15\n\rbytes_fetched\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\"\x0f\n\rHealthRequest\"\xb7\x01\n\x0bHealthReply\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.edgellm.v1.HealthReply.State\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"\\\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0e\n\nCONFIGURED\x10\x02\x12\x0b\n\x07LOADING\x10\x03\x12\t\n\x05READY\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\"\x0e\n\x0cStatsRequest\"\x92\x07\n\nStatsReply\x12\x11\n\trss_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x0f\n\x07threads\x18\x05 \x01(\r\x12\x16\n\x0epeak_rss_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06tokens\x18\x07 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cwindow_slots\x18\t \x01(\r\x12\x19\n\x11weight_bytes_read\x18\n \x01(\x04\x12\x17\n\x0fio_read_seconds\x18\x0b \x01(\x01\x12\x18\n\x10io_stall_seconds\x18\x0c \x01(\x01\x12\x15\n\roverlap_ratio\x18\r \x01(\x01\x12\x1a\n\x12\x65xpert_cache_bytes\x18\x0e \x01(\x04\x12\x1a\n\x12\x65xpert_cache_slots\x18\x0f \x01(\r\x12\x13\n\x0b\x65xpert_hits\x18\x10 \x01(\x04\x12\x15\n\rexpert_misses\x18\x11 \x01(\x04\x12\x17\n\x0f\x65xpert_hit_rate\x18\x12 \x01(\x01\x12\x1e\n\x16\x65xpert_late_prefetches\x18\x13 \x01(\x04\x12\x19\n\x11\x65xpert_prefetches\x18\x14 \x01(\x04\x12 \n\x18\x65xpert_prediction_recall\x18\x15 \x01(\x01\x12#\n\x1b\x65xpert_prediction_precision\x18\x16 \x01(\x01\x12\x19\n\x11\x65xpert_bytes_read\x18\x17 \x01(\x04\x12\x1b\n\x13\x65xpert_read_seconds\x18\x18 \x01(\x01\x12\x1c\n\x14\x65xpert_stall_seconds\x18\x19 \x01(\x01\x12#\n\x1b\x65xpert_cancelled_prefetches\x18\x1a \x01(\x04\x12\x1d\n\x15\x65xpert_prefetch_bytes\x18\x1b \x01(\x04\x12\"\n\x1a\x65xpert_prefetch_bytes_read\x18\x1c \x01(\x04\x12\x1f\n\x17\x65xpert_prefetch_skipped\x18\x1d \x01(\x04\x12\x1c\n\x14\x65xpert_fetched_bytes\x18\x1e \x01(\x04\x12\x1e\n\x16\x65xpert_prefetches_used\x18\x1f \x01(\x04\x12#\n\x1b\x65xpert_prefetch_layers_open\x18  \x01(\r\x12\"\n\x1a\x65xpert_prefetch_layers_off\x18! \x01(\r\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\xc9\x02\n\x06Worker\x12\x45\n\tConfigure\x12\x1c.edgellm.v1.ConfigureRequest\x1a\x1a.edgellm.v1.ConfigureReply\x12;\n\x04Load\x12\x17.edgellm.v1.LoadRequest\x1a\x18.edgellm.v1.LoadProgress0\x01\x12<\n\x06Health\x12\x19.edgellm.v1.HealthRequest\x1a\x17.edgellm.v1.HealthReply\x12\x39\n\x05Stats\x12\x18.edgellm.v1.StatsRequest\x1a\x16.edgellm.v1.StatsReply\x12\x42\n\x08Shutdown\x12\x1b.edgellm.v1.ShutdownRequest\x1a\x19.edgellm.v1.ShutdownReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/edgellm/v1/control.proto\x12\nedgellm.v1\"\xf9\x01\n\tRankShard\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x15\n\rkv_head_start\x18\x03 \x01(\r\x12\x13\n\x0bkv_head_end\x18\x04 \x01(\r\x12\x11\n\tmlp_start\x18\x05 \x01(\r\x12\x0f\n\x07mlp_end\x18\x06 \x01(\r\x12\x14\n\x0c\x65xpert_start\x18\x07 \x01(\r\x12\x12\n\nexpert_end\x18\x08 \x01(\r\x12\x14\n\x0cshared_start\x18\t \x01(\r\x12\x12\n\nshared_end\x18\n \x01(\r\x12\x13\n\x0bvocab_start\x18\x0b \x01(\r\x12\x11\n\tvocab_end\x18\x0c \x01(\r\"\xd6\x01\n\x10\x43onfigureRequest\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.edgellm.v1.RankShard\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0bhub_address\x18\x04 \x01(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0cshard_source\x18\x08 \x01(\t\x12\x12\n\nsync_dtype\x18\t \x01(\t\"\x10\n\x0e\x43onfigureReply\"\r\n\x0bLoadRequest\"v\n\x0cLoadProgress\x12\x15\n\rlayers_loaded\x18\x01 \x01(\r\x12\x14\n\x0clayers_total\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x15\n\rbytes_fetched\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\"\x0f\n\rHealthRequest\"\xb7\x01\n\x0bHealthReply\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.edgellm.v1.HealthReply.State\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"\\\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0e\n\nCONFIGURED\x10\x02\x12\x0b\n\x07LOADING\x10\x03\x12\t\n\x05READY\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\"\x0e\n\x0cStatsRequest\"\x92\x07\n\nStatsReply\x12\x11\n\trss_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x0f\n\x07threads\x18\x05 \x01(\r\x12\x16\n\x0epeak_rss_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06tokens\x18\x07 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cwindow_slots\x18\t \x01(\r\x12\x19\n\x11weight_bytes_read\x18\n \x01(\x04\x12\x17\n\x0fio_read_seconds\x18\x0b \x01(\x01\x12\x18\n\x10io_stall_seconds\x18\x0c \x01(\x01\x12\x15\n\roverlap_ratio\x18\r \x01(\x01\x12\x1a\n\x12\x65xpert_cache_bytes\x18\x0e \x01(\x04\x12\x1a\n\x12\x65xpert_cache_slots\x18\x0f \x01(\r\x12\x13\n\x0b\x65xpert_hits\x18\x10 \x01(\x04\x12\x15\n\rexpert_misses\x18\x11 \x01(\x04\x12\x17\n\x0f\x65xpert_hit_rate\x18\x12 \x01(\x01\x12\x1e\n\x16\x65xpert_late_prefetches\x18\x13 \x01(\x04\x12\x19\n\x11\x65xpert_prefetches\x18\x14 \x01(\x04\x12 \n\x18\x65xpert_prediction_recall\x18\x15 \x01(\x01\x12#\n\x1b\x65xpert_prediction_precision\x18\x16 \x01(\x01\x12\x19\n\x11\x65xpert_bytes_read\x18\x17 \x01(\x04\x12\x1b\n\x13\x65xpert_read_seconds\x18\x18 \x01(\x01\x12\x1c\n\x14\x65xpert_stall_seconds\x18\x19 \x01(\x01\x12#\n\x1b\x65xpert_cancelled_prefetches\x18\x1a \x01(\x04\x12\x1d\n\x15\x65xpert_prefetch_bytes\x18\x1b \x01(\x04\x12\"\n\x1a\x65xpert_prefetch_bytes_read\x18\x1c \x01(\x04\x12\x1f\n\x17\x65xpert_prefetch_skipped\x18\x1d \x01(\x04\x12\x1c\n\x14\x65xpert_fetched_bytes\x18\x1e \x01(\x04\x12\x1e\n\x16\x65xpert_prefetches_used\x18\x1f \x01(\x04\x12#\n\x1b\x65xpert_prefetch_layers_open\x18  \x01(\r\x12\"\n\x1a\x65xpert_prefetch_layers_off\x18! \x01(\r\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\xc9\x02\n\x06Worker\x12\x45\n\tConfigure\x12\x1c.edgellm.v1.ConfigureRequest\x1a\x1a.edgellm.v1.ConfigureReply\x12;\n\x04Load\x12\x17.edgellm.v1.LoadRequest\x1a\x18.edgellm.v1.LoadProgress0\x01\x12<\n\x06Health\x12\x19.edgellm.v1.HealthRequest\x1a\x17.edgellm.v1.HealthReply\x12\x39\n\x05Stats\x12\x18.edgellm.v1.StatsRequest\x1a\x16.edgellm.v1.StatsReply\x12\x42\n\x08Shutdown\x12\x1b.edgellm.v1.ShutdownRequest\x1a\x19.edgellm.v1.ShutdownReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.edgellm.v1.control_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RANKSHARD']._serialized_start=48
-  _globals['_RANKSHARD']._serialized_end=257
-  _globals['_CONFIGUREREQUEST']._serialized_start=260
-  _globals['_CONFIGUREREQUEST']._serialized_end=474
-  _globals['_CONFIGUREREPLY']._serialized_start=476
-  _globals['_CONFIGUREREPLY']._serialized_end=492
-  _globals['_LOADREQUEST']._serialized_start=494
-  _globals['_LOADREQUEST']._serialized_end=507
-  _globals['_LOADPROGRESS']._serialized_start=509
-  _globals['_LOADPROGRESS']._serialized_end=627
-  _globals['_HEALTHREQUEST']._serialized_start=629
-  _globals['_HEALTHREQUEST']._serialized_end=644
-  _globals['_HEALTHREPLY']._serialized_start=647
-  _globals['_HEALTHREPLY']._serialized_end=830
-  _globals['_HEALTHREPLY_STATE']._serialized_start=738
-  _globals['_HEALTHREPLY_STATE']._serialized_end=830
-  _globals['_STATSREQUEST']._serialized_start=832
-  _globals['_STATSREQUEST']._serialized_end=846
-  _globals['_STATSREPLY']._serialized_start=849
-  _globals['_STATSREPLY']._serialized_end=1763
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1765
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1782
-  _globals['_SHUTDOWNREPLY']._serialized_start=1784
-  _globals['_SHUTDOWNREPLY']._serialized_end=1799
-  _globals['_WORKER']._serialized_start=1802
-  _globals['_WORKER']._serialized_end=2131
+  _globals['_RANKSHARD']._serialized_end=297
+  _globals['_CONFIGUREREQUEST']._serialized_start=300
+  _globals['_CONFIGUREREQUEST']._serialized_end=514
+  _globals['_CONFIGUREREPLY']._serialized_start=516
+  _globals['_CONFIGUREREPLY']._serialized_end=532
+  _globals['_LOADREQUEST']._serialized_start=534
+  _globals['_LOADREQUEST']._serialized_end=547
+  _globals['_LOADPROGRESS']._serialized_start=549
+  _globals['_LOADPROGRESS']._serialized_end=667
+  _globals['_HEALTHREQUEST']._serialized_start=669
+  _globals['_HEALTHREQUEST']._serialized_end=684
+  _globals['_HEALTHREPLY']._serialized_start=687
+  _globals['_HEALTHREPLY']._serialized_end=870
+  _globals['_HEALTHREPLY_STATE']._serialized_start=778
+  _globals['_HEALTHREPLY_STATE']._serialized_end=870
+  _globals['_STATSREQUEST']._serialized_start=872
+  _globals['_STATSREQUEST']._serialized_end=886
+  _globals['_STATSREPLY']._serialized_start=889
+  _globals['_STATSREPLY']._serialized_end=1803
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1805
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1822
+  _globals['_SHUTDOWNREPLY']._serialized_start=1824
+  _globals['_SHUTDOWNREPLY']._serialized_end=1839
+  _globals['_WORKER']._serialized_start=1842
+  _globals['_WORKER']._serialized_end=2171
 # @@protoc_insertion_point(module_scope)

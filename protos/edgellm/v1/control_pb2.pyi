@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RankShard(_message.Message):
-    __slots__ = ("rank", "world_size", "kv_head_start", "kv_head_end", "mlp_start", "mlp_end", "expert_start", "expert_end", "shared_start", "shared_end")
+    __slots__ = ("rank", "world_size", "kv_head_start", "kv_head_end", "mlp_start", "mlp_end", "expert_start", "expert_end", "shared_start", "shared_end", "vocab_start", "vocab_end")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,8 @@ class RankShard(_message.Message):
     EXPERT_END_FIELD_NUMBER: _ClassVar[int]
     SHARED_START_FIELD_NUMBER: _ClassVar[int]
     SHARED_END_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_START_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_END_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     kv_head_start: int
@@ -28,7 +30,9 @@ class RankShard(_message.Message):
     expert_end: int
     shared_start: int
     shared_end: int
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_start: _Optional[int] = ..., mlp_end: _Optional[int] = ..., expert_start: _Optional[int] = ..., expert_end: _Optional[int] = ..., shared_start: _Optional[int] = ..., shared_end: _Optional[int] = ...) -> None: ...
+    vocab_start: int
+    vocab_end: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_start: _Optional[int] = ..., mlp_end: _Optional[int] = ..., expert_start: _Optional[int] = ..., expert_end: _Optional[int] = ..., shared_start: _Optional[int] = ..., shared_end: _Optional[int] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ...) -> None: ...
 
 class ConfigureRequest(_message.Message):
     __slots__ = ("shard", "model_dir", "config_json", "hub_address", "max_batch", "max_context", "dtype", "shard_source", "sync_dtype")
