@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from worker.comm.collective import StarHub
 from worker.kernels.quant import linear
 from worker.memory.kv_cache import KVCache
+from worker.models import native_step
 from worker.models.llama import rms_norm
 from worker.rank.loader import load_rank
 from worker.rank.runtime import RankSpec, spans_to_tensor
@@ -36,6 +37,7 @@ class Executor:
         # Rank 0's shard goes through the same weight store / expert cache as a worker's.
         self.rank = load_rank(spec, self._timed_allreduce)
         self.model = self.rank.model
+        native_step.attach(self.model, hub, "rank 0", self.allreduce_seconds.extend)
         self.kv: KVCache = self.model.kv
         self.steps = 0
         self.tokens = 0
