@@ -37,6 +37,7 @@ from worker.shards.sharding import plan_shards
 pytestmark = pytest.mark.skipif(native.decode_step() is None or lanes.library() is None,
                                 reason="needs the native kernels and the lane library")
 TOKEN = "t"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "server" / "default_model"
 PROMPTS = ([1, 17, 42, 99, 7, 250, 31, 5], [3, 77, 200, 11, 64])
 DECODE_STEPS = 6
 TOL = 1e-4  # against transformers, as tests/test_reference.py
@@ -271,3 +272,32 @@ def test_allreduces_that_time_out_in_c_resume_from_python_with_the_same_bits(
         resumed = _decode(executor)
     assert torch.equal(straight, resumed)
     assert sum(resumed_calls) > 0, "no allreduce timed out in C: the resume path was not exercised"
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_served_greedy_text_is_the_python_paths(tmp_path: Path, capability: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` with 2 ranks on lanes, the embedded model: the same text with the native step on
+    and off. Under ``ATEN_CPU_CAPABILITY=default`` the native kernels are off, so is the step, and
+    the log of both ranks says so."""
+    import httpx
+
+    from tests.processes import served
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+    body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    texts = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(native_step.DISABLE_ENV, on)
+        log = tmp_path / f"serve-{on}.log"
+        with served(DEFAULT_MODEL, "--local-workers", "1", "--lanes", "--model-name", "m", log_path=log) as url:
+            texts[on] = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        text = log.read_text()
+        assert "Traceback" not in text
+        for rank in (0, 1):
+            assert (f"rank {rank}: decode steps run natively" in text) == (on == "1" and capability == "avx2"), text
+            if on == "0":
+                assert f"rank {rank}: decode steps run layer by layer in Python: {native_step.DISABLE_ENV}=0" in text
+            elif capability == "default":
+                assert f"rank {rank}: decode steps run layer by layer in Python: no native kernels" in text
+    assert texts["1"] == texts["0"] and len(texts["1"]) > 40

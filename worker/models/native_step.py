@@ -101,8 +101,6 @@ def _layer(model: RankModel, layer: int, keep: list[torch.Tensor]) -> StepLayer:
 
 
 def _check_model(model: RankModel) -> None:
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        raise Unsupported(f"{DISABLE_ENV}=0")
     if overridden := [h for h in _HOOKS if getattr(type(model), h) is not getattr(RankModel, h)]:
         raise Unsupported(f"{type(model).__name__} overrides {', '.join(overridden)} (MoE, q/k norms)")
     if not isinstance(model.store, ResidentStore):
@@ -182,9 +180,10 @@ def attach(model: RankModel, link: NativeLink, who: str,
            on_allreduces: Callable[[list[float]], None] | None = None) -> None:
     """Give ``model`` a native decode step where it can have one (``model.native_step``); log
     which path its decode steps take. ``on_allreduces`` gets the seconds of each allreduce."""
-    kernel = native.decode_step()
     try:
-        if kernel is None:
+        if os.environ.get(DISABLE_ENV, "1") == "0":
+            raise Unsupported(f"{DISABLE_ENV}=0")
+        if (kernel := native.decode_step()) is None:
             raise Unsupported("no native kernels on this machine")
         _check_model(model)
         model.native_step = NativeStep(kernel, model, link, who, on_allreduces)
