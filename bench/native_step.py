@@ -68,6 +68,25 @@ def one_round(r: int, configs: list[tuple[str, str, int, str]], models: Path, dl
     return row
 
 
+def one_rank_toggled(model_dir: Path, threads: int, rounds: int) -> list[dict[str, float]]:
+    """1 rank, one process: the native step on and off in turn on the same loaded model, so
+    start-up and placement do not differ between the two."""
+    from planner_check import cluster, decode_round
+
+    results = []
+    with cluster(model_dir, 1, threads, 128) as (executor, _):
+        decode_round(executor, 4, 16)
+        step = executor.model.native_step
+        for _ in range(rounds):
+            row = {}
+            for name, native in (("native", step), ("python", None)):
+                executor.model.native_step = native
+                row[name] = round(decode_round(executor, 4, 64)[0], 1)
+            executor.model.native_step = step
+            results.append(row | {"native_vs_python": round(row["native"] / row["python"], 2)})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, required=True)
@@ -77,6 +96,8 @@ def main() -> None:
     parser.add_argument("--spin-us", type=int, default=None,
                         help="EDGELLM_SPIN_US for every rank (default: the lanes' own, 1000 µs where a host has a "
                              "core per rank, 0 otherwise; ZeroMQ 0)")
+    parser.add_argument("--toggled", type=int, default=0, metavar="THREADS",
+                        help="instead: 1 rank with THREADS threads, the native step toggled in one process")
     parser.add_argument("--only", default="", help="comma-separated config names (default: all)")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -85,6 +106,10 @@ def main() -> None:
         make_models(args.models)
     if args.spin_us is not None:
         os.environ[lanes.SPIN_ENV] = str(args.spin_us)
+    if args.toggled:
+        emit({"one_rank_toggled": one_rank_toggled(args.models / "small", args.toggled, args.rounds),
+              "threads": args.toggled, "load_average": os.getloadavg()}, args.out)
+        return
     dll = None
     if args.dll:
         os.environ["DLL"] = str(args.dll)

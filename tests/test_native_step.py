@@ -231,7 +231,12 @@ def test_an_abort_while_a_rank_waits_in_its_native_step_ends_the_step_and_the_ne
         assert rank.steps == 0 and rank.running
         token = 42
         logits = executor.step([[token]], [SeqSpan(0, 0, 1)])
-        assert rank.model.native_step is not None and rank.model.native_step.steps == 1
+        native = rank.model.native_step
+        assert native is not None
+        deadline = time.monotonic() + 30  # the rank returns from its last allreduce as rank 0 does
+        while native.steps == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert native.steps == 1
         with torch.no_grad():
             expected = load_reference(checkpoints("llama"))(torch.tensor([[token]])).logits[0]
         assert (logits - expected).abs().max().item() <= TOL
@@ -252,7 +257,8 @@ def test_a_rank_stopped_while_it_waits_in_its_native_step_leaves_at_once(checkpo
 def test_allreduces_that_time_out_in_c_resume_from_python_with_the_same_bits(
         checkpoints, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each allreduce waits 1 ms in C, then returns to Python (``native_failed``), which waits,
-    sums, and calls the step again from the next stage: the same logits as one call."""
+    sums, and calls the step again from the next stage: the same logits as one call. Rank 0
+    starts each step 5 ms late, so the worker's first allreduce does time out."""
     specs = _specs(checkpoints("llama"), 2)
     with _inprocess(specs[0], 2, lane=True, worker_spec=specs[1]) as (executor, _):
         straight = _decode(executor)
@@ -263,6 +269,8 @@ def test_allreduces_that_time_out_in_c_resume_from_python_with_the_same_bits(
     real = native_step.NativeStep._run
 
     def counting(self: native_step.NativeStep, *args: Any) -> torch.Tensor:
+        if self._who == "rank 0":
+            time.sleep(0.005)  # the worker's first allreduce waits past its 1 ms slice
         out = real(self, *args)
         resumed_calls.append(self.resumed)
         return out
