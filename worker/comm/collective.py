@@ -340,14 +340,45 @@ class StarHub:
             return self.allreduce(partial)
         self._seq += 1
         if rc := fast(partial.data_ptr(), partial.numel(), self._seq):
-            ((rank, lane),) = self._lanes.items()
-            lane.refresh()
-            with self._lane_errors(rank):
-                if rc != lanes.TIMEOUT:
-                    raise lanes.LaneError(rc)
-                self._lane_receive(rank, tuple(partial.shape), partial.dtype, raw=True)
-                lane.finish_f32(partial, partial)
+            self._fast_failed(rc, partial)
         return partial
+
+    def _fast_failed(self, rc: int, partial: torch.Tensor) -> None:
+        """The in-place exchange of seq ``_seq`` returned ``rc``: after a timeout (its frame was
+        sent) wait for the worker's partial and sum into ``partial``; else ``CollectiveError``."""
+        ((rank, lane),) = self._lanes.items()
+        lane.refresh()
+        with self._lane_errors(rank):
+            if rc != lanes.TIMEOUT:
+                raise lanes.LaneError(rc)
+            self._lane_receive(rank, tuple(partial.shape), partial.dtype, raw=True)
+            lane.finish_f32(partial, partial)
+
+    # --- the native decode step's side (worker.models.native_step) --------------------------------
+
+    def native_allreduce(self) -> tuple[int, int] | None:
+        """(C function, context) of this step's in-place fp32 allreduce for ``kernels/step.c``:
+        (0, 0) alone (no allreduce), None where this step's allreduces are not one C call
+        (ZeroMQ, a star, a lossy sync dtype): those steps run in Python."""
+        if self.world_size == 1:
+            return 0, 0
+        if self._fast is None:
+            return None
+        ((_, lane),) = self._lanes.items()
+        return lane.native_allreduce()
+
+    def native_seqs(self, count: int) -> int:
+        """Take ``count`` allreduce seqs for a native step; returns the first."""
+        self._seq += count
+        return self._seq - count + 1
+
+    def native_failed(self, rc: int, partial: torch.Tensor, seq: int) -> None:
+        """A native step's allreduce of ``seq`` returned ``rc``: as ``allreduce_``'s failure."""
+        taken, self._seq = self._seq, seq
+        try:
+            self._fast_failed(rc, partial)
+        finally:
+            self._seq = taken
 
     def _exchange(self, partial: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Two ranks: the hub sends its own partial before it waits, the worker sends its own,
@@ -618,16 +649,7 @@ class StarRank:
             return self.allreduce(partial)
         self._seq += 1
         if rc := fast(partial.data_ptr(), partial.numel(), self._seq):
-            lane = self.lane
-            assert lane is not None
-            lane.refresh()
-            try:
-                if rc != lanes.TIMEOUT:
-                    raise lanes.LaneError(rc)
-                self._lane_wait(lane)
-                lane.finish_f32(partial, partial)
-            except lanes.LaneError as exc:
-                self._lane_failed(lane, exc)
+            self._fast_failed(rc, partial)
         return partial
 
     def send_logits(self, logits: torch.Tensor) -> None:
@@ -642,6 +664,42 @@ class StarRank:
                 self._lane_failed(self.lane, exc)
             return
         _send_frames(self.sock, encode_message(Kind.LOGITS, [logits], step=self.step, seq=self._seq))
+
+    def _fast_failed(self, rc: int, partial: torch.Tensor) -> None:
+        """The in-place exchange of seq ``_seq`` returned ``rc``: after a timeout (its frame was
+        sent) wait for the hub's answer and sum into ``partial``; else ``CollectiveError``."""
+        lane = self.lane
+        assert lane is not None
+        lane.refresh()
+        try:
+            if rc != lanes.TIMEOUT:
+                raise lanes.LaneError(rc)
+            self._lane_wait(lane)
+            lane.finish_f32(partial, partial)
+        except lanes.LaneError as exc:
+            self._lane_failed(lane, exc)
+
+    # --- the native decode step's side (worker.models.native_step) --------------------------------
+
+    def native_allreduce(self) -> tuple[int, int] | None:
+        """(C function, context) of this step's in-place fp32 allreduce for ``kernels/step.c``,
+        or None where this step's allreduces are not one C call (ZeroMQ, a lossy sync dtype)."""
+        if self._fast is None or self.lane is None:
+            return None
+        return self.lane.native_allreduce()
+
+    def native_seqs(self, count: int) -> int:
+        """Take ``count`` allreduce seqs for a native step; returns the first."""
+        self._seq += count
+        return self._seq - count + 1
+
+    def native_failed(self, rc: int, partial: torch.Tensor, seq: int) -> None:
+        """A native step's allreduce of ``seq`` returned ``rc``: as ``allreduce_``'s failure."""
+        taken, self._seq = self._seq, seq
+        try:
+            self._fast_failed(rc, partial)
+        finally:
+            self._seq = taken
 
     def _lane_failed(self, lane: lanes.Lane, exc: lanes.LaneError) -> NoReturn:
         if exc.code == lanes.CONTROL or lane.kind in (Kind.ABORT, Kind.STOP):

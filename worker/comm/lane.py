@@ -316,6 +316,13 @@ class Lane:
         place, in ``begin``'s step, with no Python wrapper in between (the hot path of a step)."""
         return functools.partial(self._lib.lane_allreduce_f32, ctypes.c_void_p(self._h))
 
+    def native_allreduce(self) -> tuple[int, int]:
+        """(address of ``lane_allreduce_f32``, this lane's handle): ``allreduce_f32`` for C callers
+        (``kernels/step.c``), which call it as ``fn(handle, x, floats, seq)`` in ``begin``'s step."""
+        fn = ctypes.cast(self._lib.lane_allreduce_f32, ctypes.c_void_p).value
+        assert fn is not None and self._h
+        return fn, self._h
+
     def bench_exchange(self, own: torch.Tensor, out: torch.Tensor, iters: int) -> list[float]:
         """Benchmark only: ``iters`` exchanges (step 1, seq 1..iters) in a C loop; seconds each."""
         self._lib.lane_begin(self._h, 1, 10_000, self.spin_us)

@@ -86,9 +86,11 @@ class CompileUnit:
 _COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC")
 # platform.machine() -> the units of that machine's library, linked into one shared object: every
 # C file of the machine's directory, the aarch64 dot-product loops in a unit of their own.
+# step.c, ISA-independent, composes the machine's kernels into a whole decode step.
+STEP_SOURCE = KERNELS / "step.c"
 COMPILE_UNITS: dict[str, tuple[CompileUnit, ...]] = {
-    "x86_64": (CompileUnit(tuple(sorted((KERNELS / "x86").glob("*.c"))), (*_COMMON_FLAGS, "-mavx2", "-mfma")),),
-    "aarch64": (CompileUnit(tuple(sorted(p for p in (KERNELS / "arm").glob("*.c") if p.name != "dotprod.c")),
+    "x86_64": (CompileUnit((*sorted((KERNELS / "x86").glob("*.c")), STEP_SOURCE), (*_COMMON_FLAGS, "-mavx2", "-mfma")),),
+    "aarch64": (CompileUnit((*sorted(p for p in (KERNELS / "arm").glob("*.c") if p.name != "dotprod.c"), STEP_SOURCE),
                             (*_COMMON_FLAGS, "-march=armv8-a")),
                 # the dot-product loops: called only where the CPU reports them (arm/matmul.c)
                 CompileUnit((KERNELS / "arm" / "dotprod.c",), (*_COMMON_FLAGS, "-march=armv8.2-a+dotprod"))),
@@ -353,6 +355,26 @@ def _wrap_decode_attention(lib: ctypes.CDLL) -> Callable[..., TokenAttention]:
     return partial(TokenAttention, kernel)
 
 
+@dataclass(frozen=True)
+class StepKernel:
+    """``kernels/step.c``: a rank's whole decode step in one call (``worker.models.native_step``
+    builds its arguments)."""
+
+    run: Callable[..., int]  # decode_step(model, hidden, batch, slots, positions, scratch, first, seq, threads,
+    #                                      failed_stage, allreduce_ns) -> 0 or an allreduce's error code
+    scratch_floats: Callable[[Any, int], int]  # step_scratch_floats(model, batch)
+
+
+def _wrap_decode_step(lib: ctypes.CDLL) -> Callable[[], StepKernel]:
+    p, c_int = ctypes.c_void_p, ctypes.c_int
+    run = lib.decode_step
+    run.argtypes, run.restype = [p, p, c_int, p, p, p, c_int, ctypes.c_uint32, c_int, p, p], c_int
+    scratch = lib.step_scratch_floats
+    scratch.argtypes, scratch.restype = [p, c_int], ctypes.c_int64
+    kernel = StepKernel(run, scratch)
+    return lambda: kernel
+
+
 _WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., Any]], str]] = {
     "int8_mm": (_wrap_int8, "quantized layers use torch's _weight_int8pack_mm"),
     "int4_mm": (_wrap_int4, "int4 layers are converted at load for torch's _weight_int4pack_mm_for_cpu"),
@@ -362,6 +384,7 @@ _WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., Any]], str]] = 
     "rms_norm": (_wrap_rms_norm, "RMSNorm runs in torch"),
     "silu_mul": (_wrap_silu_mul, "the gated MLP's activation runs in torch"),
     "decode_attention": (_wrap_decode_attention, "decode attention runs in torch (scaled_dot_product_attention)"),
+    "decode_step": (_wrap_decode_step, "decode steps run layer by layer from Python"),
 }
 
 
@@ -428,3 +451,9 @@ def token_attention() -> Callable[..., TokenAttention] | None:
     """``TokenAttention``'s constructor with the native kernel bound (the rest of its arguments
     to give), or None where the kernel is not available."""
     return _kernel("decode_attention")
+
+
+def decode_step() -> StepKernel | None:
+    """The native whole-step kernel (``kernels/step.c``), or None where it is not available."""
+    make = _kernel("decode_step")
+    return None if make is None else make()

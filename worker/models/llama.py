@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from worker.memory.weight_store import WeightStore
 from worker.rank.step import DecodeBatch, SeqSpan, StepPlan
 from worker.shards.sharding import RankShard
 from worker.shards.weights import AttentionWeights, MlpWeights
+
+if TYPE_CHECKING:
+    from worker.models.native_step import NativeStep
 
 # the sum over ranks of a block's partial output; the block gives its partial up (the sum may be
 # written into it: worker.comm.collective's allreduce_)
@@ -115,6 +118,8 @@ class RankModel:
                                                   kv_cache.k.dtype)
         # Steps of one new fp32 token per sequence attend in one native call; None: torch's SDPA.
         self._token_attention = self._native_token_attention()
+        # Decode steps in one native call, where this model and rank allow (worker.models.native_step.attach)
+        self.native_step: NativeStep | None = None
 
     def _native_token_attention(self) -> native.TokenAttention | None:
         make = native.token_attention()
@@ -137,6 +142,8 @@ class RankModel:
         Each block's weights are held only while it computes: the allreduce that follows runs
         after the release, so a streaming store refills the buffer during communication too.
         """
+        if self.native_step is not None and (done := self.native_step.run(hidden, plan)) is not None:
+            return done
         cos, sin = self._rope(plan)
         eps = self.config.rms_norm_eps
         natively = self._attends_tokens_natively(plan)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from worker.comm.collective import StarHub
 from worker.memory.kv_cache import KVCache
+from worker.models import native_step
 from worker.rank.head import logit_rows
 from worker.rank.loader import load_rank
 from worker.rank.runtime import RankSpec, spans_to_tensor
@@ -38,6 +39,7 @@ class Executor:
         tied = self.weights.embed[v0:v1] if spec.config.tie_word_embeddings else None  # (V_0, d) views
         self.rank = load_rank(spec, self._timed_allreduce, tied_rows=tied)
         self.model = self.rank.model
+        native_step.attach(self.model, hub, "rank 0", self.allreduce_seconds.extend)
         self.kv: KVCache = self.model.kv
         self.steps = 0
         self.tokens = 0

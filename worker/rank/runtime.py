@@ -14,6 +14,7 @@ import torch
 
 from worker.comm.collective import CollectiveError, StarRank
 from worker.comm.wire import Kind, WireError
+from worker.models import native_step
 from worker.rank.head import logit_rows
 from worker.rank.loader import Progress, RankSpec, load_rank
 from worker.rank.step import SeqSpan, StepPlan
@@ -59,6 +60,7 @@ class WorkerRank:
             self.link.close()
             raise
         self.model = self.loaded.model
+        native_step.attach(self.model, self.link, f"rank {spec.shard.rank}")
         self.steps = 0
         self.tokens = 0
         self.error: str | None = None
