@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,12 @@ from worker.rank.step import DecodeBatch, SeqSpan, StepPlan
 from worker.shards.sharding import RankShard
 from worker.shards.weights import AttentionWeights, MlpWeights
 
-if TYPE_CHECKING:
-    from worker.models.native_step import NativeStep
+
+class WholeStep(Protocol):
+    """Runs a whole decode step of this model in one call (``worker.models.native_step``, which
+    imports this module: a protocol here keeps the import one-way)."""
+
+    def run(self, hidden: torch.Tensor, plan: StepPlan) -> torch.Tensor | None: ...
 
 # the sum over ranks of a block's partial output; the block gives its partial up (the sum may be
 # written into it: worker.comm.collective's allreduce_)
@@ -119,7 +123,7 @@ class RankModel:
         # Steps of one new fp32 token per sequence attend in one native call; None: torch's SDPA.
         self._token_attention = self._native_token_attention()
         # Decode steps in one native call, where this model and rank allow (worker.models.native_step.attach)
-        self.native_step: NativeStep | None = None
+        self.native_step: WholeStep | None = None
 
     def _native_token_attention(self) -> native.TokenAttention | None:
         make = native.token_attention()
