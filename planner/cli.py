@@ -134,7 +134,7 @@ def _table(plan: dict[str, Any]) -> str:
              f"{pred['comm_ms']:.1f} ms, hub {pred['hub_ms']:.1f} ms)  time to first token {pred['ttft_ms']:.0f} ms",
              # the budgets hold the KV cache of --max-batch x --max-context: serve with the same
              f"serve with: --weights {plan['weights_arg']} --sync-dtype {plan['sync_dtype']} "
-             f"--max-batch {plan['max_batch']} --max-context {plan['max_context']}{' --lanes' if plan['lanes'] else ''}",
+             f"--max-batch {plan['max_batch']} --max-context {plan['max_context']}{'' if plan['lanes'] else ' --no-lanes'}",
              f"{'rank':>4}  {'node':<14} {'kv':>3} {'mlp cols':>8} {'weights MiB':>11} {'memory MiB':>10} "
              f"{'budget MiB':>10} {'compute ms':>10} {'disk ms':>8}"]
     for r, budget in zip(pred["ranks"], plan["memory_budgets_mib"], strict=True):

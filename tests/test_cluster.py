@@ -151,7 +151,7 @@ class HealthWatch(threading.Thread):
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("plane", [[], ["--lanes"]], ids=["zeromq", "lanes"])
+@pytest.mark.parametrize("plane", [["--no-lanes"], []], ids=["zeromq", "lanes"])
 def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(tmp_path: Path, plane: list[str]) -> None:
     log = tmp_path / "serve.log"
     # the embedded model, 400 tokens: seconds of decoding left when the worker dies at chunk 3

@@ -167,8 +167,8 @@ class StarHub:
                  lane: bool | None = None, lane_port: int = 0, encrypt: bool = False,
                  ranks_on_host: Callable[[int], int] | None = None):
         """``lane``: the allreduces go over lanes (``worker.comm.lane``, listening on ``lane_port``) where
-        every rank has one, else over ZeroMQ (None: ``lanes.enabled_by_default()``, off unless
-        ``EDGELLM_LANE=1``); ``encrypt`` encrypts lane payloads (integrity
+        every rank has one, else over ZeroMQ (None: ``lanes.enabled_by_default()``, on unless
+        ``EDGELLM_LANE=0``); ``encrypt`` encrypts lane payloads (integrity
         alone otherwise); ``ranks_on_host(rank)``: how many ranks share that rank's host (rank 0:
         this one), which decides whether lanes spin (default: all of them)."""
         self.world_size = world_size
