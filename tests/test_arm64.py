@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from server.cli import DEFAULT_MODEL
-from tests.processes import free_port, served
+from tests.processes import free_port, served, wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def test_two_ranks_on_aarch64_give_the_x86_fp32_text(arm64: Arm64Tree, x86_text:
                        "--connect-timeout", "900", log_path=log_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc, log_path, timeout_s=900)
+        wait_healthy(url, proc, timeout_s=900, log_path=log_path, poll_s=1.0)
         healthy = time.monotonic()
         text = _complete(url)
         log.info("%s on %s: healthy after %.0f s, %d tokens in %.1f s: %r", quantize, cpu, healthy - start, TOKENS,
@@ -196,20 +196,6 @@ def test_two_ranks_on_aarch64_give_the_x86_fp32_text(arm64: Arm64Tree, x86_text:
         _stop(proc)
         shutil.rmtree(arm64.root / cache.lstrip("/"), ignore_errors=True)
     assert text == x86_text, f"aarch64 {quantize} on {cpu}: {text!r}, x86 fp32: {x86_text!r}"
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"not healthy after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
