@@ -159,14 +159,19 @@ def test_a_rank_number_outside_the_cluster_is_refused() -> None:
         listener.close()
 
 
-def test_hubs_use_lanes_only_when_asked(monkeypatch) -> None:
+def test_hubs_use_lanes_unless_told_not_to(monkeypatch) -> None:
     monkeypatch.delenv(lanes.DISABLE_ENV, raising=False)
-    assert not lanes.enabled_by_default()
-    monkeypatch.setenv(lanes.DISABLE_ENV, "1")
     assert lanes.enabled_by_default()
     hub = StarHub(2, token="t", timeout_s=5)
     try:
         assert hub.listener is not None
+    finally:
+        hub.close()
+    monkeypatch.setenv(lanes.DISABLE_ENV, "0")
+    assert not lanes.enabled_by_default()
+    hub = StarHub(2, token="t", timeout_s=5)
+    try:
+        assert hub.listener is None
     finally:
         hub.close()
 
