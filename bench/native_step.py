@@ -1,7 +1,10 @@
 """The native decode step (``worker.models.native_step``) on and off, over lanes and ZeroMQ, in one
 run: decode tok/s of the configurations of issue #19 (``bench/tp_vs_dllama.py``'s shapes, rank
-0 in this process, the other rank a real worker process, 1 thread per rank, batch 1, greedy),
-each system of a round back to back, the rounds interleaved (every other round reversed).
+0 in this process, the other ranks real worker processes, 1 thread per rank, batch 1, greedy),
+each system of a round back to back, the rounds interleaved (every other round reversed). At 3
+and 4 ranks (``small_fp32_3``, ``small_fp32_4``) rank 0 is a star's hub: ``lanes_native`` runs
+the native step on every rank, the hub's allreduces in C (``lane_hub_allreduce_f32``). On a
+2-core machine 3-4 ranks oversubscribe it: only the ratios of one round mean anything.
 
     .venv/bin/python bench/native_step.py --models DIR [--make-models] [--rounds 2] [--dll DLL_DIR]
         [--spin-us N] [--only NAMES] [--out FILE]
@@ -37,8 +40,9 @@ log = logging.getLogger("bench.native_step")
 # (name, model, ranks, weights)
 CONFIGS = [("small_fp32_2", "small", 2, "fp32"), ("big_fp32_2", "big", 2, "fp32"),
            ("small_int8_2", "small", 2, "int8"), ("small_fp32_1", "small", 1, "fp32"),
-           ("small_int8_1", "small", 1, "int8")]
-SYSTEMS = {2: ["lanes_native", "lanes_python", "zeromq"], 1: ["native", "python"]}
+           ("small_int8_1", "small", 1, "int8"), ("small_fp32_3", "small", 3, "fp32"),
+           ("small_fp32_4", "small", 4, "fp32")]
+SYSTEMS = {1: ["native", "python"]} | {n: ["lanes_native", "lanes_python", "zeromq"] for n in (2, 3, 4)}
 
 
 def run_system(system: str, models: Path, model: str, ranks: int, weights: str, dll: Any) -> float:
@@ -52,7 +56,8 @@ def run_system(system: str, models: Path, model: str, ranks: int, weights: str, 
 def one_round(r: int, configs: list[tuple[str, str, int, str]], models: Path, dll: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"load_average": os.getloadavg()}
     for name, model, ranks, weights in configs:
-        systems = SYSTEMS[ranks] + (["dllama"] if dll is not None and ranks > 1 else [])
+        # distributed-llama runs 2^n nodes only
+        systems = SYSTEMS[ranks] + (["dllama"] if dll is not None and ranks in (2, 4) else [])
         result: dict[str, float] = {}
         for system in systems if r % 2 == 0 else systems[::-1]:
             result[system] = round(run_system(system, models, model, ranks, weights, dll), 1)
