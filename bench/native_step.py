@@ -10,7 +10,9 @@ the native step on every rank, the hub's allreduces in C (``lane_hub_allreduce_f
         [--spin-us N] [--only NAMES] [--out FILE]
 
 Systems: ``lanes_native`` (lanes, native step), ``lanes_python`` (lanes, ``EDGELLM_NATIVE_STEP=0``),
-``zeromq`` (ZeroMQ, where the step runs in Python whatever the setting), and with ``--dll``
+``zeromq`` (ZeroMQ, where the step runs in Python whatever the setting), at 3-4 ranks
+``lanes_hub_python`` (lanes, native step, but the hub's star in Python: ``StarHub(c_star=False)``,
+so rank 0 runs its layers and sums in Python as before ``lane_hub_allreduce_f32``), and with ``--dll``
 distributed-llama (``../shared/peers/measure_dllama.py``, its own timer). 1 rank: ``native``
 against ``python``. This machine is shared: compare the ratios of one round; the load average
 is printed beside each round.
@@ -19,6 +21,7 @@ is printed beside each round.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -30,10 +33,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import planner_check  # noqa: E402
 from report import emit  # noqa: E402
 from tp_vs_dllama import PEERS, edgellm, make_models, set_lanes  # noqa: E402
 
 from worker.comm import lane as lanes  # noqa: E402
+from worker.comm.collective import StarHub  # noqa: E402
 from worker.models import native_step  # noqa: E402
 
 log = logging.getLogger("bench.native_step")
@@ -42,14 +47,17 @@ CONFIGS = [("small_fp32_2", "small", 2, "fp32"), ("big_fp32_2", "big", 2, "fp32"
            ("small_int8_2", "small", 2, "int8"), ("small_fp32_1", "small", 1, "fp32"),
            ("small_int8_1", "small", 1, "int8"), ("small_fp32_3", "small", 3, "fp32"),
            ("small_fp32_4", "small", 4, "fp32")]
-SYSTEMS = {1: ["native", "python"]} | {n: ["lanes_native", "lanes_python", "zeromq"] for n in (2, 3, 4)}
+SYSTEMS = {1: ["native", "python"], 2: ["lanes_native", "lanes_python", "zeromq"]} | {
+    n: ["lanes_native", "lanes_python", "zeromq", "lanes_hub_python"] for n in (3, 4)}
 
 
 def run_system(system: str, models: Path, model: str, ranks: int, weights: str, dll: Any) -> float:
     if system == "dllama":
         return float(dll.dllama(model, ranks, "f32" if weights == "fp32" else "q40", reps=3))
     set_lanes(system.startswith("lanes"))
-    os.environ[native_step.DISABLE_ENV] = "0" if system.endswith("python") else "1"
+    os.environ[native_step.DISABLE_ENV] = "0" if system == "lanes_python" else "1"
+    hub = functools.partial(StarHub, c_star=False) if system == "lanes_hub_python" else StarHub
+    setattr(planner_check, "StarHub", hub)  # noqa: B010  (the hub cluster() builds)
     return edgellm(models / model, ranks, weights, models / "cache")
 
 
@@ -66,6 +74,8 @@ def one_round(r: int, configs: list[tuple[str, str, int, str]], models: Path, dl
         result[f"{first}_vs_{second}"] = round(result[first] / result[second], 2)
         if ranks > 1:
             result["lanes_native_vs_zeromq"] = round(result["lanes_native"] / result["zeromq"], 2)
+        if "lanes_hub_python" in result:
+            result["lanes_native_vs_lanes_hub_python"] = round(result["lanes_native"] / result["lanes_hub_python"], 2)
         if "dllama" in result:
             result["lanes_native_vs_dllama"] = round(result["lanes_native"] / result["dllama"], 2)
         row[name] = result

@@ -189,16 +189,18 @@ class StarHub(_NativeSeqs):
                  timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None,
                  sync_dtype: str = "fp32", spin_wait_s: float | None = None, exchange: bool = True,
                  lane: bool | None = None, lane_port: int = 0, encrypt: bool = False,
-                 ranks_on_host: Callable[[int], int] | None = None):
+                 ranks_on_host: Callable[[int], int] | None = None, c_star: bool = True):
         """``lane``: the allreduces go over lanes (``worker.comm.lane``, listening on ``lane_port``) where
         every rank has one, else over ZeroMQ (None: ``lanes.enabled_by_default()``, off unless
         ``EDGELLM_LANE=1``); ``encrypt`` encrypts lane payloads (integrity
         alone otherwise); ``ranks_on_host(rank)``: how many ranks share that rank's host (rank 0:
-        this one), which decides whether lanes spin (default: all of them)."""
+        this one), which decides whether lanes spin (default: all of them); ``c_star``: False keeps
+        the star on lanes summing in Python (the hub's allreduces and steps), for the benchmarks."""
         self.world_size = world_size
         # two ranks swap partials (one hop, ``_exchange``); False keeps the two-hop star there too,
         # for the benchmark and the planner's probe, which measure both
         self.exchange = exchange and world_size == 2
+        self.c_star = c_star
         self.timeout_ms = int(timeout_s * 1000)
         self.spin_wait_s = default_spin_wait_s() if spin_wait_s is None else spin_wait_s
         self.sync_dtype = sync_dtype
@@ -332,7 +334,7 @@ class StarHub(_NativeSeqs):
                 (lane,) = self._lanes.values()
                 lane.begin(self._step, LIVENESS_POLL_MS)
                 self._fast = lane.allreduce_f32()
-        elif self.on_lanes:
+        elif self.on_lanes and self.c_star:
             if self._star is None:
                 assert self._lib is not None
                 self._star = lanes.StarLanes(self._lib, self._lanes)
