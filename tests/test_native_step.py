@@ -1,11 +1,14 @@
 """The native decode step (``worker.models.native_step``, ``kernels/step.c``) computes what the
-Python path computes, on 1 rank and on 2 ranks in real processes over real lanes; steps it does
-not cover run in Python and the log says so; faults in the middle of a native step (ABORT, STOP,
-allreduces that time out and resume) end or finish it as on the Python path.
+Python path computes, on 1 rank, on 2 ranks and on 3-4 (a star whose hub sums in C,
+``lane_hub_allreduce_f32``, and runs the native step too) in real processes over real lanes;
+steps it does not cover run in Python and the log says so; faults in the middle of a native step
+(ABORT, STOP, a rank gone, allreduces that time out and resume, on a worker or on the hub) end or
+finish it as on the Python path.
 
 Exact equality is asserted against the Python path: the step calls the same kernels with the
-same arguments in the same order, the residual adds are the same fp32 adds, and the two-rank
-sum is one fp32 addition of two terms (commutative), so any difference is a bug, not rounding.
+same arguments in the same order, the residual adds are the same fp32 adds, the two-rank sum is
+one fp32 addition of two terms (commutative), and the star's hub adds the partials in rank order
+as the Python star does (every rank takes its bits), so any difference is a bug, not rounding.
 """
 
 from __future__ import annotations
