@@ -199,10 +199,6 @@ def _cancel(choices: list[_Choice]) -> None:
 
 async def _merged(choices: list[_Choice]) -> AsyncGenerator[tuple[int, Event], None]:
     """Events of all choices as they come, until each has finished or failed."""
-    if len(choices) == 1:  # read where the engine puts them: no task and second queue per token
-        async for event in choices[0].req.stream():
-            yield 0, event
-        return
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
     async def pump(index: int, req: EngineRequest) -> None:
