@@ -81,6 +81,7 @@ def checkout(rev: str | None, parent: Path) -> Iterator[Path]:
         return
     tree = parent / re.sub(r"[^A-Za-z0-9_.-]", "_", rev)
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(tree), rev], check=True)
+    log.info("%s checked out in %s", rev, tree)
     try:
         yield tree
     finally:

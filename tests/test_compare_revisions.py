@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,16 @@ def test_a_script_run_on_two_revisions(tmp_path: Path) -> None:
     """End to end on this repository: HEAD against the working tree, a bench script that takes
     --out (bench/environment.py records the machine), one round each."""
     out = tmp_path / "compare.json"
+    scratch = tmp_path / "tmp"  # where its temporary checkout goes (another run's may exist meanwhile)
+    scratch.mkdir()
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_revisions.py"), "--base", "HEAD",
                            "--rounds", "2", "--metric", "cpus", "--out", str(out), "--", "bench/environment.py"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["base"] == "HEAD" and result["head"] == "working tree" and result["rounds"] == 2
     (path, row), = result["metrics"].items()
     assert path.endswith("cpus") and row["base"] == row["head"] >= 1 and row["ratio"] == 1.0
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
-    assert "compare-revisions-" not in worktrees  # the temporary checkout is gone
+    assert f"HEAD checked out in {scratch}" in proc.stderr
+    assert str(scratch) not in worktrees and not any(scratch.iterdir())  # the temporary checkout is gone
