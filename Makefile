@@ -23,8 +23,13 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy server worker bench loadtest planner
 
+# Two pytest processes, each taking whole test files in collection order (a file's module
+# fixtures, a served cluster or the arm64 tree, stay in one process; tests/conftest.py puts the
+# emulated and container tests, which wait on qemu and dockerd, first).
+TEST_PROCESSES ?= 2
+
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(PY) bench/decode_and_allreduce.py

@@ -155,7 +155,8 @@ ensure_engine() {
         if ! pgrep -x dockerd >/dev/null; then
             mkdir -p "$CACHE"
             log "starting dockerd (log: $CACHE/dockerd.log)"
-            setsid dockerd >>"$CACHE/dockerd.log" 2>&1 </dev/null &
+            # 9>&-: the run's lock (fd 9) must not live on in the engine, or the next run waits forever
+            setsid dockerd >>"$CACHE/dockerd.log" 2>&1 </dev/null 9>&- &
         fi
         local i
         for i in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
@@ -394,7 +395,8 @@ main() {
     # One run at a time on a machine: two would share the compose project, the stack and the swarm.
     mkdir -p "$CACHE"
     exec 9>"$CACHE/compose-check.lock"
-    flock -n 9 || { log "waiting for another compose-check run to finish"; flock 9; }
+    flock -n 9 || { log "waiting for another compose-check run to finish";
+                    flock -w 1800 9 || fail "$CACHE/compose-check.lock still held after 30 minutes, by: $(fuser "$CACHE/compose-check.lock" 2>&1)"; }
     step "engine: install-system-deps, dockerd"
     ensure_engine
     done_step "engine ready ($(docker version -f '{{.Server.Version}}'), docker-compose $(docker-compose version --short))"
