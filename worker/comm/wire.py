@@ -132,6 +132,37 @@ def decode_tensor(header: Header, payload: bytes | memoryview) -> torch.Tensor:
     return tensor.view(header.shape)
 
 
+# --- a STEP on a lane ------------------------------------------------------------------------------
+# One lane frame carries two tensors' bytes back to back and names only the first one's dtype, so
+# a STEP there is an int64 layout (spans count, hidden's dtype code, ndim, 4 dims, then the (S, 3)
+# spans) followed by the hidden states' bytes.
+_STEP_LAYOUT = 3 + MAX_DIMS
+
+
+def lane_step_payload(spans: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """The two tensors of a STEP frame on a lane: int64 (7 + 3S,) layout and spans, hidden."""
+    dims = list(hidden.shape) + [0] * (MAX_DIMS - hidden.dim())
+    layout = torch.tensor([spans.shape[0], DTYPE_CODES[hidden.dtype], hidden.dim(), *dims], dtype=torch.int64)
+    return [torch.cat([layout, spans.reshape(-1)]), hidden.contiguous()]  # (7 + 3S,), (T, d)
+
+
+def decode_lane_step(raw: torch.Tensor) -> list[torch.Tensor]:
+    """[spans (S, 3) int64, hidden] of a STEP frame's payload ``raw`` (uint8), checked against its
+    layout and copied out of the lane's buffer (which the step's allreduces reuse)."""
+    head = _STEP_LAYOUT * 8
+    if raw.numel() < head:
+        raise WireError(f"a STEP frame of {raw.numel()} bytes")
+    count, code, ndim, *dims = raw[:head].view(torch.int64).tolist()
+    if code not in DTYPES or not 0 <= ndim <= MAX_DIMS or count < 0 or any(d < 0 for d in dims[:ndim]):
+        raise WireError(f"bad STEP layout: {count} spans, dtype code {code}, {ndim} dims {dims}")
+    dtype, shape = DTYPES[code], tuple(dims[:ndim])
+    spans_end = head + 24 * count
+    if raw.numel() != spans_end + math.prod(shape) * dtype.itemsize:
+        raise WireError(f"a STEP frame of {raw.numel()} bytes for {count} spans and {shape} {dtype}")
+    spans = raw[head:spans_end].view(torch.int64).view(count, 3).clone()  # (S, 3)
+    return [spans, raw[spans_end:].view(dtype).view(shape).clone()]  # (T, d)
+
+
 # --- allreduce payloads in the cluster's sync dtype ---------------------------------------------
 # fp32 is exact: partials travel in the model's own dtype. fp16/bf16 halve the bytes; int8
 # quarters them and adds one float32 absmax scale per row (per token), shape (..., 1).
