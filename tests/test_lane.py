@@ -19,7 +19,7 @@ from worker.comm.wire import (
     Kind,
     WireError,
     decode_lane_step,
-    lane_step_payload,
+    lane_step_layout,
 )
 
 LIB = lanes.library()
@@ -182,21 +182,23 @@ def test_a_step_goes_over_the_lane_whole_and_not_over_zeromq(dtype: torch.dtype)
         hub.close()
 
 
-@pytest.mark.parametrize("cut", ["layout", "hidden", "dtype"])
+@pytest.mark.parametrize("cut", ["layout", "hidden", "dtype", "count"])
 def test_a_step_frame_whose_layout_does_not_fit_its_bytes_is_refused(cut: str) -> None:
     spans, hidden = torch.tensor([[0, 3, 2]]), torch.randn(2, 16)
-    layout, values = lane_step_payload(spans, hidden)
-    raw = torch.cat([layout.view(torch.uint8), values.view(-1).view(torch.uint8)])
-    assert [torch.equal(a, b) for a, b in zip(decode_lane_step(raw), [spans, hidden], strict=True)] == [True, True]
+    raw = torch.frombuffer(bytearray(lane_step_layout(spans, hidden) + hidden.numpy().tobytes()), dtype=torch.uint8)
+    got = decode_lane_step(raw.data_ptr(), raw.numel())
+    assert torch.equal(got[0], spans) and torch.equal(got[1], hidden)
+    nbytes = raw.numel()
     if cut == "layout":
-        raw = raw[:40]
+        nbytes = 40
     elif cut == "hidden":
-        raw = raw[:-4]
-    else:
-        raw = raw.clone()
+        nbytes -= 4
+    elif cut == "dtype":
         raw[8] = 99  # no such dtype code
+    else:
+        raw[0] = 2  # two spans announced, one sent
     with pytest.raises(WireError):
-        decode_lane_step(raw)
+        decode_lane_step(raw.data_ptr(), nbytes)
 
 
 def test_a_lane_peer_without_the_token_is_refused_on_both_sides() -> None:

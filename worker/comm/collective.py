@@ -44,11 +44,10 @@ from worker.comm.wire import (
     WireError,
     add_sync_payload,
     check_sync_payload,
-    decode_lane_step,
     decode_message,
     effective_sync,
     encode_message,
-    lane_step_payload,
+    lane_step_layout,
     split_sync_payload,
     sum_payloads,
     sync_dtype_name,
@@ -330,10 +329,10 @@ class StarHub(_NativeSeqs):
             # the header's seq holds the step's flags: where its allreduces go, which logits it returns
             flags = STEP_ON_LANES * self.on_lanes | STEP_ALL_LOGITS * all_logits
             if self.on_lanes:  # ~40 µs a rank where ZeroMQ + CURVE took ~300 (docs/cluster.md)
-                payload = lane_step_payload(spans, hidden)
+                layout, hidden = lane_step_layout(spans, hidden), hidden.contiguous()
                 for rank, lane in sorted(self._lanes.items()):
                     with self._lane_errors(rank):
-                        lane.send(Kind.STEP, self._step, flags, payload)
+                        lane.send_step(self._step, flags, layout, hidden)
             else:
                 self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step, seq=flags))
         self._fast = None
@@ -741,7 +740,7 @@ class StarRank(_NativeSeqs):
             return None
         if lane.kind not in Kind._value2member_map_:
             raise WireError(f"a lane frame of kind {lane.kind}")
-        tensors = decode_lane_step(lane.payload(got)) if lane.kind == Kind.STEP else []
+        tensors = lane.step_frame(got) if lane.kind == Kind.STEP else []
         return Message(Kind(lane.kind), lane.step, lane.seq, tensors)
 
     def _recv_zmq(self) -> Message:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from worker.comm.wire import DTYPE_CODES
+from worker.comm.wire import DTYPE_CODES, Kind, decode_lane_step
 from worker.kernels.native import cache_dir
 
 log = logging.getLogger(__name__)
@@ -365,6 +365,17 @@ class Lane:
     def accumulate_f32(self, acc: torch.Tensor) -> None:
         """``acc +=`` the received payload as float32, in place (after ``recv``)."""
         self._lib.lane_accumulate_f32(self._h, acc.data_ptr(), acc.numel())
+
+    def step_frame(self, nbytes: int) -> list[torch.Tensor]:
+        """[spans, hidden] of the STEP frame just received (``nbytes``), copied out of the buffer."""
+        return decode_lane_step(self._lib.lane_payload(self._h), nbytes)
+
+    def send_step(self, step: int, flags: int, layout: bytes, hidden: torch.Tensor) -> None:
+        """A STEP frame: ``layout`` (``wire.lane_step_layout``) then ``hidden``'s bytes (contiguous)."""
+        rc = self._lib.lane_send(self._h, Kind.STEP, DTYPE_CODES[torch.int64], step, flags, layout, len(layout),
+                                 hidden.data_ptr(), hidden.numel() * hidden.element_size())
+        if rc:
+            raise LaneError(rc)
 
     def payload(self, nbytes: int) -> torch.Tensor:
         """The received payload's bytes as a uint8 tensor viewing the lane's buffer: valid until
