@@ -133,7 +133,8 @@ def _worker_process(spec: RankSpec, address: str, control: Any) -> None:
         phases.patch(runtime, name)
     _timed_plan(phases, runtime)
     rank = WorkerRank(spec, address, TOKEN)
-    phases.patch(rank.link, "recv", "receive")
+    # a STEP taken from the lane (the data-plane loop waits in next_message, the wait is idle)
+    phases.patch(rank.link, "_lane_message", "receive")
     phases.patch(rank.link, "begin")
     phases.patch(rank.link, "send_logits")
     phases.patch(rank.loaded.head, "logits", "head")
@@ -197,7 +198,7 @@ def instrument_rank0(phases: Phases, executor: Executor) -> None:
         phases.patch(executor_module, name)
     _timed_plan(phases, executor_module)
     phases.patch(executor.hub, "start_step")
-    phases.patch(executor.hub, "_broadcast", "broadcast")  # the STEP message over ZeroMQ, inside start_step
+    phases.patch(executor.hub, "_broadcast", "broadcast")  # the STEP over ZeroMQ (lanes off), inside start_step
     phases.patch(executor.hub, "gather_logits")
     phases.patch(executor.rank.head, "logits", "head")
     _instrument_model(phases, executor.model)

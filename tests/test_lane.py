@@ -13,7 +13,14 @@ import torch
 
 from worker.comm import lane as lanes
 from worker.comm.collective import CollectiveError, StarHub, StarRank
-from worker.comm.wire import Kind
+from worker.comm.wire import (
+    STEP_ALL_LOGITS,
+    STEP_ON_LANES,
+    Kind,
+    WireError,
+    decode_lane_step,
+    lane_step_layout,
+)
 
 LIB = lanes.library()
 pytestmark = pytest.mark.skipif(LIB is None, reason="the lane library cannot be built here")
@@ -123,6 +130,75 @@ def test_frames_of_an_abandoned_step_are_dropped_and_abort_is_returned() -> None
         assert receiver.recv(5, 2, 1000) == 0 and receiver.kind == Kind.ABORT
     finally:
         _close(sender, receiver, tap_in, tap_out)
+
+
+def test_between_steps_a_rank_takes_the_next_step_and_drops_what_earlier_steps_left() -> None:
+    sender, receiver, tap_in, tap_out = _pair()
+    try:
+        sender.send(Kind.PARTIAL, 4, 2, [torch.ones(8)])  # left in flight by step 4, the last begun
+        sender.send(Kind.ABORT, 4, 2)  # step 4's abort, which had already ended here
+        sender.send(Kind.STEP, 5, 3, [torch.arange(3)])
+        sender.send(Kind.STOP, 0, 0)  # a STOP is taken whatever its step
+        for nbytes in (32, 0, 24, 0):
+            tap_out.sendall(_frame(tap_in, nbytes))
+        assert receiver.recv_next(4, 1000) == 24
+        assert (receiver.kind, receiver.step, receiver.seq) == (Kind.STEP, 5, 3)
+        assert torch.equal(receiver.payload(24).view(torch.int64), torch.arange(3))
+        assert receiver.recv_next(5, 1000) == 0 and receiver.kind == Kind.STOP
+        assert receiver.recv_next(5, 50) == -1  # nothing more
+    finally:
+        _close(sender, receiver, tap_in, tap_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_goes_over_the_lane_whole_and_not_over_zeromq(dtype: torch.dtype) -> None:
+    hub = StarHub(2, token="t", timeout_s=5, lane=True)
+    rank = StarRank(1, hub.address, token="t", timeout_s=5)
+    try:
+        welcome = threading.Thread(target=rank.wait_welcome, args=(5,))
+        welcome.start()
+        hub.wait_for_ranks(5)
+        welcome.join(5)
+        spans, hidden = torch.tensor([[1, 7, 2], [0, 3, 1]]), torch.randn(3, 64).to(dtype)
+        hub.start_step(spans, hidden, all_logits=True)
+        assert rank.sock.poll(100) == 0  # nothing on ZeroMQ
+        msg = rank.recv()
+        assert (msg.kind, msg.step) == (Kind.STEP, 1) and msg.seq == STEP_ON_LANES | STEP_ALL_LOGITS
+        assert torch.equal(msg.tensors[0], spans) and msg.tensors[1].dtype == dtype
+        assert torch.equal(msg.tensors[1], hidden)
+        assert rank.lane is not None  # the tensors are copies: the lane's buffer is the step's to reuse
+        assert msg.tensors[1].data_ptr() != rank.lane.payload(1).data_ptr() + 7 * 8 + 2 * 24
+        rank.begin(msg)
+        theirs = torch.full((3, 64), 2.0)
+        worker = threading.Thread(target=rank.allreduce_, args=(theirs,))
+        worker.start()
+        total = hub.allreduce_(torch.ones(3, 64))
+        worker.join(5)
+        assert torch.equal(total, torch.full((3, 64), 3.0)) and torch.equal(theirs, total)
+        hub.stop()
+        assert rank.recv().kind == Kind.STOP
+    finally:
+        rank.close()
+        hub.close()
+
+
+@pytest.mark.parametrize("cut", ["layout", "hidden", "dtype", "count"])
+def test_a_step_frame_whose_layout_does_not_fit_its_bytes_is_refused(cut: str) -> None:
+    spans, hidden = torch.tensor([[0, 3, 2]]), torch.randn(2, 16)
+    raw = torch.frombuffer(bytearray(lane_step_layout(spans, hidden) + hidden.numpy().tobytes()), dtype=torch.uint8)
+    got = decode_lane_step(raw.data_ptr(), raw.numel())
+    assert torch.equal(got[0], spans) and torch.equal(got[1], hidden)
+    nbytes = raw.numel()
+    if cut == "layout":
+        nbytes = 40
+    elif cut == "hidden":
+        nbytes -= 4
+    elif cut == "dtype":
+        raw[8] = 99  # no such dtype code
+    else:
+        raw[0] = 2  # two spans announced, one sent
+    with pytest.raises(WireError):
+        decode_lane_step(raw.data_ptr(), nbytes)
 
 
 def test_a_lane_peer_without_the_token_is_refused_on_both_sides() -> None:

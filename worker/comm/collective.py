@@ -47,6 +47,7 @@ from worker.comm.wire import (
     decode_message,
     effective_sync,
     encode_message,
+    lane_step_layout,
     split_sync_payload,
     sum_payloads,
     sync_dtype_name,
@@ -327,7 +328,13 @@ class StarHub(_NativeSeqs):
             self._adopt_lanes()
             # the header's seq holds the step's flags: where its allreduces go, which logits it returns
             flags = STEP_ON_LANES * self.on_lanes | STEP_ALL_LOGITS * all_logits
-            self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step, seq=flags))
+            if self.on_lanes:  # ~40 µs a rank where ZeroMQ + CURVE took ~300 (docs/cluster.md)
+                layout, hidden = lane_step_layout(spans, hidden), hidden.contiguous()
+                for rank, lane in sorted(self._lanes.items()):
+                    with self._lane_errors(rank):
+                        lane.send_step(self._step, flags, layout, hidden)
+            else:
+                self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step, seq=flags))
         self._fast = None
         if self.on_lanes and self.exchange:
             if self._sync == "fp32":
@@ -684,8 +691,61 @@ class StarRank(_NativeSeqs):
                 raise CollectiveError(f"cannot open the data-plane lane to {self._hub_host}:{port}: {exc}") from None
 
     def recv(self, timeout_ms: int | None = None) -> Message:
-        wait = self.timeout_ms if timeout_ms is None else timeout_ms
-        frames = _recv_frames(self.sock, wait, self.spin_wait_s, self.cancelled)
+        """The hub's next message between steps (``next_message``), waited for up to ``timeout_ms``
+        (default: the step timeout)."""
+        msg = self.next_message(self.timeout_ms if timeout_ms is None else timeout_ms)
+        if msg is None:
+            if self.cancelled.is_set():
+                raise CollectiveError("this rank is stopping")
+            raise CollectiveError("timed out waiting for the hub")
+        return msg
+
+    def next_message(self, timeout_ms: int) -> Message | None:
+        """The hub's next message between steps, over ZeroMQ or the lane (where a hub whose ranks
+        all have lanes sends its STEPs, ABORTs and STOPs), or None after ``timeout_ms`` or once
+        ``cancelled`` is set (checked every ``CANCEL_POLL_MS``). Leftovers of steps up to the last
+        one begun here are dropped from the lane."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        spin = True  # the lane spins (where it does) once: the next STEP comes soon after a step
+        while True:
+            if (msg := self._lane_message(spin)) is not None:
+                return msg
+            spin = False
+            with contextlib.suppress(zmq.Again):
+                return decode_message(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or self.cancelled.is_set():
+                return None
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            if self.lane is not None:
+                poller.register(self.lane.sock.fileno(), zmq.POLLIN)
+            poller.poll(min(left_ms, CANCEL_POLL_MS))
+
+    def _lane_message(self, spin: bool) -> Message | None:
+        """The lane's next frame of a step after ``step`` as a message (None: none yet, or no lane).
+        A lane that breaks here is dropped: the hub finds it broken too, and steps go over ZeroMQ."""
+        lane = self.lane
+        if lane is None:
+            return None
+        try:
+            got = lane.recv_next(self.step, 0, spin)
+        except lanes.LaneError as exc:
+            log.warning("rank %d: the lane to the hub broke between steps (%s); steps go over ZeroMQ",
+                        self.rank, exc)
+            self.lane, self._on_lane, self._fast = None, False, None
+            lane.close()
+            return None
+        if got < 0:
+            return None
+        if lane.kind not in Kind._value2member_map_:
+            raise WireError(f"a lane frame of kind {lane.kind}")
+        tensors = lane.step_frame(got) if lane.kind == Kind.STEP else []
+        return Message(Kind(lane.kind), lane.step, lane.seq, tensors)
+
+    def _recv_zmq(self) -> Message:
+        """The hub's next ZeroMQ message within a step, up to the step timeout."""
+        frames = _recv_frames(self.sock, self.timeout_ms, self.spin_wait_s, self.cancelled)
         if frames is None:
             if self.cancelled.is_set():
                 raise CollectiveError("this rank is stopping")
@@ -767,7 +827,7 @@ class StarRank(_NativeSeqs):
             return self._lane_allreduce(partial, shape)
         payload = sync_payload(partial, self.sync_dtype)
         _send_frames(self.sock, encode_message(Kind.PARTIAL, payload, step=self.step, seq=self._seq))
-        msg = self.recv()
+        msg = self._recv_zmq()
         if msg.kind in (Kind.STOP, Kind.ABORT):
             raise CollectiveError(f"hub sent {msg.kind.name} during the step")
         if msg.kind not in (Kind.REDUCED, Kind.PARTIAL) or (msg.step, msg.seq) != (self.step, self._seq):

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from worker.comm.wire import DTYPE_CODES
+from worker.comm.wire import DTYPE_CODES, Kind, decode_lane_step
 from worker.kernels.native import cache_dir
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def _open() -> ctypes.CDLL | str:
             ("lane_seq", u32, [p]),
             ("lane_send", c_int, [p, c_int, c_int, u64, u32, p, i64, p, i64]),
             ("lane_recv", i64, [p, u64, u32, c_int, c_int]),
+            ("lane_recv_next", i64, [p, u64, c_int, c_int]),
             ("lane_add_f32", None, [p, p, p, i64]),
             ("lane_accumulate_f32", None, [p, p, i64]),
             ("lane_finish_f32", c_int, [p, p, p, i64]),
@@ -271,6 +272,7 @@ class Lane:
             raise MemoryError("cannot allocate a lane")
         self.kind = 0  # of the last frame received
         self.format = NO_FORMAT  # the wire dtype code of its first tensor
+        self.step = self.seq = 0  # its step and seq (set by ``recv_next`` and ``refresh``)
 
     def send(self, kind: int, step: int, seq: int, tensors: list[torch.Tensor] = ()) -> None:  # type: ignore[assignment]
         """One frame carrying ``tensors``' bytes back to back (at most two, contiguous); its
@@ -294,6 +296,18 @@ class Lane:
         self.format = self._lib.lane_format(self._h)
         return got
 
+    def recv_next(self, after_step: int, timeout_ms: int, spin: bool = True) -> int:
+        """A rank between steps: the next frame of a step after ``after_step`` (the hub's STEP) or
+        a STOP, what is left of earlier steps dropped; its byte count, or -1 after ``timeout_ms``
+        (spinning first where ``spin``, as ``recv`` does)."""
+        got = self._lib.lane_recv_next(self._h, after_step, timeout_ms, self.spin_us if spin else 0)
+        if got == TIMEOUT:
+            return -1
+        if got < 0:
+            raise LaneError(got)
+        self.refresh()
+        return got
+
     def exchange_f32(self, kind: int, step: int, seq: int, own: torch.Tensor, out: torch.Tensor,
                      timeout_ms: int) -> bool:
         """Send ``own`` (float32, contiguous) as a ``kind`` frame and receive the answer: a PARTIAL
@@ -310,9 +324,11 @@ class Lane:
         return True
 
     def refresh(self) -> None:
-        """Read ``kind`` and ``format`` of the last frame from C (after an ``allreduce_f32`` call)."""
+        """Read ``kind``, ``format``, ``step`` and ``seq`` of the last frame from C (after an
+        ``allreduce_f32`` call)."""
         self.kind = self._lib.lane_kind(self._h)
         self.format = self._lib.lane_format(self._h)
+        self.step, self.seq = self._lib.lane_step(self._h), self._lib.lane_seq(self._h)
 
     def begin(self, step: int, slice_ms: int) -> None:
         """The step of the next ``allreduce_f32`` calls; each waits ``slice_ms`` at most."""
@@ -349,6 +365,17 @@ class Lane:
     def accumulate_f32(self, acc: torch.Tensor) -> None:
         """``acc +=`` the received payload as float32, in place (after ``recv``)."""
         self._lib.lane_accumulate_f32(self._h, acc.data_ptr(), acc.numel())
+
+    def step_frame(self, nbytes: int) -> list[torch.Tensor]:
+        """[spans, hidden] of the STEP frame just received (``nbytes``), copied out of the buffer."""
+        return decode_lane_step(self._lib.lane_payload(self._h), nbytes)
+
+    def send_step(self, step: int, flags: int, layout: bytes, hidden: torch.Tensor) -> None:
+        """A STEP frame: ``layout`` (``wire.lane_step_layout``) then ``hidden``'s bytes (contiguous)."""
+        rc = self._lib.lane_send(self._h, Kind.STEP, DTYPE_CODES[torch.int64], step, flags, layout, len(layout),
+                                 hidden.data_ptr(), hidden.numel() * hidden.element_size())
+        if rc:
+            raise LaneError(rc)
 
     def payload(self, nbytes: int) -> torch.Tensor:
         """The received payload's bytes as a uint8 tensor viewing the lane's buffer: valid until

@@ -6,6 +6,7 @@ dtype and shape the header names. Decoding validates sizes before touching the b
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import math
 import struct
@@ -130,6 +131,42 @@ def decode_tensor(header: Header, payload: bytes | memoryview) -> torch.Tensor:
     if tensor.data_ptr() % itemsize:
         tensor = tensor.clone()
     return tensor.view(header.shape)
+
+
+# --- a STEP on a lane ------------------------------------------------------------------------------
+# One lane frame carries two buffers back to back and names only the first one's dtype, so a
+# STEP there is an int64 layout (spans count, hidden's dtype code, ndim, 4 dims) and the (S, 3)
+# int64 spans, followed by the hidden states' bytes. Built and read with struct and one copy
+# each: torch's small ops cost 1-3 µs apiece, and both ends of a STEP are on a token's path.
+_STEP_LAYOUT = struct.Struct(f"<{3 + MAX_DIMS}q")
+
+
+def lane_step_layout(spans: torch.Tensor, hidden: torch.Tensor) -> bytes:
+    """The first part of a STEP frame on a lane: the layout and the (S, 3) int64 spans; the
+    hidden states (contiguous) follow it in the frame."""
+    dims = list(hidden.shape) + [0] * (MAX_DIMS - hidden.dim())
+    return _STEP_LAYOUT.pack(spans.shape[0], DTYPE_CODES[hidden.dtype], hidden.dim(), *dims) \
+        + spans.to(torch.int64).contiguous().numpy().tobytes()
+
+
+def decode_lane_step(address: int, nbytes: int) -> list[torch.Tensor]:
+    """[spans (S, 3) int64, hidden] of the STEP frame payload of ``nbytes`` at ``address`` (a lane's
+    buffer, which the step's allreduces reuse), checked against its layout and copied out."""
+    if nbytes < _STEP_LAYOUT.size:
+        raise WireError(f"a STEP frame of {nbytes} bytes")
+    count, code, ndim, *dims = _STEP_LAYOUT.unpack(ctypes.string_at(address, _STEP_LAYOUT.size))
+    if code not in DTYPES or not 0 <= ndim <= MAX_DIMS or count < 0 or any(d < 0 for d in dims[:ndim]):
+        raise WireError(f"bad STEP layout: {count} spans, dtype code {code}, {ndim} dims {dims}")
+    dtype, shape = DTYPES[code], tuple(dims[:ndim])
+    spans_end = _STEP_LAYOUT.size + 24 * count
+    if nbytes != spans_end + math.prod(shape) * dtype.itemsize:  # exact: huge dims cannot wrap around
+        raise WireError(f"a STEP frame of {nbytes} bytes for {count} spans and {shape} {dtype}")
+    spans = torch.empty((count, 3), dtype=torch.int64)
+    hidden = torch.empty(shape, dtype=dtype)  # (T, d)
+    for tensor, start, end in ((spans, _STEP_LAYOUT.size, spans_end), (hidden, spans_end, nbytes)):
+        if end > start:
+            ctypes.memmove(tensor.data_ptr(), address + start, end - start)
+    return [spans, hidden]
 
 
 # --- allreduce payloads in the cluster's sync dtype ---------------------------------------------

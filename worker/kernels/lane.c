@@ -193,6 +193,39 @@ static int fill(Lane *l, int64_t want, double start, int timeout_ms, int spin_us
     return 0;
 }
 
+/* Read the next whole frame and check its tag: its payload length, or an error code; on success
+ * lane_kind/step/seq/payload describe it. */
+static int64_t read_frame(Lane *l, double start, int timeout_ms, int spin_us) {
+    int rc = fill(l, HEADER_BYTES, start, timeout_ms, spin_us);
+    if (rc) return rc;
+    const uint8_t *h = l->in;
+    if (memcmp(h, "EDL1", 4) != 0 || h[5] != l->mode) return ERR_FORMAT;
+    const int64_t n = get_u32(h + 20);
+    if (n > l->capacity && lane_reserve(l, n)) return ERR_TOO_BIG;
+    h = l->in;
+    rc = fill(l, HEADER_BYTES + n + TAG_BYTES, start, timeout_ms, spin_us);
+    if (rc) return rc;
+    uint8_t nonce[12];
+    nonce_of(l->received, nonce);
+    uint8_t *payload = l->in + HEADER_BYTES, *tag = payload + n;
+    int bad = 0;
+    if (l->mode == MODE_MAC)
+        bad = crypto_aead_chacha20poly1305_ietf_decrypt_detached(payload, NULL, payload, 0, tag, l->in,
+                                                                 HEADER_BYTES + n, nonce, l->recv_key);
+    else if (l->mode == MODE_ENCRYPT)
+        bad = crypto_aead_chacha20poly1305_ietf_decrypt_detached(payload, NULL, payload, n, tag, l->in,
+                                                                 HEADER_BYTES, nonce, l->recv_key);
+    l->have = 0;
+    if (bad) return ERR_TAG;
+    l->received++;
+    l->kind = h[4];
+    l->format = h[6] | h[7] << 8;
+    l->step = get_u64(h + 8);
+    l->seq = get_u32(h + 16);
+    l->length = n;
+    return n;
+}
+
 /* Receive the next whole, checked frame. Frames of an earlier (step, seq) are dropped (what a
  * step abandoned left in flight); ABORT and STOP are returned whatever their seq. Returns the
  * payload length, or an error code; on success lane_kind/step/seq/payload describe it. */
@@ -200,37 +233,25 @@ int64_t lane_recv(void *handle, uint64_t step, uint32_t seq, int timeout_ms, int
     Lane *l = handle;
     const double start = now_us();
     for (;;) {
-        int rc = fill(l, HEADER_BYTES, start, timeout_ms, spin_us);
-        if (rc) return rc;
-        const uint8_t *h = l->in;
-        if (memcmp(h, "EDL1", 4) != 0 || h[5] != l->mode) return ERR_FORMAT;
-        const int64_t n = get_u32(h + 20);
-        if (n > l->capacity && lane_reserve(l, n)) return ERR_TOO_BIG;
-        h = l->in;
-        rc = fill(l, HEADER_BYTES + n + TAG_BYTES, start, timeout_ms, spin_us);
-        if (rc) return rc;
-        uint8_t nonce[12];
-        nonce_of(l->received, nonce);
-        uint8_t *payload = l->in + HEADER_BYTES, *tag = payload + n;
-        int bad = 0;
-        if (l->mode == MODE_MAC)
-            bad = crypto_aead_chacha20poly1305_ietf_decrypt_detached(payload, NULL, payload, 0, tag, l->in,
-                                                                     HEADER_BYTES + n, nonce, l->recv_key);
-        else if (l->mode == MODE_ENCRYPT)
-            bad = crypto_aead_chacha20poly1305_ietf_decrypt_detached(payload, NULL, payload, n, tag, l->in,
-                                                                     HEADER_BYTES, nonce, l->recv_key);
-        l->have = 0;
-        if (bad) return ERR_TAG;
-        l->received++;
-        l->kind = h[4];
-        l->format = h[6] | h[7] << 8;
-        l->step = get_u64(h + 8);
-        l->seq = get_u32(h + 16);
-        l->length = n;
+        const int64_t n = read_frame(l, start, timeout_ms, spin_us);
+        if (n < 0) return n;
         if (l->kind == KIND_STOP || (l->kind == KIND_ABORT && l->step >= step)) return n;
         if (l->step < step || (l->step == step && l->seq < seq) || l->kind == KIND_ABORT) continue;  /* stale */
         if (l->step != step || l->seq != seq) return ERR_ORDER;
         return n;
+    }
+}
+
+/* A rank between steps: the next frame of a step after `after_step` (the hub's next STEP, or an
+ * ABORT of a step this rank never began), or a STOP; what is left of steps up to `after_step`
+ * (an abandoned step's frames, an ABORT of a step that had already ended here) is dropped.
+ * Returns as lane_recv does. */
+int64_t lane_recv_next(void *handle, uint64_t after_step, int timeout_ms, int spin_us) {
+    Lane *l = handle;
+    const double start = now_us();
+    for (;;) {
+        const int64_t n = read_frame(l, start, timeout_ms, spin_us);
+        if (n < 0 || l->kind == KIND_STOP || l->step > after_step) return n;
     }
 }
 

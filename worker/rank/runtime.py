@@ -1,7 +1,7 @@
 """One worker rank: its loaded shard, its KV cache and the data-plane loop that runs steps.
 
 The gRPC service (control) and the tests both drive this class; the loop itself only
-talks ZeroMQ to the hub.
+talks to the hub (ZeroMQ, and its lane where it has one).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class WorkerRank:
         hub_up = True  # it just welcomed us
         while not self._stop.is_set():
             try:
-                if not self.link.sock.poll(200):
+                if (msg := self.link.next_message(200)) is None:
                     if hub_up != (hub_up := self.link.hub_connected()):
                         # idle, a dead coordinator was otherwise noticed only by the next one's Configure
                         if hub_up:
@@ -102,7 +102,6 @@ class WorkerRank:
                             log.warning("rank %d: lost the hub (the coordinator stopped or is unreachable); "
                                         "waiting for it or for a new coordinator", self.spec.shard.rank)
                     continue
-                msg = self.link.recv(timeout_ms=0)
                 if msg.kind == Kind.STOP:
                     break
                 if msg.kind == Kind.ABORT:
