@@ -135,7 +135,9 @@ class ExpertCache:
         self._span_start: dict[int, float] = {}  # the same, kept until the layer's experts are done
         self._layer = 0
         self._clock = 0
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # a read is done: the compute thread waits on it
+        work = threading.Condition(lock)  # pieces to take: the reader threads wait on it
         self.hits = self.misses = self.late = 0
         self.stall_seconds = 0.0
         # bytes of the experts a step used that were not in the cache from an earlier use: what had to
@@ -150,7 +152,7 @@ class ExpertCache:
             self._entries = {key: Entry(key, -1, fields, fetched=False) for key, fields in preloaded.items()}
             return
         assert file is not None
-        self.reads = ReadQueue(file, self._cond, read_depth, readers)
+        self.reads = ReadQueue(file, self._cond, read_depth, readers, work)
         if slots >= num_layers * num_experts:  # everything fits: load it all now
             for layer in range(num_layers):
                 for expert in range(num_experts):
@@ -169,11 +171,13 @@ class ExpertCache:
     def _block_bytes(self, key: Key) -> int:
         return self.file.block_bytes(expert_block(*key)) if self.file is not None else 0
 
-    def begin_layer(self, layer: int, needed: Iterable[int]) -> None:
+    def begin_layer(self, layer: int, needed: Iterable[int]) -> list[int]:
         """The model enters ``layer``'s experts; ``needed`` are those it will ask for. Its
         prefetches of other experts are cancelled, those of needed ones become demand reads, and
-        the other needed experts start reading now, while the compute thread computes the first
-        (a buffer permitting; else ``get`` reads it)."""
+        the other needed experts start reading now (a buffer permitting; else ``get`` reads it).
+        Returns ``needed`` in the order to compute them: the first miss, which the compute thread
+        reads itself, then the experts already here, then the rest in the order they were asked
+        for from the disk, each computed as soon as it lands while the next is still read."""
         with self._cond:
             self._layer = layer
             needed = list(needed)
@@ -185,7 +189,7 @@ class ExpertCache:
                 old = self.rate.get((layer, expert), 0.0)
                 self.rate[(layer, expert)] = FREQUENCY_DECAY * old + (1 - FREQUENCY_DECAY) * (expert in needed)
             if self.reads is None:
-                return
+                return needed
             self._observe_survival(layer)
             cached = [k for k, e in self._entries.items() if k[0] == layer and not e.guess and e.fields is not None]
             if cached:  # how often an expert kept in the cache is used at its layer's next step
@@ -200,12 +204,20 @@ class ExpertCache:
                     self.reads.promote(entry.read)
                 else:
                     self._drop_guess(entry)
-            for key in self._protected:
-                if key not in self._entries:
-                    buffer = self._victim()
-                    if buffer is None:
-                        break
-                    self._start(key, buffer, demand=True).missed = True
+            here = [e for e in needed if (e2 := self._entries.get((layer, e))) is not None and e2.fields is not None]
+            coming = [e for e in needed if (layer, e) in self._entries and e not in here]
+            own: list[int] = []
+            queued: list[int] = []  # for the reader threads
+            for expert in needed:
+                if (layer, expert) in self._entries:
+                    continue
+                buffer = self._victim()
+                if buffer is None:
+                    break
+                self._start((layer, expert), buffer, demand=True, own=not own).missed = True
+                (queued if own else own).append(expert)
+            rest = [e for e in needed if e not in here and e not in coming and e not in own and e not in queued]
+            return own + here + coming + queued + rest
 
     def _observe_survival(self, layer: int) -> None:
         """Score how many of ``layer``'s experts of its last step outlived the cycle of layers
@@ -252,12 +264,16 @@ class ExpertCache:
 
     def end_layer(self) -> None:
         with self._cond:
+            for entry in self._entries.values():  # an own read its layer never asked for (an error between)
+                if entry.read is not None and entry.read.own and self.reads is not None:
+                    self.reads.release(entry.read)
             self._protected = set()
             if (started := self._span_start.pop(self._layer, None)) is not None:
                 self.gate.observe_span(self._layer, time.perf_counter() - started)
 
-    def _start(self, key: Key, buffer: int, demand: bool) -> Entry:
-        """A new entry for ``key`` in ``buffer`` and its read (caller holds the lock)."""
+    def _start(self, key: Key, buffer: int, demand: bool, own: bool = False) -> Entry:
+        """A new entry for ``key`` in ``buffer`` and its read (caller holds the lock); ``own``: the
+        compute thread reads it in ``get``, no reader is woken for it."""
         assert self.reads is not None
         entry = Entry(key, buffer, None, guess=not demand)
         self._entries[key] = entry
@@ -273,7 +289,7 @@ class ExpertCache:
             entry.read = None
             self._cond.notify_all()
 
-        entry.read = self.reads.submit(expert_block(*key), self.buffers[buffer], demand, done)
+        entry.read = self.reads.submit(expert_block(*key), self.buffers[buffer], demand, done, own=own)
         return entry
 
     def _candidates(self, evict_protected: bool = False) -> list[Entry]:
@@ -377,7 +393,7 @@ class ExpertCache:
             entry = self._entries.get(key)
             if entry is None:
                 self.misses += 1
-                entry = self._start(key, self._buffer_for_miss(), demand=True)
+                entry = self._start(key, self._buffer_for_miss(), demand=True, own=True)
             elif entry.missed:
                 self.misses += 1  # its demand read started in begin_layer, landed or not
             elif entry.guess and entry.fields is None:

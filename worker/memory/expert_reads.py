@@ -1,11 +1,15 @@
-"""Reads of routed experts into the expert cache's buffers, by a few reader threads and the
-compute thread together.
+"""Reads of routed experts into the expert cache's buffers, by the compute thread and a few reader
+threads.
 
 An expert is one contiguous byte range of the rank's file (``edgellm shard`` writes a block's
-tensors back to back). A read is cut into pieces: a demand read (the layer computing needs the
-expert) into ``depth`` pieces, so that ``depth`` reads are in flight at once (this VM's disk
-reads 9 MB experts 1.5-2x faster at depth 2 than at 1; bench/moe_cache.py measures depth 1/2/4);
-a prefetch into pieces of ``PREFETCH_PIECE`` bytes, so that it can be given up between two.
+tensors back to back). A layer's first missed expert is read by the compute thread itself
+(``own``): nothing to hand over, no thread to wake, and the compute thread would only wait for it
+anyway. Its other misses go to the reader threads at once, so that as many reads are in flight as
+the layer misses experts, and each is computed as soon as it lands, while the next is still read.
+A demand read of an expert of ``SPLIT_BYTES`` or more is cut into ``depth`` pieces (this VM's
+disk read 9 MB experts up to 1.5x faster at depth 2 than at 1; bench/moe_cache.py measures depth
+1/2/4); a smaller one is one piece. A prefetch is cut into pieces of ``PREFETCH_PIECE`` bytes, so
+that it can be given up between two.
 
 Demand pieces go first, and a prefetch piece starts only when no demand piece is queued or in
 flight: a prefetch uses the disk only while it would otherwise be idle, and delays a demand
@@ -32,6 +36,9 @@ from worker.shards.shard_file import ShardFile
 log = logging.getLogger(__name__)
 
 PREFETCH_PIECE = 1 << 20  # bytes: what a wrong prefetch may still read after it is cancelled
+# a demand read this large is cut into ``depth`` pieces read at once; a smaller one is one piece (one
+# hand-off less: the 1.6 MB fp32 experts of the trained tiny MoE, and int8/int4 experts)
+SPLIT_BYTES = 4 << 20
 PAGE = 4096  # pieces start on page boundaries, so dropping one's pages from the cache drops no other's
 
 
@@ -52,6 +59,7 @@ class Read:
     read_bytes: int = 0
     promoted: bool = False  # a prefetch turned demand read: its time includes idle waits, not timed
     finished: bool = False
+    own: bool = False  # the compute thread reads it (``help``); readers leave it alone until it starts
 
     @property
     def done(self) -> bool:
@@ -69,10 +77,16 @@ class ReadQueue:
     """The reads in progress, and ``threads`` reader threads that take their pieces.
 
     Shares ``cond`` (and its lock) with the expert cache: methods marked "caller holds the lock"
-    are called from inside the cache's critical sections."""
+    are called from inside the cache's critical sections. ``cond`` is notified when a read is done
+    (the compute thread waits on it); ``work``, a condition on the same lock, when there are pieces
+    to take (the readers wait on it). Apart, a piece that lands wakes no idle reader, and new work
+    does not wake the compute thread: on a loaded 2-core machine every needless wake-up is a slice
+    of a core. Without ``work``, both are ``cond``."""
 
-    def __init__(self, file: ShardFile, cond: threading.Condition, depth: int, threads: int | None = None):
+    def __init__(self, file: ShardFile, cond: threading.Condition, depth: int, threads: int | None = None,
+                 work: threading.Condition | None = None):
         self.file, self._cond, self.depth = file, cond, max(1, depth)
+        self._work = work or cond
         self._reads: list[Read] = []  # unfinished, in submission order
         self._closed = False
         self.seconds_per_byte = 0.0  # EMA over demand reads: what a byte costs the step waiting on it
@@ -84,19 +98,34 @@ class ReadQueue:
             thread.start()
 
     def submit(self, block: str, buffer: torch.Tensor, demand: bool,
-               on_done: Callable[[Read], None] | None = None) -> Read:
-        """Queue ``block``'s read into ``buffer`` (caller holds the lock)."""
+               on_done: Callable[[Read], None] | None = None, own: bool = False) -> Read:
+        """Queue ``block``'s read into ``buffer`` (caller holds the lock). ``own``: a demand read
+        the compute thread makes itself (``help``): no reader is woken for it."""
         nbytes = self.file.block_bytes(block)
-        parts = pieces(nbytes, count=self.depth) if demand else pieces(nbytes, size=PREFETCH_PIECE)
-        read = Read(block, buffer, nbytes, parts, demand, on_done)
+        if demand:
+            parts = pieces(nbytes, count=self.depth if nbytes >= SPLIT_BYTES else 1)
+        else:
+            parts = pieces(nbytes, size=PREFETCH_PIECE)
+        read = Read(block, buffer, nbytes, parts, demand, on_done, own=own and demand)
         self._reads.append(read)
-        self._cond.notify_all()
+        if not read.own:
+            self._work.notify_all()
         return read
 
     def promote(self, read: Read) -> None:
         """A prefetch the layer now needs: its remaining pieces go first (caller holds the lock)."""
+        if read.demand:
+            return
         read.demand = read.promoted = True
-        self._cond.notify_all()
+        self._work.notify_all()
+
+    def release(self, read: Read) -> None:
+        """Let the readers take the pieces of an ``own`` read (caller holds the lock): once the
+        compute thread has started it, or where it will not (``ExpertCache.end_layer``)."""
+        if read.own:
+            read.own = False
+            if read.todo:
+                self._work.notify_all()
 
     def cancel(self, read: Read) -> None:
         """Give up ``read`` after its pieces in flight (caller holds the lock)."""
@@ -116,11 +145,11 @@ class ReadQueue:
         """The read whose next piece a reader takes: demand reads first; a prefetch only while no
         demand read is queued or in flight."""
         for read in self._reads:
-            if read.demand and read.todo:
+            if read.demand and read.todo and not read.own:
                 return read
-        if self._demand_active():
+        if self._demand_active():  # an own read not started yet counts: the compute thread is on its way
             return None
-        return next((read for read in self._reads if read.todo), None)
+        return next((read for read in self._reads if read.todo and not read.own), None)
 
     def _take(self, read: Read) -> tuple[int, int] | None:
         if not read.todo:
@@ -137,9 +166,11 @@ class ReadQueue:
                 while read is None:
                     if self._closed:
                         return
-                    self._cond.wait(1.0)
+                    self._work.wait(1.0)
                     read = self._next()
                 piece = self._take(read)
+                if self._next() is not None:  # more to take: the next idle reader
+                    self._work.notify()
             assert piece is not None
             self._read_piece(read, piece)
 
@@ -161,7 +192,9 @@ class ReadQueue:
                 read.todo.clear()
             if read.done:
                 self._finish(read)
-            self._cond.notify_all()
+                self._cond.notify_all()
+                if self._next() is not None:  # e.g. prefetch pieces that waited for this demand read
+                    self._work.notify()
 
     def _finish(self, read: Read) -> None:
         if read.finished:
@@ -181,6 +214,7 @@ class ReadQueue:
         while True:
             with self._cond:
                 piece = self._take(read)
+                self.release(read)  # an own read's other pieces (a large expert): readers may help now
             if piece is None:
                 break
             self._read_piece(read, piece)
@@ -195,6 +229,6 @@ class ReadQueue:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._work.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
