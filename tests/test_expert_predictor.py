@@ -474,10 +474,13 @@ def test_the_gate_keeps_a_layer_with_wrong_guesses_from_reading_ahead(shard_file
     cache.close()
 
 
-def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misses(shard_file: ShardFile) -> None:
+@pytest.mark.parametrize("gate_open", [True, False])
+def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misses(shard_file: ShardFile,
+                                                                                   gate_open: bool) -> None:
     """Two MoE layers: the next layer is also the one just used, so the distance policy evicts
     its experts first. One predicted for it, cached already, used to be evicted by the current
-    layer's misses right after the prediction (hit rate 0.15-0.48 against recall 0.80)."""
+    layer's misses right after the prediction (hit rate 0.15-0.48 against recall 0.80). Only on a
+    layer the gate lets use its guesses: a closed one evicts as on demand."""
     cache = _cache(shard_file, slots=3)
     for expert in (2, 0, 1):  # layer 1's experts fill the cache; expert 2 is the least recent
         cache.begin_layer(1, [expert])
@@ -485,6 +488,7 @@ def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misse
             pass
         cache.end_layer()
     cache.gate.precision[1] = 0.9  # a layer whose guesses are usually right
+    cache.gate.open[1] = gate_open
     cache.keep(1, [2])  # the predictor expects layer 1 to use expert 2 again: cached, nothing to read
     cache.begin_layer(0, [0, 1])
     cache.prefetch(1, [2])
@@ -492,12 +496,12 @@ def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misse
         with cache.get(0, expert):
             pass
     cache.end_layer()
-    assert (1, 2) in cache._entries
+    assert ((1, 2) in cache._entries) == gate_open
     cache.begin_layer(1, [2])
     with cache.get(1, 2):
         pass
     cache.end_layer()
-    assert cache.hits == 1 and cache.misses == 5
+    assert (cache.hits, cache.misses) == ((1, 5) if gate_open else (0, 6))
     cache.close()
 
 
