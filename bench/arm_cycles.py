@@ -234,23 +234,23 @@ def dllama_source(work: Path) -> Path:
 
 
 def edgellm_source(ref: str | None, work: Path) -> Path | None:
-    """worker/kernels/arm/ of the working tree or of git ref ``ref``, copied into ``work``; None
-    where it has no aarch64 kernels."""
-    dest = work / "edgellm-arm"
+    """worker/kernels/arm/ of the working tree or of git ref ``ref``, copied into ``work`` with the
+    rest of worker/kernels/ (its sources include ../common.h); None where it has no aarch64 kernels."""
+    dest = work / "edgellm-kernels"
+    arm = dest / "arm"
     if dest.exists():
-        return dest if any(dest.iterdir()) else None
+        return arm if arm.is_dir() and any(arm.iterdir()) else None
     dest.mkdir()
     if ref is None:
-        src = REPO / "worker" / "kernels" / "arm"
-        if src.is_dir():
-            shutil.copytree(src, dest, dirs_exist_ok=True)
+        shutil.copytree(REPO / "worker" / "kernels", dest, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     else:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "worker/kernels/arm"], capture_output=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "worker/kernels"], capture_output=True)
         if archive.returncode == 0:
             with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
                 tar.extractall(work / "archive", filter="data")
-            shutil.copytree(work / "archive" / "worker" / "kernels" / "arm", dest, dirs_exist_ok=True)
-    return dest if any(dest.iterdir()) else None
+            shutil.copytree(work / "archive" / "worker" / "kernels", dest, dirs_exist_ok=True)
+    return arm if arm.is_dir() and any(arm.iterdir()) else None
 
 
 def assemble(build: Build, ref: str | None, work: Path, tag: str) -> str | None:

@@ -76,6 +76,10 @@ def describe(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import json
+    import argparse
 
-    print(json.dumps(describe(sys.argv), indent=2))
+    from report import emit
+
+    parser = argparse.ArgumentParser(description="print the environment a benchmark run records, as JSON")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    emit(describe(sys.argv[:1]), parser.parse_args().out)

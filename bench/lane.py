@@ -1,7 +1,8 @@
 """The data plane's software overhead: a 2-rank allreduce of a small payload on loopback through
 each layer of the stack, in one run, the configurations interleaved round by round.
 
-    .venv/bin/python bench/lane.py [--kb 2] [--iters 3000] [--rounds 3] [--spin-us N] [--pin] [--out FILE]
+    .venv/bin/python bench/lane.py [--kb 2] [--iters 3000] [--rounds 3] [--spin-us N] [--pin] [--ranks N]
+        [--out FILE]
 
 Each process is one rank with one thread; both call the allreduce back to back, so rank 0's time
 per call is one crossing of the wire plus both ends' software. ``--pin``: rank 0 on core 0, the
@@ -14,6 +15,11 @@ other rank on core 1 (``sched_setaffinity``, what ``taskset`` does): each rank a
 - ``lane_mac_raw``: the tagged lane called once per exchange through ctypes (``Lane.exchange_f32``).
 - ``lane`` / ``lane_encrypt``: ``StarHub.allreduce_`` over lanes, as a served step calls it.
 - ``zeromq``: ``StarHub.allreduce_`` over ZeroMQ with CURVE (as ``allreduce``), what a step used before lanes.
+- ``lane_star`` / ``lane_star_python``: the star (``exchange=False``), its hub in C
+  (``lane_hub_allreduce_f32``) / in Python (``c_star=False``): what a hub of 3+ ranks runs.
+
+``--ranks N`` (default 2) runs the ``StarHub`` configurations with N - 1 worker processes (at 3+
+``lane`` is the C star too); the others stay 2-rank. Every rank a process on the same cores.
 
 ``overhead_p50_us`` = a configuration's p50 minus ``wire``'s p50 of the same round; its median
 over the rounds is what the issue's goal (<= 20 µs for 2 KB) is about. ``seal_us`` is libsodium's
@@ -46,7 +52,8 @@ from worker.comm.collective import CollectiveError, StarHub, StarRank  # noqa: E
 from worker.comm.wire import Kind  # noqa: E402
 
 RAW = {"wire": "none", "lane_mac_c": "mac", "lane_encrypt_c": "encrypt", "lane_mac_raw": "mac"}
-STAR = {"lane": dict(lane=True), "lane_encrypt": dict(lane=True, encrypt=True), "zeromq": dict(lane=False)}
+STAR = {"lane": dict(lane=True), "lane_encrypt": dict(lane=True, encrypt=True), "zeromq": dict(lane=False),
+        "lane_star": dict(lane=True, exchange=False), "lane_star_python": dict(lane=True, exchange=False, c_star=False)}
 KEY_A, KEY_B = bytes(32), bytes(range(32))
 WARMUP = 50
 
@@ -98,11 +105,11 @@ def _raw(name: str, numel: int, iters: int, spin: int, core: int | None) -> list
     return times[WARMUP:]
 
 
-def _star_peer(address: str, numel: int, iters: int, spin: int, core: int | None) -> None:
+def _star_peer(address: str, rank: int, numel: int, iters: int, spin: int, core: int | None) -> None:
     pin(core)
     logging.getLogger("worker.comm.collective").setLevel(logging.ERROR)
     os.environ[lanes.SPIN_ENV] = str(spin)
-    link = StarRank(1, address, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6)
+    link = StarRank(rank, address, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6)
     link.wait_welcome(30)
     link.begin(link.recv())
     # a block's fresh outputs, each given up to allreduce_, made before the clock runs
@@ -115,11 +122,13 @@ def _star_peer(address: str, numel: int, iters: int, spin: int, core: int | None
     link.close()
 
 
-def _star(options: dict[str, Any], numel: int, iters: int, spin: int, core: int | None) -> list[float]:
+def _star(options: dict[str, Any], numel: int, iters: int, spin: int, core: int | None, ranks: int = 2) -> list[float]:
     os.environ[lanes.SPIN_ENV] = str(spin)
-    hub = StarHub(2, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6, **options)
-    peer = mp.get_context("spawn").Process(target=_star_peer, args=(hub.address, numel, iters, spin, core))
-    peer.start()
+    hub = StarHub(ranks, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6, **options)
+    peers = [mp.get_context("spawn").Process(target=_star_peer, args=(hub.address, r, numel, iters, spin, core))
+             for r in range(1, ranks)]
+    for peer in peers:
+        peer.start()
     try:
         hub.wait_for_ranks(60)
         hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
@@ -130,14 +139,18 @@ def _star(options: dict[str, Any], numel: int, iters: int, spin: int, core: int 
             start = time.perf_counter()
             total = hub.allreduce_(x)
             times.append(time.perf_counter() - start)
-        assert torch.equal(total, torch.full((1, numel), 3.0))
+        assert torch.equal(total, torch.full((1, numel), 1.0 + 2.0 * (ranks - 1)))
+        assert (hub._star is not None) == (options["lane"] and options.get("c_star", True) and (
+            ranks > 2 or not options.get("exchange", True)))
         hub.abort_step()
-        peer.join(30)
+        for peer in peers:
+            peer.join(30)
         return times[WARMUP:]
     finally:
         hub.close()
-        if peer.is_alive():
-            peer.kill()
+        for peer in peers:
+            if peer.is_alive():
+                peer.kill()
 
 
 def seal_costs(sizes_kb: list[int], iters: int = 2000) -> dict[str, dict[str, float]]:
@@ -181,7 +194,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--spin-us", type=int, default=lanes.spin_us(2), help="spin of both ranks (default: "
                         "worker.comm.lane.spin_us for 2 ranks on this host)")
-    parser.add_argument("--pin", action="store_true", help="rank 0 on core 0, the other rank on core 1")
+    parser.add_argument("--pin", action="store_true", help="rank 0 on core 0, the other rank(s) on core 1")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the StarHub configurations")
     parser.add_argument("--out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -199,7 +213,7 @@ def main() -> None:
         row: dict[str, float] = {}
         for name in names:
             times = (_raw(name, numel, args.iters, args.spin_us, core) if name in RAW
-                     else _star(STAR[name], numel, args.iters, args.spin_us, core))
+                     else _star(STAR[name], numel, args.iters, args.spin_us, core, args.ranks))
             row[name] = round(p50(times), 1)
             row[name + "_p99"] = round(sorted(times)[int(0.99 * len(times))] * 1e6, 1)
         rounds.append(row)
@@ -207,7 +221,7 @@ def main() -> None:
     configs = list(RAW) + list(STAR)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "payload_bytes": numel * 4, "iters": args.iters, "spin_us": args.spin_us, "pinned": args.pin,
+        "payload_bytes": numel * 4, "star_ranks": args.ranks, "iters": args.iters, "spin_us": args.spin_us, "pinned": args.pin,
         "loadavg": os.getloadavg(), "rounds": rounds,
         "p50_us": {c: statistics.median(r[c] for r in rounds) for c in configs},
         "overhead_p50_us": {c: round(statistics.median(r[c] - r["wire"] for r in rounds), 1)

@@ -16,7 +16,9 @@ bucket, through which a 2 KB frame passes at once (a decode step never empties i
 formula's payload / bandwidth only describes the first.
 
 Planes: ``lanes`` (spinning as ``worker.comm.lane.spin_us`` decides: here every emulated host
-has the machine's cores, so 2 ranks spin), ``lanes_spin0`` (``EDGELLM_SPIN_US=0``), ``zeromq``.
+has the machine's cores, so 2 ranks spin), ``lanes_spin0`` (``EDGELLM_SPIN_US=0``), ``zeromq``;
+at 3+ ranks the hub's star sums in C (``lane_hub_allreduce_f32``), and ``lanes_hub_python``
+keeps it in Python (``StarHub(c_star=False)``, what a 3+ rank hub ran before).
 
 Measured, per configuration (every loop bounded in count and in time):
 
@@ -80,7 +82,7 @@ CLONE_NEWNET = 0x40000000
 SHAPE: dict[str, Any] = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                              intermediate_size=1536, vocab_size=8000, max_position_embeddings=1024)  # "small"
 # the data plane of a measurement: (EDGELLM_LANE, EDGELLM_SPIN_US or None for the default)
-PLANES = {"lanes": ("1", None), "lanes_spin0": ("1", "0"), "zeromq": ("0", None)}
+PLANES = {"lanes": ("1", None), "lanes_spin0": ("1", "0"), "zeromq": ("0", None), "lanes_hub_python": ("1", None)}
 PING_WARMUP, PING_ITERS = 50, 400
 STEP_WARMUP = 20
 JOIN_S = 180.0  # spawning a rank (torch import) took over a minute on the loaded 2-core machine
@@ -262,7 +264,8 @@ def _replay_hub(world: int, plane: str, allreduces: int, rows: int, d: int, step
                 out: Any) -> None:
     from worker.comm.collective import StarHub
 
-    hub = StarHub(world, bind=f"tcp://{address(0)}:0", token=TOKEN, timeout_s=JOIN_S, lane=plane != "zeromq")
+    hub = StarHub(world, bind=f"tcp://{address(0)}:0", token=TOKEN, timeout_s=JOIN_S, lane=plane != "zeromq",
+                  c_star=plane != "lanes_hub_python")
     try:
         addresses.put(hub.address)
         hub.wait_for_ranks(JOIN_S)

@@ -113,7 +113,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", required=True, help="nodes.yaml (probe outputs / profiles; the first is the coordinator)")
     p.add_argument("--weight-dtype", default="float32", choices=sorted(BYTES_PER_PARAM),
                    help="what the shards store (default: float32)")
-    p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weight dtype, float16 if integer)")
+    p.add_argument("--kv-dtype", default=None,
+                   help="KV cache dtype (default: the weight dtype, float32 if integer: what a rank allocates, "
+                        "worker.rank.loader.new_kv_cache)")
     p.add_argument("--lm-head", default="int8", choices=("int8", "float"),
                    help="the LM head's dtype in int8/int4 shards, as `edgellm shard --lm-head` (default: int8)")
     p.add_argument("--weights", default=None, help="price this split (e.g. 2,1,1) instead of choosing one")
@@ -134,7 +136,7 @@ def _table(plan: dict[str, Any]) -> str:
              f"{pred['comm_ms']:.1f} ms, hub {pred['hub_ms']:.1f} ms)  time to first token {pred['ttft_ms']:.0f} ms",
              # the budgets hold the KV cache of --max-batch x --max-context: serve with the same
              f"serve with: --weights {plan['weights_arg']} --sync-dtype {plan['sync_dtype']} "
-             f"--max-batch {plan['max_batch']} --max-context {plan['max_context']}{' --lanes' if plan['lanes'] else ''}",
+             f"--max-batch {plan['max_batch']} --max-context {plan['max_context']}{'' if plan['lanes'] else ' --no-lanes'}",
              f"{'rank':>4}  {'node':<14} {'kv':>3} {'mlp cols':>8} {'weights MiB':>11} {'memory MiB':>10} "
              f"{'budget MiB':>10} {'compute ms':>10} {'disk ms':>8}"]
     for r, budget in zip(pred["ranks"], plan["memory_budgets_mib"], strict=True):
@@ -165,7 +167,7 @@ def run_plan(args: argparse.Namespace) -> int:
     integer = args.weight_dtype.startswith("int")
     head = "int8" if integer and args.lm_head == "int8" else ("float32" if integer else args.weight_dtype)
     work = Workload(weight_dtype=args.weight_dtype, head_dtype=head,
-                    kv_dtype=args.kv_dtype or ("float16" if integer else args.weight_dtype),
+                    kv_dtype=args.kv_dtype or ("float32" if integer else args.weight_dtype),
                     batch=args.batch, context=args.context, prompt_tokens=args.prompt,
                     prefill_chunk=args.prefill_chunk, max_batch=max(args.max_batch, args.batch),
                     max_context=args.max_context)

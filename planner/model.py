@@ -3,7 +3,7 @@
 One decode step (batch B, L layers, N ranks, rank 0 is the coordinator and the star hub):
 
     compute_r = max(sum_m bytes_m / matvec_bw_r(width_m), flops_r / gemm_r) + L * layer_overhead_r
-                + head_r
+                + head_r        (layer_overhead_r: the native step's where a decode step runs it)
     head_r    = max(V_r * hidden * head bytes / matvec_bw_r(hidden), 2 B V_r hidden / gemm_r)
     matvec_bw_r = min(memory bandwidth, cores * clock / cycles_per_weight * bytes_per_weight)
     allreduce = hub software overhead + max_r rtt_r                      (the star, N > 2)
@@ -28,8 +28,13 @@ on loopback. Each rank applies the final norm and its rows ``V_r`` of the LM hea
 ``worker.rank.head``; V_r follows the split) in the head's stored dtype (int8 for int8 and int4
 shards, ``edgellm shard``'s default ``--lm-head``), and the hub gathers the (B, V_r) float32 logits.
 ``hub`` is the step's fixed cost on the coordinator. The software overhead of an allreduce is
-the node's ``lane_overhead_us`` per worker rank where the cluster runs on lanes (``serve
---lanes``), else its ``allreduce_overhead_us`` (ZeroMQ). The
+the node's ``lane_c_overhead_us`` per worker rank where the cluster runs on lanes with fp32 sync
+(the 2-rank exchange and the star's hub are one C call each: ``lane_allreduce_f32``,
+``lane_hub_allreduce_f32``), its ``lane_overhead_us`` per worker rank on lanes with a lossy sync
+dtype (the hub sums in Python), else its ``allreduce_overhead_us`` (ZeroMQ). A decode step runs
+the native step (``worker.models.native_step``: every layer of a rank in one C call, priced at
+``native_layer_overhead_us`` a layer) where ``native_step_runs`` says so: 1 rank, or lanes with
+fp32 sync, a dense model without q/k norms, a float32 KV cache and weights resident. The
 per-layer and per-step overheads are measured on this code by ``edgellm probe``. A rank whose
 shard does not fit its memory streams it from disk every step (the sliding window), so its step takes
 max(compute + comm, disk) rather than the sum. Prefill (time to first token) runs the prompt in
@@ -93,6 +98,12 @@ class Node:
     # software cost of one allreduce over the data-plane lanes (``serve --lanes``) per worker rank the
     # hub serves (the 2-rank exchange: once), beyond the wire; None: not known, lanes not priced
     lane_overhead_us: float | None = None
+    # the same where the hub's side is one C call (fp32 sync: the exchange, the star's hub in C);
+    # None: not known, ``lane_overhead_us`` priced
+    lane_c_overhead_us: float | None = None
+    # the native decode step's cost per layer beyond its matrix work (kernels/step.c); None: not
+    # known, ``layer_overhead_us`` priced for every step
+    native_layer_overhead_us: float | None = None
 
     def compute_ceiling(self, dtype: str) -> float | None:
         """Bytes/s of ``dtype`` weights the cores can consume by the kernel's cycles per weight
@@ -187,6 +198,11 @@ class Node:
                        clock_ghz=_positive(name, "clock_ghz", clock) if clock is not None else None,
                        lane_overhead_us=(_not_negative(name, "lane_overhead_us", raw["lane_overhead_us"])
                                          if raw.get("lane_overhead_us") is not None else None),
+                       lane_c_overhead_us=(_not_negative(name, "lane_c_overhead_us", raw["lane_c_overhead_us"])
+                                           if raw.get("lane_c_overhead_us") is not None else None),
+                       native_layer_overhead_us=(
+                           _not_negative(name, "native_layer_overhead_us", raw["native_layer_overhead_us"])
+                           if raw.get("native_layer_overhead_us") is not None else None),
                        cores=int(_positive(name, "threads", raw.get("threads") or raw.get("cpus") or 1)))
         except PlanError:
             raise
@@ -370,14 +386,15 @@ def rank_memory_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> in
         + head_bytes(config, load, work) + FIXED_OVERHEAD_BYTES
 
 
-def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False) -> float:
+def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False, in_c: bool = False) -> float:
     """One allreduce of ``payload_bytes`` per rank, as ``worker.comm.collective`` runs it: the
-    exchange at two ranks, the star from three."""
+    exchange at two ranks, the star from three; ``in_c``: the hub's side is one C call (lanes,
+    fp32 sync)."""
     if len(nodes) == 1:
         return 0.0
     if len(nodes) == 2:
-        return exchange_seconds(nodes, payload_bytes, lanes)
-    return star_seconds(nodes, payload_bytes, lanes)
+        return exchange_seconds(nodes, payload_bytes, lanes, in_c)
+    return star_seconds(nodes, payload_bytes, lanes, in_c)
 
 
 def gather_seconds(nodes: Sequence[Node], payloads: Sequence[float], lanes: bool = False) -> float:
@@ -403,10 +420,13 @@ def payload_software_seconds(nodes: Sequence[Node], payload_bytes: float) -> flo
     return payload_bytes / (min(rates) * 1e6) if rates else 0.0
 
 
-def software_overhead_us(nodes: Sequence[Node], lanes: bool) -> float:
-    """The hub's software cost of one allreduce beyond the wire: over lanes, ``lane_overhead_us`` per
-    worker rank; over ZeroMQ, the probed star (or, at two ranks, exchange) overhead."""
+def software_overhead_us(nodes: Sequence[Node], lanes: bool, in_c: bool = False) -> float:
+    """The hub's software cost of one allreduce beyond the wire: over lanes, ``lane_c_overhead_us``
+    (``in_c``: the hub's side one C call) or ``lane_overhead_us`` per worker rank; over ZeroMQ, the
+    probed star (or, at two ranks, exchange) overhead."""
     hub = nodes[0]
+    if lanes and in_c and hub.lane_c_overhead_us is not None and hub.lane_overhead_us is not None:
+        return hub.lane_c_overhead_us * (len(nodes) - 1)
     if lanes and hub.lane_overhead_us is not None:
         return hub.lane_overhead_us * (len(nodes) - 1)
     if len(nodes) == 2 and hub.exchange_overhead_us is not None:
@@ -414,17 +434,17 @@ def software_overhead_us(nodes: Sequence[Node], lanes: bool) -> float:
     return hub.allreduce_overhead_us
 
 
-def exchange_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False) -> float:
+def exchange_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False, in_c: bool = False) -> float:
     """Two ranks swap partials and each sums both: one payload each way at once (full duplex),
     each side handling one out and one in, at the same time as the other."""
     hub, worker = nodes
     links = [r.link_mbit_s for r in nodes if r.link_mbit_s]
     wire = payload_bytes / (min(links) * 1e6 / 8) if links else 0.0
-    return (software_overhead_us(nodes, lanes) + worker.rtt_us / 2) * 1e-6 + wire + \
+    return (software_overhead_us(nodes, lanes, in_c) + worker.rtt_us / 2) * 1e-6 + wire + \
         payload_software_seconds(nodes, payload_bytes)
 
 
-def star_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False) -> float:
+def star_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False, in_c: bool = False) -> float:
     """One star allreduce of ``payload_bytes`` per rank: up to the hub, summed, back down."""
     n = len(nodes)
     if n == 1:
@@ -439,15 +459,33 @@ def star_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = Fals
         wire = max(wire, payload_bytes / (min(worker_links) * 1e6 / 8))
     # the hub handles N - 1 payloads in and N - 1 out, one rank's pair after the other
     software = (n - 1) * payload_software_seconds(nodes, payload_bytes)
-    overhead = hub.lane_overhead_us * (n - 1) if lanes and hub.lane_overhead_us is not None \
+    overhead = software_overhead_us(nodes, lanes, in_c) if lanes and hub.lane_overhead_us is not None \
         else hub.allreduce_overhead_us
     return (overhead + max(w.rtt_us for w in workers)) * 1e-6 + 2 * wire + software
 
 
+def native_step_runs(config: ModelConfig, work: Workload, ranks: int) -> bool:
+    """Whether a decode step runs natively on every rank (``worker.models.native_step``: what its
+    ``attach`` and ``run`` accept): alone, or on lanes with fp32 sync; a dense model without q/k
+    norms, a float32 KV cache, float32/int8/int4 weights. (A rank that streams runs in Python.)"""
+    return (ranks == 1 or (work.lanes and work.sync_dtype == "float32")) and not config.is_moe \
+        and config.qk_norm is None and work.kv_dtype == "float32" and work.weight_dtype in ("float32", "int8", "int4") \
+        and work.batch <= 64
+
+
+def layer_overhead_us(config: ModelConfig, node: Node, work: Workload, ranks: int, tokens: int = 1) -> float:
+    """A layer's cost beyond its matrix work on ``node``: the native step's where a decode step runs
+    it and the node gives that figure, else the Python step's."""
+    if tokens == 1 and node.native_layer_overhead_us is not None and native_step_runs(config, work, ranks):
+        return node.native_layer_overhead_us
+    return node.layer_overhead_us
+
+
 def _rank_pass_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload, tokens: int,
-                       past: int) -> float:
+                       past: int, ranks: int = 1) -> float:
     """Compute time of one rank for a step of ``tokens`` new tokens per sequence over ``past``
-    cached ones (batch ``work.batch``): weight reads or flops, whichever binds, plus dispatch."""
+    cached ones (batch ``work.batch``) in a cluster of ``ranks``: weight reads or flops, whichever
+    binds, plus dispatch."""
     bpp = work.bytes_per(work.weight_dtype)
     rows = work.batch * tokens
     read_params = load.held_params if rows > 1 and load.held_params != load.active_params else load.active_params
@@ -461,7 +499,9 @@ def _rank_pass_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Wo
     # matmuls at the weights' kernel rate; attention in the activations' dtype (fp32 for int8/int4 shards)
     activations = work.weight_dtype if work.weight_dtype in ("float32", "bfloat16", "float16") else "float32"
     busy = max(read, mm_flops / node.flops(work.weight_dtype) + attn_flops / node.flops(activations))
-    return busy + config.num_layers * node.layer_overhead_us * 1e-6
+    streamed = streams(config, load, node, work)
+    per_layer = node.layer_overhead_us if streamed else layer_overhead_us(config, node, work, ranks, tokens)
+    return busy + config.num_layers * per_layer * 1e-6
 
 
 def _head_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload, rows: int) -> float:
@@ -522,7 +562,12 @@ def _step_comm_seconds(config: ModelConfig, nodes: Sequence[Node], work: Workloa
     payload = rows * config.hidden_size * work.bytes_per(work.sync_dtype)
     # the step header broadcast: half a round trip and N - 1 copies of the hidden rows out of the hub
     start = star_seconds(nodes, payload, work.lanes) / 2
-    return 2 * config.num_layers * allreduce_seconds(nodes, payload, work.lanes) + start
+    return 2 * config.num_layers * allreduce_seconds(nodes, payload, work.lanes, allreduce_in_c(work)) + start
+
+
+def allreduce_in_c(work: Workload) -> bool:
+    """The hub's side of each allreduce is one C call: lanes with fp32 sync (``StarHub.allreduce_``)."""
+    return work.lanes and work.sync_dtype == "float32"
 
 
 def _disk_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload) -> float:
@@ -543,7 +588,7 @@ def predict(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[No
     loads = [rank_load(config, s) for s in shards]
     bpp = work.bytes_per(work.weight_dtype)
     heads = [_head_seconds(config, ld, nd, work, work.batch) for ld, nd in zip(loads, nodes, strict=True)]
-    compute = [_rank_pass_seconds(config, ld, nd, work, 1, work.context) + h
+    compute = [_rank_pass_seconds(config, ld, nd, work, 1, work.context, len(nodes)) + h
                for ld, nd, h in zip(loads, nodes, heads, strict=True)]
     disk = [_disk_seconds(config, ld, nd, work) for ld, nd in zip(loads, nodes, strict=True)]
     gather = _gather_seconds(config, loads, nodes, work, work.batch)
@@ -569,21 +614,33 @@ def _reasons(config: ModelConfig, nodes: Sequence[Node], work: Workload, compute
     the logits' gather, the hub."""
     slow = max(range(len(nodes)), key=lambda r: compute[r])
     node, dtype = nodes[slow], work.weight_dtype
-    overhead = config.num_layers * node.layer_overhead_us * 1e-6
+    native = not disk[slow] and node.native_layer_overhead_us is not None and native_step_runs(config, work, len(nodes))
+    per_layer = node.native_layer_overhead_us if native else node.layer_overhead_us
+    assert per_layer is not None
+    overhead = config.num_layers * per_layer * 1e-6
     head_dtype = work.lm_head_dtype
     out = [f"decode step {(max(compute) + comm + hub) * 1e3:.1f} ms = slowest rank {max(compute) * 1e3:.1f} "
            f"+ allreduces and gather {comm * 1e3:.1f} + hub {hub * 1e3:.1f}",
            f"rank {slow} ({node.name}): weights and KV cache read {(compute[slow] - overhead - heads[slow]) * 1e3:.1f} "
            f"ms, {node.matvec_bound(dtype, config.hidden_size)}; its LM head rows {heads[slow] * 1e3:.1f} ms "
-           f"({head_dtype}, 1/{len(nodes)} of the vocab at even weights); Python step overhead "
-           f"{overhead * 1e3:.1f} ms ({config.num_layers} layers x {node.layer_overhead_us:g} us)"]
+           f"({head_dtype}, 1/{len(nodes)} of the vocab at even weights); "
+           f"{'native step (native_layer_overhead_us)' if native else 'Python step (layer_overhead_us)'} overhead "
+           f"{overhead * 1e3:.1f} ms ({config.num_layers} layers x {per_layer:g} us)"]
     if len(nodes) > 1:
         payload = work.batch * config.hidden_size * work.bytes_per(work.sync_dtype)
-        one = allreduce_seconds(nodes, payload, work.lanes)
+        in_c = allreduce_in_c(work)
+        one = allreduce_seconds(nodes, payload, work.lanes, in_c)
         plane = "lanes" if work.lanes and nodes[0].lane_overhead_us is not None else "ZeroMQ"
+        if plane == "ZeroMQ":
+            source = "allreduce_overhead_us" if len(nodes) > 2 or nodes[0].exchange_overhead_us is None \
+                else "exchange_overhead_us"
+        elif in_c and nodes[0].lane_c_overhead_us is not None:
+            source = f"lane_c_overhead_us x {len(nodes) - 1} worker ranks: the hub's side in C"
+        else:
+            source = f"lane_overhead_us x {len(nodes) - 1} worker ranks: the hub's side in Python"
         out.append(f"allreduces: {2 * config.num_layers} x {one * 1e3:.2f} ms ({work.sync_dtype} payload of "
                    f"{payload / 1024:.0f} KiB over {plane}; software overhead "
-                   f"{software_overhead_us(nodes, work.lanes):g} us each) + the step broadcast")
+                   f"{software_overhead_us(nodes, work.lanes, in_c):g} us each, {source}) + the step broadcast")
         out.append(f"logits gather: {gather * 1e3:.2f} ms (float32 logits of every worker's head rows to the hub)")
     out.append(f"hub: step overhead {hub * 1e3:.1f} ms (the LM head is split over the ranks)")
     if max(disk) > max(compute) + comm + hub:
@@ -600,7 +657,8 @@ def _ttft_seconds(config: ModelConfig, loads: Sequence[RankLoad], nodes: Sequenc
     chunks = max(1, math.ceil(work.prompt_tokens / work.prefill_chunk))
     for i in range(chunks):
         n = min(work.prefill_chunk, work.prompt_tokens - done) if work.prompt_tokens else 1
-        compute = max(_rank_pass_seconds(config, ld, nd, one, n, done) for ld, nd in zip(loads, nodes, strict=True))
+        compute = max(_rank_pass_seconds(config, ld, nd, one, n, done, len(nodes))
+                      for ld, nd in zip(loads, nodes, strict=True))
         total += max(compute + _step_comm_seconds(config, nodes, one, n), max(disk))
         done += n
         if i == chunks - 1:

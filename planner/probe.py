@@ -12,13 +12,17 @@ best run is the machine's capability; the others saw noise from neighbours).
   runs here (the native float32 and int8 kernels where they build).
 - ``copy_gb_s``: a large tensor copy (read + write bytes per second), for reference.
 - ``layer_overhead_us`` / ``step_overhead_us``: what our own decode step costs beyond its matrix
-  work, per layer and per step, measured by running it on tiny random models.
+  work, per layer and per step, measured by running it on tiny random models layer by layer in
+  Python; ``native_layer_overhead_us`` the same per layer for the native step (``kernels/step.c``),
+  where it runs here.
 - ``allreduce_overhead_us``: one 2-rank star allreduce of a small payload over loopback, rank 1
   in its own process (ZeroMQ, CURVE, Python, the real ``worker.comm.collective`` code), minus the
   loopback round trip: the software cost each allreduce adds beyond the wire.
   ``exchange_overhead_us``: the same for the 2-rank exchange (what 2 ranks run), minus half a
-  round trip. ``lane_overhead_us``: the star allreduce over a data-plane lane (``serve --lanes``)
-  minus the round trip: what the hub pays per worker rank there (absent where lanes cannot be built).
+  round trip. ``lane_overhead_us``: the star allreduce over a data-plane lane (``serve --lanes``),
+  the hub summing in Python (a lossy sync dtype), minus the round trip: what the hub pays per
+  worker rank there (absent where lanes cannot be built); ``lane_c_overhead_us`` the same with the
+  hub's side in C (``lane_hub_allreduce_f32``, fp32 sync).
 - ``disk``: sequential read of a file, with the page cache dropped first
   (``posix_fadvise(POSIX_FADV_DONTNEED)``), so it is a cold read: a hypervisor's own cache
   below a VM is out of reach and can still flatter the figure.
@@ -130,8 +134,10 @@ def copy_gb_s(total_bytes: int = 256 << 20, repeats: int = 3, budget_s: float = 
 def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
     """Framework cost of our own decode step, measured on two tiny random Llamas (hidden 64) of
     2 and 10 layers at 1 rank, where the matrix work is negligible: ``layer_overhead_us`` is the
-    cost of one decoder layer's ops (norms, RoPE, KV cache, attention, the allreduce call...),
-    ``step_overhead_us`` that of the rest of a step (embedding, plan, final norm, head)."""
+    cost of one decoder layer's ops run from Python (norms, RoPE, KV cache, attention, the
+    allreduce call...), ``step_overhead_us`` that of the rest of a step (embedding, plan, final
+    norm, head); ``native_layer_overhead_us`` a layer's in the native step (the same models, the
+    same loaded executor, its native step turned on), where it runs here."""
     from planner.synthetic import write_random_llama
     from worker.comm.collective import StarHub
     from worker.config import ModelConfig
@@ -140,31 +146,39 @@ def dispatch_overhead_us(steps: int = 30, rounds: int = 3) -> dict[str, float]:
     from worker.rank.step import SeqSpan
     from worker.shards.sharding import plan_shards
 
-    def step_seconds(model_dir: Path) -> float:
+    def step_seconds(model_dir: Path) -> tuple[float, float | None]:
+        """(a decode step from Python, the same natively or None where the native step is off)."""
         config = ModelConfig.from_dir(model_dir)
         spec = RankSpec(str(model_dir), config, plan_shards(config, [1.0])[0], max_batch=1, max_context=steps + 16)
         executor = Executor(spec, StarHub(1))
+        native = executor.model.native_step
         try:
-            best = float("inf")
+            best: dict[bool, float] = {}
             for _ in range(rounds):
-                executor.step([[1, 2, 3, 4]], [SeqSpan(0, 0, 4)])
-                times = []
-                for i in range(steps):
-                    start = time.perf_counter()
-                    executor.step([[5]], [SeqSpan(0, 4 + i, 1)])
-                    times.append(time.perf_counter() - start)
-                best = min(best, statistics.median(times))
-            return best
+                for on in (False, True) if native is not None else (False,):
+                    executor.model.native_step = native if on else None
+                    executor.step([[1, 2, 3, 4]], [SeqSpan(0, 0, 4)])
+                    times = []
+                    for i in range(steps):
+                        start = time.perf_counter()
+                        executor.step([[5]], [SeqSpan(0, 4 + i, 1)])
+                        times.append(time.perf_counter() - start)
+                    best[on] = min(best.get(on, float("inf")), statistics.median(times))
+            return best[False], best.get(True)
         finally:
+            executor.model.native_step = native
             executor.close()
 
     shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                  vocab_size=256, max_position_embeddings=256)
     with tempfile.TemporaryDirectory() as tmp:
-        two = step_seconds(write_random_llama(Path(tmp) / "l2", {**shape, "num_hidden_layers": 2}))
-        ten = step_seconds(write_random_llama(Path(tmp) / "l10", {**shape, "num_hidden_layers": 10}))
+        two, two_native = step_seconds(write_random_llama(Path(tmp) / "l2", {**shape, "num_hidden_layers": 2}))
+        ten, ten_native = step_seconds(write_random_llama(Path(tmp) / "l10", {**shape, "num_hidden_layers": 10}))
     layer = max((ten - two) / 8, 0.0)
-    return {"layer_overhead_us": round(layer * 1e6, 1), "step_overhead_us": round(max(two - 2 * layer, 0.0) * 1e6, 1)}
+    out = {"layer_overhead_us": round(layer * 1e6, 1), "step_overhead_us": round(max(two - 2 * layer, 0.0) * 1e6, 1)}
+    if two_native is not None and ten_native is not None:
+        out["native_layer_overhead_us"] = round(max((ten_native - two_native) / 8, 0.0) * 1e6, 1)
+    return out
 
 
 def _probe_rank(address: str, phases: list[tuple[int, int]]) -> None:
@@ -241,15 +255,27 @@ def allreduce_overhead_us(iters: int = 200, numel: int = 64) -> dict[str, float]
 
 def lane_overhead_us(iters: int, numel: int, rtt_us: float) -> dict[str, float]:
     """A 2-rank star allreduce over a lane on loopback (rank 1 in a spawned process, as
-    ``allreduce_overhead_us``), minus the loopback round trip; {} where lanes do not build."""
+    ``allreduce_overhead_us``), minus the loopback round trip, the hub summing in Python
+    (``lane_overhead_us``) and in C (``lane_c_overhead_us``); {} where lanes do not build."""
+    python = _lane_star_us(iters, numel, c_star=False)
+    if python is None:
+        return {}
+    out = {"lane_allreduce_loopback_us": round(python, 1), "lane_overhead_us": round(max(python - rtt_us, 0.0), 1)}
+    if (in_c := _lane_star_us(iters, numel, c_star=True)) is not None:
+        out |= {"lane_c_allreduce_loopback_us": round(in_c, 1), "lane_c_overhead_us": round(max(in_c - rtt_us, 0.0), 1)}
+    return out
+
+
+def _lane_star_us(iters: int, numel: int, c_star: bool) -> float | None:
+    """µs of one 2-rank star allreduce over a lane (the quiet mean), or None where there is no lane."""
     import multiprocessing as mp
 
     from worker.comm import lane as lanes
     from worker.comm.collective import CollectiveError, StarHub
 
     if lanes.library() is None:
-        return {}
-    hub = StarHub(2, token="probe", timeout_s=60, exchange=False, lane=True)
+        return None
+    hub = StarHub(2, token="probe", timeout_s=60, exchange=False, lane=True, c_star=c_star)
     proc = mp.get_context("spawn").Process(target=_probe_rank, args=(hub.address, [(iters, numel)]), daemon=True)
     proc.start()
     samples: list[float] = []
@@ -257,7 +283,7 @@ def lane_overhead_us(iters: int, numel: int, rtt_us: float) -> dict[str, float]:
         hub.wait_for_ranks(120)
         hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
         if not hub.on_lanes:
-            return {}
+            return None
         partial = torch.ones(numel)
         for _ in range(iters):
             start = time.perf_counter()
@@ -266,13 +292,12 @@ def lane_overhead_us(iters: int, numel: int, rtt_us: float) -> dict[str, float]:
         proc.join(30)
     except CollectiveError as exc:  # the probe's other figures stand without this one
         log.warning("probe: no lane figure (%s); a plan prices ZeroMQ's allreduces", exc)
-        return {}
+        return None
     finally:
         if proc.is_alive():
             proc.kill()
         hub.close()
-    star_us = quiet_mean(samples[len(samples) // 10:]) * 1e6
-    return {"lane_allreduce_loopback_us": round(star_us, 1), "lane_overhead_us": round(max(star_us - rtt_us, 0.0), 1)}
+    return quiet_mean(samples[len(samples) // 10:]) * 1e6
 
 
 def quiet_mean(samples: list[float], batches: int = 5, drop: float = 0.1) -> float:

@@ -65,9 +65,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads of this process and of each local worker (default: cores / processes)")
     p.add_argument("--hub-host", default=None, help="address workers use to reach this coordinator's hub")
     p.add_argument("--hub-port", type=port_number, default=0, help="ZeroMQ hub port (default: any free port)")
-    p.add_argument("--lanes", action="store_true", default=None,
+    p.add_argument("--lanes", action=argparse.BooleanOptionalAction, default=None,
                    help="allreduces over data-plane lanes (one authenticated TCP socket per worker, driven by "
-                        "the computing thread) instead of ZeroMQ; also EDGELLM_LANE=1 (default: ZeroMQ)")
+                        "the computing thread); --no-lanes (or EDGELLM_LANE=0) sends them over the ZeroMQ "
+                        "hub instead (default: lanes, where every rank can build them)")
     p.add_argument("--lane-port", type=port_number, default=0,
                    help="TCP port of the data-plane lanes the allreduces use (default: any free port)")
     p.add_argument("--data-plane-encryption", action="store_true",

@@ -84,7 +84,7 @@ class ClusterOptions:
     shard_port: int = 0  # ShardSource port for workers that fetch the model (0: any free port)
     ship_shards: bool = False  # every worker fetches its files from us, even if it sees the path
     sync_dtype: str = "fp32"  # allreduce payload dtype of every rank: fp32 (exact), fp16, bf16, int8
-    lanes: bool | None = None  # allreduces over lanes (None: EDGELLM_LANE=1, see worker.comm.lane)
+    lanes: bool | None = None  # allreduces over lanes (None: yes unless EDGELLM_LANE=0, see worker.comm.lane)
     lane_port: int = 0  # TCP port of the data-plane lanes (0: any free port)
     encrypt: bool = False  # lanes encrypt their payloads (they are always authenticated)
 

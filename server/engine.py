@@ -27,6 +27,7 @@ from server.sampler import (
     SamplingParams,
     TokenLogprob,
     apply_penalties,
+    finite_rows,
     make_generator,
     sample,
     token_logprob,
@@ -388,7 +389,7 @@ class Engine:
             self.metrics.allreduce_time.observe(seconds)
         self.steps += 1
         self._replays = 0
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check per step; sampling NaN fails or picks garbage
+        finite = finite_rows(logits)  # one check per step; sampling NaN fails or picks garbage
         for run, span, row, ok in zip(sampled, spans, logits, finite, strict=True):
             req = run.req
             was_prefill = run.prefilling

@@ -30,15 +30,24 @@ class ClusterError(RuntimeError):
 
 
 class WorkerClient:
+    # A wait for a worker to come up polls in slices with a fresh readiness future each, and
+    # replaces a channel that has not connected for a while: once (under emulation, with the worker
+    # listening 11 s late) one future waited on for the whole timeout never saw the channel connect.
+    READY_SLICE_S = 2.0
+    CHANNEL_RENEW_S = 20.0
+
     def __init__(self, address: str, token: str):
         self.address = address
+        self._connect()
+        self._meta = ((TOKEN_METADATA_KEY, token),)
+
+    def _connect(self) -> None:
         # reconnect fast: a restarted worker should be found in a second, not after gRPC's
         # default backoff of up to two minutes
-        self.channel = grpc.insecure_channel(address, options=[
+        self.channel = grpc.insecure_channel(self.address, options=[
             ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000)])
         self.stub = pb_grpc.WorkerStub(self.channel)
-        self._meta = ((TOKEN_METADATA_KEY, token),)
 
     def _call(self, what: str, fn: Callable, request: object, timeout: float | None = RPC_TIMEOUT_S) -> object:
         try:
@@ -60,12 +69,28 @@ class WorkerClient:
 
     def wait_reachable(self, timeout_s: float, waited_s: float | None = None) -> None:
         """``waited_s``: the whole wait to report (the caller's deadline), if not ``timeout_s``."""
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
-        except grpc.FutureTimeoutError:
-            raise ClusterError(f"worker {self.address} is not reachable (nothing answered within "
-                               f"{waited_s or timeout_s:.0f} s; is `edgellm worker` running there?)") from None
+        deadline = time.monotonic() + timeout_s
+        renew_at = time.monotonic() + self.CHANNEL_RENEW_S
+        while not self._ready_within(min(self.READY_SLICE_S, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"worker {self.address} is not reachable (nothing answered within "
+                                   f"{waited_s or timeout_s:.0f} s; is `edgellm worker` running there?)")
+            if time.monotonic() >= renew_at:
+                log.debug("worker %s: not connected after %g s, opening a new channel", self.address,
+                          self.CHANNEL_RENEW_S)
+                self.channel.close()
+                self._connect()
+                renew_at = time.monotonic() + self.CHANNEL_RENEW_S
         self.health()
+
+    def _ready_within(self, timeout_s: float) -> bool:
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=max(0.0, timeout_s))
+            return True
+        except grpc.FutureTimeoutError:
+            ready.cancel()
+            return False
 
     def configure(self, request: pb.ConfigureRequest) -> None:
         self._call("configure", self.stub.Configure, request)
@@ -119,15 +144,8 @@ def check_workers(addresses: list[str], token: str, timeout_s: float,
     one by one against one deadline waits no longer than at once, and in the calling thread:
     Ctrl-C ends it (a thread pool's exit waited for every worker's full timeout first)."""
     clients = [WorkerClient(a, token) for a in addresses]
-    pending = {c.address: grpc.channel_ready_future(c.channel) for c in clients}
     deadline = time.monotonic() + 0.5
-    late = []
-    for address, ready in pending.items():
-        try:
-            ready.result(timeout=max(0.0, deadline - time.monotonic()))
-        except grpc.FutureTimeoutError:
-            late.append(address)
-            ready.cancel()
+    late = [c.address for c in clients if not c._ready_within(deadline - time.monotonic())]
     if late:
         log.info("waiting up to %g s for worker(s) %s %s", timeout_s, ", ".join(late), waiting_for)
     deadline = time.monotonic() + timeout_s

@@ -64,18 +64,24 @@ def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout_s: f
     wait_for(accepts, f"127.0.0.1:{port} accepts connections", timeout_s, proc=proc)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = START_S) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = START_S, log_path: Path | None = None,
+                 poll_s: float = 0.3) -> None:
+    """Return once ``url/health`` answers 200; fail at once if ``proc`` exits first, and at
+    ``timeout_s``. ``log_path``: the server's log, whose tail the failure then shows."""
+    def tail() -> str:
+        return f":\n{log_path.read_text()[-4000:]}" if log_path is not None and log_path.exists() else ""
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy{tail()}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=max(2.0, poll_s * 5)).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
+        time.sleep(poll_s)
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s{tail()}")
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = EXIT_S) -> int:

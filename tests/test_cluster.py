@@ -15,7 +15,9 @@ import psutil
 import pytest
 import torch
 
+from protos.edgellm.v1 import control_pb2 as pb
 from server.cli import DEFAULT_MODEL
+from server.workers import ClusterError, WorkerClient
 from tests.processes import EXIT_S, ROOT, START_S, edgellm, free_port, served, stop, wait_for, wait_listening
 
 pytestmark = pytest.mark.cluster
@@ -39,6 +41,33 @@ def test_serve_exits_with_a_message_when_a_worker_is_missing(checkpoints) -> Non
     waiting = f"waiting up to 2 s for worker(s) 127.0.0.1:{port} (--connect-timeout)"
     assert result.stderr.count(waiting) == 1
     assert result.stderr.index(waiting) < result.stderr.index("not reachable")
+
+
+def test_a_worker_that_listens_late_is_found_through_a_new_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under emulation one readiness future, waited on for the whole --connect-timeout, once never
+    saw a worker that began listening 11 s late. The wait now polls, and replaces a channel that
+    has not connected for ``CHANNEL_RENEW_S`` (here shortened so that the worker, started late,
+    is reached through a replaced channel)."""
+    monkeypatch.setattr(WorkerClient, "CHANNEL_RENEW_S", 0.5)
+    monkeypatch.setattr(WorkerClient, "READY_SLICE_S", 0.25)
+    connects = []
+    plain_connect = WorkerClient._connect
+    monkeypatch.setattr(WorkerClient, "_connect", lambda self: (connects.append(1), plain_connect(self)))
+    port = free_port()
+    client = WorkerClient(f"127.0.0.1:{port}", "s3cret")
+    worker = None
+    try:
+        with pytest.raises(ClusterError, match="not reachable"):
+            client.wait_reachable(1.5)
+        assert len(connects) >= 3  # the first channel and at least two replacements
+        worker = edgellm("worker", "--host", "127.0.0.1", "--port", str(port), "--cluster-token", "s3cret",
+                         "--threads", "1")
+        client.wait_reachable(START_S)
+        assert client.health().state == pb.HealthReply.IDLE  # through the channel last opened
+    finally:
+        client.close()
+        if worker is not None:
+            stop(worker)
 
 
 def test_a_max_context_past_the_model_is_said_before_it_is_clamped(checkpoints) -> None:
@@ -151,7 +180,7 @@ class HealthWatch(threading.Thread):
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("plane", [[], ["--lanes"]], ids=["zeromq", "lanes"])
+@pytest.mark.parametrize("plane", [["--no-lanes"], []], ids=["zeromq", "lanes"])
 def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(tmp_path: Path, plane: list[str]) -> None:
     log = tmp_path / "serve.log"
     # the embedded model, 400 tokens: seconds of decoding left when the worker dies at chunk 3
@@ -191,7 +220,7 @@ def test_worker_killed_mid_stream_is_restarted_and_the_stream_completes(tmp_path
     text = log.read_text()
     assert "replaying 1 running sequences" in text, "the kill must have hit the request mid-stream"
     assert "Traceback" not in text
-    if plane:  # both workers' lanes, then the restarted worker's new one
+    if "--no-lanes" not in plane:  # both workers' lanes, then the restarted worker's new one
         assert text.count("data-plane lane is up") >= 3
 
 

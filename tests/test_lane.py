@@ -159,14 +159,19 @@ def test_a_rank_number_outside_the_cluster_is_refused() -> None:
         listener.close()
 
 
-def test_hubs_use_lanes_only_when_asked(monkeypatch) -> None:
+def test_hubs_use_lanes_unless_told_not_to(monkeypatch) -> None:
     monkeypatch.delenv(lanes.DISABLE_ENV, raising=False)
-    assert not lanes.enabled_by_default()
-    monkeypatch.setenv(lanes.DISABLE_ENV, "1")
     assert lanes.enabled_by_default()
     hub = StarHub(2, token="t", timeout_s=5)
     try:
         assert hub.listener is not None
+    finally:
+        hub.close()
+    monkeypatch.setenv(lanes.DISABLE_ENV, "0")
+    assert not lanes.enabled_by_default()
+    hub = StarHub(2, token="t", timeout_s=5)
+    try:
+        assert hub.listener is None
     finally:
         hub.close()
 
@@ -230,4 +235,225 @@ def test_steps_over_lanes_sum_exactly_and_a_rank_killed_mid_step_is_reported(enc
         assert not hub.on_lanes  # until the rank joins again
     finally:
         rank.close()
+        hub.close()
+
+
+# --- the star's hub in C (3+ ranks) ------------------------------------------------------------------
+
+def _star(ranks: int, lane: bool = True, timeout_s: float = 5) -> tuple[StarHub, list[StarRank]]:
+    """A hub and its worker ranks (this process, real sockets), joined."""
+    hub = StarHub(ranks, token="t", timeout_s=timeout_s, lane=lane)
+    workers = [StarRank(r, hub.address, token="t", timeout_s=timeout_s) for r in range(1, ranks)]
+    joining = [threading.Thread(target=w.wait_welcome, args=(5,)) for w in workers]
+    for t in joining:
+        t.start()
+    hub.wait_for_ranks(5)
+    for t in joining:
+        t.join(5)
+    return hub, workers
+
+
+def _star_step(hub: StarHub, workers: list[StarRank], partials: list[torch.Tensor],
+               in_place: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One step with one allreduce: (the hub's sum, each worker's)."""
+    hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+    for w in workers:
+        w.begin(w.recv())
+    sums: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda w=w, p=p: sums.__setitem__(w.rank, w.allreduce_(p.clone())))
+               for w, p in zip(workers, partials[1:], strict=True)]
+    for t in threads:
+        t.start()
+    total = hub.allreduce_(partials[0].clone()) if in_place else hub.allreduce(partials[0].clone())
+    for t in threads:
+        t.join(10)
+    return total, [sums[w.rank] for w in workers]
+
+
+def _rank_order_sum(partials: list[torch.Tensor]) -> torch.Tensor:
+    total = partials[0].clone()
+    for p in partials[1:]:
+        total.add_(p)  # float32, rank order: what the Python star does (wire.add_sync_payload)
+    return total
+
+
+@pytest.mark.parametrize("ranks", [3, 4])
+def test_the_hubs_c_star_has_the_bits_of_the_python_star_and_of_zeromq(ranks: int) -> None:
+    """Partials of very different magnitudes: float addition does not associate, so a sum in
+    any other order than rank order has other bits (checked), and every rank holds the hub's."""
+    gen = torch.Generator().manual_seed(ranks)
+    partials = [torch.randn(3, 256, generator=gen) * 10.0 ** (3 * (r % 3)) for r in range(ranks)]
+    expected = _rank_order_sum(partials)
+    assert not torch.equal(_rank_order_sum(partials[::-1]), expected), "the data cannot tell the order apart"
+    got = {}
+    for lane in (True, False):
+        hub, workers = _star(ranks, lane=lane)
+        try:
+            for in_place in (True, False):
+                total, theirs = _star_step(hub, workers, partials, in_place)
+                assert hub.on_lanes == lane and (hub._star is not None) == lane
+                assert torch.equal(total, expected)
+                assert all(torch.equal(t, expected) for t in theirs)
+                got[lane, in_place] = total
+        finally:
+            for w in workers:
+                w.close()
+            hub.close()
+    assert len(got) == 4
+
+
+def _hub_star(ranks: int) -> tuple[lanes.StarLanes, list[lanes.Lane], list[socket.socket]]:
+    """A C star over socketpair lanes, the test playing its workers: (star, worker lanes, taps).
+    Worker r's frames go to taps[2 (r - 1)]; what the test writes to taps[2 (r - 1) + 1] reaches
+    the hub's lane of rank r, and what that lane sends comes out there."""
+    assert LIB is not None
+    hub_side, worker_side, taps = {}, [], []
+    for r in range(1, ranks):
+        w_sock, tap_in = socket.socketpair()
+        tap_out, h_sock = socket.socketpair()
+        worker_side.append(lanes.Lane(LIB, w_sock, KEY_A, KEY_B, lanes.MODES["mac"], 0))
+        hub_side[r] = lanes.Lane(LIB, h_sock, KEY_B, KEY_A, lanes.MODES["mac"], 0)
+        taps += [tap_in, tap_out]
+    star = lanes.StarLanes(LIB, hub_side)
+    star._hub_lanes = hub_side  # type: ignore[attr-defined]  # closed by the test
+    return star, worker_side, taps
+
+
+def test_the_hubs_c_star_waits_for_a_half_written_frame_and_refuses_a_bad_one() -> None:
+    star, workers, taps = _hub_star(3)
+    try:
+        star.begin(1, 20)
+        allreduce = star.allreduce_f32()
+        own = torch.full((64,), 1.0)
+        workers[0].send(Kind.PARTIAL, 1, 1, [torch.full((64,), 2.0)])
+        workers[1].send(Kind.PARTIAL, 1, 1, [torch.full((64,), 4.0)])
+        first, second = _frame(taps[0], 256), _frame(taps[2], 256)
+        taps[1].sendall(first)
+        taps[3].sendall(second[:100])  # rank 2 killed mid-send, for now
+        assert allreduce(own.data_ptr(), 64, 1) == lanes.TIMEOUT
+        assert torch.equal(own, torch.full((64,), 1.0)), "summed before every partial was in"
+        assert star.pending() == {2} and star.failed() is None
+        taps[3].sendall(second[100:])  # the rest: the next call goes on from what it read
+        assert allreduce(own.data_ptr(), 64, 1) == 0
+        assert torch.equal(own, torch.full((64,), 7.0)) and star.pending() == {1, 2}
+        for tap in (taps[1], taps[3]):  # both got the sum (the hub's side of each pair)
+            reduced = _frame(tap, 256)
+            assert reduced[4] == Kind.REDUCED
+            assert torch.equal(torch.frombuffer(bytearray(reduced[24:24 + 256]), dtype=torch.float32),
+                               torch.full((64,), 7.0))
+        # seq 2: rank 1's frame altered in flight
+        workers[0].send(Kind.PARTIAL, 1, 2, [torch.full((64,), 2.0)])
+        workers[1].send(Kind.PARTIAL, 1, 2, [torch.full((64,), 4.0)])
+        bad = bytearray(_frame(taps[0], 256))
+        bad[40] ^= 0x10
+        taps[1].sendall(bytes(bad))
+        taps[3].sendall(_frame(taps[2], 256))
+        own = torch.full((64,), 1.0)
+        assert allreduce(own.data_ptr(), 64, 2) == -3  # the tag
+        assert star.failed() == 1 and torch.equal(own, torch.full((64,), 1.0))
+    finally:
+        star.close()
+        for lane in (*workers, *star._hub_lanes.values()):  # type: ignore[attr-defined]
+            lane.close()
+        _close(*taps)
+
+
+def test_the_hubs_c_star_refuses_a_partial_of_the_wrong_size_or_kind() -> None:
+    star, workers, taps = _hub_star(3)
+    try:
+        star.begin(1, 1000)
+        allreduce = star.allreduce_f32()
+        own = torch.full((64,), 1.0)
+        workers[0].send(Kind.PARTIAL, 1, 1, [torch.full((64,), 2.0)])
+        workers[1].send(Kind.PARTIAL, 1, 1, [torch.full((63,), 4.0)])
+        taps[1].sendall(_frame(taps[0], 256))
+        taps[3].sendall(_frame(taps[2], 252))
+        assert allreduce(own.data_ptr(), 64, 1) == lanes.FORMAT
+        assert star.failed() == 2 and torch.equal(own, torch.full((64,), 1.0))
+        workers[0].send(Kind.LOGITS, 1, 2, [torch.full((64,), 2.0)])
+        taps[1].sendall(_frame(taps[0], 256))
+        assert allreduce(own.data_ptr(), 64, 2) == lanes.FORMAT
+        assert star.failed() == 1 and torch.equal(own, torch.full((64,), 1.0))
+    finally:
+        star.close()
+        for lane in (*workers, *star._hub_lanes.values()):  # type: ignore[attr-defined]
+            lane.close()
+        _close(*taps)
+
+
+def test_a_late_worker_makes_the_hubs_c_star_return_to_python_which_resumes_it(monkeypatch) -> None:
+    """Each C call waits 1 ms; rank 2 sends 50 ms late: the hub's allreduce returns to Python
+    (which looks at the heartbeats) and calls again, and the sum is the same. Then a rank the
+    heartbeat finds gone ends the wait, and the next step sums exactly again."""
+    from worker.comm import collective
+
+    monkeypatch.setattr(collective, "LIVENESS_POLL_MS", 1)
+    hub, workers = _star(3)
+    resumed: list[int] = []
+    real = StarHub._star_failed
+
+    def counting(self: StarHub, rc: int, partial: torch.Tensor) -> None:
+        resumed.append(rc)
+        real(self, rc, partial)
+
+    monkeypatch.setattr(StarHub, "_star_failed", counting)
+    try:
+        partials = [torch.randn(2, 64) for _ in range(3)]
+        late = workers[1].allreduce_
+
+        def slow(partial: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.05)
+            return late(partial)
+
+        workers[1].allreduce_ = slow  # type: ignore[method-assign]
+        total, theirs = _star_step(hub, workers, partials)
+        assert resumed and set(resumed) == {lanes.TIMEOUT}
+        assert torch.equal(total, _rank_order_sum(partials)) and all(torch.equal(t, total) for t in theirs)
+        # rank 2 never sends; the heartbeat says it is gone
+        del workers[1].allreduce_
+        hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+        for w in workers:
+            w.begin(w.recv())
+        hub.missing_ranks = lambda: {2}
+        errors: list[str] = []
+
+        def rank_1() -> None:
+            try:
+                workers[0].allreduce_(torch.ones(2, 64))
+            except CollectiveError as exc:
+                errors.append(str(exc))
+
+        waiting = threading.Thread(target=rank_1)
+        waiting.start()
+        with pytest.raises(CollectiveError, match="rank-2 stopped answering heartbeats mid-step"):
+            hub.allreduce_(torch.ones(2, 64))
+        hub.abort_step()
+        waiting.join(5)
+        assert errors == ["hub sent ABORT during the step"]
+        assert [w.recv().kind for w in workers] == [Kind.ABORT, Kind.ABORT]  # as the worker loop skips it
+        hub.missing_ranks = set
+        assert hub.on_lanes
+        total, theirs = _star_step(hub, workers, partials)  # rank 1's stale partial is dropped
+        assert torch.equal(total, _rank_order_sum(partials)) and all(torch.equal(t, total) for t in theirs)
+    finally:
+        for w in workers:
+            w.close()
+        hub.close()
+
+
+def test_a_worker_killed_mid_step_breaks_only_its_lane_of_the_c_star() -> None:
+    hub, workers = _star(3)
+    try:
+        hub.start_step(torch.zeros((0, 3), dtype=torch.int64), torch.zeros(0))
+        for w in workers:
+            w.begin(w.recv())
+        lane = workers[1].lane
+        assert lane is not None
+        lane.sock.shutdown(socket.SHUT_RDWR)  # as a killed process's socket
+        with pytest.raises(CollectiveError, match="rank-2's lane: the peer closed the connection"):
+            hub.allreduce_(torch.ones(2, 64))
+        assert not hub.on_lanes and 1 in hub._lanes and hub._star is None
+    finally:
+        for w in workers:
+            w.close()
         hub.close()

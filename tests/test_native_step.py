@@ -1,11 +1,14 @@
 """The native decode step (``worker.models.native_step``, ``kernels/step.c``) computes what the
-Python path computes, on 1 rank and on 2 ranks in real processes over real lanes; steps it does
-not cover run in Python and the log says so; faults in the middle of a native step (ABORT, STOP,
-allreduces that time out and resume) end or finish it as on the Python path.
+Python path computes, on 1 rank, on 2 ranks and on 3-4 (a star whose hub sums in C,
+``lane_hub_allreduce_f32``, and runs the native step too) in real processes over real lanes;
+steps it does not cover run in Python and the log says so; faults in the middle of a native step
+(ABORT, STOP, a rank gone, allreduces that time out and resume, on a worker or on the hub) end or
+finish it as on the Python path.
 
 Exact equality is asserted against the Python path: the step calls the same kernels with the
-same arguments in the same order, the residual adds are the same fp32 adds, and the two-rank
-sum is one fp32 addition of two terms (commutative), so any difference is a bug, not rounding.
+same arguments in the same order, the residual adds are the same fp32 adds, the two-rank sum is
+one fp32 addition of two terms (commutative), and the star's hub adds the partials in rank order
+as the Python star does (every rank takes its bits), so any difference is a bug, not rounding.
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ NATIVE_STEPS = 2 * DECODE_STEPS - DECODE_STEPS // 2  # decode steps of _decode: 
 
 @pytest.mark.parametrize(("arch", "weights", "ranks"), [
     ("llama", "fp32", 1), ("llama", "fp32", 2), ("qwen2", "fp32", 2), ("mistral", "fp32", 2),
-    ("llama", "int8", 1), ("llama", "int8", 2), ("llama", "int4", 1)])
+    ("llama", "int8", 1), ("llama", "int8", 2), ("llama", "int4", 1),
+    ("llama", "fp32", 3), ("qwen2", "fp32", 3), ("llama", "int8", 3), ("llama", "fp32", 4)])
 def test_the_native_step_computes_the_python_paths_bits(checkpoints, tmp_path: Path, arch: str, weights: str,
                                                        ranks: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """qwen2 has biases (q/k/v, and rank 0's none here), mistral a sliding window of 12
@@ -178,26 +182,31 @@ def test_steps_the_native_step_does_not_cover_run_in_python_and_the_log_says_why
 
 
 class _inprocess:
-    """Rank 0's executor and, for 2 ranks, a worker rank in a thread of this process."""
+    """Rank 0's executor and its worker ranks (``worker_spec``, or ``worker_specs`` for a star),
+    each in a thread of this process; entered: (executor, the first worker)."""
 
-    def __init__(self, spec: RankSpec, ranks: int, lane: bool, worker_spec: RankSpec | None = None):
-        self.spec, self.ranks, self.lane, self.worker_spec = spec, ranks, lane, worker_spec
+    def __init__(self, spec: RankSpec, ranks: int, lane: bool, worker_spec: RankSpec | None = None,
+                 worker_specs: list[RankSpec] | None = None):
+        self.spec, self.ranks, self.lane = spec, ranks, lane
+        self.worker_specs = worker_specs if worker_specs is not None else [worker_spec] if worker_spec else []
 
     def __enter__(self) -> tuple[Executor, WorkerRank | None]:
         self.hub = StarHub(self.ranks, token=TOKEN, timeout_s=30, lane=self.lane)
-        self.rank = WorkerRank(self.worker_spec, self.hub.address, TOKEN) if self.worker_spec else None
+        self.workers = [WorkerRank(s, self.hub.address, TOKEN) for s in self.worker_specs]
         self.executor = Executor(self.spec, self.hub)
-        if self.rank is not None:
-            joining = threading.Thread(target=self.rank.start)
-            joining.start()
+        if self.workers:
+            joining = [threading.Thread(target=w.start) for w in self.workers]
+            for t in joining:
+                t.start()
             self.hub.wait_for_ranks(60)
-            joining.join()
-        return self.executor, self.rank
+            for t in joining:
+                t.join()
+        return self.executor, self.workers[0] if self.workers else None
 
     def __exit__(self, *exc: object) -> None:
         self.executor.close()
-        if self.rank is not None:
-            self.rank.stop()
+        for w in self.workers:
+            w.stop()
 
 
 def _rank_waits_in_its_native_step(checkpoints) -> tuple[_inprocess, Executor, WorkerRank, torch.Tensor]:
@@ -280,6 +289,83 @@ def test_allreduces_that_time_out_in_c_resume_from_python_with_the_same_bits(
         resumed = _decode(executor)
     assert torch.equal(straight, resumed)
     assert sum(resumed_calls) > 0, "no allreduce timed out in C: the resume path was not exercised"
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_allreduces_that_time_out_in_the_hubs_c_star_resume_from_python_with_the_same_bits(
+        checkpoints, monkeypatch: pytest.MonkeyPatch, ranks: int) -> None:
+    """The workers start each step 5 ms late: the hub's allreduce (the exchange at 2 ranks, the C
+    star at 3) waits past its 1 ms slice in C, returns to Python and goes on; same logits."""
+    specs = _specs(checkpoints("llama"), ranks)
+    with _inprocess(specs[0], ranks, lane=True, worker_specs=specs[1:]) as (executor, _):
+        straight = _decode(executor)
+    monkeypatch.setattr(collective, "CANCEL_POLL_MS", 1)
+    monkeypatch.setattr(collective, "LIVENESS_POLL_MS", 1)
+    monkeypatch.setenv(lanes.SPIN_ENV, "0")
+    real = native_step.NativeStep._run
+
+    def late(self: native_step.NativeStep, *args: Any) -> torch.Tensor:
+        if self._who != "rank 0":
+            time.sleep(0.005)
+        return real(self, *args)
+
+    monkeypatch.setattr(native_step.NativeStep, "_run", late)
+    with _inprocess(specs[0], ranks, lane=True, worker_specs=specs[1:]) as (executor, _):
+        resumed = _decode(executor)
+        hub_step = executor.model.native_step
+        assert hub_step is not None and hub_step.steps == NATIVE_STEPS
+        assert hub_step.resumed > 0, "no allreduce of the hub timed out in C: the resume path was not exercised"
+        assert (executor.hub._star is not None) == (ranks > 2)
+    assert torch.equal(straight, resumed)
+
+
+def test_a_rank_gone_while_the_hub_waits_in_its_native_step_ends_the_step_and_the_next_one_runs(
+        checkpoints, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 ranks: rank 2 holds its first decode step back; the hub waits for its partial in C,
+    returns to Python each slice, where the heartbeat now says rank 2 is gone: the step fails,
+    the hub aborts it (as the engine does), every worker abandons it, and the step run again is
+    native on every rank and right."""
+    caplog.set_level(logging.INFO)
+    specs = _specs(checkpoints("llama"), 3)
+    hold = threading.Event()
+    real = native_step.NativeStep._run
+
+    def held(self: native_step.NativeStep, *args: Any) -> torch.Tensor:
+        if self._who == "rank 2":
+            hold.wait(60)
+        return real(self, *args)
+
+    monkeypatch.setattr(native_step.NativeStep, "_run", held)
+    cluster = _inprocess(specs[0], 3, lane=True, worker_specs=specs[1:])
+    executor, _ = cluster.__enter__()
+    try:
+        prompt = [1, 17, 42]
+        executor.step([prompt], [SeqSpan(0, 0, 3)])  # prefill: in Python, not held
+        executor.hub.missing_ranks = lambda: {2}
+        with pytest.raises(collective.CollectiveError, match="rank-2 stopped answering heartbeats mid-step"):
+            executor.step([[7]], [SeqSpan(0, 3, 1)])
+        executor.hub.abort_step()
+        executor.hub.missing_ranks = set
+        hold.set()
+        deadline = time.monotonic() + 30
+        while caplog.text.count("step abandoned: hub sent ABORT during the step") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for rank in (1, 2):
+            assert f"rank {rank}: step abandoned: hub sent ABORT during the step" in caplog.text
+        assert executor.hub.on_lanes
+        logits = executor.step([[7]], [SeqSpan(0, 3, 1)])
+        steps = [m.native_step.steps for m in (executor.model, *(w.model for w in cluster.workers))]
+        deadline = time.monotonic() + 30  # the workers return from their last allreduce as rank 0 does
+        while steps != [1, 1, 1] and time.monotonic() < deadline:
+            time.sleep(0.01)
+            steps = [m.native_step.steps for m in (executor.model, *(w.model for w in cluster.workers))]
+        assert steps == [1, 1, 1]
+        with torch.no_grad():
+            expected = load_reference(checkpoints("llama"))(torch.tensor([prompt + [7]])).logits[0, -1:]
+        assert (logits - expected).abs().max().item() <= TOL
+    finally:
+        hold.set()
+        cluster.__exit__()
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])

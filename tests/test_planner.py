@@ -188,6 +188,12 @@ def test_probe_tiny(tmp_path: Path) -> None:
     assert lane.library() is not None, "lanes build here (deploy/install-system-deps.sh installs libsodium-dev)"
     # the lanes' software cost, what a plan on lanes prices
     assert result["lane_allreduce_loopback_us"] > 0 and node.lane_overhead_us == result["lane_overhead_us"]
+    # and with the hub's side in C (fp32 sync), which a plan on lanes at fp32 prices
+    assert result["lane_c_allreduce_loopback_us"] > 0 and node.lane_c_overhead_us == result["lane_c_overhead_us"]
+    from worker.kernels import native
+
+    if native.decode_step() is not None:  # the native step's own per-layer cost, where it runs
+        assert node.native_layer_overhead_us == result["native_layer_overhead_us"] >= 0
     assert yaml.safe_load(yaml.safe_dump(result)) == result  # what `edgellm probe --out` writes
 
 
@@ -569,9 +575,49 @@ def test_lanes_are_priced_by_their_software_cost_where_the_profile_gives_it() ->
     payload = config.hidden_size * 2.0
     assert star_seconds(nodes, payload, lanes=True) == pytest.approx(star_seconds(nodes, payload) - (1000 - 3 * 180) * 1e-6)
     plan = make_plan(config, nodes, Workload(weight_dtype="int4", kv_dtype="float16", context=256))
-    assert plan.lanes and "over lanes; software overhead 540 us each" in plan.prediction.reasons[2]
+    bf16 = predict(config, plan.shards, nodes, Workload(weight_dtype="int4", kv_dtype="float16", context=256,
+                                                        sync_dtype="bfloat16", lanes=True))
+    assert plan.lanes and "over lanes; software overhead 540 us each, lane_overhead_us x 3" in bf16.reasons[2]
     assert not make_plan(config, [replace(n, lane_overhead_us=None) for n in nodes],
                          Workload(weight_dtype="int4", kv_dtype="float16", context=256)).lanes
+
+
+def test_the_native_step_and_the_hubs_c_star_are_priced_where_the_code_runs_them() -> None:
+    """On lanes with fp32 sync the hub's allreduce is one C call (``lane_c_overhead_us`` per worker)
+    and, with a float32 KV cache and a dense model, every rank runs the native step
+    (``native_layer_overhead_us`` a layer); a lossy sync dtype keeps both in Python, a float16 KV
+    cache keeps the layers in Python, and a plan names the figure it used."""
+    config = load_shape("llama-3-8b")
+    nodes = load_nodes_text("nodes:\n  - profile: pi5\n    count: 4\n")
+    pi = nodes[0]
+    assert (pi.native_layer_overhead_us, pi.lane_c_overhead_us, pi.layer_overhead_us) == (50, 60, 600)
+    shards = plan_shards(config, [1.0] * 4)
+    work = Workload(weight_dtype="int4", kv_dtype="float32", context=256, lanes=True)
+    native = predict(config, shards, nodes, work)
+    assert "native step (native_layer_overhead_us) overhead 1.6 ms (32 layers x 50 us)" in native.reasons[1]
+    assert "software overhead 180 us each, lane_c_overhead_us x 3 worker ranks: the hub's side in C" \
+        in native.reasons[2]
+    lossy = predict(config, shards, nodes, replace(work, sync_dtype="bfloat16"))
+    assert "Python step (layer_overhead_us) overhead 19.2 ms (32 layers x 600 us)" in lossy.reasons[1]
+    assert "540 us each, lane_overhead_us x 3 worker ranks: the hub's side in Python" in lossy.reasons[2]
+    half_kv = predict(config, shards, nodes, replace(work, kv_dtype="float16"))
+    assert "Python step" in half_kv.reasons[1] and "lane_c_overhead_us" in half_kv.reasons[2]
+    # each figure moves the prediction by exactly what it prices
+    slower = predict(config, shards, [replace(n, native_layer_overhead_us=100.0, lane_c_overhead_us=70.0)
+                                      for n in nodes], work)
+    assert slower.decode_s - native.decode_s == pytest.approx(32 * 50e-6 + 64 * 3 * 10e-6)
+    unknown = predict(config, shards, [replace(n, native_layer_overhead_us=None, lane_c_overhead_us=None)
+                                       for n in nodes], work)
+    assert unknown.decode_s - native.decode_s == pytest.approx(32 * 550e-6 + 64 * 3 * 120e-6)
+    # ZeroMQ: neither, even at fp32
+    zeromq = predict(config, shards, nodes, replace(work, lanes=False))
+    assert "Python step" in zeromq.reasons[1] and "over ZeroMQ" in zeromq.reasons[2]
+    # one rank has no allreduce: native whatever the plane, unless it streams its shard from disk
+    small = load_shape("tinyllama-1.1b")
+    alone = predict(small, plan_shards(small, [1.0]), nodes[:1], replace(work, lanes=False))
+    assert "native step" in alone.reasons[1] and not alone.ranks[0].streams
+    streamed = predict(config, plan_shards(config, [1.0]), nodes[:1], replace(work, lanes=False))
+    assert streamed.ranks[0].streams and "Python step" in streamed.reasons[1]
 
 
 def load_nodes_text(text: str) -> list[Node]:

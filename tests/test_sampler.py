@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from server.sampler import SamplingParams, apply_penalties, make_generator, sample, token_logprob
+from server.sampler import SamplingParams, apply_penalties, finite_rows, make_generator, sample, token_logprob
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
 
@@ -89,3 +89,26 @@ def test_a_tiny_repetition_penalty_keeps_the_logits_finite() -> None:
 def _draws_from(logits: torch.Tensor, params: SamplingParams, n: int = 50) -> Counter[int]:
     gen = make_generator(0)
     return Counter(sample(logits, params, gen) for _ in range(n))
+
+
+def test_finite_rows_is_the_elementwise_check() -> None:
+    rows = torch.randn(8, 8000)
+    rows[1, 17] = float("nan")
+    rows[2, 0] = float("inf")
+    rows[3, 7999] = float("-inf")
+    rows[4] = 3e38  # finite logits whose sum overflows to inf
+    rows[5, ::2], rows[5, 1::2] = 3e38, -3e38  # ... or to inf - inf = NaN
+    rows[6, 5], rows[6, 6] = float("inf"), float("-inf")
+    expected = torch.isfinite(rows).all(dim=-1).tolist()
+    assert expected == [True, False, False, False, True, True, False, True]
+    assert finite_rows(rows) == expected
+    assert finite_rows(rows[[0, 7]]) == [True, True]  # the sums alone decide
+
+
+def test_greedy_picks_the_first_of_equal_maxima_as_torch_argmax_does() -> None:
+    gen = make_generator(0)
+    with torch.inference_mode():  # as the engine's logits are
+        rows = torch.randint(-3, 4, (64, 50)).float()  # many ties
+    for row in rows:
+        assert sample(row, SamplingParams(temperature=0.0), gen) == int(torch.argmax(row))
+    assert sample(torch.tensor([1.0, 5.0, 5.0, 2.0]), SamplingParams(temperature=0.0), gen) == 1

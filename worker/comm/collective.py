@@ -158,23 +158,49 @@ def _io_threads(world_size: int) -> int:
     return max(1, min(world_size - 1, (os.cpu_count() or 1) // 2, 4))
 
 
-class StarHub:
+class _NativeSeqs:
+    """The allreduce seqs of a native decode step (``worker.models.native_step``), for both ends
+    of the star: the step takes its seqs up front, and an allreduce of it that returned to Python
+    is finished as ``allreduce_``'s own failure is."""
+
+    _seq: int
+
+    def _fast_failed(self, rc: int, partial: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def native_seqs(self, count: int) -> int:
+        """Take ``count`` allreduce seqs for a native step; returns the first."""
+        self._seq += count
+        return self._seq - count + 1
+
+    def native_failed(self, rc: int, partial: torch.Tensor, seq: int) -> None:
+        """A native step's allreduce of ``seq`` returned ``rc``: as ``allreduce_``'s failure."""
+        taken, self._seq = self._seq, seq
+        try:
+            self._fast_failed(rc, partial)
+        finally:
+            self._seq = taken
+
+
+class StarHub(_NativeSeqs):
     """Hub side, used by rank 0 in the coordinator's engine thread (not thread-safe)."""
 
     def __init__(self, world_size: int, bind: str = "tcp://127.0.0.1:0", token: str = "",
                  timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None,
                  sync_dtype: str = "fp32", spin_wait_s: float | None = None, exchange: bool = True,
                  lane: bool | None = None, lane_port: int = 0, encrypt: bool = False,
-                 ranks_on_host: Callable[[int], int] | None = None):
+                 ranks_on_host: Callable[[int], int] | None = None, c_star: bool = True):
         """``lane``: the allreduces go over lanes (``worker.comm.lane``, listening on ``lane_port``) where
-        every rank has one, else over ZeroMQ (None: ``lanes.enabled_by_default()``, off unless
-        ``EDGELLM_LANE=1``); ``encrypt`` encrypts lane payloads (integrity
+        every rank has one, else over ZeroMQ (None: ``lanes.enabled_by_default()``, on unless
+        ``EDGELLM_LANE=0``); ``encrypt`` encrypts lane payloads (integrity
         alone otherwise); ``ranks_on_host(rank)``: how many ranks share that rank's host (rank 0:
-        this one), which decides whether lanes spin (default: all of them)."""
+        this one), which decides whether lanes spin (default: all of them); ``c_star``: False keeps
+        the star on lanes summing in Python (the hub's allreduces and steps), for the benchmarks."""
         self.world_size = world_size
         # two ranks swap partials (one hop, ``_exchange``); False keeps the two-hop star there too,
         # for the benchmark and the planner's probe, which measure both
         self.exchange = exchange and world_size == 2
+        self.c_star = c_star
         self.timeout_ms = int(timeout_s * 1000)
         self.spin_wait_s = default_spin_wait_s() if spin_wait_s is None else spin_wait_s
         self.sync_dtype = sync_dtype
@@ -193,11 +219,12 @@ class StarHub:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peers = [_identity(r) for r in range(1, world_size)]
         self._lanes: dict[int, lanes.Lane] = {}  # adopted by the engine thread, by rank
-        self._fast: Callable[[int, int, int], int] | None = None  # this step's in-place exchange (allreduce_)
+        self._fast: Callable[[int, int, int], int] | None = None  # this step's in-place allreduce (allreduce_)
+        self._star: lanes.StarLanes | None = None  # the star's hub in C over self._lanes (3+ ranks)
         self.listener: lanes.Listener | None = None
         if lane is None:
             lane = lanes.enabled_by_default()
-        lib = lanes.library() if lane and world_size > 1 else None
+        lib = self._lib = lanes.library() if lane and world_size > 1 else None
         if lib is not None:
             host = bind.split("://", 1)[-1].rsplit(":", 1)[0]
             self.listener = lanes.Listener(lib, host, lane_port, token, world_size, encrypt,
@@ -271,6 +298,9 @@ class StarHub:
 
     def _drop_lane(self, rank: int) -> None:
         self._fast = None
+        if self._star is not None:  # it holds the lanes' handles
+            self._star.close()
+            self._star = None
         if (lane := self._lanes.pop(rank, None)) is not None:
             lane.close()
 
@@ -299,10 +329,18 @@ class StarHub:
             flags = STEP_ON_LANES * self.on_lanes | STEP_ALL_LOGITS * all_logits
             self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step, seq=flags))
         self._fast = None
-        if self.on_lanes and self.exchange and self._sync == "fp32":
-            (lane,) = self._lanes.values()
-            lane.begin(self._step, LIVENESS_POLL_MS)
-            self._fast = lane.allreduce_f32()
+        if self.on_lanes and self.exchange:
+            if self._sync == "fp32":
+                (lane,) = self._lanes.values()
+                lane.begin(self._step, LIVENESS_POLL_MS)
+                self._fast = lane.allreduce_f32()
+        elif self.on_lanes and self.c_star:
+            if self._star is None:
+                assert self._lib is not None
+                self._star = lanes.StarLanes(self._lib, self._lanes)
+            self._star.begin(self._step, LIVENESS_POLL_MS)
+            if self._sync == "fp32":
+                self._fast = self._star.allreduce_f32()
 
     def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum rank 0's ``partial`` with every worker's, in rank order, and send the sum back.
@@ -334,7 +372,7 @@ class StarHub:
 
     def allreduce_(self, partial: torch.Tensor) -> torch.Tensor:
         """``allreduce`` for a caller that gives ``partial`` up: the sum may be written into it
-        (two ranks on lanes, fp32: one C call, no allocation). The models' blocks call this."""
+        (on lanes with fp32: one C call, no allocation). The models' blocks call this."""
         fast = self._fast
         if fast is None or partial.dtype != torch.float32 or not partial.is_contiguous():
             return self.allreduce(partial)
@@ -344,8 +382,11 @@ class StarHub:
         return partial
 
     def _fast_failed(self, rc: int, partial: torch.Tensor) -> None:
-        """The in-place exchange of seq ``_seq`` returned ``rc``: after a timeout (its frame was
+        """The in-place allreduce of seq ``_seq`` returned ``rc``: after a timeout (its frame was
         sent) wait for the worker's partial and sum into ``partial``; else ``CollectiveError``."""
+        if not self.exchange:
+            self._star_failed(rc, partial)
+            return
         ((rank, lane),) = self._lanes.items()
         lane.refresh()
         with self._lane_errors(rank):
@@ -354,31 +395,44 @@ class StarHub:
             self._lane_receive(rank, tuple(partial.shape), partial.dtype, raw=True)
             lane.finish_f32(partial, partial)
 
+    def _star_failed(self, rc: int, partial: torch.Tensor) -> None:
+        """The star's C allreduce of seq ``_seq`` returned ``rc``: after a timeout call it again
+        (it goes on where it stopped) until every partial is in, the step timeout passes or the
+        heartbeat finds a waited-for rank gone; an error code drops the lane it names."""
+        star = self._star
+        assert star is not None
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while rc == lanes.TIMEOUT:
+            late = star.pending()
+            if gone := late & self.missing_ranks():
+                raise CollectiveError(f"{', '.join(f'rank-{r}' for r in sorted(gone))} stopped answering "
+                                      f"heartbeats mid-step")
+            if time.monotonic() >= deadline:
+                raise CollectiveError(f"timed out waiting for the PARTIAL of {', '.join(f'rank-{r}' for r in sorted(late))}")
+            rc = star.allreduce_f32()(partial.data_ptr(), partial.numel(), self._seq)
+        if rc:
+            rank = star.failed()
+            assert rank is not None
+            kind = self._lanes[rank].kind
+            with self._lane_errors(rank):
+                if rc == lanes.CONTROL or (rc == lanes.FORMAT and kind != Kind.PARTIAL):
+                    raise lanes.LaneError(rc, f"it sent a {_kind_name(kind)} frame")
+                raise lanes.LaneError(rc)
+
     # --- the native decode step's side (worker.models.native_step) --------------------------------
 
     def native_allreduce(self) -> tuple[int, int] | None:
         """(C function, context) of this step's in-place fp32 allreduce for ``kernels/step.c``:
         (0, 0) alone (no allreduce), None where this step's allreduces are not one C call
-        (ZeroMQ, a star, a lossy sync dtype): those steps run in Python."""
+        (ZeroMQ, a lossy sync dtype): those steps run in Python."""
         if self.world_size == 1:
             return 0, 0
         if self._fast is None:
             return None
+        if self._star is not None:
+            return self._star.native_allreduce()
         ((_, lane),) = self._lanes.items()
         return lane.native_allreduce()
-
-    def native_seqs(self, count: int) -> int:
-        """Take ``count`` allreduce seqs for a native step; returns the first."""
-        self._seq += count
-        return self._seq - count + 1
-
-    def native_failed(self, rc: int, partial: torch.Tensor, seq: int) -> None:
-        """A native step's allreduce of ``seq`` returned ``rc``: as ``allreduce_``'s failure."""
-        taken, self._seq = self._seq, seq
-        try:
-            self._fast_failed(rc, partial)
-        finally:
-            self._seq = taken
 
     def _exchange(self, partial: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Two ranks: the hub sends its own partial before it waits, the worker sends its own,
@@ -450,6 +504,11 @@ class StarHub:
                 lane.send(Kind.PARTIAL, self._step, self._seq, [t.contiguous() for t in payload])
             theirs = self._lane_receive(rank, shape, partial.dtype)
             return sum_payloads([payload, theirs], self._sync, shape, partial.dtype)
+        if self._star is not None and effective_sync(self._sync, shape) == "fp32" and partial.dtype == torch.float32:
+            out = partial.contiguous().clone()  # (T, d): the C star sums into it in place, in rank order
+            if rc := self._star.allreduce_f32()(out.data_ptr(), out.numel(), self._seq):
+                self._star_failed(rc, out)
+            return out
         total = partial.to(torch.float32, copy=True)  # (T, d) float32 accumulator, summed in place
         for rank in sorted(self._lanes):  # rank order, as over ZeroMQ; each lane keeps its own buffer
             add_sync_payload(total, self._lane_receive(rank, shape, partial.dtype), self._sync)
@@ -565,6 +624,9 @@ class StarHub:
     def close(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        if self._star is not None:
+            self._star.close()
+            self._star = None
         for rank in list(self._lanes):
             self._drop_lane(rank)
         self.sock.close(linger=0)
@@ -572,7 +634,7 @@ class StarHub:
         self._ctx.term()
 
 
-class StarRank:
+class StarRank(_NativeSeqs):
     """A worker rank's end of the star (used by the worker's data-plane thread only)."""
 
     def __init__(self, rank: int, hub_address: str, token: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -687,19 +749,6 @@ class StarRank:
         if self._fast is None or self.lane is None:
             return None
         return self.lane.native_allreduce()
-
-    def native_seqs(self, count: int) -> int:
-        """Take ``count`` allreduce seqs for a native step; returns the first."""
-        self._seq += count
-        return self._seq - count + 1
-
-    def native_failed(self, rc: int, partial: torch.Tensor, seq: int) -> None:
-        """A native step's allreduce of ``seq`` returned ``rc``: as ``allreduce_``'s failure."""
-        taken, self._seq = self._seq, seq
-        try:
-            self._fast_failed(rc, partial)
-        finally:
-            self._seq = taken
 
     def _lane_failed(self, lane: lanes.Lane, exc: lanes.LaneError) -> NoReturn:
         if exc.code == lanes.CONTROL or lane.kind in (Kind.ABORT, Kind.STOP):

@@ -52,10 +52,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "lane.c"
 FLAGS = ("-O3", "-shared", "-fPIC")
 LIBS = ("-lsodium",)
-# "1": a hub uses lanes unless told otherwise (serve --lanes does too); "0": this process has no
-# lanes at all. Unset: hubs use ZeroMQ, ranks can open a lane when a hub offers one. Off by
-# default because a served 2-rank step on an oversubscribed 2-core machine measured slower on
-# lanes than on ZeroMQ (docs/incoming/tpstep.md), although one allreduce is 10x faster.
+# "0": this process has no lanes at all (a hub uses ZeroMQ, a rank refuses the lane a hub
+# offers). Unset or anything else: a hub uses lanes unless told otherwise (serve --no-lanes).
+# On by default: at 2 ranks on a calm machine lanes beat ZeroMQ in every served comparison
+# (1.42-3.33x with the native step, docs/benchmarks.md#native-decode-step), and the whole test
+# suite passes on them.
 DISABLE_ENV = "EDGELLM_LANE"
 SPIN_ENV = "EDGELLM_SPIN_US"
 # µs a lane spins on its socket before it sleeps, where each rank of the host has a core: a wake-up
@@ -69,7 +70,7 @@ MODES = {"none": 0, "mac": 1, "encrypt": 2}  # "none" is for the benchmark's wir
 ERRORS = {-1: "timed out", -2: "the peer closed the connection", -3: "a frame failed its authentication tag",
           -4: "a frame does not follow the lane format", -5: "a frame is too large", -6: "send failed",
           -7: "a frame is out of order", -8: "a control frame arrived"}
-TIMEOUT, CONTROL = -1, -8
+TIMEOUT, FORMAT, CONTROL = -1, -4, -8
 NO_FORMAT = 0xFFFF  # a frame without tensors
 
 _HELLO = struct.Struct("<4sBI32s")  # magic, version, rank, rank's nonce
@@ -148,7 +149,13 @@ def _open() -> ctypes.CDLL | str:
             ("lane_begin", None, [p, u64, c_int, c_int]),
             ("lane_allreduce_f32", c_int, [p, p, i64, u32]),
             ("lane_bench_exchange", c_int, [p, p, p, i64, c_int, p]),
-            ("lane_exchange_f32", c_int, [p, c_int, u64, u32, p, p, i64, c_int, c_int])):
+            ("lane_exchange_f32", c_int, [p, c_int, u64, u32, p, p, i64, c_int, c_int]),
+            ("lane_hub_new", p, [p, c_int]),
+            ("lane_hub_free", None, [p]),
+            ("lane_hub_begin", None, [p, u64, c_int, c_int]),
+            ("lane_hub_pending", u64, [p]),
+            ("lane_hub_failed", c_int, [p]),
+            ("lane_hub_allreduce_f32", c_int, [p, p, i64, u32])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     if lib.lane_init() != 0:
@@ -157,8 +164,8 @@ def _open() -> ctypes.CDLL | str:
 
 
 def enabled_by_default() -> bool:
-    """Whether a hub not told either way uses lanes: ``EDGELLM_LANE=1``."""
-    return os.environ.get(DISABLE_ENV) == "1"
+    """Whether a hub not told either way uses lanes: yes, unless ``EDGELLM_LANE=0``."""
+    return os.environ.get(DISABLE_ENV) != "0"
 
 
 def library() -> ctypes.CDLL | None:
@@ -356,6 +363,56 @@ class Lane:
             self._lib.lane_free(self._h)
             self._h = None
         self.sock.close()
+
+
+class StarLanes:
+    """The hub's end of a star (3+ ranks) in C: the worker ranks' lanes, and one call that waits
+    for all their partials at once, sums them with rank 0's in rank order and sends the sum back
+    (``lane_hub_allreduce_f32``). It holds the lanes' handles: close it before any of them."""
+
+    def __init__(self, lib: ctypes.CDLL, lanes: dict[int, Lane]):
+        self._lib, self.ranks = lib, sorted(lanes)
+        if self.ranks != list(range(1, len(self.ranks) + 1)):
+            raise ValueError(f"a star needs the lanes of ranks 1..N-1, got {self.ranks}")
+        self._lanes = [lanes[r] for r in self.ranks]
+        self.spin_us = self._lanes[0].spin_us
+        handles = (ctypes.c_void_p * len(self._lanes))(*(lane._h for lane in self._lanes))
+        self._h = lib.lane_hub_new(handles, len(self._lanes))
+        if not self._h:
+            raise MemoryError("cannot allocate the hub's star")
+
+    def begin(self, step: int, slice_ms: int) -> None:
+        """The step of the next allreduces; each call waits ``slice_ms`` at most."""
+        self._lib.lane_hub_begin(self._h, step, slice_ms, self.spin_us)
+
+    def allreduce_f32(self) -> Callable[[int, int, int], int]:
+        """The C call ``(x pointer, floats, seq) -> 0 or an error code``: the star's sum into x in
+        place, in ``begin``'s step. After ``TIMEOUT`` the same call (same x, same seq) goes on."""
+        return functools.partial(self._lib.lane_hub_allreduce_f32, ctypes.c_void_p(self._h))
+
+    def native_allreduce(self) -> tuple[int, int]:
+        """(address of ``lane_hub_allreduce_f32``, this star's handle), for ``kernels/step.c``."""
+        fn = ctypes.cast(self._lib.lane_hub_allreduce_f32, ctypes.c_void_p).value
+        assert fn is not None and self._h
+        return fn, self._h
+
+    def pending(self) -> set[int]:
+        """The ranks whose partial of the allreduce under way has not come yet."""
+        bits = self._lib.lane_hub_pending(self._h)
+        return {rank for i, rank in enumerate(self.ranks) if bits >> i & 1}
+
+    def failed(self) -> int | None:
+        """The rank whose lane gave the last error code, None for none (a timeout)."""
+        index = self._lib.lane_hub_failed(self._h)
+        if index < 0:
+            return None
+        self._lanes[index].refresh()
+        return self.ranks[index]
+
+    def close(self) -> None:
+        if self._h:
+            self._lib.lane_hub_free(self._h)
+            self._h = None
 
 
 def connect(lib: ctypes.CDLL, host: str, port: int, token: str, rank: int, timeout_s: float) -> Lane:

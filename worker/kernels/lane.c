@@ -285,6 +285,111 @@ int lane_allreduce_f32(void *handle, float *x, int64_t n, uint32_t seq) {
     return lane_exchange_f32(handle, KIND_PARTIAL, l->current_step, seq, x, x, n, l->slice_ms, l->spin_us);
 }
 
+/* The hub of a star (3+ ranks): one lane per worker rank, in rank order. An allreduce waits on
+ * every worker's PARTIAL of (step, seq) at once (a poll over their sockets, spinning spin_us
+ * first as lane_recv does), each frame read whole into its own lane's buffer and its tag checked
+ * before anything of it is used; then rank 0's partial and the workers' are summed in rank order
+ * (x += rank 1's, then rank 2's, ...: the bits of the Python star and of ZeroMQ), and the sum is
+ * sent to every worker as REDUCED. The state of a wait survives a return: a call that returns
+ * ERR_TIMEOUT keeps the frames it has (and what it read of the others), and the next call with
+ * the same (step, seq) goes on from there; x is untouched until every partial is in. */
+#define MAX_WORKERS 64
+
+typedef struct {
+    int count;
+    Lane *lanes[MAX_WORKERS];  /* rank r's lane at r - 1 */
+    uint64_t current_step;
+    int slice_ms, spin_us;
+    uint64_t step;   /* the allreduce under way: its (step, seq), and which lanes have their frame */
+    uint32_t seq;
+    uint64_t have;   /* bit i: lanes[i]'s PARTIAL is in its buffer, checked */
+    int failed;      /* the lane index of the last error (-1: none) */
+} Hub;
+
+void *lane_hub_new(void *const *lanes, int count) {
+    if (count < 1 || count > MAX_WORKERS) return NULL;
+    Hub *h = calloc(1, sizeof(Hub));
+    if (!h) return NULL;
+    h->count = count;
+    for (int i = 0; i < count; i++) h->lanes[i] = lanes[i];
+    h->failed = -1;
+    return h;
+}
+
+void lane_hub_free(void *handle) { free(handle); }
+
+/* As lane_begin, for the hub's allreduces. */
+void lane_hub_begin(void *handle, uint64_t step, int slice_ms, int spin_us) {
+    Hub *h = handle;
+    h->current_step = step, h->slice_ms = slice_ms, h->spin_us = spin_us;
+}
+
+/* Lanes (bit i: rank i + 1) whose partial of the allreduce under way has not come yet. */
+uint64_t lane_hub_pending(void *handle) {
+    Hub *h = handle;
+    const uint64_t all = h->count == 64 ? ~(uint64_t)0 : ((uint64_t)1 << h->count) - 1;
+    return all & ~h->have;
+}
+
+/* The lane index (rank - 1) whose frame or socket gave the last error, -1 for none. */
+int lane_hub_failed(void *handle) { return ((Hub *)handle)->failed; }
+
+/* One non-blocking attempt on lane i: 1 when its PARTIAL of (step, seq) is in and fits n floats. */
+static int hub_take(Hub *h, int i, int64_t n) {
+    Lane *l = h->lanes[i];
+    const int64_t got = lane_recv(l, h->step, h->seq, 0, 0);
+    if (got == ERR_TIMEOUT) return 0;
+    if (got < 0) return (int)got;
+    if (l->kind == KIND_ABORT || l->kind == KIND_STOP) return ERR_CONTROL;
+    if (l->kind != KIND_PARTIAL || got != n * 4 || l->format != FORMAT_F32) return ERR_FORMAT;
+    h->have |= (uint64_t)1 << i;
+    return 1;
+}
+
+/* The star's allreduce of x (n floats, rank 0's partial) in place, in the step of lane_hub_begin:
+ * 0 with the sum in x, or an error code (lane_hub_failed says whose): ERR_TIMEOUT after the wait's
+ * slice (call again with the same seq to go on), ERR_CONTROL for an ABORT or STOP, another code for
+ * a broken lane. Same arguments as lane_allreduce_f32, so kernels/step.c calls either. */
+int lane_hub_allreduce_f32(void *handle, float *x, int64_t n, uint32_t seq) {
+    Hub *h = handle;
+    if (h->step != h->current_step || h->seq != seq) h->step = h->current_step, h->seq = seq, h->have = 0;
+    h->failed = -1;
+    const double start = now_us();
+    struct pollfd fds[MAX_WORKERS];
+    int which[MAX_WORKERS];
+    for (;;) {
+        int waiting = 0;
+        for (int i = 0; i < h->count; i++) {
+            if (h->have >> i & 1) continue;
+            const int rc = hub_take(h, i, n);
+            if (rc < 0) {
+                h->failed = i;
+                return rc;
+            }
+            if (rc == 0) fds[waiting] = (struct pollfd){h->lanes[i]->fd, POLLIN, 0}, which[waiting++] = i;
+        }
+        if (!waiting) break;
+        const double elapsed = now_us() - start;
+        if (elapsed < h->spin_us) continue;
+        const int left = h->slice_ms - (int)(elapsed / 1000);
+        if (left <= 0) return ERR_TIMEOUT;
+        if (poll(fds, (nfds_t)waiting, left) < 0 && errno != EINTR) {
+            h->failed = which[0];
+            return ERR_CLOSED;
+        }
+    }
+    for (int i = 0; i < h->count; i++) lane_accumulate_f32(h->lanes[i], x, n);  /* rank order */
+    h->have = 0, h->seq = 0;  /* done: a call with this seq again would start a new wait */
+    for (int i = 0; i < h->count; i++) {
+        const int rc = lane_send(h->lanes[i], KIND_REDUCED, FORMAT_F32, h->current_step, seq, x, n * 4, NULL, 0);
+        if (rc) {
+            h->failed = i;
+            return rc;
+        }
+    }
+    return 0;
+}
+
 /* Benchmark only (bench/lane.py): `iters` back-to-back lane_exchange_f32 calls in C, the time of
  * each in nanoseconds into times_ns: the wire's cost with no Python in the loop. */
 int lane_bench_exchange(void *handle, const float *own, float *out, int64_t n, int iters, int64_t *times_ns) {

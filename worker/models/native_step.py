@@ -9,7 +9,10 @@ is the same bits.
 Python builds the per-layer descriptors once (``attach``: weight, scale, bias and KV-cache
 addresses, dims) and keeps every step the native step does not cover: prefill chunks, models
 with hooks (q/k norms, MoE), streamed weights (the sliding window), bf16 caches, steps whose
-allreduces are not one C call (ZeroMQ, the hub of a star, a lossy sync dtype). The log says
+allreduces are not one C call (ZeroMQ, a lossy sync dtype). On lanes with fp32 sync every rank
+runs it: the 2-rank exchange (``lane_allreduce_f32``), a star's workers (the same call, answered
+by a REDUCED) and a star's hub (``lane_hub_allreduce_f32``: every worker's partial at once,
+summed in rank order). The log says
 which path a rank takes, and why, once per reason. ``EDGELLM_NATIVE_STEP=0`` turns it off.
 """
 
@@ -147,8 +150,7 @@ class NativeStep:
         if batch > native.F32_MAX_ROWS or not self._model._attends_tokens_natively(plan):
             return self._python(f"batches over {native.F32_MAX_ROWS} rows or outside the KV cache")
         if (allreduce := self._link.native_allreduce()) is None:
-            return self._python("steps whose allreduces are not one C call (ZeroMQ, the hub of a star, "
-                                "a lossy sync dtype)")
+            return self._python("steps whose allreduces are not one C call (ZeroMQ, a lossy sync dtype)")
         return self._run(hidden, plan, batch, allreduce)
 
     def _run(self, hidden: torch.Tensor, plan: StepPlan, batch: int, allreduce: tuple[int, int]) -> torch.Tensor:

@@ -6,8 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Sequences x heads x keys x head_dim below which the attention runs on one thread. */
-#define ATTENTION_PARALLEL_WORK (1 << 17)
+#include "../common.h"
 
 static float dot(const float *a, const float *b, int n) {
     float32x4_t acc = vdupq_n_f32(0.0f);
@@ -64,12 +63,6 @@ void silu_mul_rows(const float *gate_up, float *out, int m, int w) {
     }
 }
 
-/* Rotate-half RoPE of one head x (hd,): out = x * cos + roll(x, hd / 2) * signed_sin. */
-static void rope_head(const float *x, const float *cos, const float *signed_sin, int hd, float *out) {
-    const int half = hd / 2;
-    for (int j = 0; j < hd; j++) out[j] = x[j] * cos[j] + x[j < half ? j + half : j - half] * signed_sin[j];
-}
-
 /* One query head against keys [start, end) of its KV head: softmax(scale * q.k) weighted sum of
  * the values, into out (hd,). scores has room for end - start floats. */
 static void attend_head(const float *q, const float *keys, const float *values, int start, int end, int hd,
@@ -99,48 +92,4 @@ static void attend_head(const float *q, const float *keys, const float *values, 
     for (int j = 0; j < hd; j++) out[j] /= total;
 }
 
-/* One new token of each of `batch` sequences: RoPE on its query (qh heads) and key (kh heads),
- * its key and value written to the KV cache at (slots[b], positions[b]), then each query head
- * attends to its KV head's (head / (qh / kh)) cached keys [positions[b] - window + 1 or 0,
- * positions[b]] (window 0: all). Each row of qkv (qkv_stride floats apart) holds the token's
- * q, k and v side by side (qh * hd, kh * hd and kh * hd floats); cos and signed_sin are
- * (max_len, hd) tables; the caches one layer's (slots, kh, max_len, hd); out is (batch, qh * hd).
- * Heads of a long context are split across `threads` (each output computed by one thread: the
- * same bits at any count). */
-void decode_attention(const float *qkv, int64_t qkv_stride, const float *cos, const float *signed_sin,
-                      float *k_cache, float *v_cache, const int64_t *slots, const int64_t *positions, int batch,
-                      int qh, int kh, int hd, int max_len, int window, float scale, float *out, int threads) {
-    const int64_t head_stride = (int64_t)max_len * hd, slot_stride = kh * head_stride;
-    float *rotated_q = malloc(sizeof(float) * batch * qh * hd);
-    int longest = 0;
-    for (int b = 0; b < batch; b++) {
-        const int64_t pos = positions[b];
-        const float *c = cos + pos * hd, *s = signed_sin + pos * hd;
-        const float *q = qkv + b * qkv_stride, *k = q + qh * hd, *v = k + kh * hd;
-        for (int h = 0; h < qh; h++) rope_head(q + h * hd, c, s, hd, rotated_q + ((int64_t)b * qh + h) * hd);
-        for (int h = 0; h < kh; h++) {
-            const int64_t row = slots[b] * slot_stride + h * head_stride + pos * hd;
-            rope_head(k + h * hd, c, s, hd, k_cache + row);
-            for (int j = 0; j < hd; j++) v_cache[row + j] = v[h * hd + j];
-        }
-        if (pos + 1 > longest) longest = (int)pos + 1;
-    }
-    const int group = qh / kh;
-    const int64_t work = (int64_t)batch * qh * longest * hd;
-    if (work < ATTENTION_PARALLEL_WORK) threads = 1;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scores = malloc(sizeof(float) * (longest > 0 ? longest : 1));
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < batch * qh; bh++) {
-            const int b = bh / qh, h = bh % qh;
-            const int end = (int)positions[b] + 1;
-            const int start = window > 0 && end > window ? end - window : 0;
-            const int64_t head = slots[b] * slot_stride + (h / group) * head_stride;
-            attend_head(rotated_q + (int64_t)bh * hd, k_cache + head, v_cache + head, start, end, hd, scale, scores,
-                        out + (int64_t)bh * hd);
-        }
-        free(scores);
-    }
-    free(rotated_q);
-}
+#include "../decode_attention.h"

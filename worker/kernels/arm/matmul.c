@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/auxv.h>
 
+#include "../common.h"
 #include "quant.h"
 
 #ifndef HWCAP_ASIMDDP
@@ -78,11 +79,6 @@ typedef struct {
     float *xsum;   /* (m, groups): sum of x over each group (int4 only) */
     int64_t blocks, groups;
 } QuantRows;
-
-static inline float bf16_to_float(uint16_t b) {
-    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
-    return v.f;
-}
 
 /* One block of 32 floats: d = max|x| / 127, q = x * (1 / d) rounded half to even. */
 static void quantize_block(const float *x, int8_t *q, float *d) {
@@ -205,13 +201,6 @@ void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, i
 
 /* ---- float weights ---- */
 
-/* One float row against x, for the N % 4 weight rows and the K % 4 columns left over. */
-static float dot_floats(const float *row, const float *x, int64_t k) {
-    float sum = 0.0f;
-    for (int64_t c = 0; c < k; c++) sum += row[c] * x[c];
-    return sum;
-}
-
 /* One row of x against 8 weight rows (row stride k) over columns [0, k4): the decode case, 8
  * row streams at once (as ../x86/matmul.c, which measured why). */
 static void one_row_against_eight(const float *r0, int64_t k, int64_t k4, const float *x, float out[8]) {
@@ -251,49 +240,9 @@ static void up_to_three_rows(const float *block, int64_t stride, int64_t k4, con
     else rows_against_floats(block, stride, k4, xs, 1, out);
 }
 
-/* y (m, n) = x (m, k) @ w (n, k).T in float32 for few rows of x; blocks as ../x86/matmul.c's:
- * 8 weight rows for one row of x, else 4 rows for up to 3 rows of x at a time. */
-void f32_gemm(const float *w, const float *x, float *y, int m, int n, int k, int threads) {
-    if (threads > 1 && n < 4 * MIN_BLOCKS_PER_THREAD * threads) threads = 1;
-    const int64_t k4 = k - k % 4;
-    const int wide_blocks = m == 1 ? n / 8 : 0; /* 8-row blocks, rows [0, 8 * wide_blocks) */
-    const int first = 8 * wide_blocks;          /* then 4-row blocks from this row */
-    const int blocks = (n - first) / 4;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static) nowait
-        for (int b = 0; b < wide_blocks; b++) {
-            const float *r0 = w + (int64_t)8 * b * k;
-            float out[8];
-            one_row_against_eight(r0, k, k4, x, out);
-            for (int r = 0; r < 8; r++) y[8 * b + r] = out[r] + dot_floats(r0 + (int64_t)r * k + k4, x + k4, k - k4);
-        }
-#pragma omp for schedule(static)
-        for (int b = 0; b < blocks; b++) {
-            const float *r0 = w + (int64_t)(first + 4 * b) * k;
-            for (int i = 0; i < m; i += 3) {
-                const int rows = m - i >= 3 ? 3 : m - i;
-                const float *xs[3];
-                for (int j = 0; j < 3; j++) xs[j] = x + (int64_t)(j < rows ? i + j : i) * k;
-                float out[3][4];
-                up_to_three_rows(r0, k, k4, xs, rows, out);
-                for (int j = 0; j < rows; j++)
-                    for (int r = 0; r < 4; r++)
-                        y[(int64_t)(i + j) * n + first + 4 * b + r] =
-                            out[j][r] + dot_floats(r0 + (int64_t)r * k + k4, xs[j] + k4, k - k4);
-            }
-        }
-    }
-    for (int r = first + 4 * blocks; r < n; r++)
-        for (int i = 0; i < m; i++) y[(int64_t)i * n + r] = dot_floats(w + (int64_t)r * k, x + (int64_t)i * k, k);
-}
+#define F32_VEC 4 /* floats per vector: f32_gemm's column blocks */
+#include "../f32_gemm.h"
 
-/* A float rounded to the nearest bfloat16, ties to even (NaN stays NaN). */
-static inline uint16_t float_to_bf16(float f) {
-    union { float f; uint32_t u; } v = {f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
 
 /* 4 bfloat16 values at p as floats (a bf16 is the top half of a float32). */
 static inline float32x4_t load4_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }

@@ -19,22 +19,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "../common.h"
+#include "avx2.h"
+
 #define Q4_BLOCK 32
 #define Q4_MIN_BLOCKS_PER_THREAD 16 /* 4-row blocks below which a second thread costs more than it saves */
 #define Q4_PREFETCH 4096            /* bytes ahead on a block's weight rows */
-
-
-static inline float q4_hsum(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
-}
-
-static inline float q4_bf16(uint16_t b) {
-    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
-    return v.f;
-}
 
 /* Row x (k floats) as int8 blocks: xq (k), d (k/32) and, per group of g, X (k/g) = sum d * xq. */
 static void quantize_row_q8(const float *x, int k, int g, int8_t *xq, float *d, float *xg) {
@@ -104,13 +94,13 @@ static inline __attribute__((always_inline)) void q4_rows(const uint8_t *w, cons
             }
         }
         for (int r = 0; r < rows; r++) {
-            const float scale = q4_bf16(sz[((int64_t)r * groups + j) * 2]);
-            const float zero = q4_bf16(sz[((int64_t)r * groups + j) * 2 + 1]);
+            const float scale = bf16_to_float(sz[((int64_t)r * groups + j) * 2]);
+            const float zero = bf16_to_float(sz[((int64_t)r * groups + j) * 2 + 1]);
             acc[r] = _mm256_fmadd_ps(accg[r], _mm256_set1_ps(scale), acc[r]);
             c[r] += (zero - 8.0f * scale) * xg[j];
         }
     }
-    for (int r = 0; r < rows; r++) out[r] = q4_hsum(acc[r]) + c[r];
+    for (int r = 0; r < rows; r++) out[r] = hsum8(acc[r]) + c[r];
 }
 
 /* Two weight rows against two quantized rows of x (i0, i1): each block's nibbles are unpacked
@@ -139,16 +129,16 @@ static void q4_two_by_two(const uint8_t *w, const uint16_t *sz, int k, int g, co
             g10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, x1), ones)), e1, g10);
             g11 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, x1), ones)), e1, g11);
         }
-        const float s0 = q4_bf16(sz[2 * j]), z0 = q4_bf16(sz[2 * j + 1]);
-        const float s1 = q4_bf16(sz[2 * (groups + j)]), z1 = q4_bf16(sz[2 * (groups + j) + 1]);
+        const float s0 = bf16_to_float(sz[2 * j]), z0 = bf16_to_float(sz[2 * j + 1]);
+        const float s1 = bf16_to_float(sz[2 * (groups + j)]), z1 = bf16_to_float(sz[2 * (groups + j) + 1]);
         const __m256 v0 = _mm256_set1_ps(s0), v1 = _mm256_set1_ps(s1);
         acc00 = _mm256_fmadd_ps(g00, v0, acc00), acc01 = _mm256_fmadd_ps(g01, v1, acc01);
         acc10 = _mm256_fmadd_ps(g10, v0, acc10), acc11 = _mm256_fmadd_ps(g11, v1, acc11);
         c[0][0] += (z0 - 8.0f * s0) * xg0[j], c[0][1] += (z1 - 8.0f * s1) * xg0[j];
         c[1][0] += (z0 - 8.0f * s0) * xg1[j], c[1][1] += (z1 - 8.0f * s1) * xg1[j];
     }
-    out[0][0] = q4_hsum(acc00) + c[0][0], out[0][1] = q4_hsum(acc01) + c[0][1];
-    out[1][0] = q4_hsum(acc10) + c[1][0], out[1][1] = q4_hsum(acc11) + c[1][1];
+    out[0][0] = hsum8(acc00) + c[0][0], out[0][1] = hsum8(acc01) + c[0][1];
+    out[1][0] = hsum8(acc10) + c[1][0], out[1][1] = hsum8(acc11) + c[1][1];
 }
 
 /* y (m, n) = x (m, k) @ dequant(w).T (the header says how). x is quantized once, then every
@@ -226,13 +216,13 @@ static inline __attribute__((always_inline)) void q4f_rows(const uint8_t *w, con
             }
         }
         for (int r = 0; r < rows; r++) {
-            const float scale = q4_bf16(sz[((int64_t)r * groups + j) * 2]);
-            const float zero = q4_bf16(sz[((int64_t)r * groups + j) * 2 + 1]);
+            const float scale = bf16_to_float(sz[((int64_t)r * groups + j) * 2]);
+            const float zero = bf16_to_float(sz[((int64_t)r * groups + j) * 2 + 1]);
             acc[r] = _mm256_fmadd_ps(accg[r], _mm256_set1_ps(scale), acc[r]);
             c[r] += (zero - 8.0f * scale) * xg[j];
         }
     }
-    for (int r = 0; r < rows; r++) out[r] = q4_hsum(acc[r]) + c[r];
+    for (int r = 0; r < rows; r++) out[r] = hsum8(acc[r]) + c[r];
 }
 
 void int4_gemm_f32(const uint8_t *w, const uint16_t *sz, const float *x, float *y, int m, int n, int k, int g,

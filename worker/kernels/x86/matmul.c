@@ -15,6 +15,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "../common.h"
+#include "avx2.h"
+
 /* Bytes ahead on the block stream. 2 threads, int8, 1 row, cold: the 512x8 shape's matrices read
  * 14-17 GB/s with anything from 3 to 16 KB (1 KB was slower); the 1.1B shape's (11264x2048 and
  * 2048x5632) 24 GB/s at 3 KB, 26-30 at 6-12 KB. */
@@ -25,18 +28,6 @@
  * 12 rows 9.4-10.4 / 8.8-10.2, 16 rows 7.6-12.0 / 9.7-11.6, 32 rows 15.5-18.6 / 22.7-24.3,
  * 64 rows 37 / 49-51, 128 rows 71-75 / 100-104. */
 #define SCRATCH_MIN_ROWS 12
-
-static inline float hsum(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
-}
-
-static inline float bf16_to_float(uint16_t b) {
-    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
-    return v.f;
-}
 
 /* 8 int8 weights at p, as the low 8 bytes of a vector. The sign extension that follows reads
  * them straight from memory (vpmovsxbd ymm, m64): one 16-byte load split with an unpack cost a
@@ -55,7 +46,7 @@ static float dot_row(const int8_t *row, const float *x, int k_end) {
     int k = 0;
     for (; k + 8 <= k_end; k += 8)
         acc = fma8(load8(row + k), _mm256_loadu_ps(x + k), acc);
-    float sum = hsum(acc);
+    float sum = hsum8(acc);
     for (; k < k_end; k++) sum += row[k] * x[k];
     return sum;
 }
@@ -80,8 +71,8 @@ static void block_two_rows(const int8_t *r0, int k, const float *x0, const float
         }
     }
     for (int r = 0; r < 4; r++) {
-        out[0][r] = hsum(a[0][r]) + dot_row(rows[r] + k16, x0 + k16, k - k16);
-        out[1][r] = hsum(a[1][r]) + dot_row(rows[r] + k16, x1 + k16, k - k16);
+        out[0][r] = hsum8(a[0][r]) + dot_row(rows[r] + k16, x0 + k16, k - k16);
+        out[1][r] = hsum8(a[1][r]) + dot_row(rows[r] + k16, x1 + k16, k - k16);
     }
 }
 
@@ -103,10 +94,10 @@ static void block_one_row(const int8_t *r0, int k, const float *x, float out[4])
         lo3 = fma8(load8(r3 + c), xlo, lo3), hi3 = fma8(load8(r3 + c + 8), xhi, hi3);
     }
     const int tail = k - k16; /* 0 or 8 for a shard (K is a multiple of 8), anything here */
-    out[0] = hsum(_mm256_add_ps(lo0, hi0)) + dot_row(r0 + k16, x + k16, tail);
-    out[1] = hsum(_mm256_add_ps(lo1, hi1)) + dot_row(r1 + k16, x + k16, tail);
-    out[2] = hsum(_mm256_add_ps(lo2, hi2)) + dot_row(r2 + k16, x + k16, tail);
-    out[3] = hsum(_mm256_add_ps(lo3, hi3)) + dot_row(r3 + k16, x + k16, tail);
+    out[0] = hsum8(_mm256_add_ps(lo0, hi0)) + dot_row(r0 + k16, x + k16, tail);
+    out[1] = hsum8(_mm256_add_ps(lo1, hi1)) + dot_row(r1 + k16, x + k16, tail);
+    out[2] = hsum8(_mm256_add_ps(lo2, hi2)) + dot_row(r2 + k16, x + k16, tail);
+    out[3] = hsum8(_mm256_add_ps(lo3, hi3)) + dot_row(r3 + k16, x + k16, tail);
 }
 
 /* The 4 rows of a weight block as floats, 8 columns a step (k8 = k rounded down to 8). */
@@ -123,7 +114,7 @@ static void convert_block(const int8_t *r0, int k, int k8, float *buf) {
  * rows x 4 accumulators, one float load of the weights per 8 columns and weight row, the rest
  * FMAs. Inlined with a constant row count so the accumulators stay in registers (3 x 4 + 3 of
  * x: all 16 of AVX2's). The caller adds the columns from k8 on. */
-static inline __attribute__((always_inline)) void rows_against_floats(const float *block, int64_t stride, int k8,
+static inline __attribute__((always_inline)) void rows_against_floats(const float *block, int64_t stride, int64_t k8,
                                                                       const float *xs[3], int rows,
                                                                       float out[3][4]) {
     __m256 acc[3][4];
@@ -138,11 +129,11 @@ static inline __attribute__((always_inline)) void rows_against_floats(const floa
         }
     }
     for (int i = 0; i < rows; i++)
-        for (int r = 0; r < 4; r++) out[i][r] = hsum(acc[i][r]);
+        for (int r = 0; r < 4; r++) out[i][r] = hsum8(acc[i][r]);
 }
 
 /* The same with the row count as a constant of each call (see rows_against_floats). */
-static void up_to_three_rows(const float *block, int64_t stride, int k8, const float *xs[3], int rows,
+static void up_to_three_rows(const float *block, int64_t stride, int64_t k8, const float *xs[3], int rows,
                              float out[3][4]) {
     if (rows == 3) rows_against_floats(block, stride, k8, xs, 3, out);
     else if (rows == 2) rows_against_floats(block, stride, k8, xs, 2, out);
@@ -207,82 +198,30 @@ void int8_gemm(const int8_t *w, const uint16_t *scales, const float *x, float *y
             y[(int64_t)i * n + r] = dot_row(w + (int64_t)r * k, x + (int64_t)i * k, k) * bf16_to_float(scales[r]);
 }
 
-/* One float row against x, for the N % 4 weight rows and the K % 8 columns left over. */
-static float dot_floats(const float *row, const float *x, int k) {
-    float sum = 0.0f;
-    for (int c = 0; c < k; c++) sum += row[c] * x[c];
-    return sum;
-}
-
-/* One row of x against 8 weight rows (row stride k) over columns [0, k8): the decode case.
+/* One row of x against 8 weight rows (row stride k) over columns [0, k8): the decode case (f32_gemm).
  * Eight row streams at once rather than four: the hardware prefetcher restarts its streams at
  * every block, and a longer block (8 rows of 2048 floats: 64 KB) spends less of its time
  * ramping up. Measured with 1 row of x, interleaved rounds over every matrix of a model, GB/s
  * mean at 2 / 1 threads, 4-row blocks against 8: 1.1B shape (4.1 GB) 23.6 / 13.0 against 24.8
  * / 13.8 (faster in 22 of 30 rounds); 512x8 shape 14.7 / 8.9 against 16.5 / 9.9 (37 of 40).
  * 6 and 12 rows were in between, 16 slower. */
-static void one_row_against_eight(const float *r0, int64_t k, int k8, const float *x, float out[8]) {
+static void one_row_against_eight(const float *r0, int64_t k, int64_t k8, const float *x, float out[8]) {
     __m256 acc[8];
     for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
     for (int c = 0; c < k8; c += 8) {
         const __m256 xv = _mm256_loadu_ps(x + c);
         for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + r * k + c), xv, acc[r]);
     }
-    for (int r = 0; r < 8; r++) out[r] = hsum(acc[r]);
+    for (int r = 0; r < 8; r++) out[r] = hsum8(acc[r]);
 }
 
-/* y (m, n) = x (m, k) @ w (n, k).T in float32, for few rows of x (decode, small batches): every
- * block of w is read from memory once (8 rows for one row of x, above; else 4 rows, used for up
- * to 3 rows of x at a time while the rest find it in L1/L2), the blocks split across threads.
- * MKL's sgemm/sgemv for these shapes streams 16-21 GB/s at 1 row and 6-9 GB/s at 2-8 rows on
- * 2 threads here; this reads 25-35. No software prefetch: the row streams are what the
- * hardware prefetcher follows best, and prefetching 1-4 KB ahead measured slower. */
-void f32_gemm(const float *w, const float *x, float *y, int m, int n, int k, int threads) {
-    if (threads > 1 && n < 4 * MIN_BLOCKS_PER_THREAD * threads) threads = 1;
-    const int k8 = k - k % 8;
-    const int wide_blocks = m == 1 ? n / 8 : 0; /* 8-row blocks, rows [0, 8 * wide_blocks) */
-    const int first = 8 * wide_blocks;          /* then 4-row blocks from this row */
-    const int blocks = (n - first) / 4;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static) nowait
-        for (int b = 0; b < wide_blocks; b++) {
-            const float *r0 = w + (int64_t)8 * b * k;
-            float out[8];
-            one_row_against_eight(r0, k, k8, x, out);
-            for (int r = 0; r < 8; r++) y[8 * b + r] = out[r] + dot_floats(r0 + (int64_t)r * k + k8, x + k8, k - k8);
-        }
-#pragma omp for schedule(static)
-        for (int b = 0; b < blocks; b++) {
-            const float *r0 = w + (int64_t)(first + 4 * b) * k;
-            for (int i = 0; i < m; i += 3) {
-                const int rows = m - i >= 3 ? 3 : m - i;
-                const float *xs[3];
-                for (int j = 0; j < 3; j++) xs[j] = x + (int64_t)(j < rows ? i + j : i) * k;
-                float out[3][4];
-                up_to_three_rows(r0, k, k8, xs, rows, out);
-                for (int j = 0; j < rows; j++)
-                    for (int r = 0; r < 4; r++)
-                        y[(int64_t)(i + j) * n + first + 4 * b + r] =
-                            out[j][r] + dot_floats(r0 + (int64_t)r * k + k8, xs[j] + k8, k - k8);
-            }
-        }
-    }
-    for (int r = first + 4 * blocks; r < n; r++)
-        for (int i = 0; i < m; i++) y[(int64_t)i * n + r] = dot_floats(w + (int64_t)r * k, x + (int64_t)i * k, k);
-}
+#define F32_VEC 8 /* floats per vector: f32_gemm's column blocks */
+#include "../f32_gemm.h"
+
 
 /* 8 bfloat16 values at p as floats (a bf16 is the top half of a float32). */
 static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-/* A float rounded to the nearest bfloat16, ties to even (what torch's .bfloat16() does; NaN
- * stays NaN). */
-static inline uint16_t float_to_bf16(float f) {
-    union { float f; uint32_t u; } v = {f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
 /* Rows x0..x(rows-1) (floats, 1-3 of them) against the bf16 weight rows r0..r0+wrows-1 (row
@@ -308,7 +247,7 @@ static inline __attribute__((always_inline)) void rows_against_bf16(const uint16
         }
     }
     for (int i = 0; i < rows; i++)
-        for (int r = 0; r < wrows; r++) out[i][r] = hsum(acc[i][r]);
+        for (int r = 0; r < wrows; r++) out[i][r] = hsum8(acc[i][r]);
 }
 
 /* y (m, n) = x (m, k) @ w (n, k).T with bfloat16 x, w and y, summed in float32 and rounded once,
