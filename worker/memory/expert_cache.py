@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.kernels.quant import kernel_layout
 from worker.memory import expert_reads
 from worker.memory.expert_reads import Read, ReadQueue
 from worker.memory.prefetch_gate import PRIOR_PRECISION, PrefetchGate
@@ -80,6 +81,7 @@ class Entry:
     fetched: bool = True  # read from the file and not used since: its first use counts in ``fetched_bytes``
     guess: bool = False  # read ahead on a prediction, not yet asked for
     missed: bool = False  # read on demand from ``begin_layer``: a miss when asked for, landed or not
+    laid_out: bool = True  # ``fields`` in the running int4 kernel's layout; False: as read (``get`` converts)
 
 
 def choose_victim(candidates: Iterable[Entry], layer: int, num_layers: int, policy: str,
@@ -286,6 +288,7 @@ class ExpertCache:
             else:
                 assert self.file is not None
                 entry.fields = self.file.views(read.block, read.buffer)
+                entry.laid_out = False  # converted by ``get``, on the compute thread, outside the lock
             entry.read = None
             self._cond.notify_all()
 
@@ -428,6 +431,11 @@ class ExpertCache:
                     self.fetched_bytes += self._block_bytes(key)
                 self.stall_seconds += time.perf_counter() - start
                 fields = entry.fields
+                convert = not entry.laid_out
+            if convert:  # once per read; left to ``linear``, a CPU without a native int4 kernel converts at every product
+                fields = kernel_layout(fields)
+                with self._cond:
+                    entry.fields, entry.laid_out = fields, True
         except BaseException:
             with self._cond:
                 self._pinned.discard(key)
