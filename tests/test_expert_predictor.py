@@ -211,12 +211,11 @@ def test_a_landed_prefetch_is_a_hit_and_is_not_cancelled(shard_file: ShardFile) 
 
 def test_a_layers_misses_start_reading_when_it_routes(shard_file: ShardFile) -> None:
     cache = _cache(shard_file, readers=2)
-    order = cache.begin_layer(0, [0, 1, 2])  # 1 and 2 are read by the reader threads, before any get
+    order = cache.begin_layer(0, [0, 1, 2])  # all three are read by the reader threads, before any get
     assert order == [0, 1, 2]
     with cache._cond:
-        assert cache._cond.wait_for(lambda: all(cache._entries[(0, e)].fields is not None for e in (1, 2)), 30)
+        assert cache._cond.wait_for(lambda: all(cache._entries[(0, e)].fields is not None for e in (0, 1, 2)), 30)
     assert set(cache._entries) == {(0, 0), (0, 1), (0, 2)}
-    assert cache._entries[(0, 0)].fields is None  # the first miss waits for the compute thread, no reader takes it
     for expert in order:
         with cache.get(0, expert) as weights:
             assert _same(weights, expert_block(0, expert), shard_file)
@@ -237,7 +236,7 @@ class ThreadRecordingFile(ShardFile):
         super().read_part(block, buffer, start, stop)
 
 
-def test_the_first_miss_is_read_by_the_compute_thread_the_others_by_readers(shard_file: ShardFile) -> None:
+def test_cached_experts_are_computed_first_while_the_readers_read_the_misses(shard_file: ShardFile) -> None:
     file = ThreadRecordingFile(shard_file.path)
     cache = _cache(file, slots=4, readers=1)
     for expert in (0, 3):  # two of layer 0's experts cached (4 buffers: nothing evicted)
@@ -248,15 +247,14 @@ def test_the_first_miss_is_read_by_the_compute_thread_the_others_by_readers(shar
     file.readers.clear()
     before = file.bytes_read
     order = cache.begin_layer(0, [1, 2, 3])
-    assert order == [1, 3, 2]  # the compute thread's own miss, then the cached expert, then the reader's miss
-    with cache._cond:  # else the compute thread, there first, would read 2 itself (it may, when no reader has)
-        assert cache._cond.wait_for(lambda: cache._entries[(0, 2)].fields is not None, 30)
+    assert order == [3, 1, 2]  # the cached expert, then the misses in the order they were queued
+    with cache._cond:  # else the compute thread, there first, would read pieces itself (it may, when no reader has)
+        assert cache._cond.wait_for(lambda: all(cache._entries[(0, e)].fields is not None for e in (1, 2)), 30)
     for expert in order:
         with cache.get(0, expert) as weights:
             assert _same(weights, expert_block(0, expert), shard_file)
     cache.end_layer()
-    me = threading.current_thread().name
-    assert file.readers == {expert_block(0, 1): {me}, expert_block(0, 2): {"expert-reader-0"}}
+    assert file.readers == {expert_block(0, 1): {"expert-reader-0"}, expert_block(0, 2): {"expert-reader-0"}}
     assert file.bytes_read - before == 2 * file.block_bytes(expert_block(0, 1))  # each miss read once
     cache.close()
 
@@ -274,20 +272,23 @@ def test_an_own_read_the_layer_never_asked_for_goes_to_the_readers(shard_file: S
     cache.close()
 
 
-def test_a_large_own_read_is_shared_with_the_readers_once_started(shard_file: ShardFile,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_own_read_keeps_its_first_piece_for_the_compute_thread(shard_file: ShardFile,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A miss that ``get`` starts itself: the compute thread reads the first piece, the readers may
+    take the others at once; a prefetch waits for both."""
     monkeypatch.setattr(expert_reads, "SPLIT_BYTES", PAGE)  # the tiny experts count as large
     cond = threading.Condition()
     queue = ReadQueue(shard_file, cond, depth=2, threads=0)
     size = shard_file.block_bytes(expert_block(0, 0))
     with cond:
         read = queue.submit(expert_block(0, 0), torch.empty(size, dtype=torch.uint8), demand=True, own=True)
-        small = queue.submit(expert_block(0, 1), torch.empty(size, dtype=torch.uint8), demand=False)
-        assert len(read.todo) == 2 and queue._next() is None  # neither its pieces nor a prefetch's, yet
-        queue._take(read)
-        queue.release(read)  # as ``help`` does once it has taken the first piece
-        assert queue._next() is read
-    assert small.todo
+        guess = queue.submit(expert_block(0, 1), torch.empty(size, dtype=torch.uint8), demand=False)
+        assert read.own and len(read.todo) == 1 and queue._next() is read
+        second = queue._take(read)  # a reader takes the second piece, never the reserved first
+        assert second is not None and second[0] > 0 and read.own
+        assert queue._next() is None  # the first piece waits for the compute thread: no prefetch yet
+        assert queue._take(read, mine=True) == (0, second[0]) and not read.own
+    assert guess.todo
     queue.close()
 
 
@@ -300,9 +301,11 @@ def test_prefetch_pieces_wait_while_a_demand_read_is_queued_or_in_flight(shard_f
         guess = queue.submit(expert_block(1, 0), torch.empty(size, dtype=torch.uint8), demand=False)
         assert queue._next() is guess  # the disk is idle: the guess may read
         demand = queue.submit(expert_block(0, 0), torch.empty(size, dtype=torch.uint8), demand=True)
-        # a small demand read is one piece (SPLIT_BYTES); a prefetch, pieces that can stop between two
-        assert len(demand.todo) == 1 and len(guess.todo) == -(-size // expert_reads.PREFETCH_PIECE) > 2
+        # a demand read is ``depth`` pieces read at once; a prefetch, pieces that can stop between two
+        assert len(demand.todo) == 2 and len(guess.todo) == -(-size // expert_reads.PREFETCH_PIECE) > 2
         assert queue._next() is demand
+        queue._take(demand)
+        assert queue._next() is demand  # one piece still queued
         queue._take(demand)  # in flight, none queued
         assert queue._next() is None  # the guess still waits
     queue.close()

@@ -2,14 +2,13 @@
 threads.
 
 An expert is one contiguous byte range of the rank's file (``edgellm shard`` writes a block's
-tensors back to back). A layer's first missed expert is read by the compute thread itself
-(``own``): nothing to hand over, no thread to wake, and the compute thread would only wait for it
-anyway. Its other misses go to the reader threads at once, so that as many reads are in flight as
-the layer misses experts, and each is computed as soon as it lands, while the next is still read.
-A demand read of an expert of ``SPLIT_BYTES`` or more is cut into ``depth`` pieces (this VM's
-disk read 9 MB experts up to 1.5x faster at depth 2 than at 1; bench/moe_cache.py measures depth
-1/2/4); a smaller one is one piece. A prefetch is cut into pieces of ``PREFETCH_PIECE`` bytes, so
-that it can be given up between two.
+tensors back to back). A layer's missed experts go to the reader threads as soon as it routes,
+each cut into ``depth`` pieces read at once (page-aligned; this VM's disk reads one cold read at a
+time at 0.5-0.8x the MB/s of two, bench/moe_cache.py's disk figures); the compute thread computes
+the experts it has meanwhile, and then helps with the pieces of the expert it waits for
+(``help``). A miss that no buffer could take at routing is read when asked for (``own``): the
+compute thread reads its first piece, the readers may take the others at once. A prefetch is cut
+into pieces of ``PREFETCH_PIECE`` bytes, so that it can be given up between two.
 
 Demand pieces go first, and a prefetch piece starts only when no demand piece is queued or in
 flight: a prefetch uses the disk only while it would otherwise be idle, and delays a demand
@@ -36,9 +35,10 @@ from worker.shards.shard_file import ShardFile
 log = logging.getLogger(__name__)
 
 PREFETCH_PIECE = 1 << 20  # bytes: what a wrong prefetch may still read after it is cancelled
-# a demand read this large is cut into ``depth`` pieces read at once; a smaller one is one piece (one
-# hand-off less: the 1.6 MB fp32 experts of the trained tiny MoE, and int8/int4 experts)
-SPLIT_BYTES = 4 << 20
+# a demand read is cut into up to ``depth`` pieces read at once, none smaller than this (main's way:
+# every expert): one cold read at a time got 0.5-0.8x the MB/s of two here (bench/moe_cache.py's disk
+# figures); reading the trained tiny MoE's 1.6 MB fp32 experts whole decoded at 0.77-0.90x main's
+SPLIT_BYTES = 4096
 PAGE = 4096  # pieces start on page boundaries, so dropping one's pages from the cache drops no other's
 
 
@@ -59,11 +59,16 @@ class Read:
     read_bytes: int = 0
     promoted: bool = False  # a prefetch turned demand read: its time includes idle waits, not timed
     finished: bool = False
-    own: bool = False  # the compute thread reads it (``help``); readers leave it alone until it starts
+    # an ``own`` read's first piece, kept for the compute thread (``help``): readers take the others at once
+    reserved: tuple[int, int] | None = None
+
+    @property
+    def own(self) -> bool:
+        return self.reserved is not None
 
     @property
     def done(self) -> bool:
-        return not self.todo and not self.inflight
+        return not self.todo and not self.inflight and self.reserved is None
 
 
 def pieces(nbytes: int, count: int = 1, size: int | None = None) -> deque[tuple[int, int]]:
@@ -103,12 +108,14 @@ class ReadQueue:
         the compute thread makes itself (``help``): no reader is woken for it."""
         nbytes = self.file.block_bytes(block)
         if demand:
-            parts = pieces(nbytes, count=self.depth if nbytes >= SPLIT_BYTES else 1)
+            parts = pieces(nbytes, count=min(self.depth, max(1, nbytes // SPLIT_BYTES)))
         else:
             parts = pieces(nbytes, size=PREFETCH_PIECE)
-        read = Read(block, buffer, nbytes, parts, demand, on_done, own=own and demand)
+        read = Read(block, buffer, nbytes, parts, demand, on_done)
+        if own and demand:
+            read.reserved = parts.popleft()
         self._reads.append(read)
-        if not read.own:
+        if read.todo:
             self._work.notify_all()
         return read
 
@@ -120,17 +127,18 @@ class ReadQueue:
         self._work.notify_all()
 
     def release(self, read: Read) -> None:
-        """Let the readers take the pieces of an ``own`` read (caller holds the lock): once the
-        compute thread has started it, or where it will not (``ExpertCache.end_layer``)."""
-        if read.own:
-            read.own = False
-            if read.todo:
-                self._work.notify_all()
+        """Let the readers take the first piece of an ``own`` read too (caller holds the lock):
+        where the compute thread will not read it (``ExpertCache.end_layer``)."""
+        if read.reserved is not None:
+            read.todo.appendleft(read.reserved)
+            read.reserved = None
+            self._work.notify_all()
 
     def cancel(self, read: Read) -> None:
         """Give up ``read`` after its pieces in flight (caller holds the lock)."""
         read.cancelled = True
         read.todo.clear()
+        read.reserved = None
         if read.done:
             self._finish(read)
 
@@ -145,19 +153,25 @@ class ReadQueue:
         """The read whose next piece a reader takes: demand reads first; a prefetch only while no
         demand read is queued or in flight."""
         for read in self._reads:
-            if read.demand and read.todo and not read.own:
+            if read.demand and read.todo:
                 return read
-        if self._demand_active():  # an own read not started yet counts: the compute thread is on its way
+        if self._demand_active():  # an own piece not started yet counts: the compute thread is on its way
             return None
-        return next((read for read in self._reads if read.todo and not read.own), None)
+        return next((read for read in self._reads if read.todo), None)
 
-    def _take(self, read: Read) -> tuple[int, int] | None:
-        if not read.todo:
+    def _take(self, read: Read, mine: bool = False) -> tuple[int, int] | None:
+        """The read's next piece, now in flight: for the compute thread (``mine``, from ``help``) its
+        reserved first piece if any, else the next one queued; None when none is left."""
+        if mine and read.reserved is not None:
+            piece, read.reserved = read.reserved, None
+        elif read.todo:
+            piece = read.todo.popleft()
+        else:
             return None
         read.inflight += 1
         if not read.started:
             read.started = time.perf_counter()
-        return read.todo.popleft()
+        return piece
 
     def _run(self) -> None:
         while True:
@@ -213,8 +227,7 @@ class ReadQueue:
         (called without the lock). Raises the read's error, if one failed."""
         while True:
             with self._cond:
-                piece = self._take(read)
-                self.release(read)  # an own read's other pieces (a large expert): readers may help now
+                piece = self._take(read, mine=True)
             if piece is None:
                 break
             self._read_piece(read, piece)
