@@ -269,7 +269,7 @@ class ExpertCache:
 
     def end_layer(self) -> None:
         with self._cond:
-            for entry in self._entries.values():  # an own read its layer never asked for (an error between)
+            for entry in self._entries.values():  # a first piece kept for a get that never came (an error between)
                 if entry.read is not None and entry.read.own and self.reads is not None:
                     self.reads.release(entry.read)
             self._protected = set()
