@@ -4,7 +4,7 @@ of every run, as JSON.
 
     .venv/bin/python bench/moe_cache.py [--model DIR] [--expert-bits 4] [--caches 2x,25%]
                                         [--tokens 24] [--prompts 3] [--repeats 2] [--runs a,b,...]
-                                        [--out FILE]
+                                        [--against DIR] [--out FILE]
 
 One rank in this process. ``--model DIR`` is a Hugging Face Mixtral-style checkpoint directory
 (``scripts/train_tiny_moe.py`` trains one whose routing is learned); without it, a random
@@ -30,15 +30,24 @@ guesses are not in it), and ``io_bound_tokens_per_s`` = best disk MB/s / needed 
 token: no run can decode faster, however well it overlaps reads with compute.
 ``io_bound_fraction`` is the share of it the run reached. ``disk_bytes_per_token`` is what the
 block device really read (``/proc/self/io``), wrong guesses included.
+
+``--against DIR`` runs every configuration also with the code of another checkout (e.g. main's,
+``git archive main | tar -x -C DIR``), on the same shard, interleaved with this checkout's runs;
+its runs are named ``<run>@base``, and ``speedup_over_base`` pairs each run with its own ``@base``
+within each repeat; which of the two runs first alternates between repeats (the later run of a
+pair tended to be faster). Each run of either side is then a fresh process (``python -c``, calling
+that checkout's ``bench/moe_cache.py`` ``run``), so that the two do not share imports or threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -191,6 +200,33 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
             "prefetch_layers_off": after.get("expert_prefetch_layers_off", 0)}
 
 
+ISOLATED_RUN = """
+import json, logging, sys
+from pathlib import Path
+args = json.loads(sys.stdin.read())
+sys.path[:0] = [args["code"] + "/bench", args["code"]]
+import torch
+torch.set_num_threads(args["threads"])
+logging.basicConfig(level=logging.WARNING)
+import moe_cache
+result = moe_cache.run(Path(args["shard_dir"]), args["sequences"], args["cache"], *args["config"])
+print(json.dumps(result))
+"""
+
+
+def run_isolated(code: Path, shard_dir: Path, sequences: list[list[int]], cache: int | None,
+                 config: tuple[str, bool, str, bool], threads: int) -> dict[str, Any]:
+    """``run`` in a fresh process, with the ``worker`` and ``bench`` of the checkout ``code``."""
+    args = {"code": str(code), "shard_dir": str(shard_dir), "sequences": sequences, "cache": cache,
+            "config": list(config), "threads": threads}
+    out = subprocess.run([sys.executable, "-c", ISOLATED_RUN], input=json.dumps(args), capture_output=True,
+                         text=True, check=False, cwd=code, timeout=1800)
+    if out.returncode:
+        raise SystemExit(f"a run with the code of {code} failed:\n{out.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def drop_page_cache(path: Path) -> None:
     """Flush ``path`` and drop it from the page cache, so the next reads go to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -308,6 +344,8 @@ def main() -> None:
                         help="interleaved runs of each configuration; tokens_per_s is the best, tokens_per_s_each every one, "
                              "speedups the median of ratios within a repeat, the other figures the last")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="a checkout of other code (e.g. main's) to run every configuration with too, interleaved")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     require_model(args.model)
@@ -328,18 +366,27 @@ def main() -> None:
         caches = {c: cache_experts(c, config, moe_layers) for c in args.caches.split(",")}
         io = disk(shard_dir, config)
         per_cache: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in caches}
-        for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits every run alike
+        for repeat in range(args.repeats):  # interleaved, so a busy moment of the machine hits every run alike
+            # --against: which side runs first alternates (ABBA): in a round of main, this, this, main
+            # (trained MoE, 2x cache, 4 rounds) the second of the same code ran 1.12-1.18x the first
+            codes: list[Path | None] = [REPO, args.against] if args.against else [None]
+            if repeat % 2:
+                codes.reverse()
             for name in names:
                 for choice, experts in caches.items():
                     if name == "all_resident" and choice != next(iter(caches)):
                         continue  # no cache limit: once is enough
-                    policy, prefetch, predictor, gated = RUNS[name]
-                    drop_page_cache(file.path)  # every run starts cold
-                    result = run(shard_dir, sequences, None if name == "all_resident" else experts * expert_bytes,
-                                 policy, prefetch, predictor, gated)
-                    runs = per_cache[choice]
-                    every = runs.get(name, {}).get("tokens_per_s_each", []) + [result["tokens_per_s"]]
-                    runs[name] = result | {"tokens_per_s": max(every), "tokens_per_s_each": every}
+                    size = None if name == "all_resident" else experts * expert_bytes
+                    for code in codes:
+                        drop_page_cache(file.path)  # every run starts cold
+                        if code is None:
+                            result = run(shard_dir, sequences, size, *RUNS[name])
+                        else:
+                            result = run_isolated(code, shard_dir, sequences, size, RUNS[name], args.threads)
+                        key = name if code in (None, REPO) else f"{name}@base"
+                        runs = per_cache[choice]
+                        every = runs.get(key, {}).get("tokens_per_s_each", []) + [result["tokens_per_s"]]
+                        runs[key] = result | {"tokens_per_s": max(every), "tokens_per_s_each": every}
     reference = next(iter(per_cache.values()))[names[-1]]["argmax"]
     same = all(r.pop("argmax") == reference for runs in per_cache.values() for r in runs.values())
     report: dict[str, Any] = {
@@ -347,6 +394,7 @@ def main() -> None:
             "hidden_size": config.hidden_size, "layers": config.num_layers, "experts": config.num_experts,
             "top_k": config.experts_per_token, "expert_width": config.moe_intermediate_size},
         "expert_bits": args.expert_bits or 32, "threads": torch.get_num_threads(), "expert_bytes": expert_bytes,
+        "against": str(args.against) if args.against else None,
         "decode_tokens": sum(len(s) - PROMPT_TOKENS for s in sequences),
         "page_cache": "posix_fadvise(DONTNEED) after every read", "disk": io, "same_tokens_in_every_run": same,
         "caches": {}}
@@ -357,6 +405,10 @@ def main() -> None:
                                  "runs": runs}
         if "on_demand_distance" in runs:
             entry["speedup_over_on_demand_distance"] = paired_ratios(runs, "on_demand_distance")
+        if args.against:
+            entry["speedup_over_base"] = {name: statistics.median(
+                a / b for a, b in zip(runs[name]["tokens_per_s_each"], runs[f"{name}@base"]["tokens_per_s_each"],
+                                      strict=False)) for name in names if f"{name}@base" in runs}
         report["caches"][choice] = entry
     emit(report, args.out)
 

@@ -17,7 +17,7 @@ from worker.config import ModelConfig
 from worker.memory import expert_reads
 from worker.memory.expert_cache import Entry, ExpertCache, choose_victim
 from worker.memory.expert_reads import PAGE, PREFETCH_PIECE, ReadQueue, pieces
-from worker.memory.prefetch_gate import MIN_SPANS, PROBE_EVERY, PrefetchGate
+from worker.memory.prefetch_gate import MIN_SPANS, PROBE_EVERY, REPROBE_EVERY, PrefetchGate
 from worker.models.moe import Predictor
 from worker.shards.shard_file import ShardFile
 from worker.shards.shard_writer import write_shards
@@ -144,6 +144,13 @@ def _open_gate(cache: ExpertCache) -> None:
     cache.gated = False  # these tests are about what a prefetch does, not whether the gate lets it
 
 
+def _won(gate: PrefetchGate, layer: int) -> None:
+    """``layer`` as if reading ahead had measured twice as fast as not: the gate's time check lets
+    it read, and only its model-based tests decide."""
+    for arm, seconds in ((True, 0.001), (False, 0.002)):
+        gate.spans[(layer, arm)], gate.span[(layer, arm)] = MIN_SPANS, seconds
+
+
 def test_unneeded_prefetches_are_cancelled_and_their_buffers_reused(shard_file: ShardFile) -> None:
     cache = _cache(shard_file)
     _open_gate(cache)
@@ -204,16 +211,85 @@ def test_a_landed_prefetch_is_a_hit_and_is_not_cancelled(shard_file: ShardFile) 
 
 def test_a_layers_misses_start_reading_when_it_routes(shard_file: ShardFile) -> None:
     cache = _cache(shard_file, readers=2)
-    cache.begin_layer(0, [0, 1, 2])  # all three are read by the reader threads, before any get
+    order = cache.begin_layer(0, [0, 1, 2])  # all three are read by the reader threads, before any get
+    assert order == [0, 1, 2]
     with cache._cond:
-        assert cache._cond.wait_for(lambda: all(e.fields is not None for e in cache._entries.values()), 30)
+        assert cache._cond.wait_for(lambda: all(cache._entries[(0, e)].fields is not None for e in (0, 1, 2)), 30)
     assert set(cache._entries) == {(0, 0), (0, 1), (0, 2)}
-    for expert in (0, 1, 2):
+    for expert in order:
         with cache.get(0, expert) as weights:
             assert _same(weights, expert_block(0, expert), shard_file)
     cache.end_layer()
     assert (cache.misses, cache.hits, cache.late) == (3, 0, 0)  # read on demand, early: still misses
     cache.close()
+
+
+class ThreadRecordingFile(ShardFile):
+    """A real shard file that notes which thread read each block."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.readers: dict[str, set[str]] = {}
+
+    def read_part(self, block: str, buffer: torch.Tensor, start: int, stop: int) -> None:
+        self.readers.setdefault(block, set()).add(threading.current_thread().name)
+        super().read_part(block, buffer, start, stop)
+
+
+def test_cached_experts_are_computed_first_while_the_readers_read_the_misses(shard_file: ShardFile) -> None:
+    file = ThreadRecordingFile(shard_file.path)
+    cache = _cache(file, slots=4, readers=1)
+    for expert in (0, 3):  # two of layer 0's experts cached (4 buffers: nothing evicted)
+        cache.begin_layer(0, [expert])
+        with cache.get(0, expert):
+            pass
+        cache.end_layer()
+    file.readers.clear()
+    before = file.bytes_read
+    order = cache.begin_layer(0, [1, 2, 3])
+    assert order == [3, 1, 2]  # the cached expert, then the misses in the order they were queued
+    with cache._cond:  # else the compute thread, there first, would read pieces itself (it may, when no reader has)
+        assert cache._cond.wait_for(lambda: all(cache._entries[(0, e)].fields is not None for e in (1, 2)), 30)
+    for expert in order:
+        with cache.get(0, expert) as weights:
+            assert _same(weights, expert_block(0, expert), shard_file)
+    cache.end_layer()
+    assert file.readers == {expert_block(0, 1): {"expert-reader-0"}, expert_block(0, 2): {"expert-reader-0"}}
+    assert file.bytes_read - before == 2 * file.block_bytes(expert_block(0, 1))  # each miss read once
+    cache.close()
+
+
+def test_an_own_read_the_layer_never_asked_for_goes_to_the_readers(shard_file: ShardFile) -> None:
+    """A layer that stops between routing and its experts (an error) leaves no read that only a
+    ``get`` would make: its buffer would never come back."""
+    cache = _cache(shard_file, readers=1)
+    cache.begin_layer(0, [2])
+    cache.end_layer()
+    with cache._cond:
+        assert cache._cond.wait_for(lambda: cache._entries[(0, 2)].fields is not None, 30)
+    with cache.get(0, 2) as weights:
+        assert _same(weights, expert_block(0, 2), shard_file)
+    cache.close()
+
+
+def test_an_own_read_keeps_its_first_piece_for_the_compute_thread(shard_file: ShardFile,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A miss that ``get`` starts itself: the compute thread reads the first piece, the readers may
+    take the others at once; a prefetch waits for both."""
+    monkeypatch.setattr(expert_reads, "SPLIT_BYTES", PAGE)  # the tiny experts count as large
+    cond = threading.Condition()
+    queue = ReadQueue(shard_file, cond, depth=2, threads=0)
+    size = shard_file.block_bytes(expert_block(0, 0))
+    with cond:
+        read = queue.submit(expert_block(0, 0), torch.empty(size, dtype=torch.uint8), demand=True, own=True)
+        guess = queue.submit(expert_block(0, 1), torch.empty(size, dtype=torch.uint8), demand=False)
+        assert read.own and len(read.todo) == 1 and queue._next() is read
+        second = queue._take(read)  # a reader takes the second piece, never the reserved first
+        assert second is not None and second[0] > 0 and read.own
+        assert queue._next() is None  # the first piece waits for the compute thread: no prefetch yet
+        assert queue._take(read, mine=True) == (0, second[0]) and not read.own
+    assert guess.todo
+    queue.close()
 
 
 def test_prefetch_pieces_wait_while_a_demand_read_is_queued_or_in_flight(shard_file: ShardFile,
@@ -225,10 +301,12 @@ def test_prefetch_pieces_wait_while_a_demand_read_is_queued_or_in_flight(shard_f
         guess = queue.submit(expert_block(1, 0), torch.empty(size, dtype=torch.uint8), demand=False)
         assert queue._next() is guess  # the disk is idle: the guess may read
         demand = queue.submit(expert_block(0, 0), torch.empty(size, dtype=torch.uint8), demand=True)
+        # a demand read is ``depth`` pieces read at once; a prefetch, pieces that can stop between two
         assert len(demand.todo) == 2 and len(guess.todo) == -(-size // expert_reads.PREFETCH_PIECE) > 2
         assert queue._next() is demand
         queue._take(demand)
-        queue._take(demand)  # both pieces in flight, none queued
+        assert queue._next() is demand  # one piece still queued
+        queue._take(demand)  # in flight, none queued
         assert queue._next() is None  # the guess still waits
     queue.close()
 
@@ -366,6 +444,7 @@ def test_frequency_policy_evicts_the_least_used_then_the_farthest_ahead() -> Non
 ])
 def test_prefetch_gate(precision: float | None, available: float, expected: list[int]) -> None:
     gate = PrefetchGate()
+    _won(gate, 3)
     if precision is not None:
         gate.precision[3] = precision
     assert gate.plan(3, [5, 6, 7], available, expert_s=0.005, piece_s=0.001) == expected
@@ -386,6 +465,7 @@ def test_the_gate_keeps_a_layer_with_wrong_guesses_from_reading_ahead(shard_file
     cache = _cache(shard_file)
     assert cache.reads is not None
     cache.reads.seconds_per_byte = 1e-9  # as measured by demand reads
+    _won(cache.gate, 1)
     for _ in range(10):
         cache.record_prediction(1, {0, 1}, {2, 3})
     cache.prefetch(1, [0, 1])
@@ -397,10 +477,13 @@ def test_the_gate_keeps_a_layer_with_wrong_guesses_from_reading_ahead(shard_file
     cache.close()
 
 
-def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misses(shard_file: ShardFile) -> None:
+@pytest.mark.parametrize("gate_open", [True, False])
+def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misses(shard_file: ShardFile,
+                                                                                   gate_open: bool) -> None:
     """Two MoE layers: the next layer is also the one just used, so the distance policy evicts
     its experts first. One predicted for it, cached already, used to be evicted by the current
-    layer's misses right after the prediction (hit rate 0.15-0.48 against recall 0.80)."""
+    layer's misses right after the prediction (hit rate 0.15-0.48 against recall 0.80). Only on a
+    layer the gate lets use its guesses: a closed one evicts as on demand."""
     cache = _cache(shard_file, slots=3)
     for expert in (2, 0, 1):  # layer 1's experts fill the cache; expert 2 is the least recent
         cache.begin_layer(1, [expert])
@@ -408,6 +491,7 @@ def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misse
             pass
         cache.end_layer()
     cache.gate.precision[1] = 0.9  # a layer whose guesses are usually right
+    cache.gate.open[1] = gate_open
     cache.keep(1, [2])  # the predictor expects layer 1 to use expert 2 again: cached, nothing to read
     cache.begin_layer(0, [0, 1])
     cache.prefetch(1, [2])
@@ -415,17 +499,18 @@ def test_a_cached_expert_predicted_for_the_next_layer_outlives_this_layers_misse
         with cache.get(0, expert):
             pass
     cache.end_layer()
-    assert (1, 2) in cache._entries
+    assert ((1, 2) in cache._entries) == gate_open
     cache.begin_layer(1, [2])
     with cache.get(1, 2):
         pass
     cache.end_layer()
-    assert cache.hits == 1 and cache.misses == 5
+    assert (cache.hits, cache.misses) == ((1, 5) if gate_open else (0, 6))
     cache.close()
 
 
 def test_prefetch_gate_stops_a_layer_whose_guesses_land_late_but_probes_it() -> None:
     gate = PrefetchGate()
+    _won(gate, 2)
     for _ in range(5):
         gate.observe_landing(2, started=2, landed=0)
     plans = [gate.plan(2, [1, 2], available=0.01, expert_s=0.005, piece_s=0.001) for _ in range(16)]
@@ -502,30 +587,38 @@ def _gate_step(gate: PrefetchGate, layer: int, seconds_if_read_ahead: float, sec
     return read_ahead
 
 
-def test_the_gate_turns_off_a_layer_where_reading_ahead_measures_slower_and_probes_it() -> None:
+def test_the_gate_starts_closed_and_keeps_closed_a_layer_where_reading_ahead_measures_slower() -> None:
     """Every model-based test passes (no record, lead time left); only the measured spans differ."""
     gate = PrefetchGate()
-    steps = [_gate_step(gate, 2, 0.010, 0.005) for _ in range(64)]
-    # the first 8 steps read ahead but for a probe without, until MIN_SPANS of each kind; then
-    # reading ahead, slower, is off but for one probe in PROBE_EVERY
-    assert gate.losing(2) and gate.spans[(2, False)] >= MIN_SPANS
-    assert sum(steps[-32:]) == 32 // PROBE_EVERY
-    # now reading ahead pays: the probes see it (their average forgets the slow past in ~5 probes)
-    steps = [_gate_step(gate, 2, 0.002, 0.005) for _ in range(64)]
-    assert not gate.losing(2) and sum(steps[-16:]) == 16
+    steps = [_gate_step(gate, 2, 0.010, 0.005) for _ in range(8 * REPROBE_EVERY)]
+    # closed until MIN_SPANS steps without reading ahead are measured, then MIN_SPANS probes with
+    assert steps[:2 * MIN_SPANS] == [False] * MIN_SPANS + [True] * MIN_SPANS
+    # reading ahead, slower, is off but for one re-probe in REPROBE_EVERY
+    assert gate.losing(2) and not gate.winning(2)
+    assert sum(steps[-4 * REPROBE_EVERY:]) == 4
+    # now reading ahead pays: the re-probes see it (their average forgets the slow past in ~5 probes)
+    steps = [_gate_step(gate, 2, 0.002, 0.005) for _ in range(8 * REPROBE_EVERY)]
+    assert gate.winning(2) and sum(steps[-32:]) == 32 - 32 // PROBE_EVERY
 
 
-def test_the_gate_keeps_reading_ahead_where_it_measures_faster() -> None:
+def test_the_gate_opens_a_layer_where_reading_ahead_measures_faster() -> None:
     gate = PrefetchGate()
     steps = [_gate_step(gate, 2, 0.004, 0.005) for _ in range(64)]
-    assert not gate.losing(2)
-    assert sum(steps) == 64 - MIN_SPANS  # off only for the probes that measured the other side
+    assert gate.winning(2) and steps[:MIN_SPANS] == [False] * MIN_SPANS
+    assert sum(steps[-32:]) == 32 - 32 // PROBE_EVERY  # off only for the probes that measure the other side
+
+
+def test_the_gate_keeps_closed_a_layer_where_reading_ahead_is_no_faster_than_the_margin() -> None:
+    gate = PrefetchGate()
+    steps = [_gate_step(gate, 2, 0.00499, 0.005) for _ in range(64)]
+    assert not gate.winning(2) and sum(steps[-REPROBE_EVERY:]) == 1
 
 
 def test_the_cache_scores_each_layer_span_by_whether_it_read_ahead(shard_file: ShardFile) -> None:
     cache = _cache(shard_file)
     assert cache.reads is not None
     cache.reads.seconds_per_byte = 1e-9  # as measured by demand reads: a read lands in the lead
+    cache.gate.spans[(1, False)] = MIN_SPANS  # steps without reading ahead measured: the next ones probe
     for precision, read_ahead in ((0.9, True), (0.01, False)):
         cache.gate.precision[1] = precision
         cache.prefetch(1, [0])
@@ -533,7 +626,7 @@ def test_the_cache_scores_each_layer_span_by_whether_it_read_ahead(shard_file: S
         with cache.get(1, 0):
             pass
         cache.end_layer()
-        assert cache.gate.spans.get((1, read_ahead)) == 1
+        assert cache.gate.spans.get((1, read_ahead)) == (1 if read_ahead else MIN_SPANS + 1)
         cache._entries.clear()
         cache._free = list(range(len(cache.buffers)))
     assert cache.stats()["expert_prefetch_layers_open"] == 0
@@ -582,3 +675,49 @@ def test_survival_only_adds_victims_where_experts_are_lost_anyway(shard_file: Sh
     cache.prefetch(1, [3])
     assert cache.prefetches == 1 and (2, 1) not in cache._entries
     cache.close()
+
+
+def _drive(cache: ExpertCache, steps: int, guess_wrong: bool | None) -> None:
+    """``steps`` decode steps of two MoE layers (top-2 of 4 experts), driven as ``MoeRankModel``
+    drives the cache; ``guess_wrong``: each layer's guess for the next is the two experts it will
+    not use (None: on demand, no guesses)."""
+    predicted: dict[int, set[int]] = {}
+    for step in range(steps):
+        for layer in (0, 1):
+            needed = sorted({(step + 2 * layer) % 4, (step + 2 * layer + 1) % 4})
+            following = 1 - layer
+            if guess_wrong is not None:
+                if layer in predicted:
+                    cache.record_prediction(layer, predicted.pop(layer), set(needed))
+                nxt = step + (layer == 1)  # the following layer's step
+                will_use = {(nxt + 2 * following) % 4, (nxt + 2 * following + 1) % 4}
+                predicted[following] = set(range(4)) - will_use
+                cache.keep(following, predicted[following])
+            order = cache.begin_layer(layer, needed)
+            if guess_wrong is not None:
+                cache.prefetch(following, sorted(predicted[following]))
+            for expert in order:
+                with cache.get(layer, expert):
+                    pass
+            cache.end_layer()
+
+
+def test_a_predictor_always_wrong_reads_nothing_ahead_and_no_more_bytes_than_on_demand(
+        shard_file: ShardFile) -> None:
+    """The gate starts closed and scores the predictor meanwhile: guesses that are never right are
+    never read, on any layer, and the cache reads what on-demand reads, byte for byte."""
+    files = [ShardFile(shard_file.path, random_access=True) for _ in range(2)]
+    caches = [_cache(file, slots=3, readers=2) for file in files]
+    try:
+        _drive(caches[0], 48, guess_wrong=True)
+        _drive(caches[1], 48, guess_wrong=None)
+        guessing, on_demand = caches
+        assert guessing.predicted > 0 and guessing.predicted_used == 0  # it did guess, always wrong
+        assert guessing.prefetches == 0 and guessing.gate.skipped > 0  # the gate let no guess read
+        assert guessing.reads is not None and guessing.reads.prefetch_bytes_read == 0
+        assert not any(guessing.gate.open.values()) and set(guessing.gate.open) == {0, 1}
+        assert files[0].bytes_read == files[1].bytes_read > 0
+        assert guessing.misses == on_demand.misses
+    finally:
+        for cache in caches:
+            cache.close()

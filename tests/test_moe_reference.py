@@ -3,6 +3,8 @@ decode, with all experts resident and with an expert cache smaller than one laye
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,22 @@ def test_moe_logits_match_with_every_predictor(checkpoints, tmp_path: Path, monk
                  expert_predictor=predictor)
     diff = (ours - expected).abs().max().item()
     assert diff <= TOL, f"{arch}, {predictor} predictor, gated {gated}: max abs logit diff {diff}"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_streamed_experts_give_the_bits_of_resident_ones(checkpoints, tmp_path: Path, ranks: int) -> None:
+    """The cache hands experts over in the order they land (a miss first, then the cached ones), but
+    their outputs are summed in one order: a streamed run gives the same logits, bit for bit, as
+    all experts resident. Three experts per token, so that the order of a sum can change its bits."""
+    model_dir = tmp_path / "top3"
+    shutil.copytree(checkpoints("mixtral"), model_dir)
+    config_json = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config_json | {"num_experts_per_tok": 3}))
+    config = ModelConfig.from_dir(model_dir)
+    weights = RANK_WEIGHTS[ranks]
+    shard_dir = write_shards(model_dir, plan_shards(config, weights), tmp_path / "shards", progress=False)
+    decode, _ = _reference(model_dir, ranks)
+    d, width = config.hidden_size, plan_shards(config, weights)[0].expert_columns
+    resident = _ours(shard_dir, weights, decode)
+    streamed = _ours(shard_dir, weights, decode, expert_cache_bytes=6 * 3 * d * (width[1] - width[0]) * 4)
+    assert torch.equal(resident, streamed)

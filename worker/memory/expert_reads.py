@@ -1,11 +1,14 @@
-"""Reads of routed experts into the expert cache's buffers, by a few reader threads and the
-compute thread together.
+"""Reads of routed experts into the expert cache's buffers, by the compute thread and a few reader
+threads.
 
 An expert is one contiguous byte range of the rank's file (``edgellm shard`` writes a block's
-tensors back to back). A read is cut into pieces: a demand read (the layer computing needs the
-expert) into ``depth`` pieces, so that ``depth`` reads are in flight at once (this VM's disk
-reads 9 MB experts 1.5-2x faster at depth 2 than at 1; bench/moe_cache.py measures depth 1/2/4);
-a prefetch into pieces of ``PREFETCH_PIECE`` bytes, so that it can be given up between two.
+tensors back to back). A layer's missed experts go to the reader threads as soon as it routes,
+each cut into ``depth`` pieces read at once (page-aligned; this VM's disk reads one cold read at a
+time at 0.5-0.8x the MB/s of two, bench/moe_cache.py's disk figures); the compute thread computes
+the experts it has meanwhile, and then helps with the pieces of the expert it waits for
+(``help``). A miss that no buffer could take at routing is read when asked for (``own``): the
+compute thread reads its first piece, the readers may take the others at once. A prefetch is cut
+into pieces of ``PREFETCH_PIECE`` bytes, so that it can be given up between two.
 
 Demand pieces go first, and a prefetch piece starts only when no demand piece is queued or in
 flight: a prefetch uses the disk only while it would otherwise be idle, and delays a demand
@@ -32,6 +35,10 @@ from worker.shards.shard_file import ShardFile
 log = logging.getLogger(__name__)
 
 PREFETCH_PIECE = 1 << 20  # bytes: what a wrong prefetch may still read after it is cancelled
+# a demand read is cut into up to ``depth`` pieces read at once, none smaller than this (main's way:
+# every expert): one cold read at a time got 0.5-0.8x the MB/s of two here (bench/moe_cache.py's disk
+# figures); reading the trained tiny MoE's 1.6 MB fp32 experts whole decoded at 0.77-0.90x main's
+SPLIT_BYTES = 4096
 PAGE = 4096  # pieces start on page boundaries, so dropping one's pages from the cache drops no other's
 
 
@@ -52,10 +59,16 @@ class Read:
     read_bytes: int = 0
     promoted: bool = False  # a prefetch turned demand read: its time includes idle waits, not timed
     finished: bool = False
+    # an ``own`` read's first piece, kept for the compute thread (``help``): readers take the others at once
+    reserved: tuple[int, int] | None = None
+
+    @property
+    def own(self) -> bool:
+        return self.reserved is not None
 
     @property
     def done(self) -> bool:
-        return not self.todo and not self.inflight
+        return not self.todo and not self.inflight and self.reserved is None
 
 
 def pieces(nbytes: int, count: int = 1, size: int | None = None) -> deque[tuple[int, int]]:
@@ -69,10 +82,16 @@ class ReadQueue:
     """The reads in progress, and ``threads`` reader threads that take their pieces.
 
     Shares ``cond`` (and its lock) with the expert cache: methods marked "caller holds the lock"
-    are called from inside the cache's critical sections."""
+    are called from inside the cache's critical sections. ``cond`` is notified when a read is done
+    (the compute thread waits on it); ``work``, a condition on the same lock, when there are pieces
+    to take (the readers wait on it). Apart, a piece that lands wakes no idle reader, and new work
+    does not wake the compute thread: on a loaded 2-core machine every needless wake-up is a slice
+    of a core. Without ``work``, both are ``cond``."""
 
-    def __init__(self, file: ShardFile, cond: threading.Condition, depth: int, threads: int | None = None):
+    def __init__(self, file: ShardFile, cond: threading.Condition, depth: int, threads: int | None = None,
+                 work: threading.Condition | None = None):
         self.file, self._cond, self.depth = file, cond, max(1, depth)
+        self._work = work or cond
         self._reads: list[Read] = []  # unfinished, in submission order
         self._closed = False
         self.seconds_per_byte = 0.0  # EMA over demand reads: what a byte costs the step waiting on it
@@ -84,24 +103,42 @@ class ReadQueue:
             thread.start()
 
     def submit(self, block: str, buffer: torch.Tensor, demand: bool,
-               on_done: Callable[[Read], None] | None = None) -> Read:
-        """Queue ``block``'s read into ``buffer`` (caller holds the lock)."""
+               on_done: Callable[[Read], None] | None = None, own: bool = False) -> Read:
+        """Queue ``block``'s read into ``buffer`` (caller holds the lock). ``own``: a demand read
+        the compute thread makes itself (``help``): no reader is woken for it."""
         nbytes = self.file.block_bytes(block)
-        parts = pieces(nbytes, count=self.depth) if demand else pieces(nbytes, size=PREFETCH_PIECE)
+        if demand:
+            parts = pieces(nbytes, count=min(self.depth, max(1, nbytes // SPLIT_BYTES)))
+        else:
+            parts = pieces(nbytes, size=PREFETCH_PIECE)
         read = Read(block, buffer, nbytes, parts, demand, on_done)
+        if own and demand:
+            read.reserved = parts.popleft()
         self._reads.append(read)
-        self._cond.notify_all()
+        if read.todo:
+            self._work.notify_all()
         return read
 
     def promote(self, read: Read) -> None:
         """A prefetch the layer now needs: its remaining pieces go first (caller holds the lock)."""
+        if read.demand:
+            return
         read.demand = read.promoted = True
-        self._cond.notify_all()
+        self._work.notify_all()
+
+    def release(self, read: Read) -> None:
+        """Let the readers take the first piece of an ``own`` read too (caller holds the lock):
+        where the compute thread will not read it (``ExpertCache.end_layer``)."""
+        if read.reserved is not None:
+            read.todo.appendleft(read.reserved)
+            read.reserved = None
+            self._work.notify_all()
 
     def cancel(self, read: Read) -> None:
         """Give up ``read`` after its pieces in flight (caller holds the lock)."""
         read.cancelled = True
         read.todo.clear()
+        read.reserved = None
         if read.done:
             self._finish(read)
 
@@ -118,17 +155,23 @@ class ReadQueue:
         for read in self._reads:
             if read.demand and read.todo:
                 return read
-        if self._demand_active():
+        if self._demand_active():  # an own piece not started yet counts: the compute thread is on its way
             return None
         return next((read for read in self._reads if read.todo), None)
 
-    def _take(self, read: Read) -> tuple[int, int] | None:
-        if not read.todo:
+    def _take(self, read: Read, mine: bool = False) -> tuple[int, int] | None:
+        """The read's next piece, now in flight: for the compute thread (``mine``, from ``help``) its
+        reserved first piece if any, else the next one queued; None when none is left."""
+        if mine and read.reserved is not None:
+            piece, read.reserved = read.reserved, None
+        elif read.todo:
+            piece = read.todo.popleft()
+        else:
             return None
         read.inflight += 1
         if not read.started:
             read.started = time.perf_counter()
-        return read.todo.popleft()
+        return piece
 
     def _run(self) -> None:
         while True:
@@ -137,9 +180,11 @@ class ReadQueue:
                 while read is None:
                     if self._closed:
                         return
-                    self._cond.wait(1.0)
+                    self._work.wait(1.0)
                     read = self._next()
                 piece = self._take(read)
+                if self._next() is not None:  # more to take: the next idle reader
+                    self._work.notify()
             assert piece is not None
             self._read_piece(read, piece)
 
@@ -161,7 +206,9 @@ class ReadQueue:
                 read.todo.clear()
             if read.done:
                 self._finish(read)
-            self._cond.notify_all()
+                self._cond.notify_all()
+                if self._next() is not None:  # e.g. prefetch pieces that waited for this demand read
+                    self._work.notify()
 
     def _finish(self, read: Read) -> None:
         if read.finished:
@@ -180,7 +227,7 @@ class ReadQueue:
         (called without the lock). Raises the read's error, if one failed."""
         while True:
             with self._cond:
-                piece = self._take(read)
+                piece = self._take(read, mine=True)
             if piece is None:
                 break
             self._read_piece(read, piece)
@@ -195,6 +242,6 @@ class ReadQueue:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._work.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)

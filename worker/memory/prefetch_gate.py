@@ -24,14 +24,18 @@ demand reads past the layer's start: the I/O queue is the bottleneck) means no p
 predictor is still scored on the layers that do not prefetch, so a layer whose guesses become
 good starts again.
 
-Last, the gate checks the result rather than the model: per layer, the time from its first
-prediction of a step to the end of its experts (``observe_span``: its guesses' reads, the compute
-they compete with, and its waits for experts) is averaged separately over steps that read ahead
-and steps that did not. Where reading ahead has been slower by more than ``LOSS_MARGIN``
-(``losing``), the layer stops, except for one probe step in ``PROBE_EVERY``; a layer short of
-``MIN_SPANS`` steps without reading ahead skips one in ``PROBE_EVERY`` to measure that side. On
-the loaded 2-core VM of docs/moe-streaming.md, prefetch runs lost up to 0.6x to on-demand with
-every model-based test passing: there the reads' copies and threads compete with compute.
+Last, the gate checks the result rather than the model, and a layer reads ahead only where it has
+measured a win. Per layer, the time from its first prediction of a step to the end of its experts
+(``observe_span``: its guesses' reads, the compute they compete with, and its waits for experts)
+is averaged separately over steps that read ahead and steps that did not. A layer starts closed:
+its first ``MIN_SPANS`` steps read nothing ahead (the predictor is scored meanwhile), then up to
+``MIN_SPANS`` steps read ahead as a probe, where the tests above let them. It stays open only while
+reading ahead measures faster by more than ``WIN_MARGIN`` (``winning``), with one step in
+``PROBE_EVERY`` closed to keep the other side current; otherwise it is closed but for one probe step
+in ``REPROBE_EVERY``. Exploring open (the previous gate started open and needed 4 closed probes, one
+in 8 steps, before it could judge: 32 steps of prefetch per layer) cost the trained tiny MoE
+0.88-0.99x of on-demand; a predictor that is always wrong now never reads a byte ahead (its
+precision is 0 before the first probe).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ DECAY = 0.8  # weight of the past in the exponential averages (about the last 5 
 MIN_LANDED = 0.5  # a layer whose guesses land whole less often than this stops reading ahead...
 PROBE_EVERY = 8  # ...but for one step in this many, to keep measuring
 MIN_SPANS = 4  # steps of each kind (read ahead or not) before the gate judges a layer by its time
-LOSS_MARGIN = 0.05  # reading ahead must be this much slower to be judged losing (noise)
+WIN_MARGIN = 0.05  # reading ahead must measure this much faster than not for a layer to keep it (noise)
+REPROBE_EVERY = 32  # a layer judged closed reads ahead one step in this many, to see if that changed
 
 
 class PrefetchGate:
@@ -87,20 +92,30 @@ class PrefetchGate:
         self.span[key] = seconds if old is None else DECAY * old + (1 - DECAY) * seconds
         self.spans[key] = self.spans.get(key, 0) + 1
 
+    def _measured(self, layer: int) -> bool:
+        return min(self.spans.get((layer, True), 0), self.spans.get((layer, False), 0)) >= MIN_SPANS
+
+    def winning(self, layer: int) -> bool:
+        """Whether reading ahead has measured faster than not at ``layer``, by ``WIN_MARGIN``."""
+        return self._measured(layer) and self.span[(layer, True)] < (1 - WIN_MARGIN) * self.span[(layer, False)]
+
     def losing(self, layer: int) -> bool:
-        """Whether reading ahead has measured slower than not at ``layer``."""
-        if min(self.spans.get((layer, True), 0), self.spans.get((layer, False), 0)) < MIN_SPANS:
-            return False
-        return self.span[(layer, True)] > (1 + LOSS_MARGIN) * self.span[(layer, False)]
+        """Whether ``layer`` is measured and reading ahead did not win there (it stays closed)."""
+        return self._measured(layer) and not self.winning(layer)
 
     def _judged_off(self, layer: int) -> bool:
-        """Whether ``layer`` skips reading ahead this step on its measured time: it has been losing
-        (but for a probe), or it lacks steps without reading ahead (one in ``PROBE_EVERY``)."""
+        """Whether ``layer`` skips reading ahead this step on its measured time: closed until its
+        steps without reading ahead are measured, then open for the probe steps that measure the
+        other side, then open only where reading ahead wins (but for one closed probe in
+        ``PROBE_EVERY``), else closed but for one probe in ``REPROBE_EVERY``."""
         calls = self._judged[layer] = self._judged.get(layer, 0) + 1
-        probe = calls % PROBE_EVERY == 0
-        if self.losing(layer):
-            return not probe
-        return probe and self.spans.get((layer, False), 0) < MIN_SPANS
+        if self.spans.get((layer, False), 0) < MIN_SPANS:
+            return True
+        if self.spans.get((layer, True), 0) < MIN_SPANS:
+            return False
+        if self.winning(layer):
+            return calls % PROBE_EVERY == 0
+        return calls % REPROBE_EVERY != 0
 
     def _late(self, layer: int) -> bool:
         """Whether ``layer``'s guesses land too late to read ahead this time (probes counted here)."""

@@ -194,18 +194,21 @@ class MoeRankModel(RankModel):
             if (following := self.predictor.next_layer(layer)) is not None:
                 self._predicted[following] = self.predictor.predict(following, hidden)
                 self.experts.keep(following, self._predicted[following])  # before this layer's misses evict
-        self.experts.begin_layer(layer, needed)  # this layer's misses start reading
+        order = self.experts.begin_layer(layer, needed)  # this layer's misses start reading
         if following is not None:
             self.experts.prefetch(following, sorted(self._predicted[following]))  # then the guesses, behind them
-        out = torch.zeros_like(x)  # (T, d) partial
+        partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expert -> (tokens (n,), weighted output (n, d))
         try:
-            for expert in needed:
+            for expert in order:  # as they land
                 tokens, slot = torch.where(ids == expert)  # (n,) each
                 with self.experts.get(layer, expert) as e:
                     y = gated_mlp(x[tokens], e.w_gate_up, e.w_down)  # (n, d) partial
-                out.index_add_(0, tokens, y * weights[tokens, slot, None])
+                partial[expert] = (tokens, y * weights[tokens, slot, None])
         finally:
             self.experts.end_layer()
+        out = torch.zeros_like(x)  # (T, d) partial
+        for expert in needed:  # summed in one order whatever the cache held: the same bits in every run
+            out.index_add_(0, *partial[expert])
         if w.shared_gate_up is not None and w.shared_down is not None and w.shared_gate is not None:
             shared = gated_mlp(x, w.shared_gate_up, w.shared_down)  # (T, d) partial
             out = out + torch.sigmoid(F.linear(x, w.shared_gate)) * shared  # gate (T, 1) is replicated

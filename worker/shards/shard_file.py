@@ -150,7 +150,9 @@ class ShardFile:
             self.read_seconds += time.perf_counter() - begin
 
     def views(self, block: str, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``block``'s tensors as views of ``buffer``, which holds its bytes from the start."""
+        """``block``'s tensors as views of ``buffer``, which holds its bytes from the start, as they lie
+        in the file: int4 matrices in edgellm's layout (the expert cache applies ``kernel_layout``
+        once the read is whole: its pieces land from several threads)."""
         return {t.name: _view(buffer, t) for t in self.blocks[block].tensors}
 
     def read_field(self, block: str, field: str) -> torch.Tensor:
