@@ -2,7 +2,8 @@
 (``int4_q80``: activations quantized to int8 per 32 inputs, integer dot products; ``int4_f32``:
 fp32 activations, nibbles converted to floats and FMA'd), torch's ``_weight_int4pack_mm_for_cpu``
 (the fallback, on the same matrices converted at load, bf16 activations) and the native int8
-kernel on the same shapes.
+kernels on the same shapes (``int8``: what ``int8_mm`` runs, int8-quantized activations below 12
+rows; ``int8_f32``: fp32 activations, each weight converted to float).
 
     .venv/bin/python bench/int4_kernels.py [--rows 1,8] [--threads 2] [--rounds 15] [--group 64] [--out FILE]
 
@@ -47,7 +48,7 @@ SHAPES: dict[str, list[tuple[int, int]]] = {
 
 def _matrices(shape: list[tuple[int, int]], group: int) -> dict[str, list[Any]]:
     """Per kernel, its form of every matrix of the shape (random weights, the same for all)."""
-    out: dict[str, list[Any]] = {"int4_q80": [], "int4_f32": [], "torch_int4": [], "int8": []}
+    out: dict[str, list[Any]] = {"int4_q80": [], "int4_f32": [], "torch_int4": [], "int8": [], "int8_f32": []}
     for n, k in shape:
         w = torch.randn(n, k)
         packed, scales_zeros = quantize_int4(w, group)
@@ -55,18 +56,22 @@ def _matrices(shape: list[tuple[int, int]], group: int) -> dict[str, list[Any]]:
         out["int4_f32"].append((packed, scales_zeros))
         out["torch_int4"].append(to_torch_layout(packed.clone(), scales_zeros.clone(), group))
         out["int8"].append(quantize_int8(w))
+        out["int8_f32"].append(out["int8"][-1])
     return out
 
 
 def _runner(name: str, group: int) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     int4_mm, int4_f32_mm, int8_mm = native.int4_mm(), native.int4_f32_mm(), native.int8_mm()
-    assert int4_mm and int4_f32_mm and int8_mm, "the native kernels do not build here"
+    int8_f32_mm = native.int8_f32_mm()
+    assert int4_mm and int4_f32_mm and int8_mm and int8_f32_mm, "the native kernels do not build here"
     if name == "int4_q80":
         return lambda x, m: int4_mm(x, m[0], m[1], group)
     if name == "int4_f32":
         return lambda x, m: int4_f32_mm(x, m[0], m[1], group)
     if name == "torch_int4":
         return lambda x, m: linear(x, m)
+    if name == "int8_f32":
+        return lambda x, m: int8_f32_mm(x, m[0], m[1])
     return lambda x, m: int8_mm(x, m[0], m[1])
 
 

@@ -52,11 +52,17 @@ def activation_half_steps(x: torch.Tensor) -> torch.Tensor:
     return (d * (0.5 + 2.0 ** -10)).repeat_interleave(QBLOCK, dim=1)[:, :k]
 
 
-def _int8_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_fp32_bound`` of x and the dequantized int8 matrix w; on aarch64 plus the activations'
-    int8 rounding (the x86 kernel multiplies fp32 activations, the aarch64 one int8 ones)."""
+def _int8_bound(x: torch.Tensor, w: torch.Tensor, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_fp32_bound`` of x and the dequantized int8 matrix w, plus, where the kernel quantizes the
+    activations (``quantized``: the aarch64 kernel always, the x86 one below
+    ``native.INT8_Q8_MAX_ROWS`` rows), their int8 rounding ``activation_half_steps(x) @ |w|``.
+    The block products are then exact integers (|w xq| <= 128 * 127: a pair sums in int16, 8 of
+    them in int32, exactly as floats), and the fp32 sums run over d * xq instead of x, at most
+    d/2 larger per input: (K + 2) 2^-24 of that d/2 is within the 2^-10 d per input that
+    ``activation_half_steps`` allows beyond d/2 as long as K < 2^14."""
+    assert x.shape[-1] < 2 ** 14
     ref, bound = _fp32_bound(x, w)
-    if native.machine() == "aarch64":
+    if quantized:
         bound = bound + activation_half_steps(x) @ w.double().abs().T
     return ref, bound
 
@@ -96,15 +102,64 @@ BF16_ROWS = [1, 2, 3, 4, 64]
 @pytest.mark.parametrize(("n", "k"), INT8_SHAPES)
 @pytest.mark.parametrize("m", INT8_ROWS)
 def test_kernel_matches_the_dequantized_matrix_in_fp32(m: int, n: int, k: int) -> None:
-    """Block rows and left-over rows (n % 4), 16-wide steps and an 8-wide tail (k % 16 == 8),
-    rows of x one at a time and in pairs (odd and even m), and from 12 rows against a block
-    converted to floats, 3 at a time (m % 3 of 0, 1, 2); one thread and two (each output is
-    summed by one thread: the same bits)."""
-    int8_mm = native.int8_mm()
+    """The fp32-activation int8 product (x86: ``int8_f32_mm``, what ``int8_mm`` runs from 12 rows
+    on; aarch64: ``int8_mm``, with its activations' int8 rounding). Block rows and left-over rows
+    (n % 4), 16-wide steps and an 8-wide tail (k % 16 == 8), rows of x one at a time and in pairs
+    (odd and even m), and from 12 rows against a block converted to floats, 3 at a time (m % 3
+    of 0, 1, 2); one thread and two (each output is summed by one thread: the same bits)."""
+    aarch64 = native.machine() == "aarch64"
+    int8_mm = native.int8_mm() if aarch64 else native.int8_f32_mm()
     assert int8_mm is not None
     w = _quantized(n, k, n + k)
     x = torch.randn(m, k)
-    _assert_within_bound_at_any_thread_count(lambda: int8_mm(x, w.weight, w.scales), *_int8_bound(x, w.dequantize()))
+    _assert_within_bound_at_any_thread_count(lambda: int8_mm(x, w.weight, w.scales),
+                                             *_int8_bound(x, w.dequantize(), quantized=aarch64))
+
+
+# k % 32 of 0, 8, 16, 24 (a partial last activation block, or only one), with and without whole blocks
+Q8_SHAPES = [*INT8_SHAPES, (7, 80), (9, 16), (66, 2048)]
+needs_x86_native = pytest.mark.skipif(not SUPPORTED_HERE or native.machine() != "x86_64",
+                                      reason="the x86 int8 kernel's two paths")
+
+
+@needs_x86_native
+@pytest.mark.parametrize(("n", "k"), Q8_SHAPES)
+@pytest.mark.parametrize("m", [*INT8_ROWS, 11])
+def test_int8_kernel_quantizes_decode_activations(m: int, n: int, k: int) -> None:
+    """x86 ``int8_mm``: below ``INT8_Q8_MAX_ROWS`` rows, activations quantized per 32-block and
+    integer dot products, within the fp32 bound plus the activations' rounding of the fp64
+    reference (x in blocks of unlike magnitudes; every k % 32, 4-row blocks and left-over rows,
+    one row of x and several); from there on the bits of the fp32-activation path."""
+    int8_mm, int8_f32_mm = native.int8_mm(), native.int8_f32_mm()
+    assert int8_mm is not None and int8_f32_mm is not None
+    w = _quantized(n, k, n + k)
+    x = torch.randn(m, k) * torch.rand(m, k)
+    if m >= native.INT8_Q8_MAX_ROWS:
+        assert torch.equal(int8_mm(x, w.weight, w.scales), int8_f32_mm(x, w.weight, w.scales))
+        return
+    _assert_within_bound_at_any_thread_count(lambda: int8_mm(x, w.weight, w.scales),
+                                             *_int8_bound(x, w.dequantize(), quantized=True))
+
+
+@needs_x86_native
+def test_int8_activation_bound_is_tight_and_the_row_threshold_is_the_kernels() -> None:
+    """The bound above is not loose: the quantized path's error exceeds the fp32-only bound (it
+    does round the activations), and one weight row's error, the activations' rounding times
+    |w|, reaches a good part of its rounding bound; ``INT8_Q8_MAX_ROWS`` is where the C kernel
+    switches (one row less: quantized, not the fp32 bits; that many: the fp32 bits)."""
+    int8_mm, int8_f32_mm = native.int8_mm(), native.int8_f32_mm()
+    assert int8_mm is not None and int8_f32_mm is not None
+    w = _quantized(256, 1024, 5)
+    x = torch.randn(1, 1024)
+    ref, fp32_bound = _int8_bound(x, w.dequantize(), quantized=False)
+    _, bound = _int8_bound(x, w.dequantize(), quantized=True)
+    error = (int8_mm(x, w.weight, w.scales).double() - ref).abs()
+    assert (error > fp32_bound).any() and (error <= bound).all()
+    assert (error / bound).max() > 0.05  # random rounding errors cancel: sqrt(K) of K, not 0
+    below = torch.randn(native.INT8_Q8_MAX_ROWS - 1, 1024)
+    at = torch.randn(native.INT8_Q8_MAX_ROWS, 1024)
+    assert not torch.equal(int8_mm(below, w.weight, w.scales), int8_f32_mm(below, w.weight, w.scales))
+    assert torch.equal(int8_mm(at, w.weight, w.scales), int8_f32_mm(at, w.weight, w.scales))
 
 
 @needs_native

@@ -5,12 +5,15 @@ all rows of x (the figures below are x86's, measured on this project's AVX2 mach
 
 - ``int8_mm``: times an int8 shard matrix. torch's ``_weight_int8pack_mm`` reads a decode
   step's weights from DRAM at about 8 GB/s on 2 threads here (no prefetch); this prefetches and
-  reads them at 14-17 GB/s (512x8 shape) and 26-30 GB/s (1.1B shape). Its loop is bound by the
-  int8 -> float conversions more than by memory. Its fp32 activations are more exact than the
-  torch kernel's bf16 ones. Measured on the 512x8 shape's matrices (8 layers, cold caches, ms
-  for all 32 matmuls, native / torch), before the last two speed-ups of its loop: 1 row
-  1.3-1.8 / 2.5-3.2, 2 rows 1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8, 64 rows 37 / 49-56 (from
-  12 rows on, each weight block is converted to floats once), 128 rows 71-75 / 100-104.
+  reads them at 14-17 GB/s (512x8 shape) and 26-30 GB/s (1.1B shape). Below
+  ``INT8_Q8_MAX_ROWS`` rows (decode) x86 quantizes the activations to int8 per 32 inputs and
+  runs integer dot products (``kernels/x86/int8.c``: 1.24-1.48x the fp32-activation loop with
+  the weights in cache, which was bound by its int8 -> float conversions); from there on, and
+  in ``int8_f32_mm``, fp32 activations, more exact than the torch kernel's bf16 ones. Measured
+  on the 512x8 shape's matrices (8 layers, cold caches, ms for all 32 matmuls, native / torch),
+  fp32 activations, before the last two speed-ups of its loop: 1 row 1.3-1.8 / 2.5-3.2, 2 rows
+  1.9-2.3 / 3.7, 8 rows 6.0-6.4 / 7.8-8.8, 64 rows 37 / 49-56 (from 12 rows on, each weight
+  block is converted to floats once), 128 rows 71-75 / 100-104.
 - ``int4_mm``: times an int4 matrix in edgellm's format (``worker.kernels.quant``), read as stored, in
   ``kernels/int4.c``: the activations quantized to int8 per 32 inputs, integer dot products
   (``int4_f32_mm``: the same with fp32 activations, slower; kept for bench/int4_kernels.py).
@@ -34,9 +37,9 @@ AVX-512; ``kernels/arm/`` (NEON, built for armv8-a) on Linux aarch64, with the i
 products' inner loops built a second time for armv8.2-a+dotprod (``kernels/arm/dotprod.c``) and
 chosen once at load from ``getauxval(AT_HWCAP) & HWCAP_ASIMDDP``: the Pi 5's Cortex-A76 runs
 those (``sdot``), the Pi 4's Cortex-A72 plain NEON. A log line says which kernels were chosen.
-The aarch64 int8/int4 products quantize activations per 32-block to int8 (their header says
-why): their results carry that rounding, the x86 int8 kernel's do not. tests/test_arm_kernels.py
-checks the aarch64 build under qemu against float64 references.
+The int8/int4 products quantize activations per 32-block to int8 (their headers say why): their
+results carry that rounding, except the x86 int8 product's from ``INT8_Q8_MAX_ROWS`` rows on.
+tests/test_arm_kernels.py checks the aarch64 build under qemu against float64 references.
 
 Why compiled at run time rather than at install: the project installs as pure Python (a wheel
 for every platform, no build step on a Pi), and the kernels are optional. Elsewhere (another OS
@@ -105,6 +108,9 @@ CACHE_ENV = "EDGELLM_KERNEL_CACHE"
 # too: a 32-token prompt's time to first token on the 1.1B shape was 674-712 ms against 1336 ms
 # with MKL.
 F32_MAX_ROWS = 64
+# Rows of x below which the x86 int8_mm quantizes the activations to int8 (kernels/x86/int8.c's
+# Q8_MAX_ROWS; tests/test_native.py checks the two agree); from here on it multiplies fp32 ones.
+INT8_Q8_MAX_ROWS = 12
 
 Int8Mm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Int4Mm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -232,8 +238,8 @@ def _bind(lib: ctypes.CDLL, name: str, argtypes: list[Any]) -> Any:
     return kernel
 
 
-def _wrap_int8(lib: ctypes.CDLL) -> Int8Mm:
-    kernel = _bind(lib, "int8_gemm", [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4)
+def _wrap_int8(lib: ctypes.CDLL, name: str = "int8_gemm") -> Int8Mm:
+    kernel = _bind(lib, name, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4)
 
     def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x fp32 (M, K) contiguous, weight int8 (N, K) contiguous, scales bf16 (N,) -> fp32 (M, N)."""
@@ -377,6 +383,7 @@ def _wrap_decode_step(lib: ctypes.CDLL) -> Callable[[], StepKernel]:
 
 _WRAPPERS: dict[str, tuple[Callable[[ctypes.CDLL], Callable[..., Any]], str]] = {
     "int8_mm": (_wrap_int8, "quantized layers use torch's _weight_int8pack_mm"),
+    "int8_f32_mm": (partial(_wrap_int8, name="int8_gemm_f32"), "(an x86 variant for tests and bench/int4_kernels.py)"),
     "int4_mm": (_wrap_int4, "int4 layers are converted at load for torch's _weight_int4pack_mm_for_cpu"),
     "int4_f32_mm": (partial(_wrap_int4, name="int4_gemm_f32"), "(a variant for bench/int4_kernels.py)"),
     "f32_mm": (_wrap_f32, "float32 layers use torch's F.linear"),
@@ -415,6 +422,12 @@ def _kernel(name: str) -> Callable[..., Any] | None:
 def int8_mm() -> Int8Mm | None:
     """The native int8 matmul, or None where it is not available."""
     return _kernel("int8_mm")
+
+
+def int8_f32_mm() -> Int8Mm | None:
+    """x86: the int8 product with fp32 activations for any row count (what ``int8_mm`` runs from
+    12 rows on), for tests and the bench; None elsewhere."""
+    return _kernel("int8_f32_mm")
 
 
 def int4_mm() -> Int4Mm | None:

@@ -22,45 +22,7 @@
 #include "../common.h"
 #include "avx2.h"
 
-#define Q4_BLOCK 32
-#define Q4_MIN_BLOCKS_PER_THREAD 16 /* 4-row blocks below which a second thread costs more than it saves */
 #define Q4_PREFETCH 4096            /* bytes ahead on a block's weight rows */
-
-/* Row x (k floats) as int8 blocks: xq (k), d (k/32) and, per group of g, X (k/g) = sum d * xq. */
-static void quantize_row_q8(const float *x, int k, int g, int8_t *xq, float *d, float *xg) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int b = 0; b < k / Q4_BLOCK; b++) {
-        const float *xb = x + Q4_BLOCK * b;
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int t = 0; t < 4; t++) {
-            v[t] = _mm256_loadu_ps(xb + 8 * t);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[t]));
-        }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float mx = _mm_cvtss_f32(h);
-        const float db = mx / 127.0f;
-        const __m256 inv = _mm256_set1_ps(db > 0.0f ? 127.0f / mx : 0.0f);
-        __m256i ints[4];
-        for (int t = 0; t < 4; t++)
-            ints[t] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[t], inv),
-                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        /* int32 x 32 -> int8 x 32 in order (packs interleave 128-bit lanes; the permute undoes it) */
-        const __m256i s01 = _mm256_packs_epi32(ints[0], ints[1]), s23 = _mm256_packs_epi32(ints[2], ints[3]);
-        const __m256i s = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(s01, s23),
-                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(xq + Q4_BLOCK * b), s);
-        const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-        d[b] = db;
-        const int j = Q4_BLOCK * b / g;
-        if (Q4_BLOCK * b % g == 0) xg[j] = 0.0f;
-        xg[j] += db * (float)_mm_cvtsi128_si32(s4);
-    }
-}
 
 /* 16 bytes of a weight block as 32 nibbles in input order: low nibbles (inputs 0-15) in the low
  * lane, high nibbles (16-31) in the high lane. */
@@ -74,7 +36,7 @@ static inline __m256i q4_nibbles(const uint8_t *p) {
 static inline __attribute__((always_inline)) void q4_rows(const uint8_t *w, const uint16_t *sz, int k, int g,
                                                           const int8_t *xq, const float *d, const float *xg,
                                                           int rows, int prefetch, float *out) {
-    const int half = k / 2, groups = k / g, per_group = g / Q4_BLOCK;
+    const int half = k / 2, groups = k / g, per_group = g / QBLOCK;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4];
     float c[4];
@@ -84,7 +46,7 @@ static inline __attribute__((always_inline)) void q4_rows(const uint8_t *w, cons
         for (int r = 0; r < rows; r++) accg[r] = _mm256_setzero_ps();
         for (int t = 0; t < per_group; t++) {
             const int b = j * per_group + t;
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + Q4_BLOCK * b));
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + QBLOCK * b));
             const __m256 db = _mm256_set1_ps(d[b]);
             for (int r = 0; r < rows; r++) {
                 const uint8_t *p = w + (int64_t)r * half + 16 * b;
@@ -112,7 +74,7 @@ static inline __attribute__((always_inline)) void q4_rows(const uint8_t *w, cons
 static void q4_two_by_two(const uint8_t *w, const uint16_t *sz, int k, int g, const int8_t *xq0,
                           const int8_t *xq1, const float *d0, const float *d1, const float *xg0,
                           const float *xg1, float out[2][2]) {
-    const int half = k / 2, groups = k / g, per_group = g / Q4_BLOCK;
+    const int half = k / 2, groups = k / g, per_group = g / QBLOCK;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc00 = _mm256_setzero_ps(), acc01 = acc00, acc10 = acc00, acc11 = acc00;
     float c[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
@@ -120,8 +82,8 @@ static void q4_two_by_two(const uint8_t *w, const uint16_t *sz, int k, int g, co
         __m256 g00 = _mm256_setzero_ps(), g01 = g00, g10 = g00, g11 = g00;
         for (int t = 0; t < per_group; t++) {
             const int b = j * per_group + t;
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq0 + Q4_BLOCK * b));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq1 + Q4_BLOCK * b));
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq0 + QBLOCK * b));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq1 + QBLOCK * b));
             const __m256 e0 = _mm256_set1_ps(d0[b]), e1 = _mm256_set1_ps(d1[b]);
             const __m256i q0 = q4_nibbles(w + 16 * b), q1 = q4_nibbles(w + half + 16 * b);
             g00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, x0), ones)), e0, g00);
@@ -146,13 +108,13 @@ static void q4_two_by_two(const uint8_t *w, const uint16_t *sz, int k, int g, co
  * it, the others find it in L1/L2), the blocks split across threads. */
 void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, int m, int n, int k, int g,
                int threads) {
-    const int nb = k / Q4_BLOCK, groups = k / g;
+    const int nb = k / QBLOCK, groups = k / g;
     int8_t *xq = malloc((size_t)m * k);
     float *d = malloc(sizeof(float) * (size_t)m * nb), *xg = malloc(sizeof(float) * (size_t)m * groups);
     for (int i = 0; i < m; i++)
         quantize_row_q8(x + (int64_t)i * k, k, g, xq + (int64_t)i * k, d + (int64_t)i * nb, xg + (int64_t)i * groups);
     const int blocks = n / 4;
-    if (threads > 1 && blocks < Q4_MIN_BLOCKS_PER_THREAD * threads) threads = 1;
+    if (threads > 1 && blocks < MIN_BLOCKS_PER_THREAD * threads) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int blk = 0; blk < blocks; blk++) {
         const uint8_t *w0 = w + (int64_t)4 * blk * (k / 2);
@@ -189,7 +151,7 @@ void int4_gemm(const uint8_t *w, const uint16_t *sz, const float *x, float *y, i
 static inline __attribute__((always_inline)) void q4f_rows(const uint8_t *w, const uint16_t *sz, int k, int g,
                                                            const float *x, const float *xg, int rows,
                                                            int prefetch, float *out) {
-    const int half = k / 2, groups = k / g, per_group = g / Q4_BLOCK;
+    const int half = k / 2, groups = k / g, per_group = g / QBLOCK;
     const __m128i mask = _mm_set1_epi8(0x0f);
     __m256 acc[4];
     float c[4];
@@ -199,7 +161,7 @@ static inline __attribute__((always_inline)) void q4f_rows(const uint8_t *w, con
         for (int r = 0; r < rows; r++) accg[r] = _mm256_setzero_ps();
         for (int t = 0; t < per_group; t++) {
             const int b = j * per_group + t;
-            const float *xb = x + Q4_BLOCK * b;
+            const float *xb = x + QBLOCK * b;
             const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
             const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
             for (int r = 0; r < rows; r++) {
@@ -236,7 +198,7 @@ void int4_gemm_f32(const uint8_t *w, const uint16_t *sz, const float *x, float *
             xg[i * groups + j] = s;
         }
     const int blocks = n / 4;
-    if (threads > 1 && blocks < Q4_MIN_BLOCKS_PER_THREAD * threads) threads = 1;
+    if (threads > 1 && blocks < MIN_BLOCKS_PER_THREAD * threads) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int blk = 0; blk < blocks; blk++) {
         const uint8_t *w0 = w + (int64_t)4 * blk * (k / 2);

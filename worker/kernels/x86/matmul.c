@@ -1,5 +1,6 @@
-/* Matrix products for decode: int8 weights (int8_gemm: y[i, n] = scale[n] * sum_k x[i, k] *
- * w[n, k]) and float32 weights for few rows (f32_gemm, at the end of this file).
+/* Matrix products for decode: int8 weights with fp32 activations (int8_gemm_f32: y[i, n] =
+ * scale[n] * sum_k x[i, k] * w[n, k]; int8.c's int8_gemm runs it from Q8_MAX_ROWS rows of x on and
+ * int8-quantized activations below) and float32 weights for few rows (f32_gemm, at the end).
  *
  * Built and loaded by worker/kernels/native.py (x86-64 with AVX2 and FMA; see its docstring for why).
  * The weights are a shard's int8 matrix (N, K), row-major, as it lies in its buffer; scales are
@@ -22,7 +23,6 @@
  * 14-17 GB/s with anything from 3 to 16 KB (1 KB was slower); the 1.1B shape's (11264x2048 and
  * 2048x5632) 24 GB/s at 3 KB, 26-30 at 6-12 KB. */
 #define PREFETCH 8192
-#define MIN_BLOCKS_PER_THREAD 16 /* below this a second thread costs more than it saves */
 /* Rows of x from which a block is converted to floats once (int8_gemm). Measured on the 512x8
  * shape's matrices, ms for 8 layers, scratch / pairs: 4 rows 5.6 / 3.3, 8 rows 7.8 / 6.4,
  * 12 rows 9.4-10.4 / 8.8-10.2, 16 rows 7.6-12.0 / 9.7-11.6, 32 rows 15.5-18.6 / 22.7-24.3,
@@ -148,8 +148,8 @@ static void up_to_three_rows(const float *block, int64_t stride, int64_t k8, con
  * - More (prompts): the block is converted to floats once, into a per-thread scratch, and 3 rows
  *   of x at a time run against it: the conversion is paid once instead of once per pair of
  *   rows, and the loop is FMA-bound. */
-void int8_gemm(const int8_t *w, const uint16_t *scales, const float *x, float *y, int m, int n, int k,
-               int threads) {
+void int8_gemm_f32(const int8_t *w, const uint16_t *scales, const float *x, float *y, int m, int n, int k,
+                   int threads) {
     const int blocks = n / 4;
     if (threads > 1 && blocks < MIN_BLOCKS_PER_THREAD * threads) threads = 1;
     const int k8 = k - k % 8;
