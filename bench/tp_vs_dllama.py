@@ -39,9 +39,12 @@ from report import emit  # noqa: E402
 from worker.comm import lane as lanes  # noqa: E402
 
 log = logging.getLogger("bench.tp_vs_dllama")
-# ../shared/peers beside a helper's worktree; EDGELLM_PEERS elsewhere (bench/compare_revisions.py's
-# temporary checkouts)
-PEERS = Path(os.environ.get("EDGELLM_PEERS", Path(__file__).resolve().parents[1].parent.parent / "shared" / "peers"))
+# ../shared/peers beside the checkout (or beside the folder of worktrees it is in); EDGELLM_PEERS
+# elsewhere (bench/compare_revisions.py's temporary checkouts)
+_REPO = Path(__file__).resolve().parents[1]
+PEERS = Path(os.environ.get("EDGELLM_PEERS") or next(
+    (p for p in (_REPO.parent / "shared" / "peers", _REPO.parent.parent / "shared" / "peers") if p.is_dir()),
+    _REPO.parent / "shared" / "peers"))
 SHAPES = {
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                   intermediate_size=1536, vocab_size=8000, max_position_embeddings=1024),
