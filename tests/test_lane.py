@@ -4,9 +4,11 @@ allreduce over lanes matches the sum; a lane that encrypts hides its payload."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -378,10 +380,11 @@ def test_the_hubs_c_star_has_the_bits_of_the_python_star_and_of_zeromq(ranks: in
     assert len(got) == 4
 
 
-def _hub_star(ranks: int) -> tuple[lanes.StarLanes, list[lanes.Lane], list[socket.socket]]:
-    """A C star over socketpair lanes, the test playing its workers: (star, worker lanes, taps).
-    Worker r's frames go to taps[2 (r - 1)]; what the test writes to taps[2 (r - 1) + 1] reaches
-    the hub's lane of rank r, and what that lane sends comes out there."""
+@contextlib.contextmanager
+def _hub_star(ranks: int) -> Iterator[tuple[lanes.StarLanes, list[lanes.Lane], list[socket.socket]]]:
+    """A C star over socketpair lanes, the test playing its workers: (star, worker lanes, taps),
+    all closed on exit. Worker r's frames go to taps[2 (r - 1)]; what the test writes to
+    taps[2 (r - 1) + 1] reaches the hub's lane of rank r, and what that lane sends comes out there."""
     assert LIB is not None
     hub_side, worker_side, taps = {}, [], []
     for r in range(1, ranks):
@@ -391,13 +394,17 @@ def _hub_star(ranks: int) -> tuple[lanes.StarLanes, list[lanes.Lane], list[socke
         hub_side[r] = lanes.Lane(LIB, h_sock, KEY_B, KEY_A, lanes.MODES["mac"], 0)
         taps += [tap_in, tap_out]
     star = lanes.StarLanes(LIB, hub_side)
-    star._hub_lanes = hub_side  # type: ignore[attr-defined]  # closed by the test
-    return star, worker_side, taps
+    try:
+        yield star, worker_side, taps
+    finally:
+        star.close()
+        for lane in (*worker_side, *hub_side.values()):
+            lane.close()
+        _close(*taps)
 
 
 def test_the_hubs_c_star_waits_for_a_half_written_frame_and_refuses_a_bad_one() -> None:
-    star, workers, taps = _hub_star(3)
-    try:
+    with _hub_star(3) as (star, workers, taps):
         star.begin(1, 20)
         allreduce = star.allreduce_f32()
         own = torch.full((64,), 1.0)
@@ -427,16 +434,10 @@ def test_the_hubs_c_star_waits_for_a_half_written_frame_and_refuses_a_bad_one() 
         own = torch.full((64,), 1.0)
         assert allreduce(own.data_ptr(), 64, 2) == -3  # the tag
         assert star.failed() == 1 and torch.equal(own, torch.full((64,), 1.0))
-    finally:
-        star.close()
-        for lane in (*workers, *star._hub_lanes.values()):  # type: ignore[attr-defined]
-            lane.close()
-        _close(*taps)
 
 
 def test_the_hubs_c_star_refuses_a_partial_of_the_wrong_size_or_kind() -> None:
-    star, workers, taps = _hub_star(3)
-    try:
+    with _hub_star(3) as (star, workers, taps):
         star.begin(1, 1000)
         allreduce = star.allreduce_f32()
         own = torch.full((64,), 1.0)
@@ -450,11 +451,6 @@ def test_the_hubs_c_star_refuses_a_partial_of_the_wrong_size_or_kind() -> None:
         taps[1].sendall(_frame(taps[0], 256))
         assert allreduce(own.data_ptr(), 64, 2) == lanes.FORMAT
         assert star.failed() == 1 and torch.equal(own, torch.full((64,), 1.0))
-    finally:
-        star.close()
-        for lane in (*workers, *star._hub_lanes.values()):  # type: ignore[attr-defined]
-            lane.close()
-        _close(*taps)
 
 
 def test_a_late_worker_makes_the_hubs_c_star_return_to_python_which_resumes_it(monkeypatch) -> None:
