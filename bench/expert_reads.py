@@ -28,7 +28,6 @@ calls.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -60,16 +59,6 @@ def build(out: Path, hidden: int, width: int, expert_bits: int | None) -> Path:
     config = ModelConfig.from_dir(model)
     quant = QuantSpec(bits=None, expert_bits=expert_bits) if expert_bits else None
     return write_shards(model, plan_shards(config, [1.0]), out / "shards", progress=False, quant=quant)
-
-
-def drop_page_cache(path: Path) -> None:
-    """Flush ``path`` and drop it from the page cache, so the next reads go to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def layers(depth: int, steps: int) -> list[tuple[int, list[int]]]:
@@ -138,6 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(args.code.resolve()))
     sys.path.insert(1, str(REPO / "bench"))
+    from page_cache import drop_page_cache
     from report import emit
 
     from worker.config import ModelConfig

@@ -45,7 +45,6 @@ import argparse
 import inspect
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from report import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from page_cache import drop_page_cache  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from report import emit  # noqa: E402
 
 from worker.comm.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
@@ -225,16 +225,6 @@ def run_isolated(code: Path, shard_dir: Path, sequences: list[list[int]], cache:
         raise SystemExit(f"a run with the code of {code} failed:\n{out.stderr[-4000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
-
-
-def drop_page_cache(path: Path) -> None:
-    """Flush ``path`` and drop it from the page cache, so the next reads go to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _reader(file: ShardFile, todo: list[str], lock: threading.Lock, size: int) -> None:
