@@ -21,6 +21,7 @@ from worker.comm.collective import (
     default_spin_wait_s,
 )
 from worker.comm.wire import (
+    INT8_BLOCK,
     INT8_LEVELS,
     LOSSY_MIN_WIDTH,
     SYNC_DTYPES,
@@ -78,16 +79,24 @@ def test_half_formats_round_within_half_an_ulp(sync: str) -> None:
     assert torch.all((_round_trip(x, sync) - x).abs() <= bound)
 
 
-def test_int8_error_is_bounded_by_each_rows_scale() -> None:
+def _block_amax(x: torch.Tensor) -> torch.Tensor:
+    """Each value's block absmax: (..., d) -> (..., d), constant over each block of INT8_BLOCK."""
+    blocks = x.abs().view(*x.shape[:-1], -1, INT8_BLOCK)  # (..., d / 32, 32)
+    return blocks.amax(-1, keepdim=True).expand(blocks.shape).reshape(x.shape)
+
+
+def test_int8_error_is_bounded_by_each_blocks_scale() -> None:
     x = _rows_of_every_magnitude()
+    x[2, :INT8_BLOCK] *= 1e4  # an outlier block: the row's other blocks keep their own scale
     values, scale = sync_payload(x, "int8")
-    assert values.dtype == torch.int8 and scale.shape == (6, 1) and scale.dtype == torch.float32
-    row_max = x.abs().amax(dim=-1, keepdim=True)
-    step = row_max / INT8_LEVELS  # the scale: one quantization step per row
+    assert values.dtype == torch.int8 and scale.shape == (6, 256 // INT8_BLOCK) and scale.dtype == torch.float32
+    step = _block_amax(x) / INT8_LEVELS  # the scale: one quantization step per block
     err = (_round_trip(x, "int8") - x).abs()
     assert torch.all(err <= step / 2 * (1 + 1e-5))
+    assert err[2, INT8_BLOCK:].max() < x[2, :INT8_BLOCK].abs().max() / INT8_LEVELS / 1e3, "one scale for the row"
     assert torch.all(_round_trip(x, "int8")[5] == 0)  # the zero row stays exactly zero
-    assert torch.equal(values.abs().amax(dim=-1)[:5], torch.full((5,), INT8_LEVELS, dtype=torch.int8))
+    block_max = values.view(6, -1, INT8_BLOCK).abs().amax(dim=-1)[:5]
+    assert torch.equal(block_max, torch.full_like(block_max, INT8_LEVELS))
 
 
 @pytest.mark.parametrize("sync", ["fp16", "bf16", "int8"])
@@ -117,7 +126,7 @@ def _bad(sync: str, shape: tuple[int, ...] = (3, 64)) -> list[list[torch.Tensor]
             [x, scale],  # float values where int8 was agreed
             [values, scale.half()],  # scale of the wrong dtype
             [values, scale.view(-1)],  # scale of the wrong shape
-            [values, torch.ones(shape[0] + 1, 1)],  # one scale too many
+            [values, torch.ones(shape[0], shape[1] // INT8_BLOCK + 1)],  # one scale too many per row
             [values, torch.full_like(scale, float("nan"))],  # non-finite scale
         ],
     }
@@ -250,7 +259,7 @@ SHAPE = (4, 256)
 
 
 def _contribution(rank: int) -> torch.Tensor:
-    """Signed ramp rows of different ranges (per-row int8 scales differ), times rank + 1."""
+    """Signed ramp rows of different ranges (int8 block scales differ), times rank + 1."""
     ramp = torch.arange(SHAPE[0] * SHAPE[1], dtype=torch.float32).view(SHAPE) - 300.0
     return ramp * (rank + 1)
 
@@ -281,10 +290,10 @@ def _bound(sync: str, world: int) -> torch.Tensor:
     if sync in UNIT_ROUNDOFF:
         rounded = sum(_contribution(r).abs() for r in rounded_ranks) + (0 if exchange else exact.abs())
         return rounded * UNIT_ROUNDOFF[sync] * (1 + 1e-3)
-    steps = sum(_contribution(r).abs().amax(-1, keepdim=True) for r in rounded_ranks)
+    steps = sum(_block_amax(_contribution(r)) for r in rounded_ranks)
     if not exchange:
-        steps = steps + exact.abs().amax(-1, keepdim=True) * (1 + 1e-3)  # the sum's requantization
-    return (steps / INT8_LEVELS / 2 * (1 + 1e-3)).expand(SHAPE)
+        steps = steps + _block_amax(exact) * (1 + 1e-3)  # the sum's requantization
+    return steps / INT8_LEVELS / 2 * (1 + 1e-3)
 
 
 @pytest.mark.parametrize("lane", [False, True], ids=["zeromq", "lane"])

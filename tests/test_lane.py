@@ -16,12 +16,17 @@ import torch
 from worker.comm import lane as lanes
 from worker.comm.collective import CollectiveError, StarHub, StarRank
 from worker.comm.wire import (
+    INT8_BLOCK,
     STEP_ALL_LOGITS,
     STEP_ON_LANES,
     Kind,
     WireError,
+    add_sync_payload,
     decode_lane_step,
     lane_step_layout,
+    sum_payloads,
+    sync_payload,
+    sync_value,
 )
 
 LIB = lanes.library()
@@ -318,10 +323,10 @@ def test_steps_over_lanes_sum_exactly_and_a_rank_killed_mid_step_is_reported(enc
 
 # --- the star's hub in C (3+ ranks) ------------------------------------------------------------------
 
-def _star(ranks: int, lane: bool = True, timeout_s: float = 5) -> tuple[StarHub, list[StarRank]]:
+def _star(ranks: int, lane: bool = True, timeout_s: float = 5, sync: str = "fp32") -> tuple[StarHub, list[StarRank]]:
     """A hub and its worker ranks (this process, real sockets), joined."""
-    hub = StarHub(ranks, token="t", timeout_s=timeout_s, lane=lane)
-    workers = [StarRank(r, hub.address, token="t", timeout_s=timeout_s) for r in range(1, ranks)]
+    hub = StarHub(ranks, token="t", timeout_s=timeout_s, lane=lane, sync_dtype=sync)
+    workers = [StarRank(r, hub.address, token="t", timeout_s=timeout_s, sync_dtype=sync) for r in range(1, ranks)]
     joining = [threading.Thread(target=w.wait_welcome, args=(5,)) for w in workers]
     for t in joining:
         t.start()
@@ -380,6 +385,106 @@ def test_the_hubs_c_star_has_the_bits_of_the_python_star_and_of_zeromq(ranks: in
     assert len(got) == 4
 
 
+# --- int8 payloads summed in C (kernels/lane.c) with the bits of wire.py's Python ---------------
+
+def _every_kind_of_block() -> torch.Tensor:
+    """(8, 256): blocks from 1e-40 (subnormal: the scale's floor) to 1e4, an all-zero row, rows
+    of exact ties (block absmax 127: scale 1, values k + 0.5 round to even), one NaN and one
+    infinity in their own blocks."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 256, generator=gen) * torch.tensor([1e-40, 1e-3, 1.0, 1e4, 0.0, 1.0, 1.0, 1.0])[:, None]
+    ties = torch.arange(INT8_BLOCK, dtype=torch.float32) - 15.5  # -15.5 .. 15.5
+    ties[0] = 127.0
+    x[5] = ties.repeat(256 // INT8_BLOCK)
+    x[6] = -x[5]
+    x[7, 40], x[7, 100] = float("nan"), float("inf")
+    return x
+
+
+def test_the_c_int8_quantizer_has_the_bits_of_wire_sync_payload() -> None:
+    assert LIB is not None
+    x = _every_kind_of_block()
+    values, scales = torch.empty(x.shape, dtype=torch.int8), torch.empty(8, 256 // INT8_BLOCK)
+    LIB.lane_quantize_q8(x.data_ptr(), x.numel(), values.data_ptr(), scales.data_ptr())
+    want_values, want_scales = sync_payload(x, "int8")
+    finite = torch.isfinite(want_scales)
+    assert finite.sum() == finite.numel() - 2 and torch.equal(torch.isfinite(scales), finite)
+    assert torch.equal(scales[finite], want_scales[finite])
+    blocks = finite.repeat_interleave(INT8_BLOCK, dim=1)  # (8, 256): the values of finite blocks
+    assert torch.equal(values[blocks], want_values[blocks])
+    assert values[5, 1:5].tolist() == [-14, -14, -12, -12]  # -14.5 -13.5 -12.5 -11.5: ties to even
+
+
+def _int8_sums(partials: list[torch.Tensor]) -> torch.Tensor:
+    """What every rank must hold after an int8 allreduce, from wire.py alone: at two ranks both
+    partials rounded and added (the exchange), else rank 0's exact partial plus the workers'
+    rounded ones in rank order, rounded once more (the star's REDUCED)."""
+    shape = tuple(partials[0].shape)
+    if len(partials) == 2:
+        return sum_payloads([sync_payload(p, "int8") for p in partials], "int8", shape, torch.float32)
+    total = partials[0].clone()
+    for p in partials[1:]:
+        add_sync_payload(total, sync_payload(p, "int8"), "int8")
+    return sync_value(sync_payload(total, "int8"), "int8", shape, torch.float32, check=False)
+
+
+@pytest.mark.parametrize("late", [None, "hub", "worker"])
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_int8_allreduces_in_c_have_the_bits_of_the_python_ones(ranks: int, late: str | None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """In place (one C call: lane_allreduce_q8, lane_hub_allreduce_q8), through Python on the
+    lanes, and over ZeroMQ: the same bits on every rank. Each C call waits 1 ms; a side 50 ms
+    late makes the other's call return to Python, which finishes it (lane_finish_q8, or the
+    hub's star called again)."""
+    from worker.comm import collective
+
+    monkeypatch.setattr(collective, "LIVENESS_POLL_MS", 1)
+    monkeypatch.setattr(collective, "CANCEL_POLL_MS", 1)
+    gen = torch.Generator().manual_seed(ranks)
+    partials = [torch.randn(3, 256, generator=gen) * 10.0 ** (2 * (r % 3) - 1) for r in range(ranks)]
+    expected = _int8_sums(partials)
+    assert not torch.equal(expected, _rank_order_sum(partials)), "the data cannot tell int8 from fp32"
+    names = {"lane_allreduce_q8", "lane_hub_allreduce_q8"}
+    for lane in (True, False):
+        hub, workers = _star(ranks, lane=lane, sync="int8")
+        try:
+            if late is not None:
+                side = hub if late == "hub" else workers[-1]
+                on_time = side.allreduce_
+
+                def slow(partial: torch.Tensor, on_time=on_time) -> torch.Tensor:
+                    time.sleep(0.05)
+                    return on_time(partial)
+
+                side.allreduce_ = slow  # type: ignore[method-assign]
+            for in_place in (True, False):
+                total, theirs = _star_step(hub, workers, partials, in_place)
+                assert (hub._fast is not None and hub._fast.func.__name__ in names) == lane  # type: ignore[attr-defined]
+                assert torch.equal(total, expected), (total - expected).abs().max()
+                assert all(torch.equal(t, expected) for t in theirs)
+        finally:
+            for w in workers:
+                w.close()
+            hub.close()
+
+
+def test_an_int8_partial_with_a_bad_scale_or_size_is_refused_by_the_c_star() -> None:
+    with _hub_star(3) as (star, workers, taps):
+        star.begin(1, 1000)
+        allreduce = star.allreduce_in_place("int8")
+        own = torch.ones(64)
+        good = sync_payload(torch.randn(1, 64), "int8")
+        nan_scale = [good[0], torch.full_like(good[1], float("nan"))]
+        for seq, (first, second) in enumerate([(good, nan_scale), (good, [good[0][:, :32], good[1][:, :1]]),
+                                               (good, [torch.randn(1, 64)])], start=1):
+            for worker, tensors in zip(workers, (first, second), strict=True):
+                worker.send(Kind.PARTIAL, 1, seq, [t.contiguous() for t in tensors])
+            for k in (0, 2):
+                taps[k + 1].sendall(taps[k].recv(1 << 16))
+            assert allreduce(own.data_ptr(), 64, seq) == lanes.FORMAT
+            assert star.failed() == 2 and torch.equal(own, torch.ones(64)), "summed a refused partial"
+
+
 @contextlib.contextmanager
 def _hub_star(ranks: int) -> Iterator[tuple[lanes.StarLanes, list[lanes.Lane], list[socket.socket]]]:
     """A C star over socketpair lanes, the test playing its workers: (star, worker lanes, taps),
@@ -406,7 +511,7 @@ def _hub_star(ranks: int) -> Iterator[tuple[lanes.StarLanes, list[lanes.Lane], l
 def test_the_hubs_c_star_waits_for_a_half_written_frame_and_refuses_a_bad_one() -> None:
     with _hub_star(3) as (star, workers, taps):
         star.begin(1, 20)
-        allreduce = star.allreduce_f32()
+        allreduce = star.allreduce_in_place()
         own = torch.full((64,), 1.0)
         workers[0].send(Kind.PARTIAL, 1, 1, [torch.full((64,), 2.0)])
         workers[1].send(Kind.PARTIAL, 1, 1, [torch.full((64,), 4.0)])
@@ -439,7 +544,7 @@ def test_the_hubs_c_star_waits_for_a_half_written_frame_and_refuses_a_bad_one() 
 def test_the_hubs_c_star_refuses_a_partial_of_the_wrong_size_or_kind() -> None:
     with _hub_star(3) as (star, workers, taps):
         star.begin(1, 1000)
-        allreduce = star.allreduce_f32()
+        allreduce = star.allreduce_in_place()
         own = torch.full((64,), 1.0)
         workers[0].send(Kind.PARTIAL, 1, 1, [torch.full((64,), 2.0)])
         workers[1].send(Kind.PARTIAL, 1, 1, [torch.full((63,), 4.0)])
@@ -464,9 +569,9 @@ def test_a_late_worker_makes_the_hubs_c_star_return_to_python_which_resumes_it(m
     resumed: list[int] = []
     real = StarHub._star_failed
 
-    def counting(self: StarHub, rc: int, partial: torch.Tensor) -> None:
+    def counting(self: StarHub, rc: int, partial: torch.Tensor, sync: str) -> None:
         resumed.append(rc)
-        real(self, rc, partial)
+        real(self, rc, partial, sync)
 
     monkeypatch.setattr(StarHub, "_star_failed", counting)
     try:

@@ -44,6 +44,9 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "server" / "default_model"
 PROMPTS = ([1, 17, 42, 99, 7, 250, 31, 5], [3, 77, 200, 11, 64])
 DECODE_STEPS = 6
 TOL = 1e-4  # against transformers, as tests/test_reference.py
+# int8 allreduce payloads: the max logit error as a share of the smallest row's logit range
+# (measured 0.030 against a range of 4.26 on the 2-rank tiny Llama: 0.7%)
+SYNC_INT8_SHARE = 0.02
 
 
 def _run_worker(spec: RankSpec, address: str, native_on: bool, steps: Any) -> None:
@@ -58,9 +61,10 @@ def _run_worker(spec: RankSpec, address: str, native_on: bool, steps: Any) -> No
     steps.put(worker.model.native_step.steps if worker.model.native_step is not None else 0)
 
 
-def _specs(model_dir: Path, ranks: int) -> list[RankSpec]:
+def _specs(model_dir: Path, ranks: int, sync: str = "fp32") -> list[RankSpec]:
     config = ModelConfig.from_dir(model_dir)
-    return [RankSpec(str(model_dir), config, s, max_batch=2, max_context=64) for s in plan_shards(config, [1.0] * ranks)]
+    return [RankSpec(str(model_dir), config, s, max_batch=2, max_context=64, sync_dtype=sync)
+            for s in plan_shards(config, [1.0] * ranks)]
 
 
 def _decode(executor: Executor) -> torch.Tensor:
@@ -77,13 +81,13 @@ def _decode(executor: Executor) -> torch.Tensor:
     return torch.cat(got)
 
 
-def _cluster_logits(model_dir: Path, ranks: int, native_on: bool,
-                    monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, list[int]]:
+def _cluster_logits(model_dir: Path, ranks: int, native_on: bool, monkeypatch: pytest.MonkeyPatch,
+                    sync: str = "fp32") -> tuple[torch.Tensor, list[int]]:
     """(logits of ``_decode``, native steps run by each rank) with rank 0 here and the other
-    rank a real process, joined by a lane."""
+    ranks real processes, joined by lanes, their allreduces in ``sync``."""
     monkeypatch.setenv(native_step.DISABLE_ENV, "1" if native_on else "0")
-    specs = _specs(model_dir, ranks)
-    hub = StarHub(ranks, token=TOKEN, timeout_s=60, lane=True)
+    specs = _specs(model_dir, ranks, sync)
+    hub = StarHub(ranks, token=TOKEN, timeout_s=60, lane=True, sync_dtype=sync)
     ctx = mp.get_context("spawn")
     steps = ctx.Queue()
     procs = [ctx.Process(target=_run_worker, args=(s, hub.address, native_on, steps), daemon=True) for s in specs[1:]]
@@ -120,23 +124,33 @@ def _model(checkpoints: Any, tmp_path: Path, arch: str, weights: str, ranks: int
 NATIVE_STEPS = 2 * DECODE_STEPS - DECODE_STEPS // 2  # decode steps of _decode: B=1 twice, B=2 once, per pair
 
 
-@pytest.mark.parametrize(("arch", "weights", "ranks"), [
-    ("llama", "fp32", 1), ("llama", "fp32", 2), ("qwen2", "fp32", 2), ("mistral", "fp32", 2),
-    ("llama", "int8", 1), ("llama", "int8", 2), ("llama", "int4", 1),
-    ("llama", "fp32", 3), ("qwen2", "fp32", 3), ("llama", "int8", 3), ("llama", "fp32", 4)])
+@pytest.mark.parametrize(("arch", "weights", "ranks", "sync"), [
+    ("llama", "fp32", 1, "fp32"), ("llama", "fp32", 2, "fp32"), ("qwen2", "fp32", 2, "fp32"),
+    ("mistral", "fp32", 2, "fp32"), ("llama", "int8", 1, "fp32"), ("llama", "int8", 2, "fp32"),
+    ("llama", "int4", 1, "fp32"), ("llama", "fp32", 3, "fp32"), ("qwen2", "fp32", 3, "fp32"),
+    ("llama", "int8", 3, "fp32"), ("llama", "fp32", 4, "fp32"),
+    ("llama", "fp32", 2, "int8"), ("llama", "int8", 3, "int8")])
 def test_the_native_step_computes_the_python_paths_bits(checkpoints, tmp_path: Path, arch: str, weights: str,
-                                                       ranks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       ranks: int, sync: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """qwen2 has biases (q/k/v, and rank 0's none here), mistral a sliding window of 12
-    positions (the prompts plus decode pass it); int4 needs K % 32, which 2 ranks' MLP split lacks."""
+    positions (the prompts plus decode pass it); int4 needs K % 32, which 2 ranks' MLP split lacks.
+    int8 sync: the step's allreduces quantize in C (kernels/lane.c) what Python quantizes in
+    wire.py, and both must give the same bits; the rounding must show against transformers."""
     model_dir = _model(checkpoints, tmp_path, arch, weights, ranks)
-    native_logits, native_steps = _cluster_logits(model_dir, ranks, True, monkeypatch)
-    python_logits, python_steps = _cluster_logits(model_dir, ranks, False, monkeypatch)
+    native_logits, native_steps = _cluster_logits(model_dir, ranks, True, monkeypatch, sync)
+    python_logits, python_steps = _cluster_logits(model_dir, ranks, False, monkeypatch, sync)
     assert native_steps == [NATIVE_STEPS] * ranks, "every decode step must have run natively on every rank"
     assert python_steps == [0] * ranks
     assert torch.equal(native_logits, python_logits), (native_logits - python_logits).abs().max()
     if weights == "fp32":
         reference = _reference_logits(checkpoints(arch))
-        assert (native_logits - reference).abs().max().item() <= TOL
+        error = (native_logits - reference).abs().max().item()
+        if sync == "fp32":
+            assert error <= TOL
+        else:  # lossy (the payloads were int8), by a small part of what tells tokens apart
+            spread = (reference.amax(-1) - reference.amin(-1)).min().item()
+            assert TOL < error <= SYNC_INT8_SHARE * spread, (error, spread)
 
 
 def _reference_logits(model_dir: Path) -> torch.Tensor:

@@ -337,17 +337,17 @@ class StarHub(_NativeSeqs):
                 self._broadcast(encode_message(Kind.STEP, [spans, hidden], step=self._step, seq=flags))
         self._fast = None
         if self.on_lanes and self.exchange:
-            if self._sync == "fp32":
+            if self._sync in lanes.IN_PLACE:
                 (lane,) = self._lanes.values()
                 lane.begin(self._step, LIVENESS_POLL_MS)
-                self._fast = lane.allreduce_f32()
+                self._fast = lane.allreduce_in_place(self._sync)
         elif self.on_lanes and self.c_star:
             if self._star is None:
                 assert self._lib is not None
                 self._star = lanes.StarLanes(self._lib, self._lanes)
             self._star.begin(self._step, LIVENESS_POLL_MS)
-            if self._sync == "fp32":
-                self._fast = self._star.allreduce_f32()
+            if self._sync in lanes.HUB_IN_PLACE:
+                self._fast = self._star.allreduce_in_place(self._sync)
 
     def allreduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum rank 0's ``partial`` with every worker's, in rank order, and send the sum back.
@@ -379,20 +379,26 @@ class StarHub(_NativeSeqs):
 
     def allreduce_(self, partial: torch.Tensor) -> torch.Tensor:
         """``allreduce`` for a caller that gives ``partial`` up: the sum may be written into it
-        (on lanes with fp32: one C call, no allocation). The models' blocks call this."""
+        (on lanes with fp32 or int8 sync: one C call, no allocation). The models' blocks call this."""
         fast = self._fast
-        if fast is None or partial.dtype != torch.float32 or not partial.is_contiguous():
+        if fast is None or not self._in_place(partial):
             return self.allreduce(partial)
         self._seq += 1
         if rc := fast(partial.data_ptr(), partial.numel(), self._seq):
             self._fast_failed(rc, partial)
         return partial
 
+    def _in_place(self, partial: torch.Tensor) -> bool:
+        """Whether ``partial`` goes through ``_fast``: float32, contiguous, in the sync dtype itself
+        (an int8 cluster's narrow payloads travel as fp32, in Python)."""
+        return partial.dtype == torch.float32 and partial.is_contiguous() \
+            and effective_sync(self._sync, tuple(partial.shape)) == self._sync
+
     def _fast_failed(self, rc: int, partial: torch.Tensor) -> None:
         """The in-place allreduce of seq ``_seq`` returned ``rc``: after a timeout (its frame was
         sent) wait for the worker's partial and sum into ``partial``; else ``CollectiveError``."""
         if not self.exchange:
-            self._star_failed(rc, partial)
+            self._star_failed(rc, partial, self._sync)
             return
         ((rank, lane),) = self._lanes.items()
         lane.refresh()
@@ -400,9 +406,9 @@ class StarHub(_NativeSeqs):
             if rc != lanes.TIMEOUT:
                 raise lanes.LaneError(rc)
             self._lane_receive(rank, tuple(partial.shape), partial.dtype, raw=True)
-            lane.finish_f32(partial, partial)
+            lane.finish_in_place(self._sync, partial)
 
-    def _star_failed(self, rc: int, partial: torch.Tensor) -> None:
+    def _star_failed(self, rc: int, partial: torch.Tensor, sync: str) -> None:
         """The star's C allreduce of seq ``_seq`` returned ``rc``: after a timeout call it again
         (it goes on where it stopped) until every partial is in, the step timeout passes or the
         heartbeat finds a waited-for rank gone; an error code drops the lane it names."""
@@ -416,7 +422,7 @@ class StarHub(_NativeSeqs):
                                       f"heartbeats mid-step")
             if time.monotonic() >= deadline:
                 raise CollectiveError(f"timed out waiting for the PARTIAL of {', '.join(f'rank-{r}' for r in sorted(late))}")
-            rc = star.allreduce_f32()(partial.data_ptr(), partial.numel(), self._seq)
+            rc = star.allreduce_in_place(sync)(partial.data_ptr(), partial.numel(), self._seq)
         if rc:
             rank = star.failed()
             assert rank is not None
@@ -428,18 +434,19 @@ class StarHub(_NativeSeqs):
 
     # --- the native decode step's side (worker.models.native_step) --------------------------------
 
-    def native_allreduce(self) -> tuple[int, int] | None:
-        """(C function, context) of this step's in-place fp32 allreduce for ``kernels/step.c``:
-        (0, 0) alone (no allreduce), None where this step's allreduces are not one C call
-        (ZeroMQ, a lossy sync dtype): those steps run in Python."""
+    def native_allreduce(self, width: int) -> tuple[int, int] | None:
+        """(C function, context) of this step's in-place allreduce of rows of ``width`` floats for
+        ``kernels/step.c``: (0, 0) alone (no allreduce), None where this step's allreduces are
+        not one C call (ZeroMQ, fp16/bf16 sync, int8 rows that are not whole blocks): those
+        steps run in Python."""
         if self.world_size == 1:
             return 0, 0
-        if self._fast is None:
+        if self._fast is None or effective_sync(self._sync, (width,)) != self._sync:
             return None
         if self._star is not None:
-            return self._star.native_allreduce()
+            return self._star.native_allreduce(self._sync)
         ((_, lane),) = self._lanes.items()
-        return lane.native_allreduce()
+        return lane.native_allreduce(self._sync)
 
     def _exchange(self, partial: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Two ranks: the hub sends its own partial before it waits, the worker sends its own,
@@ -511,10 +518,11 @@ class StarHub(_NativeSeqs):
                 lane.send(Kind.PARTIAL, self._step, self._seq, [t.contiguous() for t in payload])
             theirs = self._lane_receive(rank, shape, partial.dtype)
             return sum_payloads([payload, theirs], self._sync, shape, partial.dtype)
-        if self._star is not None and effective_sync(self._sync, shape) == "fp32" and partial.dtype == torch.float32:
+        sync = effective_sync(self._sync, shape)
+        if self._star is not None and sync in lanes.HUB_IN_PLACE and partial.dtype == torch.float32:
             out = partial.contiguous().clone()  # (T, d): the C star sums into it in place, in rank order
-            if rc := self._star.allreduce_f32()(out.data_ptr(), out.numel(), self._seq):
-                self._star_failed(rc, out)
+            if rc := self._star.allreduce_in_place(sync)(out.data_ptr(), out.numel(), self._seq):
+                self._star_failed(rc, out, sync)
             return out
         total = partial.to(torch.float32, copy=True)  # (T, d) float32 accumulator, summed in place
         for rank in sorted(self._lanes):  # rank order, as over ZeroMQ; each lane keeps its own buffer
@@ -759,15 +767,16 @@ class StarRank(_NativeSeqs):
         self.all_logits = bool(msg.seq & STEP_ALL_LOGITS)
         self._on_lane = bool(msg.seq & STEP_ON_LANES) and self.lane is not None
         self._fast = None
-        if self._on_lane and self.lane is not None and self.sync_dtype == "fp32":
+        if self._on_lane and self.lane is not None and self.sync_dtype in lanes.IN_PLACE:
             self.lane.begin(self.step, CANCEL_POLL_MS)
-            self._fast = self.lane.allreduce_f32()
+            self._fast = self.lane.allreduce_in_place(self.sync_dtype)
 
     def allreduce_(self, partial: torch.Tensor) -> torch.Tensor:
-        """``allreduce`` for a caller that gives ``partial`` up: on the lane with fp32 the sum is
-        written into it, in one C call (see ``StarHub.allreduce_``)."""
+        """``allreduce`` for a caller that gives ``partial`` up: on the lane with fp32 or int8
+        sync the sum is written into it, in one C call (see ``StarHub.allreduce_``)."""
         fast = self._fast
-        if fast is None or partial.dtype != torch.float32 or not partial.is_contiguous():
+        if fast is None or partial.dtype != torch.float32 or not partial.is_contiguous() \
+                or effective_sync(self.sync_dtype, tuple(partial.shape)) != self.sync_dtype:
             return self.allreduce(partial)
         self._seq += 1
         if rc := fast(partial.data_ptr(), partial.numel(), self._seq):
@@ -797,18 +806,19 @@ class StarRank(_NativeSeqs):
             if rc != lanes.TIMEOUT:
                 raise lanes.LaneError(rc)
             self._lane_wait(lane)
-            lane.finish_f32(partial, partial)
+            lane.finish_in_place(self.sync_dtype, partial)
         except lanes.LaneError as exc:
             self._lane_failed(lane, exc)
 
     # --- the native decode step's side (worker.models.native_step) --------------------------------
 
-    def native_allreduce(self) -> tuple[int, int] | None:
-        """(C function, context) of this step's in-place fp32 allreduce for ``kernels/step.c``,
-        or None where this step's allreduces are not one C call (ZeroMQ, a lossy sync dtype)."""
-        if self._fast is None or self.lane is None:
+    def native_allreduce(self, width: int) -> tuple[int, int] | None:
+        """(C function, context) of this step's in-place allreduce of rows of ``width`` floats for
+        ``kernels/step.c``, or None where this step's allreduces are not one C call (see
+        ``StarHub.native_allreduce``)."""
+        if self._fast is None or self.lane is None or effective_sync(self.sync_dtype, (width,)) != self.sync_dtype:
             return None
-        return self.lane.native_allreduce()
+        return self.lane.native_allreduce(self.sync_dtype)
 
     def _lane_failed(self, lane: lanes.Lane, exc: lanes.LaneError) -> NoReturn:
         if exc.code == lanes.CONTROL or lane.kind in (Kind.ABORT, Kind.STOP):

@@ -50,8 +50,8 @@ from worker.kernels.native import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "lane.c"
-FLAGS = ("-O3", "-shared", "-fPIC")
-LIBS = ("-lsodium",)
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")  # no fused multiply-add: int8 sums match wire.py's
+LIBS = ("-lsodium", "-lm")
 # "0": this process has no lanes at all (a hub uses ZeroMQ, a rank refuses the lane a hub
 # offers). Unset or anything else: a hub uses lanes unless told otherwise (serve --no-lanes).
 # On by default: at 2 ranks on a calm machine lanes beat ZeroMQ in every served comparison
@@ -71,6 +71,9 @@ ERRORS = {-1: "timed out", -2: "the peer closed the connection", -3: "a frame fa
           -4: "a frame does not follow the lane format", -5: "a frame is too large", -6: "send failed",
           -7: "a frame is out of order", -8: "a control frame arrived"}
 TIMEOUT, FORMAT, CONTROL = -1, -4, -8
+# The C calls of an allreduce in place, by sync dtype (worker.comm.wire): a rank's end, the star's hub
+IN_PLACE = {"fp32": "lane_allreduce_f32", "int8": "lane_allreduce_q8"}
+HUB_IN_PLACE = {"fp32": "lane_hub_allreduce_f32", "int8": "lane_hub_allreduce_q8"}
 NO_FORMAT = 0xFFFF  # a frame without tensors
 
 _HELLO = struct.Struct("<4sBI32s")  # magic, version, rank, rank's nonce
@@ -156,7 +159,11 @@ def _open() -> ctypes.CDLL | str:
             ("lane_hub_begin", None, [p, u64, c_int, c_int]),
             ("lane_hub_pending", u64, [p]),
             ("lane_hub_failed", c_int, [p]),
-            ("lane_hub_allreduce_f32", c_int, [p, p, i64, u32])):
+            ("lane_hub_allreduce_f32", c_int, [p, p, i64, u32]),
+            ("lane_quantize_q8", None, [p, i64, p, p]),
+            ("lane_finish_q8", c_int, [p, p, i64]),
+            ("lane_allreduce_q8", c_int, [p, p, i64, u32]),
+            ("lane_hub_allreduce_q8", c_int, [p, p, i64, u32])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     if lib.lane_init() != 0:
@@ -331,20 +338,33 @@ class Lane:
         self.step, self.seq = self._lib.lane_step(self._h), self._lib.lane_seq(self._h)
 
     def begin(self, step: int, slice_ms: int) -> None:
-        """The step of the next ``allreduce_f32`` calls; each waits ``slice_ms`` at most."""
+        """The step of the next in-place allreduce calls; each waits ``slice_ms`` at most."""
         self._lib.lane_begin(self._h, step, slice_ms, self.spin_us)
 
-    def allreduce_f32(self) -> Callable[[int, int, int], int]:
-        """The C call ``(x pointer, floats, seq) -> 0 or an error code``: ``exchange_f32`` in
-        place, in ``begin``'s step, with no Python wrapper in between (the hot path of a step)."""
-        return functools.partial(self._lib.lane_allreduce_f32, ctypes.c_void_p(self._h))
+    def allreduce_in_place(self, sync: str = "fp32") -> Callable[[int, int, int], int]:
+        """The C call ``(x pointer, floats, seq) -> 0 or an error code``: the exchange in place, in
+        ``begin``'s step, with no Python wrapper in between (the hot path of a step). ``sync``:
+        the payload, fp32 (``lane_allreduce_f32``: ``exchange_f32`` in place) or int8
+        (``lane_allreduce_q8``: blocks of 32 with a float32 scale, ``wire.sync_payload``'s format)."""
+        return functools.partial(getattr(self._lib, IN_PLACE[sync]), ctypes.c_void_p(self._h))
 
-    def native_allreduce(self) -> tuple[int, int]:
-        """(address of ``lane_allreduce_f32``, this lane's handle): ``allreduce_f32`` for C callers
-        (``kernels/step.c``), which call it as ``fn(handle, x, floats, seq)`` in ``begin``'s step."""
-        fn = ctypes.cast(self._lib.lane_allreduce_f32, ctypes.c_void_p).value
+    def native_allreduce(self, sync: str = "fp32") -> tuple[int, int]:
+        """(address of the C call of ``allreduce_in_place(sync)``, this lane's handle), for C
+        callers (``kernels/step.c``), which call it as ``fn(handle, x, floats, seq)``."""
+        fn = ctypes.cast(getattr(self._lib, IN_PLACE[sync]), ctypes.c_void_p).value
         assert fn is not None and self._h
         return fn, self._h
+
+    def finish_in_place(self, sync: str, x: torch.Tensor) -> None:
+        """What an in-place allreduce of ``x`` that timed out does with the answer, after a
+        ``recv`` that got it: ``x`` is then the sum (fp32: ``x`` still the own partial; int8: ``x``
+        what the call sent, dequantized, as it leaves it)."""
+        if sync == "int8":
+            rc = self._lib.lane_finish_q8(self._h, x.data_ptr(), x.numel())
+        else:
+            rc = self._lib.lane_finish_f32(self._h, x.data_ptr(), x.data_ptr(), x.numel())
+        if rc:
+            raise LaneError(rc)
 
     def bench_exchange(self, own: torch.Tensor, out: torch.Tensor, iters: int) -> list[float]:
         """Benchmark only: ``iters`` exchanges (step 1, seq 1..iters) in a C loop; seconds each."""
@@ -395,7 +415,7 @@ class Lane:
 class StarLanes:
     """The hub's end of a star (3+ ranks) in C: the worker ranks' lanes, and one call that waits
     for all their partials at once, sums them with rank 0's in rank order and sends the sum back
-    (``lane_hub_allreduce_f32``). It holds the lanes' handles: close it before any of them."""
+    (``lane_hub_allreduce_f32``, ``lane_hub_allreduce_q8``). It holds the lanes' handles: close it before any of them."""
 
     def __init__(self, lib: ctypes.CDLL, lanes: dict[int, Lane]):
         self._lib, self.ranks = lib, sorted(lanes)
@@ -412,14 +432,16 @@ class StarLanes:
         """The step of the next allreduces; each call waits ``slice_ms`` at most."""
         self._lib.lane_hub_begin(self._h, step, slice_ms, self.spin_us)
 
-    def allreduce_f32(self) -> Callable[[int, int, int], int]:
+    def allreduce_in_place(self, sync: str = "fp32") -> Callable[[int, int, int], int]:
         """The C call ``(x pointer, floats, seq) -> 0 or an error code``: the star's sum into x in
-        place, in ``begin``'s step. After ``TIMEOUT`` the same call (same x, same seq) goes on."""
-        return functools.partial(self._lib.lane_hub_allreduce_f32, ctypes.c_void_p(self._h))
+        place, in ``begin``'s step, with ``sync`` payloads (fp32 or int8, as ``Lane``'s). After
+        ``TIMEOUT`` the same call (same x, same seq) goes on."""
+        return functools.partial(getattr(self._lib, HUB_IN_PLACE[sync]), ctypes.c_void_p(self._h))
 
-    def native_allreduce(self) -> tuple[int, int]:
-        """(address of ``lane_hub_allreduce_f32``, this star's handle), for ``kernels/step.c``."""
-        fn = ctypes.cast(self._lib.lane_hub_allreduce_f32, ctypes.c_void_p).value
+    def native_allreduce(self, sync: str = "fp32") -> tuple[int, int]:
+        """(address of the C call of ``allreduce_in_place(sync)``, this star's handle), for
+        ``kernels/step.c``."""
+        fn = ctypes.cast(getattr(self._lib, HUB_IN_PLACE[sync]), ctypes.c_void_p).value
         assert fn is not None and self._h
         return fn, self._h
 

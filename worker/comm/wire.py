@@ -171,13 +171,19 @@ def decode_lane_step(address: int, nbytes: int) -> list[torch.Tensor]:
 
 # --- allreduce payloads in the cluster's sync dtype ---------------------------------------------
 # fp32 is exact: partials travel in the model's own dtype. fp16/bf16 halve the bytes; int8
-# quarters them and adds one float32 absmax scale per row (per token), shape (..., 1).
+# carries blocks of 32 values with one float32 absmax scale per block (1.125 bytes a value, as
+# distributed-llama's Q80 but with a float32 scale: a partial as small as 1e-8 keeps its digits),
+# the values (..., d) then the scales (..., d / 32). kernels/lane.c computes the same format with
+# the same float operations in the same order, so a step summed in C and one summed here give
+# the same bits (tests/test_lane.py checks it).
 SYNC_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                                        "int8": torch.int8}
 _SYNC_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # the planner's spelling
 INT8_LEVELS = 127
+INT8_BLOCK = 32  # values per int8 scale (kernels/lane.c's Q8_BLOCK)
 # Narrower payloads go exact whatever the setting: their bytes are negligible, and they are
-# statistics (OLMoE's (T, 2) sums of squares) whose range fp16 cannot hold.
+# statistics (OLMoE's (T, 2) sums of squares) whose range fp16 cannot hold. So do int8 payloads
+# whose width is not a whole number of blocks.
 LOSSY_MIN_WIDTH = 64
 
 
@@ -190,28 +196,36 @@ def sync_dtype_name(name: str) -> str:
 
 
 def effective_sync(sync: str, shape: tuple[int, ...]) -> str:
-    """The sync dtype a payload of ``shape`` travels in: ``sync``, or fp32 below ``LOSSY_MIN_WIDTH``."""
-    return sync if shape and shape[-1] >= LOSSY_MIN_WIDTH else "fp32"
+    """The sync dtype a payload of ``shape`` travels in: ``sync``, or fp32 below ``LOSSY_MIN_WIDTH``
+    (and, for int8, where the width is not a multiple of ``INT8_BLOCK``)."""
+    if not shape or shape[-1] < LOSSY_MIN_WIDTH or (sync == "int8" and shape[-1] % INT8_BLOCK):
+        return "fp32"
+    return sync
+
+
+def _int8_scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape[:-1], shape[-1] // INT8_BLOCK)
 
 
 def sync_payload(tensor: torch.Tensor, sync: str) -> list[torch.Tensor]:
-    """The tensors that carry ``tensor`` in ``sync``: one, or (int8) the values and their row scales."""
+    """The tensors that carry ``tensor`` in ``sync``: one, or (int8) the values and their block scales."""
     sync = effective_sync(sync, tuple(tensor.shape))
     if sync == "fp32":
         return [tensor]
     if sync != "int8":
         return [tensor.to(SYNC_DTYPES[sync])]
-    values = tensor.float()
-    # (..., 1); the floor keeps an all-zero row's scale positive: its values stay exactly 0
-    scale = values.abs().amax(dim=-1, keepdim=True).div_(INT8_LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
-    quantized = values.div(scale).round_().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-    return [quantized, scale]
+    shape = tuple(tensor.shape)
+    blocks = tensor.float().reshape(*shape[:-1], -1, INT8_BLOCK)  # (..., d / 32, 32)
+    # (..., d / 32, 1); the floor keeps an all-zero block's scale positive: its values stay exactly 0
+    scale = blocks.abs().amax(dim=-1, keepdim=True).div_(INT8_LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
+    quantized = blocks.div(scale).round_().clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return [quantized.view(shape), scale.view(_int8_scale_shape(shape))]
 
 
 def check_sync_payload(tensors: list[torch.Tensor], sync: str, shape: tuple[int, ...],
                        exact_dtype: torch.dtype) -> None:
     """Refuse (``WireError``) anything but a ``sync`` payload of ``shape``: tensor count, dtypes,
-    shapes, and (int8) a finite float32 scale per row. ``exact_dtype``: what fp32 sync travels in
+    shapes, and (int8) a finite float32 scale per block. ``exact_dtype``: what fp32 sync travels in
     (the model's dtype)."""
     sync = effective_sync(sync, shape)
     expected = exact_dtype if sync == "fp32" else SYNC_DTYPES[sync]
@@ -224,7 +238,7 @@ def check_sync_payload(tensors: list[torch.Tensor], sync: str, shape: tuple[int,
     if sync != "int8":
         return
     scale = tensors[1]
-    scale_shape = (*shape[:-1], 1)
+    scale_shape = _int8_scale_shape(shape)
     if scale.dtype != torch.float32 or tuple(scale.shape) != scale_shape:
         raise WireError(f"int8 scale is {tuple(scale.shape)} {scale.dtype}, expected {scale_shape} float32")
     if not bool(torch.isfinite(scale).all()):
@@ -239,13 +253,21 @@ def sync_value(tensors: list[torch.Tensor], sync: str, shape: tuple[int, ...],
         check_sync_payload(tensors, sync, shape, exact_dtype)
     if effective_sync(sync, shape) != "int8":
         return tensors[0]
-    return tensors[0].float().mul_(tensors[1])
+    return _dequantized(tensors)
+
+
+def _dequantized(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The float32 values of an int8 payload: each value times its block's scale, one rounding."""
+    values, scale = tensors
+    blocks = values.float().view(*values.shape[:-1], -1, INT8_BLOCK)  # (..., d / 32, 32)
+    return blocks.mul_(scale.unsqueeze(-1)).view(values.shape)
 
 
 def add_sync_payload(total: torch.Tensor, tensors: list[torch.Tensor], sync: str) -> None:
-    """``total += value`` of a payload ``sync_value`` has checked, in place, without temporaries."""
+    """``total += value`` of a payload ``sync_value`` has checked, in place. int8: the value is
+    rounded on its own before the add (no fused multiply-add), as kernels/lane.c does it."""
     if effective_sync(sync, tuple(total.shape)) == "int8":
-        total.addcmul_(tensors[0], tensors[1])
+        total.add_(_dequantized(tensors))
     else:
         total.add_(tensors[0])
 
@@ -269,7 +291,7 @@ def split_sync_payload(raw: torch.Tensor, fmt: int, sync: str, shape: tuple[int,
     sync = effective_sync(sync, shape)
     dtypes = [(exact_dtype if sync == "fp32" else SYNC_DTYPES[sync], shape)]
     if sync == "int8":
-        dtypes.append((torch.float32, (*shape[:-1], 1)))
+        dtypes.append((torch.float32, _int8_scale_shape(shape)))
     sizes = [math.prod(s) * d.itemsize for d, s in dtypes]
     if DTYPES.get(fmt) != dtypes[0][0]:
         raise WireError(f"{sync} payload of dtype code {fmt}, expected {dtypes[0][0]}")

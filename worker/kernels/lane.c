@@ -19,6 +19,8 @@
  * fails its tag breaks the lane (the stream can no longer be trusted to be in step).
  * A receive that times out keeps what it read; the next call goes on from there. */
 #include <errno.h>
+#include <float.h>
+#include <math.h>
 #include <poll.h>
 #include <sodium.h>
 #include <stdint.h>
@@ -31,7 +33,12 @@
 #define HEADER_BYTES 24
 #define TAG_BYTES 16
 #define KEY_BYTES 32
-#define FORMAT_F32 0 /* worker/comm/wire.py's DTYPES code of float32 */
+#define FORMAT_F32 0 /* worker/comm/wire.py's DTYPES codes of float32 and int8 */
+#define FORMAT_I8 5
+/* int8 payloads (--sync-dtype int8, wire.py's sync_payload): n int8 values, then a float32 absmax
+ * scale per block of Q8_BLOCK values: value = q * scale, q in [-127, 127]. */
+#define Q8_BLOCK 32
+#define Q8_LEVELS 127.0f
 /* The most payload bytes a frame may announce: the buffers grow to what a frame needs up to
  * this (its tag can only be checked once it is read whole). */
 #define MAX_PAYLOAD ((int64_t)1 << 30)
@@ -137,21 +144,22 @@ static int send_all(int fd, const uint8_t *p, int64_t n) {
     return 0;
 }
 
-/* Send one frame whose payload is a followed by b (either may be empty). */
-int lane_send(void *handle, int kind, int format, uint64_t step, uint32_t seq, const void *a, int64_t na,
-              const void *b, int64_t nb) {
-    Lane *l = handle;
-    const int64_t n = na + nb;
-    if (n > l->capacity && lane_reserve(l, n)) return ERR_TOO_BIG;
+/* Room for a frame of n payload bytes in the out buffer, its header written: the payload to
+ * fill before frame_send, or NULL when it cannot grow. */
+static uint8_t *frame_begin(Lane *l, int kind, int format, uint64_t step, uint32_t seq, int64_t n) {
+    if (n > l->capacity && lane_reserve(l, n)) return NULL;
     uint8_t *h = l->out;
     memcpy(h, "EDL1", 4);
     h[4] = (uint8_t)kind, h[5] = (uint8_t)l->mode, h[6] = (uint8_t)format, h[7] = (uint8_t)(format >> 8);
     put_u64(h + 8, step);
     put_u32(h + 16, seq);
     put_u32(h + 20, (uint32_t)n);
-    uint8_t *payload = h + HEADER_BYTES, *tag = payload + n;
-    if (na) memcpy(payload, a, (size_t)na);
-    if (nb) memcpy(payload + na, b, (size_t)nb);
+    return h + HEADER_BYTES;
+}
+
+/* Tag (and, in encryption mode, encrypt) the frame frame_begin started, and send it whole. */
+static int frame_send(Lane *l, int64_t n) {
+    uint8_t *h = l->out, *payload = h + HEADER_BYTES, *tag = payload + n;
     uint8_t nonce[12];
     nonce_of(l->sent++, nonce);
     if (l->mode == MODE_MAC)
@@ -163,6 +171,77 @@ int lane_send(void *handle, int kind, int format, uint64_t step, uint32_t seq, c
     else
         memset(tag, 0, TAG_BYTES);
     return send_all(l->fd, h, HEADER_BYTES + n + TAG_BYTES);
+}
+
+/* Send one frame whose payload is a followed by b (either may be empty). */
+int lane_send(void *handle, int kind, int format, uint64_t step, uint32_t seq, const void *a, int64_t na,
+              const void *b, int64_t nb) {
+    Lane *l = handle;
+    uint8_t *payload = frame_begin(l, kind, format, step, seq, na + nb);
+    if (!payload) return ERR_TOO_BIG;
+    if (na) memcpy(payload, a, (size_t)na);
+    if (nb) memcpy(payload + na, b, (size_t)nb);
+    return frame_send(l, na + nb);
+}
+
+/* --- int8 payloads: the same float operations, in the same order, as wire.py's sync_payload,
+ * _dequantized and add_sync_payload (built with -ffp-contract=off: no fused multiply-add), so
+ * ranks that sum in C and ranks that sum in Python hold the same bits. */
+
+static int64_t q8_bytes(int64_t n) { return n + n / Q8_BLOCK * 4; }
+
+/* q (n,) int8 and scales (n / Q8_BLOCK,) of x (n,), n a multiple of Q8_BLOCK. A block holding a
+ * NaN or an infinity gets a non-finite scale (which every receiver refuses) and zeros. */
+void lane_quantize_q8(const float *x, int64_t n, int8_t *q, float *scales) {
+    for (int64_t b = 0; b < n / Q8_BLOCK; b++) {
+        const float *v = x + b * Q8_BLOCK;
+        float amax = 0.0f;
+        int nan = 0;
+        for (int i = 0; i < Q8_BLOCK; i++) {
+            const float a = fabsf(v[i]);
+            nan |= a != a;
+            amax = a > amax ? a : amax;
+        }
+        float scale = nan ? NAN : amax / Q8_LEVELS;
+        if (scale < FLT_MIN) scale = FLT_MIN;  /* an all-zero block: its values stay exactly 0 */
+        scales[b] = scale;
+        int8_t *out = q + b * Q8_BLOCK;
+        if (!isfinite(scale)) {
+            memset(out, 0, Q8_BLOCK);
+            continue;
+        }
+        for (int i = 0; i < Q8_BLOCK; i++) {
+            float r = v[i] / scale;
+            r = r > Q8_LEVELS ? Q8_LEVELS : r < -Q8_LEVELS ? -Q8_LEVELS : r;
+            out[i] = (int8_t)(int)rintf(r);  /* to nearest, ties to even: torch.round */
+        }
+    }
+}
+
+/* x (n,) = the values of an int8 payload (n values, then the scales). */
+static void q8_load(const uint8_t *payload, float *x, int64_t n) {
+    const int8_t *q = (const int8_t *)payload;
+    const float *scales = (const float *)(payload + n);
+    for (int64_t i = 0; i < n; i++) x[i] = (float)q[i] * scales[i / Q8_BLOCK];
+}
+
+/* x (n,) += the values of an int8 payload, each rounded before the add. */
+static void q8_add(const uint8_t *payload, float *x, int64_t n) {
+    const int8_t *q = (const int8_t *)payload;
+    const float *scales = (const float *)(payload + n);
+    for (int64_t i = 0; i < n; i++) {
+        const float value = (float)q[i] * scales[i / Q8_BLOCK];
+        x[i] = x[i] + value;
+    }
+}
+
+/* Whether the last frame received is an int8 payload of n values with finite scales. */
+static int q8_valid(const Lane *l, int64_t n) {
+    if (l->format != FORMAT_I8 || l->length != q8_bytes(n)) return 0;
+    const float *scales = (const float *)(l->in + HEADER_BYTES + n);
+    for (int64_t b = 0; b < n / Q8_BLOCK; b++)
+        if (!isfinite(scales[b])) return 0;
+    return 1;
 }
 
 static double now_us(void) {
@@ -306,6 +385,36 @@ int lane_allreduce_f32(void *handle, float *x, int64_t n, uint32_t seq) {
     return lane_exchange_f32(handle, KIND_PARTIAL, l->current_step, seq, x, x, n, l->slice_ms, l->spin_us);
 }
 
+/* lane_finish_f32 for an int8 payload of n values, in place: x holds this rank's own partial
+ * as it was sent (dequantized). A PARTIAL (the exchange) adds the peer's values to it, a
+ * REDUCED (the star's sum) replaces it. */
+int lane_finish_q8(void *handle, float *x, int64_t n) {
+    Lane *l = handle;
+    if (l->kind != KIND_PARTIAL && l->kind != KIND_REDUCED) return ERR_CONTROL;
+    if (!q8_valid(l, n)) return ERR_FORMAT;
+    if (l->kind == KIND_PARTIAL) q8_add(lane_payload(handle), x, n);
+    else q8_load(lane_payload(handle), x, n);
+    return 0;
+}
+
+/* lane_allreduce_f32 with an int8 payload (n a multiple of Q8_BLOCK): x is quantized into the
+ * frame and replaced by what was sent, dequantized; then the answer is added (a PARTIAL: both
+ * ranks hold deq(hub's) + deq(worker's), the bits of wire.sum_payloads) or taken (a REDUCED).
+ * On ERR_TIMEOUT x already holds the own term: go on with lane_recv and lane_finish_q8. */
+int lane_allreduce_q8(void *handle, float *x, int64_t n, uint32_t seq) {
+    Lane *l = handle;
+    if (n % Q8_BLOCK) return ERR_FORMAT;
+    uint8_t *payload = frame_begin(l, KIND_PARTIAL, FORMAT_I8, l->current_step, seq, q8_bytes(n));
+    if (!payload) return ERR_TOO_BIG;
+    lane_quantize_q8(x, n, (int8_t *)payload, (float *)(payload + n));
+    q8_load(payload, x, n);
+    int rc = frame_send(l, q8_bytes(n));
+    if (rc) return rc;
+    const int64_t got = lane_recv(handle, l->current_step, seq, l->slice_ms, l->spin_us);
+    if (got < 0) return (int)got;
+    return lane_finish_q8(handle, x, n);
+}
+
 /* The hub of a star (3+ ranks): one lane per worker rank, in rank order. An allreduce waits on
  * every worker's PARTIAL of (step, seq) at once (a poll over their sockets, spinning spin_us
  * first as lane_recv does), each frame read whole into its own lane's buffer and its tag checked
@@ -355,24 +464,22 @@ uint64_t lane_hub_pending(void *handle) {
 /* The lane index (rank - 1) whose frame or socket gave the last error, -1 for none. */
 int lane_hub_failed(void *handle) { return ((Hub *)handle)->failed; }
 
-/* One non-blocking attempt on lane i: 1 when its PARTIAL of (step, seq) is in and fits n floats. */
-static int hub_take(Hub *h, int i, int64_t n) {
+/* One non-blocking attempt on lane i: 1 when its PARTIAL of (step, seq) is in and holds n values
+ * (float32, or int8 where q8). */
+static int hub_take(Hub *h, int i, int64_t n, int q8) {
     Lane *l = h->lanes[i];
     const int64_t got = lane_recv(l, h->step, h->seq, 0, 0);
     if (got == ERR_TIMEOUT) return 0;
     if (got < 0) return (int)got;
     if (l->kind == KIND_ABORT || l->kind == KIND_STOP) return ERR_CONTROL;
-    if (l->kind != KIND_PARTIAL || got != n * 4 || l->format != FORMAT_F32) return ERR_FORMAT;
+    if (l->kind != KIND_PARTIAL) return ERR_FORMAT;
+    if (q8 ? !q8_valid(l, n) : (got != n * 4 || l->format != FORMAT_F32)) return ERR_FORMAT;
     h->have |= (uint64_t)1 << i;
     return 1;
 }
 
-/* The star's allreduce of x (n floats, rank 0's partial) in place, in the step of lane_hub_begin:
- * 0 with the sum in x, or an error code (lane_hub_failed says whose): ERR_TIMEOUT after the wait's
- * slice (call again with the same seq to go on), ERR_CONTROL for an ABORT or STOP, another code for
- * a broken lane. Same arguments as lane_allreduce_f32, so kernels/step.c calls either. */
-int lane_hub_allreduce_f32(void *handle, float *x, int64_t n, uint32_t seq) {
-    Hub *h = handle;
+/* Wait until every worker's PARTIAL of (the hub's step, seq) is in: 0, or an error code. */
+static int hub_gather(Hub *h, int64_t n, uint32_t seq, int q8) {
     if (h->step != h->current_step || h->seq != seq) h->step = h->current_step, h->seq = seq, h->have = 0;
     h->failed = -1;
     const double start = now_us();
@@ -382,14 +489,14 @@ int lane_hub_allreduce_f32(void *handle, float *x, int64_t n, uint32_t seq) {
         int waiting = 0;
         for (int i = 0; i < h->count; i++) {
             if (h->have >> i & 1) continue;
-            const int rc = hub_take(h, i, n);
+            const int rc = hub_take(h, i, n, q8);
             if (rc < 0) {
                 h->failed = i;
                 return rc;
             }
             if (rc == 0) fds[waiting] = (struct pollfd){h->lanes[i]->fd, POLLIN, 0}, which[waiting++] = i;
         }
-        if (!waiting) break;
+        if (!waiting) return 0;
         const double elapsed = now_us() - start;
         if (elapsed < h->spin_us) continue;
         const int left = h->slice_ms - (int)(elapsed / 1000);
@@ -399,10 +506,56 @@ int lane_hub_allreduce_f32(void *handle, float *x, int64_t n, uint32_t seq) {
             return ERR_CLOSED;
         }
     }
+}
+
+/* The star's allreduce of x (n floats, rank 0's partial) in place, in the step of lane_hub_begin:
+ * 0 with the sum in x, or an error code (lane_hub_failed says whose): ERR_TIMEOUT after the wait's
+ * slice (call again with the same seq to go on), ERR_CONTROL for an ABORT or STOP, another code for
+ * a broken lane. Same arguments as lane_allreduce_f32, so kernels/step.c calls either. */
+int lane_hub_allreduce_f32(void *handle, float *x, int64_t n, uint32_t seq) {
+    Hub *h = handle;
+    int rc = hub_gather(h, n, seq, 0);
+    if (rc) return rc;
     for (int i = 0; i < h->count; i++) lane_accumulate_f32(h->lanes[i], x, n);  /* rank order */
     h->have = 0, h->seq = 0;  /* done: a call with this seq again would start a new wait */
     for (int i = 0; i < h->count; i++) {
-        const int rc = lane_send(h->lanes[i], KIND_REDUCED, FORMAT_F32, h->current_step, seq, x, n * 4, NULL, 0);
+        rc = lane_send(h->lanes[i], KIND_REDUCED, FORMAT_F32, h->current_step, seq, x, n * 4, NULL, 0);
+        if (rc) {
+            h->failed = i;
+            return rc;
+        }
+    }
+    return 0;
+}
+
+/* lane_hub_allreduce_f32 with int8 payloads (n a multiple of Q8_BLOCK): x (rank 0's partial,
+ * exact) plus every worker's values in rank order, quantized once and sent as REDUCED; x
+ * becomes what was sent, dequantized, the value every rank then holds (the Python star's bits). */
+int lane_hub_allreduce_q8(void *handle, float *x, int64_t n, uint32_t seq) {
+    Hub *h = handle;
+    if (n % Q8_BLOCK) return ERR_FORMAT;
+    int rc = hub_gather(h, n, seq, 1);
+    if (rc) return rc;
+    for (int i = 0; i < h->count; i++) q8_add(lane_payload(h->lanes[i]), x, n);  /* rank order */
+    h->have = 0, h->seq = 0;
+    const int64_t bytes = q8_bytes(n);
+    uint8_t *first = NULL;
+    for (int i = 0; i < h->count; i++) {  /* every frame filled before any is sealed (encrypted in place) */
+        uint8_t *payload = frame_begin(h->lanes[i], KIND_REDUCED, FORMAT_I8, h->current_step, seq, bytes);
+        if (!payload) {
+            h->failed = i;
+            return ERR_TOO_BIG;
+        }
+        if (first) {
+            memcpy(payload, first, (size_t)bytes);
+        } else {
+            first = payload;
+            lane_quantize_q8(x, n, (int8_t *)payload, (float *)(payload + n));
+            q8_load(payload, x, n);
+        }
+    }
+    for (int i = 0; i < h->count; i++) {
+        rc = frame_send(h->lanes[i], bytes);
         if (rc) {
             h->failed = i;
             return rc;

@@ -9,11 +9,13 @@ is the same bits.
 Python builds the per-layer descriptors once (``attach``: weight, scale, bias and KV-cache
 addresses, dims) and keeps every step the native step does not cover: prefill chunks, models
 with hooks (q/k norms, MoE), streamed weights (the sliding window), bf16 caches, steps whose
-allreduces are not one C call (ZeroMQ, a lossy sync dtype). On lanes with fp32 sync every rank
-runs it: the 2-rank exchange (``lane_allreduce_f32``), a star's workers (the same call, answered
-by a REDUCED) and a star's hub (``lane_hub_allreduce_f32``: every worker's partial at once,
-summed in rank order). The log says
-which path a rank takes, and why, once per reason. ``EDGELLM_NATIVE_STEP=0`` turns it off.
+allreduces are not one C call (ZeroMQ, fp16/bf16 sync). On lanes with fp32 or int8 sync every
+rank runs it: the 2-rank exchange (``lane_allreduce_f32`` / ``_q8``), a star's workers (the same
+call, answered by a REDUCED) and a star's hub (``lane_hub_allreduce_f32`` / ``_q8``: every
+worker's partial at once, summed in rank order). int8 payloads are quantized and summed in C with
+the float operations of ``worker.comm.wire``, so a rank in C and a rank in Python agree to the
+bit. The log says which path a rank takes, and why, once per reason. ``EDGELLM_NATIVE_STEP=0``
+turns it off.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class StepModel(ctypes.Structure):
 class NativeLink(Protocol):
     """What a step needs of its data plane (``StarRank`` and ``StarHub`` have it)."""
 
-    def native_allreduce(self) -> tuple[int, int] | None: ...
+    def native_allreduce(self, width: int) -> tuple[int, int] | None: ...
     def native_seqs(self, count: int) -> int: ...
     def native_failed(self, rc: int, partial: torch.Tensor, seq: int) -> None: ...
 
@@ -149,8 +151,8 @@ class NativeStep:
             return self._python("prefill steps (the native step takes one new fp32 token per sequence)")
         if batch > native.F32_MAX_ROWS or not self._model._attends_tokens_natively(plan):
             return self._python(f"batches over {native.F32_MAX_ROWS} rows or outside the KV cache")
-        if (allreduce := self._link.native_allreduce()) is None:
-            return self._python("steps whose allreduces are not one C call (ZeroMQ, a lossy sync dtype)")
+        if (allreduce := self._link.native_allreduce(self._struct.d)) is None:
+            return self._python("steps whose allreduces are not one C call (ZeroMQ, fp16/bf16 sync)")
         return self._run(hidden, plan, batch, allreduce)
 
     def _run(self, hidden: torch.Tensor, plan: StepPlan, batch: int, allreduce: tuple[int, int]) -> torch.Tensor:
