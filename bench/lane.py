@@ -17,6 +17,8 @@ other rank on core 1 (``sched_setaffinity``, what ``taskset`` does): each rank a
 - ``zeromq``: ``StarHub.allreduce_`` over ZeroMQ with CURVE (as ``allreduce``), what a step used before lanes.
 - ``lane_star`` / ``lane_star_python``: the star (``exchange=False``), its hub in C
   (``lane_hub_allreduce_f32``) / in Python (``c_star=False``): what a hub of 3+ ranks runs.
+- ``lane_int8`` / ``lane_star_int8``: ``lane`` / ``lane_star`` with int8 payloads (``--sync-dtype
+  int8``: quantized, tagged and summed in C, ``lane_allreduce_q8`` / ``lane_hub_allreduce_q8``).
 
 ``--ranks N`` (default 2) runs the ``StarHub`` configurations with N - 1 worker processes (at 3+
 ``lane`` is the C star too); the others stay 2-rank. Every rank a process on the same cores.
@@ -49,11 +51,13 @@ from report import emit  # noqa: E402
 
 from worker.comm import lane as lanes  # noqa: E402
 from worker.comm.collective import CollectiveError, StarHub, StarRank  # noqa: E402
-from worker.comm.wire import Kind  # noqa: E402
+from worker.comm.wire import Kind, add_sync_payload, sum_payloads, sync_payload, sync_value  # noqa: E402
 
 RAW = {"wire": "none", "lane_mac_c": "mac", "lane_encrypt_c": "encrypt", "lane_mac_raw": "mac"}
-STAR = {"lane": dict(lane=True), "lane_encrypt": dict(lane=True, encrypt=True), "zeromq": dict(lane=False),
-        "lane_star": dict(lane=True, exchange=False), "lane_star_python": dict(lane=True, exchange=False, c_star=False)}
+STAR: dict[str, dict[str, Any]] = {"lane": dict(lane=True), "lane_encrypt": dict(lane=True, encrypt=True), "zeromq": dict(lane=False),
+        "lane_star": dict(lane=True, exchange=False), "lane_star_python": dict(lane=True, exchange=False, c_star=False),
+        "lane_int8": dict(lane=True, sync_dtype="int8"),
+        "lane_star_int8": dict(lane=True, exchange=False, sync_dtype="int8")}
 KEY_A, KEY_B = bytes(32), bytes(range(32))
 WARMUP = 50
 
@@ -105,11 +109,11 @@ def _raw(name: str, numel: int, iters: int, spin: int, core: int | None) -> list
     return times[WARMUP:]
 
 
-def _star_peer(address: str, rank: int, numel: int, iters: int, spin: int, core: int | None) -> None:
+def _star_peer(address: str, rank: int, numel: int, iters: int, spin: int, core: int | None, sync: str) -> None:
     pin(core)
     logging.getLogger("worker.comm.collective").setLevel(logging.ERROR)
     os.environ[lanes.SPIN_ENV] = str(spin)
-    link = StarRank(rank, address, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6)
+    link = StarRank(rank, address, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6, sync_dtype=sync)
     link.wait_welcome(30)
     link.begin(link.recv())
     # a block's fresh outputs, each given up to allreduce_, made before the clock runs
@@ -125,7 +129,8 @@ def _star_peer(address: str, rank: int, numel: int, iters: int, spin: int, core:
 def _star(options: dict[str, Any], numel: int, iters: int, spin: int, core: int | None, ranks: int = 2) -> list[float]:
     os.environ[lanes.SPIN_ENV] = str(spin)
     hub = StarHub(ranks, token="bench", timeout_s=30, spin_wait_s=spin * 1e-6, **options)
-    peers = [mp.get_context("spawn").Process(target=_star_peer, args=(hub.address, r, numel, iters, spin, core))
+    sync = options.get("sync_dtype", "fp32")
+    peers = [mp.get_context("spawn").Process(target=_star_peer, args=(hub.address, r, numel, iters, spin, core, sync))
              for r in range(1, ranks)]
     for peer in peers:
         peer.start()
@@ -139,7 +144,7 @@ def _star(options: dict[str, Any], numel: int, iters: int, spin: int, core: int 
             start = time.perf_counter()
             total = hub.allreduce_(x)
             times.append(time.perf_counter() - start)
-        assert torch.equal(total, torch.full((1, numel), 1.0 + 2.0 * (ranks - 1)))
+        assert torch.equal(total, _expected_sum(numel, ranks, sync, exchange=options.get("exchange", True)))
         assert (hub._star is not None) == (options["lane"] and options.get("c_star", True) and (
             ranks > 2 or not options.get("exchange", True)))
         hub.abort_step()
@@ -151,6 +156,17 @@ def _star(options: dict[str, Any], numel: int, iters: int, spin: int, core: int 
         for peer in peers:
             if peer.is_alive():
                 peer.kill()
+
+
+def _expected_sum(numel: int, ranks: int, sync: str, exchange: bool) -> torch.Tensor:
+    """What every rank holds after rank 0 gives ones and the others twos, as wire.py computes it."""
+    own, theirs = torch.ones(1, numel), torch.full((1, numel), 2.0)
+    if exchange and ranks == 2:
+        return sum_payloads([sync_payload(own, sync), sync_payload(theirs, sync)], sync, (1, numel), torch.float32)
+    total = own.clone()
+    for _ in range(ranks - 1):
+        add_sync_payload(total, sync_payload(theirs, sync), sync)
+    return sync_value(sync_payload(total, sync), sync, (1, numel), torch.float32, check=False)
 
 
 def seal_costs(sizes_kb: list[int], iters: int = 2000) -> dict[str, dict[str, float]]:

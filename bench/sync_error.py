@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ TOKEN = "sync-error"
 
 
 class LocalCluster:
-    """``ranks`` ranks in one process, all with the same sync dtype (threads, real ZeroMQ)."""
+    """``ranks`` ranks in one process, all with the same sync dtype (threads, real sockets: lanes)."""
 
     def __init__(self, model_dir: Path, ranks: int, sync: str, max_context: int):
         config = ModelConfig.from_dir(model_dir)
@@ -55,9 +56,13 @@ class LocalCluster:
         hub = StarHub(ranks, token=TOKEN, sync_dtype=sync)
         self.workers = [WorkerRank(spec, hub.address, TOKEN) for spec in specs[1:]]
         self.executor = Executor(specs[0], hub)
+        # a worker's start waits for the hub's welcome (and its lane): start them while the hub waits
+        joining = [threading.Thread(target=worker.start) for worker in self.workers]
+        for thread in joining:
+            thread.start()
         hub.wait_for_ranks(60)
-        for worker in self.workers:
-            worker.start()
+        for thread in joining:
+            thread.join()
 
     def run(self, prompt: list[int], feed: list[int] | None, tokens: int) -> tuple[list[int], torch.Tensor]:
         """Greedy tokens and the (tokens, V) logits that chose them; ``feed`` forces the inputs."""

@@ -20,7 +20,7 @@ One decode step (batch B, L layers, N ranks, rank 0 is the coordinator and the s
 streamed at the node's matvec bandwidth for that input width, or at the rate its cores can
 consume them where a profile gives the kernel's cycles per weight and that is lower (a compute
 ceiling: ``bench/arm_cycles.py`` estimates it with llvm-mca for a Pi's cores), ``payload`` is
-``B * hidden * sync_dtype bytes``; the hub link carries N - 1 payloads in (gather) and N - 1 out
+``B * hidden * sync bytes`` (int8: 1.125 bytes a value, its scales included); the hub link carries N - 1 payloads in (gather) and N - 1 out
 (broadcast), one after the other; ``payload_sw`` is what the software moves per second through
 a rank's end of an allreduce beyond the wire (ZeroMQ's copies, CURVE, the sum; probed with
 256 KB exchanges on loopback): nothing for a decode row, most of a prefill chunk's allreduce
@@ -28,13 +28,13 @@ on loopback. Each rank applies the final norm and its rows ``V_r`` of the LM hea
 ``worker.rank.head``; V_r follows the split) in the head's stored dtype (int8 for int8 and int4
 shards, ``edgellm shard``'s default ``--lm-head``), and the hub gathers the (B, V_r) float32 logits.
 ``hub`` is the step's fixed cost on the coordinator. The software overhead of an allreduce is
-the node's ``lane_c_overhead_us`` per worker rank where the cluster runs on lanes with fp32 sync
-(the 2-rank exchange and the star's hub are one C call each: ``lane_allreduce_f32``,
-``lane_hub_allreduce_f32``), its ``lane_overhead_us`` per worker rank on lanes with a lossy sync
-dtype (the hub sums in Python), else its ``allreduce_overhead_us`` (ZeroMQ). A decode step runs
-the native step (``worker.models.native_step``: every layer of a rank in one C call, priced at
-``native_layer_overhead_us`` a layer) where ``native_step_runs`` says so: 1 rank, or lanes with
-fp32 sync, a dense model without q/k norms, a float32 KV cache and weights resident. The
+the node's ``lane_c_overhead_us`` per worker rank where the cluster runs on lanes with fp32 or
+int8 sync (the 2-rank exchange and the star's hub are one C call each: ``lane_allreduce_f32`` /
+``_q8``, ``lane_hub_allreduce_f32`` / ``_q8``), its ``lane_overhead_us`` per worker rank on lanes
+with bf16/fp16 sync (the hub sums in Python), else its ``allreduce_overhead_us`` (ZeroMQ). A
+decode step runs the native step (``worker.models.native_step``: every layer of a rank in one C
+call, priced at ``native_layer_overhead_us`` a layer) where ``native_step_runs`` says so: 1 rank,
+or lanes with fp32 or int8 sync, a dense model without q/k norms, a float32 KV cache and weights resident. The
 per-layer and per-step overheads are measured on this code by ``edgellm probe``. A rank whose
 shard does not fit its memory streams it from disk every step (the sliding window), so its step takes
 max(compute + comm, disk) rather than the sum. Prefill (time to first token) runs the prompt in
@@ -58,6 +58,11 @@ FIXED_OVERHEAD_BYTES = 384 * MIB
 # inputs (edgellm shard's default --group-size; worker/kernels/quant.py's format): 4.5 bits, like
 # distributed-llama's Q40 and llama.cpp's Q4_0 (a 16-bit scale per 32).
 BYTES_PER_PARAM: dict[str, float] = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5625}
+# Bytes per value of an allreduce payload (worker.comm.wire): int8 carries a float32 scale per 32 values
+SYNC_BYTES_PER_VALUE: dict[str, float] = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.125}
+# The payloads whose allreduce is one C call on lanes (kernels/lane.c: lane_allreduce_f32 / _q8 and
+# the star's hub); bfloat16/float16 go through Python
+SYNC_IN_C = ("float32", "int8")
 
 
 class PlanError(ValueError):
@@ -98,7 +103,7 @@ class Node:
     # software cost of one allreduce over the data-plane lanes (``serve --lanes``) per worker rank the
     # hub serves (the 2-rank exchange: once), beyond the wire; None: not known, lanes not priced
     lane_overhead_us: float | None = None
-    # the same where the hub's side is one C call (fp32 sync: the exchange, the star's hub in C);
+    # the same where the hub's side is one C call (fp32 or int8 sync: the exchange, the star's hub in C);
     # None: not known, ``lane_overhead_us`` priced
     lane_c_overhead_us: float | None = None
     # the native decode step's cost per layer beyond its matrix work (kernels/step.c); None: not
@@ -267,6 +272,13 @@ class Workload:
         weights (``edgellm shard``'s default ``--dtype``)."""
         return self.weight_dtype if self.weight_dtype in ("float32", "bfloat16", "float16") else "float32"
 
+    @property
+    def sync_bytes(self) -> float:
+        """Bytes per value of an allreduce payload."""
+        if self.sync_dtype not in SYNC_BYTES_PER_VALUE:
+            raise PlanError(f"unknown sync dtype {self.sync_dtype!r}; known: {', '.join(SYNC_BYTES_PER_VALUE)}")
+        return SYNC_BYTES_PER_VALUE[self.sync_dtype]
+
     def bytes_per(self, dtype: str) -> float:
         if dtype not in BYTES_PER_PARAM:
             raise PlanError(f"unknown dtype {dtype!r}; known: {', '.join(BYTES_PER_PARAM)}")
@@ -389,7 +401,7 @@ def rank_memory_bytes(config: ModelConfig, load: RankLoad, work: Workload) -> in
 def allreduce_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = False, in_c: bool = False) -> float:
     """One allreduce of ``payload_bytes`` per rank, as ``worker.comm.collective`` runs it: the
     exchange at two ranks, the star from three; ``in_c``: the hub's side is one C call (lanes,
-    fp32 sync)."""
+    fp32 or int8 sync)."""
     if len(nodes) == 1:
         return 0.0
     if len(nodes) == 2:
@@ -466,9 +478,9 @@ def star_seconds(nodes: Sequence[Node], payload_bytes: float, lanes: bool = Fals
 
 def native_step_runs(config: ModelConfig, work: Workload, ranks: int) -> bool:
     """Whether a decode step runs natively on every rank (``worker.models.native_step``: what its
-    ``attach`` and ``run`` accept): alone, or on lanes with fp32 sync; a dense model without q/k
-    norms, a float32 KV cache, float32/int8/int4 weights. (A rank that streams runs in Python.)"""
-    return (ranks == 1 or (work.lanes and work.sync_dtype == "float32")) and not config.is_moe \
+    ``attach`` and ``run`` accept): alone, or on lanes with fp32 or int8 sync; a dense model without
+    q/k norms, a float32 KV cache, float32/int8/int4 weights. (A rank that streams runs in Python.)"""
+    return (ranks == 1 or allreduce_in_c(work)) and not config.is_moe \
         and config.qk_norm is None and work.kv_dtype == "float32" and work.weight_dtype in ("float32", "int8", "int4") \
         and work.batch <= 64
 
@@ -559,15 +571,15 @@ def streams(config: ModelConfig, load: RankLoad, node: Node, work: Workload) -> 
 def _step_comm_seconds(config: ModelConfig, nodes: Sequence[Node], work: Workload, rows: int) -> float:
     if len(nodes) == 1:
         return 0.0
-    payload = rows * config.hidden_size * work.bytes_per(work.sync_dtype)
+    payload = rows * config.hidden_size * work.sync_bytes
     # the step header broadcast: half a round trip and N - 1 copies of the hidden rows out of the hub
     start = star_seconds(nodes, payload, work.lanes) / 2
     return 2 * config.num_layers * allreduce_seconds(nodes, payload, work.lanes, allreduce_in_c(work)) + start
 
 
 def allreduce_in_c(work: Workload) -> bool:
-    """The hub's side of each allreduce is one C call: lanes with fp32 sync (``StarHub.allreduce_``)."""
-    return work.lanes and work.sync_dtype == "float32"
+    """The hub's side of each allreduce is one C call: lanes with fp32 or int8 sync (``StarHub.allreduce_``)."""
+    return work.lanes and work.sync_dtype in SYNC_IN_C
 
 
 def _disk_seconds(config: ModelConfig, load: RankLoad, node: Node, work: Workload) -> float:
@@ -627,7 +639,7 @@ def _reasons(config: ModelConfig, nodes: Sequence[Node], work: Workload, compute
            f"{'native step (native_layer_overhead_us)' if native else 'Python step (layer_overhead_us)'} overhead "
            f"{overhead * 1e3:.1f} ms ({config.num_layers} layers x {per_layer:g} us)"]
     if len(nodes) > 1:
-        payload = work.batch * config.hidden_size * work.bytes_per(work.sync_dtype)
+        payload = work.batch * config.hidden_size * work.sync_bytes
         in_c = allreduce_in_c(work)
         one = allreduce_seconds(nodes, payload, work.lanes, in_c)
         plane = "lanes" if work.lanes and nodes[0].lane_overhead_us is not None else "ZeroMQ"

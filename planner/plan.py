@@ -46,9 +46,12 @@ from worker.memory.budget import (
 from worker.shards.sharding import RankShard, ShardingError, plan_shards
 
 SYNC_DTYPES = ("float32", "bfloat16")  # chosen among: exact, or the rounding bench/sync_error.py measures
-# priced besides, not chosen: int8 payloads with a float32 scale per row (distributed-llama's Q80 is
-# int8 with a scale per 32 values), lossier than bfloat16; `serve --sync-dtype int8` runs it
+# int8 payloads (blocks of 32 values with a float32 scale, distributed-llama's Q80 with a wider
+# scale) are chosen for integer weights only: their own rounding moves the embedded model's logits
+# 2-10x more than int8 payloads do (bench/quant.py: int8 weights 0.13, int4 0.47-0.60 max logit
+# difference; bench/sync_error.py: int8 payloads 0.05-0.06 at 2-3 ranks). Priced for float weights too.
 SYNC_PRICED = (*SYNC_DTYPES, "int8")
+INT8_SYNC_WEIGHTS = ("int8", "int4")
 # A reduced-precision allreduce must buy at least this much speed to be worth its rounding error.
 SYNC_GAIN_THRESHOLD = 0.05
 MIN_SHARE = 1e-3  # plan_shards needs positive weights; a useless node still gets one KV head
@@ -163,11 +166,13 @@ def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Seque
 
 def choose_sync_dtype(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node],
                       work: Workload) -> tuple[str, dict[str, float]]:
-    """float32 (exact) unless bfloat16 payloads make decode at least ``SYNC_GAIN_THRESHOLD`` faster;
-    the speeds of ``SYNC_PRICED`` (int8 too, for the user to weigh against its rounding)."""
+    """float32 (exact) unless a lossy payload makes decode at least ``SYNC_GAIN_THRESHOLD`` faster
+    (bfloat16, or int8 for integer weights: the fastest of those that do); the speeds of
+    ``SYNC_PRICED``."""
     speeds = {d: predict(config, shards, nodes, replace(work, sync_dtype=d)).tokens_per_s for d in SYNC_PRICED}
-    best = "bfloat16" if speeds["bfloat16"] >= speeds["float32"] * (1 + SYNC_GAIN_THRESHOLD) else "float32"
-    return best, speeds
+    lossy = ["bfloat16", *(["int8"] if work.weight_dtype in INT8_SYNC_WEIGHTS else [])]
+    faster = [d for d in lossy if speeds[d] >= speeds["float32"] * (1 + SYNC_GAIN_THRESHOLD)]
+    return max(faster, key=speeds.__getitem__, default="float32"), speeds
 
 
 def _fit_rounding(config: ModelConfig, nodes: Sequence[Node], work: Workload, shares: list[float],
