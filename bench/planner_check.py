@@ -101,14 +101,17 @@ def _worker_process(spec: RankSpec, address: str, threads: int) -> None:
 
 
 @contextmanager
-def cluster(model_dir: Path, ranks: int, threads: int, max_context: int) -> Iterator[tuple[Executor, list[int]]]:
+def cluster(model_dir: Path, ranks: int, threads: int, max_context: int,
+            sync: str = "fp32") -> Iterator[tuple[Executor, list[int]]]:
     """(rank 0's executor, the pid of every rank, rank 0 first): rank 0 in this process, the
-    other ranks real ``WorkerRank`` processes on loopback, ``threads`` threads each."""
+    other ranks real ``WorkerRank`` processes on loopback, ``threads`` threads each, their
+    allreduces in ``sync``."""
     config = ModelConfig.from_dir(model_dir)
     shards = plan_shards(config, [1.0] * ranks)
-    specs = [RankSpec(str(model_dir), config, s, max_batch=1, max_context=max_context) for s in shards]
+    specs = [RankSpec(str(model_dir), config, s, max_batch=1, max_context=max_context, sync_dtype=sync)
+             for s in shards]
     torch.set_num_threads(threads)
-    hub = StarHub(ranks, token=TOKEN, timeout_s=120)
+    hub = StarHub(ranks, token=TOKEN, timeout_s=120, sync_dtype=sync)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_process, args=(spec, hub.address, threads), daemon=True) for spec in specs[1:]]
     for p in procs:

@@ -14,8 +14,8 @@ edgellm: rank 0 in this process (``bench/planner_check.py``'s cluster: the Execu
 step runs it, no HTTP), the other ranks real worker processes on loopback, 1 thread each (2 at
 one rank); greedy decode of 64 tokens after a 4-token prompt, median tok/s of 3 runs after a
 warm-up. distributed-llama: ``measure_dllama.py`` (its own timer, which leaves out sampling and
-I/O), median of 3 runs. int8 (edgellm, per-channel weights, fp32 sync) is set against Q40
-weights with Q80 sync. This machine is shared: compare the ratios of one round.
+I/O), median of 3 runs. int8 (edgellm, per-channel weights, fp32 sync) and int8_q8 (the same
+with int8 sync, blocks of 32) are set against Q40 weights with Q80 sync. This machine is shared: compare the ratios of one round.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ SHAPES = {
     "big": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
                 intermediate_size=2816, vocab_size=1000, max_position_embeddings=1024),
 }
-# (name, model, ranks, weights): weights "fp32" or "int8" (distributed-llama: f32 / q40 + q80 sync)
+# (name, model, ranks, weights): weights "fp32", "int8" (fp32 sync) or "int8_q8" (int8 weights and
+# int8 sync, as distributed-llama's Q80); distributed-llama: f32, or q40 weights with q80 sync
 CONFIGS = [("small_fp32_2", "small", 2, "fp32"), ("big_fp32_2", "big", 2, "fp32"),
-           ("small_int8_2", "small", 2, "int8"), ("small_fp32_4", "small", 4, "fp32"),
-           ("small_fp32_1", "small", 1, "fp32")]
+           ("small_int8_2", "small", 2, "int8"), ("small_int8_q8_2", "small", 2, "int8_q8"),
+           ("small_fp32_4", "small", 4, "fp32"), ("small_fp32_1", "small", 1, "fp32")]
 PROMPT, TOKENS, RUNS = 4, 64, 3
 
 
@@ -86,12 +87,13 @@ def set_lanes(on: bool, spin: str | None = None) -> None:
 
 def edgellm(model_dir: Path, ranks: int, weights: str, cache: Path) -> float:
     model = model_dir
-    if weights == "int8":
+    if weights.startswith("int8"):
         from server.quantized_cache import quantized_shards
         from worker.kernels.quant import QuantSpec
 
         model = quantized_shards(model_dir, [1.0] * ranks, QuantSpec(bits=8), torch.float32, cache)
-    with cluster(model, ranks, 2 if ranks == 1 else 1, PROMPT + TOKENS + 8) as (executor, _):
+    sync = "int8" if weights == "int8_q8" else "fp32"
+    with cluster(model, ranks, 2 if ranks == 1 else 1, PROMPT + TOKENS + 8, sync) as (executor, _):
         decode_round(executor, PROMPT, TOKENS)
         return statistics.median(decode_round(executor, PROMPT, TOKENS)[0] for _ in range(RUNS))
 

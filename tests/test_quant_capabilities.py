@@ -8,6 +8,7 @@ CPU runs), ``avx2``, ``avx512``. Before the shards had a byte layout of their ow
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -26,9 +27,15 @@ DEFAULT_MODEL = ROOT / "server" / "default_model"
 _ORDER = ("DEFAULT", "AVX2", "AVX512")
 
 
+@functools.cache
 def capabilities() -> list[str]:
-    """Every capability up to the one torch picks here (it can be forced down, never up)."""
-    return [c.lower() for c in _ORDER[: _ORDER.index(torch.backends.cpu.get_cpu_capability()) + 1]]
+    """Every capability up to the one torch picks on this CPU (it can be forced down, never up),
+    asked of a fresh process without ``ATEN_CPU_CAPABILITY``: a run forced down as a whole still
+    checks them all."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    done = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                          env=env, capture_output=True, text=True, timeout=120, check=True)
+    return [c.lower() for c in _ORDER[: _ORDER.index(done.stdout.strip()) + 1]]
 
 
 def _probe(*args: str, capability: str, native: bool = True) -> str:
