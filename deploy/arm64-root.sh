@@ -7,7 +7,7 @@
 # As root it: installs debootstrap and qemu-user-static (deploy/install-system-deps.sh), mounts
 # binfmt_misc and registers qemu-aarch64 there (so the tree's binaries run under chroot),
 # debootstraps bookworm arm64 (minbase + python3, python3-venv, gcc: the native kernels compile
-# at run time) from the Debian mirror of this machine's apt sources, and makes /opt/venv in it
+# at run time; libsodium-dev: so do the data-plane lanes, worker/comm/lane.py) from the Debian mirror of this machine's apt sources, and makes /opt/venv in it
 # with PyPI's torch==2.9.1, the other dependencies of pyproject.toml, and what the tests import.
 # torch 2.9.1 because PyPI's aarch64 wheel of the x86 pin (2.13) is a CUDA build that does not
 # import without CUDA's libraries; 2.9.1's is a CPU build.
@@ -23,6 +23,8 @@ repo=$(dirname "$here")
 root=${EDGELLM_ARM64_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/edgellm/arm64-bookworm}
 suite=bookworm
 torch_pin="torch==2.9.1"
+# Debian packages of the tree (debootstrap --include)
+packages=python3,python3-venv,gcc,libc6-dev,libsodium-dev
 # What tests/ imports beyond the runtime dependencies (pyproject's dev extra, less the linters).
 test_deps=(pytest pytest-timeout httpx "transformers>=4.50" "setuptools>=77")
 
@@ -56,7 +58,7 @@ for d in deps:
     print(sys.argv[2] if d.replace(" ", "").startswith("torch=") or d == "torch" else d)
 EOF
 )
-key=$(printf '%s\n' "v1" "$suite" "${deps[@]}" "${test_deps[@]}" | sha256sum | cut -c1-16)
+key=$(printf '%s\n' "v2" "$suite" "$packages" "${deps[@]}" "${test_deps[@]}" | sha256sum | cut -c1-16)
 
 if [ -f "$root/.edgellm-arm64-key" ] && [ "$(cat "$root/.edgellm-arm64-key")" = "$key" ]; then
     echo "$root"
@@ -81,15 +83,15 @@ trap cleanup EXIT
 
 # A build that stopped after debootstrap (pip failed: network) starts again from there.
 if grep -q " $build/" /proc/mounts 2>/dev/null; then log "$build has mounts inside; unmount them first"; exit 1; fi
-if [ ! -f "$build/.debootstrapped" ] || [ "$(cat "$build/.debootstrapped")" != "$suite $mirror" ]; then
+if [ ! -f "$build/.debootstrapped" ] || [ "$(cat "$build/.debootstrapped")" != "$suite $mirror $packages" ]; then
     # never delete a tree with something mounted inside it (checked above: a bound /dev would go with it)
     rm -rf "$build"
     mkdir -p "$(dirname "$root")"
     log "debootstrap $suite arm64 from $mirror into $build (several minutes: its second stage runs under qemu)"
     start=$SECONDS
-    debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,gcc,libc6-dev \
+    debootstrap --arch=arm64 --variant=minbase --include="$packages" \
         "$suite" "$build" "$mirror" >&2
-    echo "$suite $mirror" > "$build/.debootstrapped"
+    echo "$suite $mirror $packages" > "$build/.debootstrapped"
     log "debootstrap took $((SECONDS - start)) s"
 fi
 

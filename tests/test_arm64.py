@@ -51,9 +51,13 @@ TOKENS = 4  # emulation is slow: a few greedy tokens (int4 agrees with fp32 for 
 # off switch) are Python and file locks, the same on every ISA, and each compiles under emulation
 # (3 of the 4 minutes of a CPU's run): they run on x86 only. The aarch64 build itself is compiled
 # and checked by test_the_kernel_is_built_where_it_is_supported and used by every kernel test.
+# The lanes' int8 allreduces (kernels/lane.c, built with libsodium in the tree) must give the bits
+# of wire.py's Python on aarch64 too, where gcc would fuse a multiply and an add unless told not to.
+LANE_TESTS = ("tests/test_lane.py::test_the_c_int8_quantizer_has_the_bits_of_wire_sync_payload",
+              "tests/test_lane.py::test_int8_allreduces_in_c_have_the_bits_of_the_python_ones")
 KERNEL_TESTS = ("tests/test_native.py", "tests/test_decode_kernels.py",
                 "tests/test_quant.py::test_int8_matches_the_dequantized_matrix",
-                "tests/test_quant.py::test_int4_layout_is_edgellms",
+                "tests/test_quant.py::test_int4_layout_is_edgellms", *LANE_TESTS,
                 *(f"--deselect=tests/test_native.py::{name}" for name in (
                     "test_processes_starting_together_share_one_cached_build",
                     "test_a_cached_build_loads_without_a_compiler",
@@ -186,27 +190,32 @@ def test_kernel_tests_pass_on_aarch64(arm64: Arm64Tree, kernel_runs: dict[str, F
     assert bool(int(hwcap.stdout) & HWCAP_ASIMDDP) == CPUS[cpu], f"QEMU_CPU={cpu} gave HWCAP {hwcap.stdout}"
     done = kernel_runs[cpu].result()
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    skipped_lanes = [line for line in done.stdout.splitlines() if "SKIPPED" in line and "test_lane.py" in line]
+    assert not skipped_lanes, "the lane library did not build in the tree: " + "\n".join(skipped_lanes)
 
 
 # Each quantization once, end to end, on the CPU a user runs it on: int8 on the Pi 4 (plain NEON),
 # int4 on the Pi 5 (the dot-product loops: what `edgellm plan` recommends for 8B models on Pi 5s).
 # The other pairings run the same kernels, checked on both CPU models by the kernel tests above
 # and by tests/test_arm_kernels.py; each served run costs minutes of emulation.
-SERVED = [("none", "cortex-a72"), ("int8", "cortex-a72"), ("int4", "cortex-a76")]
+# The int4 run syncs in int8 (what `edgellm plan` recommends for int4 on Pi 5s): its C allreduce
+# on aarch64 too (x86's text with int4 and int8 sync is fp32's, for these tokens).
+SERVED = [("none", "cortex-a72", "fp32"), ("int8", "cortex-a72", "fp32"), ("int4", "cortex-a76", "int8")]
 
 
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize(("quantize", "cpu"), SERVED)
+@pytest.mark.parametrize(("quantize", "cpu", "sync"), SERVED)
 def test_two_ranks_on_aarch64_give_the_x86_fp32_text(arm64: Arm64Tree, x86_text: str, cpu: str, quantize: str,
-                                                     tmp_path: Path) -> None:
+                                                     sync: str, tmp_path: Path) -> None:
     """``edgellm serve`` (embedded model, 2 ranks) inside the arm64 tree, in fp32 or quantized at
-    start (``--quantize``, shards written there, by aarch64 code), answers x86's fp32 greedy text."""
+    start (``--quantize``, shards written there, by aarch64 code), answers x86's fp32 greedy text;
+    its ranks talk over lanes and decode natively (step.c with the lane's C allreduce)."""
     port = free_port()
     cache = f"/tmp/edgellm-quantized-{port}"  # inside the tree: a fresh quantization every run
     log_path = tmp_path / "serve.log"
     start = time.monotonic()
     proc = arm64.popen(cpu, "/opt/venv/bin/edgellm", "serve", "--port", str(port), "--local-workers", "1",
-                       "--threads", "1", "--quantize", quantize, "--cache-dir", cache,
+                       "--threads", "1", "--quantize", quantize, "--cache-dir", cache, "--sync-dtype", sync,
                        # the worker imports torch under emulation: minutes on a busy machine
                        "--connect-timeout", "900", log_path=log_path)
     url = f"http://127.0.0.1:{port}"
@@ -220,6 +229,10 @@ def test_two_ranks_on_aarch64_give_the_x86_fp32_text(arm64: Arm64Tree, x86_text:
         _stop(proc)
         shutil.rmtree(arm64.root / cache.lstrip("/"), ignore_errors=True)
     assert text == x86_text, f"aarch64 {quantize} on {cpu}: {text!r}, x86 fp32: {x86_text!r}"
+    served_log = log_path.read_text()
+    assert "data-plane lanes off" not in served_log and "not one C call" not in served_log, served_log[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: decode steps run natively" in served_log, served_log[-4000:]
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
