@@ -3,7 +3,7 @@
 
     sudo .venv/bin/python bench/netns_comm.py [--rates 100mbit,1gbit] [--worlds 2,4]
         [--planes lanes,lanes_spin0,zeromq] [--burst wire|default] [--rounds 3] [--steps 200]
-        [--served] [--tokens 32] [--out FILE]
+        [--served] [--tokens 32] [--pin] [--out FILE]
 
 Each (rate, world) gets a fresh ``deploy/netns-cluster.sh`` cluster (prefix ``edgellm-comm``,
 removed at the end even on failure): the hub (rank 0) in the coordinator's namespace, worker
@@ -150,8 +150,10 @@ def enter(node: int) -> None:
         os.close(fd)
 
 
-def _in_node(node: int, target: Callable[..., None], *args: Any) -> None:
+def _in_node(node: int, core: int | None, target: Callable[..., None], *args: Any) -> None:
     enter(node)
+    if core is not None:  # a core of its own, as a rank on its own host has
+        os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("worker.comm.collective").setLevel(logging.ERROR)
@@ -173,8 +175,12 @@ def lane_spin(hub: Any) -> int | None:
     return next(iter(hub._lanes.values())).spin_us if hub.on_lanes else None
 
 
+PIN: list[bool] = [False]  # --pin: node k's process on core k % cores
+
+
 def spawn(node: int, target: Callable[..., None], *args: Any) -> mp.process.BaseProcess:
-    proc = mp.get_context("spawn").Process(target=_in_node, args=(node, target, *args), daemon=True)
+    core = node % (os.cpu_count() or 1) if PIN[0] else None
+    proc = mp.get_context("spawn").Process(target=_in_node, args=(node, core, target, *args), daemon=True)
     proc.start()
     return proc
 
@@ -416,8 +422,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per served run")
     parser.add_argument("--runs", type=int, default=1, help="served runs per round (each beside a run alone)")
     parser.add_argument("--models", type=Path, default=Path("/tmp/edgellm-netns-comm"))
+    parser.add_argument("--pin", action="store_true", help="node k's process on core k %% cores (a core per rank "
+                        "where ranks <= cores: what separate hosts have)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    PIN[0] = args.pin
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if reason := skip_reason():
         emit({"skipped": reason}, args.out)
@@ -429,7 +438,7 @@ def main() -> None:
         from planner.synthetic import write_random_llama
 
         write_random_llama(model_dir, SHAPE)
-    result: dict[str, Any] = {"machine": {"cores": os.cpu_count()}, "loadavg_start": os.getloadavg(),
+    result: dict[str, Any] = {"machine": {"cores": os.cpu_count()}, "pinned": args.pin, "loadavg_start": os.getloadavg(),
                               "shape": SHAPE, "burst": args.burst, "steps": args.steps, "configs": []}
     for rate in args.rates.split(","):
         for world in (int(w) for w in args.worlds.split(",")):
