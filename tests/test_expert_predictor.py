@@ -19,7 +19,7 @@ from worker.memory.expert_cache import Entry, ExpertCache, choose_victim
 from worker.memory.expert_reads import PAGE, PREFETCH_PIECE, ReadQueue, pieces
 from worker.memory.prefetch_gate import MIN_SPANS, PROBE_EVERY, REPROBE_EVERY, PrefetchGate
 from worker.models.moe import Predictor
-from worker.shards.shard_file import ShardFile
+from worker.shards.shard_file import ShardFile, aligned_buffer
 from worker.shards.shard_writer import write_shards
 from worker.shards.sharding import plan_shards
 from worker.shards.weights import expert_block, rank_shard_path
@@ -118,13 +118,17 @@ def test_union_predictor_names_both_guesses() -> None:
     assert predictor.predict(1, HIDDEN) == {0, 2, 3}
 
 
-@pytest.fixture
-def shard_file(checkpoints, tmp_path: Path):
+@pytest.fixture(params=[False, True], ids=["buffered", "direct"])
+def shard_file(checkpoints, tmp_path: Path, request: pytest.FixtureRequest):
+    """The tiny Mixtral's rank file, read through the page cache or with O_DIRECT (as the loader opens it)."""
     model_dir = checkpoints("mixtral")  # 2 layers, 4 experts
     config = ModelConfig.from_dir(model_dir)
     shards = plan_shards(config, [1.0])
     shard_dir = write_shards(model_dir, shards, tmp_path / "shards", progress=False)
-    file = ShardFile(rank_shard_path(shard_dir, shards[0]), random_access=True)
+    file = ShardFile(rank_shard_path(shard_dir, shards[0]), random_access=True, direct=request.param)
+    if request.param and not file.direct:
+        file.close()
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
     yield file
     file.close()
 
@@ -341,6 +345,46 @@ def test_pieces_cover_the_block_on_page_boundaries() -> None:
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
         assert all(start % PAGE == 0 for start, _ in parts)
     assert pieces(10 * PAGE, count=2) == deque([(0, 5 * PAGE), (5 * PAGE, 10 * PAGE)])
+
+
+def test_pieces_cut_on_the_files_page_boundaries_where_the_block_starts_inside_a_page() -> None:
+    for lead in (0, 8, PAGE - 8):
+        for nbytes, kw in ((10 * PAGE + 5, {"count": 2}), (3 * PREFETCH_PIECE + 1, {"size": PREFETCH_PIECE}),
+                           (100, {"count": 4}), (2 * PAGE, {"count": 1})):
+            parts = list(pieces(nbytes, lead=lead, **kw))
+            assert parts[0][0] == 0 and parts[-1][1] == nbytes
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+            assert all((stop + lead) % PAGE == 0 for _, stop in parts[:-1])  # no page of the file in two pieces
+            if "count" in kw:
+                assert len(parts) <= kw["count"]
+
+
+def test_direct_reads_of_every_block_and_piece_equal_buffered_ones(shard_file: ShardFile) -> None:
+    """Every block of the file (the last one ends at its end: a short O_DIRECT read), cut as the
+    read queue cuts it, read with O_DIRECT into a placed buffer; and into an unplaced one, where
+    ``read_part`` falls back to a buffered read."""
+    direct = ShardFile(shard_file.path, random_access=True, direct=True)
+    if not direct.direct:
+        direct.close()
+        pytest.skip("no O_DIRECT on this file system")
+    try:
+        last = max(direct.blocks, key=lambda b: direct.blocks[b].offset)
+        assert direct.blocks[last].offset + direct.blocks[last].nbytes == shard_file.path.stat().st_size
+        leads = set()
+        for block, entry in direct.blocks.items():
+            expected = torch.empty(entry.nbytes, dtype=torch.uint8)
+            shard_file.read_into(block, expected)
+            leads.add(direct.lead(block))
+            for count in (1, 2, 3):
+                placed = direct.place(block, aligned_buffer(entry.nbytes))
+                unplaced = torch.zeros(entry.nbytes + 1, dtype=torch.uint8)[1:]
+                for start, stop in pieces(entry.nbytes, count=count, lead=direct.lead(block)):
+                    direct.read_part(block, placed, start, stop)
+                    direct.read_part(block, unplaced, start, stop)
+                assert torch.equal(placed, expected) and torch.equal(unplaced, expected), (block, count)
+        assert len(leads) > 1  # the blocks do start inside pages
+    finally:
+        direct.close()
 
 
 class BlockingFile(ShardFile):

@@ -43,13 +43,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-
 from worker.kernels.quant import kernel_layout
 from worker.memory import expert_reads
 from worker.memory.expert_reads import Read, ReadQueue
 from worker.memory.prefetch_gate import PRIOR_PRECISION, PrefetchGate
-from worker.shards.shard_file import ShardFile
+from worker.shards.shard_file import ShardFile, aligned_buffer
 from worker.shards.weights import ExpertWeights, Fields, expert_block, from_fields
 
 POLICIES = ("distance", "lru", "frequency")
@@ -116,7 +114,8 @@ class ExpertCache:
         self.num_experts = num_experts
         self.policy = policy
         self.slot_bytes = slot_bytes
-        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(0 if preloaded else slots)]
+        # each with room to place any expert at its O_DIRECT lead (``ShardFile.place``): 12 KiB more per buffer
+        self.buffers = [aligned_buffer(slot_bytes) for _ in range(0 if preloaded else slots)]
         self._free = list(range(len(self.buffers)))
         self._entries: dict[Key, Entry] = {}
         self._pinned: set[Key] = set()
@@ -160,7 +159,7 @@ class ExpertCache:
                 for expert in range(num_experts):
                     if file.has(expert_block(layer, expert)):
                         buffer = self._free.pop()
-                        fields = file.read_into(expert_block(layer, expert), self.buffers[buffer])
+                        fields = file.read_into(expert_block(layer, expert), self.buffers[buffer])  # once: buffered
                         self._entries[(layer, expert)] = Entry((layer, expert), buffer, fields, fetched=False)
 
     @property
@@ -295,7 +294,9 @@ class ExpertCache:
             entry.read = None
             self._cond.notify_all()
 
-        entry.read = self.reads.submit(expert_block(*key), self.buffers[buffer], demand, done, own=own)
+        block = expert_block(*key)
+        assert self.file is not None
+        entry.read = self.reads.submit(block, self.file.place(block, self.buffers[buffer]), demand, done, own=own)
         return entry
 
     def _candidates(self, evict_protected: bool = False) -> list[Entry]:

@@ -71,11 +71,14 @@ class Read:
         return not self.todo and not self.inflight and self.reserved is None
 
 
-def pieces(nbytes: int, count: int = 1, size: int | None = None) -> deque[tuple[int, int]]:
-    """Byte ranges covering ``0:nbytes``: ``count`` about equal ones, or ones of ``size``; page aligned."""
-    step = size or -(-nbytes // max(1, count))
+def pieces(nbytes: int, count: int = 1, size: int | None = None, lead: int = 0) -> deque[tuple[int, int]]:
+    """Byte ranges covering ``0:nbytes``: ``count`` about equal ones, or ones of ``size``; cut on page
+    boundaries of the file, where the block starts ``lead`` bytes into a page (``ShardFile.lead``),
+    so that two pieces read with ``O_DIRECT`` never share a page."""
+    step = size or -(-(lead + nbytes) // max(1, count))
     step = max(PAGE, -(-step // PAGE) * PAGE)
-    return deque((start, min(nbytes, start + step)) for start in range(0, nbytes, step))
+    return deque((max(0, start - lead), min(nbytes, start + step - lead)) for start in range(0, lead + nbytes, step)
+                 if start + step > lead)
 
 
 class ReadQueue:
@@ -106,11 +109,11 @@ class ReadQueue:
                on_done: Callable[[Read], None] | None = None, own: bool = False) -> Read:
         """Queue ``block``'s read into ``buffer`` (caller holds the lock). ``own``: a demand read
         the compute thread makes itself (``help``): no reader is woken for it."""
-        nbytes = self.file.block_bytes(block)
+        nbytes, lead = self.file.block_bytes(block), self.file.lead(block)
         if demand:
-            parts = pieces(nbytes, count=min(self.depth, max(1, nbytes // SPLIT_BYTES)))
+            parts = pieces(nbytes, count=min(self.depth, max(1, nbytes // SPLIT_BYTES)), lead=lead)
         else:
-            parts = pieces(nbytes, size=PREFETCH_PIECE)
+            parts = pieces(nbytes, size=PREFETCH_PIECE, lead=lead)
         read = Read(block, buffer, nbytes, parts, demand, on_done)
         if own and demand:
             read.reserved = parts.popleft()
