@@ -473,7 +473,7 @@ def main() -> None:
                         needed = old.get("needed_bytes_per_token_each", []) + [result["needed_bytes_per_token"]]
                         probes = old.get("disk_mb_per_s_each", []) + (
                             [[before["mb_per_s"], after["mb_per_s"]]] if before and after else [])
-                        busy = old.get("read_mb_per_s_while_busy_each", []) + [result["read_mb_per_s_while_busy"]]
+                        busy = old.get("read_mb_per_s_while_busy_each", []) + [result.get("read_mb_per_s_while_busy")]  # main's run has none
                         runs[key] = result | {"tokens_per_s": max(every), "tokens_per_s_each": every,
                                               "needed_bytes_per_token_each": needed, "disk_mb_per_s_each": probes,
                                               "read_mb_per_s_while_busy_each": busy}
