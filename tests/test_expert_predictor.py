@@ -171,6 +171,52 @@ def test_unneeded_prefetches_are_cancelled_and_their_buffers_reused(shard_file: 
     cache.close()
 
 
+def test_a_guess_without_a_buffer_is_read_at_its_layers_start_into_on_demands_own_victim(
+        shard_file: ShardFile) -> None:
+    """Layer 0's two experts fill both buffers, so the guess for layer 1 made as layer 0 routes
+    finds none. Once layer 0 is done, at layer 1's start, it takes the buffer layer 1's own miss
+    would take, and is read: a right guess, so the step reads exactly what on demand reads."""
+    cache = _cache(shard_file, slots=2)
+    _open_gate(cache)
+    cache.gate.precision[1] = 1.0
+    assert cache.begin_layer(0, [0, 1]) == [0, 1]
+    cache.prefetch(1, [2])  # as layer 0 routes: both buffers hold layer 0's experts, in use
+    assert cache.prefetches == 0 and (1, 2) not in cache._entries
+    cache.prefetch_starved(1)  # too early: layer 0 still computes, nothing is taken from it
+    assert cache.prefetches == 0
+    for expert in (0, 1):
+        with cache.get(0, expert):
+            pass
+    cache.end_layer()
+    cache.prefetch_starved(1)  # layer 1's start
+    assert cache.prefetches == 1 and cache._entries[(1, 2)].guess
+    assert len([k for k in cache._entries if k[0] == 0]) == 1  # one of layer 0's, as a miss of layer 1 would
+    cache.begin_layer(1, [2, 3])
+    for expert in (2, 3):
+        with cache.get(1, expert) as weights:
+            assert _same(weights, expert_block(1, expert), shard_file)
+    cache.end_layer()
+    bytes_per_expert = shard_file.block_bytes(expert_block(0, 0))
+    assert cache.stats()["expert_fetched_bytes"] == 4 * bytes_per_expert  # on demand's bytes
+    assert cache.prefetches_used == 1 and cache.misses == 3 and cache.cancelled == 0
+    cache.close()
+
+
+def test_an_unsure_guess_takes_no_buffer_at_its_layers_start(shard_file: ShardFile) -> None:
+    cache = _cache(shard_file, slots=2)
+    _open_gate(cache)
+    cache.gate.precision[1] = 0.5  # under KEEP_PRECISION: a wrong guess would cost an eviction too often
+    cache.begin_layer(0, [0, 1])
+    cache.prefetch(1, [2])
+    for expert in (0, 1):
+        with cache.get(0, expert):
+            pass
+    cache.end_layer()
+    cache.prefetch_starved(1)
+    assert cache.prefetches == 0 and len(cache._entries) == 2
+    cache.close()
+
+
 @pytest.fixture
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefetch pieces of 16 KiB: the tiny model's experts (72 KiB) are read in several."""

@@ -171,12 +171,14 @@ class MoeRankModel(RankModel):
 
     def _layer_start(self, layer: int, hidden: torch.Tensor) -> None:
         """Read ahead the experts the predictor guesses from this layer's input, one attention
-        block before its MoE routes (``Predictor.predict_at_input``)."""
+        block before its MoE routes (``Predictor.predict_at_input``), and the earlier guesses for
+        it that found no buffer then (``ExpertCache.prefetch_starved``)."""
         if self.predictor is None or not self.config.is_moe_layer(layer):
             return
         if late := self.predictor.predict_at_input(layer, hidden):
             self._predicted[layer] = self._predicted.get(layer, set()) | late
-            self.experts.prefetch(layer, sorted(late))
+            self.experts.prefetch(layer, sorted(late), at_start=True)
+        self.experts.prefetch_starved(layer)
 
     def _feed_forward(self, layer: int, w: Any, hidden: torch.Tensor) -> torch.Tensor:
         if not isinstance(w, MoeWeights):
