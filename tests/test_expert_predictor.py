@@ -429,6 +429,7 @@ def test_direct_reads_of_every_block_and_piece_equal_buffered_ones(shard_file: S
                     direct.read_part(block, unplaced, start, stop)
                 assert torch.equal(placed, expected) and torch.equal(unplaced, expected), (block, count)
         assert len(leads) > 1  # the blocks do start inside pages
+        assert all(lead % 64 == 0 for lead in leads)  # placed tensors as aligned as fresh allocations
     finally:
         direct.close()
 

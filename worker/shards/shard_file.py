@@ -45,6 +45,7 @@ from worker.kernels.quant import kernel_layout
 log = logging.getLogger(__name__)
 
 DIRECT_ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and addresses (a page: any block size up to it)
+TENSOR_ALIGN = 64  # what a fresh torch allocation guarantees, and what a placed block keeps (``lead``)
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
            "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
@@ -183,8 +184,14 @@ class ShardFile:
         return self._direct_fd >= 0
 
     def lead(self, block: str) -> int:
-        """Where ``block``'s first byte lies in its aligned page of the file (0 without ``O_DIRECT``)."""
-        return self.blocks[block].offset % DIRECT_ALIGN if self.direct else 0
+        """Where ``block``'s first byte lies in its aligned page of the file; 0 without ``O_DIRECT``,
+        and for a block that does not start on a ``TENSOR_ALIGN`` boundary of the file (a shard
+        written before its data section started on a page): placed at its lead, its tensors
+        would lie less aligned in memory than in a fresh allocation, and the float products of
+        torch's ``default`` CPU kernels then gave other bits than all resident; such a block is
+        read through the page cache into an aligned buffer, as before."""
+        offset = self.blocks[block].offset
+        return offset % DIRECT_ALIGN if self.direct and offset % TENSOR_ALIGN == 0 else 0
 
     def place(self, block: str, raw: torch.Tensor) -> torch.Tensor:
         """The bytes of ``raw`` (uint8, from ``aligned_buffer``) that ``block`` is read into: at its
