@@ -23,13 +23,21 @@ a greedy loop). Only decode steps are timed and counted.
 Runs are named ``prefetch_<predictor>[_ungated]_<eviction>`` and ``on_demand_<eviction>``
 (``RUNS``). The hit rate counts an expert that was prefetched, landed or not, as a hit.
 
-The I/O bound: ``disk`` measures cold reads of whole expert blocks at 1, 2 and 4 in flight, as
-the cache reads them (no read-ahead, pages dropped); ``needed_bytes_per_token`` is what a run's
-steps had to bring in (experts used that were not in the cache from an earlier use; wrong
-guesses are not in it), and ``io_bound_tokens_per_s`` = best disk MB/s / needed bytes per
-token: no run can decode faster, however well it overlaps reads with compute.
-``io_bound_fraction`` is the share of it the run reached. ``disk_bytes_per_token`` is what the
-block device really read (``/proc/self/io``), wrong guesses included.
+The I/O bound: ``needed_bytes_per_token`` is what a run's steps had to bring in (experts used
+that were not in the cache from an earlier use; wrong guesses are not in it), and
+``io_bound_tokens_per_s`` = disk MB/s / needed bytes per token: no run can decode faster, however
+well it overlaps reads with compute. The disk MB/s is ``disk_probe``'s, taken right before and
+right after every run (``disk_mb_per_s_each``): cold reads of expert blocks through the cache's
+own read queue, its piece sizes, depth, page-cache handling (``O_DIRECT`` where the file system
+has it) and helping compute thread, with every read queued at once. This VM's disk moved from 361
+to 1320 MB/s within an hour, so one figure from the start of a bench bounded runs minutes later
+by another disk; and where a run's own reads got more MB/s while in flight than the probes did
+(``read_mb_per_s_while_busy``), that figure is the disk's. ``io_bound_fraction`` is the median over
+repeats of tok/s / bound, each repeat against its own disk figure; ``io_bound_fraction_probe`` the
+same against the probes alone, and ``io_bound_fraction_start_disk`` the median tok/s against the best of
+``disk`` (whole experts at 1, 2 and 4 in flight through the page cache, once at the start: the
+bound of before). ``disk_bytes_per_token`` is what the block device really read
+(``/proc/self/io``), wrong guesses included.
 
 ``--against DIR`` runs every configuration also with the code of another checkout (e.g. main's,
 ``git archive main | tar -x -C DIR``), on the same shard, interleaved with this checkout's runs;
@@ -51,6 +59,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +75,11 @@ from worker.comm.collective import StarHub  # noqa: E402
 from worker.config import ModelConfig  # noqa: E402
 from worker.kernels.quant import QuantSpec  # noqa: E402
 from worker.memory import expert_cache  # noqa: E402
+from worker.memory.expert_reads import ReadQueue  # noqa: E402
 from worker.rank.executor import Executor  # noqa: E402
 from worker.rank.runtime import RankSpec  # noqa: E402
 from worker.rank.step import SeqSpan  # noqa: E402
-from worker.shards.shard_file import ShardFile  # noqa: E402
+from worker.shards.shard_file import ShardFile, aligned_buffer  # noqa: E402
 from worker.shards.shard_writer import write_shards  # noqa: E402
 from worker.shards.sharding import plan_shards  # noqa: E402
 from worker.shards.weights import expert_block, rank_shard_path  # noqa: E402
@@ -157,9 +168,10 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
             "expert_cancelled_prefetches", "expert_predicted", "expert_predicted_used", "expert_used",
             "expert_fetched_bytes")
     total = dict.fromkeys(keys, 0.0)
-    elapsed = 0.0
+    elapsed = busy = 0.0
     from_disk = 0
     argmax: list[int] = []
+    reads = getattr(getattr(executor.model, "experts", None), "reads", None)  # None: all resident
     try:
         for seq in sequences:
             executor.step([seq[:PROMPT_TOKENS]], [SeqSpan(0, 0, PROMPT_TOKENS)])
@@ -168,10 +180,12 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
             drop_page_cache(rank_shard_path(shard_dir, spec.shard))
             before = executor.rank.stats()
             disk_before = disk_bytes()
+            busy_before = getattr(reads, "busy_seconds", 0.0)  # main's code has none
             start = time.perf_counter()
             for pos in range(PROMPT_TOKENS, len(seq)):
                 argmax.append(int(executor.step([[seq[pos]]], [SeqSpan(0, pos, 1)])[0].argmax()))
             elapsed += time.perf_counter() - start
+            busy += getattr(reads, "busy_seconds", 0.0) - busy_before
             from_disk += disk_bytes() - disk_before
             after = executor.rank.stats()
             for key in keys:
@@ -195,6 +209,9 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
             "prefetches_per_token": total["expert_prefetches"] / tokens,
             "cancelled_prefetches_per_token": total["expert_cancelled_prefetches"] / tokens,
             "late_prefetches": total["expert_late_prefetches"], "argmax": argmax,
+            # the MB/s the run's reads got while at least one was in flight (None: not measured)
+            "read_mb_per_s_while_busy": total["expert_bytes_read"] / busy / 1e6 if busy else None,
+            "disk_idle_ms_per_token": 1000 * (elapsed - busy) / tokens if busy else None,
             # the gate's state after the last prompt: layers reading ahead, and layers it measured losing
             "prefetch_layers_open": after.get("expert_prefetch_layers_open", 0),
             "prefetch_layers_off": after.get("expert_prefetch_layers_off", 0)}
@@ -272,6 +289,63 @@ def disk(shard_dir: Path, config: ModelConfig, reads: int = 32) -> dict[str, flo
     return out
 
 
+def disk_probe(shard_dir: Path, config: ModelConfig, reads: int | None = None,
+               depth: int = expert_cache.DEFAULT_READ_DEPTH, direct: bool = True) -> dict[str, float]:
+    """MB/s of cold reads of expert blocks as a streamed run reads them: every expert of the file
+    (or ``reads`` of them, spread over it; a run reads any of them, and the VM's disk was faster
+    on blocks read shortly before, as from a host cache: 0.9-2.4 GB/s against 0.6-1.2), through the cache's own read queue (``ReadQueue``: its reader threads, its
+    pieces, its page-cache drops, ``depth`` in flight), the calling thread helping with each read
+    in turn as the compute thread does, every read queued at once so the disk never waits on
+    compute; ``O_DIRECT`` where the file system has it, as the cache's file (``direct``). Taken right before and right after each run (``main``): the disk of this VM moved
+    from 361 to 1320 MB/s within an hour, so a figure from another minute bounds nothing."""
+    file = ShardFile(rank_shard_path(shard_dir, plan_shards(config, [1.0])[0]), random_access=True, direct=direct)
+    blocks = [expert_block(m, e) for m in range(config.num_layers) for e in range(config.num_experts)
+              if file.has(expert_block(m, e))]
+    if reads is not None:
+        blocks = blocks[:: max(1, len(blocks) // reads)][:reads]
+    size = max(file.block_bytes(b) for b in blocks)
+    lock = threading.RLock()
+    cond = threading.Condition(lock)
+    queue = ReadQueue(file, cond, depth, work=threading.Condition(lock))
+    try:
+        drop_page_cache(file.path)
+        buffers = [file.place(b, aligned_buffer(size)) for b in blocks]
+        before = disk_bytes()
+        start = time.perf_counter()
+        with cond:
+            pending = [queue.submit(b, buf, demand=True) for b, buf in zip(blocks, buffers, strict=True)]
+        for read in pending:
+            queue.help(read)
+        seconds = time.perf_counter() - start
+        device = disk_bytes() - before
+    finally:
+        queue.close()
+        file.close()
+    nbytes = sum(file.block_bytes(b) for b in blocks)
+    return {"mb_per_s": nbytes / seconds / 1e6, "mb": nbytes / 1e6, "seconds": seconds,
+            "disk_bytes_per_read_byte": round(device / nbytes, 3)}
+
+
+def largest_expert(shard_dir: Path, config: ModelConfig) -> int:
+    """Bytes of the rank's largest expert block (the size of every cache buffer)."""
+    file = ShardFile(rank_shard_path(shard_dir, plan_shards(config, [1.0])[0]))
+    try:
+        return max(file.block_bytes(expert_block(m, e)) for m in range(config.num_layers)
+                   for e in range(config.num_experts) if file.has(expert_block(m, e)))
+    finally:
+        file.close()
+
+
+@contextmanager
+def scratch(shards: Path | None) -> Iterator[Path]:
+    """A temporary directory to build the shard in, or none where ``shards`` names one built already."""
+    if shards is not None:
+        yield shards
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
 def cache_experts(choice: str, config: ModelConfig, moe_layers: int) -> int:
     """Experts the cache holds for a ``--caches`` item."""
     active = config.experts_per_token
@@ -284,17 +358,33 @@ def cache_experts(choice: str, config: ModelConfig, moe_layers: int) -> int:
     return int(choice)
 
 
-def io_bound(result: dict[str, Any], mb_per_s: float) -> dict[str, float | None]:
+def io_bound(result: dict[str, Any], mb_per_s: float) -> dict[str, Any]:
     """The decode speed the disk allows a run: the bytes its steps had to bring in (experts used that
-    were not cached from an earlier use) at the disk's best measured throughput, and the share of
-    it the run reached. Compute is not in it: no run can beat it, however well it overlaps."""
+    were not cached from an earlier use) at the disk's throughput, and the share of it the run
+    reached. Compute is not in it: no run can beat it, however well it overlaps.
+
+    Per repeat (``io_bound_fraction_each``; ``io_bound_fraction`` is their median): that repeat's
+    tok/s and needed bytes against the disk's MB/s then, the higher of the mean of the two
+    ``disk_probe`` figures taken right before and right after it (reads as the run makes them) and
+    the MB/s the run's own reads got while one was in flight (this checkout's code measures it; a
+    disk that delivered that much could have, so a run never beats its bound).
+    ``io_bound_fraction_probe`` uses the probes alone, ``io_bound_fraction_start_disk`` the best of
+    ``disk`` at the start (``mb_per_s``, the one figure of before) with the median tok/s."""
     needed = result["needed_bytes_per_token"]
-    if not needed:
-        return {"io_bound_tokens_per_s": None, "io_bound_fraction": None, "io_bound_fraction_median": None}  # nothing read: no bound
-    bound = mb_per_s * 1e6 / needed
-    median = statistics.median(result.get("tokens_per_s_each", [result["tokens_per_s"]]))
-    return {"io_bound_tokens_per_s": bound, "io_bound_fraction": result["tokens_per_s"] / bound,
-            "io_bound_fraction_median": median / bound}
+    if not needed:  # nothing read: no bound
+        return {"io_bound_tokens_per_s": None, "io_bound_fraction": None, "io_bound_fraction_each": None,
+                "io_bound_fraction_probe": None, "io_bound_fraction_start_disk": None}
+    probes = [statistics.mean(probe) for probe in result["disk_mb_per_s_each"]]
+    disks = [max(probe, busy or 0.0) for probe, busy in zip(probes, result["read_mb_per_s_while_busy_each"],
+                                                             strict=True)]
+    work = list(zip(result["tokens_per_s_each"], result["needed_bytes_per_token_each"], strict=True))
+    each = [tps * need / (disk * 1e6) for (tps, need), disk in zip(work, disks, strict=True)]
+    probe_each = [tps * need / (probe * 1e6) for (tps, need), probe in zip(work, probes, strict=True)]
+    median = statistics.median(result["tokens_per_s_each"])
+    return {"io_bound_tokens_per_s": statistics.median(disks) * 1e6 / needed,
+            "io_bound_fraction": statistics.median(each), "io_bound_fraction_each": each,
+            "io_bound_fraction_probe": statistics.median(probe_each),
+            "io_bound_fraction_start_disk": median * needed / (mb_per_s * 1e6)}
 
 
 def paired_ratios(runs: dict[str, dict[str, Any]], base: str) -> dict[str, float]:
@@ -368,15 +458,25 @@ def main() -> None:
                         continue  # no cache limit: once is enough
                     size = None if name == "all_resident" else experts * expert_bytes
                     for code in codes:
+                        # the disk right before and right after the run, read as the run reads it
+                        before = disk_probe(shard_dir, config) if size is not None else None
                         drop_page_cache(file.path)  # every run starts cold
                         if code is None:
                             result = run(shard_dir, sequences, size, *RUNS[name])
                         else:
                             result = run_isolated(code, shard_dir, sequences, size, RUNS[name], args.threads)
+                        after = disk_probe(shard_dir, config) if before is not None else None
                         key = name if code in (None, REPO) else f"{name}@base"
                         runs = per_cache[choice]
-                        every = runs.get(key, {}).get("tokens_per_s_each", []) + [result["tokens_per_s"]]
-                        runs[key] = result | {"tokens_per_s": max(every), "tokens_per_s_each": every}
+                        old = runs.get(key, {})
+                        every = old.get("tokens_per_s_each", []) + [result["tokens_per_s"]]
+                        needed = old.get("needed_bytes_per_token_each", []) + [result["needed_bytes_per_token"]]
+                        probes = old.get("disk_mb_per_s_each", []) + (
+                            [[before["mb_per_s"], after["mb_per_s"]]] if before and after else [])
+                        busy = old.get("read_mb_per_s_while_busy_each", []) + [result.get("read_mb_per_s_while_busy")]  # main's run has none
+                        runs[key] = result | {"tokens_per_s": max(every), "tokens_per_s_each": every,
+                                              "needed_bytes_per_token_each": needed, "disk_mb_per_s_each": probes,
+                                              "read_mb_per_s_while_busy_each": busy}
     reference = next(iter(per_cache.values()))[names[-1]]["argmax"]
     same = all(r.pop("argmax") == reference for runs in per_cache.values() for r in runs.values())
     report: dict[str, Any] = {

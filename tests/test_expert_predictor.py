@@ -19,7 +19,7 @@ from worker.memory.expert_cache import Entry, ExpertCache, choose_victim
 from worker.memory.expert_reads import PAGE, PREFETCH_PIECE, ReadQueue, pieces
 from worker.memory.prefetch_gate import MIN_SPANS, PROBE_EVERY, REPROBE_EVERY, PrefetchGate
 from worker.models.moe import Predictor
-from worker.shards.shard_file import ShardFile
+from worker.shards.shard_file import ShardFile, aligned_buffer
 from worker.shards.shard_writer import write_shards
 from worker.shards.sharding import plan_shards
 from worker.shards.weights import expert_block, rank_shard_path
@@ -118,13 +118,17 @@ def test_union_predictor_names_both_guesses() -> None:
     assert predictor.predict(1, HIDDEN) == {0, 2, 3}
 
 
-@pytest.fixture
-def shard_file(checkpoints, tmp_path: Path):
+@pytest.fixture(params=[False, True], ids=["buffered", "direct"])
+def shard_file(checkpoints, tmp_path: Path, request: pytest.FixtureRequest):
+    """The tiny Mixtral's rank file, read through the page cache or with O_DIRECT (as the loader opens it)."""
     model_dir = checkpoints("mixtral")  # 2 layers, 4 experts
     config = ModelConfig.from_dir(model_dir)
     shards = plan_shards(config, [1.0])
     shard_dir = write_shards(model_dir, shards, tmp_path / "shards", progress=False)
-    file = ShardFile(rank_shard_path(shard_dir, shards[0]), random_access=True)
+    file = ShardFile(rank_shard_path(shard_dir, shards[0]), random_access=True, direct=request.param)
+    if request.param and not file.direct:
+        file.close()
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
     yield file
     file.close()
 
@@ -164,6 +168,52 @@ def test_unneeded_prefetches_are_cancelled_and_their_buffers_reused(shard_file: 
     cache.end_layer()
     assert cache.late == 1 and cache.misses == 0
     assert set(cache._entries) == {(1, 1)}
+    cache.close()
+
+
+def test_a_guess_without_a_buffer_is_read_at_its_layers_start_into_on_demands_own_victim(
+        shard_file: ShardFile) -> None:
+    """Layer 0's two experts fill both buffers, so the guess for layer 1 made as layer 0 routes
+    finds none. Once layer 0 is done, at layer 1's start, it takes the buffer layer 1's own miss
+    would take, and is read: a right guess, so the step reads exactly what on demand reads."""
+    cache = _cache(shard_file, slots=2)
+    _open_gate(cache)
+    cache.gate.precision[1] = 1.0
+    assert cache.begin_layer(0, [0, 1]) == [0, 1]
+    cache.prefetch(1, [2])  # as layer 0 routes: both buffers hold layer 0's experts, in use
+    assert cache.prefetches == 0 and (1, 2) not in cache._entries
+    cache.prefetch_starved(1)  # too early: layer 0 still computes, nothing is taken from it
+    assert cache.prefetches == 0
+    for expert in (0, 1):
+        with cache.get(0, expert):
+            pass
+    cache.end_layer()
+    cache.prefetch_starved(1)  # layer 1's start
+    assert cache.prefetches == 1 and cache._entries[(1, 2)].guess
+    assert len([k for k in cache._entries if k[0] == 0]) == 1  # one of layer 0's, as a miss of layer 1 would
+    cache.begin_layer(1, [2, 3])
+    for expert in (2, 3):
+        with cache.get(1, expert) as weights:
+            assert _same(weights, expert_block(1, expert), shard_file)
+    cache.end_layer()
+    bytes_per_expert = shard_file.block_bytes(expert_block(0, 0))
+    assert cache.stats()["expert_fetched_bytes"] == 4 * bytes_per_expert  # on demand's bytes
+    assert cache.prefetches_used == 1 and cache.misses == 3 and cache.cancelled == 0
+    cache.close()
+
+
+def test_an_unsure_guess_takes_no_buffer_at_its_layers_start(shard_file: ShardFile) -> None:
+    cache = _cache(shard_file, slots=2)
+    _open_gate(cache)
+    cache.gate.precision[1] = 0.5  # under KEEP_PRECISION: a wrong guess would cost an eviction too often
+    cache.begin_layer(0, [0, 1])
+    cache.prefetch(1, [2])
+    for expert in (0, 1):
+        with cache.get(0, expert):
+            pass
+    cache.end_layer()
+    cache.prefetch_starved(1)
+    assert cache.prefetches == 0 and len(cache._entries) == 2
     cache.close()
 
 
@@ -341,6 +391,47 @@ def test_pieces_cover_the_block_on_page_boundaries() -> None:
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
         assert all(start % PAGE == 0 for start, _ in parts)
     assert pieces(10 * PAGE, count=2) == deque([(0, 5 * PAGE), (5 * PAGE, 10 * PAGE)])
+
+
+def test_pieces_cut_on_the_files_page_boundaries_where_the_block_starts_inside_a_page() -> None:
+    for lead in (0, 8, PAGE - 8):
+        for nbytes, kw in ((10 * PAGE + 5, {"count": 2}), (3 * PREFETCH_PIECE + 1, {"size": PREFETCH_PIECE}),
+                           (100, {"count": 4}), (2 * PAGE, {"count": 1})):
+            parts = list(pieces(nbytes, lead=lead, **kw))
+            assert parts[0][0] == 0 and parts[-1][1] == nbytes
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+            assert all((stop + lead) % PAGE == 0 for _, stop in parts[:-1])  # no page of the file in two pieces
+            if "count" in kw:
+                assert len(parts) <= kw["count"]
+
+
+def test_direct_reads_of_every_block_and_piece_equal_buffered_ones(shard_file: ShardFile) -> None:
+    """Every block of the file (the last one ends at its end: a short O_DIRECT read), cut as the
+    read queue cuts it, read with O_DIRECT into a placed buffer; and into an unplaced one, where
+    ``read_part`` falls back to a buffered read."""
+    direct = ShardFile(shard_file.path, random_access=True, direct=True)
+    if not direct.direct:
+        direct.close()
+        pytest.skip("no O_DIRECT on this file system")
+    try:
+        last = max(direct.blocks, key=lambda b: direct.blocks[b].offset)
+        assert direct.blocks[last].offset + direct.blocks[last].nbytes == shard_file.path.stat().st_size
+        leads = set()
+        for block, entry in direct.blocks.items():
+            expected = torch.empty(entry.nbytes, dtype=torch.uint8)
+            shard_file.read_into(block, expected)
+            leads.add(direct.lead(block))
+            for count in (1, 2, 3):
+                placed = direct.place(block, aligned_buffer(entry.nbytes))
+                unplaced = torch.zeros(entry.nbytes + 1, dtype=torch.uint8)[1:]
+                for start, stop in pieces(entry.nbytes, count=count, lead=direct.lead(block)):
+                    direct.read_part(block, placed, start, stop)
+                    direct.read_part(block, unplaced, start, stop)
+                assert torch.equal(placed, expected) and torch.equal(unplaced, expected), (block, count)
+        assert len(leads) > 1  # the blocks do start inside pages
+        assert all(lead % 64 == 0 for lead in leads)  # placed tensors as aligned as fresh allocations
+    finally:
+        direct.close()
 
 
 class BlockingFile(ShardFile):

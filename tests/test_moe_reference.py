@@ -14,6 +14,7 @@ from tests.harness import inprocess_cluster
 from tests.tiny_models import MOE_ARCHS, load_reference
 from worker.config import ModelConfig
 from worker.memory import expert_cache
+from worker.models.moe import MoeRankModel, route
 from worker.rank.step import SeqSpan
 from worker.shards.shard_writer import write_shards
 from worker.shards.sharding import plan_shards
@@ -105,3 +106,31 @@ def test_streamed_experts_give_the_bits_of_resident_ones(checkpoints, tmp_path: 
     resident = _ours(shard_dir, weights, decode)
     streamed = _ours(shard_dir, weights, decode, expert_cache_bytes=6 * 3 * d * (width[1] - width[0]) * 4)
     assert torch.equal(resident, streamed)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_one_token_path_gives_the_bits_of_the_many_token_path(checkpoints, tmp_path: Path, streamed: bool) -> None:
+    """A decode step's experts skip the per-expert token lookup (``_one_token_experts``); its products
+    and sums are those of the general path, in the same order, so the same bits. Three experts per
+    token, routed at random, at every MoE layer, with the experts resident and streamed."""
+    model_dir = tmp_path / "top3"
+    shutil.copytree(checkpoints("mixtral"), model_dir)
+    config_json = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config_json | {"num_experts_per_tok": 3}))
+    config = ModelConfig.from_dir(model_dir)
+    shard_dir = write_shards(model_dir, plan_shards(config, [1.0]), tmp_path / "shards", progress=False)
+    width = plan_shards(config, [1.0])[0].expert_columns
+    cache = 6 * 3 * config.hidden_size * (width[1] - width[0]) * 4 if streamed else None
+    torch.manual_seed(0)
+    with inprocess_cluster(shard_dir, [1.0], expert_cache_bytes=cache) as executor:
+        model = executor.model
+        assert isinstance(model, MoeRankModel)
+        for layer in (m for m in range(config.num_layers) if config.is_moe_layer(m)):
+            for _ in range(4):
+                x = torch.randn(1, config.hidden_size)
+                weights, ids = route(x, torch.randn(config.num_experts, config.hidden_size), 3, renormalize=True)
+                needed = sorted(set(ids.flatten().tolist()))
+                many = model._experts(layer, x, weights, ids, model.experts.begin_layer(layer, needed), needed)
+                one = model._one_token_experts(layer, x, weights, ids, model.experts.begin_layer(layer, needed), needed)
+                assert torch.equal(many, one)
+                assert not torch.equal(many, torch.zeros_like(many))

@@ -43,13 +43,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-
 from worker.kernels.quant import kernel_layout
 from worker.memory import expert_reads
 from worker.memory.expert_reads import Read, ReadQueue
 from worker.memory.prefetch_gate import PRIOR_PRECISION, PrefetchGate
-from worker.shards.shard_file import ShardFile
+from worker.shards.shard_file import ShardFile, aligned_buffer
 from worker.shards.weights import ExpertWeights, Fields, expert_block, from_fields
 
 POLICIES = ("distance", "lru", "frequency")
@@ -116,7 +114,8 @@ class ExpertCache:
         self.num_experts = num_experts
         self.policy = policy
         self.slot_bytes = slot_bytes
-        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(0 if preloaded else slots)]
+        # each with room to place any expert at its O_DIRECT lead (``ShardFile.place``): 12 KiB more per buffer
+        self.buffers = [aligned_buffer(slot_bytes) for _ in range(0 if preloaded else slots)]
         self._free = list(range(len(self.buffers)))
         self._entries: dict[Key, Entry] = {}
         self._pinned: set[Key] = set()
@@ -131,11 +130,13 @@ class ExpertCache:
         self.survival: dict[int, float] = {}
         self._last_used: dict[int, set[Key]] = {}  # layer -> the experts it used at its last step
         self._taken_by_guess: set[Key] = set()  # evicted for a guess: no sample of survival
+        self._starved: dict[int, list[int]] = {}  # layer -> guesses the gate let read that found no buffer
         self.gate = PrefetchGate()
         self.gated = GATED
         self._lead_start: dict[int, float] = {}  # layer -> when its first prediction of this step came
         self._span_start: dict[int, float] = {}  # the same, kept until the layer's experts are done
         self._layer = 0
+        self._in_layer = False  # between begin_layer and end_layer
         self._clock = 0
         lock = threading.RLock()
         self._cond = threading.Condition(lock)  # a read is done: the compute thread waits on it
@@ -160,7 +161,7 @@ class ExpertCache:
                 for expert in range(num_experts):
                     if file.has(expert_block(layer, expert)):
                         buffer = self._free.pop()
-                        fields = file.read_into(expert_block(layer, expert), self.buffers[buffer])
+                        fields = file.read_into(expert_block(layer, expert), self.buffers[buffer])  # once: buffered
                         self._entries[(layer, expert)] = Entry((layer, expert), buffer, fields, fetched=False)
 
     @property
@@ -186,6 +187,8 @@ class ExpertCache:
         of two at once here, and the cached experts waited behind it.)"""
         with self._cond:
             self._layer = layer
+            self._in_layer = True
+            self._starved.pop(layer, None)
             needed = list(needed)
             self._protected = {(layer, e) for e in needed}
             self._wanted = {k for k in self._wanted if k[0] != layer}  # needed ones are protected now
@@ -273,6 +276,7 @@ class ExpertCache:
                 if entry.read is not None and entry.read.own and self.reads is not None:
                     self.reads.release(entry.read)
             self._protected = set()
+            self._in_layer = False
             if (started := self._span_start.pop(self._layer, None)) is not None:
                 self.gate.observe_span(self._layer, time.perf_counter() - started)
 
@@ -295,7 +299,9 @@ class ExpertCache:
             entry.read = None
             self._cond.notify_all()
 
-        entry.read = self.reads.submit(expert_block(*key), self.buffers[buffer], demand, done, own=own)
+        block = expert_block(*key)
+        assert self.file is not None
+        entry.read = self.reads.submit(block, self.file.place(block, self.buffers[buffer]), demand, done, own=own)
         return entry
 
     def _candidates(self, evict_protected: bool = False) -> list[Entry]:
@@ -354,9 +360,11 @@ class ExpertCache:
             if self._keeps(layer):
                 self._wanted.update(k for e in experts if (k := (layer, e)) in self._entries)
 
-    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
+    def prefetch(self, layer: int, experts: Iterable[int], at_start: bool = False) -> None:
         """Read ahead ``layer``'s ``experts`` that are not cached (most likely first), as far as
-        the gate and the buffers allow."""
+        the gate and the buffers allow. Guesses the gate lets read but no buffer can take yet
+        wait for ``prefetch_starved``. ``at_start``: called as ``layer`` starts, the layer before
+        it done (its input's guesses): they may take ``_victim_for_next``'s buffers."""
         now = time.perf_counter()
         experts = list(experts)
         with self._cond:
@@ -382,14 +390,60 @@ class ExpertCache:
                                                 spb * self.reads.backlog_bytes(), expert_s)
                 todo = self.gate.plan(layer, todo, available, expert_s, spb * min(nbytes, expert_reads.PREFETCH_PIECE))
             precision = self.gate.precision.get(layer, 1.0)
-            for expert in todo:
+            for i, expert in enumerate(todo):
                 buffer = self._victim_for_guess(layer, precision)
+                if buffer is None and at_start and self._next_up(layer):
+                    buffer = self._victim_for_next(layer, precision)
+                if buffer is None:
+                    self._starved[layer] = todo[i:]
+                    return
+                self._start_guess(layer, expert, buffer)
+
+    def prefetch_starved(self, layer: int) -> None:
+        """``layer`` is about to route, the layer before it done: read its guesses that found no
+        buffer (``prefetch``) into the buffers its own misses would take (``_victim_for_next``),
+        under its attention block. Call at the layer's start (``MoeRankModel._layer_start``)."""
+        with self._cond:
+            if self.reads is None or not self._next_up(layer):
+                return
+            todo = [e for e in self._starved.pop(layer, []) if (layer, e) not in self._entries]
+            precision = self.gate.precision.get(layer, 1.0)
+            for expert in todo:
+                buffer = self._victim_for_next(layer, precision)
                 if buffer is None:
                     return
-                self._start((layer, expert), buffer, demand=False)
-                self._wanted.add((layer, expert))
-                self.prefetches += 1
-                self.prefetch_bytes += self._block_bytes((layer, expert))
+                self._start_guess(layer, expert, buffer)
+
+    def _start_guess(self, layer: int, expert: int, buffer: int) -> None:
+        self._start((layer, expert), buffer, demand=False)
+        self._wanted.add((layer, expert))
+        self.prefetches += 1
+        self.prefetch_bytes += self._block_bytes((layer, expert))
+
+    def _next_up(self, layer: int) -> bool:
+        """Whether ``layer`` routes next with nothing of the layer before it still to compute (caller
+        holds the lock): between that layer's ``end_layer`` and ``layer``'s ``begin_layer``."""
+        return not self._in_layer and layer != self._layer and not self._pinned
+
+    def _victim_for_next(self, layer: int, precision: float) -> int | None:
+        """A buffer for a guess for ``layer``, the layer about to route (``_next_up``): the expert its
+        own first miss would evict (the policy's choice at ``layer``, the experts predicted for it
+        kept), where the guess is right often enough (``KEEP_PRECISION``). A right guess then costs
+        no byte that on demand would not read, only earlier, under the attention block; a wrong one
+        costs that one eviction. With a cache of a quarter of all experts no other buffer is free
+        for a guess (``_free_for_guess``), and there the disk idled 9-10 ms per trained token
+        while the step computed (bench/moe_breakdown.py)."""
+        if precision < KEEP_PRECISION:
+            return None
+        if self._free:
+            return self._free.pop()
+        candidates = [e for e in self._candidates() if e.key not in self._wanted and e.key[0] != layer]
+        victim = choose_victim(candidates, layer, self.num_layers, self.policy, self.rate)
+        if victim is None:
+            return None
+        del self._entries[victim.key]
+        self._taken_by_guess.add(victim.key)
+        return victim.buffer
 
     def record_prediction(self, layer: int, predicted: set[int], actual: set[int]) -> None:
         with self._cond:

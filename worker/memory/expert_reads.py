@@ -71,11 +71,14 @@ class Read:
         return not self.todo and not self.inflight and self.reserved is None
 
 
-def pieces(nbytes: int, count: int = 1, size: int | None = None) -> deque[tuple[int, int]]:
-    """Byte ranges covering ``0:nbytes``: ``count`` about equal ones, or ones of ``size``; page aligned."""
-    step = size or -(-nbytes // max(1, count))
+def pieces(nbytes: int, count: int = 1, size: int | None = None, lead: int = 0) -> deque[tuple[int, int]]:
+    """Byte ranges covering ``0:nbytes``: ``count`` about equal ones, or ones of ``size``; cut on page
+    boundaries of the file, where the block starts ``lead`` bytes into a page (``ShardFile.lead``),
+    so that two pieces read with ``O_DIRECT`` never share a page."""
+    step = size or -(-(lead + nbytes) // max(1, count))
     step = max(PAGE, -(-step // PAGE) * PAGE)
-    return deque((start, min(nbytes, start + step)) for start in range(0, nbytes, step))
+    return deque((max(0, start - lead), min(nbytes, start + step - lead)) for start in range(0, lead + nbytes, step)
+                 if start + step > lead)
 
 
 class ReadQueue:
@@ -97,6 +100,11 @@ class ReadQueue:
         self.seconds_per_byte = 0.0  # EMA over demand reads: what a byte costs the step waiting on it
         self.demand_reads = 0
         self.prefetch_bytes_read = 0  # bytes prefetch pieces read, right guesses and wrong
+        # seconds with at least one piece in flight (the disk busy for us): bench/moe_cache.py bounds a
+        # run by the MB/s its reads got while busy where that beats the disk it probed around the run
+        self.busy_seconds = 0.0
+        self._in_flight = 0
+        self._busy_since = 0.0
         self._threads = [threading.Thread(target=self._run, name=f"expert-reader-{i}", daemon=True)
                          for i in range(self.depth if threads is None else threads)]
         for thread in self._threads:
@@ -106,11 +114,11 @@ class ReadQueue:
                on_done: Callable[[Read], None] | None = None, own: bool = False) -> Read:
         """Queue ``block``'s read into ``buffer`` (caller holds the lock). ``own``: a demand read
         the compute thread makes itself (``help``): no reader is woken for it."""
-        nbytes = self.file.block_bytes(block)
+        nbytes, lead = self.file.block_bytes(block), self.file.lead(block)
         if demand:
-            parts = pieces(nbytes, count=min(self.depth, max(1, nbytes // SPLIT_BYTES)))
+            parts = pieces(nbytes, count=min(self.depth, max(1, nbytes // SPLIT_BYTES)), lead=lead)
         else:
-            parts = pieces(nbytes, size=PREFETCH_PIECE)
+            parts = pieces(nbytes, size=PREFETCH_PIECE, lead=lead)
         read = Read(block, buffer, nbytes, parts, demand, on_done)
         if own and demand:
             read.reserved = parts.popleft()
@@ -169,8 +177,12 @@ class ReadQueue:
         else:
             return None
         read.inflight += 1
-        if not read.started:
-            read.started = time.perf_counter()
+        if not read.started or not self._in_flight:
+            now = time.perf_counter()
+            read.started = read.started or now
+            if not self._in_flight:
+                self._busy_since = now
+        self._in_flight += 1
         return piece
 
     def _run(self) -> None:
@@ -198,6 +210,9 @@ class ReadQueue:
             error = exc
         with self._cond:
             read.inflight -= 1
+            self._in_flight -= 1
+            if not self._in_flight:
+                self.busy_seconds += time.perf_counter() - self._busy_since
             read.read_bytes += piece[1] - piece[0]
             if not read.demand:
                 self.prefetch_bytes_read += piece[1] - piece[0]

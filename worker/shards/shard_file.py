@@ -14,11 +14,22 @@ streamed window, the expert cache) computes right on any CPU.
 After every read the range is dropped from the page cache (``posix_fadvise(DONTNEED)``), so
 each pass over the shard really reads the disk: the memory stays within the budget, and the
 I/O figures are cold-cache figures.
+
+``direct=True`` (the expert cache's descriptor) also opens the file with ``O_DIRECT`` where the
+file system allows it: ``read_part`` then reads straight from the disk into the caller's buffer,
+with no copy through the page cache and nothing to drop. A cold buffered read cost 0.6-0.9 ms
+of CPU per MB on this VM, an ``O_DIRECT`` one 0.12-0.25 ms (``bench/moe_breakdown.py``'s notes
+in docs/moe-streaming.md), and a streamed decode's reader threads share 2 cores with its compute.
+``O_DIRECT`` wants file offset, length and memory address aligned (``DIRECT_ALIGN``), and an
+expert block starts anywhere in the file: a buffer placed by ``place`` has the block's first byte
+at the same offset modulo ``DIRECT_ALIGN`` as in the file, with room around it for the aligned
+pages that hold the block's first and last bytes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import threading
@@ -31,6 +42,10 @@ import torch
 from worker.config import CheckpointError
 from worker.kernels.quant import kernel_layout
 
+log = logging.getLogger(__name__)
+
+DIRECT_ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and addresses (a page: any block size up to it)
+TENSOR_ALIGN = 64  # what a fresh torch allocation guarantees, and what a placed block keeps (``lead``)
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
            "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
@@ -63,16 +78,25 @@ def block_of(name: str) -> tuple[str, str]:
 class ShardFile:
     """Block index of a shard file plus thread-safe direct reads (``os.preadv`` is positional)."""
 
-    def __init__(self, path: str | Path, drop_page_cache: bool = True, random_access: bool = False):
+    def __init__(self, path: str | Path, drop_page_cache: bool = True, random_access: bool = False,
+                 direct: bool = False):
         """``random_access``: blocks are read in no particular order (a rank's experts), so the
         kernel reads no further than asked (``POSIX_FADV_RANDOM``): its default read-ahead carried
         a 9 MB expert read on ~50% past the block's end on this VM, bytes of other experts
-        read from disk and mostly never used."""
+        read from disk and mostly never used. ``direct``: ``read_part`` into a buffer from
+        ``place`` bypasses the page cache (``O_DIRECT``, the module docstring), where the file
+        system allows it (``self.direct``)."""
         self.path = Path(path)
         self.drop_page_cache = drop_page_cache
         self._fd = os.open(self.path, os.O_RDONLY)
         if random_access:
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self._direct_fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:  # e.g. tmpfs: buffered reads, pages dropped after each
+                log.info("%s: no O_DIRECT (%s); expert reads go through the page cache", self.path, exc)
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.read_seconds = 0.0
@@ -80,7 +104,7 @@ class ShardFile:
             (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
             header = json.loads(os.pread(self._fd, header_len, 8))
         except (struct.error, json.JSONDecodeError) as exc:
-            os.close(self._fd)
+            self.close()
             raise CheckpointError(f"{self.path}: not a safetensors file ({exc})") from None
         self.metadata: dict[str, str] = header.pop("__metadata__", {}) or {}
         data_start = 8 + header_len
@@ -135,8 +159,13 @@ class ShardFile:
         if buffer.dtype != torch.uint8 or buffer.numel() < entry.nbytes or not 0 <= start <= stop <= entry.nbytes:
             raise ValueError(f"cannot read bytes {start}:{stop} of {block} ({entry.nbytes} bytes) into a buffer "
                              f"of {buffer.numel()}")
-        view = memoryview(buffer.numpy())[start:stop]  # type: ignore[arg-type]
         begin = time.perf_counter()
+        if self._direct_fd >= 0 and self._read_direct(entry, buffer, start, stop):
+            with self._lock:
+                self.bytes_read += stop - start
+                self.read_seconds += time.perf_counter() - begin
+            return
+        view = memoryview(buffer.numpy())[start:stop]  # type: ignore[arg-type]
         done = 0
         while done < stop - start:
             n = os.preadv(self._fd, [view[done:]], entry.offset + start + done)
@@ -148,6 +177,50 @@ class ShardFile:
         with self._lock:
             self.bytes_read += stop - start
             self.read_seconds += time.perf_counter() - begin
+
+    @property
+    def direct(self) -> bool:
+        """Whether ``read_part`` reads with ``O_DIRECT`` (into buffers from ``place``)."""
+        return self._direct_fd >= 0
+
+    def lead(self, block: str) -> int:
+        """Where ``block``'s first byte lies in its aligned page of the file; 0 without ``O_DIRECT``,
+        and for a block that does not start on a ``TENSOR_ALIGN`` boundary of the file (a shard
+        written before its data section started on a page): placed at its lead, its tensors
+        would lie less aligned in memory than in a fresh allocation, and the float products of
+        torch's ``default`` CPU kernels then gave other bits than all resident; such a block is
+        read through the page cache into an aligned buffer, as before."""
+        offset = self.blocks[block].offset
+        return offset % DIRECT_ALIGN if self.direct and offset % TENSOR_ALIGN == 0 else 0
+
+    def place(self, block: str, raw: torch.Tensor) -> torch.Tensor:
+        """The bytes of ``raw`` (uint8, from ``aligned_buffer``) that ``block`` is read into: at its
+        ``lead``, so that ``read_part`` can read the aligned pages around it straight in."""
+        lead = self.lead(block)
+        return raw[lead: lead + self.blocks[block].nbytes]
+
+    def _read_direct(self, entry: BlockEntry, buffer: torch.Tensor, start: int, stop: int) -> bool:
+        """Bytes ``start:stop`` of the block at ``entry`` into ``buffer``, with ``O_DIRECT``: the aligned
+        pages that hold them, into the same place of ``buffer``'s storage. False (nothing read) where
+        ``buffer`` was not placed for it (its address not at the block's offset modulo the alignment,
+        or no room around it for the first and last pages)."""
+        first, last = entry.offset + start, entry.offset + stop  # file offsets
+        low = first - first % DIRECT_ALIGN
+        high = -(-last // DIRECT_ALIGN) * DIRECT_ALIGN
+        if (buffer.data_ptr() - entry.offset) % DIRECT_ALIGN:
+            return False
+        storage = torch.empty(0, dtype=torch.uint8).set_(buffer.untyped_storage())  # the whole allocation
+        at = buffer.storage_offset() + start - (first - low)  # where file offset ``low`` goes
+        if at < 0 or at + high - low > storage.numel():
+            return False
+        view = memoryview(storage.numpy())[at: at + high - low]  # type: ignore[arg-type]
+        done = 0
+        while done < last - low:  # past the end of the file the read is short: enough once ``last`` is in
+            n = os.preadv(self._direct_fd, [view[done:]], low + done)
+            if n == 0:
+                raise CheckpointError(f"{self.path}: truncated at byte {low + done}")
+            done += n
+        return True
 
     def views(self, block: str, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """``block``'s tensors as views of ``buffer``, which holds its bytes from the start, as they lie
@@ -181,6 +254,17 @@ class ShardFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer starting on a ``DIRECT_ALIGN`` boundary, with room for any block of up to
+    ``nbytes`` placed at its lead (``ShardFile.place``) and the aligned pages around it."""
+    raw = torch.empty(nbytes + 3 * DIRECT_ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % DIRECT_ALIGN
+    return raw[skip: skip + nbytes + 2 * DIRECT_ALIGN]
 
 
 def _view(buffer: torch.Tensor, t: TensorEntry) -> torch.Tensor:

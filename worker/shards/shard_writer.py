@@ -69,7 +69,10 @@ class StreamingSafetensorsWriter:
     def close(self) -> None:
         self._scratch.close()
         header = json.dumps(self._header, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
+        # the data section starts on a 4096-byte page: the expert cache reads experts with O_DIRECT into
+        # buffers where each lands at its offset within its page of the file (ShardFile.place), so
+        # tensors stay as aligned in memory as in a fresh allocation only where the file's are
+        header += b" " * (-(8 + len(header)) % 4096)
         with open(self.path, "wb") as out, open(self._scratch_path, "rb") as data:
             out.write(struct.pack("<Q", len(header)))
             out.write(header)
