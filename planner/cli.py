@@ -147,7 +147,7 @@ def _table(plan: dict[str, Any]) -> str:
                  f"rows of the LM head, counted in its memory)")
     speeds = ", ".join(f"{k} {v:.3g}" for k, v in plan["sync_tokens_per_s"].items())
     lines.append(f"sync dtype: {plan['sync_dtype']} (tokens/s by sync dtype: {speeds}; a lossy one is chosen at "
-                 f"5% faster than float32, int8 for int8/int4 weights only)")
+                 f"5% faster than float32, int8 for int8/int4 weights of dense models only)")
     lines += [f"why: {reason}" for reason in pred["reasons"]]
     return "\n".join(lines)
 

@@ -50,6 +50,8 @@ SYNC_DTYPES = ("float32", "bfloat16")  # chosen among: exact, or the rounding be
 # scale) are chosen for integer weights only: their own rounding moves the embedded model's logits
 # 2-10x more than int8 payloads do (bench/quant.py: int8 weights 0.13, int4 0.47-0.60 max logit
 # difference; bench/sync_error.py: int8 payloads 0.05-0.06 at 2-3 ranks). Priced for float weights too.
+# Not for MoE models: a payload's rounding can flip a router's choice of experts (the tiny random
+# Mixtral at 2 ranks: one token's logits moved by 0.93 with int8 payloads, the same in C and Python).
 SYNC_PRICED = (*SYNC_DTYPES, "int8")
 INT8_SYNC_WEIGHTS = ("int8", "int4")
 # A reduced-precision allreduce must buy at least this much speed to be worth its rounding error.
@@ -167,10 +169,10 @@ def check_budgets(config: ModelConfig, shards: Sequence[RankShard], nodes: Seque
 def choose_sync_dtype(config: ModelConfig, shards: Sequence[RankShard], nodes: Sequence[Node],
                       work: Workload) -> tuple[str, dict[str, float]]:
     """float32 (exact) unless a lossy payload makes decode at least ``SYNC_GAIN_THRESHOLD`` faster
-    (bfloat16, or int8 for integer weights: the fastest of those that do); the speeds of
-    ``SYNC_PRICED``."""
+    (bfloat16, or int8 for integer weights of a dense model: the fastest of those that do); the
+    speeds of ``SYNC_PRICED``."""
     speeds = {d: predict(config, shards, nodes, replace(work, sync_dtype=d)).tokens_per_s for d in SYNC_PRICED}
-    lossy = ["bfloat16", *(["int8"] if work.weight_dtype in INT8_SYNC_WEIGHTS else [])]
+    lossy = ["bfloat16", *(["int8"] if work.weight_dtype in INT8_SYNC_WEIGHTS and not config.is_moe else [])]
     faster = [d for d in lossy if speeds[d] >= speeds["float32"] * (1 + SYNC_GAIN_THRESHOLD)]
     return max(faster, key=speeds.__getitem__, default="float32"), speeds
 

@@ -32,6 +32,7 @@ from planner.nodes import load_nodes
 from planner.plan import choose_shares, make_plan
 from planner.shapes import NAMED_SHAPES, load_shape
 from tests.processes import START_S
+from worker.config import ModelConfig
 from worker.memory.kv_cache import KVCache
 from worker.models.llama import rope_table_bytes
 from worker.shards.sharding import plan_shards
@@ -644,6 +645,12 @@ def test_int8_sync_runs_in_c_is_priced_at_its_bytes_and_chosen_for_integer_weigh
     assert floats.sync_dtype != "int8"
     faster = [d for d, v in floats.sync_speeds.items() if v > floats.sync_speeds["float32"] * 1.05]
     assert "int8" in faster, "the data cannot tell the rule from the speeds"
+    # nor for an MoE model (a payload's rounding can flip its routers), even where it is faster
+    moe = ModelConfig.from_dict({"architectures": ["MixtralForCausalLM"], **NAMED_SHAPES["tinyllama-1.1b"],
+                                 "num_local_experts": 8, "num_experts_per_tok": 2})
+    assert moe.is_moe
+    plan = make_plan(moe, nodes, Workload(weight_dtype="int4", context=256))
+    assert plan.sync_dtype != "int8" and plan.sync_speeds["int8"] > plan.sync_speeds["float32"] * 1.05
 
 
 def load_nodes_text(text: str) -> list[Node]:
