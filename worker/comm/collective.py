@@ -159,6 +159,14 @@ def _io_threads(world_size: int) -> int:
     return max(1, min(world_size - 1, (os.cpu_count() or 1) // 2, 4))
 
 
+def _in_place(partial: torch.Tensor, sync: str) -> bool:
+    """Whether ``partial`` goes through a step's C allreduce in place (``allreduce_``): float32,
+    contiguous, and carried in ``sync`` itself (an int8 cluster's narrow payloads travel as fp32,
+    in Python)."""
+    return partial.dtype == torch.float32 and partial.is_contiguous() \
+        and (sync == "fp32" or effective_sync(sync, tuple(partial.shape)) == sync)
+
+
 class _NativeSeqs:
     """The allreduce seqs of a native decode step (``worker.models.native_step``), for both ends
     of the star: the step takes its seqs up front, and an allreduce of it that returned to Python
@@ -381,18 +389,12 @@ class StarHub(_NativeSeqs):
         """``allreduce`` for a caller that gives ``partial`` up: the sum may be written into it
         (on lanes with fp32 or int8 sync: one C call, no allocation). The models' blocks call this."""
         fast = self._fast
-        if fast is None or not self._in_place(partial):
+        if fast is None or not _in_place(partial, self._sync):
             return self.allreduce(partial)
         self._seq += 1
         if rc := fast(partial.data_ptr(), partial.numel(), self._seq):
             self._fast_failed(rc, partial)
         return partial
-
-    def _in_place(self, partial: torch.Tensor) -> bool:
-        """Whether ``partial`` goes through ``_fast``: float32, contiguous, in the sync dtype itself
-        (an int8 cluster's narrow payloads travel as fp32, in Python)."""
-        return partial.dtype == torch.float32 and partial.is_contiguous() \
-            and effective_sync(self._sync, tuple(partial.shape)) == self._sync
 
     def _fast_failed(self, rc: int, partial: torch.Tensor) -> None:
         """The in-place allreduce of seq ``_seq`` returned ``rc``: after a timeout (its frame was
@@ -775,8 +777,7 @@ class StarRank(_NativeSeqs):
         """``allreduce`` for a caller that gives ``partial`` up: on the lane with fp32 or int8
         sync the sum is written into it, in one C call (see ``StarHub.allreduce_``)."""
         fast = self._fast
-        if fast is None or partial.dtype != torch.float32 or not partial.is_contiguous() \
-                or effective_sync(self.sync_dtype, tuple(partial.shape)) != self.sync_dtype:
+        if fast is None or not _in_place(partial, self.sync_dtype):
             return self.allreduce(partial)
         self._seq += 1
         if rc := fast(partial.data_ptr(), partial.numel(), self._seq):
