@@ -59,7 +59,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ from worker.config import ModelConfig  # noqa: E402
 from worker.kernels.quant import QuantSpec  # noqa: E402
 from worker.memory import expert_cache  # noqa: E402
 from worker.memory.expert_reads import ReadQueue  # noqa: E402
+from worker.models.moe import MoeRankModel, Predictor  # noqa: E402
 from worker.rank.executor import Executor  # noqa: E402
 from worker.rank.runtime import RankSpec  # noqa: E402
 from worker.rank.step import SeqSpan  # noqa: E402
@@ -105,6 +106,11 @@ RUNS: dict[str, tuple[str, bool, str, bool]] = {
     "prefetch_adaptive_frequency": ("frequency", True, "adaptive", True),
     "prefetch_adaptive_ungated_distance": ("distance", True, "adaptive", False),
     "prefetch_union_ungated_distance": ("distance", True, "union", False),
+    "prefetch_router_ungated_distance": ("distance", True, "router", False),
+    "prefetch_input_ungated_distance": ("distance", True, "input", False),
+    "prefetch_temporal_ungated_distance": ("distance", True, "temporal", False),
+    "prefetch_oracle_distance": ("distance", True, "oracle", True),
+    "prefetch_oracle_ungated_distance": ("distance", True, "oracle", False),
     "on_demand_distance": ("distance", False, "temporal", True),
     "on_demand_lru": ("lru", False, "temporal", True),
     "on_demand_frequency": ("frequency", False, "temporal", True),
@@ -153,16 +159,87 @@ def build(out: Path, model: Path | None, expert_bits: int | None) -> Path:
     return write_shards(model, plan_shards(config, [1.0]), out / "shards", progress=False, quant=quant)
 
 
+class OraclePredictor(Predictor):
+    """Always right: names the experts each layer will route to next, from ``routing_trace`` of the
+    same decode (every run decodes the same tokens, and a streamed step gives the bits of a resident
+    one). Not a predictor a server can have: it measures what prefetch could give on this machine
+    with perfect guesses, so that a shortfall can be told apart from the predictors' own."""
+
+    def __init__(self, like: Predictor, trace: list[tuple[int, tuple[int, ...]]]):
+        super().__init__(like.routers, like.norms, like.eps, like.top_k, "router")
+        self.trace, self.cursor = trace, 0  # cursor: the trace's entry of the layer about to route
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> set[int]:
+        for at in range(self.cursor + 1, len(self.trace)):
+            if self.trace[at][0] == layer:
+                return set(self.trace[at][1])
+        return set()
+
+    def predict_at_input(self, layer: int, hidden: torch.Tensor) -> set[int]:
+        return set()
+
+    def routed(self, layer: int, needed: list[int]) -> None:
+        if self.trace[self.cursor] != (layer, tuple(needed)):
+            raise RuntimeError(f"the decode left the recorded routing at layer {layer}: the oracle is void")
+        self.cursor += 1
+
+
+def _on_begin_layer(executor: Executor, hook: Callable[[int, list[int]], None]) -> None:
+    """Call ``hook(layer, needed)`` on every ``ExpertCache.begin_layer`` of ``executor``'s model."""
+    assert isinstance(executor.model, MoeRankModel)
+    cache = executor.model.experts
+    begin = cache.begin_layer
+
+    def begin_layer(layer: int, needed: Iterable[int]) -> list[int]:
+        needed = list(needed)
+        hook(layer, needed)
+        return begin(layer, needed)
+
+    cache.begin_layer = begin_layer  # type: ignore[method-assign]  # a bench hook on one instance
+
+
+def _prefill(executor: Executor, seq: list[int]) -> None:
+    executor.step([seq[:PROMPT_TOKENS]], [SeqSpan(0, 0, PROMPT_TOKENS)])
+
+
+def _decode_step(executor: Executor, seq: list[int], pos: int) -> int:
+    return int(executor.step([[seq[pos]]], [SeqSpan(0, pos, 1)])[0].argmax())
+
+
+def routing_trace(shard_dir: Path, sequences: list[list[int]]) -> list[tuple[int, tuple[int, ...]]]:
+    """(layer, experts routed to) of every MoE layer step of ``run``'s decode of ``sequences``, in
+    order, decoded all resident."""
+    config = ModelConfig.from_dir(shard_dir)
+    executor = Executor(RankSpec(str(shard_dir), config, plan_shards(config, [1.0])[0], 1, 256, prefetch=False),
+                        StarHub(1))
+    trace: list[tuple[int, tuple[int, ...]]] = []
+    _on_begin_layer(executor, lambda layer, needed: trace.append((layer, tuple(needed))))
+    try:
+        for seq in sequences:
+            _prefill(executor, seq)
+            for pos in range(PROMPT_TOKENS, len(seq)):
+                _decode_step(executor, seq, pos)
+    finally:
+        executor.close()
+    return trace
+
+
 def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: str, prefetch: bool,
         predictor: str, gated: bool = True) -> dict[str, Any]:
     config = ModelConfig.from_dir(shard_dir)
+    trace = routing_trace(shard_dir, sequences) if predictor == "oracle" else None
     spec = RankSpec(str(shard_dir), config, plan_shards(config, [1.0])[0], 1, 256, expert_cache_bytes=cache,
-                    expert_policy=policy, prefetch=prefetch, expert_predictor=predictor)
+                    expert_policy=policy, prefetch=prefetch,
+                    expert_predictor="router" if trace is not None else predictor)
     expert_cache.GATED = gated  # not a RankSpec field: a bench switch the cache reads when built
     try:
         executor = Executor(spec, StarHub(1))
     finally:
         expert_cache.GATED = True
+    if trace is not None:
+        assert isinstance(executor.model, MoeRankModel) and executor.model.predictor is not None
+        oracle = executor.model.predictor = OraclePredictor(executor.model.predictor, trace)
+        _on_begin_layer(executor, oracle.routed)
     keys = ("expert_hits", "expert_misses", "expert_bytes_read", "expert_stall_seconds", "expert_late_prefetches",
             "expert_prefetches", "expert_prefetch_bytes", "expert_prefetch_bytes_read", "expert_prefetch_skipped",
             "expert_cancelled_prefetches", "expert_predicted", "expert_predicted_used", "expert_used",
@@ -174,7 +251,7 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
     reads = getattr(getattr(executor.model, "experts", None), "reads", None)  # None: all resident
     try:
         for seq in sequences:
-            executor.step([seq[:PROMPT_TOKENS]], [SeqSpan(0, 0, PROMPT_TOKENS)])
+            _prefill(executor, seq)
             # cold for the decode: loading the dense blocks read ahead into experts' pages (default
             # read-ahead of the loader's descriptor), which on-demand runs then found in memory
             drop_page_cache(rank_shard_path(shard_dir, spec.shard))
@@ -183,7 +260,7 @@ def run(shard_dir: Path, sequences: list[list[int]], cache: int | None, policy: 
             busy_before = getattr(reads, "busy_seconds", 0.0)  # main's code has none
             start = time.perf_counter()
             for pos in range(PROMPT_TOKENS, len(seq)):
-                argmax.append(int(executor.step([[seq[pos]]], [SeqSpan(0, pos, 1)])[0].argmax()))
+                argmax.append(_decode_step(executor, seq, pos))
             elapsed += time.perf_counter() - start
             busy += getattr(reads, "busy_seconds", 0.0) - busy_before
             from_disk += disk_bytes() - disk_before

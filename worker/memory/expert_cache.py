@@ -32,7 +32,10 @@ one more likely to be used than the guess is right, and never one used more than
 ``GUESS_VICTIM_USE`` of the time: a right guess is read either way, only earlier, so an eviction
 for a guess only ever adds bytes; on a random MoE with a cache of a quarter of all experts,
 guesses that evicted by distance alone raised the bytes a step had to read by 7-18%): a wrong guess must not
-cost the step an expert it was about to use.
+cost the step an expert it was about to use. A guess whose layer's guesses are right at least
+``KEEP_PRECISION`` of the time may also take the buffer that its layer's own first miss would take
+(``_victim_for_next``), as soon as it is made: a right guess then reads what on demand reads, only
+earlier; a wrong one costs one eviction.
 """
 
 from __future__ import annotations
@@ -204,8 +207,6 @@ class ExpertCache:
             if cached:  # how often an expert kept in the cache is used at its layer's next step
                 share = sum(k in self._protected for k in cached) / len(cached)
                 self.reuse[layer] = FREQUENCY_DECAY * self.reuse.get(layer, share) + (1 - FREQUENCY_DECAY) * share
-            guesses = [e for k, e in self._entries.items() if k[0] == layer and e.guess]
-            self.gate.observe_landing(layer, len(guesses), sum(e.fields is not None for e in guesses))
             for key, entry in list(self._entries.items()):
                 if key[0] != layer or entry.read is None:
                     continue
@@ -360,11 +361,12 @@ class ExpertCache:
             if self._keeps(layer):
                 self._wanted.update(k for e in experts if (k := (layer, e)) in self._entries)
 
-    def prefetch(self, layer: int, experts: Iterable[int], at_start: bool = False) -> None:
-        """Read ahead ``layer``'s ``experts`` that are not cached (most likely first), as far as
-        the gate and the buffers allow. Guesses the gate lets read but no buffer can take yet
-        wait for ``prefetch_starved``. ``at_start``: called as ``layer`` starts, the layer before
-        it done (its input's guesses): they may take ``_victim_for_next``'s buffers."""
+    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
+        """Read ahead ``experts`` of ``layer``, the MoE layer that routes next, that are not cached
+        (most likely first), as far as the gate and the buffers allow: a buffer free of cost
+        (``_victim_for_guess``), else, for a sure guess, the one ``layer``'s own first miss would
+        take (``_victim_for_next``). Guesses the gate lets read but no buffer can take yet wait for
+        ``prefetch_starved``."""
         now = time.perf_counter()
         experts = list(experts)
         with self._cond:
@@ -392,7 +394,7 @@ class ExpertCache:
             precision = self.gate.precision.get(layer, 1.0)
             for i, expert in enumerate(todo):
                 buffer = self._victim_for_guess(layer, precision)
-                if buffer is None and at_start and self._next_up(layer):
+                if buffer is None:
                     buffer = self._victim_for_next(layer, precision)
                 if buffer is None:
                     self._starved[layer] = todo[i:]
@@ -426,13 +428,18 @@ class ExpertCache:
         return not self._in_layer and layer != self._layer and not self._pinned
 
     def _victim_for_next(self, layer: int, precision: float) -> int | None:
-        """A buffer for a guess for ``layer``, the layer about to route (``_next_up``): the expert its
-        own first miss would evict (the policy's choice at ``layer``, the experts predicted for it
-        kept), where the guess is right often enough (``KEEP_PRECISION``). A right guess then costs
-        no byte that on demand would not read, only earlier, under the attention block; a wrong one
-        costs that one eviction. With a cache of a quarter of all experts no other buffer is free
-        for a guess (``_free_for_guess``), and there the disk idled 9-10 ms per trained token
-        while the step computed (bench/moe_breakdown.py)."""
+        """A buffer for a guess for ``layer``, the MoE layer that routes next: the expert its own
+        first miss would evict (the policy's choice at ``layer``; the current layer's experts, in
+        use or still needed, and those predicted for ``layer`` kept), where the guess is right
+        often enough (``KEEP_PRECISION``). A right guess then costs no byte that on demand would
+        not read, only earlier: from the moment it is made, while the current layer computes and
+        ``layer``'s attention runs. A wrong one costs that one eviction.
+
+        Taken only at ``layer``'s start before (the guesses made a layer ahead waited there for a
+        buffer), a guess had an attention block to be read under: with perfect guesses (the
+        bench's oracle) on the trained tiny MoE, 0.04-0.57 MB of a token's 13-23 MB were read
+        ahead, and the disk idled 4.1-5.5 ms per token while the step computed. Taken as the
+        guess is made: 0.6-1.5 MB and 1.2-1.9 ms (bench/moe_cache.py, 2x and 25% caches)."""
         if precision < KEEP_PRECISION:
             return None
         if self._free:
