@@ -365,8 +365,9 @@ class ExpertCache:
         """Read ahead ``experts`` of ``layer``, the MoE layer that routes next, that are not cached
         (most likely first), as far as the gate and the buffers allow: a buffer free of cost
         (``_victim_for_guess``), else, for a sure guess, the one ``layer``'s own first miss would
-        take (``_victim_for_next``). Guesses the gate lets read but no buffer can take yet wait for
-        ``prefetch_starved``."""
+        take (``_victim_for_next``). Guesses the gate lets read but that find no buffer yet wait,
+        and start as the current layer's experts are done (``get``) or at ``layer``'s start
+        (``prefetch_starved``)."""
         now = time.perf_counter()
         experts = list(experts)
         with self._cond:
@@ -395,26 +396,31 @@ class ExpertCache:
             for i, expert in enumerate(todo):
                 buffer = self._victim_for_guess(layer, precision)
                 if buffer is None:
-                    buffer = self._victim_for_next(layer, precision)
-                if buffer is None:
                     self._starved[layer] = todo[i:]
+                    self._start_starved(layer)
                     return
                 self._start_guess(layer, expert, buffer)
 
     def prefetch_starved(self, layer: int) -> None:
-        """``layer`` is about to route, the layer before it done: read its guesses that found no
-        buffer (``prefetch``) into the buffers its own misses would take (``_victim_for_next``),
-        under its attention block. Call at the layer's start (``MoeRankModel._layer_start``)."""
+        """``layer`` is about to route, the layer before it done: read its guesses still waiting
+        for a buffer (``prefetch``) into the buffers its own misses would take. Call at the
+        layer's start (``MoeRankModel._layer_start``)."""
         with self._cond:
-            if self.reads is None or not self._next_up(layer):
+            if self.reads is not None and self._next_up(layer):
+                self._start_starved(layer)
+
+    def _start_starved(self, layer: int) -> None:
+        """Start ``layer``'s waiting guesses into the buffers its own first misses would take
+        (``_victim_for_next``), as far as there are such buffers now (caller holds the lock); the
+        rest go on waiting."""
+        todo = [e for e in self._starved.pop(layer, []) if (layer, e) not in self._entries]
+        precision = self.gate.precision.get(layer, 1.0)
+        for i, expert in enumerate(todo):
+            buffer = self._victim_for_next(layer, precision)
+            if buffer is None:
+                self._starved[layer] = todo[i:]
                 return
-            todo = [e for e in self._starved.pop(layer, []) if (layer, e) not in self._entries]
-            precision = self.gate.precision.get(layer, 1.0)
-            for expert in todo:
-                buffer = self._victim_for_next(layer, precision)
-                if buffer is None:
-                    return
-                self._start_guess(layer, expert, buffer)
+            self._start_guess(layer, expert, buffer)
 
     def _start_guess(self, layer: int, expert: int, buffer: int) -> None:
         self._start((layer, expert), buffer, demand=False)
@@ -429,24 +435,30 @@ class ExpertCache:
 
     def _victim_for_next(self, layer: int, precision: float) -> int | None:
         """A buffer for a guess for ``layer``, the MoE layer that routes next: the expert its own
-        first miss would evict (the policy's choice at ``layer``; the current layer's experts, in
-        use or still needed, and those predicted for ``layer`` kept), where the guess is right
-        often enough (``KEEP_PRECISION``). A right guess then costs no byte that on demand would
-        not read, only earlier: from the moment it is made, while the current layer computes and
-        ``layer``'s attention runs. A wrong one costs that one eviction.
+        first miss would evict (the policy's choice at ``layer``; the current layer's experts
+        still in use or still needed, and those predicted for ``layer``, kept), where the guess is
+        right often enough (``KEEP_PRECISION``). A wrong guess costs that one eviction.
 
-        Taken only at ``layer``'s start before (the guesses made a layer ahead waited there for a
-        buffer), a guess had an attention block to be read under: with perfect guesses (the
-        bench's oracle) on the trained tiny MoE, 0.04-0.57 MB of a token's 13-23 MB were read
-        ahead, and the disk idled 4.1-5.5 ms per token while the step computed. Taken as the
-        guess is made: 0.6-1.5 MB and 1.2-1.9 ms (bench/moe_cache.py, 2x and 25% caches)."""
+        Called as the guess is made and again each time the current layer is done with one of its
+        experts (``get``): by distance, ``layer``'s first miss takes an expert of the current
+        layer, the farthest ahead once done with, so a right guess waits for that buffer and then
+        reads what on demand reads, only earlier, while the current layer computes and
+        ``layer``'s attention runs. Taken only at ``layer``'s start (until session 28), a guess
+        had an attention block to be read under: with perfect guesses (the bench's oracle) on the
+        trained tiny MoE, 0.04-0.57 MB of a token's 13-23 MB were read ahead, the disk idle 4.1-5.5
+        ms per token while the step computed. Taken at once (the same session), whatever the
+        policy chose among the experts not in use, it read ahead 0.6-1.5 MB with the disk idle
+        1.2-1.9 ms, but with a cache of 2x the active experts that choice was an expert on demand
+        would have kept a whole cycle: 25.2 MB needed per token against 23.1."""
         if precision < KEEP_PRECISION:
             return None
         if self._free:
             return self._free.pop()
-        candidates = [e for e in self._candidates() if e.key not in self._wanted and e.key[0] != layer]
+        busy = self._pinned | self._protected  # the current layer's experts not done with yet
+        candidates = [e for k, e in self._entries.items() if k not in self._wanted and k[0] != layer
+                      and (e.fields is not None or k in busy)]
         victim = choose_victim(candidates, layer, self.num_layers, self.policy, self.rate)
-        if victim is None:
+        if victim is None or victim.key in busy:  # on demand's victim is still in use: wait for it
             return None
         del self._entries[victim.key]
         self._taken_by_guess.add(victim.key)
@@ -510,6 +522,8 @@ class ExpertCache:
             with self._cond:
                 self._pinned.discard(key)
                 self._protected.discard(key)  # each expert runs once per layer
+                for waiting in [w for w in self._starved if w != layer]:  # its buffer may be on demand's next victim
+                    self._start_starved(waiting)
 
     def _buffer_for_miss(self) -> int:
         """A buffer for an expert needed now (caller holds the lock): evicts even an expert the
