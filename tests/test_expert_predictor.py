@@ -183,11 +183,12 @@ def test_unneeded_prefetches_are_cancelled_and_their_buffers_reused(shard_file: 
     cache.close()
 
 
-def test_a_guess_without_a_buffer_is_read_at_its_layers_start_into_on_demands_own_victim(
+def test_a_guess_without_a_buffer_is_read_into_on_demands_own_victim_once_it_is_free(
         shard_file: ShardFile) -> None:
     """Layer 0's two experts fill both buffers, so the guess for layer 1 made as layer 0 routes
-    finds none. Once layer 0 is done, at layer 1's start, it takes the buffer layer 1's own miss
-    would take, and is read: a right guess, so the step reads exactly what on demand reads."""
+    finds none. As soon as layer 0 is done with its experts, before layer 1 starts, it takes the
+    buffer layer 1's own miss would take, and is read: a right guess, so the step reads exactly
+    what on demand reads."""
     cache = _cache(shard_file, slots=2)
     _open_gate(cache)
     cache.gate.precision[1] = 1.0
@@ -199,9 +200,9 @@ def test_a_guess_without_a_buffer_is_read_at_its_layers_start_into_on_demands_ow
     for expert in (0, 1):
         with cache.get(0, expert):
             pass
+    assert cache.prefetches == 1 and cache._entries[(1, 2)].guess  # before layer 0 ends
     cache.end_layer()
-    cache.prefetch_starved(1)  # layer 1's start
-    assert cache.prefetches == 1 and cache._entries[(1, 2)].guess
+    cache.prefetch_starved(1)  # layer 1's start: nothing left waiting
     assert len([k for k in cache._entries if k[0] == 0]) == 1  # one of layer 0's, as a miss of layer 1 would
     cache.begin_layer(1, [2, 3])
     for expert in (2, 3):
