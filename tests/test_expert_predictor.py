@@ -535,6 +535,40 @@ def test_a_sure_guess_takes_on_demands_own_victim_once_the_current_layer_is_done
     cache.close()
 
 
+def test_a_wrong_guess_cancelled_before_it_read_a_byte_gives_its_victim_back(shard_file: ShardFile) -> None:
+    """Two buffers: layer 1's expert 2, cached, and layer 0's expert 0. The guess for layer 1
+    takes layer 0's expert's buffer once layer 0 is done with it, but no reader starts it (none
+    here; on a busy disk, demand reads go first) before layer 1 routes, to expert 2 alone.
+    Cancelled unread, the buffer still holds layer 0's expert: it is cached again, with its own
+    bytes, and its next use is a hit, not a read."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 2, 4, 2, slot_bytes, readers=0)
+    _open_gate(cache)
+    buffer = cache._free.pop()
+    fields = shard_file.read_into(expert_block(1, 2), cache.buffers[buffer])
+    cache._entries[(1, 2)] = Entry((1, 2), buffer, fields, fetched=False)
+    cache.gate.precision[1] = 0.9
+    cache.begin_layer(0, [0])
+    cache.prefetch(1, [3])
+    with cache.get(0, 0):
+        pass
+    cache.end_layer()
+    assert cache.prefetches == 1 and set(cache._entries) == {(1, 2), (1, 3)}  # (0, 0) went for the guess
+    read_before = shard_file.bytes_read
+    cache.begin_layer(1, [2])  # the guess was wrong: cancelled, unread
+    assert cache.cancelled == 1 and cache.undone == 1 and set(cache._entries) == {(1, 2), (0, 0)}
+    with cache.get(1, 2):
+        pass
+    cache.end_layer()
+    cache.begin_layer(0, [0])
+    with cache.get(0, 0) as weights:
+        assert _same(weights, expert_block(0, 0), shard_file)
+    cache.end_layer()
+    assert shard_file.bytes_read == read_before + shard_file.block_bytes(expert_block(0, 0))  # only _same's check
+    assert (cache.hits, cache.misses) == (2, 1)
+    cache.close()
+
+
 def test_a_guess_evicts_only_an_expert_used_less_often_than_the_guess_is_right(shard_file: ShardFile) -> None:
     """Three layers (the file's two, and a third whose one cached expert is placed by hand): at
     layer 0, a guess for layer 1 may take the buffer of layer 2's expert (needed later), but only
