@@ -373,7 +373,7 @@ def test_a_second_coordinator_cannot_take_a_worker_in_use_but_a_dead_ones_can(ch
                                     cwd=ROOT, capture_output=True, text=True, timeout=START_S)
             assert second.returncode != 0
             assert "serves rank 1 of a running cluster" in second.stderr, second.stderr[-2000:]
-            assert "Traceback" not in second.stderr
+            assert "Traceback" not in second.stderr, second.stderr[-4000:]  # seen once (a thread's, "(_run)")
             after = _complete(url, "m")
             assert after.status_code == 200 and after.json()["choices"][0]["text"] == expected
             _kill(_coordinator(url))
