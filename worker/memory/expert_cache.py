@@ -34,8 +34,9 @@ for a guess only ever adds bytes; on a random MoE with a cache of a quarter of a
 guesses that evicted by distance alone raised the bytes a step had to read by 7-18%): a wrong guess must not
 cost the step an expert it was about to use. A guess whose layer's guesses are right at least
 ``KEEP_PRECISION`` of the time may also take the buffer that its layer's own first miss would take
-(``_victim_for_next``), as soon as it is made: a right guess then reads what on demand reads, only
-earlier; a wrong one costs one eviction.
+(``_victim_for_next``), as soon as the current layer is done with the expert in it: a right guess
+then reads what on demand reads, only earlier; a wrong one costs one eviction, undone if the guess
+is cancelled before it read a byte (``_undo_displace``).
 """
 
 from __future__ import annotations
