@@ -3,6 +3,7 @@ agreement and logit difference, as JSON.
 
     .venv/bin/python bench/expert_bits.py --model bench/results/tiny_moe_8l [--budget 25%]
                                           [--caches 2x,25%] [--agree-tokens 200] [--repeats 2]
+                                          [--disk-mbps MB_S]
 
 Writes the checkpoint twice, float32 and ``edgellm shard --expert-bits auto --expert-budget
 BUDGET`` (calibrated on module docstrings of the standard library other than those decoded),
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moe_cache as mc  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from disk_throttle import add_disk_argument, maybe_capped  # noqa: E402
 from report import emit  # noqa: E402
 
 from worker.comm.collective import StarHub  # noqa: E402
@@ -89,12 +91,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--agree-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
+    add_disk_argument(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     mc.require_model(args.model)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, maybe_capped(Path(tmp), args.disk_mbps):
         config = ModelConfig.from_dir(args.model)
         fp32 = write_shards(args.model, plan_shards(config, [1.0]), Path(tmp) / "fp32", progress=False)
         measured = measure_experts(str(args.model), args.group_size)
@@ -139,7 +142,7 @@ def main() -> None:
         own, _ = greedy(auto, prompt, args.agree_tokens)
     prefix = next((i for i, (a, b) in enumerate(zip(own, reference, strict=True)) if a != b), len(reference))
     report = {
-        "model": str(args.model), "budget": args.budget,
+        "model": str(args.model), "budget": args.budget, "disk_cap_mb_per_s": args.disk_mbps,
         "experts_int8": sum(b == 8 for b in bits.values()), "experts_int4": sum(b == 4 for b in bits.values()),
         "expert_bytes_share_of_fp32": sum(sizes["auto"].values()) / sum(sizes["fp32"].values()),
         "top1_agreement_teacher_forced": sum(a == b for a, b in zip(forced, reference, strict=True)) / len(reference),

@@ -4,7 +4,7 @@ of every run, as JSON.
 
     .venv/bin/python bench/moe_cache.py [--model DIR] [--expert-bits 4] [--caches 2x,25%]
                                         [--tokens 24] [--prompts 3] [--repeats 2] [--runs a,b,...]
-                                        [--against DIR] [--out FILE]
+                                        [--against DIR] [--disk-mbps MB_S] [--out FILE]
 
 One rank in this process. ``--model DIR`` is a Hugging Face Mixtral-style checkpoint directory
 (``scripts/train_tiny_moe.py`` trains one whose routing is learned); without it, a random
@@ -39,6 +39,10 @@ same against the probes alone, and ``io_bound_fraction_start_disk`` the median t
 bound of before). ``disk_bytes_per_token`` is what the block device really read
 (``/proc/self/io``), wrong guesses included.
 
+``--disk-mbps 350`` caps the disk's reads for the whole bench at that speed (``disk_throttle``: a
+kernel cgroup throttle on real reads, root only), so that a run measures a Pi's disk rather than
+whatever this VM's gives that minute; the probes then measure the capped disk.
+
 ``--against DIR`` runs every configuration also with the code of another checkout (e.g. main's,
 ``git archive main | tar -x -C DIR``), on the same shard, interleaved with this checkout's runs;
 its runs are named ``<run>@base``, and ``speedup_over_base`` pairs each run with its own ``@base``
@@ -68,7 +72,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from page_cache import drop_page_cache  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from disk_throttle import add_disk_argument, maybe_capped  # noqa: E402  (bench/ is sys.path[0] as a script)
+from page_cache import drop_page_cache  # noqa: E402
 from report import emit  # noqa: E402
 
 from worker.comm.collective import StarHub  # noqa: E402
@@ -503,6 +508,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--against", type=Path, default=None,
                         help="a checkout of other code (e.g. main's) to run every configuration with too, interleaved")
+    add_disk_argument(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     require_model(args.model)
@@ -511,7 +517,7 @@ def main() -> None:
     names = args.runs.split(",")
     if unknown := set(names) - set(RUNS):
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, maybe_capped(Path(tmp), args.disk_mbps):
         shard_dir = build(Path(tmp), args.model, args.expert_bits)
         config = ModelConfig.from_dir(shard_dir)
         sequences = texts(args.model or TOKENIZER, args.prompts, args.tokens)
@@ -563,7 +569,8 @@ def main() -> None:
         "expert_bits": args.expert_bits or 32, "threads": torch.get_num_threads(), "expert_bytes": expert_bytes,
         "against": str(args.against) if args.against else None,
         "decode_tokens": sum(len(s) - PROMPT_TOKENS for s in sequences),
-        "page_cache": "posix_fadvise(DONTNEED) after every read", "disk": io, "same_tokens_in_every_run": same,
+        "page_cache": "posix_fadvise(DONTNEED) after every read", "disk": io, "disk_cap_mb_per_s": args.disk_mbps,
+        "same_tokens_in_every_run": same,
         "caches": {}}
     for choice, runs in per_cache.items():
         for result in runs.values():
