@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from worker.kernels.quant import kernel_layout
 from worker.memory import expert_reads
 from worker.memory.expert_reads import Read, ReadQueue
-from worker.memory.prefetch_gate import PRIOR_PRECISION, PrefetchGate
+from worker.memory.prefetch_gate import PrefetchGate
 from worker.shards.shard_file import ShardFile, aligned_buffer
 from worker.shards.weights import ExpertWeights, Fields, expert_block, from_fields
 
@@ -60,13 +60,8 @@ DEFAULT_READ_DEPTH = 2  # reads in flight for a layer's demand misses (bench/moe
 # A guess never lowers the bytes a step must read (a right one is read either way, only earlier),
 # so the expert it evicts is pure loss if used again: only one rarely used (below this) may go.
 GUESS_VICTIM_USE = 0.15
-# A layer whose experts outlive the cycle of layers less often than this loses them to demand
-# misses anyway: a guess may take their buffers whatever their routing rate (``survival``).
-LOST_ANYWAY = 0.1
-# A cached expert predicted for a coming layer outlives the current layer's misses only where the
-# predictor is this sure there; elsewhere the policy's own choice stands. (Meant to remove the
-# 7-17% more bytes per token that prefetch runs need on the random MoE with a 25% cache; the run
-# after it still showed them: their cause is not found.)
+# A guess may cost an eviction (``keep``, ``_victim_for_next``) only where its layer's guesses are
+# right at least this often (``PrefetchGate.sure``); elsewhere the policy's own choice stands.
 KEEP_PRECISION = 0.7
 FREQUENCY_DECAY = 0.9  # ``frequency`` policy: weight of the past in an expert's use rate at its layer
 Key = tuple[int, int]  # (layer, expert)
@@ -130,11 +125,6 @@ class ExpertCache:
         self._wanted: set[Key] = set()
         self.rate: dict[Key, float] = {}  # (layer, expert) -> EMA of "the router picked it" per layer step
         self.reuse: dict[int, float] = {}  # layer -> EMA of the share of its cached experts used at its step
-        # layer -> EMA of the share of the experts it used at its last step still cached at its next: 0
-        # where the cache is too small to keep anything a whole cycle of layers (2 buffers per active expert)
-        self.survival: dict[int, float] = {}
-        self._last_used: dict[int, set[Key]] = {}  # layer -> the experts it used at its last step
-        self._taken_by_guess: set[Key] = set()  # evicted for a guess: no sample of survival
         self._displaced: dict[int, Entry] = {}  # buffer -> the expert just evicted from it for a guess
         self.undone = 0  # evictions for guesses undone: the guess was cancelled before it read a byte
         self._starved: dict[int, list[int]] = {}  # layer -> guesses the gate let read that found no buffer
@@ -206,7 +196,6 @@ class ExpertCache:
                 self.rate[(layer, expert)] = FREQUENCY_DECAY * old + (1 - FREQUENCY_DECAY) * (expert in needed)
             if self.reads is None:
                 return needed
-            self._observe_survival(layer)
             cached = [k for k, e in self._entries.items() if k[0] == layer and not e.guess and e.fields is not None]
             if cached:  # how often an expert kept in the cache is used at its layer's next step
                 share = sum(k in self._protected for k in cached) / len(cached)
@@ -232,39 +221,18 @@ class ExpertCache:
             rest = [e for e in needed if e not in here and e not in coming and e not in queued]  # ``get`` reads them
             return here + coming + queued + rest
 
-    def _observe_survival(self, layer: int) -> None:
-        """Score how many of ``layer``'s experts of its last step outlived the cycle of layers
-        (caller holds the lock, at the layer's start, before its reads)."""
-        # an expert a guess took is left out: survival is what the demand misses alone leave. Counted
-        # as lost, guesses that evict lowered it and so let guesses evict more (random MoE, 25% cache:
-        # 72 MB needed per token against 42.5 on demand); counted as kept, they raised it and shut
-        # guesses out of a 2x cache that keeps nothing a cycle (0.44 MB read ahead per token, 4.1 before)
-        if sample := self._last_used.get(layer, set()) - self._taken_by_guess:
-            kept = sum(1 for k in sample if (e := self._entries.get(k)) is not None and not e.guess)
-            share = kept / len(sample)
-            old = self.survival.get(layer, share)
-            self.survival[layer] = FREQUENCY_DECAY * old + (1 - FREQUENCY_DECAY) * share
-        self._taken_by_guess -= self._last_used.get(layer, set())
-        self._last_used[layer] = set(self._protected)
-
     def _free_for_guess(self, entry: Entry, precision: float) -> bool:
         """Whether a guess may evict ``entry`` (needed later than the guess) at no cost in bytes:
-        the demand misses before its layer comes would evict it anyway (its layer's measured
-        survival under ``LOST_ANYWAY``; 1 until measured), or it is rarely used at its layer (its
-        routing rate, and how often its layer's cached experts are used) and less likely used than
-        the guess is right. Survival only ever adds victims: weighing every victim by it let
-        guesses on the random MoE with a 25% cache need 51-64 MB per token against 42.5 on demand."""
-        if self._cycle_overflows() and self.survival.get(entry.key[0], 1.0) < LOST_ANYWAY:
-            return True
+        it is rarely used at its layer (its routing rate, and how often its layer's cached experts
+        are used) and less likely used than the guess is right.
+
+        (Until session 29 an expert of a layer whose experts seldom outlived the cycle of layers
+        was free too. With a cache of 2x the active experts that took the two experts that on
+        demand keeps by distance a whole cycle, its 8% hits: the trained tiny MoE's gated runs
+        needed 23.6-23.9 MB per token against on demand's 23.1, 22.9-23.5 without that rule; on
+        a disk capped at 400 MB/s those bytes made prefetch 0.96-0.97x on demand.)"""
         used = max(self.rate.get(entry.key, 0.0), self.reuse.get(entry.key[0], 0.0))
         return used < min(precision, GUESS_VICTIM_USE)
-
-    def _cycle_overflows(self) -> bool:
-        """Whether one step's experts (every layer's, as last used) outnumber the buffers: only then
-        must the demand misses evict experts before their layer comes again. Where they fit (a 25%
-        cache on both bench models), a low survival was no such proof: taking those experts for
-        guesses raised the random MoE's bytes per token from 49 to 51-58 MB."""
-        return sum(map(len, self._last_used.values())) > len(self.buffers)
 
     def _drop_guess(self, entry: Entry) -> None:
         """Cancel a prefetch still reading (caller holds the lock); its buffer returns when the
@@ -332,10 +300,9 @@ class ExpertCache:
     def _victim_for_guess(self, layer: int, precision: float) -> int | None:
         """A buffer for a guess for ``layer`` that costs the step nothing it is about to use
         (caller holds the lock): a free one, or an expert needed later in the cycle than ``layer``
-        that costs no bytes to lose (``_free_for_guess``). An expert that the demand misses would
-        evict before its layer comes anyway (survival 0, a cache of 2x the active experts) is one:
-        on the trained tiny MoE, guesses found no buffer there while every victim was judged by its
-        routing rate alone, and prefetch read 0.00-0.06 MB ahead per token."""
+        that costs no bytes to lose (``_free_for_guess``). With a cache of 2x the active experts
+        there is seldom one; a sure guess then takes the buffer its layer's first miss would take
+        (``_victim_for_next``)."""
         if self._free:
             return self._free.pop()
         lead = (layer - self._layer) % self.num_layers
@@ -352,7 +319,7 @@ class ExpertCache:
         what on-demand reads: kept on a closed layer, they had gated runs on the random MoE need
         45 MB per token against 42.5 on demand, with 0.3 MB read ahead."""
         return ((not self.gated or self.gate.open.get(layer, False))
-                and self.gate.precision.get(layer, PRIOR_PRECISION) >= KEEP_PRECISION)
+                and self.gate.sure(layer) >= KEEP_PRECISION)
 
     def keep(self, layer: int, experts: Iterable[int]) -> None:
         """``layer``'s ``experts`` are predicted for its coming step: those cached survive the
@@ -415,9 +382,9 @@ class ExpertCache:
         (``_victim_for_next``), as far as there are such buffers now (caller holds the lock); the
         rest go on waiting."""
         todo = [e for e in self._starved.pop(layer, []) if (layer, e) not in self._entries]
-        precision = self.gate.precision.get(layer, 1.0)
+        sure = self.gate.sure(layer)
         for i, expert in enumerate(todo):
-            buffer = self._victim_for_next(layer, precision)
+            buffer = self._victim_for_next(layer, sure)
             if buffer is None:
                 self._starved[layer] = todo[i:]
                 return
@@ -434,11 +401,12 @@ class ExpertCache:
         holds the lock): between that layer's ``end_layer`` and ``layer``'s ``begin_layer``."""
         return not self._in_layer and layer != self._layer and not self._pinned
 
-    def _victim_for_next(self, layer: int, precision: float) -> int | None:
+    def _victim_for_next(self, layer: int, sure: float) -> int | None:
         """A buffer for a guess for ``layer``, the MoE layer that routes next: the expert its own
         first miss would evict (the policy's choice at ``layer``; the current layer's experts
         still in use or still needed, and those predicted for ``layer``, kept), where the guess is
-        right often enough (``KEEP_PRECISION``). A wrong guess costs that one eviction.
+        right often enough (``sure``, ``PrefetchGate.sure``, at least ``KEEP_PRECISION``). A wrong
+        guess costs that one eviction.
 
         Called as the guess is made and again each time the current layer is done with one of its
         experts (``get``): by distance, ``layer``'s first miss takes an expert of the current
@@ -451,7 +419,7 @@ class ExpertCache:
         policy chose among the experts not in use, it read ahead 0.6-1.5 MB with the disk idle
         1.2-1.9 ms, but with a cache of 2x the active experts that choice was an expert on demand
         would have kept a whole cycle: 25.2 MB needed per token against 23.1."""
-        if precision < KEEP_PRECISION:
+        if sure < KEEP_PRECISION:
             return None
         if self._free:
             return self._free.pop()
@@ -466,7 +434,6 @@ class ExpertCache:
     def _displace(self, victim: Entry) -> int:
         """Evict ``victim`` for a guess (caller holds the lock); its buffer, for ``_start_guess``."""
         del self._entries[victim.key]
-        self._taken_by_guess.add(victim.key)
         self._displaced[victim.buffer] = victim
         return victim.buffer
 
@@ -482,7 +449,6 @@ class ExpertCache:
         if victim is None or victim.key in self._entries:
             return False
         self._entries[victim.key] = victim
-        self._taken_by_guess.discard(victim.key)
         self.undone += 1
         return True
 
