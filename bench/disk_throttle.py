@@ -17,7 +17,6 @@ be capped and is refused.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Iterator
@@ -87,6 +86,17 @@ def _write(path: Path, text: str) -> None:
         raise ThrottleUnavailable(f"cannot write {text!r} to {path}: {exc} (root is needed)") from exc
 
 
+def _remove_stale_groups(tree: Hierarchy) -> None:
+    """Remove the cgroups of benches that were killed before they could (their pid is gone)."""
+    for group in tree.mount.glob(f"{GROUP_NAME}-*"):
+        pid = group.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            try:
+                group.rmdir()
+            except OSError as exc:  # still holds a process
+                log.warning("left the stale cgroup %s in place: %s", group, exc)
+
+
 @contextmanager
 def capped_reads(path: Path, mb_per_s: float) -> Iterator[str]:
     """Within: reads of this process (and of processes it starts) from the disk holding ``path``
@@ -96,6 +106,7 @@ def capped_reads(path: Path, mb_per_s: float) -> Iterator[str]:
         raise ValueError(f"a disk speed must be positive, not {mb_per_s} MB/s")
     device = whole_disk(path)
     tree = hierarchy()
+    _remove_stale_groups(tree)
     home = tree.current_group()
     group = tree.mount / f"{GROUP_NAME}-{os.getpid()}"
     if tree.v2:  # the root may hold processes; a child's io.max needs the io controller handed down
@@ -117,19 +128,3 @@ def capped_reads(path: Path, mb_per_s: float) -> Iterator[str]:
             group.rmdir()
         except OSError as exc:  # a child process still in it: the kernel removes nothing in use
             log.warning("left the cgroup %s in place: %s", group, exc)
-
-
-@contextmanager
-def maybe_capped(path: Path, mb_per_s: float | None) -> Iterator[str | None]:
-    """``capped_reads`` where a speed is given, the disk as it is otherwise."""
-    if mb_per_s is None:
-        yield None
-        return
-    with capped_reads(path, mb_per_s) as device:
-        yield device
-
-
-def add_disk_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--disk-mbps", type=float, default=None,
-                        help="cap the disk's reads at this many MB/s for the whole bench (a Pi's SD card: ~90, "
-                             "USB 3 SSD: ~350, Pi 5 NVMe: ~400-900; needs root; bench/disk_throttle.py)")

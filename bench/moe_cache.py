@@ -4,7 +4,8 @@ of every run, as JSON.
 
     .venv/bin/python bench/moe_cache.py [--model DIR] [--expert-bits 4] [--caches 2x,25%]
                                         [--tokens 24] [--prompts 3] [--repeats 2] [--runs a,b,...]
-                                        [--against DIR] [--disk-mbps MB_S] [--out FILE]
+                                        [--against DIR] [--disk-mbps MB_S [--disk-model paced|cgroup]]
+                                        [--out FILE]
 
 One rank in this process. ``--model DIR`` is a Hugging Face Mixtral-style checkpoint directory
 (``scripts/train_tiny_moe.py`` trains one whose routing is learned); without it, a random
@@ -39,9 +40,11 @@ same against the probes alone, and ``io_bound_fraction_start_disk`` the median t
 bound of before). ``disk_bytes_per_token`` is what the block device really read
 (``/proc/self/io``), wrong guesses included.
 
-``--disk-mbps 350`` caps the disk's reads for the whole bench at that speed (``disk_throttle``: a
-kernel cgroup throttle on real reads, root only), so that a run measures a Pi's disk rather than
-whatever this VM's gives that minute; the probes then measure the capped disk.
+``--disk-mbps 350`` runs the whole bench on a disk of that speed, so that a run measures a Pi's
+disk rather than whatever this VM's gives that minute: every expert read waits for its turn on a
+paced disk (``paced_disk``; real reads, then a wait), or with ``--disk-model cgroup`` the kernel's
+block-I/O throttle (``disk_throttle``, root only; it caps the average over 100 ms slices, so idle
+gaps cost nothing under it). The probes then measure that disk.
 
 ``--against DIR`` runs every configuration also with the code of another checkout (e.g. main's,
 ``git archive main | tar -x -C DIR``), on the same shard, interleaved with this checkout's runs;
@@ -72,7 +75,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from disk_throttle import add_disk_argument, maybe_capped  # noqa: E402  (bench/ is sys.path[0] as a script)
+from paced_disk import add_disk_arguments, disk_of_speed  # noqa: E402  (bench/ is sys.path[0] as a script)
 from page_cache import drop_page_cache  # noqa: E402
 from report import emit  # noqa: E402
 
@@ -304,6 +307,11 @@ import json, logging, sys
 from pathlib import Path
 args = json.loads(sys.stdin.read())
 sys.path[:0] = [args["code"] + "/bench", args["code"]]
+if args["pace"]:  # this checkout's pacing, on the other checkout's reads
+    sys.path.append(args["here"])
+    import paced_disk
+    from worker.shards.shard_file import ShardFile
+    paced_disk.pace_reads(ShardFile, args["pace"])
 import torch
 torch.set_num_threads(args["threads"])
 logging.basicConfig(level=logging.WARNING)
@@ -314,10 +322,11 @@ print(json.dumps(result))
 
 
 def run_isolated(code: Path, shard_dir: Path, sequences: list[list[int]], cache: int | None,
-                 config: tuple[str, bool, str, bool], threads: int) -> dict[str, Any]:
-    """``run`` in a fresh process, with the ``worker`` and ``bench`` of the checkout ``code``."""
+                 config: tuple[str, bool, str, bool], threads: int, pace: float | None = None) -> dict[str, Any]:
+    """``run`` in a fresh process, with the ``worker`` and ``bench`` of the checkout ``code``;
+    ``pace``: its expert reads on a paced disk of that many MB/s (``paced_disk``)."""
     args = {"code": str(code), "shard_dir": str(shard_dir), "sequences": sequences, "cache": cache,
-            "config": list(config), "threads": threads}
+            "config": list(config), "threads": threads, "pace": pace, "here": str(REPO / "bench")}
     out = subprocess.run([sys.executable, "-c", ISOLATED_RUN], input=json.dumps(args), capture_output=True,
                          text=True, check=False, cwd=code, timeout=1800)
     if out.returncode:
@@ -508,7 +517,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--against", type=Path, default=None,
                         help="a checkout of other code (e.g. main's) to run every configuration with too, interleaved")
-    add_disk_argument(parser)
+    add_disk_arguments(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     require_model(args.model)
@@ -517,7 +526,7 @@ def main() -> None:
     names = args.runs.split(",")
     if unknown := set(names) - set(RUNS):
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
-    with tempfile.TemporaryDirectory() as tmp, maybe_capped(Path(tmp), args.disk_mbps):
+    with tempfile.TemporaryDirectory() as tmp, disk_of_speed(Path(tmp), args.disk_mbps, args.disk_model, ShardFile):
         shard_dir = build(Path(tmp), args.model, args.expert_bits)
         config = ModelConfig.from_dir(shard_dir)
         sequences = texts(args.model or TOKENIZER, args.prompts, args.tokens)
@@ -547,7 +556,8 @@ def main() -> None:
                         if code is None:
                             result = run(shard_dir, sequences, size, *RUNS[name])
                         else:
-                            result = run_isolated(code, shard_dir, sequences, size, RUNS[name], args.threads)
+                            pace = args.disk_mbps if args.disk_model == "paced" else None
+                            result = run_isolated(code, shard_dir, sequences, size, RUNS[name], args.threads, pace)
                         after = disk_probe(shard_dir, config) if before is not None else None
                         key = name if code in (None, REPO) else f"{name}@base"
                         runs = per_cache[choice]
@@ -570,6 +580,7 @@ def main() -> None:
         "against": str(args.against) if args.against else None,
         "decode_tokens": sum(len(s) - PROMPT_TOKENS for s in sequences),
         "page_cache": "posix_fadvise(DONTNEED) after every read", "disk": io, "disk_cap_mb_per_s": args.disk_mbps,
+        "disk_model": args.disk_model if args.disk_mbps else None,
         "same_tokens_in_every_run": same,
         "caches": {}}
     for choice, runs in per_cache.items():

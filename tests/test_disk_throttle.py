@@ -89,8 +89,3 @@ def test_a_speed_must_be_positive(tmp_path: Path) -> None:
         pass
 
 
-def test_without_a_speed_the_disk_is_left_as_it_is(tmp_path: Path) -> None:
-    before = Path("/proc/self/cgroup").read_text()
-    with disk_throttle.maybe_capped(tmp_path, None) as device:
-        assert device is None
-        assert Path("/proc/self/cgroup").read_text() == before
