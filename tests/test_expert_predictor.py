@@ -530,7 +530,7 @@ def test_a_sure_guess_takes_on_demands_own_victim_once_the_current_layer_is_done
     _open_gate(cache)
     cache.begin_layer(0, [0])
     cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
-    cache.rate[(2, 1)], cache.reuse[2] = 0.9, 0.9
+    cache.rate[(2, 1)] = 0.9
     _record(cache.gate, 1, precision)
     cache.prefetch(1, [3])
     assert cache.prefetches == 0 and set(cache._entries) == {(0, 0), (2, 1)}  # layer 0's expert is still needed
@@ -576,26 +576,22 @@ def test_a_wrong_guess_cancelled_before_it_read_a_byte_gives_its_victim_back(sha
     cache.close()
 
 
-def test_a_guess_evicts_only_an_expert_used_less_often_than_the_guess_is_right(shard_file: ShardFile) -> None:
+def test_an_unsure_guess_evicts_nothing_not_even_a_rarely_used_expert(shard_file: ShardFile) -> None:
     """Three layers (the file's two, and a third whose one cached expert is placed by hand): at
-    layer 0, a guess for layer 1 may take the buffer of layer 2's expert (needed later), but only
-    while that expert (by its routing rate, and by how often layer 2's cached experts are used) is
-    less likely to be used than layer 1's guesses are right."""
+    layer 0, a guess for layer 1, right 60% of the time, finds no free buffer. Layer 2's expert is
+    needed later and rarely used (routed 5% of the time), but the guess leaves it: an expert a
+    guess evicts is read again whenever it is used again, and with a quarter of the random MoE's
+    experts cached, guesses allowed to take rarely used experts made prefetch need 51.7 MB per
+    token against on demand's 46.8 (session 29). A sure guess waits for on demand's own victim
+    instead (the test above)."""
     slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
     cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
     _open_gate(cache)
     cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
-    cache.rate[(2, 1)] = 0.1
-    _record(cache.gate, 1, 0.05)
+    cache.rate[(2, 1)] = 0.05
+    _record(cache.gate, 1, 0.6)  # under KEEP_PRECISION
     cache.prefetch(1, [3])
-    assert cache.prefetches == 0 and (2, 1) in cache._entries
-    _record(cache.gate, 1, 0.6)  # under KEEP_PRECISION: only a victim free of cost may go
-    cache.reuse[2] = 0.6  # layer 2's cached experts are often used when it comes
-    cache.prefetch(1, [3])
-    assert cache.prefetches == 0 and (2, 1) in cache._entries
-    cache.reuse[2] = 0.1
-    cache.prefetch(1, [3])
-    assert cache.prefetches == 1 and set(cache._entries) == {(1, 3)}
+    assert cache.prefetches == 0 and set(cache._entries) == {(2, 1)}
     cache.close()
 
 
@@ -715,26 +711,6 @@ def test_an_unsure_guess_does_not_keep_a_cached_expert(shard_file: ShardFile) ->
             pass
     cache.end_layer()
     assert (1, 2) not in cache._entries
-    cache.close()
-
-
-def test_a_guess_takes_no_popular_expert_of_a_later_layer_however_full_the_cycle(shard_file: ShardFile) -> None:
-    """At layer 0, a guess for layer 1 (right 60% of the time) must not take the buffer of layer
-    2's expert routed 90% of the time there, even where every step's experts outnumber the
-    buffers. (Until session 29 it could, where layer 2's experts were measured not to outlive the
-    cycle; with a cache of 2x the active experts that took the experts on demand keeps by
-    distance, and the trained tiny MoE needed 3% more bytes per token.) A rarely used one goes."""
-    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
-    cache = ExpertCache(shard_file, 3, 4, 1, slot_bytes, readers=0)
-    _open_gate(cache)
-    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
-    cache.rate[(2, 1)] = 0.9
-    _record(cache.gate, 1, 0.6)  # under KEEP_PRECISION: only a victim free of cost may go
-    cache.prefetch(1, [3])
-    assert cache.prefetches == 0 and (2, 1) in cache._entries
-    cache.rate[(2, 1)] = 0.05
-    cache.prefetch(1, [3])
-    assert cache.prefetches == 1 and set(cache._entries) == {(1, 3)}
     cache.close()
 
 

@@ -26,17 +26,16 @@ Eviction policies (``choose_victim`` is pure and table-tested):
   on a trained model a few experts of each layer take most tokens, and those are worth keeping
   across the whole cycle of layers.
 
-A prefetch takes a free buffer, or evicts an expert needed later in the cycle than the guess
-(never one of the current layer, never one predicted for a coming layer, never
-one more likely to be used than the guess is right, and never one used more than
-``GUESS_VICTIM_USE`` of the time: a right guess is read either way, only earlier, so an eviction
-for a guess only ever adds bytes; on a random MoE with a cache of a quarter of all experts,
-guesses that evicted by distance alone raised the bytes a step had to read by 7-18%): a wrong guess must not
-cost the step an expert it was about to use. A guess whose layer's guesses are right at least
-``KEEP_PRECISION`` of the time may also take the buffer that its layer's own first miss would take
-(``_victim_for_next``), as soon as the current layer is done with the expert in it: a right guess
-then reads what on demand reads, only earlier; a wrong one costs one eviction, undone if the guess
-is cancelled before it read a byte (``_undo_displace``).
+A prefetch takes a free buffer. Otherwise only a guess whose layer's guesses are right at least
+``KEEP_PRECISION`` of the time (``PrefetchGate.sure``) may evict anything, and only the expert that
+its layer's own first miss would evict (``_victim_for_next``), once the current layer is done with
+it: a right guess then reads what on demand reads, only earlier; a wrong one costs one eviction,
+undone if the guess is cancelled before it read a byte (``_undo_displace``). A wrong guess must not
+cost the step an expert it was about to use, and a right one must not cost a later step one: every
+rule that let guesses evict "free of cost" experts (rarely used ones, those of layers whose experts
+seldom outlive the cycle) made prefetch need more bytes per token than on demand somewhere (session
+29: up to 10.5% on the random MoE with a 25% cache, 3% on the trained one with a 2x cache), and on
+a disk of Pi speed every byte is time.
 """
 
 from __future__ import annotations
@@ -57,9 +56,6 @@ from worker.shards.weights import ExpertWeights, Fields, expert_block, from_fiel
 POLICIES = ("distance", "lru", "frequency")
 GATED = True  # PrefetchGate decides per layer; False reads every guess (a switch for bench/moe_cache.py)
 DEFAULT_READ_DEPTH = 2  # reads in flight for a layer's demand misses (bench/moe_cache.py's disk figures)
-# A guess never lowers the bytes a step must read (a right one is read either way, only earlier),
-# so the expert it evicts is pure loss if used again: only one rarely used (below this) may go.
-GUESS_VICTIM_USE = 0.15
 # A guess may cost an eviction (``keep``, ``_victim_for_next``) only where its layer's guesses are
 # right at least this often (``PrefetchGate.sure``); elsewhere the policy's own choice stands.
 KEEP_PRECISION = 0.7
@@ -124,7 +120,6 @@ class ExpertCache:
         # (with two MoE layers the next layer is also the one just used, first to go by distance)
         self._wanted: set[Key] = set()
         self.rate: dict[Key, float] = {}  # (layer, expert) -> EMA of "the router picked it" per layer step
-        self.reuse: dict[int, float] = {}  # layer -> EMA of the share of its cached experts used at its step
         self._displaced: dict[int, Entry] = {}  # buffer -> the expert just evicted from it for a guess
         self.undone = 0  # evictions for guesses undone: the guess was cancelled before it read a byte
         self._starved: dict[int, list[int]] = {}  # layer -> guesses the gate let read that found no buffer
@@ -196,10 +191,6 @@ class ExpertCache:
                 self.rate[(layer, expert)] = FREQUENCY_DECAY * old + (1 - FREQUENCY_DECAY) * (expert in needed)
             if self.reads is None:
                 return needed
-            cached = [k for k, e in self._entries.items() if k[0] == layer and not e.guess and e.fields is not None]
-            if cached:  # how often an expert kept in the cache is used at its layer's next step
-                share = sum(k in self._protected for k in cached) / len(cached)
-                self.reuse[layer] = FREQUENCY_DECAY * self.reuse.get(layer, share) + (1 - FREQUENCY_DECAY) * share
             for key, entry in list(self._entries.items()):
                 if key[0] != layer or entry.read is None:
                     continue
@@ -220,19 +211,6 @@ class ExpertCache:
                 queued.append(expert)
             rest = [e for e in needed if e not in here and e not in coming and e not in queued]  # ``get`` reads them
             return here + coming + queued + rest
-
-    def _free_for_guess(self, entry: Entry, precision: float) -> bool:
-        """Whether a guess may evict ``entry`` (needed later than the guess) at no cost in bytes:
-        it is rarely used at its layer (its routing rate, and how often its layer's cached experts
-        are used) and less likely used than the guess is right.
-
-        (Until session 29 an expert of a layer whose experts seldom outlived the cycle of layers
-        was free too. With a cache of 2x the active experts that took the two experts that on
-        demand keeps by distance a whole cycle, its 8% hits: the trained tiny MoE's gated runs
-        needed 23.6-23.9 MB per token against on demand's 23.1, 22.9-23.5 without that rule; on
-        a disk capped at 400 MB/s those bytes made prefetch 0.96-0.97x on demand.)"""
-        used = max(self.rate.get(entry.key, 0.0), self.reuse.get(entry.key[0], 0.0))
-        return used < min(precision, GUESS_VICTIM_USE)
 
     def _drop_guess(self, entry: Entry) -> None:
         """Cancel a prefetch still reading (caller holds the lock); its buffer returns when the
@@ -297,21 +275,6 @@ class ExpertCache:
         self._wanted.discard(victim.key)
         return victim.buffer
 
-    def _victim_for_guess(self, layer: int, precision: float) -> int | None:
-        """A buffer for a guess for ``layer`` that costs the step nothing it is about to use
-        (caller holds the lock): a free one, or an expert needed later in the cycle than ``layer``
-        that costs no bytes to lose (``_free_for_guess``). With a cache of 2x the active experts
-        there is seldom one; a sure guess then takes the buffer its layer's first miss would take
-        (``_victim_for_next``)."""
-        if self._free:
-            return self._free.pop()
-        lead = (layer - self._layer) % self.num_layers
-        candidates = [e for e in self._candidates() if e.key not in self._wanted
-                      and (e.key[0] - self._layer) % self.num_layers > lead
-                      and self._free_for_guess(e, precision)]
-        victim = choose_victim(candidates, self._layer, self.num_layers, self.policy, self.rate)
-        return None if victim is None else self._displace(victim)
-
     def _keeps(self, layer: int) -> bool:
         """Whether ``layer``'s guesses may keep cached experts through the current layer's misses:
         where the predictor is sure enough there (``KEEP_PRECISION``), and the gate lets the
@@ -331,9 +294,8 @@ class ExpertCache:
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Read ahead ``experts`` of ``layer``, the MoE layer that routes next, that are not cached
-        (most likely first), as far as the gate and the buffers allow: a buffer free of cost
-        (``_victim_for_guess``), else, for a sure guess, the one ``layer``'s own first miss would
-        take (``_victim_for_next``). Guesses the gate lets read but that find no buffer yet wait,
+        (most likely first), as far as the gate and the buffers allow: a free buffer, else, for a
+        sure guess, the one ``layer``'s own first miss would take (``_victim_for_next``). Guesses the gate lets read but that find no buffer yet wait,
         and start as the current layer's experts are done (``get``) or at ``layer``'s start
         (``prefetch_starved``)."""
         now = time.perf_counter()
@@ -360,14 +322,12 @@ class ExpertCache:
                 available = self.gate.available(layer, now - self._lead_start[layer],
                                                 spb * self.reads.backlog_bytes(), expert_s)
                 todo = self.gate.plan(layer, todo, available, expert_s, spb * min(nbytes, expert_reads.PREFETCH_PIECE))
-            precision = self.gate.precision.get(layer, 1.0)
             for i, expert in enumerate(todo):
-                buffer = self._victim_for_guess(layer, precision)
-                if buffer is None:
+                if not self._free:
                     self._starved[layer] = todo[i:]
                     self._start_starved(layer)
                     return
-                self._start_guess(layer, expert, buffer)
+                self._start_guess(layer, expert, self._free.pop())
 
     def prefetch_starved(self, layer: int) -> None:
         """``layer`` is about to route, the layer before it done: read its guesses still waiting
