@@ -529,6 +529,7 @@ def test_a_sure_guess_takes_on_demands_own_victim_once_the_current_layer_is_done
     cache = ExpertCache(shard_file, 3, 4, 2, slot_bytes, readers=0)
     _open_gate(cache)
     cache.begin_layer(0, [0])
+    assert cache.kept[0] == 0.0  # layer 0 found none of its experts cached
     cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
     cache.rate[(2, 1)] = 0.9
     _record(cache.gate, 1, precision)
@@ -538,6 +539,26 @@ def test_a_sure_guess_takes_on_demands_own_victim_once_the_current_layer_is_done
         assert cache.prefetches == 0  # in use
     assert (cache.prefetches == 1) == taken
     assert set(cache._entries) == ({(1, 3), (2, 1)} if taken else {(0, 0), (2, 1)})
+    cache.end_layer()
+    cache.close()
+
+
+def test_a_sure_guess_leaves_on_demands_victim_where_that_layer_usually_finds_its_experts_cached(
+        shard_file: ShardFile) -> None:
+    """As above, 90% sure, but layer 0 finds 60% of its experts cached when it comes: the 10% of
+    wrong guesses would each cost a read 60% of the time (6% of an expert per guess, over
+    WRONG_GUESS_COST), so the guess waits for a free buffer instead."""
+    slot_bytes = max(shard_file.block_bytes(expert_block(layer, e)) for layer in range(2) for e in range(4))
+    cache = ExpertCache(shard_file, 3, 4, 2, slot_bytes, readers=0)
+    _open_gate(cache)
+    cache.begin_layer(0, [0])
+    cache.kept[0] = 0.6
+    cache._entries[(2, 1)] = Entry((2, 1), cache._free.pop(), {}, fetched=False)
+    _record(cache.gate, 1, 0.9)
+    cache.prefetch(1, [3])
+    with cache.get(0, 0):
+        pass
+    assert cache.prefetches == 0 and set(cache._entries) == {(0, 0), (2, 1)}
     cache.end_layer()
     cache.close()
 
@@ -637,14 +658,29 @@ def test_sure_needs_a_long_record_and_is_not_fooled_by_a_lucky_stretch() -> None
     stretch that lifts the 5-step ``precision`` over it; one right 90% of the time passes."""
     gate = PrefetchGate()
     assert gate.sure(1) < KEEP_PRECISION  # no record
-    gate.observe_prediction(1, guessed=2, right=2)
+    for observe in (gate.observe_prediction, gate.observe_uncached):
+        observe(1, 2, 2)
     assert gate.precision[1] == 1.0 and gate.sure(1) < KEEP_PRECISION
     for right in [2, 1, 1, 2, 0] * 8 + [2, 2, 2]:  # 60%, then three steps right
-        gate.observe_prediction(2, guessed=2, right=right)
+        for observe in (gate.observe_prediction, gate.observe_uncached):
+            observe(2, 2, right)
     assert gate.precision[2] >= KEEP_PRECISION > gate.sure(2)
     for right in [2, 2, 2, 2, 1] * 8:  # 90%
-        gate.observe_prediction(3, guessed=2, right=right)
+        gate.observe_uncached(3, 2, right)
     assert gate.sure(3) >= KEEP_PRECISION
+    gate.observe_prediction(4, 2, 2)  # right about cached experts: no record of the guesses that cost
+    assert gate.sure(4) < KEEP_PRECISION
+
+
+def test_sure_counts_only_the_guesses_of_experts_not_cached(shard_file: ShardFile) -> None:
+    """A guess of an expert already cached costs nothing; ``sure`` is the record of those that do."""
+    cache = _cache(shard_file)
+    cache._entries[(1, 0)] = Entry((1, 0), cache._free.pop(), {}, fetched=False)
+    cache.prefetch(1, [0, 3])
+    cache.record_prediction(1, {0, 3}, {0, 2})
+    assert cache.gate.precision[1] == 0.5  # both guesses
+    assert (cache.gate.guessed[1], cache.gate.right[1]) == (1.0, 0.0)  # expert 3 only, wrong
+    cache.close()
 
 
 def test_the_gate_keeps_a_layer_with_wrong_guesses_from_reading_ahead(shard_file: ShardFile) -> None:
