@@ -306,9 +306,9 @@ class ExpertCache:
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Read ahead ``experts`` of ``layer``, the MoE layer that routes next, that are not cached
         (most likely first), as far as the gate and the buffers allow: a free buffer, else, for a
-        sure guess, the one ``layer``'s own first miss would take (``_victim_for_next``). Guesses the gate lets read but that find no buffer yet wait,
-        and start as the current layer's experts are done (``get``) or at ``layer``'s start
-        (``prefetch_starved``)."""
+        sure guess, the one ``layer``'s own first miss would take (``_victim_for_next``). Guesses
+        the gate lets read but that find no buffer yet wait, and start as the current layer's
+        experts are done (``get``) or at ``layer``'s start (``prefetch_starved``)."""
         now = time.perf_counter()
         experts = list(experts)
         with self._cond:
