@@ -82,8 +82,11 @@ def test_paced_reads_read_the_same_bytes_and_take_at_least_the_disks_time(checkp
     assert all(torch.equal(a, b) for a, b in zip(plain, paced, strict=True))
 
 
-def test_threads_share_one_disk() -> None:
-    """Two readers at once get half the speed each: the paced disk serves one piece at a time."""
+def test_threads_share_one_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two readers at once get half the speed each: the paced disk serves one piece at a time.
+    (A clock that stands still: with the real one, a thread started late on a loaded machine
+    found the disk already free.)"""
+    monkeypatch.setattr(paced_disk.time, "perf_counter", FakeClock())
     disk = paced_disk.PacedDisk(10)  # 10 MB/s
     done: list[float] = []
     threads = [threading.Thread(target=lambda: done.append(disk.book(1_000_000))) for _ in range(2)]
