@@ -36,17 +36,18 @@ _PATCHED = "_paced_original"
 class PacedDisk:
     """One timeline of disk time at ``mb_per_s``; ``book(n)`` returns when ``n`` bytes booked now are done."""
 
-    def __init__(self, mb_per_s: float):
+    def __init__(self, mb_per_s: float, clock: Callable[[], float] = time.perf_counter):
         if mb_per_s <= 0:
             raise ValueError(f"a disk speed must be positive, not {mb_per_s} MB/s")
         self.seconds_per_byte = 1 / (mb_per_s * 1e6)
         self._lock = threading.Lock()
-        self._free_at = 0.0  # perf_counter time at which the disk has served every booked byte
+        self._clock = clock
+        self._free_at = 0.0  # ``clock`` time at which the disk has served every booked byte
 
     def book(self, nbytes: int) -> float:
         """Book ``nbytes`` after everything booked before; the time (``perf_counter``) they are done."""
         with self._lock:
-            start = max(time.perf_counter(), self._free_at)
+            start = max(self._clock(), self._free_at)
             self._free_at = start + nbytes * self.seconds_per_byte
             return self._free_at
 

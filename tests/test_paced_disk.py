@@ -30,10 +30,9 @@ class FakeClock:
         return self.now
 
 
-def test_bookings_queue_behind_each_other_and_idle_time_is_not_banked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bookings_queue_behind_each_other_and_idle_time_is_not_banked() -> None:
     clock = FakeClock()
-    monkeypatch.setattr(paced_disk.time, "perf_counter", clock)
-    disk = paced_disk.PacedDisk(100)  # 100 MB/s: 1 MB takes 10 ms
+    disk = paced_disk.PacedDisk(100, clock)  # 100 MB/s: 1 MB takes 10 ms
     assert disk.book(1_000_000) == pytest.approx(100.010)
     assert disk.book(2_000_000) == pytest.approx(100.030)  # behind the first, whoever books it
     clock.now = 101.0  # the disk idle for almost a second
@@ -82,12 +81,11 @@ def test_paced_reads_read_the_same_bytes_and_take_at_least_the_disks_time(checkp
     assert all(torch.equal(a, b) for a, b in zip(plain, paced, strict=True))
 
 
-def test_threads_share_one_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_share_one_disk() -> None:
     """Two readers at once get half the speed each: the paced disk serves one piece at a time.
     (A clock that stands still: with the real one, a thread started late on a loaded machine
     found the disk already free.)"""
-    monkeypatch.setattr(paced_disk.time, "perf_counter", FakeClock())
-    disk = paced_disk.PacedDisk(10)  # 10 MB/s
+    disk = paced_disk.PacedDisk(10, FakeClock())  # 10 MB/s
     done: list[float] = []
     threads = [threading.Thread(target=lambda: done.append(disk.book(1_000_000))) for _ in range(2)]
     for t in threads:
