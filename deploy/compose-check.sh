@@ -145,6 +145,24 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 
 # --- 1. the engine ----------------------------------------------------------------------------------------------
 
+# A dockerd killed with its machine (a session's end, a power cut) leaves its pid files behind. On
+# the next start dockerd trusts them: when the pid now belongs to some other process it reports
+# "containerd is still running", waits for a socket that never comes, and gives up. A pid file
+# whose process is not that program is removed first.
+remove_stale_pid_files() {
+    local file program pid
+    for file in /var/run/docker.pid:dockerd /var/run/docker/containerd/containerd.pid:containerd; do
+        program=${file#*:}
+        file=${file%%:*}
+        [ -f "$file" ] || continue
+        pid=$(tr -dc 0-9 <"$file")
+        if [ -z "$pid" ] || [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != "$program" ]; then
+            log "removing the stale $file (pid ${pid:-none} is not $program)"
+            rm -f "$file"
+        fi
+    done
+}
+
 ensure_engine() {
     local rc=0
     bash "$ROOT/deploy/install-system-deps.sh" docker "$([ "$ARCH" = arm64 ] && echo arm64)" || rc=$?
@@ -154,13 +172,17 @@ ensure_engine() {
         [ "$(id -u)" -eq 0 ] || skip "no Docker engine answers this user, and starting dockerd needs root"
         if ! pgrep -x dockerd >/dev/null; then
             mkdir -p "$CACHE"
+            remove_stale_pid_files
             log "starting dockerd (log: $CACHE/dockerd.log)"
             # 9>&-: the run's lock (fd 9) must not live on in the engine, or the next run waits forever
             setsid dockerd >>"$CACHE/dockerd.log" 2>&1 </dev/null 9>&- &
         fi
         local i
         for i in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-        docker info >/dev/null 2>&1 || fail "dockerd did not start: see $CACHE/dockerd.log"
+        if ! docker info >/dev/null 2>&1; then
+            tail -n 20 "$CACHE/dockerd.log" >&2 || true
+            fail "dockerd did not start: see $CACHE/dockerd.log (its last lines above)"
+        fi
     fi
     if [ "$ARCH" = arm64 ] && [ $EMULATED = 1 ]; then
         # binfmt_misc makes the kernel run aarch64 binaries through qemu, in containers too
