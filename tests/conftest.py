@@ -3,6 +3,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,13 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # AMX faults on
 if "EDGELLM_KERNEL_CACHE" not in os.environ:
     os.environ["EDGELLM_KERNEL_CACHE"] = _kernels = tempfile.mkdtemp(prefix="edgellm-kernels-")
     atexit.register(shutil.rmtree, _kernels, ignore_errors=True)
+
+# A test suite started in the background (`nohup .ci/run &`, a CI runner's job) inherits SIGINT
+# ignored, and so does every process it starts: Python then installs no KeyboardInterrupt, and the
+# tests that press Ctrl-C on a server waited 120 s for an exit that never came (session 30). A
+# handler of this process's own is reset to the default at exec, so the servers get Ctrl-C back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tests.tiny_models import build_checkpoint  # noqa: E402
 
