@@ -1,7 +1,7 @@
 """Where a streamed MoE decode token's time goes, against the I/O bound, as JSON.
 
     .venv/bin/python bench/moe_breakdown.py [--model DIR] [--caches 2x,25%] [--runs on_demand_distance,...]
-                                            [--tokens 24] [--prompts 3] [--out FILE]
+                                            [--tokens 24] [--prompts 3] [--disk-mbps MB/S] [--out FILE]
 
 One rank in this process, one torch thread, the page cache dropped as in bench/moe_cache.py (the
 same shard, text and runs). The decode is timed from outside the cache, by wrapping a few
@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moe_cache  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from paced_disk import add_disk_arguments, disk_of_speed  # noqa: E402
 from page_cache import drop_page_cache  # noqa: E402
 from report import emit  # noqa: E402
 
@@ -187,11 +188,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--shards", type=Path, default=None, help="an existing shard dir (else built in a tmp dir)")
     parser.add_argument("--out", default=None)
+    add_disk_arguments(parser)
     args = parser.parse_args()
     moe_cache.require_model(args.model)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    with moe_cache.scratch(args.shards) as tmp:
+    with moe_cache.scratch(args.shards) as tmp, disk_of_speed(Path(tmp), args.disk_mbps, args.disk_model, ShardFile):
         shard_dir = args.shards or moe_cache.build(tmp, args.model, None)
         config = ModelConfig.from_dir(shard_dir)
         sequences = moe_cache.texts(args.model or moe_cache.TOKENIZER, args.prompts, args.tokens)
@@ -199,13 +201,17 @@ def main() -> None:
         path = rank_shard_path(shard_dir, plan_shards(config, [1.0])[0])
         expert_bytes = moe_cache.largest_expert(shard_dir, config)
         probe = Probe()
-        probe.reads_of(ShardFile)
+        probe.reads_of(ShardFile)  # inside the paced disk's wrapper: a read is busy until the paced disk is done
         probe.time(moe, "gated_mlp", "expert_and_dense_mlp")
         probe.time(moe, "route")
         for name in ("begin_layer", "end_layer", "prefetch", "keep", "record_prediction"):
             probe.time(expert_cache.ExpertCache, name)
+        for name in ("predict", "predict_at_input", "observe"):
+            probe.time(moe.Predictor, name, f"predictor.{name}")
+        probe.time(expert_cache.ExpertCache, "prefetch_starved")
         report: dict[str, Any] = {"model": str(args.model) if args.model else "random", "expert_bytes": expert_bytes,
-                                  "runs": {}}
+                                  "disk_cap_mb_per_s": args.disk_mbps,
+                                  "disk_model": args.disk_model if args.disk_mbps else None, "runs": {}}
         try:
             drop_page_cache(path)
             report["resident"] = decode(shard_dir, sequences, None, moe_cache.RUNS["all_resident"], probe)

@@ -178,7 +178,9 @@ class OraclePredictor(Predictor):
         self.trace, self.cursor = trace, 0  # cursor: the trace's entry of the layer about to route
 
     def predict(self, layer: int, hidden: torch.Tensor) -> set[int]:
-        for at in range(self.cursor + 1, len(self.trace)):
+        """``layer``'s next routing not yet made: asked after the current layer routed (the
+        cursor is past it), or before it, for a layer other than the current one."""
+        for at in range(self.cursor, len(self.trace)):
             if self.trace[at][0] == layer:
                 return set(self.trace[at][1])
         return set()

@@ -847,3 +847,24 @@ def test_a_predictor_always_wrong_reads_nothing_ahead_and_no_more_bytes_than_on_
     finally:
         for cache in caches:
             cache.close()
+
+
+def test_adaptive_routes_a_layers_input_for_its_record_only_once_the_layer_routed() -> None:
+    """At a layer's start the disk idles until its router names the misses: the input guess that
+    is not read ahead (only scored) is routed later, in ``observe``, and scored the same."""
+    predictor = _predictor("adaptive")
+    routed: list[int] = []
+    route = predictor._route
+
+    def counting(layer: int, hidden: torch.Tensor) -> set[int]:
+        routed.append(layer)
+        return route(layer, hidden)
+
+    predictor._route = counting  # type: ignore[method-assign]
+    predictor.predict(1, HIDDEN)
+    routed.clear()
+    assert predictor.predict_at_input(1, LATER_HIDDEN) == set()
+    assert routed == []  # nothing routed at the layer's start
+    predictor.observe(1, {0, 1})
+    assert routed == [1]
+    assert predictor.record[1]["input"] == [2, 2]  # scored as if routed at the start

@@ -134,3 +134,32 @@ def test_the_one_token_path_gives_the_bits_of_the_many_token_path(checkpoints, t
                 one = model._one_token_experts(layer, x, weights, ids, model.experts.begin_layer(layer, needed), needed)
                 assert torch.equal(many, one)
                 assert not torch.equal(many, torch.zeros_like(many))
+
+
+@pytest.mark.parametrize(("policy", "after_the_misses"), [("distance", True), ("lru", False), ("frequency", False)])
+def test_the_next_layers_guess_waits_for_the_misses_to_start_where_the_policy_spares_that_layer(
+        checkpoints, tmp_path: Path, policy: str, after_the_misses: bool) -> None:
+    """Between a layer's routing and its misses' reads the disk idles, so the guess for the next
+    layer (a routing of its own) comes after ``begin_layer`` where the policy evicts the next
+    layer's experts last anyway (distance); where it may evict them first (lru, frequency), the
+    guess comes before, so that ``keep`` spares them from the misses."""
+    model_dir = checkpoints("mixtral")
+    config = ModelConfig.from_dir(model_dir)
+    shard_dir = write_shards(model_dir, plan_shards(config, [1.0]), tmp_path / "shards", progress=False)
+    d, width = config.hidden_size, plan_shards(config, [1.0])[0].expert_columns
+    begun: list[bool] = []  # per guess: whether the layer computing had begun (its misses reading)
+    with inprocess_cluster(shard_dir, [1.0], expert_cache_bytes=3 * 3 * d * (width[1] - width[0]) * 4,
+                           expert_policy=policy, expert_predictor="router") as executor:
+        model = executor.model
+        assert isinstance(model, MoeRankModel) and model.predictor is not None
+        predict = model.predictor.predict
+
+        def spy(layer: int, hidden: torch.Tensor) -> set[int]:
+            begun.append(model.experts._in_layer)
+            return predict(layer, hidden)
+
+        model.predictor.predict = spy  # type: ignore[method-assign]
+        executor.step([PROMPT], [SeqSpan(slot=1, start=0, length=len(PROMPT))])
+        executor.step([[5]], [SeqSpan(slot=1, start=len(PROMPT), length=1)])
+    assert len(begun) == 2 * config.num_layers  # a guess at every MoE layer of both steps
+    assert set(begun) == {after_the_misses}
