@@ -199,9 +199,9 @@ class ExpertCache:
             if self.reads is None:
                 return needed
             if needed:  # how often the layer finds its experts still cached from an earlier use
-                share = sum(1 for e in needed if (k := self._entries.get((layer, e))) is not None and not k.guess)
-                old = self.kept.get(layer, share / len(needed))
-                self.kept[layer] = FREQUENCY_DECAY * old + (1 - FREQUENCY_DECAY) * share / len(needed)
+                share = sum(1 for e in needed
+                            if (k := self._entries.get((layer, e))) is not None and not k.guess) / len(needed)
+                self.kept[layer] = FREQUENCY_DECAY * self.kept.get(layer, share) + (1 - FREQUENCY_DECAY) * share
             for key, entry in list(self._entries.items()):
                 if key[0] != layer or entry.read is None:
                     continue

@@ -89,8 +89,9 @@ class PrefetchGate:
         the record shows (``observe_uncached``; guesses of cached experts are easy: the
         ``temporal`` guess on the random MoE is right 75% of the time, but where it names an
         expert no longer cached, much less, and evicting for those made prefetch need 11% more
-        bytes per token than on demand with a 25% cache): the rate over about the last 20 steps (with one right and one wrong guess more, so that a
-        short perfect record is not taken for certainty) less one standard error. The cache
+        bytes per token than on demand with a 25% cache): the rate over about the last 20 steps
+        (with one right and one wrong guess more, so that a short perfect record is not taken for
+        certainty) less one standard error. The cache
         lets a guess cost an eviction (``ExpertCache._victim_for_next``, ``keep``) only where this
         is at least ``KEEP_PRECISION``: judged by the 5-step ``precision``, the random MoE's
         layers passed by chance and prefetch needed up to 10% more bytes per token than on demand."""
